@@ -1,0 +1,73 @@
+"""gradmagic: see the gradients of Keras 3 models, in code and in notebooks.
+
+The public functions live in :mod:`gradmagic.core` and are re-exported here
+lazily, so that ``import gradmagic`` and ``%load_ext gradmagic`` stay quick and
+do not import TensorFlow until a gradient is asked for.
+
+Example:
+    >>> import gradmagic as gm
+    >>> gm.weight_gradients(model, x, y, layer=2)
+    >>> gm.input_gradients(model, x).array
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from gradmagic.errors import GradmagicError
+
+__version__ = "0.1.0"
+
+# Public name -> module that defines it; imported on first access.
+_LAZY = {
+    "weight_gradients": "gradmagic.core",
+    "output_gradients": "gradmagic.core",
+    "input_gradients": "gradmagic.core",
+    "clear_cache": "gradmagic.core",
+    "WeightGradients": "gradmagic.core",
+    "OutputGradients": "gradmagic.core",
+    "InputGradients": "gradmagic.core",
+    "GradientStats": "gradmagic.core",
+}
+
+__all__ = ["GradmagicError", "__version__", *_LAZY]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from gradmagic.core import (  # noqa: F401
+        GradientStats,
+        InputGradients,
+        OutputGradients,
+        WeightGradients,
+        clear_cache,
+        input_gradients,
+        output_gradients,
+        weight_gradients,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gradmagic' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """Register the gradmagic magics (``%load_ext gradmagic``); TensorFlow stays unloaded."""
+    from gradmagic.magics import GradientMagics
+
+    ipython.register_magics(GradientMagics)
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    """Remove the gradmagic magics (``%unload_ext gradmagic``)."""
+    from gradmagic.magics import unregister
+
+    unregister(ipython)

@@ -1,0 +1,37 @@
+"""The compute core: TensorFlow, Keras and NumPy only (no IPython, no widgets)."""
+
+from __future__ import annotations
+
+try:
+    import tensorflow as _tf  # noqa: F401 - fail early with an install hint
+except ImportError:  # pragma: no cover - depends on the environment
+    from gradmagic.errors import GradmagicError
+
+    raise GradmagicError(
+        "gradmagic needs TensorFlow (2.16 or newer) as the Keras 3 backend, and it is "
+        "not installed. Fix: `pip install tensorflow` (or `tensorflow-cpu`, or "
+        "`pip install gradmagic[tensorflow]`); gradmagic does not install it for you so "
+        "that an existing GPU or CPU build is kept."
+    ) from None
+
+from gradmagic.core.compute import clear_cache
+from gradmagic.core.gradients import input_gradients, output_gradients, weight_gradients
+from gradmagic.core.results import (
+    GradientRow,
+    GradientStats,
+    InputGradients,
+    OutputGradients,
+    WeightGradients,
+)
+
+__all__ = [
+    "GradientRow",
+    "GradientStats",
+    "InputGradients",
+    "OutputGradients",
+    "WeightGradients",
+    "clear_cache",
+    "input_gradients",
+    "output_gradients",
+    "weight_gradients",
+]

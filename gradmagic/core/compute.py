@@ -1,0 +1,216 @@
+"""Compiled, cached gradient functions: one ``tf.function`` per question.
+
+A question is (model, kind, layer, loss, training, ...). Its function is traced
+once per input signature (``reduce_retracing`` generalises batch sizes), so a
+repeated call - a slider move - re-runs a graph instead of Python. Functions
+reach the model through weak references: caching never keeps a model alive.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import weakref
+from collections.abc import Callable, Hashable, Iterator
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from gradmagic.core.state import restore_in_graph, snapshot_in_graph, state_variables
+from gradmagic.core.targets import LossFn
+
+_MAX_FUNCTIONS_PER_MODEL = 32
+
+_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def cached(model: keras.Model, key: Hashable, build: Callable[[], Callable]) -> Callable:
+    """Return the compiled function for ``key``, building it on first use (LRU per model)."""
+    functions = _cache.get(model)
+    if functions is None:
+        functions = _cache[model] = collections.OrderedDict()
+    fn = functions.get(key)
+    if fn is None:
+        fn = functions[key] = build()
+        if len(functions) > _MAX_FUNCTIONS_PER_MODEL:
+            functions.popitem(last=False)
+    else:
+        functions.move_to_end(key)
+    return fn
+
+
+def forget(model: keras.Model, key: Hashable) -> None:
+    """Drop one cached function (e.g. after its first call failed)."""
+    functions = _cache.get(model)
+    if functions is not None:
+        functions.pop(key, None)
+
+
+def clear_cache(model: keras.Model | None = None) -> None:
+    """Drop the compiled functions of one model, or of all models.
+
+    Call it after changing a model in place in a way its traced graph cannot see
+    (e.g. ``compile()`` with another loss, which gradmagic otherwise detects, or
+    replacing a layer's ``call``).
+    """
+    if model is None:
+        _cache.clear()
+    else:
+        _cache.pop(model, None)
+
+
+def _float_leaves(structure: Any) -> list[tf.Tensor]:
+    return [t for t in keras.tree.flatten(structure) if isinstance(t, tf.Tensor) and t.dtype.is_floating]
+
+
+@contextlib.contextmanager
+def capture_calls(layer: keras.Layer, tape: tf.GradientTape) -> Iterator[list[Any]]:
+    """Record (and watch) the outputs of every call of ``layer`` while tracing.
+
+    ``Layer.__call__`` looks ``self.call`` up on the instance, so an instance
+    attribute set for the duration of the trace sees every call, in Sequential,
+    Functional and subclassed models alike. ``object.__setattr__`` keeps Keras's
+    attribute tracking out of it; the attribute is removed afterwards.
+    """
+    calls: list[Any] = []
+    original = layer.call
+
+    def recording_call(*args: Any, **kwargs: Any) -> Any:
+        outputs = original(*args, **kwargs)
+        for tensor in _float_leaves(outputs):
+            tape.watch(tensor)
+        calls.append(outputs)
+        return outputs
+
+    had_own = "call" in vars(layer)
+    object.__setattr__(layer, "call", recording_call)
+    try:
+        yield calls
+    finally:
+        if had_own:
+            object.__setattr__(layer, "call", original)
+        else:
+            object.__delattr__(layer, "call")
+
+
+def weight_function(model: keras.Model, variables: list, loss_fn: LossFn, training: bool) -> Callable:
+    """Compile ``(x, y, sample_weight) -> (loss, [dLoss/dW or None])``."""
+    model_ref = weakref.ref(model)
+
+    @tf.function(reduce_retracing=True)
+    def weight_grads(x: Any, y: Any, sample_weight: Any) -> tuple[Any, list]:
+        model = model_ref()
+        guarded = state_variables(model)
+        saved = snapshot_in_graph(guarded)
+        with tf.GradientTape() as tape:
+            y_pred = model(x, training=training)
+            loss = loss_fn(model, x, y, y_pred, sample_weight, training)
+        grads = tape.gradient(loss, variables)
+        restore_in_graph(guarded, saved)
+        return loss, grads
+
+    return weight_grads
+
+
+def output_function(
+    model: keras.Model, layer: keras.Layer, input_position: int | None, loss_fn: LossFn, training: bool
+) -> Callable:
+    """Compile ``(x, y, sample_weight) -> (loss, [layer outputs], [dLoss/d output])``.
+
+    Args:
+        model: The model.
+        layer: The layer whose output is differentiated.
+        input_position: For an ``InputLayer``, its position among the model's flat
+            inputs (its "output" is that input); ``None`` for any other layer.
+        loss_fn: The loss, see :func:`gradmagic.core.targets.resolve_loss`.
+        training: Run the model in training mode.
+    """
+    model_ref, layer_ref = weakref.ref(model), weakref.ref(layer)
+
+    @tf.function(reduce_retracing=True)
+    def output_grads(x: Any, y: Any, sample_weight: Any) -> tuple[Any, list, list]:
+        model = model_ref()
+        guarded = state_variables(model)
+        saved = snapshot_in_graph(guarded)
+        with tf.GradientTape() as tape:
+            if input_position is not None:
+                source = keras.tree.flatten(x)[input_position]
+                tape.watch(source)
+                calls = [source]
+                y_pred = model(x, training=training)
+            else:
+                with capture_calls(layer_ref(), tape) as calls:
+                    y_pred = model(x, training=training)
+            loss = loss_fn(model, x, y, y_pred, sample_weight, training)
+        outputs = [keras.tree.flatten(call) for call in calls]
+        grads = tape.gradient(loss, outputs)
+        restore_in_graph(guarded, saved)
+        return loss, outputs, grads
+
+    return output_grads
+
+
+def input_function(model: keras.Model, output: int | None, training: bool) -> Callable:
+    """Compile ``x -> [per output: [per input: Jacobian or None]]``.
+
+    Per-sample Jacobians come from ``GradientTape.batch_jacobian`` (vectorised
+    with ``pfor``, no Python loop over samples); a single output unit, and any
+    output with one unit per sample, needs only one backward pass. Both assume
+    what a per-sample Jacobian means: sample i's output depends on sample i's
+    input only (true for ``training=False``; not for BatchNormalization in
+    training mode, which mixes the batch).
+
+    Args:
+        model: The model.
+        output: ``None`` for every output unit; ``k`` for unit ``k`` of the
+            flattened, concatenated per-sample outputs.
+        training: Run the model in training mode.
+    """
+    model_ref = weakref.ref(model)
+
+    @tf.function(reduce_retracing=True)
+    def input_jacobians(x: Any) -> list[list]:
+        model = model_ref()
+        guarded = state_variables(model)
+        saved = snapshot_in_graph(guarded)
+        sources = keras.tree.flatten(x)
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(sources)
+            y_pred = model(x, training=training)
+            flat = [tf.reshape(t, (tf.shape(t)[0], -1)) for t in keras.tree.flatten(y_pred)]
+            if output is not None:
+                targets = [tf.gather(tf.concat(flat, axis=1), output, axis=1)]
+        if output is not None:
+            result = [tape.gradient(targets[0], sources)]
+        else:
+            result = [
+                _jacobians(tape, out_2d, out, sources)
+                for out_2d, out in zip(flat, keras.tree.flatten(y_pred), strict=False)
+            ]
+        del tape
+        restore_in_graph(guarded, saved)
+        return result
+
+    return input_jacobians
+
+
+def _jacobians(tape: tf.GradientTape, out_2d: tf.Tensor, out: tf.Tensor, sources: list[tf.Tensor]) -> list:
+    """Per-sample Jacobians of one output with respect to every input."""
+    units = out_2d.shape[1]
+    result = []
+    if units == 1:
+        # One unit per sample: d(sum over batch)/dx is exactly the per-sample gradient.
+        grads = tape.gradient(out_2d, sources)
+        for grad, src in zip(grads, sources, strict=False):
+            result.append(None if grad is None else tf.reshape(grad, _jacobian_shape(out, src)))
+        return result
+    for src in sources:
+        jac = tape.batch_jacobian(out_2d, src)
+        result.append(None if jac is None else tf.reshape(jac, _jacobian_shape(out, src)))
+    return result
+
+
+def _jacobian_shape(out: tf.Tensor, src: tf.Tensor) -> tf.Tensor:
+    """``(batch, *output_shape, *input_shape)`` of one per-sample Jacobian."""
+    return tf.concat([tf.shape(src)[:1], tf.shape(out)[1:], tf.shape(src)[1:]], 0)

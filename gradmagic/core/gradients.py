@@ -1,0 +1,399 @@
+"""The three gradient questions: dLoss/dW, dLoss/d(layer output), d(output)/d(input).
+
+Each public function checks and converts its arguments, finds (or compiles) the
+cached function for the question, runs it and wraps the NumPy results. Every
+failure reaches the user as a :class:`~gradmagic.errors.GradmagicError` naming
+the model and the inputs; the model is left exactly as it was.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from gradmagic.core import compute
+from gradmagic.core.inputs import ModelSpec, model_spec, prepare_inputs, prepare_targets
+from gradmagic.core.results import InputGradients, OutputGradients, WeightGradients, rows_for
+from gradmagic.core.state import preserved_eagerly
+from gradmagic.core.targets import (
+    layer_weights,
+    loss_key,
+    model_name,
+    resolve_layer,
+    resolve_loss,
+    weight_slots,
+)
+from gradmagic.errors import ComputeError, GradmagicError, InputError, ModelBuildError, brief
+
+_specs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class _Question:
+    """A compiled gradient function plus what its outputs mean."""
+
+    fn: Callable
+    labels: list[dict[str, Any]] = field(default_factory=list)
+    layer_index: int = -1
+    layer_name: str = ""
+    warmed: bool = False
+
+
+def _check_model(model: Any) -> None:
+    if not isinstance(model, keras.Model):
+        raise GradmagicError(
+            f"Received: model of type {type(model).__name__}. Expected a Keras 3 model "
+            f"(keras.Model, keras.Sequential or a subclass). Models from tf_keras / Keras 2 "
+            f"are not supported: rebuild the model with `import keras` (Keras 3)."
+        )
+
+
+def _shapes(x: Any) -> str:
+    leaves = keras.tree.flatten(x)
+    shapes = [tuple(np.shape(leaf)) if not isinstance(leaf, tf.Tensor) else tuple(leaf.shape) for leaf in leaves]
+    return str(shapes[0]) if len(shapes) == 1 else str(shapes)
+
+
+def _spec_and_inputs(model: keras.Model, x: Any) -> tuple[ModelSpec, Any, int]:
+    """Build the model from x if needed, then convert x against its declared inputs."""
+    spec = _specs.get(model)
+    if spec is not None:
+        prepared, batch = prepare_inputs(model, x, spec)
+        return spec, prepared, batch
+    if not model.built:
+        raw, _ = prepare_inputs(model, x, ModelSpec(None, None, None, []))
+        sample = keras.tree.map_structure(lambda t: t[:1], raw)
+        try:
+            with preserved_eagerly(model):
+                model(sample, training=False)
+        except Exception as exc:
+            raise ModelBuildError(
+                f"Model '{model_name(model)}' is not built, and building it by calling it on "
+                f"x of shape {_shapes(raw)} failed: {brief(exc)} Fix: give x in the shape the "
+                f"model takes, or build the model first (an Input layer, model.build(shape), "
+                f"or one call on real data)."
+            ) from None
+    spec = model_spec(model)
+    _specs[model] = spec
+    prepared, batch = prepare_inputs(model, x, spec)
+    return spec, prepared, batch
+
+
+def _prepare_loss_args(model: keras.Model, spec: ModelSpec, y: Any, sample_weight: Any, batch: int) -> tuple[Any, Any]:
+    targets = prepare_targets(model, y, batch, spec)
+    weights = None
+    if sample_weight is not None:
+        weights = prepare_targets(model, sample_weight, batch, ModelSpec(None, None, None, []), "sample_weight")
+    return targets, weights
+
+
+def _question(model: keras.Model, key: Hashable, build: Callable[[], _Question]) -> _Question:
+    return compute.cached(model, key, build)
+
+
+def _run(model: keras.Model, key: Hashable, question: _Question, args: tuple, what: str, x: Any) -> Any:
+    """Run a compiled question; turn any failure into one clear GradmagicError."""
+    try:
+        if not question.warmed:
+            _warm_up(model, question, args)
+        return question.fn(*args)
+    except GradmagicError:
+        compute.forget(model, key)
+        raise
+    except Exception as exc:
+        compute.forget(model, key)
+        raise ComputeError(
+            f"Computing {what} of model '{model_name(model)}' on x of shape {_shapes(x)} "
+            f"failed: {brief(exc)} Check that x (and y) are what the model takes; the model "
+            f"was left unchanged."
+        ) from None
+
+
+def _warm_up(model: keras.Model, question: _Question, args: tuple) -> None:
+    """Run the question's first call eagerly on one sample, with all state restored.
+
+    A compiled loss builds its trackers on first use; doing that here, outside the
+    traced function, keeps variable creation out of the graph. It also reports
+    errors from the model and the loss eagerly, where they are readable.
+    """
+    one = keras.tree.map_structure(lambda t: None if t is None else tf.convert_to_tensor(t[:1]), args)
+    with preserved_eagerly(model):
+        question.fn.python_function(*one)
+    question.warmed = True
+
+
+def _compile_token(model: keras.Model) -> tuple:
+    """What changes when the model is re-compiled (the traced loss is then stale)."""
+    return (loss_key(getattr(model, "loss", None)), id(getattr(model, "optimizer", None)))
+
+
+def _numpy(value: Any) -> Any:
+    return None if value is None else value.numpy()
+
+
+def weight_gradients(
+    model: keras.Model,
+    x: Any,
+    y: Any,
+    layer: int | str | keras.Layer | None = None,
+    loss: Any = None,
+    training: bool = False,
+    sample_weight: Any = None,
+) -> WeightGradients:
+    """Compute dLoss/dW for the model's trainable weights at (x, y).
+
+    Args:
+        model: A Keras 3 model (Sequential, Functional or subclassed).
+        x: Inputs: an array, nested lists, a tf.Tensor, or a list/dict of those
+            for several inputs. A single sample may omit the batch axis.
+        y: Targets, one per sample (a list/dict for several outputs).
+        layer: Restrict to one layer, by its index in ``model.layers`` (layers
+            without weights count; a Functional model's InputLayer is index 0),
+            by name, or as the layer object. Defaults to ``None``: every weight.
+        loss: Defaults to ``None``: the compiled loss through
+            ``model.compute_loss``. Otherwise a Keras loss name, a
+            ``keras.losses.Loss``, a callable ``f(y_true, y_pred)``, or one per
+            output. Regularization losses are included either way.
+        training: Run layers in training mode (Dropout, BatchNormalization batch
+            statistics). Defaults to ``False``. State is restored either way.
+        sample_weight: Optional per-sample weights of the loss.
+
+    Returns:
+        A :class:`WeightGradients`: ``.loss``, ``.arrays()`` aligned with
+        ``model.trainable_weights`` (or the layer's), ``r[i]`` / ``r["name"]`` for
+        one layer's part, statistics per weight, HTML and text tables.
+
+    Raises:
+        GradmagicError: A bad layer, loss, x or y, with what was expected.
+
+    Example:
+        >>> r = gradmagic.weight_gradients(model, x, y, layer="dense_1")
+        >>> r.loss, [g.shape for g in r.arrays()]
+    """
+    _check_model(model)
+    spec, x_in, batch = _spec_and_inputs(model, x)
+    y_in, sw_in = _prepare_loss_args(model, spec, y, sample_weight, batch)
+    layer_ref = id(layer) if isinstance(layer, keras.Layer) else layer
+    key = ("weights", layer_ref, loss_key(loss), bool(training), sw_in is None, _compile_token(model))
+
+    def build() -> _Question:
+        loss_fn = resolve_loss(model, loss)
+        slots = weight_slots(model)
+        if layer is None:
+            variables = list(model.trainable_weights)
+            chosen = slots
+        else:
+            _, _, variables = layer_weights(model, layer)
+            paths = {v.path for v in variables}
+            chosen = [s for s in slots if s.path in paths]
+        labels = [
+            {"index": s.layer_index, "layer": s.layer_name, "weight": s.name, "shape": s.shape, "path": s.path}
+            for s in chosen
+        ]
+        return _Question(compute.weight_function(model, variables, loss_fn, bool(training)), labels)
+
+    question = _question(model, key, build)
+    loss_value, grads = _run(model, key, question, (x_in, y_in, sw_in), "dLoss/dW", x_in)
+    title = f"dLoss/dW of model '{model_name(model)}' (loss = {float(loss_value):.6g})"
+    return WeightGradients(float(loss_value), rows_for(question.labels, [_numpy(g) for g in grads]), title)
+
+
+def output_gradients(
+    model: keras.Model,
+    x: Any,
+    y: Any,
+    layer: int | str | keras.Layer,
+    loss: Any = None,
+    training: bool = False,
+    sample_weight: Any = None,
+) -> OutputGradients:
+    """Compute dLoss/d(output of one layer) at (x, y).
+
+    Args:
+        model: A Keras 3 model (Sequential, Functional or subclassed).
+        x: Inputs, as for :func:`weight_gradients`.
+        y: Targets, as for :func:`weight_gradients`.
+        layer: The layer, by index in ``model.layers``, by name or as the object.
+            For a Functional model's ``InputLayer`` this is dLoss/d(input).
+        loss: As for :func:`weight_gradients`. Defaults to the compiled loss.
+        training: Run layers in training mode. Defaults to ``False``.
+        sample_weight: Optional per-sample weights of the loss.
+
+    Returns:
+        An :class:`OutputGradients`: ``.loss``, ``.array`` shaped like the
+        layer's output for x (``None`` if the loss does not depend on it),
+        ``.output`` (the layer's output itself) and statistics.
+
+    Raises:
+        GradmagicError: A bad layer, loss, x or y, or a layer the forward pass
+            never calls.
+
+    Example:
+        >>> o = gradmagic.output_gradients(model, x, y, layer=2)
+        >>> o.array.shape == o.output.shape
+    """
+    _check_model(model)
+    spec, x_in, batch = _spec_and_inputs(model, x)
+    y_in, sw_in = _prepare_loss_args(model, spec, y, sample_weight, batch)
+    layer_ref = id(layer) if isinstance(layer, keras.Layer) else layer
+    key = ("output", layer_ref, loss_key(loss), bool(training), sw_in is None, _compile_token(model))
+
+    def build() -> _Question:
+        loss_fn = resolve_loss(model, loss)
+        index, lay = resolve_layer(model, layer)
+        position = _input_position(model, lay)
+        fn = compute.output_function(model, lay, position, loss_fn, bool(training))
+        return _Question(fn, layer_index=index, layer_name=lay.name)
+
+    question = _question(model, key, build)
+    loss_value, outputs, grads = _run(model, key, question, (x_in, y_in, sw_in), "dLoss/d(layer output)", x_in)
+    if not outputs:
+        compute.forget(model, key)
+        raise InputError(
+            f"Layer {question.layer_index} '{question.layer_name}' of model "
+            f"'{model_name(model)}' was not called when the model ran on x, so its output "
+            f"has no gradient. Pick a layer that the forward pass uses (see model.summary())."
+        )
+    first = [_numpy(g) for g in grads[0]]
+    values = [_numpy(v) for v in outputs[0]]
+    names = [f"output {i}" for i in range(len(first))] if len(first) > 1 else ["output"]
+    labels = [
+        {"index": question.layer_index, "layer": question.layer_name, "tensor": n, "shape": tuple(v.shape)}
+        for n, v in zip(names, values, strict=False)
+    ]
+    title = (
+        f"dLoss/d(output of layer {question.layer_index} '{question.layer_name}') of model "
+        f"'{model_name(model)}' (loss = {float(loss_value):.6g})"
+    )
+    return OutputGradients(
+        float(loss_value),
+        rows_for(labels, first),
+        values[0] if len(values) == 1 else values,
+        question.layer_index,
+        question.layer_name,
+        len(outputs),
+        title,
+    )
+
+
+def _input_position(model: keras.Model, layer: keras.Layer) -> int | None:
+    """Position of an InputLayer's tensor among the model's flat inputs, else None."""
+    if not isinstance(layer, keras.layers.InputLayer):
+        return None
+    flat = keras.tree.flatten(model.input)
+    for position, tensor in enumerate(flat):
+        if tensor is layer.output:
+            return position
+    return None
+
+
+def input_gradients(
+    model: keras.Model,
+    x: Any,
+    output: int | None = None,
+    training: bool = False,
+) -> InputGradients:
+    """Compute d(model output)/d(input): the Jacobian of every sample, vectorised.
+
+    Args:
+        model: A Keras 3 model (Sequential, Functional or subclassed).
+        x: Inputs, as for :func:`weight_gradients`; float inputs only.
+        output: Defaults to ``None``: every output unit. ``k`` selects unit ``k``
+            of the flattened per-sample output (outputs concatenated in
+            ``keras.tree.flatten`` order for a model with several outputs).
+        training: Run layers in training mode. Defaults to ``False``. The
+            per-sample Jacobian assumes samples do not interact, which
+            BatchNormalization in training mode breaks.
+
+    Returns:
+        An :class:`InputGradients` whose ``.array`` is ``(batch, *output_shape,
+        *input_shape)`` for ``output=None`` and ``(batch, *input_shape)`` for
+        ``output=k``; a list (or dict) with one per input for several inputs, and
+        a list with one entry per output for several outputs and ``output=None``.
+
+    Raises:
+        GradmagicError: Non-float inputs, a bad ``output`` index, or x that does
+            not fit the model.
+
+    Example:
+        >>> j = gradmagic.input_gradients(model, [[0.5]])
+        >>> j.array[0, 0, 0]   # dy/dx at x = 0.5
+    """
+    _check_model(model)
+    spec, x_in, _ = _spec_and_inputs(model, x)
+    leaves = keras.tree.flatten(x_in)
+    names = _input_names(spec, x_in)
+    for name, leaf in zip(names, leaves, strict=False):
+        if not tf.as_dtype(leaf.dtype).is_floating:
+            raise InputError(
+                f"Received: input {name!r} of dtype {tf.as_dtype(leaf.dtype).name} for model "
+                f"'{model_name(model)}'. d(output)/d(input) exists only for float inputs: "
+                f"integer inputs such as token ids into an Embedding are looked up, not "
+                f"computed with, so they have no derivative. Fix: ask for the gradient at the "
+                f"embedding's output instead, output_gradients(model, x, y, layer=<the "
+                f"Embedding layer>), or weight_gradients for the embedding matrix."
+            )
+    if output is not None and (isinstance(output, bool) or not isinstance(output, (int, np.integer))):
+        raise InputError(f"Received: output={output!r}. Expected None (all output units) or an int index.")
+    units = _output_units(spec)
+    if output is not None and units is not None and not -units <= output < units:
+        raise InputError(
+            f"Received: output={output}, but model '{model_name(model)}' has {units} output "
+            f"unit(s) per sample. Expected an index in [0, {units - 1}] into the flattened "
+            f"output, or None for the full Jacobian."
+        )
+    if output is not None and units is not None:
+        output = int(output) % units
+    key = ("input", output, bool(training))
+    question = _question(model, key, lambda: _Question(compute.input_function(model, output, bool(training))))
+    result = _run(model, key, question, (x_in,), "d(output)/d(input)", x_in)
+    per_output = [[_numpy(j) for j in per_input] for per_input in result]
+    return _input_result(model, spec, x_in, names, per_output, output)
+
+
+def _input_names(spec: ModelSpec, x_in: Any) -> list[str]:
+    leaves = keras.tree.flatten(x_in)
+    if spec.inputs is not None and len(spec.inputs) == len(leaves):
+        return [s.name for s in spec.inputs]
+    if isinstance(x_in, dict):
+        return sorted(x_in)
+    return ["x"] if len(leaves) == 1 else [f"x[{i}]" for i in range(len(leaves))]
+
+
+def _output_units(spec: ModelSpec) -> int | None:
+    if not spec.outputs or any(d is None for s in spec.outputs for d in s.shape):
+        return None
+    return int(sum(int(np.prod(s.shape)) for s in spec.outputs))
+
+
+def _input_result(
+    model: keras.Model, spec: ModelSpec, x_in: Any, names: list[str], per_output: list[list], output: int | None
+) -> InputGradients:
+    out_names = (
+        spec.output_names
+        if len(spec.output_names) == len(per_output)
+        else [f"output {i}" for i in range(len(per_output))]
+    )
+    if output is not None:
+        out_names = [f"unit {output}"]
+    labels, arrays = [], []
+    for out_name, per_input in zip(out_names, per_output, strict=False):
+        for in_name, jac in zip(names, per_input, strict=False):
+            labels.append({"output": out_name, "input": in_name, "shape": None if jac is None else tuple(jac.shape)})
+            arrays.append(jac)
+
+    def shaped(per_input: list) -> Any:
+        if len(per_input) == 1:
+            return per_input[0]
+        return dict(zip(sorted(x_in), per_input, strict=False)) if isinstance(x_in, dict) else list(per_input)
+
+    array = shaped(per_output[0]) if len(per_output) == 1 else [shaped(p) for p in per_output]
+    what = "all output units" if output is None else f"output unit {output}"
+    title = f"d(output)/d(input) of model '{model_name(model)}', {what}, per sample"
+    return InputGradients(rows_for(labels, arrays), array, output, title)

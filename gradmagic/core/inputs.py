@@ -1,0 +1,298 @@
+"""Turn user data (arrays, lists, tensors, dicts) into model-ready batches.
+
+Everything is checked against the model's declared inputs and outputs where the
+model has them (Functional and Sequential models built with an ``Input``), so a
+mismatch is reported with the expected shape instead of a TensorFlow traceback.
+Subclassed models declare nothing, so their data is only converted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from gradmagic.core.targets import model_name
+from gradmagic.errors import InputError, LossError, quote_list
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, per-sample shape (no batch axis, ``None`` for free dims) and dtype."""
+
+    name: str
+    shape: tuple[int | None, ...]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a model declares about its inputs and outputs (``None``: unknown)."""
+
+    inputs: list[TensorSpec] | None
+    input_structure: Any
+    outputs: list[TensorSpec] | None
+    output_names: list[str]
+
+
+def _specs(tensors: Any) -> list[TensorSpec] | None:
+    flat = keras.tree.flatten(tensors)
+    if not flat:
+        return None
+    return [TensorSpec(t.name, tuple(t.shape)[1:], str(t.dtype)) for t in flat]
+
+
+def model_spec(model: keras.Model) -> ModelSpec:
+    """Read the declared inputs and outputs of a model, where it has them."""
+    try:
+        flat_inputs, flat_outputs = list(model.inputs or []), list(model.outputs or [])
+    except (AttributeError, ValueError):
+        # Subclassed models (and unbuilt Sequential ones) declare no tensors.
+        return ModelSpec(None, None, None, [])
+    try:
+        structure = model.input  # Functional: the list/dict the model was built with
+    except (AttributeError, ValueError):
+        structure = flat_inputs[0] if len(flat_inputs) == 1 else flat_inputs  # Sequential
+    names = list(getattr(model, "output_names", None) or [])
+    if len(names) != len(flat_outputs):
+        names = [model.layers[-1].name] if len(flat_outputs) == 1 and model.layers else []
+    return ModelSpec(_specs(flat_inputs), structure, _specs(flat_outputs), names)
+
+
+def _shape_text(shape: tuple[int | None, ...]) -> str:
+    return (
+        "(" + ", ".join("batch" if i == 0 else str(d) for i, d in enumerate(shape)) + (",)" if len(shape) == 1 else ")")
+    )
+
+
+def _leaf(value: Any, dtype: str | None) -> Any:
+    """Convert one array-like to an ndarray or keep a tensor, casting to a float ``dtype``."""
+    float_target = dtype is not None and "float" in dtype
+    if isinstance(value, tf.Tensor):
+        if (
+            float_target
+            and value.dtype != dtype
+            and (value.dtype.is_integer or value.dtype.is_bool or value.dtype.is_floating)
+        ):
+            return tf.cast(value, dtype)
+        return value
+    if isinstance(value, keras.Variable):
+        value = value.numpy()
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError) as exc:
+        raise InputError(
+            f"Received a value of type {type(value).__name__} that is not an array: "
+            f"{exc}. Expected NumPy arrays, nested Python lists of numbers or tf.Tensors "
+            f"of equal lengths."
+        ) from None
+    if array.dtype == object:
+        raise InputError(
+            f"Received data that NumPy cannot turn into a numeric array (ragged "
+            f"lists or mixed types), of length {len(array)}. Expected NumPy arrays, "
+            f"nested Python lists of numbers of equal lengths, or tf.Tensors."
+        )
+    if float_target and array.dtype != dtype and array.dtype.kind in "biuf":
+        return array.astype(dtype)
+    if (
+        dtype is None
+        and array.dtype.kind in "biu"
+        and array.dtype.kind != "b"
+        and isinstance(value, (list, tuple, int, float))
+    ):
+        # Plain Python numbers: the model decides, but floats are the usual intent.
+        return array.astype(keras.config.floatx())
+    if dtype is None and array.dtype == np.float64 and isinstance(value, (list, tuple, float)):
+        return array.astype(keras.config.floatx())
+    return array
+
+
+def _fit_rank(array: Any, expected: tuple[int | None, ...], what: str, model: keras.Model) -> Any:
+    """Add a batch axis to a single sample, or a trailing unit axis to scalars."""
+    shape = tuple(array.shape)
+    rank = len(expected)
+    if len(shape) == rank and _dims_match(shape, expected):
+        return array[None, ...] if isinstance(array, np.ndarray) else tf.expand_dims(array, 0)
+    if len(shape) == rank and rank > 0 and expected[-1] == 1 and _dims_match(shape[1:], expected[:-1]):
+        # (batch,) given for a (batch, 1) input: a batch of scalars, as Keras reads it.
+        return array[..., None] if isinstance(array, np.ndarray) else tf.expand_dims(array, -1)
+    if len(shape) == rank + 1 and _dims_match(shape[1:], expected):
+        return array
+    if len(shape) == 0 and all(d == 1 for d in expected):
+        # One number for a model that takes one number per sample.
+        return np.reshape(array, (1, *expected)) if isinstance(array, np.ndarray) else tf.reshape(array, (1, *expected))
+    raise InputError(
+        f"Received: {what} of shape {shape}, but model '{model_name(model)}' expects "
+        f"{_shape_text((None, *expected))}, i.e. {expected} per sample. Fix: reshape "
+        f"{what} to (n_samples, {', '.join(str(d) for d in expected)})"
+        + (" (a single sample may also be passed without the batch axis)." if expected else ".")
+    )
+
+
+def _dims_match(shape: tuple, expected: tuple) -> bool:
+    return len(shape) == len(expected) and all(e is None or s == e for s, e in zip(shape, expected, strict=False))
+
+
+def _is_leaf(value: Any) -> bool:
+    return not isinstance(value, (list, tuple, Mapping)) or _is_number_list(value)
+
+
+def _is_number_list(value: Any) -> bool:
+    """A Python list of numbers (or of such lists) is data, not a list of inputs."""
+    if isinstance(value, Mapping):
+        return False
+    if not isinstance(value, (list, tuple)):
+        return isinstance(value, (int, float, np.number, bool))
+    return all(_is_number_list(item) for item in value)
+
+
+def _batch_size(leaves: list[Any], what: str) -> int:
+    sizes = {int(leaf.shape[0]) for leaf in leaves if len(leaf.shape) > 0}
+    if len(sizes) > 1:
+        raise InputError(
+            f"Received: {what} whose arrays have different numbers of samples "
+            f"{sorted(sizes)}. Expected the same first (batch) dimension everywhere."
+        )
+    size = sizes.pop() if sizes else 1
+    if size == 0:
+        raise InputError(
+            f"Received: an empty batch for {what} (0 samples). Expected at least one "
+            f"sample; gradients of an empty batch are undefined."
+        )
+    return size
+
+
+def _match_structure(value: Any, specs: list[TensorSpec], structure: Any, what: str, model: keras.Model) -> list[Any]:
+    """Order the user's inputs like the model's flat inputs."""
+    names = [s.name for s in specs]
+    if isinstance(value, Mapping):
+        keys = list(structure.keys()) if isinstance(structure, Mapping) else names
+        missing = [k for k in keys if k not in value]
+        if missing:
+            raise InputError(
+                f"Received: {what} as a dict with keys {quote_list(list(value))}, but model "
+                f"'{model_name(model)}' needs the inputs {quote_list(keys)}; missing "
+                f"{quote_list(missing)}. Fix: give one array per input name."
+            )
+        if isinstance(structure, Mapping):
+            return keras.tree.flatten({k: value[k] for k in keys})
+        return [value[k] for k in keys]
+    if isinstance(value, (list, tuple)) and not _is_number_list(value):
+        if len(value) != len(specs):
+            raise InputError(
+                f"Received: {what} as a list of {len(value)} arrays, but model "
+                f"'{model_name(model)}' has {len(specs)} inputs {quote_list(names)}. "
+                f"Expected one array per input, in that order, or a dict keyed by name."
+            )
+        return list(value)
+    raise InputError(
+        f"Received: {what} as a single array, but model '{model_name(model)}' has "
+        f"{len(specs)} inputs {quote_list(names)}. Expected a list with one array per "
+        f"input in that order, or a dict keyed by input name."
+    )
+
+
+def prepare_inputs(model: keras.Model, x: Any, spec: ModelSpec) -> tuple[Any, int]:
+    """Convert and check ``x``; return it in the structure the model takes and its batch size.
+
+    Raises:
+        InputError: Missing, empty, mis-shaped or mis-structured inputs.
+    """
+    if x is None:
+        raise InputError(
+            f"Received: x=None for model '{model_name(model)}'. Expected input data: "
+            f"a NumPy array, a list of numbers, a tf.Tensor, or a list/dict of those "
+            f"for a model with several inputs."
+        )
+    if spec.inputs is None:
+        # Undeclared inputs (subclassed model): convert, keep the user's structure.
+        if _is_leaf(x):
+            prepared = _leaf(x, None)
+            if len(prepared.shape) == 0:
+                prepared = prepared.reshape(1, 1) if isinstance(prepared, np.ndarray) else tf.reshape(prepared, (1, 1))
+            return prepared, _batch_size([prepared], "x")
+        prepared = keras.tree.map_structure(lambda v: _leaf(v, None), x)
+        return prepared, _batch_size(keras.tree.flatten(prepared), "x")
+    if len(spec.inputs) == 1:
+        if isinstance(x, Mapping) and len(x) == 1:
+            x = next(iter(x.values()))
+        elif isinstance(x, (list, tuple)) and len(x) == 1 and not _is_number_list(x):
+            x = x[0]
+        if not _is_leaf(x):
+            raise InputError(
+                f"Received: x as a {type(x).__name__} of several arrays, but model "
+                f"'{model_name(model)}' has a single input of shape "
+                f"{_shape_text((None, *spec.inputs[0].shape))}. Expected one array."
+            )
+        only = spec.inputs[0]
+        prepared = _fit_rank(_leaf(x, only.dtype), only.shape, "x", model)
+        return prepared, _batch_size([prepared], "x")
+    flat = _match_structure(x, spec.inputs, spec.input_structure, "x", model)
+    flat = [
+        _fit_rank(_leaf(v, s.dtype), s.shape, f"x[{s.name!r}]", model) for v, s in zip(flat, spec.inputs, strict=False)
+    ]
+    size = _batch_size(flat, "x")
+    return keras.tree.pack_sequence_as(spec.input_structure, flat), size
+
+
+def prepare_targets(model: keras.Model, y: Any, batch: int, spec: ModelSpec, what: str = "y") -> Any:
+    """Convert and check targets (or sample weights) against the outputs and batch size.
+
+    Raises:
+        LossError: ``y`` is missing.
+        InputError: The number of samples or targets does not match.
+    """
+    if y is None:
+        raise LossError(
+            f"Received: {what}=None, but dLoss needs targets: the loss of model "
+            f"'{model_name(model)}' compares its output with y. Fix: pass y (one target "
+            f"per sample), or ask input_gradients(model, x) for d(output)/d(input), "
+            f"which needs no y."
+        )
+    outputs = spec.outputs or []
+    if isinstance(y, Mapping):
+        prepared: Any = {k: _target_leaf(v, _spec_named(outputs, spec.output_names, k), batch) for k, v in y.items()}
+    elif isinstance(y, (list, tuple)) and not _is_number_list(y):
+        prepared = [_target_leaf(v, outputs[i] if i < len(outputs) else None, batch) for i, v in enumerate(y)]
+        if outputs and len(prepared) != len(outputs) and len(outputs) > 1:
+            raise InputError(
+                f"Received: {what} as a list of {len(prepared)} arrays, but model "
+                f"'{model_name(model)}' has {len(outputs)} outputs "
+                f"{quote_list(spec.output_names)}. Expected one target per output."
+            )
+    else:
+        prepared = _target_leaf(y, outputs[0] if len(outputs) == 1 else None, batch)
+    for leaf in keras.tree.flatten(prepared):
+        got = int(leaf.shape[0]) if len(leaf.shape) else 1
+        if got != batch:
+            raise InputError(
+                f"Received: {what} with {got} samples, but x has {batch}. Expected one "
+                f"target row per input sample. Fix: pass {what}[:{batch}] or matching x."
+            )
+    return prepared
+
+
+def _spec_named(outputs: list[TensorSpec], names: list[str], key: str) -> TensorSpec | None:
+    return outputs[names.index(key)] if key in names and len(outputs) == len(names) else None
+
+
+def _target_leaf(value: Any, out: TensorSpec | None, batch: int) -> Any:
+    dtype = out.dtype if out is not None else None
+    array = _leaf(value, None)
+    if isinstance(array, np.ndarray) and array.dtype.kind == "f" and dtype and "float" in dtype:
+        array = array.astype(dtype, copy=False)
+    if len(array.shape) == 0:
+        array = array.reshape(1) if isinstance(array, np.ndarray) else tf.reshape(array, (1,))
+    if out is not None:
+        rank = len(out.shape) + 1
+        if len(array.shape) == rank - 1 and out.shape and out.shape[-1] == 1 and array.shape[0] == batch:
+            # (batch,) against a (batch, 1) output: without the unit axis a custom
+            # loss would silently broadcast (batch,) - (batch, 1) to (batch, batch).
+            array = array[..., None] if isinstance(array, np.ndarray) else tf.expand_dims(array, -1)
+        elif batch == 1 and tuple(array.shape) == tuple(out.shape):
+            array = array[None, ...] if isinstance(array, np.ndarray) else tf.expand_dims(array, 0)
+    return array

@@ -1,0 +1,61 @@
+"""Keep the model exactly as it was around every gradient computation.
+
+A forward pass can change state: BatchNormalization updates its moving
+statistics with ``training=True``, Dropout advances its seed generator, and a
+multi-output compiled loss updates its loss trackers. Trainable weights and the
+optimizer are never written by a gradient computation, so only the model's
+non-trainable and metric variables need guarding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import keras
+import tensorflow as tf
+
+
+def state_variables(model: keras.Model) -> list[keras.Variable]:
+    """Variables a forward pass or loss may write: non-trainable and metric ones."""
+    seen: set[int] = set()
+    found = []
+    for var in list(model.non_trainable_variables) + list(getattr(model, "metrics_variables", [])):
+        if id(var) not in seen:
+            seen.add(id(var))
+            found.append(var)
+    return found
+
+
+def snapshot_in_graph(variables: list[keras.Variable]) -> list[tf.Tensor]:
+    """Read the variables' values inside a ``tf.function``.
+
+    Automatic control dependencies order these reads before any later write of
+    the same variable in the traced program, and the matching
+    :func:`restore_in_graph` after it.
+    """
+    return [tf.identity(var.value) for var in variables]
+
+
+def restore_in_graph(variables: list[keras.Variable], values: list[tf.Tensor]) -> None:
+    """Write back values taken by :func:`snapshot_in_graph`."""
+    for var, value in zip(variables, values, strict=False):
+        var.assign(value)
+
+
+@contextlib.contextmanager
+def preserved_eagerly(model: keras.Model) -> Iterator[None]:
+    """Restore every variable of the model after an eager run, even one that raised.
+
+    Variables that the run *created* (a compiled loss building its trackers on
+    first use) are metrics; they are reset so they read as freshly created.
+    """
+    before = {id(var): (var, var.numpy()) for var in list(model.variables) + state_variables(model)}
+    try:
+        yield
+    finally:
+        for var, value in before.values():
+            var.assign(value)
+        for metric in getattr(model, "metrics", []):
+            if any(id(var) not in before for var in metric.variables):
+                metric.reset_state()

@@ -1,0 +1,299 @@
+"""Resolve what a gradient question points at: layers, weights and the loss.
+
+Layers are addressed by the model's *own* list, ``model.layers``: a Functional
+model lists its ``InputLayer`` objects first, a Sequential model does not, and
+layers without weights keep their place so that indices never shift.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+
+from gradmagic.errors import (
+    LayerError,
+    LossError,
+    NoWeightsError,
+    close_matches,
+    quote_list,
+)
+
+#: A loss as gradmagic runs it inside the compiled function:
+#: ``(model, x, y, y_pred, sample_weight, training) -> scalar``. The model is an
+#: argument, not a closure, so cached functions do not keep models alive.
+LossFn = Callable[[Any, Any, Any, Any, Any, bool], Any]
+
+
+@dataclass(frozen=True)
+class WeightSlot:
+    """Where one trainable weight sits in the model.
+
+    Attributes:
+        layer_index: Index of the owning layer in ``model.layers`` (-1 when the
+            weight belongs to the model itself, not to a listed layer).
+        layer_name: Name of the owning layer (the model's name for -1).
+        path: The variable's unique ``path``.
+        name: The variable's short name (``kernel``, ``bias``...).
+        shape: The variable's shape.
+    """
+
+    layer_index: int
+    layer_name: str
+    path: str
+    name: str
+    shape: tuple[int, ...]
+
+
+def model_name(model: keras.Model) -> str:
+    """Return the model's name for messages."""
+    return getattr(model, "name", type(model).__name__)
+
+
+def resolve_layer(model: keras.Model, layer: int | str | keras.Layer) -> tuple[int, keras.Layer]:
+    """Find a layer by index in ``model.layers``, by name, or as a layer object.
+
+    Args:
+        model: The model whose ``layers`` list is searched.
+        layer: An index (negative counts from the end), a layer name, or a layer.
+
+    Returns:
+        ``(index, layer)`` with the non-negative index into ``model.layers``.
+
+    Raises:
+        LayerError: The index is out of range or no layer has that name.
+    """
+    layers = model.layers
+    names = [lay.name for lay in layers]
+    if isinstance(layer, bool) or not isinstance(layer, (int, str, keras.Layer)):
+        raise LayerError(
+            f"Received: layer={layer!r} of type {type(layer).__name__}. Expected an "
+            f"index into model.layers, a layer name or a layer object of model "
+            f"'{model_name(model)}'. Fix: pass e.g. layer=0 or layer={names[0]!r}."
+            if names
+            else f"Received: layer={layer!r}. Model '{model_name(model)}' has no layers."
+        )
+    if isinstance(layer, keras.Layer):
+        for index, candidate in enumerate(layers):
+            if candidate is layer:
+                return index, candidate
+        raise LayerError(
+            f"Received: layer=<{type(layer).__name__} '{layer.name}'>, which is not "
+            f"in model.layers of model '{model_name(model)}'. Expected one of "
+            f"{quote_list(names)}. Fix: pass a layer of this model, or its index."
+        )
+    if isinstance(layer, int):
+        if -len(layers) <= layer < len(layers):
+            index = layer % len(layers)
+            return index, layers[index]
+        raise LayerError(
+            f"Received: layer={layer}. Expected an index in [0, {len(layers) - 1}] "
+            f"(or a negative index from the end) or one of the names {quote_list(names)} "
+            f"of model '{model_name(model)}'. Indices follow model.layers as it is: "
+            f"a Functional model lists its InputLayer first, a Sequential model does not."
+        )
+    if layer in names:
+        index = names.index(layer)
+        return index, layers[index]
+    suggestions = close_matches(layer, names)
+    hint = f" Did you mean {quote_list(suggestions)}?" if suggestions else ""
+    raise LayerError(
+        f"Received: layer={layer!r}, but model '{model_name(model)}' has no layer of "
+        f"that name.{hint} Expected one of {quote_list(names)} or an index in "
+        f"[0, {len(layers) - 1}]."
+    )
+
+
+def weight_slots(model: keras.Model) -> list[WeightSlot]:
+    """Describe every trainable weight of the model, in ``trainable_weights`` order.
+
+    A weight belongs to the first layer of ``model.layers`` that holds it, so a
+    nested model listed as one layer owns all of its weights.
+    """
+    owner: dict[int, tuple[int, str]] = {}
+    for index, lay in enumerate(model.layers):
+        for var in lay.trainable_weights:
+            owner.setdefault(id(var), (index, lay.name))
+    slots = []
+    for var in model.trainable_weights:
+        index, name = owner.get(id(var), (-1, model_name(model)))
+        slots.append(WeightSlot(index, name, var.path, var.name, tuple(var.shape)))
+    return slots
+
+
+def layer_weights(model: keras.Model, layer: int | str | keras.Layer) -> tuple[int, keras.Layer, list]:
+    """Return ``(index, layer, trainable_weights)`` of one layer, refusing empty ones.
+
+    Raises:
+        LayerError: The layer cannot be found.
+        NoWeightsError: The layer has no trainable weights.
+    """
+    index, lay = resolve_layer(model, layer)
+    weights = list(lay.trainable_weights)
+    if not weights:
+        with_weights = [f"{i} ({lay_.name})" for i, lay_ in enumerate(model.layers) if lay_.trainable_weights]
+        reason = "its weights are frozen (trainable=False)" if lay.weights else "it has no weights"
+        raise NoWeightsError(
+            f"Received: layer={layer!r}, which is layer {index} '{lay.name}' "
+            f"({type(lay).__name__}) of model '{model_name(model)}': {reason}, so "
+            f"there is no dLoss/dW to compute. Layers with trainable weights: "
+            f"{', '.join(with_weights) or 'none'}. For the gradient at this layer's "
+            f"output use output_gradients(model, x, y, layer={index})."
+        )
+    return index, lay, weights
+
+
+def _has_custom_compute_loss(model: keras.Model) -> bool:
+    return getattr(type(model).compute_loss, "__qualname__", "") != "Trainer.compute_loss"
+
+
+def _compute_loss_takes_training(model: keras.Model) -> bool:
+    return "training" in inspect.signature(model.compute_loss).parameters
+
+
+class _FunctionLoss(keras.losses.Loss):
+    """A plain ``f(y_true, y_pred)`` given Keras's reduction and sample weighting."""
+
+    def __init__(self, fn: Callable[[Any, Any], Any]) -> None:
+        super().__init__(name=getattr(fn, "__name__", "loss"))
+        self._fn = fn
+
+    def call(self, y_true: Any, y_pred: Any) -> Any:
+        return self._fn(y_true, y_pred)
+
+
+def _as_loss_object(loss: Any, model: keras.Model) -> keras.losses.Loss:
+    """Turn a loss name, function or object into a ``keras.losses.Loss``."""
+    if isinstance(loss, keras.losses.Loss):
+        return loss
+    if isinstance(loss, str):
+        try:
+            resolved = keras.losses.get(loss)
+        except (ValueError, TypeError):
+            resolved = None
+        if resolved is None:
+            known = sorted(
+                n for n, obj in vars(keras.losses).items() if callable(obj) and n[0].islower() and n != "get"
+            )
+            suggestions = close_matches(loss, known)
+            hint = f" Did you mean {quote_list(suggestions)}?" if suggestions else ""
+            raise LossError(
+                f"Received: loss={loss!r}, which is not a Keras loss.{hint} Expected a "
+                f"Keras loss name such as 'mse', 'mae', 'binary_crossentropy', "
+                f"'categorical_crossentropy', 'sparse_categorical_crossentropy', a "
+                f"keras.losses.Loss object, or a callable f(y_true, y_pred)."
+            ) from None
+        loss = resolved
+    if isinstance(loss, keras.losses.Loss):
+        return loss
+    if callable(loss):
+        return _FunctionLoss(loss)
+    raise LossError(
+        f"Received: loss={loss!r} of type {type(loss).__name__} for model "
+        f"'{model_name(model)}'. Expected a Keras loss name (e.g. 'mse'), a "
+        f"keras.losses.Loss object or a callable f(y_true, y_pred)."
+    )
+
+
+def _regularization_loss(model: keras.Model, dtype: Any) -> Any:
+    """Sum the model's extra losses (regularizers, ``add_loss``) as Keras does in fit."""
+    extra = [keras.ops.sum(keras.ops.cast(term, dtype)) for term in model.losses]
+    return keras.ops.sum(keras.ops.stack(extra)) if extra else None
+
+
+def _explicit_loss(model: keras.Model, loss: Any) -> LossFn:
+    """Build a loss function from an explicit ``loss=`` argument.
+
+    One loss is applied to every model output and the results summed (as
+    ``compile(loss=...)`` does); a list or dict gives one loss per output.
+    """
+    if isinstance(loss, dict):
+        per_output: Any = {key: _as_loss_object(value, model) for key, value in loss.items()}
+    elif isinstance(loss, (list, tuple)):
+        per_output = [_as_loss_object(value, model) for value in loss]
+    else:
+        per_output = _as_loss_object(loss, model)
+
+    def run(model: keras.Model, x: Any, y: Any, y_pred: Any, sample_weight: Any, training: bool) -> Any:
+        del x, training
+        flat_pred = keras.tree.flatten(y_pred)
+        if isinstance(per_output, keras.losses.Loss):
+            flat_true = keras.tree.flatten(y) if len(flat_pred) > 1 else [y]
+            flat_loss = [per_output] * len(flat_pred)
+        elif isinstance(per_output, dict):
+            names = list(getattr(model, "output_names", []) or [])
+            flat_loss = [per_output[name] for name in names]
+            flat_true = [y[name] for name in names] if isinstance(y, dict) else keras.tree.flatten(y)
+        else:
+            flat_loss = list(per_output)
+            flat_true = keras.tree.flatten(y)
+        if not (len(flat_loss) == len(flat_true) == len(flat_pred)):
+            raise LossError(
+                f"Model '{model_name(model)}' has {len(flat_pred)} output(s), but "
+                f"{len(flat_loss)} loss(es) and {len(flat_true)} target array(s) were "
+                f"given. Expected one target per output (a list in output order or a "
+                f"dict keyed by output name) and either one loss for all outputs or one "
+                f"per output."
+            )
+        flat_weight = keras.tree.flatten(sample_weight) if isinstance(sample_weight, (list, dict)) else None
+        terms = []
+        for i, (loss_obj, y_true, pred) in enumerate(zip(flat_loss, flat_true, flat_pred, strict=False)):
+            weight = flat_weight[i] if flat_weight is not None else sample_weight
+            terms.append(keras.ops.cast(loss_obj(y_true, pred, sample_weight=weight), pred.dtype))
+        total = terms[0] if len(terms) == 1 else keras.ops.sum(keras.ops.stack(terms))
+        extra = _regularization_loss(model, total.dtype)
+        return total if extra is None else total + extra
+
+    return run
+
+
+def resolve_loss(model: keras.Model, loss: Any = None) -> LossFn:
+    """Return the loss function a gradient question uses.
+
+    Args:
+        model: The model.
+        loss: ``None`` for the model's compiled loss (through
+            ``model.compute_loss``, so regularization and ``add_loss`` terms and a
+            custom ``compute_loss`` are honoured), or a Keras loss name, a
+            ``keras.losses.Loss``, a callable ``f(y_true, y_pred)``, or a list or
+            dict of those (one per output). Explicit losses also add the model's
+            regularization losses, as training would.
+
+    Returns:
+        A function ``(model, x, y, y_pred, sample_weight, training) -> scalar``.
+
+    Raises:
+        LossError: No loss given and the model has none compiled, or an unknown loss.
+    """
+    if loss is not None:
+        return _explicit_loss(model, loss)
+    if not _has_custom_compute_loss(model) and getattr(model, "loss", None) is None:
+        raise LossError(
+            f"Model '{model_name(model)}' has no compiled loss and no loss was given, "
+            f"so there is no dLoss to differentiate. Fix: pass loss='mse' (or any Keras "
+            f"loss name, keras.losses.Loss or callable f(y_true, y_pred)), or call "
+            f"model.compile(loss=...) first. For d(output)/d(input), which needs no "
+            f"loss, use input_gradients(model, x)."
+        )
+    takes_training = _compute_loss_takes_training(model)
+
+    def run(model: keras.Model, x: Any, y: Any, y_pred: Any, sample_weight: Any, training: bool) -> Any:
+        if takes_training:
+            return model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training)
+        return model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight)
+
+    return run
+
+
+def loss_key(loss: Any) -> Any:
+    """Return a hashable cache key that stands for a ``loss=`` argument."""
+    if loss is None or isinstance(loss, str):
+        return loss
+    if isinstance(loss, dict):
+        return ("dict", *tuple((k, loss_key(v)) for k, v in sorted(loss.items())))
+    if isinstance(loss, (list, tuple)):
+        return ("seq", *tuple(loss_key(v) for v in loss))
+    return ("obj", id(loss))
