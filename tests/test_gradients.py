@@ -292,7 +292,12 @@ def test_disconnected_weights_are_reported_not_raised():
 
 def test_nan_gradients_are_counted_per_weight():
     model = keras.Sequential(
-        [keras.Input((1,)), keras.layers.Dense(2, name="d"), keras.layers.Lambda(lambda t: t / 0.0), keras.layers.Dense(1)]
+        [
+            keras.Input((1,)),
+            keras.layers.Dense(2, name="d"),
+            keras.layers.Lambda(lambda t: t / 0.0),
+            keras.layers.Dense(1),
+        ]
     )
     model.compile(loss="mse")
     r = gm.weight_gradients(model, np.ones((2, 1), "float32"), np.zeros((2, 1), "float32"))
@@ -302,7 +307,9 @@ def test_nan_gradients_are_counted_per_weight():
 
 
 def test_training_flag_changes_dropout_but_not_inference():
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8), keras.layers.Dropout(0.5), keras.layers.Dense(1)])
+    model = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(8), keras.layers.Dropout(0.5), keras.layers.Dense(1)]
+    )
     model.compile(loss="mse")
     x, y = np.ones((3, 4), "float32"), np.zeros((3, 1), "float32")
     inference = gm.weight_gradients(model, x, y)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from gradmagic.core.state import restore_in_graph, snapshot_in_graph, state_variables
@@ -58,6 +59,48 @@ def clear_cache(model: keras.Model | None = None) -> None:
         _cache.clear()
     else:
         _cache.pop(model, None)
+
+
+def call_compiled(fn: Any, concrete: dict, args: tuple) -> Any:
+    """Call a ``tf.function`` through the concrete function for these arguments.
+
+    ``tf.function``'s own dispatch matches the trace type of every argument on
+    every call, which costs more than the whole graph of a small model. Here the
+    signature is the per-sample shape and dtype of each leaf, looked up in a dict,
+    and the batch axis is left free so one graph serves every batch size. Arrays
+    are converted to tensors here because a concrete function's own conversion
+    of NumPy arguments is several times slower.
+
+    Args:
+        fn: The ``tf.function``.
+        concrete: The question's dict of concrete functions, filled on demand.
+        args: Arguments: arrays or tensors with a batch axis, lists/dicts of
+            them, or ``None``.
+    """
+    tensors, signature = _as_tensors(args)
+    concrete_fn = concrete.get(signature)
+    if concrete_fn is None:
+        specs = keras.tree.map_structure(
+            lambda t: None if t is None else tf.TensorSpec((None, *t.shape[1:]), t.dtype), tensors
+        )
+        concrete_fn = concrete[signature] = fn.get_concrete_function(*specs)
+    return concrete_fn(*tensors)
+
+
+def _as_tensors(value: Any) -> tuple[Any, Hashable]:
+    """Convert leaves to tensors and return them with their per-sample signature."""
+    if value is None:
+        return None, None
+    if isinstance(value, (list, tuple)):
+        pairs = [_as_tensors(v) for v in value]
+        return type(value)(p[0] for p in pairs), tuple(p[1] for p in pairs)
+    if isinstance(value, dict):
+        pairs = {k: _as_tensors(v) for k, v in value.items()}
+        return {k: p[0] for k, p in pairs.items()}, tuple((k, pairs[k][1]) for k in sorted(pairs))
+    if isinstance(value, np.ndarray):  # NumPy's shape tuple is far cheaper than a TensorShape
+        return tf.convert_to_tensor(value), (value.shape[1:], value.dtype.str)
+    tensor = tf.convert_to_tensor(value)
+    return tensor, (tuple(tensor.shape[1:]), tensor.dtype.as_numpy_dtype().dtype.str)
 
 
 def _float_leaves(structure: Any) -> list[tf.Tensor]:
@@ -184,10 +227,7 @@ def input_function(model: keras.Model, output: int | None, training: bool) -> Ca
         if output is not None:
             result = [tape.gradient(targets[0], sources)]
         else:
-            result = [
-                _jacobians(tape, out_2d, out, sources)
-                for out_2d, out in zip(flat, keras.tree.flatten(y_pred), strict=False)
-            ]
+            result = [_jacobians(tape, out_2d, out, sources) for out_2d, out in zip(flat, keras.tree.flatten(y_pred))]
         del tape
         restore_in_graph(guarded, saved)
         return result
@@ -202,7 +242,7 @@ def _jacobians(tape: tf.GradientTape, out_2d: tf.Tensor, out: tf.Tensor, sources
     if units == 1:
         # One unit per sample: d(sum over batch)/dx is exactly the per-sample gradient.
         grads = tape.gradient(out_2d, sources)
-        for grad, src in zip(grads, sources, strict=False):
+        for grad, src in zip(grads, sources):
             result.append(None if grad is None else tf.reshape(grad, _jacobian_shape(out, src)))
         return result
     for src in sources:

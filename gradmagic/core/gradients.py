@@ -43,6 +43,7 @@ class _Question:
     layer_index: int = -1
     layer_name: str = ""
     warmed: bool = False
+    concrete: dict = field(default_factory=dict)
 
 
 def _check_model(model: Any) -> None:
@@ -102,7 +103,7 @@ def _run(model: keras.Model, key: Hashable, question: _Question, args: tuple, wh
     try:
         if not question.warmed:
             _warm_up(model, question, args)
-        return question.fn(*args)
+        return compute.call_compiled(question.fn, question.concrete, args)
     except GradmagicError:
         compute.forget(model, key)
         raise
@@ -265,7 +266,7 @@ def output_gradients(
     names = [f"output {i}" for i in range(len(first))] if len(first) > 1 else ["output"]
     labels = [
         {"index": question.layer_index, "layer": question.layer_name, "tensor": n, "shape": tuple(v.shape)}
-        for n, v in zip(names, values, strict=False)
+        for n, v in zip(names, values)
     ]
     title = (
         f"dLoss/d(output of layer {question.layer_index} '{question.layer_name}') of model "
@@ -329,15 +330,15 @@ def input_gradients(
     spec, x_in, _ = _spec_and_inputs(model, x)
     leaves = keras.tree.flatten(x_in)
     names = _input_names(spec, x_in)
-    for name, leaf in zip(names, leaves, strict=False):
+    for name, leaf in zip(names, leaves):
         if not tf.as_dtype(leaf.dtype).is_floating:
             raise InputError(
                 f"Received: input {name!r} of dtype {tf.as_dtype(leaf.dtype).name} for model "
                 f"'{model_name(model)}'. d(output)/d(input) exists only for float inputs: "
                 f"integer inputs such as token ids into an Embedding are looked up, not "
                 f"computed with, so they have no derivative. Fix: ask for the gradient at the "
-                f"embedding's output instead, output_gradients(model, x, y, layer=<the "
-                f"Embedding layer>), or weight_gradients for the embedding matrix."
+                f"embedding's output instead, output_gradients(model, x, y, "
+                f"layer={_embedding_name(model)!r}), or weight_gradients for the embedding matrix."
             )
     if output is not None and (isinstance(output, bool) or not isinstance(output, (int, np.integer))):
         raise InputError(f"Received: output={output!r}. Expected None (all output units) or an int index.")
@@ -355,6 +356,12 @@ def input_gradients(
     result = _run(model, key, question, (x_in,), "d(output)/d(input)", x_in)
     per_output = [[_numpy(j) for j in per_input] for per_input in result]
     return _input_result(model, spec, x_in, names, per_output, output)
+
+
+def _embedding_name(model: keras.Model) -> str:
+    """Name of the model's first Embedding layer, for the integer-input message."""
+    found = [lay.name for lay in model.layers if isinstance(lay, keras.layers.Embedding)]
+    return found[0] if found else "<the Embedding layer>"
 
 
 def _input_names(spec: ModelSpec, x_in: Any) -> list[str]:
@@ -383,15 +390,15 @@ def _input_result(
     if output is not None:
         out_names = [f"unit {output}"]
     labels, arrays = [], []
-    for out_name, per_input in zip(out_names, per_output, strict=False):
-        for in_name, jac in zip(names, per_input, strict=False):
+    for out_name, per_input in zip(out_names, per_output):
+        for in_name, jac in zip(names, per_input):
             labels.append({"output": out_name, "input": in_name, "shape": None if jac is None else tuple(jac.shape)})
             arrays.append(jac)
 
     def shaped(per_input: list) -> Any:
         if len(per_input) == 1:
             return per_input[0]
-        return dict(zip(sorted(x_in), per_input, strict=False)) if isinstance(x_in, dict) else list(per_input)
+        return dict(zip(sorted(x_in), per_input)) if isinstance(x_in, dict) else list(per_input)
 
     array = shaped(per_output[0]) if len(per_output) == 1 else [shaped(p) for p in per_output]
     what = "all output units" if output is None else f"output unit {output}"

@@ -98,6 +98,8 @@ def _leaf(value: Any, dtype: str | None) -> Any:
         )
     if float_target and array.dtype != dtype and array.dtype.kind in "biuf":
         return array.astype(dtype)
+    if dtype is not None and "int" in dtype and array.dtype.kind in "iu" and array.dtype != dtype:
+        return array.astype(dtype)  # int64 from NumPy for an int32 input: as Keras would
     if (
         dtype is None
         and array.dtype.kind in "biu"
@@ -134,7 +136,7 @@ def _fit_rank(array: Any, expected: tuple[int | None, ...], what: str, model: ke
 
 
 def _dims_match(shape: tuple, expected: tuple) -> bool:
-    return len(shape) == len(expected) and all(e is None or s == e for s, e in zip(shape, expected, strict=False))
+    return len(shape) == len(expected) and all(e is None or s == e for s, e in zip(shape, expected))
 
 
 def _is_leaf(value: Any) -> bool:
@@ -232,9 +234,7 @@ def prepare_inputs(model: keras.Model, x: Any, spec: ModelSpec) -> tuple[Any, in
         prepared = _fit_rank(_leaf(x, only.dtype), only.shape, "x", model)
         return prepared, _batch_size([prepared], "x")
     flat = _match_structure(x, spec.inputs, spec.input_structure, "x", model)
-    flat = [
-        _fit_rank(_leaf(v, s.dtype), s.shape, f"x[{s.name!r}]", model) for v, s in zip(flat, spec.inputs, strict=False)
-    ]
+    flat = [_fit_rank(_leaf(v, s.dtype), s.shape, f"x[{s.name!r}]", model) for v, s in zip(flat, spec.inputs)]
     size = _batch_size(flat, "x")
     return keras.tree.pack_sequence_as(spec.input_structure, flat), size
 

@@ -158,10 +158,10 @@ class GradientTable:
         body = [self._cells(row) for row in self.rows]
         widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(headers)]
         lines = [self.title] if self.title else []
-        lines.append("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=False)).rstrip())
-        for row, cells in zip(self.rows, body, strict=False):
+        lines.append("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
+        for row, cells in zip(self.rows, body):
             flag = "  <- NaN/Inf" if row.stats is not None and not row.stats.finite else ""
-            lines.append("  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=False)).rstrip() + flag)
+            lines.append("  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip() + flag)
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
@@ -274,4 +274,4 @@ class InputGradients(GradientTable):
 
 def rows_for(labels: Sequence[dict[str, Any]], arrays: Sequence[np.ndarray | None]) -> list[GradientRow]:
     """Pair label dicts with arrays into rows."""
-    return [GradientRow(dict(lab), arr) for lab, arr in zip(labels, arrays, strict=False)]
+    return [GradientRow(dict(lab), arr) for lab, arr in zip(labels, arrays)]

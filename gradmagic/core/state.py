@@ -4,7 +4,8 @@ A forward pass can change state: BatchNormalization updates its moving
 statistics with ``training=True``, Dropout advances its seed generator, and a
 multi-output compiled loss updates its loss trackers. Trainable weights and the
 optimizer are never written by a gradient computation, so only the model's
-non-trainable and metric variables need guarding.
+non-trainable variables (guarded around the forward pass) and metric variables
+(guarded around a compiled loss that updates trackers) need restoring.
 """
 
 from __future__ import annotations
@@ -17,14 +18,8 @@ import tensorflow as tf
 
 
 def state_variables(model: keras.Model) -> list[keras.Variable]:
-    """Variables a forward pass or loss may write: non-trainable and metric ones."""
-    seen: set[int] = set()
-    found = []
-    for var in list(model.non_trainable_variables) + list(getattr(model, "metrics_variables", [])):
-        if id(var) not in seen:
-            seen.add(id(var))
-            found.append(var)
-    return found
+    """Variables a forward pass may write: the non-trainable ones (BN, seeds)."""
+    return list(model.non_trainable_variables)
 
 
 def snapshot_in_graph(variables: list[keras.Variable]) -> list[tf.Tensor]:
@@ -39,7 +34,7 @@ def snapshot_in_graph(variables: list[keras.Variable]) -> list[tf.Tensor]:
 
 def restore_in_graph(variables: list[keras.Variable], values: list[tf.Tensor]) -> None:
     """Write back values taken by :func:`snapshot_in_graph`."""
-    for var, value in zip(variables, values, strict=False):
+    for var, value in zip(variables, values):
         var.assign(value)
 
 
@@ -50,7 +45,8 @@ def preserved_eagerly(model: keras.Model) -> Iterator[None]:
     Variables that the run *created* (a compiled loss building its trackers on
     first use) are metrics; they are reset so they read as freshly created.
     """
-    before = {id(var): (var, var.numpy()) for var in list(model.variables) + state_variables(model)}
+    variables = list(model.variables) + list(getattr(model, "metrics_variables", []))
+    before = {id(var): (var, var.numpy()) for var in variables}
     try:
         yield
     finally:

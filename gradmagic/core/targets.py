@@ -14,6 +14,7 @@ from typing import Any
 
 import keras
 
+from gradmagic.core.state import restore_in_graph, snapshot_in_graph
 from gradmagic.errors import (
     LayerError,
     LossError,
@@ -240,7 +241,7 @@ def _explicit_loss(model: keras.Model, loss: Any) -> LossFn:
             )
         flat_weight = keras.tree.flatten(sample_weight) if isinstance(sample_weight, (list, dict)) else None
         terms = []
-        for i, (loss_obj, y_true, pred) in enumerate(zip(flat_loss, flat_true, flat_pred, strict=False)):
+        for i, (loss_obj, y_true, pred) in enumerate(zip(flat_loss, flat_true, flat_pred)):
             weight = flat_weight[i] if flat_weight is not None else sample_weight
             terms.append(keras.ops.cast(loss_obj(y_true, pred, sample_weight=weight), pred.dtype))
         total = terms[0] if len(terms) == 1 else keras.ops.sum(keras.ops.stack(terms))
@@ -280,10 +281,20 @@ def resolve_loss(model: keras.Model, loss: Any = None) -> LossFn:
         )
     takes_training = _compute_loss_takes_training(model)
 
+    custom = _has_custom_compute_loss(model)
+
     def run(model: keras.Model, x: Any, y: Any, y_pred: Any, sample_weight: Any, training: bool) -> Any:
+        # A compiled loss updates per-output trackers when outputs are nested, and a
+        # custom compute_loss may update anything of its own: restore those metrics.
+        # A single-output compiled loss writes nothing, so it pays for no guard.
+        guarded = list(model.metrics_variables) if custom or keras.tree.is_nested(y_pred) else []
+        saved = snapshot_in_graph(guarded)
         if takes_training:
-            return model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training)
-        return model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight)
+            loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training)
+        else:
+            loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight)
+        restore_in_graph(guarded, saved)
+        return loss
 
     return run
 

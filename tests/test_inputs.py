@@ -1,0 +1,99 @@
+"""Input and target conversion: shapes, structures and dtypes, with clear errors."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import mlp
+
+import gradmagic as gm
+from gradmagic.core.inputs import model_spec, prepare_inputs, prepare_targets
+from gradmagic.errors import InputError, LossError, ModelBuildError
+
+
+def test_single_sample_and_scalars_get_a_batch_axis():
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    spec = model_spec(model)
+    for value, shape in [(0.5, (1, 1)), ([0.5], (1, 1)), ([0.1, 0.2, 0.3], (3, 1)), (np.zeros((4, 1)), (4, 1))]:
+        prepared, batch = prepare_inputs(model, value, spec)
+        assert prepared.shape == shape and batch == shape[0]
+        assert prepared.dtype == np.float32
+
+
+def test_integer_lists_become_floats_for_float_inputs():
+    model = mlp((2, 3, 1))
+    prepared, _ = prepare_inputs(model, [[1, 2], [3, 4]], model_spec(model))
+    assert prepared.dtype == np.float32
+
+
+def test_wrong_feature_count_names_the_expected_shape():
+    model = mlp((3, 4, 2), name="mlp3")
+    with pytest.raises(InputError, match=r"x of shape \(5, 4\), but model 'mlp3' expects \(batch, 3\)"):
+        gm.weight_gradients(model, np.ones((5, 4)), np.zeros((5, 2)))
+
+
+def test_target_count_must_match_samples():
+    model = mlp()
+    with pytest.raises(InputError, match=r"y with 3 samples, but x has 5"):
+        gm.weight_gradients(model, np.ones((5, 3)), np.zeros((3, 2)))
+
+
+def test_empty_batch_is_refused():
+    with pytest.raises(InputError, match="empty batch"):
+        gm.input_gradients(mlp(), np.zeros((0, 3)))
+
+
+def test_targets_get_a_unit_axis_only_for_unit_outputs():
+    model = mlp((2, 3, 1))
+    spec = model_spec(model)
+    assert prepare_targets(model, [1.0, 2.0], 2, spec).shape == (2, 1)
+    sparse = mlp((2, 3, 4))
+    assert prepare_targets(sparse, np.array([1, 3]), 2, model_spec(sparse)).shape == (2,)
+    with pytest.raises(LossError):
+        prepare_targets(model, None, 2, spec)
+
+
+def test_multi_input_structure_errors():
+    a, b = keras.Input((2,), name="a"), keras.Input((3,), name="b")
+    model = keras.Model([a, b], keras.layers.Dense(1)(keras.layers.Concatenate()([a, b])))
+    with pytest.raises(InputError, match=r"single array, but model .* has 2 inputs 'a', 'b'"):
+        gm.input_gradients(model, np.ones((2, 2)))
+    with pytest.raises(InputError, match=r"list of 3 arrays.*2 inputs"):
+        gm.input_gradients(model, [np.ones((2, 2))] * 3)
+    with pytest.raises(InputError, match=r"missing 'b'"):
+        gm.input_gradients(model, {"a": np.ones((2, 2))})
+    by_name = gm.input_gradients(model, {"b": np.ones((2, 3)), "a": np.ones((2, 2))}).array
+    by_order = gm.input_gradients(model, [np.ones((2, 2)), np.ones((2, 3))]).array
+    np.testing.assert_array_equal(by_name[0], by_order[0])
+
+
+def test_integer_inputs_explain_the_embedding_case():
+    ids = keras.Input((4,), dtype="int32", name="token_ids")
+    embedded = keras.layers.Embedding(10, 3, name="embedding")(ids)
+    model = keras.Model(ids, keras.layers.Dense(1)(keras.layers.Flatten()(embedded)))
+    with pytest.raises(InputError, match=r"'token_ids' of dtype int32.*Embedding.*layer='embedding'"):
+        gm.input_gradients(model, np.array([[1, 2, 3, 4]]))
+    # What the message suggests works: the gradient at the embedding's output.
+    o = gm.output_gradients(model, np.array([[1, 2, 3, 4]]), np.zeros((1, 1)), layer="embedding", loss="mse")
+    assert o.array.shape == (1, 4, 3)
+
+
+def test_model_that_cannot_be_built_from_x():
+    class NeedsPairs(keras.Model):
+        def call(self, x):
+            return tf.reshape(x, (-1, 2))[:, :1] * 2.0
+
+    with pytest.raises(ModelBuildError, match=r"not built, and building it .* x of shape \(1, 3\) failed"):
+        gm.input_gradients(NeedsPairs(), np.ones((1, 3), "float32"))
+
+
+def test_output_index_out_of_range():
+    with pytest.raises(InputError, match=r"output=5.*2 output unit\(s\).*\[0, 1\]"):
+        gm.input_gradients(mlp(), np.ones((1, 3)), output=5)
+
+
+def test_not_a_keras_model():
+    with pytest.raises(gm.GradmagicError, match="Expected a Keras 3 model"):
+        gm.input_gradients(object(), np.ones((1, 3)))
