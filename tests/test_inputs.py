@@ -40,6 +40,15 @@ def test_target_count_must_match_samples():
         gm.weight_gradients(model, np.ones((5, 3)), np.zeros((3, 2)))
 
 
+def test_target_shape_must_match_the_output():
+    model = mlp((3, 4, 2))
+    with pytest.raises(InputError, match=r"y of shape \(5, 3\), but the model's output .* \(batch, 2\)"):
+        gm.weight_gradients(model, np.ones((5, 3)), np.zeros((5, 3)))
+    # One class id per sample is fine for a sparse loss.
+    r = gm.weight_gradients(model, np.ones((5, 3)), np.ones((5, 1), "int32"), loss="sparse_categorical_crossentropy")
+    assert np.isfinite(r.loss)
+
+
 def test_empty_batch_is_refused():
     with pytest.raises(InputError, match="empty batch"):
         gm.input_gradients(mlp(), np.zeros((0, 3)))

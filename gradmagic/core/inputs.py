@@ -255,9 +255,14 @@ def prepare_targets(model: keras.Model, y: Any, batch: int, spec: ModelSpec, wha
         )
     outputs = spec.outputs or []
     if isinstance(y, Mapping):
-        prepared: Any = {k: _target_leaf(v, _spec_named(outputs, spec.output_names, k), batch) for k, v in y.items()}
+        prepared: Any = {
+            k: _target_leaf(v, _spec_named(outputs, spec.output_names, k), batch, f"{what}[{k!r}]")
+            for k, v in y.items()
+        }
     elif isinstance(y, (list, tuple)) and not _is_number_list(y):
-        prepared = [_target_leaf(v, outputs[i] if i < len(outputs) else None, batch) for i, v in enumerate(y)]
+        prepared = [
+            _target_leaf(v, outputs[i] if i < len(outputs) else None, batch, f"{what}[{i}]") for i, v in enumerate(y)
+        ]
         if outputs and len(prepared) != len(outputs) and len(outputs) > 1:
             raise InputError(
                 f"Received: {what} as a list of {len(prepared)} arrays, but model "
@@ -265,7 +270,7 @@ def prepare_targets(model: keras.Model, y: Any, batch: int, spec: ModelSpec, wha
                 f"{quote_list(spec.output_names)}. Expected one target per output."
             )
     else:
-        prepared = _target_leaf(y, outputs[0] if len(outputs) == 1 else None, batch)
+        prepared = _target_leaf(y, outputs[0] if len(outputs) == 1 else None, batch, what)
     for leaf in keras.tree.flatten(prepared):
         got = int(leaf.shape[0]) if len(leaf.shape) else 1
         if got != batch:
@@ -280,7 +285,7 @@ def _spec_named(outputs: list[TensorSpec], names: list[str], key: str) -> Tensor
     return outputs[names.index(key)] if key in names and len(outputs) == len(names) else None
 
 
-def _target_leaf(value: Any, out: TensorSpec | None, batch: int) -> Any:
+def _target_leaf(value: Any, out: TensorSpec | None, batch: int, what: str) -> Any:
     dtype = out.dtype if out is not None else None
     array = _leaf(value, None)
     if isinstance(array, np.ndarray) and array.dtype.kind == "f" and dtype and "float" in dtype:
@@ -295,4 +300,14 @@ def _target_leaf(value: Any, out: TensorSpec | None, batch: int) -> Any:
             array = array[..., None] if isinstance(array, np.ndarray) else tf.expand_dims(array, -1)
         elif batch == 1 and tuple(array.shape) == tuple(out.shape):
             array = array[None, ...] if isinstance(array, np.ndarray) else tf.expand_dims(array, 0)
+        shape = tuple(array.shape)
+        # Same rank, other sizes: a mistake, unless it is one class id per sample
+        # (batch, 1) for a sparse loss over a (batch, n_classes) output.
+        if len(shape) == rank and not _dims_match(shape[1:], out.shape) and shape[-1] != 1:
+            raise InputError(
+                f"Received: {what} of shape {shape}, but the model's output {out.name!r} has "
+                f"shape {_shape_text((None, *out.shape))}. Expected targets shaped like the "
+                f"output (or class ids of shape (batch,) for a sparse loss). Fix: pass "
+                f"{what} with {out.shape} per sample, or check that x and {what} belong together."
+            )
     return array
