@@ -31,6 +31,7 @@ def test_functional_indices_include_the_input_layer():
     assert resolve_layer(model, 1)[1].name == "dense"
     assert resolve_layer(model, -1)[1].name == "dense_1"
     assert resolve_layer(model, "dropout")[0] == 2
+    assert resolve_layer(model, np.int64(1))[1].name == "dense"
     assert [(s.layer_index, s.layer_name, s.name) for s in weight_slots(model)] == [
         (1, "dense", "kernel"),
         (1, "dense", "bias"),

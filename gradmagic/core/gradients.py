@@ -76,7 +76,7 @@ def _spec_and_inputs(model: keras.Model, x: Any) -> tuple[ModelSpec, Any, int]:
         except Exception as exc:
             raise ModelBuildError(
                 f"Model '{model_name(model)}' is not built, and building it by calling it on "
-                f"x of shape {_shapes(raw)} failed: {brief(exc)} Fix: give x in the shape the "
+                f"x of shape {_shapes(raw)} failed: {brief(exc).rstrip('.')}. Fix: give x in the shape the "
                 f"model takes, or build the model first (an Input layer, model.build(shape), "
                 f"or one call on real data)."
             ) from None
@@ -111,7 +111,7 @@ def _run(model: keras.Model, key: Hashable, question: _Question, args: tuple, wh
         compute.forget(model, key)
         raise ComputeError(
             f"Computing {what} of model '{model_name(model)}' on x of shape {_shapes(x)} "
-            f"failed: {brief(exc)} Check that x (and y) are what the model takes; the model "
+            f"failed: {brief(exc).rstrip('.')}. Check that x (and y) are what the model takes; the model "
             f"was left unchanged."
         ) from None
 

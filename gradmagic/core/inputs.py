@@ -57,10 +57,19 @@ def model_spec(model: keras.Model) -> ModelSpec:
         structure = model.input  # Functional: the list/dict the model was built with
     except (AttributeError, ValueError):
         structure = flat_inputs[0] if len(flat_inputs) == 1 else flat_inputs  # Sequential
+    # Name inputs after their InputLayer (the tensor's own name is automatic).
+    input_names = {id(lay.output): lay.name for lay in model.layers if isinstance(lay, keras.layers.InputLayer)}
+    specs = _specs(flat_inputs)
+    if specs:
+        fallback = ["x"] if len(specs) == 1 else [f"x[{i}]" for i in range(len(specs))]
+        specs = [
+            TensorSpec(input_names.get(id(t), auto), s.shape, s.dtype)
+            for t, s, auto in zip(flat_inputs, specs, fallback)
+        ]
     names = list(getattr(model, "output_names", None) or [])
     if len(names) != len(flat_outputs):
         names = [model.layers[-1].name] if len(flat_outputs) == 1 and model.layers else []
-    return ModelSpec(_specs(flat_inputs), structure, _specs(flat_outputs), names)
+    return ModelSpec(specs, structure, _specs(flat_outputs), names)
 
 
 def _shape_text(shape: tuple[int | None, ...]) -> str:

@@ -8,6 +8,7 @@ layers without weights keep their place so that indices never shift.
 from __future__ import annotations
 
 import inspect
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -69,6 +70,8 @@ def resolve_layer(model: keras.Model, layer: int | str | keras.Layer) -> tuple[i
     """
     layers = model.layers
     names = [lay.name for lay in layers]
+    if isinstance(layer, numbers.Integral) and not isinstance(layer, bool):
+        layer = int(layer)  # NumPy integers, e.g. from np.arange
     if isinstance(layer, bool) or not isinstance(layer, (int, str, keras.Layer)):
         raise LayerError(
             f"Received: layer={layer!r} of type {type(layer).__name__}. Expected an "

@@ -1,0 +1,402 @@
+"""%gradients through a real InteractiveShell, checked against the core called directly."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+from conftest import assert_unchanged, fingerprint, mlp
+from IPython.core.error import UsageError
+from IPython.core.interactiveshell import InteractiveShell
+from IPython.utils.capture import capture_output
+
+import gradmagic as gm
+from gradmagic.magics import GradientMagics, ResultList, layer_summary, split_line
+from gradmagic.plots import layer_norms, norm_figure
+
+# --- fixtures -----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ip():
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "gradmagic")
+    yield shell
+    shell.run_line_magic("unload_ext", "gradmagic")
+
+
+def _linear(n_in=3, n_out=2):
+    model = keras.Sequential([keras.Input((n_in,)), keras.layers.Dense(n_out, name="linear")], name="lin")
+    model.compile(optimizer="sgd", loss="mse")
+    return model
+
+
+def _flagged():
+    """A model with a NaN gradient (a division by zero) and a disconnected layer (stop_gradient)."""
+    inp = keras.Input((2,), name="x")
+    nan_src = keras.layers.Dense(3, name="nan_src")(inp)
+    # The branch `where` does not select divides by zero: its gradient is 0 * inf = NaN.
+    divided = keras.layers.Lambda(
+        lambda t: keras.ops.where(keras.ops.ones_like(t) > 0, t, t / 0.0), name="divide_by_zero"
+    )(nan_src)
+    frozen = keras.layers.Dense(3, name="frozen")(inp)
+    stopped = keras.layers.Lambda(keras.ops.stop_gradient, name="stop")(frozen)
+    out = keras.layers.Dense(1, name="head")(keras.layers.Concatenate(name="merge")([divided, stopped]))
+    model = keras.Model(inp, out, name="flagged")
+    model.compile(optimizer="sgd", loss="mse")
+    return model
+
+
+@pytest.fixture(scope="module")
+def ns(ip):
+    """Tiny models and data in the shell's namespace (module-wide: compiled functions are reused)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(5, 3)).astype("float32")
+    y = rng.normal(size=(5, 2)).astype("float32")
+    values = {
+        "model": mlp((3, 4, 2)),
+        "lin": _linear(),
+        "x": x,
+        "y": y,
+        "data": {"x": x, "y": y},
+    }
+    ip.push(values)
+    return values
+
+
+def _gradients(ip, line):
+    return ip.run_line_magic("gradients", line)
+
+
+def _assert_same(got, want):
+    """Two core results hold the same numbers (arrays, loss) and labels."""
+    assert type(got) is type(want)
+    assert [row.labels for row in got] == [row.labels for row in want]
+    for a, b in zip([row.array for row in got], [row.array for row in want], strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert getattr(got, "loss", None) == getattr(want, "loss", None)
+
+
+# --- loading ------------------------------------------------------------------------------------------------------
+
+
+def test_load_ext_in_a_fresh_process_registers_without_importing_tensorflow():
+    code = (
+        "import json, sys\n"
+        "from IPython.core.interactiveshell import InteractiveShell\n"
+        "ip = InteractiveShell.instance()\n"
+        "ip.run_line_magic('load_ext', 'gradmagic')\n"
+        "print(json.dumps({'magic': 'gradients' in ip.magics_manager.magics['line'],\n"
+        "                  'tensorflow': 'tensorflow' in sys.modules, 'keras': 'keras' in sys.modules}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"magic": True, "tensorflow": False, "keras": False}
+
+
+def test_unload_and_reload_ext(ip, ns):
+    manager = ip.magics_manager
+    ip.run_line_magic("unload_ext", "gradmagic")
+    assert "gradients" not in manager.magics["line"]
+    assert GradientMagics.__name__ not in manager.registry
+    with pytest.raises(UsageError, match="not found"):
+        _gradients(ip, "lin x y")
+
+    ip.run_line_magic("load_ext", "gradmagic")
+    ip.run_line_magic("reload_ext", "gradmagic")
+    assert manager.magics["line"]["gradients"].__self__ is manager.registry[GradientMagics.__name__]
+    _assert_same(_gradients(ip, "lin x y"), gm.weight_gradients(ns["lin"], ns["x"], ns["y"]))
+
+
+# --- each --wrt mode against the core and a closed form -----------------------------------------------------------
+
+
+def test_weights_are_the_core_result_and_the_closed_form(ip, ns):
+    got = _gradients(ip, "lin x y")
+    _assert_same(got, gm.weight_gradients(ns["lin"], ns["x"], ns["y"]))
+    # MSE over all entries: dL/dW = 2/N x^T (xW + b - y).
+    w, b = (v.numpy() for v in ns["lin"].layers[0].weights)
+    residual = ns["x"] @ w + b - ns["y"]
+    np.testing.assert_allclose(got.arrays()[0], 2.0 / residual.size * ns["x"].T @ residual, rtol=1e-5, atol=1e-6)
+
+    by_index = _gradients(ip, "model x y --layer 1")
+    _assert_same(by_index, gm.weight_gradients(ns["model"], ns["x"], ns["y"], layer=1))
+    by_name = _gradients(ip, f"model x y --layer {ns['model'].layers[1].name}")
+    _assert_same(by_name, by_index)
+
+
+def test_output_mode_is_the_core_result(ip, ns):
+    got = _gradients(ip, "model x y --wrt output --layer 0")
+    _assert_same(got, gm.output_gradients(ns["model"], ns["x"], ns["y"], 0))
+    assert got.array.shape == (5, 4)
+
+
+def test_input_mode_is_the_core_result_and_the_kernel(ip, ns):
+    kernel = ns["lin"].layers[0].kernel.numpy()  # (3, 2): d out_j / d x_i = W[i, j]
+    full = _gradients(ip, "lin x --wrt input")
+    _assert_same(full, gm.input_gradients(ns["lin"], ns["x"]))
+    np.testing.assert_allclose(full.array, np.broadcast_to(kernel.T, (5, 2, 3)), rtol=1e-6)
+
+    unit = _gradients(ip, "lin x --wrt input --output-index 1")
+    _assert_same(unit, gm.input_gradients(ns["lin"], ns["x"], output=1))
+    np.testing.assert_allclose(unit.array, np.broadcast_to(kernel[:, 1], (5, 3)), rtol=1e-6)
+
+
+def test_loss_and_training_options_reach_the_core(ip, ns):
+    _assert_same(_gradients(ip, "lin x y --loss mae"), gm.weight_gradients(ns["lin"], ns["x"], ns["y"], loss="mae"))
+
+    ip.run_cell("import keras\ndef half_squares(t, p):\n    return 0.5 * keras.ops.sum((p - t) ** 2, axis=-1)")
+    custom = gm.weight_gradients(ns["lin"], ns["x"], ns["y"], loss=ip.user_ns["half_squares"])
+    _assert_same(_gradients(ip, "lin x y --loss half_squares"), custom)
+
+    bn = keras.Sequential(
+        [keras.Input((3,)), keras.layers.Dense(4), keras.layers.BatchNormalization(), keras.layers.Dense(2)]
+    )
+    bn.compile(loss="mse")
+    ip.push({"bn": bn})
+    before = fingerprint(bn)
+    training = _gradients(ip, "bn x y --training")
+    _assert_same(training, gm.weight_gradients(bn, ns["x"], ns["y"], training=True))
+    inference = gm.weight_gradients(bn, ns["x"], ns["y"])
+    assert not np.allclose(training.arrays()[0], inference.arrays()[0])  # batch statistics were used
+    assert_unchanged(bn, before)
+
+
+# --- -o, assignment, expressions, several layers ------------------------------------------------------------------
+
+
+def test_o_stores_the_core_object_and_displays_its_table_once(ip, ns):
+    with capture_output() as cap:
+        returned = _gradients(ip, "model x y -o stored")
+    assert returned is None
+    _assert_same(ip.user_ns["stored"], gm.weight_gradients(ns["model"], ns["x"], ns["y"]))
+    assert len(cap.outputs) == 1
+    assert cap.outputs[0].data["text/html"] == ip.user_ns["stored"]._repr_html_()
+
+
+def test_assignment_form_stores_the_result_without_displaying_it(ip, ns):
+    with capture_output() as cap:
+        cell = ip.run_cell("assigned = %gradients model x[:2] y[:2]")
+    assert cell.success, cell.error_in_exec
+    _assert_same(ip.user_ns["assigned"], gm.weight_gradients(ns["model"], ns["x"][:2], ns["y"][:2]))
+    assert cap.outputs == []
+    assert "Out" not in cap.stdout
+
+
+def test_plain_call_is_shown_as_out_once_and_a_semicolon_silences_it(ip, ns):
+    with capture_output() as cap:
+        cell = ip.run_cell("%gradients model x y")
+    assert isinstance(cell.result, gm.WeightGradients)
+    assert cap.outputs == []  # only the displayhook shows it
+    assert cap.stdout.count("dLoss/dW of model") == 1
+
+    with capture_output() as cap:
+        silenced = ip.run_cell("%gradients model x y;")
+    assert silenced.success and silenced.result is None
+    assert "dLoss/dW" not in cap.stdout
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "model x[:3] y[:3]",
+        "model data['x'][:3] data['y'][:3]",
+        "model x[0:3, :] y[0:3, :]",  # spaces inside brackets stay in the expression
+        'model "x[:3] * 1" "y[:3]"',  # a quoted expression with spaces
+        "[model][0] np.asarray(x)[:3] y[:3] --layer 1",
+    ],
+)
+def test_arguments_are_python_expressions(ip, ns, line):
+    ip.push({"np": np})
+    layer = 1 if "--layer" in line else None
+    _assert_same(_gradients(ip, line), gm.weight_gradients(ns["model"], ns["x"][:3], ns["y"][:3], layer=layer))
+
+
+def test_split_line_keeps_expressions_whole():
+    assert split_line("m x[0, :] {'a': xa, 'b': xb} --layer 1,3  # note") == [
+        "m",
+        "x[0, :]",
+        "{'a': xa, 'b': xb}",
+        "--layer",
+        "1,3",
+    ]
+    assert split_line('m "x * 2" y --loss "mae";') == ["m", "x * 2", "y", "--loss", "mae"]
+
+
+def test_several_layers_give_one_core_result_per_layer(ip, ns):
+    model, x, y = ns["model"], ns["x"], ns["y"]
+    second = model.layers[1].name
+    for line in (f"model x y --layer 0 --layer {second}", f"model x y --layer 0,{second}"):
+        got = _gradients(ip, line)
+        assert isinstance(got, ResultList) and len(got) == 2
+        _assert_same(got[0], gm.weight_gradients(model, x, y, layer=0))
+        _assert_same(got[1], gm.weight_gradients(model, x, y, layer=second))
+
+    outputs = _gradients(ip, "model x y --wrt output --layer 0,1 -o per_layer")
+    assert outputs is None
+    stored = ip.user_ns["per_layer"]
+    for layer, result in zip((0, 1), stored, strict=True):
+        _assert_same(result, gm.output_gradients(model, x, y, layer))
+    html = ip.display_formatter.format(stored)[0]["text/html"]
+    assert html == stored[0]._repr_html_() + stored[1]._repr_html_()
+
+
+# --- display: table, --full, --plot, summary ----------------------------------------------------------------------
+
+
+def _rows_by_layer(html):
+    """Map each table row's layer name to its CSS class."""
+    rows = re.findall(r'<tr class="(gm-\w+)"[^>]*>(.*?)</tr>', html)
+    return {re.findall(r"<td>(.*?)</td>", cells)[1]: css for css, cells in rows}
+
+
+def test_html_table_marks_nan_and_disconnected_rows(ip):
+    model = _flagged()
+    x, y = np.ones((4, 2), "float32"), np.zeros((4, 1), "float32")
+    ip.push({"flagged": model, "xf": x, "yf": y})
+    result = _gradients(ip, "flagged xf yf")
+    _assert_same(result, gm.weight_gradients(model, x, y))
+    formatted, _ = ip.display_formatter.format(result)
+    assert _rows_by_layer(formatted["text/html"]) == {
+        "nan_src": "gm-nonfinite",
+        "frozen": "gm-disconnected",
+        "head": "gm-ok",
+    }
+    assert "<th>norm</th>" in formatted["text/html"] and "<th>NaN</th>" in formatted["text/html"]
+    assert "NaN/Inf" in formatted["text/plain"]
+
+    norms = dict((label, (norm, bad)) for label, norm, bad in layer_norms([result]))
+    assert norms["2 frozen"] == (None, False)
+    assert np.isnan(norms["1 nan_src"][0]) and norms["1 nan_src"][1]
+    head = np.concatenate([a.ravel() for a in gm.weight_gradients(model, x, y, layer="head").arrays()])
+    np.testing.assert_allclose(norms["6 head"][0], np.linalg.norm(head), rtol=1e-6)
+
+
+def test_full_shows_the_arrays_under_out(ip, ns, monkeypatch):
+    events = []
+    monkeypatch.setattr(ip.displayhook, "write_format_data", lambda data, md=None: events.append(("out", data)))
+    monkeypatch.setattr(ip.display_pub, "publish", lambda data, **kw: events.append(("display", data)))
+    callbacks = len(ip.events.callbacks["post_execute"])
+
+    cell = ip.run_cell("%gradients lin x y --full")
+
+    assert cell.success, cell.error_in_exec
+    assert [kind for kind, _ in events] == ["out", "display"]  # arrays come after the table
+    with np.printoptions(threshold=10_000, linewidth=110):
+        kernel_text = np.array2string(gm.weight_gradients(ns["lin"], ns["x"], ns["y"]).arrays()[0])
+    assert kernel_text in events[1][1]["text/plain"]
+    assert "<pre>" in events[1][1]["text/html"]
+    assert len(ip.events.callbacks["post_execute"]) == callbacks  # the one-shot display removed itself
+
+
+def test_plot_draws_one_bar_per_layer_with_the_layer_norms(ip, ns):
+    with capture_output() as cap:
+        cell = ip.run_cell("%gradients model x y --plot -o plotted")
+    assert cell.success, cell.error_in_exec
+    assert [sorted(out.data) for out in cap.outputs] == [["text/html", "text/plain"], ["image/png", "text/plain"]]
+    assert cap.outputs[1].data["image/png"][:8] == b"\x89PNG\r\n\x1a\n"
+
+    model = ns["model"]
+    expected = [
+        np.linalg.norm(np.concatenate([a.ravel() for a in gm.weight_gradients(model, ns["x"], ns["y"], i).arrays()]))
+        for i in range(len(model.layers))
+    ]
+    fig = norm_figure([ip.user_ns["plotted"]])
+    ax = fig.axes[0]
+    np.testing.assert_allclose([bar.get_height() for bar in ax.patches], expected, rtol=1e-5)
+    assert ax.get_yscale() == "log"
+    assert [t.get_text() for t in ax.get_xticklabels()] == [f"{i} {lay.name}" for i, lay in enumerate(model.layers)]
+
+
+def test_model_alone_prints_the_layer_summary(ip):
+    model = keras.Sequential(
+        [keras.Input((3,)), keras.layers.Dense(4, name="hidden"), keras.layers.Dropout(0.5), keras.layers.Dense(2)]
+    )
+    ip.push({"summarised": model})
+    with capture_output() as cap:
+        assert _gradients(ip, "summarised") is None
+    rows = layer_summary(model)
+    assert len(rows) == len(model.layers)
+    for index, (row, layer) in enumerate(zip(rows, model.layers, strict=True)):
+        weights = layer.trainable_weights
+        assert row == {
+            "index": index,
+            "name": layer.name,
+            "type": type(layer).__name__,
+            "output shape": str(tuple(layer.output.shape)),
+            "trainable weights": len(weights),
+            "params": sum(int(np.prod(w.shape)) for w in weights),
+        }
+        printed = re.search(rf"^{index}\s+{layer.name}\s+(.*)$", cap.stdout, re.MULTILINE).group(1).split("  ")
+        assert [part.strip() for part in printed if part.strip()] == [str(v) for v in list(row.values())[2:]]
+    assert "%gradients summarised x y --layer 2" in cap.stdout  # the last layer with weights
+
+
+def test_help_documents_every_option_and_an_example_per_mode(ip):
+    doc = ip.find_line_magic("gradients").__doc__
+    for option in ("--wrt", "--layer", "--loss", "--training", "--output-index", "-o VAR", "--full", "--plot"):
+        assert option in doc
+    for example in ("%gradients model x_train[:32] y_train[:32]", "--wrt output --layer 2", "--wrt input"):
+        assert example in doc
+
+
+# --- user mistakes ------------------------------------------------------------------------------------------------
+
+
+MISTAKES = [
+    ("nosuch x y", "'nosuch' is not defined"),
+    ("model dta['x'] y", "'dta' is not defined in the notebook namespace. Did you mean 'data'"),
+    ("model x[:, 9] y", "X = 'x[:, 9]', which failed to evaluate: IndexError"),
+    ("x x y", "MODEL = 'x', which is a ndarray, not a Keras model"),
+    ("model x y --bogus", "unrecognized arguments: --bogus"),
+    ("model x y --wrt inputs", "invalid choice: 'inputs'"),
+    ("model x y --output-index one --wrt input", "invalid int value: 'one'"),
+    ("model x[:2 y", "lacks a closing ']'"),
+    ("", "required: MODEL"),
+    ("model x", "--wrt weights without Y"),
+    ("model x y --wrt output", "--wrt output without --layer"),
+    ("model x --wrt input --layer 1", "--layer with --wrt input"),
+    ("model x y --output-index 0", "--output-index 0 with --wrt weights"),
+    ("model --layer 1", "--layer but no X"),
+    ("model x y -o 2res", "-o '2res'"),
+    ("model x y --layer 7", "layer=7"),  # the core's messages, as they are
+    ("model x y --layer dense_9", "no layer of that name"),
+    ("model x y --loss msee", "loss='msee', which is not a Keras loss"),
+    ("model x[:, :2] y", "expects (batch, 3)"),
+    ("model x y[:2]", "y with 2 samples, but x has 5"),
+]
+
+
+@pytest.mark.parametrize(("line", "message"), MISTAKES)
+def test_user_mistakes_are_usage_errors_naming_the_problem(ip, ns, line, message):
+    before = fingerprint(ns["model"])
+    with pytest.raises(UsageError) as raised:
+        _gradients(ip, line)
+    assert message in str(raised.value)
+
+    with capture_output() as cap:
+        cell = ip.run_cell(f"%gradients {line}")
+    assert isinstance(cell.error_in_exec, UsageError) and not cell.success
+    assert "Traceback" not in cap.stdout + cap.stderr
+    assert message in cap.stderr
+    assert_unchanged(ns["model"], before)
+
+
+def test_layer_without_weights_is_a_usage_error(ip, ns):
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2), keras.layers.Dropout(0.5, name="drop")])
+    model.compile(loss="mse")
+    ip.push({"dropping": model})
+    before = fingerprint(model)
+    with pytest.raises(UsageError, match=r"layer 1 'drop' \(Dropout\).*no weights"):
+        _gradients(ip, "dropping x y --layer drop")
+    assert_unchanged(model, before)
+
+
+def test_targets_with_input_mode_warn_and_are_ignored(ip, ns):
+    with pytest.warns(UserWarning, match="Y = 'y' with --wrt input"):
+        got = _gradients(ip, "lin x y --wrt input")
+    _assert_same(got, gm.input_gradients(ns["lin"], ns["x"]))
