@@ -348,3 +348,24 @@ def test_repeated_calls_do_not_retrace():
         gm.input_gradients(model, np.full((1, 3), value, "float32"))
     (question,) = [q for k, q in compute._cache[model].items() if k[0] == "input"]
     assert question.fn.experimental_get_tracing_count() == 1
+
+
+def test_input_gradients_carry_the_output_values():
+    model = mlp((2, 3, 2))
+    x = np.array([[0.1, 0.2], [0.3, -0.4]], "float32")
+    j = gm.input_gradients(model, x)
+    np.testing.assert_allclose(j.values, model(x).numpy(), rtol=1e-6)
+
+
+def test_weight_gradients_of_one_output_unit_need_no_targets():
+    model = _dense_model(3, 2)
+    x = np.array([[1.0, 2.0, 3.0], [0.0, -1.0, 5.0]], "float32")
+    r = gm.weight_gradients(model, x, None, output=1)
+    # d mean_b(x_b . w[:, 1] + b[1]) / dW is the mean input in column 1, zero elsewhere.
+    expected = np.zeros((3, 2), "float32")
+    expected[:, 1] = x.mean(axis=0)
+    np.testing.assert_allclose(r.arrays()[0], expected, rtol=1e-6)
+    np.testing.assert_allclose(r.arrays()[1], [0.0, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(r.loss, model(x).numpy()[:, 1].mean(), rtol=1e-6)
+    with pytest.raises(gm.GradmagicError, match=r"output=2.*\[0, 1\]"):
+        gm.weight_gradients(model, x, None, output=2)

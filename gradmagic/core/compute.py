@@ -195,7 +195,7 @@ def output_function(
 
 
 def input_function(model: keras.Model, output: int | None, training: bool) -> Callable:
-    """Compile ``x -> [per output: [per input: Jacobian or None]]``.
+    """Compile ``x -> (flat outputs, [per output: [per input: Jacobian or None]])``.
 
     Per-sample Jacobians come from ``GradientTape.batch_jacobian`` (vectorised
     with ``pfor``, no Python loop over samples); a single output unit, and any
@@ -213,7 +213,7 @@ def input_function(model: keras.Model, output: int | None, training: bool) -> Ca
     model_ref = weakref.ref(model)
 
     @tf.function(reduce_retracing=True)
-    def input_jacobians(x: Any) -> list[list]:
+    def input_jacobians(x: Any) -> tuple[list, list[list]]:
         model = model_ref()
         guarded = state_variables(model)
         saved = snapshot_in_graph(guarded)
@@ -230,7 +230,7 @@ def input_function(model: keras.Model, output: int | None, training: bool) -> Ca
             result = [_jacobians(tape, out_2d, out, sources) for out_2d, out in zip(flat, keras.tree.flatten(y_pred))]
         del tape
         restore_in_graph(guarded, saved)
-        return result
+        return keras.tree.flatten(y_pred), result
 
     return input_jacobians
 

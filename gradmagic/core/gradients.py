@@ -25,6 +25,7 @@ from gradmagic.core.targets import (
     layer_weights,
     loss_key,
     model_name,
+    output_unit_loss,
     resolve_layer,
     resolve_loss,
     weight_slots,
@@ -146,6 +147,7 @@ def weight_gradients(
     loss: Any = None,
     training: bool = False,
     sample_weight: Any = None,
+    output: int | None = None,
 ) -> WeightGradients:
     """Compute dLoss/dW for the model's trainable weights at (x, y).
 
@@ -164,6 +166,10 @@ def weight_gradients(
         training: Run layers in training mode (Dropout, BatchNormalization batch
             statistics). Defaults to ``False``. State is restored either way.
         sample_weight: Optional per-sample weights of the loss.
+        output: Instead of a loss, differentiate output unit ``output`` of the
+            flattened per-sample output (its mean over the batch): d(output)/dW.
+            ``y`` and ``loss`` are then not used and ``.loss`` holds that mean.
+            Defaults to ``None``: the loss.
 
     Returns:
         A :class:`WeightGradients`: ``.loss``, ``.arrays()`` aligned with
@@ -179,12 +185,17 @@ def weight_gradients(
     """
     _check_model(model)
     spec, x_in, batch = _spec_and_inputs(model, x)
-    y_in, sw_in = _prepare_loss_args(model, spec, y, sample_weight, batch)
+    if output is None:
+        y_in, sw_in = _prepare_loss_args(model, spec, y, sample_weight, batch)
+    else:
+        _check_output_index(model, spec, output)
+        y_in, sw_in = None, None
     layer_ref = id(layer) if isinstance(layer, keras.Layer) else layer
-    key = ("weights", layer_ref, loss_key(loss), bool(training), sw_in is None, _compile_token(model))
+    what = loss_key(loss) if output is None else ("output unit", int(output))
+    key = ("weights", layer_ref, what, bool(training), sw_in is None, _compile_token(model))
 
     def build() -> _Question:
-        loss_fn = resolve_loss(model, loss)
+        loss_fn = resolve_loss(model, loss) if output is None else output_unit_loss(int(output))
         slots = weight_slots(model)
         if layer is None:
             variables = list(model.trainable_weights)
@@ -201,7 +212,10 @@ def weight_gradients(
 
     question = _question(model, key, build)
     loss_value, grads = _run(model, key, question, (x_in, y_in, sw_in), "dLoss/dW", x_in)
-    title = f"dLoss/dW of model '{model_name(model)}' (loss = {float(loss_value):.6g})"
+    if output is None:
+        title = f"dLoss/dW of model '{model_name(model)}' (loss = {float(loss_value):.6g})"
+    else:
+        title = f"d(output unit {output})/dW of model '{model_name(model)}' (mean output = {float(loss_value):.6g})"
     return WeightGradients(float(loss_value), rows_for(question.labels, [_numpy(g) for g in grads]), title)
 
 
@@ -340,28 +354,38 @@ def input_gradients(
                 f"embedding's output instead, output_gradients(model, x, y, "
                 f"layer={_embedding_name(model)!r}), or weight_gradients for the embedding matrix."
             )
-    if output is not None and (isinstance(output, bool) or not isinstance(output, (int, np.integer))):
-        raise InputError(f"Received: output={output!r}. Expected None (all output units) or an int index.")
-    units = _output_units(spec)
-    if output is not None and units is not None and not -units <= output < units:
-        raise InputError(
-            f"Received: output={output}, but model '{model_name(model)}' has {units} output "
-            f"unit(s) per sample. Expected an index in [0, {units - 1}] into the flattened "
-            f"output, or None for the full Jacobian."
-        )
-    if output is not None and units is not None:
-        output = int(output) % units
+    if output is not None:
+        output = _check_output_index(model, spec, output)
     key = ("input", output, bool(training))
     question = _question(model, key, lambda: _Question(compute.input_function(model, output, bool(training))))
-    result = _run(model, key, question, (x_in,), "d(output)/d(input)", x_in)
+    outputs, result = _run(model, key, question, (x_in,), "d(output)/d(input)", x_in)
     per_output = [[_numpy(j) for j in per_input] for per_input in result]
-    return _input_result(model, spec, x_in, names, per_output, output)
+    values = [o.numpy() for o in outputs]
+    gradients = _input_result(model, spec, x_in, names, per_output, output)
+    gradients.values = values[0] if len(values) == 1 else values
+    return gradients
 
 
 def _embedding_name(model: keras.Model) -> str:
     """Name of the model's first Embedding layer, for the integer-input message."""
     found = [lay.name for lay in model.layers if isinstance(lay, keras.layers.Embedding)]
     return found[0] if found else "<the Embedding layer>"
+
+
+def _check_output_index(model: keras.Model, spec: ModelSpec, output: Any) -> int:
+    """Validate ``output=`` against the flattened per-sample output; return it non-negative."""
+    if isinstance(output, bool) or not isinstance(output, (int, np.integer)):
+        raise InputError(f"Received: output={output!r}. Expected None (all output units) or an int index.")
+    units = _output_units(spec)
+    if units is None:
+        return int(output)
+    if not -units <= output < units:
+        raise InputError(
+            f"Received: output={output}, but model '{model_name(model)}' has {units} output "
+            f"unit(s) per sample. Expected an index in [0, {units - 1}] into the flattened "
+            f"output, or None for the full Jacobian."
+        )
+    return int(output) % units
 
 
 def _input_names(spec: ModelSpec, x_in: Any) -> list[str]:

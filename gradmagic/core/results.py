@@ -264,12 +264,15 @@ class InputGradients(GradientTable):
             with several outputs and ``output=None`` gives a list with one such
             entry per output. ``None`` where an input does not reach an output.
         output: The output unit asked for, or ``None`` for all.
+        values: The model's output at x (a list for several outputs): f(x)
+            beside f'(x).
     """
 
     def __init__(self, rows: list[GradientRow], array: Any, output: int | None, title: str = "") -> None:
         super().__init__(rows, title)
         self.array = array
         self.output = output
+        self.values: Any = None
 
 
 def rows_for(labels: Sequence[dict[str, Any]], arrays: Sequence[np.ndarray | None]) -> list[GradientRow]:

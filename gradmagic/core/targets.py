@@ -302,6 +302,20 @@ def resolve_loss(model: keras.Model, loss: Any = None) -> LossFn:
     return run
 
 
+def output_unit_loss(unit: int) -> LossFn:
+    """A "loss" that is output unit ``unit`` of the flattened output, averaged over the batch.
+
+    Its weight gradients are d(output)/dW, for models asked about without targets.
+    """
+
+    def run(model: keras.Model, x: Any, y: Any, y_pred: Any, sample_weight: Any, training: bool) -> Any:
+        del model, x, y, sample_weight, training
+        flat = [keras.ops.reshape(t, (keras.ops.shape(t)[0], -1)) for t in keras.tree.flatten(y_pred)]
+        return keras.ops.mean(keras.ops.concatenate(flat, axis=1)[:, unit])
+
+    return run
+
+
 def loss_key(loss: Any) -> Any:
     """Return a hashable cache key that stands for a ``loss=`` argument."""
     if loss is None or isinstance(loss, str):
