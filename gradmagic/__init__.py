@@ -29,6 +29,12 @@ _LAZY = {
     "OutputGradients": "gradmagic.core",
     "InputGradients": "gradmagic.core",
     "GradientStats": "gradmagic.core",
+    "GradientMonitor": "gradmagic.core.monitor",
+    "GradientAnomalyError": "gradmagic.core.monitor_anomaly",
+    "training_panel": "gradmagic.widgets.training_panel",
+    "TrainingPanel": "gradmagic.widgets.training_panel",
+    "explore": "gradmagic.widgets.explorer",
+    "Explorer": "gradmagic.widgets.explorer",
 }
 
 __all__ = ["GradmagicError", "__version__", *_LAZY]
@@ -44,6 +50,10 @@ if TYPE_CHECKING:  # pragma: no cover
         output_gradients,
         weight_gradients,
     )
+    from gradmagic.core.monitor import GradientMonitor  # noqa: F401
+    from gradmagic.core.monitor_anomaly import GradientAnomalyError  # noqa: F401
+    from gradmagic.widgets.explorer import Explorer, explore  # noqa: F401
+    from gradmagic.widgets.training_panel import TrainingPanel, training_panel  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -132,6 +132,39 @@ class GradientMagics(Magics):
         _show_after_cell(self.shell, extras)
         return result
 
+    @magic_arguments()
+    @argument("model", metavar="MODEL", help="The Keras model: a name or expression in the notebook namespace.")
+    @argument("x", metavar="X", help="Data (n, n_features): slider ranges and the samples to reset to.")
+    @argument("y", nargs="?", metavar="Y", help="Optional targets: the bars then show dLoss/dW, else d(output)/dW.")
+    @argument("--reference", metavar="EXPR", help="A callable f(points) drawn dashed beside the model's output.")
+    @argument("--reference-grad", metavar="EXPR", help="A callable: the analytic derivative, drawn dashed.")
+    @argument("--training", action="store_true", help="Run the model in training mode (state is restored).")
+    @no_var_expand
+    @line_magic
+    def gradients_explore(self, line: str) -> Any:
+        """Open the gradient explorer: sliders move the input point, the plots follow.
+
+        The panel shows the model output along one feature, d(output)/d(feature)
+        along the same line and the gradient norm per layer at the point, with
+        the exact numbers below. It is what gradmagic.explore(...) returns.
+
+        Examples:
+          %gradients_explore model x_train
+          %gradients_explore model x y --reference "lambda p: (p - 5) ** 2 / 25"
+        """
+        args = _parse(self.gradients_explore.parser, line)
+        model = self._model(args.model)
+        x = self._evaluate(args.x, "X")
+        y = None if args.y is None else self._evaluate(args.y, "Y")
+        reference = None if args.reference is None else self._evaluate(args.reference, "--reference")
+        slope = None if args.reference_grad is None else self._evaluate(args.reference_grad, "--reference-grad")
+        from gradmagic.widgets.explorer import explore
+
+        try:
+            return explore(model, x, y, reference=reference, reference_grad=slope, training=args.training)
+        except GradmagicError as exc:
+            raise UsageError(str(exc)) from None
+
     def _summary(self, args: Any) -> None:
         """``%gradients MODEL``: print the layers, so the user can pick ``--layer``."""
         given = [flag for flag, value in _option_values(args).items() if value]
@@ -217,7 +250,8 @@ def _parse(parser: Any, line: str) -> Any:
             ' An expression with spaces outside brackets must be quoted: "x * 2".' if "unrecognized" in str(exc) else ""
         )
         raise UsageError(f"{exc}. Received: %gradients {line.strip()}.{hint} {_USAGE}") from None
-    args.layer = _layer_tokens(args.layer)
+    if hasattr(args, "layer"):
+        args.layer = _layer_tokens(args.layer)
     return args
 
 

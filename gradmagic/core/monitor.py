@@ -1,0 +1,393 @@
+"""GradientMonitor: the gradients the optimizer applies during ``fit``, batch by batch.
+
+No second backward pass: the monitor wraps ``model.optimizer.apply`` for the
+duration of ``fit`` (see :mod:`gradmagic.core.monitor_capture`), so the compiled
+train step itself writes per-weight statistics into a small ring buffer on the
+device. The callback reads that buffer every ``read_every`` batches and at each
+epoch end, so most batches cost no device-to-host copy at all.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import warnings
+from collections.abc import Callable
+from typing import Any, TextIO
+
+import keras
+import numpy as np
+
+from gradmagic.core.monitor_anomaly import Anomaly, GradientAnomalyError, NormTracker, find_nonfinite
+from gradmagic.core.monitor_capture import StatsBuffer, wrap_apply
+from gradmagic.core.monitor_history import MonitorHistory, MonitorSummary, layer_lines
+from gradmagic.core.targets import weight_slots
+from gradmagic.errors import GradmagicError
+
+_ACTIONS = ("warn", "stop", "raise")
+_MAX_ANOMALIES = 1000
+
+
+class MonitorArgumentError(GradmagicError, ValueError):
+    """A GradientMonitor argument is invalid, or the model cannot be monitored."""
+
+
+class GradientMonitor(keras.callbacks.Callback):
+    """Record the gradients ``fit`` applies, per weight and per batch, and flag anomalies.
+
+    Statistics per weight and step: L2 norm, max |g| and mean of the finite entries,
+    NaN and Inf counts (recorded after loss-scale unscaling and after summing over
+    replicas, i.e. exactly the gradient the optimizer applies). Training results are
+    bit-identical to training without the monitor.
+
+    With ``steps_per_execution=k`` Keras calls the callback once per ``k`` batches;
+    every batch is still recorded (the buffer holds them), but prints, warnings and
+    ``"stop"`` happen at those calls only. With gradient accumulation the recorded
+    gradients are the per-batch ones, before accumulation.
+
+    Args:
+        print_every: Print one line per layer (norm, max |g|) every this many batches.
+            Defaults to None (no printing).
+        on_anomaly: What to do on a NaN/Inf, exploding or vanishing gradient: "warn",
+            "stop" (ends ``fit`` cleanly; ``last_good_weights`` keeps the weights from
+            before the first bad step) or "raise" (a ``GradientAnomalyError``).
+            Defaults to "warn".
+        log_dir: If set, write gradient norms and max |g| per weight to TensorBoard
+            there. Defaults to None.
+        read_every: Read the device buffer every this many batches. Defaults to 1 for
+            "stop"/"raise", to ``print_every`` when printing, else 20.
+        explode_factor: A norm above this multiple of the weight's running median
+            explodes. Defaults to 1000.0 (None turns the relative test off).
+        explode_threshold: A norm above this value explodes. Defaults to None (off).
+        vanish_threshold: A norm below this value vanishes. Defaults to None (off).
+        window: Steps in the running median. Defaults to 50.
+        stream: Where printed lines go. Defaults to ``sys.stdout``.
+
+    Example:
+        >>> monitor = gm.GradientMonitor(print_every=10)
+        >>> model.fit(x, y, callbacks=[monitor])
+        >>> monitor.summary()
+        >>> monitor.to_dataframe().groupby("layer").norm.max()
+    """
+
+    def __init__(
+        self,
+        print_every: int | None = None,
+        on_anomaly: str = "warn",
+        log_dir: str | None = None,
+        *,
+        read_every: int | None = None,
+        explode_factor: float | None = 1000.0,
+        explode_threshold: float | None = None,
+        vanish_threshold: float | None = None,
+        window: int = 50,
+        stream: TextIO | None = None,
+    ) -> None:
+        super().__init__()
+        _check_positive("print_every", print_every)
+        _check_positive("read_every", read_every)
+        if on_anomaly not in _ACTIONS:
+            raise MonitorArgumentError(
+                f"Received: on_anomaly={on_anomaly!r}. Expected one of 'warn', 'stop', 'raise'. "
+                "Example: GradientMonitor(on_anomaly='stop')."
+            )
+        self.print_every = print_every
+        self.on_anomaly = on_anomaly
+        self.log_dir = log_dir
+        if read_every is None:
+            read_every = 1 if on_anomaly != "warn" else (print_every or 20)
+        self.read_every = read_every
+        self.thresholds = {"factor": explode_factor, "explode": explode_threshold, "vanish": vanish_threshold}
+        self.window = window
+        self.stream = stream
+        # Warn-only monitoring tolerates Keras's threaded batch-end dispatch; stopping
+        # and raising must happen in the training thread, before the next batch.
+        self.async_safe = on_anomaly == "warn" and print_every is None
+        self.anomalies: list[Anomaly] = []
+        self.last_good_weights: list[np.ndarray] | None = None
+        self.last_good_step: int | None = None
+        self.skipped_steps: list[int] = []
+        self._history: MonitorHistory | None = None
+        self._listeners: list[Callable[[GradientMonitor], None]] = []
+        self._detach: Callable[[], None] | None = None
+        self._warned: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()  # batch ends may run in Keras's thread pool
+
+    # ----------------------------------------------------------------- results
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """One dict per (step, weight) with the columns of :meth:`to_dict`."""
+        return self._history.records() if self._history else []
+
+    def to_dict(self) -> dict[str, list]:
+        """Equal-length columns: step, epoch, batch, layer, layer_index, weight, norm,
+        max_abs, mean, nan, inf, skipped (one row per step and weight)."""
+        if self._history is None:
+            return {name: [] for name in _empty_columns()}
+        return self._history.to_dict()
+
+    def to_dataframe(self) -> Any:
+        """The history as a ``pandas.DataFrame``.
+
+        Raises:
+            GradmagicError: pandas is not installed.
+        """
+        try:
+            import pandas as pd
+        except ImportError:
+            raise GradmagicError(
+                "to_dataframe() needs pandas, which is not installed. Fix: `pip install pandas`, "
+                "or use monitor.to_dict()."
+            ) from None
+        return pd.DataFrame(self.to_dict())
+
+    def summary(self) -> MonitorSummary:
+        """Per-layer summary (text repr and ``_repr_html_``) with the anomalies found."""
+        history = self._history if self._history is not None else MonitorHistory([])
+        return MonitorSummary(history, self.anomalies)
+
+    @property
+    def recorded(self) -> MonitorHistory | None:
+        """The raw history (NumPy arrays per statistic), ``None`` before ``fit``."""
+        return self._history
+
+    def add_listener(self, listener: Callable[[GradientMonitor], None]) -> None:
+        """Call ``listener(monitor)`` after every read of new steps (e.g. a live plot)."""
+        self._listeners.append(listener)
+
+    def restore_last_good(self) -> None:
+        """Put ``last_good_weights`` back into the model (after ``on_anomaly="stop"``)."""
+        if self.last_good_weights is None:
+            raise GradmagicError("No good weights were kept: last_good_weights is kept only with on_anomaly='stop'.")
+        self.model.set_weights(self.last_good_weights)
+
+    # --------------------------------------------------------------- callbacks
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        model = self.model
+        if getattr(model, "optimizer", None) is None:
+            raise MonitorArgumentError(
+                f"Model {model.name!r} has no optimizer: compile it before fit(callbacks=[GradientMonitor()])."
+            )
+        self._slots = weight_slots(model)
+        self._layer_names = [layer.name for layer in model.layers]
+        self._layer_types = [type(layer).__name__ for layer in model.layers]
+        if self._history is None or [s.path for s in self._history.slots] != [s.path for s in self._slots]:
+            self._history = MonitorHistory(self._slots)
+            self._tracker = NormTracker(
+                len(self._slots),
+                self.window,
+                self.thresholds["factor"],
+                self.thresholds["explode"],
+                self.thresholds["vanish"],
+            )
+        steps_per_execution = int(getattr(model, "steps_per_execution", 1) or 1)
+        capacity = max(64, 2 * (self.read_every + steps_per_execution))
+        self._buffer = StatsBuffer([s.path for s in self._slots], capacity, model.distribute_strategy)
+        self._base_step = int(model.optimizer.iterations.numpy())
+        self._read = self._epoch_first = self._last_read_batch = 0
+        self._epoch = 0
+        self._writer = _summary_writer(self.log_dir)
+        self._attach(model)
+        if self.on_anomaly == "stop":
+            self._keep_good(self._base_step)
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._epoch = epoch
+        self._epoch_first = self._read
+        self._last_read_batch = 0
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        with self._lock:
+            if batch + 1 - self._last_read_batch >= self.read_every:
+                self._last_read_batch = batch + 1
+                self._flush()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        with self._lock:
+            self._flush()
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        try:
+            self._flush(act=False)
+        finally:
+            self.detach()
+
+    def detach(self) -> None:
+        """Undo the wrapping of ``optimizer.apply`` now (done automatically after ``fit``)."""
+        if self._detach is not None:
+            self._detach()
+            self._detach = None
+        if getattr(self, "_writer", None) is not None:
+            self._writer.flush()
+
+    # ----------------------------------------------------------------- helpers
+    def _attach(self, model: keras.Model) -> None:
+        """Make ``model.train_function`` record into the buffer, without leaving traces.
+
+        ``optimizer.apply`` is wrapped only *during* each call of the train function
+        (try/finally), which is when TensorFlow may trace it: whatever happens in
+        ``fit`` - a stop, an exception in any callback, Ctrl-C - the optimizer is
+        never left wrapped. The traced function keeps the recording ops, so it is
+        dropped after ``fit``; if ``fit`` died before ``on_train_end``, the next
+        ``fit`` (a new ``History``) finds it stale and traces a clean one.
+        """
+        optimizer, buffer = model.optimizer, self._buffer
+        # A train function traced before (an earlier fit) would not see the wrapper.
+        model.make_train_function(force=True)
+        traced = model.train_function
+        token: list[Any] = []
+
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            current = _fit_token(model)
+            if not token:
+                token.extend(current)
+            elif any(a is not b for a, b in zip(token, current, strict=True)):
+                model.make_train_function(force=True)  # stale: a later fit without this monitor
+                return model.train_function(*args, **kwargs)
+            restore = wrap_apply(optimizer, buffer)
+            try:
+                return traced(*args, **kwargs)
+            finally:
+                restore()
+
+        model.train_function = guarded
+
+        def detach() -> None:
+            if model.train_function is guarded:
+                # Drop the graph that holds the recording ops: the next fit without
+                # the monitor traces a clean one.
+                model.train_function = None
+
+        self._detach = detach
+
+    def _flush(self, act: bool = True) -> None:
+        if self._history is None or getattr(self, "_buffer", None) is None:
+            return
+        count, rows = self._buffer.read(self._read)
+        lost = count - self._read - len(rows)
+        if lost > 0:
+            warnings.warn(f"GradientMonitor lost {lost} steps (buffer wrapped); lower read_every.", stacklevel=2)
+        index = np.arange(count - len(rows), count)
+        self._read = count
+        if not len(rows):
+            return
+        steps = self._base_step + index
+        batches = index - self._epoch_first
+        self._history.append(steps, np.full(len(index), self._epoch), batches, rows)
+        found = [a for k in range(len(rows)) for a in self._inspect(int(steps[k]), int(batches[k]), rows[k])]
+        self._write_summaries(steps, rows)
+        for listener in self._listeners:
+            listener(self)
+        if found and act:
+            self._act(found)
+        elif self.on_anomaly == "stop" and not found:
+            self._keep_good(int(steps[-1]) + 1)
+
+    def _inspect(self, step: int, batch: int, stats: np.ndarray) -> list[Anomaly]:
+        if self.print_every and (batch + 1) % self.print_every == 0:
+            print("\n".join(layer_lines(self._epoch, batch, step, self._slots, stats)), file=self.stream or sys.stdout)
+        if stats[0, 5] > 0:
+            # LossScaleOptimizer skipped this update on purpose (non-finite scaled
+            # gradients); the loss scale drops and training goes on. Not an anomaly.
+            self.skipped_steps.append(step)
+            return []
+        found = []
+        where = find_nonfinite(stats, self._slots, self._layer_names, self._layer_types)
+        if where is not None:
+            row, index, layer, suspects, why = where
+            value = float(stats[row, 3] + stats[row, 4])
+            message = (
+                f"NaN/Inf gradient first appears at layer {layer!r} (index {index}) at epoch {self._epoch + 1}, "
+                f"batch {batch + 1} (step {step}): weight {self._slots[row].path!r} has "
+                f"{int(stats[row, 3])} NaN and {int(stats[row, 4])} Inf entries; {why}."
+            )
+            found.append(
+                Anomaly(
+                    "nonfinite", step, self._epoch, batch, layer, index, self._slots[row].path, value, message, suspects
+                )
+            )
+        for kind, row, norm in self._tracker.check(stats[:, 0]):
+            slot = self._slots[row]
+            message = (
+                f"{kind.capitalize()} gradient at layer {slot.layer_name!r} (index {slot.layer_index}), weight "
+                f"{slot.path!r}, epoch {self._epoch + 1}, batch {batch + 1} (step {step}): norm {norm:.3e}."
+            )
+            found.append(
+                Anomaly(kind, step, self._epoch, batch, slot.layer_name, slot.layer_index, slot.path, norm, message)
+            )
+        return found
+
+    def _act(self, found: list[Anomaly]) -> None:
+        room = _MAX_ANOMALIES - len(self.anomalies)
+        self.anomalies += found[: max(room, 0)]
+        first = found[0]
+        if self.on_anomaly == "raise":
+            self.detach()  # on_train_end is not called when a callback raises
+            raise GradientAnomalyError(first.message, first)
+        if self.on_anomaly == "stop":
+            self.model.stop_training = True
+            where = f"after {self.last_good_step} optimizer steps" if self.last_good_step is not None else "none"
+            warnings.warn(
+                f"{first.message} Training stopped; weights of the last good step ({where}) are in "
+                "monitor.last_good_weights (monitor.restore_last_good() puts them back).",
+                stacklevel=2,
+            )
+            return
+        for anomaly in found:
+            key = (anomaly.kind, anomaly.layer)
+            if key not in self._warned:
+                self._warned.add(key)
+                warnings.warn(anomaly.message + " (further ones at this layer are recorded silently)", stacklevel=2)
+
+    def _keep_good(self, step: int) -> None:
+        self.last_good_weights = [np.array(w) for w in self.model.get_weights()]
+        self.last_good_step = step
+
+    def _write_summaries(self, steps: np.ndarray, rows: np.ndarray) -> None:
+        if self._writer is None:
+            return
+        import tensorflow as tf
+
+        metadata = _scalar_metadata()
+        with self._writer.as_default():
+            for step, stats in zip(steps, rows, strict=False):
+                for slot, values in zip(self._slots, stats, strict=False):
+                    # tf.summary.write with the scalar plugin's metadata is what
+                    # tf.summary.scalar does, minus the hard need for the tensorboard package.
+                    for tag, value in (
+                        (f"gradient_norm/{slot.path}", values[0]),
+                        (f"gradient_max_abs/{slot.path}", values[1]),
+                    ):
+                        tf.summary.write(tag, tf.constant(value, tf.float32), step=int(step), metadata=metadata)
+
+
+def _check_positive(name: str, value: int | None) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise MonitorArgumentError(f"Received: {name}={value!r}. Expected a positive int or None. Example: {name}=10.")
+
+
+def _summary_writer(log_dir: str | None) -> Any:
+    if log_dir is None:
+        return None
+    import tensorflow as tf
+
+    return tf.summary.create_file_writer(str(log_dir))
+
+
+def _scalar_metadata() -> bytes:
+    from tensorflow.core.framework import summary_pb2
+
+    plugin = summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")
+    return summary_pb2.SummaryMetadata(plugin_data=plugin).SerializeToString()
+
+
+def _fit_token(model: keras.Model) -> tuple[Any, Any]:
+    """Objects that are new in every ``fit``: its ``History`` and that one's epoch list."""
+    history = getattr(model, "history", None)
+    return history, getattr(history, "epoch", None)
+
+
+def _empty_columns() -> tuple[str, ...]:
+    from gradmagic.core.monitor_history import HISTORY_COLUMNS
+
+    return HISTORY_COLUMNS

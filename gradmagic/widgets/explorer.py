@@ -1,0 +1,463 @@
+"""The gradient explorer: sliders move the input point, the gradient plots follow.
+
+``explore(model, x, y)`` returns a panel with one slider per input feature, three
+plots (the output along a feature, its derivative, per-layer gradient norms)
+and a readout of the exact numbers. Every number comes from the core
+(:func:`~gradmagic.core.input_gradients`, :func:`~gradmagic.core.weight_gradients`);
+this module only arranges controls, and :func:`compute_view` is a plain function
+of the control values. Figures are built once and updated in place; slider
+events are coalesced so the latest value wins.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import ipywidgets as widgets
+import numpy as np
+
+from gradmagic.core import input_gradients, weight_gradients
+from gradmagic.core.inputs import model_spec
+from gradmagic.core.targets import model_name
+from gradmagic.errors import InputError
+from gradmagic.plots import ExplorerFigure, layer_norms
+from gradmagic.widgets.coalesce import LatestWins, Scheduler
+from gradmagic.widgets.figure_view import FigureView
+
+
+@dataclass
+class ExplorerView:
+    """Everything the panel shows for one input point (all numbers from the core).
+
+    Attributes:
+        point: The input point, shape (n_features,).
+        feature: Index of the feature the curves run along.
+        unit: Index of the output unit shown.
+        line: The feature's values along the curve.
+        values: Output unit along the line.
+        grads: d(output unit)/d(feature) along the line.
+        point_feature, point_value, point_grad: The point's feature value, output
+            and derivative.
+        gradient: d(output unit)/d(input) at the point, all features.
+        reference_values, reference_grads: The reference curves, or None.
+        loss: The loss at the point (with targets), else the output unit's value.
+        layer_norms: ``(label, norm, has_nan_or_inf)`` per layer with weights.
+    """
+
+    point: np.ndarray
+    feature: int
+    unit: int
+    line: np.ndarray
+    values: np.ndarray
+    grads: np.ndarray
+    point_feature: float
+    point_value: float
+    point_grad: float
+    gradient: np.ndarray
+    reference_values: np.ndarray | None
+    reference_grads: np.ndarray | None
+    loss: float
+    layer_norms: list[tuple[str, float | None, bool]]
+
+
+def compute_view(
+    model: Any,
+    point: np.ndarray,
+    feature: int,
+    line: np.ndarray,
+    unit: int = 0,
+    target: Any = None,
+    reference: Callable | None = None,
+    reference_grad: Callable | None = None,
+    training: bool = False,
+) -> ExplorerView:
+    """Compute what the explorer shows at ``point``: a plain function of the controls.
+
+    Args:
+        model: The Keras model (one flat float input).
+        point: The input point, shape (n_features,).
+        feature: The feature the curves run along.
+        line: Values of that feature along the curves.
+        unit: Output unit (index into the flattened per-sample output).
+        target: The target for this point; with it the bars are dLoss/dW, without
+            them d(output unit)/dW.
+        reference: Optional ``f(points) -> values`` drawn dashed beside the model,
+            called with an array (n, n_features).
+        reference_grad: Optional ``g(points) -> d f/d feature``, called likewise;
+            an (n, n_features) result is read at the feature's column.
+        training: Run the model in training mode.
+
+    Returns:
+        An :class:`ExplorerView`.
+    """
+    points = np.repeat(point[None, :], len(line) + 1, axis=0)
+    points[:-1, feature] = line
+    jac = input_gradients(model, points, output=unit, training=training)
+    flat_values = _flat_unit(jac.values, unit)
+    grads = np.asarray(jac.array)[:, feature]
+    if target is not None:
+        weights = weight_gradients(model, point[None, :], target, training=training)
+    else:
+        weights = weight_gradients(model, point[None, :], None, output=unit, training=training)
+    return ExplorerView(
+        point=point,
+        feature=feature,
+        unit=unit,
+        line=line,
+        values=flat_values[:-1],
+        grads=grads[:-1],
+        point_feature=float(point[feature]),
+        point_value=float(flat_values[-1]),
+        point_grad=float(grads[-1]),
+        gradient=np.asarray(jac.array)[-1],
+        reference_values=_reference(reference, points[:-1], feature),
+        reference_grads=_reference(reference_grad, points[:-1], feature),
+        loss=float(weights.loss),
+        layer_norms=layer_norms([weights]),
+    )
+
+
+def _flat_unit(values: Any, unit: int) -> np.ndarray:
+    parts = values if isinstance(values, list) else [values]
+    flat = np.concatenate([np.reshape(p, (p.shape[0], -1)) for p in parts], axis=1)
+    return flat[:, unit]
+
+
+def _reference(fn: Callable | None, points: np.ndarray, feature: int) -> np.ndarray | None:
+    if fn is None:
+        return None
+    result = np.asarray(fn(points), dtype=float)
+    if result.ndim == 2 and result.shape[1] == points.shape[1] and points.shape[1] > 1:
+        result = result[:, feature]
+    return result.reshape(len(points))
+
+
+def _flat_features(model: Any, x: Any) -> np.ndarray:
+    """Check that the model takes one flat float vector; return x as (n, n_features)."""
+    data = np.asarray(x, dtype=float) if not isinstance(x, (dict, list, tuple)) or _numbers(x) else None
+    if data is not None and data.ndim <= 1:
+        data = data.reshape(-1, 1)
+    input_gradients(model, data[:1] if data is not None and data.ndim == 2 else x)  # builds and validates
+    spec = model_spec(model)
+    flat_input = (
+        data is not None
+        and data.ndim == 2
+        and (
+            spec.inputs is None
+            or (len(spec.inputs) == 1 and len(spec.inputs[0].shape) == 1 and "float" in spec.inputs[0].dtype)
+        )
+    )
+    if not flat_input:
+        takes = (
+            ", ".join(f"(batch, {', '.join(str(d) for d in s.shape)})" for s in spec.inputs)
+            if spec.inputs
+            else f"x of shape {np.shape(x)}"
+        )
+        raise InputError(
+            f"The explorer moves one input point with a slider per feature, so it supports models whose "
+            f"single input is a flat float vector (batch, n_features). Model '{model_name(model)}' takes "
+            f"{takes}. Fix: explore a model on flat features, or use gradmagic.input_gradients(model, x) "
+            f"for d(output)/d(input) of images, sequences or several inputs."
+        )
+    return data.astype(spec.inputs[0].dtype if spec.inputs else "float32")
+
+
+def _numbers(value: Any) -> bool:
+    return all(isinstance(v, (int, float, np.number)) or (isinstance(v, (list, tuple)) and _numbers(v)) for v in value)
+
+
+def _output_units(model: Any, sample: np.ndarray) -> list[str]:
+    values = input_gradients(model, sample[:1], output=0).values
+    parts = values if isinstance(values, list) else [values]
+    names = model_spec(model).output_names
+    if len(names) != len(parts):
+        names = [f"output {i}" for i in range(len(parts))]
+    labels = []
+    for name, part in zip(names, parts):
+        size = int(np.prod(part.shape[1:]))
+        labels += [name] if size == 1 else [f"{name}[{i}]" for i in range(size)]
+    return labels
+
+
+class Explorer(widgets.VBox):
+    """The explorer panel; build it with :func:`explore`.
+
+    Attributes:
+        view: The :class:`ExplorerView` currently shown.
+        sliders: One ``FloatSlider`` per feature (or one slider with a feature
+            dropdown for many features).
+        figure: The :class:`~gradmagic.plots.ExplorerFigure`.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        x: Any,
+        y: Any = None,
+        reference: Callable | None = None,
+        reference_grad: Callable | None = None,
+        feature_names: Sequence[str] | None = None,
+        points: int = 200,
+        training: bool = False,
+        max_sliders: int = 6,
+        use_ipympl: bool | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        scheduler: Scheduler | None = None,
+    ) -> None:
+        self.model = model
+        self.data = _flat_features(model, x)
+        self.targets = None if y is None else np.asarray(y)
+        if self.targets is not None and len(self.targets) != len(self.data):
+            raise InputError(
+                f"Received: y with {len(self.targets)} rows for x with {len(self.data)}. Expected one target "
+                f"per row of x (or y=None to show d(output)/dW instead of dLoss/dW)."
+            )
+        n_features = self.data.shape[1]
+        self.names = list(feature_names) if feature_names is not None else [f"x{i}" for i in range(n_features)]
+        self.reference, self.reference_grad = reference, reference_grad
+        self.training = training
+        self.points = points
+        low, high = self.data.min(axis=0), self.data.max(axis=0)
+        pad = np.where(high > low, 0.1 * (high - low), 1.0)
+        self.low, self.high = low - pad, high + pad
+        self.point = self.data[0].copy()
+        self.feature = 0
+        self.unit = 0
+        self.sample = 0
+        self.units = _output_units(model, self.data)
+        self._quiet = False
+        self._build_controls(max_sliders)
+        self.view: ExplorerView | None = None
+        labels = [label for label, _, _ in self._bar_layers()]
+        title = "dLoss/dW norm per layer" if self.targets is not None else "d(output)/dW norm per layer"
+        self.figure_view = FigureView(figsize=(11.0, 3.3), use_ipympl=use_ipympl)
+        self.figure = ExplorerFigure(self.figure_view.figure, labels, title)
+        self.figure_view.animate(self.figure.artists)
+        self.readout = widgets.HTML()
+        self.error = widgets.HTML()
+        self.updates = LatestWins(self._render, clock=clock, scheduler=scheduler, on_error=self._show_error)
+        super().__init__(
+            [self.controls, self.figure_view.widget, self.readout, self.error],
+            layout=widgets.Layout(width="100%"),
+        )
+        self.add_class("gradmagic-explorer")
+        self._render(self._state())
+
+    # --- controls ------------------------------------------------------------------------------------------------
+
+    def _build_controls(self, max_sliders: int) -> None:
+        n_features = self.data.shape[1]
+        self.feature_select = widgets.Dropdown(
+            options=[(n, i) for i, n in enumerate(self.names)], value=0, description="along"
+        )
+        if n_features <= max_sliders:
+            self.sliders = [self._slider(i) for i in range(n_features)]
+        else:
+            self.sliders = [self._slider(0)]
+            self.feature_select.description = "feature"
+        for index, slider in enumerate(self.sliders):
+            slider.observe(lambda change, index=index: self._on_slider(index, change["new"]), names="value")
+        self.feature_select.observe(lambda change: self._on_feature(change["new"]), names="value")
+        self.sample_select = widgets.BoundedIntText(
+            value=0, min=0, max=len(self.data) - 1, description="sample", layout=widgets.Layout(width="160px")
+        )
+        self.reset_button = widgets.Button(description="reset to sample", icon="undo")
+        self.reset_button.on_click(lambda _: self.reset_to_sample(self.sample_select.value))
+        self.unit_select = widgets.Dropdown(
+            options=[(n, i) for i, n in enumerate(self.units)], value=0, description="output"
+        )
+        self.unit_select.observe(lambda change: self._on_unit(change["new"]), names="value")
+        row = [self.feature_select, self.sample_select, self.reset_button]
+        if len(self.units) > 1:
+            row.append(self.unit_select)
+        self.controls = widgets.VBox([*self.sliders, widgets.HBox(row)])
+
+    def _slider(self, feature: int) -> widgets.FloatSlider:
+        low, high = float(self.low[feature]), float(self.high[feature])
+        return widgets.FloatSlider(
+            value=float(self.point[feature]),
+            min=low,
+            max=high,
+            step=(high - low) / 200.0,
+            description=self.names[feature],
+            continuous_update=True,
+            readout_format=".4g",
+            layout=widgets.Layout(width="60%"),
+        )
+
+    def _single_slider(self) -> bool:
+        return len(self.sliders) == 1 and self.data.shape[1] > 1
+
+    def _on_slider(self, index: int, value: float) -> None:
+        if self._quiet:
+            return
+        feature = self.feature if self._single_slider() else index
+        self.point[feature] = value
+        if feature != self.feature:
+            self.feature = feature
+            self._quietly(lambda: setattr(self.feature_select, "value", feature))
+        self.updates.submit(self._state())
+
+    def _on_feature(self, feature: int) -> None:
+        if self._quiet:
+            return
+        self.feature = feature
+        if self._single_slider():
+            self._quietly(lambda: self._retarget_slider(feature))
+        self.updates.submit(self._state())
+
+    def _retarget_slider(self, feature: int) -> None:
+        """Point the single slider at another feature (its range and value)."""
+        slider = self.sliders[0]
+        low, high = float(self.low[feature]), float(self.high[feature])
+        slider.description = self.names[feature]
+        # Widen first so the new value is never clipped to the old range.
+        slider.min, slider.max = min(low, slider.min), max(high, slider.max)
+        slider.value = float(self.point[feature])
+        slider.min, slider.max, slider.step = low, high, (high - low) / 200.0
+
+    def _quietly(self, change: Callable[[], None]) -> None:
+        """Change controls from code without their observers acting on it."""
+        self._quiet = True
+        try:
+            change()
+        finally:
+            self._quiet = False
+
+    def _on_unit(self, unit: int) -> None:
+        self.unit = unit
+        self.updates.submit(self._state())
+
+    def reset_to_sample(self, row: int) -> None:
+        """Move the point to row ``row`` of x (its target becomes the loss target)."""
+        self.sample = int(row)
+        self.point = self.data[self.sample].copy()
+
+        def move_sliders() -> None:
+            for index, slider in enumerate(self.sliders):
+                feature = self.feature if self._single_slider() else index
+                slider.value = float(np.clip(self.point[feature], slider.min, slider.max))
+
+        self._quietly(move_sliders)
+        self.updates.submit(self._state())
+
+    def set_point(self, values: Sequence[float]) -> None:
+        """Move the sliders to ``values`` (one per feature), as a user would."""
+        for feature, value in enumerate(values):
+            if self._single_slider():
+                self.feature_select.value = feature
+                self.sliders[0].value = float(value)
+            else:
+                self.sliders[feature].value = float(value)
+
+    # --- rendering -----------------------------------------------------------------------------------------------
+
+    def _state(self) -> tuple:
+        return (self.point.copy(), self.feature, self.unit, self.sample)
+
+    def _bar_layers(self) -> list[tuple[str, float | None, bool]]:
+        target = None if self.targets is None else self.targets[:1]
+        if target is not None:
+            result = weight_gradients(self.model, self.data[:1], target, training=self.training)
+        else:
+            result = weight_gradients(self.model, self.data[:1], None, output=0, training=self.training)
+        return layer_norms([result])
+
+    def compute(self, state: tuple) -> ExplorerView:
+        """The numbers for a control state ``(point, feature, unit, sample)``."""
+        point, feature, unit, sample = state
+        line = np.linspace(self.low[feature], self.high[feature], self.points, dtype=self.data.dtype)
+        target = None if self.targets is None else self.targets[sample : sample + 1]
+        return compute_view(
+            self.model,
+            point,
+            feature,
+            line,
+            unit,
+            target,
+            self.reference,
+            self.reference_grad,
+            self.training,
+        )
+
+    def _render(self, state: tuple) -> None:
+        view = self.compute(state)
+        self.draw(view)
+
+    def draw(self, view: ExplorerView) -> None:
+        """Show ``view``: move the artists, redraw the canvas, refresh the readout."""
+        self.view = view
+        has_reference = self.reference is not None or self.reference_grad is not None
+        titles_changed = self.figure.set_labels(self.names[view.feature], self.units[view.unit], has_reference)
+        limits_changed = self.figure.update(view)
+        self.figure_view.show(titles_changed or limits_changed)
+        self.readout.value = self._readout_html(view)
+        self.error.value = ""
+
+    def _show_error(self, exc: BaseException) -> None:
+        # DESIGN: exceptions inside a panel callback are shown, never swallowed.
+        text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        self.error.value = f"<pre style='color:#b00'>{html.escape(text)}</pre>"
+
+    def _readout_html(self, view: ExplorerView) -> str:
+        point = ", ".join(f"{name}={value:.6g}" for name, value in zip(self.names, view.point))
+        unit, feature = html.escape(self.units[view.unit]), html.escape(self.names[view.feature])
+        rows = [
+            ("point", html.escape(point)),
+            (f"{unit}", f"{view.point_value:.6g}"),
+            (f"d {unit} / d {feature}", f'<span class="gm-derivative">{view.point_grad:.6g}</span>'),
+        ]
+        if self.reference_grad is not None:
+            ref = _reference(self.reference_grad, view.point[None, :], view.feature)
+            rows.append((f"reference d/d {feature}", f"{float(ref[0]):.6g}"))
+        if self.data.shape[1] > 1:
+            rows.append(("gradient", ", ".join(f"{g:.4g}" for g in view.gradient)))
+        what = "loss" if self.targets is not None else unit
+        rows.append(
+            (f"{what} at sample {self.sample}" if self.targets is not None else "mean " + what, f"{view.loss:.6g}")
+        )
+        cells = "".join(f"<tr><td style='padding-right:1em'>{k}</td><td><code>{v}</code></td></tr>" for k, v in rows)
+        return f"<table class='gm-readout'>{cells}</table>"
+
+
+def explore(
+    model: Any,
+    x: Any,
+    y: Any = None,
+    reference: Callable | None = None,
+    reference_grad: Callable | None = None,
+    **options: Any,
+) -> Explorer:
+    """Open the gradient explorer: sliders move the input point, the plots follow.
+
+    Args:
+        model: A Keras model whose single input is a flat float vector
+            (batch, n_features): Sequential, Functional or subclassed.
+        x: Data (n, n_features) or (n,) for one feature: slider ranges come from
+            it (padded by 10%), and "reset to sample" picks one of its rows.
+        y: Optional targets, one per row of x. With them the bars show dLoss/dW
+            at the point (target: the chosen sample's); without, d(output)/dW.
+        reference: Optional ``f(points) -> values`` drawn dashed beside the model
+            (called with an (n, n_features) array), e.g. the analytic curve.
+        reference_grad: Optional analytic derivative along the chosen feature.
+        **options: ``feature_names``, ``points`` (curve resolution, default 200),
+            ``training``, ``max_sliders`` (default 6: more features get one slider
+            plus a feature dropdown), ``use_ipympl``.
+
+    Returns:
+        An :class:`Explorer` widget; display it (it is the cell's last value).
+
+    Raises:
+        GradmagicError: The model's input is not a flat float vector, or x and y
+            do not fit it.
+
+    Example:
+        >>> gm.explore(model, x, y, reference=lambda p: (p - 5) ** 2 / 25,
+        ...            reference_grad=lambda p: 2 * (p - 5) / 25)
+    """
+    return Explorer(model, x, y, reference, reference_grad, **options)

@@ -1,0 +1,322 @@
+"""GradientMonitor: recorded values against independent truths, side effects, anomalies."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import mlp
+
+from gradmagic.core.monitor import GradientMonitor, MonitorArgumentError
+from gradmagic.core.monitor_anomaly import GradientAnomalyError
+from gradmagic.errors import GradmagicError
+
+
+def _data(n=32, d_in=3, d_out=2, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, d_in)).astype("float32"), rng.normal(size=(n, d_out)).astype("float32")
+
+
+class _WeightsBefore(keras.callbacks.Callback):
+    """Keep the trainable weights before every batch (the truth's starting point)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weights = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.weights.append([v.numpy().copy() for v in self.model.trainable_variables])
+
+
+def _tape_gradients(model, weights, x, y):
+    """Gradients of the batch MSE at `weights`, on a clone: no fit, no optimizer."""
+    clone = keras.models.clone_model(model)
+    clone.set_weights(weights)
+    with tf.GradientTape() as tape:
+        loss = keras.losses.MeanSquaredError()(y, clone(x, training=True))
+    return [g.numpy() for g in tape.gradient(loss, clone.trainable_variables)]
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_recorded_stats_equal_independent_gradients(jit):
+    model = mlp((3, 5, 2))
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse", jit_compile=jit)
+    x, y = _data()
+    before, monitor = _WeightsBefore(), GradientMonitor(read_every=3)
+    model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0, callbacks=[before, monitor])
+    cols = monitor.to_dict()
+    n_w = len(model.trainable_variables)
+    assert len(cols["step"]) == 8 * n_w and len(set(map(len, cols.values()))) == 1
+    for k, weights in enumerate(before.weights):
+        batch = k % 4
+        truth = _tape_gradients(model, weights, x[8 * batch : 8 * batch + 8], y[8 * batch : 8 * batch + 8])
+        for i, g in enumerate(truth):
+            row = k * n_w + i
+            assert (cols["step"][row], cols["epoch"][row], cols["batch"][row]) == (k, k // 4, batch)
+            assert cols["weight"][row] == model.trainable_variables[i].path
+            np.testing.assert_allclose(cols["norm"][row], np.linalg.norm(g), rtol=1e-5)
+            np.testing.assert_allclose(cols["max_abs"][row], np.abs(g).max(), rtol=1e-5)
+            np.testing.assert_allclose(cols["mean"][row], g.mean(), rtol=1e-4, atol=1e-7)
+            assert cols["nan"][row] == 0 and cols["inf"][row] == 0
+
+
+def test_training_is_bit_identical_with_and_without_monitor():
+    def train(callbacks):
+        keras.utils.set_random_seed(7)
+        model = mlp((3, 8, 8, 2))
+        model.compile(optimizer="adam", loss="mse")
+        x, y = _data(64)
+        history = model.fit(x, y, batch_size=8, epochs=3, verbose=0, callbacks=callbacks)
+        return [w.tobytes() for w in model.get_weights()], history.history["loss"]
+
+    plain = train([])
+    monitored = train([GradientMonitor(print_every=None, read_every=5)])
+    assert monitored[0] == plain[0]
+    assert monitored[1] == plain[1]
+
+
+def test_layers_and_summary():
+    model = mlp((3, 4, 2))
+    x, y = _data()
+    monitor = GradientMonitor()
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor])
+    cols = monitor.to_dict()
+    assert cols["layer"][:4] == [model.layers[0].name] * 2 + [model.layers[1].name] * 2
+    assert cols["layer_index"][:4] == [0, 0, 1, 1]
+    assert monitor.history[0]["weight"] == model.trainable_variables[0].path
+    summary = monitor.summary()
+    assert model.layers[1].name in repr(summary) and "<table" in summary._repr_html_()
+
+
+def test_to_dataframe():
+    pd = pytest.importorskip("pandas")
+    model, (x, y) = mlp(), _data()
+    monitor = GradientMonitor()
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor])
+    frame = monitor.to_dataframe()
+    assert isinstance(frame, pd.DataFrame) and len(frame) == 2 * 4
+
+
+def test_print_mode_one_line_per_layer_per_batch(capsys):
+    model, (x, y) = mlp((3, 4, 2)), _data(16)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[GradientMonitor(print_every=1)])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 * 2  # 2 batches x 2 layers
+    first = lines[0].split()
+    assert first[:5] == ["epoch", "1", "batch", "1", "|"]
+    assert first[5] == model.layers[0].name and first[6] == "norm" and first[8] == "max|g|"
+    float(first[7]), float(first[9])
+
+
+def test_apply_restored_after_fit_and_when_fit_raises():
+    model, (x, y) = mlp(), _data()
+    optimizer = model.optimizer
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[GradientMonitor()])
+    assert "apply" not in vars(optimizer)
+
+    class Boom(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 1:
+                raise RuntimeError("boom")
+
+    monitor = GradientMonitor()
+    with pytest.raises(RuntimeError, match="boom"):
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[monitor, Boom()])
+    assert "apply" not in vars(optimizer)
+    # The next fit without the monitor must not keep recording into its buffer.
+    recorded = int(monitor._buffer.count.numpy())
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    assert int(monitor._buffer.count.numpy()) == recorded
+
+
+def _division_model():
+    """d1 -> Lambda dividing by input column 0 (guarded forward, NaN backward) -> out."""
+    inputs = keras.Input((3,))
+    hidden = keras.layers.Dense(4, activation="tanh", name="d1")(inputs)
+    divided = keras.layers.Lambda(lambda t: keras.ops.where(t[1][:, :1] == 0, 0.0, t[0] / t[1][:, :1]), name="divide")(
+        [hidden, inputs]
+    )
+    model = keras.Model(inputs, keras.layers.Dense(1, name="out")(divided))
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    return model
+
+
+def _division_data():
+    x, y = _data(32, 3, 1)
+    x[:, 0] = np.abs(x[:, 0]) + 0.5
+    x[20, 0] = 0.0  # batch 2 (0-based) of size 8
+    return x, y
+
+
+def test_nan_in_lambda_is_pinned_on_lambda_at_right_batch():
+    model, (x, y) = _division_model(), _division_data()
+    monitor = GradientMonitor(read_every=4)
+    with pytest.warns(UserWarning, match="'divide'"):
+        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
+    first = monitor.anomalies[0]
+    assert (first.kind, first.layer, first.epoch, first.batch, first.step) == ("nonfinite", "divide", 0, 2, 2)
+    assert first.weight == "d1/kernel" and first.suspects == ("divide",)
+    # Independent check that batch 2 is the first with a NaN gradient.
+    cols = monitor.to_dict()
+    bad_batches = sorted({b for b, n in zip(cols["batch"], cols["nan"], strict=True) if n})
+    assert bad_batches[0] == 2
+
+
+def test_stop_ends_fit_and_keeps_last_good_weights():
+    model, (x, y) = _division_model(), _division_data()
+    start = model.get_weights()
+    monitor = GradientMonitor(on_anomaly="stop")
+    with pytest.warns(UserWarning, match="Training stopped"):
+        history = model.fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0, callbacks=[monitor])
+    assert len(history.history["loss"]) == 1 and model.stop_training
+    assert monitor.last_good_step == 2
+    # Truth: the same model trained on the two good batches only.
+    reference = _division_model()
+    reference.set_weights(start)
+    reference.fit(x[:16], y[:16], batch_size=8, epochs=1, shuffle=False, verbose=0)
+    for got, want in zip(monitor.last_good_weights, reference.get_weights(), strict=True):
+        np.testing.assert_array_equal(got, want)
+    monitor.restore_last_good()
+    assert all(np.isfinite(w).all() for w in model.get_weights())
+
+
+def test_raise_raises_gradmagic_error_and_restores():
+    model, (x, y) = _division_model(), _division_data()
+    with pytest.raises(GradmagicError, match="'divide'") as info:
+        model.fit(
+            x, y, batch_size=8, epochs=2, shuffle=False, verbose=0, callbacks=[GradientMonitor(on_anomaly="raise")]
+        )
+    assert isinstance(info.value, GradientAnomalyError) and info.value.anomaly.batch == 2
+    assert "apply" not in vars(model.optimizer) and model.train_function is None
+
+
+def test_exploding_and_vanishing():
+    model, (x, y) = mlp(), _data()
+    monitor = GradientMonitor(explode_threshold=1e-6, vanish_threshold=1e9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor])
+    kinds = {a.kind for a in monitor.anomalies}
+    assert kinds == {"exploding", "vanishing"}
+
+
+def test_steps_per_execution_records_every_batch():
+    model, (x, y) = mlp(), _data(64)
+    model.compile(optimizer="sgd", loss="mse", steps_per_execution=4)
+    monitor = GradientMonitor(read_every=1)
+    model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0, callbacks=[monitor])
+    cols = monitor.to_dict()
+    assert sorted(set(cols["step"])) == list(range(16))
+    assert cols["batch"][:: len(model.trainable_variables)] == list(range(8)) * 2
+
+
+def test_loss_scale_optimizer_records_unscaled_gradients():
+    def run(optimizer):
+        keras.utils.set_random_seed(3)
+        model = mlp()
+        model.compile(optimizer=optimizer, loss="mse")
+        monitor = GradientMonitor()
+        model.fit(*_data(), batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
+        return np.array(monitor.to_dict()["norm"])
+
+    plain = run(keras.optimizers.SGD(0.01))
+    scaled = run(keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.01), initial_scale=1024.0))
+    np.testing.assert_allclose(scaled, plain, rtol=1e-5)
+
+
+def test_bad_arguments():
+    with pytest.raises(MonitorArgumentError, match="on_anomaly='explode'"):
+        GradientMonitor(on_anomaly="explode")
+    with pytest.raises(MonitorArgumentError, match="print_every=0"):
+        GradientMonitor(print_every=0)
+
+
+_MIRRORED = textwrap.dedent(
+    """
+    import json, os
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    import keras, numpy as np
+    from gradmagic.core.monitor import GradientMonitor
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(64, 3)).astype("float32"), rng.normal(size=(64, 2)).astype("float32")
+
+    def run(strategy):
+        keras.utils.set_random_seed(0)
+        with strategy.scope():
+            model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, activation="tanh"),
+                                      keras.layers.Dense(2)])
+            model.compile(optimizer="sgd", loss="mse")
+        monitor = GradientMonitor()
+        model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, callbacks=[monitor])
+        return monitor.to_dict(), strategy.num_replicas_in_sync
+
+    single, _ = run(tf.distribute.get_strategy())
+    mirrored, replicas = run(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
+    print(json.dumps({"single": single, "mirrored": mirrored, "replicas": replicas}))
+    """
+)
+
+
+def test_mirrored_strategy_matches_single_device():
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    done = subprocess.run([sys.executable, "-c", _MIRRORED], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    import json
+
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["replicas"] == 2
+    single, mirrored = out["single"], out["mirrored"]
+    assert single["step"] == mirrored["step"] and single["layer_index"] == mirrored["layer_index"]
+    np.testing.assert_allclose(mirrored["norm"], single["norm"], rtol=1e-5)
+    np.testing.assert_allclose(mirrored["max_abs"], single["max_abs"], rtol=1e-5)
+
+
+def test_tensorboard_export(tmp_path):
+    model, (x, y) = mlp(), _data()
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[GradientMonitor(log_dir=str(tmp_path))])
+    events = list(tmp_path.glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    tags = {v.tag for e in tf.compat.v1.train.summary_iterator(str(events[0])) for v in e.summary.value}
+    assert f"gradient_norm/{model.trainable_variables[0].path}" in tags
+
+
+def test_live_panel_updates_during_fit_headless():
+    from gradmagic.widgets.training_panel import TrainingPanel
+
+    model, (x, y) = mlp((3, 4, 2)), _data(64)
+    monitor = GradientMonitor(read_every=2)
+    redraws_during_fit = []
+
+    class Probe(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            redraws_during_fit.append(panel.redraws)
+
+    panel = TrainingPanel(monitor, every=2, use_ipympl=False)
+    model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0, callbacks=[monitor, Probe()])
+    assert redraws_during_fit[0] >= 1 and panel.redraws > redraws_during_fit[0]
+    assert panel.image.value[:8] == b"\x89PNG\r\n\x1a\n" and panel.status.value == ""
+    lines = panel.axes.get_lines()
+    assert [ln.get_label() for ln in lines] == [model.layers[0].name, model.layers[1].name]
+    assert len(lines[0].get_xdata()) == 16
+
+
+def test_core_monitor_imports_no_ipython_or_widgets():
+    # TensorFlow itself may import parts of IPython; gradmagic must add nothing of it.
+    code = (
+        "import sys, keras, tensorflow\n"
+        "before = set(sys.modules)\n"
+        "import gradmagic.core.monitor\n"
+        "print(any(m.split('.')[0] in ('IPython', 'ipywidgets') for m in set(sys.modules) - before))"
+    )
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.stdout.strip().splitlines()[-1] == "False", done.stderr[-1000:]
