@@ -29,6 +29,10 @@ _LAZY = {
     "OutputGradients": "gradmagic.core",
     "InputGradients": "gradmagic.core",
     "GradientStats": "gradmagic.core",
+    "explain": "gradmagic.core",
+    "Explanation": "gradmagic.core",
+    "check_gradients": "gradmagic.core",
+    "GradientCheck": "gradmagic.core",
     "GradientMonitor": "gradmagic.core.monitor",
     "GradientAnomalyError": "gradmagic.core.monitor_anomaly",
     "training_panel": "gradmagic.widgets.training_panel",
@@ -41,11 +45,15 @@ __all__ = ["GradmagicError", "__version__", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover
     from gradmagic.core import (  # noqa: F401
+        Explanation,
+        GradientCheck,
         GradientStats,
         InputGradients,
         OutputGradients,
         WeightGradients,
+        check_gradients,
         clear_cache,
+        explain,
         input_gradients,
         output_gradients,
         weight_gradients,

@@ -369,3 +369,12 @@ def test_weight_gradients_of_one_output_unit_need_no_targets():
     np.testing.assert_allclose(r.loss, model(x).numpy()[:, 1].mean(), rtol=1e-6)
     with pytest.raises(gm.GradmagicError, match=r"output=2.*\[0, 1\]"):
         gm.weight_gradients(model, x, None, output=2)
+
+
+def test_numpy_inside_a_lambda_gets_the_tracing_explanation():
+    model = keras.Sequential(
+        [keras.Input((2,)), keras.layers.Dense(2), keras.layers.Lambda(lambda t: np.round(t)), keras.layers.Dense(1)]
+    )
+    model.compile(loss="mse")
+    with pytest.raises(gm.GradmagicError, match=r"calls NumPy on a tensor.*tf\.round"):
+        gm.weight_gradients(model, np.ones((2, 2)), np.zeros((2, 1)))

@@ -14,7 +14,9 @@ except ImportError:  # pragma: no cover - depends on the environment
         "that an existing GPU or CPU build is kept."
     ) from None
 
+from gradmagic.core.autodiff import DisconnectedWeight, Explanation, LayerPath, OpInfo, explain
 from gradmagic.core.compute import clear_cache
+from gradmagic.core.gradcheck import CheckRow, GradientCheck, check_gradients
 from gradmagic.core.gradients import input_gradients, output_gradients, weight_gradients
 from gradmagic.core.results import (
     GradientRow,
@@ -25,12 +27,20 @@ from gradmagic.core.results import (
 )
 
 __all__ = [
+    "CheckRow",
+    "DisconnectedWeight",
+    "Explanation",
+    "GradientCheck",
     "GradientRow",
     "GradientStats",
     "InputGradients",
+    "LayerPath",
+    "OpInfo",
     "OutputGradients",
     "WeightGradients",
+    "check_gradients",
     "clear_cache",
+    "explain",
     "input_gradients",
     "output_gradients",
     "weight_gradients",

@@ -30,9 +30,12 @@ from gradmagic.core.targets import (
     resolve_loss,
     weight_slots,
 )
-from gradmagic.errors import ComputeError, GradmagicError, InputError, ModelBuildError, brief
+from gradmagic.core.trace_errors import diagnose_trace_error, short_error
+from gradmagic.errors import ComputeError, GradmagicError, InputError, ModelBuildError
 
 _specs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# model -> the compile token its compiled loss was last built under.
+_warmed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -43,11 +46,12 @@ class _Question:
     labels: list[dict[str, Any]] = field(default_factory=list)
     layer_index: int = -1
     layer_name: str = ""
-    warmed: bool = False
+    compiled_loss: bool = False
     concrete: dict = field(default_factory=dict)
 
 
-def _check_model(model: Any) -> None:
+def check_model(model: Any) -> None:
+    """Refuse anything but a Keras 3 model, with a message that says why."""
     if not isinstance(model, keras.Model):
         raise GradmagicError(
             f"Received: model of type {type(model).__name__}. Expected a Keras 3 model "
@@ -62,7 +66,7 @@ def _shapes(x: Any) -> str:
     return str(shapes[0]) if len(shapes) == 1 else str(shapes)
 
 
-def _spec_and_inputs(model: keras.Model, x: Any) -> tuple[ModelSpec, Any, int]:
+def spec_and_inputs(model: keras.Model, x: Any) -> tuple[ModelSpec, Any, int]:
     """Build the model from x if needed, then convert x against its declared inputs."""
     spec = _specs.get(model)
     if spec is not None:
@@ -77,7 +81,7 @@ def _spec_and_inputs(model: keras.Model, x: Any) -> tuple[ModelSpec, Any, int]:
         except Exception as exc:
             raise ModelBuildError(
                 f"Model '{model_name(model)}' is not built, and building it by calling it on "
-                f"x of shape {_shapes(raw)} failed: {brief(exc).rstrip('.')}. Fix: give x in the shape the "
+                f"x of shape {_shapes(raw)} failed: {short_error(exc).rstrip('.')}. Fix: give x in the shape the "
                 f"model takes, or build the model first (an Input layer, model.build(shape), "
                 f"or one call on real data)."
             ) from None
@@ -87,7 +91,8 @@ def _spec_and_inputs(model: keras.Model, x: Any) -> tuple[ModelSpec, Any, int]:
     return spec, prepared, batch
 
 
-def _prepare_loss_args(model: keras.Model, spec: ModelSpec, y: Any, sample_weight: Any, batch: int) -> tuple[Any, Any]:
+def prepare_loss_args(model: keras.Model, spec: ModelSpec, y: Any, sample_weight: Any, batch: int) -> tuple[Any, Any]:
+    """Convert and check targets and optional sample weights for a batch of ``batch`` samples."""
     targets = prepare_targets(model, y, batch, spec)
     weights = None
     if sample_weight is not None:
@@ -102,32 +107,36 @@ def _question(model: keras.Model, key: Hashable, build: Callable[[], _Question])
 def _run(model: keras.Model, key: Hashable, question: _Question, args: tuple, what: str, x: Any) -> Any:
     """Run a compiled question; turn any failure into one clear GradmagicError."""
     try:
-        if not question.warmed:
-            _warm_up(model, question, args)
+        if question.compiled_loss and _warmed.get(model) != _compile_token(model):
+            _build_compiled_loss(model, question, args)
         return compute.call_compiled(question.fn, question.concrete, args)
     except GradmagicError:
         compute.forget(model, key)
         raise
     except Exception as exc:
         compute.forget(model, key)
-        raise ComputeError(
+        raise diagnose_trace_error(exc, model, None) or ComputeError(
             f"Computing {what} of model '{model_name(model)}' on x of shape {_shapes(x)} "
-            f"failed: {brief(exc).rstrip('.')}. Check that x (and y) are what the model takes; the model "
+            f"failed: {short_error(exc).rstrip('.')}. Check that x (and y) are what the model takes; the model "
             f"was left unchanged."
         ) from None
 
 
-def _warm_up(model: keras.Model, question: _Question, args: tuple) -> None:
-    """Run the question's first call eagerly on one sample, with all state restored.
+def _build_compiled_loss(model: keras.Model, question: _Question, args: tuple) -> None:
+    """Let a compiled loss build itself once, eagerly on one sample, with all state restored.
 
-    A compiled loss builds its trackers on first use; doing that here, outside the
-    traced function, keeps variable creation out of the graph. It also reports
-    errors from the model and the loss eagerly, where they are readable.
+    Keras builds a compiled loss (and its per-output trackers) on first use;
+    doing that here keeps variable creation out of the traced function. A
+    failure here is left for the traced run to report, where it reads as it
+    would in ``fit``.
     """
     one = keras.tree.map_structure(lambda t: None if t is None else tf.convert_to_tensor(t[:1]), args)
-    with preserved_eagerly(model):
-        question.fn.python_function(*one)
-    question.warmed = True
+    try:
+        with preserved_eagerly(model):
+            question.fn.python_function(*one)
+    except Exception:
+        pass  # the traced run right after reports it, as fit would
+    _warmed[model] = _compile_token(model)
 
 
 def _compile_token(model: keras.Model) -> tuple:
@@ -183,10 +192,10 @@ def weight_gradients(
         >>> r = gradmagic.weight_gradients(model, x, y, layer="dense_1")
         >>> r.loss, [g.shape for g in r.arrays()]
     """
-    _check_model(model)
-    spec, x_in, batch = _spec_and_inputs(model, x)
+    check_model(model)
+    spec, x_in, batch = spec_and_inputs(model, x)
     if output is None:
-        y_in, sw_in = _prepare_loss_args(model, spec, y, sample_weight, batch)
+        y_in, sw_in = prepare_loss_args(model, spec, y, sample_weight, batch)
     else:
         _check_output_index(model, spec, output)
         y_in, sw_in = None, None
@@ -208,7 +217,8 @@ def weight_gradients(
             {"index": s.layer_index, "layer": s.layer_name, "weight": s.name, "shape": s.shape, "path": s.path}
             for s in chosen
         ]
-        return _Question(compute.weight_function(model, variables, loss_fn, bool(training)), labels)
+        fn = compute.weight_function(model, variables, loss_fn, bool(training))
+        return _Question(fn, labels, compiled_loss=loss is None and output is None)
 
     question = _question(model, key, build)
     loss_value, grads = _run(model, key, question, (x_in, y_in, sw_in), "dLoss/dW", x_in)
@@ -253,9 +263,9 @@ def output_gradients(
         >>> o = gradmagic.output_gradients(model, x, y, layer=2)
         >>> o.array.shape == o.output.shape
     """
-    _check_model(model)
-    spec, x_in, batch = _spec_and_inputs(model, x)
-    y_in, sw_in = _prepare_loss_args(model, spec, y, sample_weight, batch)
+    check_model(model)
+    spec, x_in, batch = spec_and_inputs(model, x)
+    y_in, sw_in = prepare_loss_args(model, spec, y, sample_weight, batch)
     layer_ref = id(layer) if isinstance(layer, keras.Layer) else layer
     key = ("output", layer_ref, loss_key(loss), bool(training), sw_in is None, _compile_token(model))
 
@@ -264,7 +274,7 @@ def output_gradients(
         index, lay = resolve_layer(model, layer)
         position = _input_position(model, lay)
         fn = compute.output_function(model, lay, position, loss_fn, bool(training))
-        return _Question(fn, layer_index=index, layer_name=lay.name)
+        return _Question(fn, layer_index=index, layer_name=lay.name, compiled_loss=loss is None)
 
     question = _question(model, key, build)
     loss_value, outputs, grads = _run(model, key, question, (x_in, y_in, sw_in), "dLoss/d(layer output)", x_in)
@@ -340,8 +350,8 @@ def input_gradients(
         >>> j = gradmagic.input_gradients(model, [[0.5]])
         >>> j.array[0, 0, 0]   # dy/dx at x = 0.5
     """
-    _check_model(model)
-    spec, x_in, _ = _spec_and_inputs(model, x)
+    check_model(model)
+    spec, x_in, _ = spec_and_inputs(model, x)
     leaves = keras.tree.flatten(x_in)
     names = _input_names(spec, x_in)
     for name, leaf in zip(names, leaves):

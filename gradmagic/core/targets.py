@@ -161,8 +161,8 @@ def _compute_loss_takes_training(model: keras.Model) -> bool:
 class _FunctionLoss(keras.losses.Loss):
     """A plain ``f(y_true, y_pred)`` given Keras's reduction and sample weighting."""
 
-    def __init__(self, fn: Callable[[Any, Any], Any]) -> None:
-        super().__init__(name=getattr(fn, "__name__", "loss"))
+    def __init__(self, fn: Callable[[Any, Any], Any], dtype: str | None = None) -> None:
+        super().__init__(name=getattr(fn, "__name__", "loss"), dtype=dtype)
         self._fn = fn
 
     def call(self, y_true: Any, y_pred: Any) -> Any:
@@ -194,7 +194,9 @@ def _as_loss_object(loss: Any, model: keras.Model) -> keras.losses.Loss:
     if isinstance(loss, keras.losses.Loss):
         return loss
     if callable(loss):
-        return _FunctionLoss(loss)
+        # In the model's variable dtype: float64 models keep float64 losses, and
+        # mixed-precision models (float16 compute) still get float32 losses.
+        return _FunctionLoss(loss, dtype=getattr(model, "dtype", None))
     raise LossError(
         f"Received: loss={loss!r} of type {type(loss).__name__} for model "
         f"'{model_name(model)}'. Expected a Keras loss name (e.g. 'mse'), a "

@@ -1,0 +1,81 @@
+"""Turn the classic tracing failures into one clear paragraph.
+
+A Lambda or custom layer that uses Python control flow on a tensor, or calls
+NumPy on one, fails while the model is traced with a message that names
+neither the layer nor the fix. These helpers recognise those failures and
+shorten any other TensorFlow/Keras error to one line.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from gradmagic.core.targets import model_name
+from gradmagic.errors import ComputeError, GradmagicError, brief
+
+
+def short_error(exc: BaseException, limit: int = 200) -> str:
+    """An error from TensorFlow or Keras in one short line, without the traceback inside its message.
+
+    Keras highlights (in bold) the message of an error raised inside a layer; a
+    TensorFlow run-time error carries the graph's Python traceback.
+    """
+    text = str(exc)
+    if "\x1b[1m" in text:
+        text = text.split("\x1b[1m", 1)[1].split("\x1b[0m", 1)[0]
+    elif isinstance(exc, tf.errors.OpError):
+        skip = ("Graph execution error", "Detected at node", "[[")
+        lines = [line.strip() for line in exc.message.splitlines() if line.strip() and not line.startswith(" ")]
+        text = " ".join(line for line in lines if not line.startswith(skip)) or exc.message
+    return brief(ValueError(text), limit)
+
+
+# --- the classic failures ----------------------------------------------------------------------------------------
+
+
+def function_name(layer: keras.Layer) -> str:
+    return getattr(layer.function, "__name__", type(layer.function).__name__)
+
+
+def describe_layer(model: keras.Model, index: int | None) -> str:
+    if index is None:
+        return f"A layer of model '{model_name(model)}'"
+    layer = model.layers[index]
+    fn = f", function {function_name(layer)!r}" if isinstance(layer, keras.layers.Lambda) else ""
+    return f"Layer {index} '{layer.name}' ({type(layer).__name__}{fn}) of model '{model_name(model)}'"
+
+
+def diagnose_trace_error(exc: BaseException, model: keras.Model, index: int | None) -> GradmagicError | None:
+    """Turn the classic tracing failures of Lambda and custom layers into a clear error, else ``None``.
+
+    Args:
+        exc: What tracing the model raised.
+        model: The model.
+        index: Index in ``model.layers`` of the innermost layer that was running.
+    """
+    text, who = str(exc), describe_layer(model, index)
+    said = f"TensorFlow said: {short_error(exc)}"
+    if isinstance(exc, tf.errors.OperatorNotAllowedInGraphError) or any(
+        s in text for s in ("as a Python `bool`", "truth value of an array", "iterating over `tf.Tensor`")
+    ):
+        return ComputeError(
+            f"{who} uses Python control flow on a tensor (`if`, `while`, `and`/`or`, `bool()` or a `for` loop over "
+            f"a tensor). In a traced function the tensor is symbolic, so Python cannot tell whether it is true. "
+            f"Fix: compute both branches and pick element-wise with `tf.where(cond, a, b)` or `keras.ops.where(cond, "
+            f"a, b)` (the gradient flows to the branch taken), use `tf.cond` for one scalar condition, or move the "
+            f"code into a function decorated with `@tf.function` so that AutoGraph turns the `if` into `tf.cond`. "
+            f"{said}"
+        )
+    if "Cannot convert a symbolic" in text or "to a numpy array" in text:
+        return ComputeError(
+            f"{who} calls NumPy on a tensor (e.g. `np.round(t)`). While tracing, tensors are symbolic and cannot "
+            f"become NumPy arrays. Fix: use the TensorFlow or Keras equivalent (`tf.round`, `tf.math.*`, "
+            f"`keras.ops.*`), which keeps the gradient wherever the math has one; or wrap the NumPy code in "
+            f"`tf.numpy_function(f, [t], tf.float32)`, which runs it as Python but stops the gradient there (its "
+            f"output has no gradient with respect to its inputs). {said}"
+        )
+    return None
+
+
+# --- result objects ----------------------------------------------------------------------------------------------
