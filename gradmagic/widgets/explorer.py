@@ -235,7 +235,7 @@ class Explorer(widgets.VBox):
         self.view: ExplorerView | None = None
         labels = [label for label, _, _ in self._bar_layers()]
         title = "dLoss/dW norm per layer" if self.targets is not None else "d(output)/dW norm per layer"
-        self.figure_view = FigureView(figsize=(11.0, 3.3), use_ipympl=use_ipympl)
+        self.figure_view = FigureView(figsize=(9.6, 3.2), use_ipympl=use_ipympl)
         self.figure = ExplorerFigure(self.figure_view.figure, labels, title)
         self.figure_view.animate(self.figure.artists)
         self.readout = widgets.HTML()

@@ -56,6 +56,10 @@ class FigureView:
             canvas.footer_visible = False
             canvas.toolbar_visible = False
             canvas.resizable = False
+            # Keep frames out of the widget state: ipympl would store each one as a
+            # bare base64 string, which the front-end then fails to load as an image
+            # and leaves the canvas blank. Frames go out as binary messages only.
+            canvas.syncing_data_url = False
             self.widget: widgets.DOMWidget = canvas
         else:
             FigureCanvasAgg(self.figure)
