@@ -2,9 +2,11 @@
 
 Load with ``%load_ext gradmagic``. The magic holds no gradient math: each
 ``--wrt`` mode calls :func:`gradmagic.weight_gradients`,
-:func:`gradmagic.output_gradients` or :func:`gradmagic.input_gradients`, and
-what it returns (or stores with ``-o``) is exactly that call's result (with
-several ``--layer`` values, a :class:`ResultList` of one such result per layer).
+:func:`gradmagic.output_gradients` or :func:`gradmagic.input_gradients`,
+``--explain`` calls :func:`gradmagic.explain` and ``--check`` calls
+:func:`gradmagic.check_gradients`; what it returns (or stores with ``-o``) is
+exactly that call's result (with several ``--layer`` values, a
+:class:`ResultList` of one such result per layer).
 
 Importing this module must stay cheap: TensorFlow, Keras, NumPy and matplotlib
 are imported inside the functions that need them, so ``%load_ext gradmagic``
@@ -32,7 +34,8 @@ from gradmagic.plots import NormChart
 FULL_ARRAY_LIMIT = 10_000
 
 _USAGE = (
-    "Usage: %gradients MODEL X [Y] [--wrt weights|output|input] [--layer L] [-o VAR]; see %gradients? for all options."
+    "Usage: %gradients MODEL X [Y] [--wrt weights|output|input] [--layer L] [-o VAR], or %gradients MODEL X [Y] "
+    "--explain, or %gradients MODEL X Y --check; see %gradients? for all options."
 )
 _OPENERS, _CLOSERS = "([{", ")]}"
 
@@ -67,7 +70,6 @@ class GradientMagics(Magics):
     @argument(
         "--wrt",
         choices=("weights", "output", "input"),
-        default="weights",
         help="weights: dLoss/dW per layer (default); output: dLoss/d(layer output), needs --layer; "
         "input: d(model output)/d(input), per sample.",
     )
@@ -89,6 +91,18 @@ class GradientMagics(Magics):
     @argument("-o", dest="store", metavar="VAR", help="Store the result in VAR and display its table.")
     @argument("--full", action="store_true", help="Also show the gradient arrays, not only the statistics.")
     @argument("--plot", action="store_true", help="Also draw a bar chart of the gradient norm per layer (log scale).")
+    @argument(
+        "--explain",
+        action="store_true",
+        help="Instead of --wrt: per layer, where the gradient flows or stops and which op stops it "
+        "(gradmagic.explain). With Y the loss is differentiated, else the sum of the outputs.",
+    )
+    @argument(
+        "--check",
+        action="store_true",
+        help="Instead of --wrt: compare autodiff with finite differences per layer and input, needs Y "
+        "(gradmagic.check_gradients).",
+    )
     @output_can_be_silenced
     @no_var_expand
     @line_magic
@@ -106,6 +120,9 @@ class GradientMagics(Magics):
           %gradients model x y --layer 1 --plot         # dLoss/dW of layer 1, norm chart
           %gradients model x y --wrt output --layer 2   # dLoss/d(output of layer 2)
           %gradients model x --wrt input --output-index 0   # d(output unit 0)/d(x)
+          %gradients model x --explain                  # where a gradient stops (Round, casts...)
+          %gradients model x y --explain -o paths       # the same for the loss, kept in paths
+          %gradients model x y --check                  # autodiff against finite differences
           res = %gradients model x y                    # keep the result
           %gradients model x y -o res                   # keep it and show its table
 
@@ -113,6 +130,11 @@ class GradientMagics(Magics):
         --plot then show their output under it once the cell has run. With
         -o VAR the table is displayed, the result stored in VAR, and nothing
         returned. Several layers give a list with one result per layer.
+
+        --explain and --check replace --wrt: each reports on every layer at
+        once (returning what gradmagic.explain / gradmagic.check_gradients
+        return), so --wrt, --layer, --output-index, --full and --plot do not
+        combine with them; --loss, --training and -o do.
         """
         args = _parse(self.gradients.parser, line)
         if args.x is None:
@@ -331,7 +353,7 @@ def _option_values(args: Any) -> dict[str, Any]:
     """The options that only make sense with X, keyed by how the user writes them."""
     return {
         "Y": args.y,
-        "--wrt": args.wrt != "weights",
+        "--wrt": args.wrt is not None,
         "--layer": args.layer,
         "--loss": args.loss,
         "--training": args.training,
@@ -339,11 +361,17 @@ def _option_values(args: Any) -> dict[str, Any]:
         "-o": args.store,
         "--full": args.full,
         "--plot": args.plot,
+        "--explain": args.explain,
+        "--check": args.check,
     }
 
 
 def _check_options(args: Any) -> None:
-    """Refuse combinations that do not fit the chosen --wrt, with the line that does."""
+    """Refuse combinations that do not fit the chosen mode, with the line that does."""
+    if args.explain or args.check:
+        _check_report_options(args)
+        return
+    args.wrt = args.wrt or "weights"  # None until here, so that an explicit --wrt can be told from the default
     m = args.model
     if args.wrt in ("weights", "output") and args.y is None:
         raise UsageError(
@@ -377,6 +405,45 @@ def _check_options(args: Any) -> None:
             )
 
 
+def _check_report_options(args: Any) -> None:
+    """--explain and --check report on every layer at once: refuse the options of the --wrt modes."""
+    m, x = args.model, args.x
+    y = f" {args.y}" if args.y is not None else ""
+    if args.explain and args.check:
+        raise UsageError(
+            f"Received: --explain and --check together. They are two reports, one call each: "
+            f"%gradients {m} {x}{y} --explain, then %gradients {m} {x}{y or ' y'} --check."
+        )
+    flag = "--explain" if args.explain else "--check"
+    given = {
+        "--wrt": args.wrt is not None,
+        "--layer": args.layer,
+        "--output-index": args.output_index is not None,
+        "--full": args.full,
+        "--plot": args.plot,
+    }
+    conflicts = [option for option, value in given.items() if value]
+    if conflicts:
+        names, one = ", ".join(conflicts), len(conflicts) == 1
+        valid = f"%gradients {m} {x}{y if args.explain else y or ' y'} {flag}"
+        raise UsageError(
+            f"Received: {flag} with {names}. {flag} reports on every layer at once and shows no gradient arrays; "
+            f"{names} {'is an option' if one else 'are options'} of the gradient modes (--wrt weights/output/input). "
+            f"Drop {'it' if one else 'them'}: {valid}; or drop {flag} to compute gradients."
+        )
+    if args.check and args.y is None:
+        raise UsageError(
+            f"Received: --check without Y. The gradient check compares dLoss/dW and dLoss/dX with finite "
+            f"differences of the loss, which needs targets: %gradients {m} {x} y --check."
+        )
+    if args.explain and args.loss and args.y is None:
+        raise UsageError(
+            f"Received: --loss {args.loss} with --explain but no Y. Without targets --explain differentiates the "
+            f"sum of the model's outputs and uses no loss: add Y (%gradients {m} {x} y --explain --loss "
+            f"{args.loss}) or drop --loss."
+        )
+
+
 def _store_name(name: str | None) -> str | None:
     if name is not None and (not name.isidentifier() or keyword.iskeyword(name)):
         raise UsageError(f"Received: -o {name!r}. Expected a Python variable name to store the result in, e.g. -o res.")
@@ -387,7 +454,7 @@ def _store_name(name: str | None) -> str | None:
 
 
 def _compute(model: Any, x: Any, y: Any, args: Any, loss: Any) -> Any:
-    """Call the core once per layer asked for; a GradmagicError becomes a UsageError."""
+    """Call the core (once per layer asked for); a GradmagicError becomes a UsageError."""
     import gradmagic.core as core
 
     def one(layer: int | str | None) -> Any:
@@ -398,6 +465,10 @@ def _compute(model: Any, x: Any, y: Any, args: Any, loss: Any) -> Any:
         return core.weight_gradients(model, x, y, layer=layer, loss=loss, training=args.training)
 
     try:
+        if args.explain:
+            return core.explain(model, x, y, loss=loss, training=args.training)
+        if args.check:
+            return core.check_gradients(model, x, y, loss=loss, training=args.training)
         if len(args.layer) > 1:
             return ResultList(one(layer) for layer in args.layer)
         return one(args.layer[0] if args.layer else None)
@@ -551,6 +622,8 @@ def format_layer_summary(model: Any, rows: list[dict[str, Any]], token: str = "m
         (f"%gradients {token} x y --layer {example}", "dLoss/dW of one layer with trainable weights"),
         (f"%gradients {token} x y --wrt output --layer {rows[-1]['index']}", "dLoss/d(output of a layer)"),
         (f"%gradients {token} x --wrt input", "d(model output)/d(x), per sample"),
+        (f"%gradients {token} x --explain", "where a gradient stops, and which op stops it"),
+        (f"%gradients {token} x y --check", "autodiff against finite differences"),
     ]
     width = max(len(line) for line, _ in examples)
     lines += ["", *(f"{line.ljust(width)}  # {what}" for line, what in examples)]

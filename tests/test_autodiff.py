@@ -294,3 +294,11 @@ def test_cut_in_the_loss_or_in_the_models_own_call():
     assert {d.path for d in e.disconnected} == _tape_disconnected(sub, X)
     assert {(d.cut_index, d.cut_layer, d.cut_op) for d in e.disconnected} == {(None, "floored", "Floor")}
     assert "cut in the call of model 'floored' itself by op Floor" in repr(e)
+
+
+def test_public_names_stay_importable_from_autodiff():
+    from gradmagic.core import autodiff, explanation
+
+    for name in ("Explanation", "LayerPath", "OpInfo", "DisconnectedWeight"):
+        assert getattr(autodiff, name) is getattr(explanation, name)
+    assert autodiff.explain is gm.explain and autodiff.Explanation is gm.Explanation

@@ -231,3 +231,11 @@ def test_layer_hard_coding_float32_falls_back_with_the_reason():
         c = check_gradients(model, X, X, loss="mse")
     assert c.dtype == "float32" and c.passed
     assert "AddV2" in c.notes[0]  # the op that mixed float32 into the float64 copy
+
+
+def test_public_names_stay_importable_from_gradcheck():
+    from gradmagic.core import gradcheck, gradcheck_results
+
+    assert gradcheck.CheckRow is gradcheck_results.CheckRow
+    assert gradcheck.GradientCheck is gradcheck_results.GradientCheck is gm.GradientCheck
+    assert gradcheck.check_gradients is gm.check_gradients

@@ -378,3 +378,12 @@ def test_numpy_inside_a_lambda_gets_the_tracing_explanation():
     model.compile(loss="mse")
     with pytest.raises(gm.GradmagicError, match=r"calls NumPy on a tensor.*tf\.round"):
         gm.weight_gradients(model, np.ones((2, 2)), np.zeros((2, 1)))
+
+
+def test_freezing_a_layer_is_seen_by_the_next_call():
+    model = mlp((3, 4, 2))
+    x, y = np.ones((2, 3), "float32"), np.zeros((2, 2), "float32")
+    assert len(gm.weight_gradients(model, x, y).arrays()) == 4
+    model.layers[0].trainable = False
+    r = gm.weight_gradients(model, x, y)
+    assert r.paths == [v.path for v in model.trainable_weights] and len(r.arrays()) == 2

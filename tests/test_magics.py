@@ -10,6 +10,7 @@ import sys
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from conftest import assert_unchanged, fingerprint, mlp
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
@@ -61,12 +62,28 @@ def ns(ip):
     values = {
         "model": mlp((3, 4, 2)),
         "lin": _linear(),
+        "rounding": _rounding(),
         "x": x,
         "y": y,
         "data": {"x": x, "y": y},
     }
     ip.push(values)
     return values
+
+
+def _rounding():
+    """Dense 'pre' -> Lambda(tf.round) 'lam' -> Dense 'post': the Round stops every gradient to 'pre'."""
+    model = keras.Sequential(
+        [
+            keras.Input((3,)),
+            keras.layers.Dense(3, name="pre"),
+            keras.layers.Lambda(tf.round, output_shape=(3,), name="lam"),
+            keras.layers.Dense(2, name="post"),
+        ],
+        name="rounding",
+    )
+    model.compile(optimizer="sgd", loss="mse")
+    return model
 
 
 def _gradients(ip, line):
@@ -245,6 +262,78 @@ def test_several_layers_give_one_core_result_per_layer(ip, ns):
     assert html == stored[0]._repr_html_() + stored[1]._repr_html_()
 
 
+# --- --explain and --check: the core's reports -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "kwargs"),
+    [
+        ("", {}),
+        ("y", {"y": True}),
+        ("y --loss mae --training", {"y": True, "loss": "mae", "training": True}),
+    ],
+)
+def test_explain_is_the_core_report_and_flags_the_round_layer(ip, ns, options, kwargs):
+    model = ns["rounding"]
+    before = fingerprint(model)
+
+    got = _gradients(ip, f"rounding x {options} --explain")
+
+    want = gm.explain(model, ns["x"], ns["y"] if kwargs.pop("y", False) else None, **kwargs)
+    assert isinstance(got, gm.Explanation)
+    assert got.to_dict() == want.to_dict()
+    assert [(r.name, r.verdict, r.op) for r in got.blocked] == [("lam", "no gradient", "Round")]
+    assert [(r.name, r.verdict) for r in want.blocked] == [("lam", "no gradient")]
+    assert {(d.path, d.cut_layer, d.cut_op) for d in got.disconnected} == {
+        ("rounding/pre/kernel", "lam", "Round"),
+        ("rounding/pre/bias", "lam", "Round"),
+    }
+    assert_unchanged(model, before)
+
+
+def test_check_passes_on_a_healthy_model_with_the_core_numbers(ip, ns):
+    model, x, y = ns["model"], ns["x"], ns["y"]
+    before = fingerprint(model)
+
+    got = _gradients(ip, "model x y --check")
+
+    want = gm.check_gradients(model, x, y)
+    assert isinstance(got, gm.GradientCheck)
+    assert got.passed and got.dtype == "float64"
+    assert got.max_rel_error == want.max_rel_error
+    assert got.to_dict() == want.to_dict() and got.loss == want.loss
+
+    options = _gradients(ip, "model x y --check --loss mae --training")
+    want = gm.check_gradients(model, x, y, loss="mae", training=True)
+    assert options.to_dict() == want.to_dict() and options.loss == want.loss != got.loss
+    assert any("training=True" in note for note in options.notes)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize(
+    ("line", "kind"), [("rounding x --explain", gm.Explanation), ("lin x y --check", gm.GradientCheck)]
+)
+def test_explain_and_check_with_o_and_assignment_store_the_core_object(ip, ns, line, kind):
+    with capture_output() as cap:
+        assert _gradients(ip, f"{line} -o report") is None
+    stored = ip.user_ns["report"]
+    assert type(stored) is kind
+    assert len(cap.outputs) == 1
+    assert cap.outputs[0].data["text/html"] == stored._repr_html_()
+
+    with capture_output() as cap:
+        cell = ip.run_cell(f"assigned = %gradients {line}")
+    assert cell.success, cell.error_in_exec
+    assert type(ip.user_ns["assigned"]) is kind
+    assert ip.user_ns["assigned"].to_dict() == stored.to_dict()
+    assert cap.outputs == [] and "Out" not in cap.stdout
+
+    with capture_output() as cap:
+        cell = ip.run_cell(f"%gradients {line}")
+    assert type(cell.result) is kind and cap.outputs == []
+    assert cap.stdout.count(repr(cell.result).splitlines()[0]) == 1  # shown once, as Out
+
+
 # --- display: table, --full, --plot, summary ----------------------------------------------------------------------
 
 
@@ -338,10 +427,17 @@ def test_model_alone_prints_the_layer_summary(ip):
 
 def test_help_documents_every_option_and_an_example_per_mode(ip):
     doc = ip.find_line_magic("gradients").__doc__
-    for option in ("--wrt", "--layer", "--loss", "--training", "--output-index", "-o VAR", "--full", "--plot"):
+    options = ("--wrt", "--layer", "--loss", "--training", "--output-index", "-o VAR", "--full", "--plot")
+    for option in (*options, "--explain", "--check"):
         assert option in doc
-    for example in ("%gradients model x_train[:32] y_train[:32]", "--wrt output --layer 2", "--wrt input"):
+    examples = ("%gradients model x_train[:32] y_train[:32]", "--wrt output --layer 2", "--wrt input")
+    for example in (*examples, "%gradients model x --explain", "%gradients model x y --check"):
         assert example in doc
+
+    with capture_output() as cap:
+        ip.run_cell("%gradients?")
+    assert "%gradients model x --explain" in cap.stdout and "%gradients model x y --check" in cap.stdout
+    assert "[--explain] [--check]" in cap.stdout
 
 
 # --- user mistakes ------------------------------------------------------------------------------------------------
@@ -368,6 +464,17 @@ MISTAKES = [
     ("model x y --loss msee", "loss='msee', which is not a Keras loss"),
     ("model x[:, :2] y", "expects (batch, 3)"),
     ("model x y[:2]", "y with 2 samples, but x has 5"),
+    ("model x y --explain --check", "--explain and --check together"),
+    ("model x --explain --layer 1", "--explain with --layer."),
+    ("model x --explain --full", "--explain with --full."),
+    ("model x --explain --output-index 0", "--explain with --output-index."),
+    ("model x --explain --wrt weights", "--explain with --wrt."),
+    ("model x y --check --layer 0 --plot", "--check with --layer, --plot."),
+    ("model x --check", "--check without Y"),
+    ("model x --explain --loss mae", "--loss mae with --explain but no Y"),
+    ("model --check", "--check but no X"),
+    ("model x y[:2] --check", "y with 2 samples, but x has 5"),  # the core's messages, as they are
+    ("model x y --explain --loss msee", "loss='msee', which is not a Keras loss"),
 ]
 
 

@@ -201,7 +201,10 @@ def weight_gradients(
         y_in, sw_in = None, None
     layer_ref = id(layer) if isinstance(layer, keras.Layer) else layer
     what = loss_key(loss) if output is None else ("output unit", int(output))
-    key = ("weights", layer_ref, what, bool(training), sw_in is None, _compile_token(model))
+    # Which weights are trainable is part of the question: freezing a layer
+    # (layer.trainable = False) must not reuse a function traced for it.
+    trainable = tuple(map(id, model.trainable_weights))
+    key = ("weights", layer_ref, what, bool(training), sw_in is None, _compile_token(model), trainable)
 
     def build() -> _Question:
         loss_fn = resolve_loss(model, loss) if output is None else output_unit_loss(int(output))

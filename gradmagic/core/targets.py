@@ -158,7 +158,7 @@ def _compute_loss_takes_training(model: keras.Model) -> bool:
     return "training" in inspect.signature(model.compute_loss).parameters
 
 
-class _FunctionLoss(keras.losses.Loss):
+class FunctionLoss(keras.losses.Loss):
     """A plain ``f(y_true, y_pred)`` given Keras's reduction and sample weighting."""
 
     def __init__(self, fn: Callable[[Any, Any], Any], dtype: str | None = None) -> None:
@@ -196,7 +196,7 @@ def _as_loss_object(loss: Any, model: keras.Model) -> keras.losses.Loss:
     if callable(loss):
         # In the model's variable dtype: float64 models keep float64 losses, and
         # mixed-precision models (float16 compute) still get float32 losses.
-        return _FunctionLoss(loss, dtype=getattr(model, "dtype", None))
+        return FunctionLoss(loss, dtype=getattr(model, "dtype", None))
     raise LossError(
         f"Received: loss={loss!r} of type {type(loss).__name__} for model "
         f"'{model_name(model)}'. Expected a Keras loss name (e.g. 'mse'), a "

@@ -1,0 +1,138 @@
+"""Trace a model once in a ``tf.function``, attributing every graph op to the layer whose call created it.
+
+Used by :func:`gradmagic.core.autodiff.explain` (ops and verdicts per layer) and
+by the gradient check (the layer that was running when tracing failed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from gradmagic.core.op_graph import carries_gradient
+from gradmagic.core.targets import model_name
+from gradmagic.core.trace_errors import diagnose_trace_error
+from gradmagic.errors import ComputeError, GradmagicError, brief
+
+OWNER_GLUE, OWNER_LOSS = -1, -2  # owners of ops outside any layer: model plumbing, and the loss
+
+
+@dataclass
+class LayerCall:
+    """One call of a layer while tracing: its slice ``[start, end)`` of the graph's ops, its tensors."""
+
+    layer_index: int
+    start: int
+    end: int = -1
+    inputs: list = field(default_factory=list)
+    outputs: list = field(default_factory=list)
+
+
+class OpRecorder:
+    """Attribute the ops of a traced forward pass to the layers whose calls create them.
+
+    Each layer's ``call`` is replaced by an instance attribute for the duration of
+    the trace (as in :func:`gradmagic.core.compute.capture_calls`). Ops go to the
+    innermost running layer, so a layer called inside another keeps its own ops.
+    """
+
+    def __init__(self, layers: Sequence[keras.Layer]) -> None:
+        self.layers = list(layers)
+        self.calls: list[LayerCall] = []
+        self.owner: list[int] = []
+        self.failed: int | None = None  # the innermost layer running when tracing raised
+        self.graph: Any = None
+        self._stack: list[int] = []
+
+    def flush(self, owner: int | None = None) -> int:
+        """Give every op created since the last flush to ``owner`` (default: the running layer)."""
+        if owner is None:
+            owner = self._stack[-1] if self._stack else OWNER_GLUE
+        count = len(self.graph.get_operations())
+        self.owner.extend([owner] * (count - len(self.owner)))
+        return count
+
+    def _wrap(self, index: int, original: Any, tape: tf.GradientTape | None) -> Any:
+        def recording_call(*args: Any, **kwargs: Any) -> Any:
+            call = LayerCall(index, self.flush())
+            call.inputs = [t for t in keras.tree.flatten((args, kwargs)) if isinstance(t, tf.Tensor)]
+            self._stack.append(index)
+            try:
+                if tape is not None:
+                    tape.watch([t for t in call.inputs if carries_gradient(t)])
+                outputs = original(*args, **kwargs)
+            except Exception:
+                self.failed = index if self.failed is None else self.failed
+                raise
+            finally:
+                call.end = self.flush()
+                self._stack.pop()
+            call.outputs = [t for t in keras.tree.flatten(outputs) if isinstance(t, tf.Tensor)]
+            if tape is not None:
+                tape.watch([t for t in call.outputs if carries_gradient(t)])
+            self.calls.append(call)
+            return outputs
+
+        return recording_call
+
+    @contextlib.contextmanager
+    def recording(self, tape: tf.GradientTape | None = None) -> Iterator[None]:
+        """Wrap every layer's ``call`` (watching its tensors on ``tape``); unwrap afterwards."""
+        self.graph = tf.compat.v1.get_default_graph()
+        installed = []
+        try:
+            for index, layer in enumerate(self.layers):
+                installed.append((layer, "call" in vars(layer), layer.call))
+                object.__setattr__(layer, "call", self._wrap(index, layer.call, tape))
+            yield
+        finally:
+            for layer, had_own, original in installed:
+                if had_own:
+                    object.__setattr__(layer, "call", original)
+                else:
+                    object.__delattr__(layer, "call")
+
+
+class TracingFailed(Exception):
+    """Tracing the model raised; carries the innermost layer that was running."""
+
+    def __init__(self, cause: Exception, layer_index: int | None) -> None:
+        super().__init__(str(cause))
+        self.cause, self.layer_index = cause, layer_index
+
+
+def concrete_function(function: Any, recorder: OpRecorder, *args: Any) -> Any:
+    """Trace ``function`` once; a failure raises :class:`TracingFailed` naming the layer that was running.
+
+    One concrete function, called directly: tf.function's retracing warning is
+    meant for functions called repeatedly, not for a trace made on purpose.
+    """
+    try:
+        return function.get_concrete_function(*args)
+    except Exception as exc:
+        raise TracingFailed(exc, recorder.failed) from None
+
+
+def tracing_error(failed: TracingFailed, model: keras.Model, purpose: str) -> GradmagicError:
+    """The error to raise for a failed trace: a classic Lambda mistake by name, anything else in one line.
+
+    Args:
+        failed: What :func:`concrete_function` raised.
+        model: The model that was traced.
+        purpose: Completes "Tracing model 'name' ... failed", e.g. ``"for the gradient check"``.
+    """
+    return diagnose_trace_error(failed.cause, model, failed.layer_index) or ComputeError(
+        f"Tracing model '{model_name(model)}' {purpose} failed: {brief(failed.cause)} The model was left unchanged."
+    )
+
+
+def dense(nested: Any) -> Any:
+    """Gradients with ``tf.IndexedSlices`` (from gathers, e.g. Embedding) turned into plain tensors."""
+    return tf.nest.map_structure(
+        lambda g: tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g, nested, expand_composites=False
+    )
