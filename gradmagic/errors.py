@@ -43,6 +43,12 @@ def close_matches(word: str, choices: Iterable[str], limit: int = 3) -> list[str
     return difflib.get_close_matches(word, list(choices), n=limit, cutoff=0.5)
 
 
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """Return `` Did you mean 'a', 'b'?`` for the closest choices, or ``""`` if none is close."""
+    suggestions = close_matches(word, choices)
+    return f" Did you mean {quote_list(suggestions)}?" if suggestions else ""
+
+
 def quote_list(names: Sequence[str], limit: int = 8) -> str:
     """Format names as `'a', 'b', ...`, cut after `limit` entries."""
     shown = ", ".join(repr(n) for n in names[:limit])

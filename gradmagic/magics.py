@@ -27,7 +27,7 @@ from IPython.core.magic import Magics, line_magic, magics_class, no_var_expand, 
 from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.display import display
 
-from gradmagic.errors import GradmagicError, close_matches, quote_list
+from gradmagic.errors import GradmagicError, did_you_mean
 from gradmagic.plots import NormChart
 
 #: Arrays with more entries than this are summarised (``...``) by ``--full``.
@@ -207,8 +207,7 @@ class GradientMagics(Magics):
             example = "model" if role == "MODEL" else "x_train[:32]"
             names = [name for name in self.shell.user_ns if not name.startswith("_")]
             missing = getattr(exc, "name", None) or expression
-            suggestions = close_matches(missing, names)
-            hint = f" Did you mean {quote_list(suggestions)}?" if suggestions else ""
+            hint = did_you_mean(missing, names)
             raise UsageError(
                 f"Received: {role} = {expression!r}, but {missing!r} is not defined in the notebook namespace.{hint} "
                 f"Expected a name or Python expression defined there, e.g. {example}. {_USAGE}"

@@ -20,7 +20,7 @@ from gradmagic.errors import (
     LayerError,
     LossError,
     NoWeightsError,
-    close_matches,
+    did_you_mean,
     quote_list,
 )
 
@@ -102,8 +102,7 @@ def resolve_layer(model: keras.Model, layer: int | str | keras.Layer) -> tuple[i
     if layer in names:
         index = names.index(layer)
         return index, layers[index]
-    suggestions = close_matches(layer, names)
-    hint = f" Did you mean {quote_list(suggestions)}?" if suggestions else ""
+    hint = did_you_mean(layer, names)
     raise LayerError(
         f"Received: layer={layer!r}, but model '{model_name(model)}' has no layer of "
         f"that name.{hint} Expected one of {quote_list(names)} or an index in "
@@ -182,8 +181,7 @@ def _as_loss_object(loss: Any, model: keras.Model) -> keras.losses.Loss:
             known = sorted(
                 n for n, obj in vars(keras.losses).items() if callable(obj) and n[0].islower() and n != "get"
             )
-            suggestions = close_matches(loss, known)
-            hint = f" Did you mean {quote_list(suggestions)}?" if suggestions else ""
+            hint = did_you_mean(loss, known)
             raise LossError(
                 f"Received: loss={loss!r}, which is not a Keras loss.{hint} Expected a "
                 f"Keras loss name such as 'mse', 'mae', 'binary_crossentropy', "
