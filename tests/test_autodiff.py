@@ -302,3 +302,27 @@ def test_public_names_stay_importable_from_autodiff():
     for name in ("Explanation", "LayerPath", "OpInfo", "DisconnectedWeight"):
         assert getattr(autodiff, name) is getattr(explanation, name)
     assert autodiff.explain is gm.explain and autodiff.Explanation is gm.Explanation
+
+
+def test_nan_from_an_unpicked_where_branch_is_pinned_on_its_layer():
+    inputs = keras.Input((2,))
+    hidden = keras.layers.Dense(3, name="hidden")(inputs)
+    # tf.where picks 0 where the divisor is 0, but the gradient of the other branch is still NaN there.
+    divide = keras.layers.Lambda(lambda t: tf.where(t[1][:, :1] == 0.0, 0.0, t[0] / t[1][:, :1]), name="divide")(
+        [hidden, inputs]
+    )
+    model = keras.Model(inputs, keras.layers.Dense(1, name="head")(divide))
+    model.compile(loss="mse")
+    x = np.array([[1.0, 2.0], [0.0, 1.0]], "float32")  # the divisor column is 0 in sample 2
+    explanation = explain(model, x, np.zeros((2, 1), "float32"))
+    observed = {row["layer"]: row["observed"] for row in _rows(explanation)}
+    assert observed["divide"] == "NaN/Inf starts here"
+    assert observed["hidden"] == "NaN/Inf" and observed["head"] == "flows"
+    # The core agrees: dLoss/d(output of hidden) has NaN, dLoss/d(output of divide) has none.
+    assert np.isnan(gm.output_gradients(model, x, np.zeros((2, 1)), layer="hidden").array).any()
+    assert np.isfinite(gm.output_gradients(model, x, np.zeros((2, 1)), layer="divide").array).all()
+
+
+def _rows(explanation):
+    columns = explanation.to_dict()["layers"]
+    return [dict(zip(columns, values)) for values in zip(*columns.values())]

@@ -57,9 +57,11 @@ def test_reset_to_sample_uses_that_row_and_its_target(fitted):
     panel = gm.explore(model, x, y, use_ipympl=False, points=20)
     panel.set_point([9.0])
     panel.reset_to_sample(7)
-    assert panel.sliders[0].value == pytest.approx(float(x[7, 0]), abs=panel.sliders[0].step)
-    assert panel.view.point[0] == pytest.approx(float(x[7, 0]))
-    assert panel.view.loss == pytest.approx(gm.weight_gradients(model, x[7:8], y[7:8]).loss, rel=1e-6)
+    step = panel.sliders[0].step
+    # The point lands on the slider grid next to the sample (a browser would snap it there anyway).
+    assert panel.view.point[0] == pytest.approx(float(x[7, 0]), abs=step / 2 + 1e-6)
+    assert panel.sliders[0].value == pytest.approx(float(panel.view.point[0]))
+    assert panel.view.loss == pytest.approx(gm.weight_gradients(model, panel.view.point[None], y[7:8]).loss, rel=1e-6)
 
 
 def test_many_features_get_one_slider_and_a_feature_choice():
@@ -182,3 +184,15 @@ def test_magic_opens_the_same_panel(fitted):
         shell.user_ns["images"] = np.zeros((2, 3, 3), "float32")
         shell.user_ns["cnn"] = keras.Sequential([keras.Input((3, 3)), keras.layers.Flatten(), keras.layers.Dense(1)])
         shell.run_line_magic("gradients_explore", "cnn images")
+
+
+def test_slider_steps_are_round_so_round_points_are_reachable(fitted):
+    model, x, y = fitted
+    panel = gm.explore(model, x, y, use_ipympl=False, points=10)
+    slider = panel.sliders[0]
+    assert slider.step in (0.05, 0.1)
+    assert round((0.5 - slider.min) / slider.step, 6).is_integer()
+    panel.set_point([0.5])
+    assert panel.view.point[0] == pytest.approx(0.5, abs=1e-9)
+    panel.set_point([0.5123])
+    assert panel.view.point[0] == pytest.approx(0.5, abs=1e-9) or panel.view.point[0] == pytest.approx(0.55)

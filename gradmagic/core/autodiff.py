@@ -149,6 +149,11 @@ def _observed(trace: _Trace, calls: list[int], weight_grads: list) -> str:
     present = [g for g in grads if g is not None]
     if not grads:
         return "n/a"
+    if any(not np.all(np.isfinite(g)) for g in present):
+        # Where NaN/Inf first appears going backward is where it is made (e.g. a
+        # division by zero, even in the branch a tf.where did not pick).
+        arrived = any(not np.all(np.isfinite(g)) for g in outs)
+        return "NaN/Inf" if arrived else "NaN/Inf starts here"
     if any(np.any(g != 0) for g in present):
         return VERDICTS[FLOWS]
     return VERDICTS[ZERO] if present else VERDICTS[NONE]

@@ -63,8 +63,10 @@ def diagnose_trace_error(exc: BaseException, model: keras.Model, index: int | No
             f"{who} uses Python control flow on a tensor (`if`, `while`, `and`/`or`, `bool()` or a `for` loop over "
             f"a tensor). In a traced function the tensor is symbolic, so Python cannot tell whether it is true. "
             f"Fix: compute both branches and pick element-wise with `tf.where(cond, a, b)` or `keras.ops.where(cond, "
-            f"a, b)` (the gradient flows to the branch taken), use `tf.cond` for one scalar condition, or move the "
-            f"code into a function decorated with `@tf.function` so that AutoGraph turns the `if` into `tf.cond`. "
+            f"a, b)` (the gradient flows to the branch taken, but both branches are computed: guard a risky one's "
+            f"input too, e.g. divide by `tf.where(d == 0, 1.0, d)`, or its NaN gradient leaks through), use "
+            f"`tf.cond` for one scalar condition, or move the code into a function decorated with "
+            f"`@tf.function` so that AutoGraph turns the `if` into `tf.cond`. "
             f"{said}"
         )
     if "Cannot convert a symbolic" in text or "to a numpy array" in text:

@@ -167,6 +167,13 @@ def _flat_features(model: Any, x: Any) -> np.ndarray:
     return data.astype(spec.inputs[0].dtype if spec.inputs else "float32")
 
 
+def _nice_step(span: float, moves: int = 200) -> float:
+    """A slider step of 1, 2 or 5 times a power of ten, about ``span / moves``."""
+    raw = span / moves
+    power = 10.0 ** np.floor(np.log10(raw))
+    return float(next(m * power for m in (1.0, 2.0, 5.0, 10.0) if m * power >= raw * 0.999))
+
+
 def _numbers(value: Any) -> bool:
     return all(isinstance(v, (int, float, np.number)) or (isinstance(v, (list, tuple)) and _numbers(v)) for v in value)
 
@@ -222,10 +229,13 @@ class Explorer(widgets.VBox):
         self.reference, self.reference_grad = reference, reference_grad
         self.training = training
         self.points = points
-        low, high = self.data.min(axis=0), self.data.max(axis=0)
+        low, high = self.data.min(axis=0).astype(float), self.data.max(axis=0).astype(float)
         pad = np.where(high > low, 0.1 * (high - low), 1.0)
-        self.low, self.high = low - pad, high + pad
-        self.point = self.data[0].copy()
+        self.steps = np.array([_nice_step(span) for span in (high - low) + 2 * pad])
+        # Ranges on the step grid, so round values (x = 0.5) are reachable exactly.
+        self.low = np.floor((low - pad) / self.steps) * self.steps
+        self.high = np.ceil((high + pad) / self.steps) * self.steps
+        self.point = self._snapped(self.data[0])
         self.feature = 0
         self.unit = 0
         self.sample = 0
@@ -280,10 +290,10 @@ class Explorer(widgets.VBox):
     def _slider(self, feature: int) -> widgets.FloatSlider:
         low, high = float(self.low[feature]), float(self.high[feature])
         return widgets.FloatSlider(
-            value=float(self.point[feature]),
+            value=self._snap(feature, self.point[feature]),
             min=low,
             max=high,
-            step=(high - low) / 200.0,
+            step=float(self.steps[feature]),
             description=self.names[feature],
             continuous_update=True,
             readout_format=".4g",
@@ -318,8 +328,8 @@ class Explorer(widgets.VBox):
         slider.description = self.names[feature]
         # Widen first so the new value is never clipped to the old range.
         slider.min, slider.max = min(low, slider.min), max(high, slider.max)
-        slider.value = float(self.point[feature])
-        slider.min, slider.max, slider.step = low, high, (high - low) / 200.0
+        slider.value = self._snap(feature, self.point[feature])
+        slider.min, slider.max, slider.step = low, high, float(self.steps[feature])
 
     def _quietly(self, change: Callable[[], None]) -> None:
         """Change controls from code without their observers acting on it."""
@@ -333,27 +343,42 @@ class Explorer(widgets.VBox):
         self.unit = unit
         self.updates.submit(self._state())
 
+    def _snap(self, feature: int, value: float) -> float:
+        """The slider position nearest to ``value``.
+
+        Every value the kernel gives a slider is on its step grid: a browser
+        slider moves an off-grid value to the grid and sends it back, and that
+        late echo would undo the kernel's next move (as after ``set_point``).
+        """
+        low, step = float(self.low[feature]), float(self.steps[feature])
+        snapped = low + round((float(value) - low) / step) * step
+        return round(min(max(snapped, low), float(self.high[feature])), 12)
+
+    def _snapped(self, row: np.ndarray) -> np.ndarray:
+        return np.array([self._snap(f, v) for f, v in enumerate(row)], dtype=self.data.dtype)
+
     def reset_to_sample(self, row: int) -> None:
-        """Move the point to row ``row`` of x (its target becomes the loss target)."""
+        """Move the point to row ``row`` of x, on the slider grid (its target becomes the loss target)."""
         self.sample = int(row)
-        self.point = self.data[self.sample].copy()
+        self.point = self._snapped(self.data[self.sample])
 
         def move_sliders() -> None:
             for index, slider in enumerate(self.sliders):
                 feature = self.feature if self._single_slider() else index
-                slider.value = float(np.clip(self.point[feature], slider.min, slider.max))
+                slider.value = self._snap(feature, self.point[feature])
 
         self._quietly(move_sliders)
         self.updates.submit(self._state())
 
     def set_point(self, values: Sequence[float]) -> None:
-        """Move the sliders to ``values`` (one per feature), as a user would."""
+        """Move the sliders to ``values`` (one per feature, each snapped to its slider's step), as a user would."""
         for feature, value in enumerate(values):
+            value = self._snap(feature, value)
             if self._single_slider():
                 self.feature_select.value = feature
-                self.sliders[0].value = float(value)
+                self.sliders[0].value = value
             else:
-                self.sliders[feature].value = float(value)
+                self.sliders[feature].value = value
 
     # --- rendering -----------------------------------------------------------------------------------------------
 
