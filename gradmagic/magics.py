@@ -231,11 +231,13 @@ class GradientMagics(Magics):
         return model
 
     def _loss(self, token: str | None) -> Any:
-        """A callable of that name in the namespace, else the name for Keras to resolve."""
+        """A callable of that name in the namespace, else the name for Keras; other text is an expression."""
         if token is None:
             return None
-        candidate = self.shell.user_ns.get(token)
-        return candidate if callable(candidate) else token
+        if token.isidentifier():
+            candidate = self.shell.user_ns.get(token)
+            return candidate if callable(candidate) else token
+        return self._evaluate(token, "--loss")  # an expression: keras.losses.Huber(delta=0.5)
 
 
 def unregister(shell: Any) -> None:

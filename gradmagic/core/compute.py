@@ -1,8 +1,9 @@
 """Compiled, cached gradient functions: one ``tf.function`` per question.
 
 A question is (model, kind, layer, loss, training, ...). Its function is traced
-once per input signature (``reduce_retracing`` generalises batch sizes), so a
-repeated call - a slider move - re-runs a graph instead of Python. Functions
+once per per-sample input signature, with the batch axis left free (see
+:func:`call_compiled`), so a repeated call - a slider move - re-runs a graph
+instead of Python. Functions
 reach the model through weak references: caching never keeps a model alive.
 """
 
@@ -93,7 +94,9 @@ def _as_tensors(value: Any) -> tuple[Any, Hashable]:
         return None, None
     if isinstance(value, (list, tuple)):
         pairs = [_as_tensors(v) for v in value]
-        return type(value)(p[0] for p in pairs), tuple(p[1] for p in pairs)
+        # The container type is part of the signature: a concrete function traced
+        # for a list does not bind a tuple.
+        return type(value)(p[0] for p in pairs), (type(value).__name__, *(p[1] for p in pairs))
     if isinstance(value, dict):
         pairs = {k: _as_tensors(v) for k, v in value.items()}
         return {k: p[0] for k, p in pairs.items()}, tuple((k, pairs[k][1]) for k in sorted(pairs))
@@ -101,6 +104,11 @@ def _as_tensors(value: Any) -> tuple[Any, Hashable]:
         return tf.convert_to_tensor(value), (value.shape[1:], value.dtype.str)
     tensor = tf.convert_to_tensor(value)
     return tensor, (tuple(tensor.shape[1:]), tensor.dtype.as_numpy_dtype().dtype.str)
+
+
+def _dense(grads: Any) -> Any:
+    """Gradients as dense tensors: an Embedding's gradient is IndexedSlices (rows hit only)."""
+    return keras.tree.map_structure(lambda g: tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g, grads)
 
 
 def _float_leaves(structure: Any) -> list[tf.Tensor]:
@@ -141,7 +149,7 @@ def weight_function(model: keras.Model, variables: list, loss_fn: LossFn, traini
     """Compile ``(x, y, sample_weight) -> (loss, [dLoss/dW or None])``."""
     model_ref = weakref.ref(model)
 
-    @tf.function(reduce_retracing=True)
+    @tf.function
     def weight_grads(x: Any, y: Any, sample_weight: Any) -> tuple[Any, list]:
         model = model_ref()
         guarded = state_variables(model)
@@ -149,7 +157,7 @@ def weight_function(model: keras.Model, variables: list, loss_fn: LossFn, traini
         with tf.GradientTape() as tape:
             y_pred = model(x, training=training)
             loss = loss_fn(model, x, y, y_pred, sample_weight, training)
-        grads = tape.gradient(loss, variables)
+        grads = _dense(tape.gradient(loss, variables))
         restore_in_graph(guarded, saved)
         return loss, grads
 
@@ -171,7 +179,7 @@ def output_function(
     """
     model_ref, layer_ref = weakref.ref(model), weakref.ref(layer)
 
-    @tf.function(reduce_retracing=True)
+    @tf.function
     def output_grads(x: Any, y: Any, sample_weight: Any) -> tuple[Any, list, list]:
         model = model_ref()
         guarded = state_variables(model)
@@ -187,7 +195,7 @@ def output_function(
                     y_pred = model(x, training=training)
             loss = loss_fn(model, x, y, y_pred, sample_weight, training)
         outputs = [keras.tree.flatten(call) for call in calls]
-        grads = tape.gradient(loss, outputs)
+        grads = _dense(tape.gradient(loss, outputs))
         restore_in_graph(guarded, saved)
         return loss, outputs, grads
 
@@ -212,7 +220,7 @@ def input_function(model: keras.Model, output: int | None, training: bool) -> Ca
     """
     model_ref = weakref.ref(model)
 
-    @tf.function(reduce_retracing=True)
+    @tf.function
     def input_jacobians(x: Any) -> tuple[list, list[list]]:
         model = model_ref()
         guarded = state_variables(model)
@@ -223,7 +231,10 @@ def input_function(model: keras.Model, output: int | None, training: bool) -> Ca
             y_pred = model(x, training=training)
             flat = [tf.reshape(t, (tf.shape(t)[0], -1)) for t in keras.tree.flatten(y_pred)]
             if output is not None:
-                targets = [tf.gather(tf.concat(flat, axis=1), output, axis=1)]
+                # Outputs may differ in dtype (mixed precision): join them in the widest.
+                common = tf.float64 if any(t.dtype == tf.float64 for t in flat) else tf.float32
+                joined = tf.concat([tf.cast(t, common) for t in flat], axis=1)
+                targets = [tf.gather(joined, output, axis=1)]
         if output is not None:
             result = [tape.gradient(targets[0], sources)]
         else:

@@ -53,7 +53,24 @@ def float64_twin(model: keras.Model, input_structure: Any, sample: Any) -> keras
     low = [v.path for v in twin.weights if v.dtype != "float64" and "float" in str(v.dtype)]
     if low:
         raise ValueError(f"weights {low[:3]} stayed in lower precision")
+    # A nested model keeps its own policy through clone_model and would cast its
+    # inputs back to float32: such a copy is not a float64 check.
+    lower = [layer.name for layer in _all_layers(twin) if layer.compute_dtype != "float64"]
+    if lower:
+        raise ValueError(f"layers {lower[:3]} still compute in lower precision")
     return twin
+
+
+def _all_layers(model: keras.Model) -> list[keras.Layer]:
+    """Every layer, nested models' layers included (and the nested models themselves)."""
+    found = []
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        found.append(layer)
+        if isinstance(layer, keras.Model):
+            found.extend(_all_layers(layer))
+    return found
 
 
 def float64_loss(spec: Any) -> Any:

@@ -31,8 +31,9 @@ from gradmagic.core.targets import (
     weight_slots,
 )
 from gradmagic.core.trace_errors import diagnose_trace_error, short_error
-from gradmagic.errors import ComputeError, GradmagicError, InputError, ModelBuildError
+from gradmagic.errors import ComputeError, GradmagicError, InputError, ModelBuildError, quote_list
 
+# model -> (layers token, ModelSpec): what the model declares, re-read after add/pop.
 _specs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # model -> the compile token its compiled loss was last built under.
 _warmed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -68,10 +69,11 @@ def _shapes(x: Any) -> str:
 
 def spec_and_inputs(model: keras.Model, x: Any) -> tuple[ModelSpec, Any, int]:
     """Build the model from x if needed, then convert x against its declared inputs."""
-    spec = _specs.get(model)
-    if spec is not None:
-        prepared, batch = prepare_inputs(model, x, spec)
-        return spec, prepared, batch
+    layers = _layers_token(model)
+    known = _specs.get(model)
+    if known is not None and known[0] == layers:
+        prepared, batch = prepare_inputs(model, x, known[1])
+        return known[1], prepared, batch
     if not model.built:
         raw, _ = prepare_inputs(model, x, ModelSpec(None, None, None, []))
         sample = keras.tree.map_structure(lambda t: t[:1], raw)
@@ -86,15 +88,40 @@ def spec_and_inputs(model: keras.Model, x: Any) -> tuple[ModelSpec, Any, int]:
                 f"or one call on real data)."
             ) from None
     spec = model_spec(model)
-    _specs[model] = spec
+    _specs[model] = (_layers_token(model), spec)
     prepared, batch = prepare_inputs(model, x, spec)
     return spec, prepared, batch
+
+
+def _layers_token(model: keras.Model) -> tuple:
+    """What a Sequential ``add``/``pop`` changes: the layers themselves."""
+    return tuple(map(id, model.layers))
+
+
+def _model_token(model: keras.Model) -> tuple:
+    """What makes a traced question stale: the compiled loss, the layers, which weights train.
+
+    Freezing a layer changes more than its gradients (BatchNormalization then
+    runs in inference mode even with ``training=True``), so every question
+    depends on it.
+    """
+    return (_compile_token(model), _layers_token(model), tuple(map(id, model.trainable_weights)))
 
 
 def prepare_loss_args(model: keras.Model, spec: ModelSpec, y: Any, sample_weight: Any, batch: int) -> tuple[Any, Any]:
     """Convert and check targets and optional sample weights for a batch of ``batch`` samples."""
     targets = prepare_targets(model, y, batch, spec)
     weights = None
+    if isinstance(sample_weight, dict) and not isinstance(getattr(model, "output", None), dict):
+        # Keras reads per-output weights of a list-output model by position: order them by output name.
+        missing = [name for name in spec.output_names if name not in sample_weight]
+        if missing or not spec.output_names:
+            raise InputError(
+                f"Received: sample_weight as a dict keyed by {quote_list(sorted(map(str, sample_weight)))}, but "
+                f"model '{model_name(model)}' names its outputs {quote_list(spec.output_names)}. Expected one "
+                f"entry per output name, or a list in output order, or one array for every output."
+            )
+        sample_weight = [sample_weight[name] for name in spec.output_names]
     if sample_weight is not None:
         weights = prepare_targets(model, sample_weight, batch, ModelSpec(None, None, None, []), "sample_weight")
     return targets, weights
@@ -140,8 +167,16 @@ def _build_compiled_loss(model: keras.Model, question: _Question, args: tuple) -
 
 
 def _compile_token(model: keras.Model) -> tuple:
-    """What changes when the model is re-compiled (the traced loss is then stale)."""
-    return (loss_key(getattr(model, "loss", None)), id(getattr(model, "optimizer", None)))
+    """What changes when the model is re-compiled (the traced loss is then stale).
+
+    ``compile`` builds a new compiled-loss object each time (also when only
+    ``loss_weights`` change); Keras has no public handle on it, hence the getattr.
+    """
+    return (
+        loss_key(getattr(model, "loss", None)),
+        id(getattr(model, "optimizer", None)),
+        id(getattr(model, "_compile_loss", None)),
+    )
 
 
 def _numpy(value: Any) -> Any:
@@ -201,10 +236,7 @@ def weight_gradients(
         y_in, sw_in = None, None
     layer_ref = id(layer) if isinstance(layer, keras.Layer) else layer
     what = loss_key(loss) if output is None else ("output unit", int(output))
-    # Which weights are trainable is part of the question: freezing a layer
-    # (layer.trainable = False) must not reuse a function traced for it.
-    trainable = tuple(map(id, model.trainable_weights))
-    key = ("weights", layer_ref, what, bool(training), sw_in is None, _compile_token(model), trainable)
+    key = ("weights", layer_ref, what, bool(training), sw_in is None, _model_token(model))
 
     def build() -> _Question:
         loss_fn = resolve_loss(model, loss) if output is None else output_unit_loss(int(output))
@@ -270,7 +302,7 @@ def output_gradients(
     spec, x_in, batch = spec_and_inputs(model, x)
     y_in, sw_in = prepare_loss_args(model, spec, y, sample_weight, batch)
     layer_ref = id(layer) if isinstance(layer, keras.Layer) else layer
-    key = ("output", layer_ref, loss_key(loss), bool(training), sw_in is None, _compile_token(model))
+    key = ("output", layer_ref, loss_key(loss), bool(training), sw_in is None, _model_token(model))
 
     def build() -> _Question:
         loss_fn = resolve_loss(model, loss)
@@ -369,7 +401,7 @@ def input_gradients(
             )
     if output is not None:
         output = _check_output_index(model, spec, output)
-    key = ("input", output, bool(training))
+    key = ("input", output, bool(training), _model_token(model))
     question = _question(model, key, lambda: _Question(compute.input_function(model, output, bool(training))))
     outputs, result = _run(model, key, question, (x_in,), "d(output)/d(input)", x_in)
     per_output = [[_numpy(j) for j in per_input] for per_input in result]

@@ -66,10 +66,19 @@ def model_spec(model: keras.Model) -> ModelSpec:
             TensorSpec(input_names.get(id(t), auto), s.shape, s.dtype)
             for t, s, auto in zip(flat_inputs, specs, fallback)
         ]
-    names = list(getattr(model, "output_names", None) or [])
+    output_structure = getattr(model, "output", None) if not isinstance(model, keras.Sequential) else None
+    if isinstance(output_structure, dict):
+        # Dict outputs are addressed (and flattened) by their keys.
+        flat_outputs = keras.tree.flatten(output_structure)
+        names = [str(k) for k in sorted(output_structure)]
+    else:
+        names = list(getattr(model, "output_names", None) or [])
     if len(names) != len(flat_outputs):
         names = [model.layers[-1].name] if len(flat_outputs) == 1 and model.layers else []
-    return ModelSpec(specs, structure, _specs(flat_outputs), names)
+    outputs = _specs(flat_outputs)
+    if outputs and len(names) == len(outputs):  # messages name outputs as users address them
+        outputs = [TensorSpec(name, s.shape, s.dtype) for name, s in zip(names, outputs)]
+    return ModelSpec(specs, structure, outputs, names)
 
 
 def _shape_text(shape: tuple[int | None, ...]) -> str:
@@ -298,7 +307,8 @@ def _target_leaf(value: Any, out: TensorSpec | None, batch: int, what: str) -> A
     dtype = out.dtype if out is not None else None
     array = _leaf(value, None)
     if isinstance(array, np.ndarray) and array.dtype.kind == "f" and dtype and "float" in dtype:
-        array = array.astype(dtype, copy=False)
+        # Like the output, but never below float32: float16 targets would be rounded.
+        array = array.astype("float32" if "16" in dtype else dtype, copy=False)
     if len(array.shape) == 0:
         array = array.reshape(1) if isinstance(array, np.ndarray) else tf.reshape(array, (1,))
     if out is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import numbers
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -161,7 +162,9 @@ class FunctionLoss(keras.losses.Loss):
     """A plain ``f(y_true, y_pred)`` given Keras's reduction and sample weighting."""
 
     def __init__(self, fn: Callable[[Any, Any], Any], dtype: str | None = None) -> None:
-        super().__init__(name=getattr(fn, "__name__", "loss"), dtype=dtype)
+        # The name becomes a TensorFlow name scope: "<lambda>" is not a valid one.
+        name = re.sub(r"[^A-Za-z0-9_.]", "_", getattr(fn, "__name__", "loss")).strip("_") or "loss"
+        super().__init__(name=name, dtype=dtype)
         self._fn = fn
 
     def call(self, y_true: Any, y_pred: Any) -> Any:
@@ -224,34 +227,60 @@ def _explicit_loss(model: keras.Model, loss: Any) -> LossFn:
     def run(model: keras.Model, x: Any, y: Any, y_pred: Any, sample_weight: Any, training: bool) -> Any:
         del x, training
         flat_pred = keras.tree.flatten(y_pred)
+        names = output_keys(model, y_pred)
         if isinstance(per_output, keras.losses.Loss):
-            flat_true = keras.tree.flatten(y) if len(flat_pred) > 1 else [y]
             flat_loss = [per_output] * len(flat_pred)
-        elif isinstance(per_output, dict):
-            names = list(getattr(model, "output_names", []) or [])
-            flat_loss = [per_output[name] for name in names]
-            flat_true = [y[name] for name in names] if isinstance(y, dict) else keras.tree.flatten(y)
         else:
-            flat_loss = list(per_output)
-            flat_true = keras.tree.flatten(y)
+            flat_loss = _aligned(per_output, names, len(flat_pred))
+        flat_true = _aligned(y, names, len(flat_pred))
         if not (len(flat_loss) == len(flat_true) == len(flat_pred)):
             raise LossError(
-                f"Model '{model_name(model)}' has {len(flat_pred)} output(s), but "
-                f"{len(flat_loss)} loss(es) and {len(flat_true)} target array(s) were "
-                f"given. Expected one target per output (a list in output order or a "
-                f"dict keyed by output name) and either one loss for all outputs or one "
-                f"per output."
+                f"Model '{model_name(model)}' has {len(flat_pred)} output(s) {quote_list(names)}, but "
+                f"{len(flat_loss)} loss(es) and {len(flat_true)} target array(s) were given. Expected one "
+                f"target per output (a list in output order or a dict keyed by output name) and either one "
+                f"loss for all outputs or one per output."
             )
-        flat_weight = keras.tree.flatten(sample_weight) if isinstance(sample_weight, (list, dict)) else None
+        flat_weight = (
+            _aligned(sample_weight, names, len(flat_pred)) if isinstance(sample_weight, (list, tuple, dict)) else None
+        )
         terms = []
         for i, (loss_obj, y_true, pred) in enumerate(zip(flat_loss, flat_true, flat_pred)):
             weight = flat_weight[i] if flat_weight is not None else sample_weight
-            terms.append(keras.ops.cast(loss_obj(y_true, pred, sample_weight=weight), pred.dtype))
+            # At least float32: a float16 (mixed precision) loss overflows.
+            dtype = "float64" if pred.dtype == "float64" else "float32"
+            terms.append(keras.ops.cast(loss_obj(y_true, pred, sample_weight=weight), dtype))
         total = terms[0] if len(terms) == 1 else keras.ops.sum(keras.ops.stack(terms))
         extra = _regularization_loss(model, total.dtype)
         return total if extra is None else total + extra
 
     return run
+
+
+def output_keys(model: keras.Model, y_pred: Any = None) -> list[str]:
+    """Names of the model's outputs in ``keras.tree.flatten`` order.
+
+    A model whose outputs are a dict is addressed by its keys; otherwise by
+    ``model.output_names`` (the output layers' names).
+    """
+    structure = y_pred if y_pred is not None else getattr(model, "output", None)
+    if isinstance(structure, dict):
+        return [str(k) for k in sorted(structure)]
+    return [str(n) for n in (getattr(model, "output_names", None) or [])]
+
+
+def _aligned(value: Any, names: list[str], count: int) -> list[Any]:
+    """One entry per flat output: a dict is read by output name, a list in order, a leaf as one entry."""
+    if isinstance(value, dict):
+        missing = [n for n in names if n not in value]
+        if missing or len(names) != count:
+            raise LossError(
+                f"Received a dict keyed by {quote_list(sorted(map(str, value)))}, but the model's outputs are "
+                f"named {quote_list(names)}. Expected one entry per output name (or a list in output order)."
+            )
+        return [value[n] for n in names]
+    if isinstance(value, (list, tuple)):  # a structure of targets (data is converted to arrays before)
+        return list(value)
+    return [value]
 
 
 def resolve_loss(model: keras.Model, loss: Any = None) -> LossFn:
@@ -324,4 +353,10 @@ def loss_key(loss: Any) -> Any:
         return ("dict", *tuple((k, loss_key(v)) for k, v in sorted(loss.items())))
     if isinstance(loss, (list, tuple)):
         return ("seq", *tuple(loss_key(v) for v in loss))
+    if isinstance(loss, keras.losses.Loss):
+        # By configuration: keras.losses.Huber() written inline each call is the same question.
+        try:
+            return ("loss", type(loss), repr(sorted(loss.get_config().items())))
+        except (NotImplementedError, TypeError):
+            pass
     return ("obj", id(loss))

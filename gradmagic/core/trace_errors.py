@@ -8,6 +8,8 @@ shorten any other TensorFlow/Keras error to one line.
 
 from __future__ import annotations
 
+import re
+
 import keras
 import tensorflow as tf
 
@@ -24,6 +26,10 @@ def short_error(exc: BaseException, limit: int = 200) -> str:
     text = str(exc)
     if "\x1b[1m" in text:
         text = text.split("\x1b[1m", 1)[1].split("\x1b[0m", 1)[0]
+    elif text.lstrip().startswith("in user code:"):
+        # An error raised while tracing: the frames come first, the error itself last.
+        raised = [line.strip() for line in text.splitlines() if re.match(r"\s*\w+(Error|Exception): ", line)]
+        text = raised[-1] if raised else text.strip().splitlines()[-1].strip()
     elif isinstance(exc, tf.errors.OpError):
         skip = ("Graph execution error", "Detected at node", "[[")
         lines = [line.strip() for line in exc.message.splitlines() if line.strip() and not line.startswith(" ")]
