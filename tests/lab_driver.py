@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +39,25 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def jupyter_lab(root: Path, timeout: float = 90.0) -> Iterator[str]:
-    """Run JupyterLab on a free loopback port; yield its base URL; stop it afterwards."""
+def jupyter_lab(
+    root: Path,
+    timeout: float = 90.0,
+    launcher: Sequence[str | Path] = (sys.executable, "-m", "jupyterlab"),
+    env: dict[str, str] | None = None,
+    extra_args: Sequence[str] = (),
+) -> Iterator[str]:
+    """Run JupyterLab on a free loopback port; yield its base URL; stop it afterwards.
+
+    Args:
+        root: The server's root folder (its log goes there too).
+        timeout: Seconds to wait for ``/lab`` to answer.
+        launcher: The command that starts JupyterLab (another environment's ``jupyter lab``).
+        env: The server's environment. Defaults to this process's.
+        extra_args: More server options.
+    """
     port = _free_port()
     command = [
-        sys.executable,
-        "-m",
-        "jupyterlab",
+        *map(str, launcher),
         "--no-browser",
         f"--port={port}",
         "--ip=127.0.0.1",
@@ -53,9 +65,10 @@ def jupyter_lab(root: Path, timeout: float = 90.0) -> Iterator[str]:
         "--ServerApp.password=",
         "--allow-root",
         f"--ServerApp.root_dir={root}",
+        *extra_args,
     ]
     log = (root / "jupyter.log").open("w")
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
@@ -65,7 +78,9 @@ def jupyter_lab(root: Path, timeout: float = 90.0) -> Iterator[str]:
                 break
             except OSError:
                 if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError(f"JupyterLab did not start; see {root / 'jupyter.log'}") from None
+                    log.flush()
+                    tail = (root / "jupyter.log").read_text()[-3000:]
+                    raise RuntimeError(f"JupyterLab did not start:\n{tail}") from None
                 time.sleep(0.5)
         yield url
     finally:

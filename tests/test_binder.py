@@ -14,11 +14,9 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import nbformat
@@ -239,7 +237,7 @@ async () => {
 @pytest.mark.slow
 def test_quickstart_widgets_render_in_the_binder_jupyterlab(binder_env, tmp_path):
     """Open the badge's URL path in the environment's own JupyterLab, run all cells, see the explorer."""
-    from lab_driver import browser_page, chromium_path
+    from lab_driver import browser_page, chromium_path, jupyter_lab
 
     if chromium_path() is None:
         if os.environ.get("CI"):
@@ -248,51 +246,30 @@ def test_quickstart_widgets_render_in_the_binder_jupyterlab(binder_env, tmp_path
     # A copy, so that JupyterLab's autosave cannot write outputs into the repository.
     (tmp_path / "notebooks").mkdir()
     shutil.copy(QUICKSTART, tmp_path / "notebooks" / QUICKSTART.name)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    log = (tmp_path / "jupyter.log").open("w")
-    server = subprocess.Popen(
-        [binder_env.bin / "jupyter", "lab", "--no-browser", f"--port={port}", "--ip=127.0.0.1", "--allow-root",
-         "--IdentityProvider.token=", "--ServerApp.password=", "--LabApp.expose_app_in_browser=True",
-         f"--ServerApp.root_dir={tmp_path}"],
-        env=binder_env.env, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
     start = time.perf_counter()
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/lab", timeout=2).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    pytest.fail(f"JupyterLab did not start:\n{(tmp_path / 'jupyter.log').read_text()[-3000:]}")
-                time.sleep(0.5)
-        with browser_page() as page:
-            page.goto(f"{url}/lab/tree/notebooks/{QUICKSTART.name}")  # the badge's urlpath
-            page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=90_000)
-            page.wait_for_function("() => window.jupyterapp && window.jupyterapp.shell.currentWidget", timeout=60_000)
-            page.evaluate(_RUN_ALL_WHEN_KERNEL_READY)
-            canvas = ".gradmagic-explorer .jupyter-matplotlib-canvas-div canvas"
-            page.wait_for_function(
-                f"() => {{ const c = document.querySelector('{canvas}'); return c && c.width > 0; }}", timeout=180_000
-            )
-            page.wait_for_selector(".gradmagic-explorer .widget-slider .noUi-handle", timeout=60_000)
-            # The notebook moves the point to x = 0.5 (the browser's slider snaps it to its nearest step);
-            # the readout then shows the kernel's numbers for that point.
-            page.wait_for_function(_POINT_NEAR_HALF, timeout=120_000)
-            page.screenshot(path=tmp_path / "quickstart.png")
-            readout = page.locator(".gm-readout").inner_text()
-            body = page.locator("body").inner_text()
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
+    with (
+        jupyter_lab(
+            tmp_path,
+            launcher=[binder_env.bin / "jupyter", "lab"],
+            env=binder_env.env,
+            extra_args=["--LabApp.expose_app_in_browser=True"],
+        ) as url,
+        browser_page() as page,
+    ):
+        page.goto(f"{url}/lab/tree/notebooks/{QUICKSTART.name}")  # the badge's urlpath
+        page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=90_000)
+        page.wait_for_function("() => window.jupyterapp && window.jupyterapp.shell.currentWidget", timeout=60_000)
+        page.evaluate(_RUN_ALL_WHEN_KERNEL_READY)
+        canvas = ".gradmagic-explorer .jupyter-matplotlib-canvas-div canvas"
+        page.wait_for_function(
+            f"() => {{ const c = document.querySelector('{canvas}'); return c && c.width > 0; }}", timeout=180_000
+        )
+        page.wait_for_selector(".gradmagic-explorer .widget-slider .noUi-handle", timeout=60_000)
+        # The notebook moves the point to x = 0.5; the readout then shows the kernel's numbers there.
+        page.wait_for_function(_POINT_NEAR_HALF, timeout=120_000)
+        page.screenshot(path=tmp_path / "quickstart.png")
+        readout = page.locator(".gm-readout").inner_text()
+        body = page.locator("body").inner_text()
     binder_env.timings["JupyterLab + Chromium: run 00_quickstart"] = time.perf_counter() - start
     for error in ("Error displaying widget", "Failed to load model class", "Could not render"):
         assert error not in body, f"{error!r} in the page; screenshot {tmp_path / 'quickstart.png'}"
