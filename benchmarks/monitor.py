@@ -1,16 +1,22 @@
 """GradientMonitor overhead, side by side in one run.
 
 MLP 784-256-256-10, batch 32, 2 epochs on 8,192 random samples (512 steps):
-  plain        fit without callbacks
+  plain        fit without callbacks (besides the epoch timer all runs have)
   monitor      fit with GradientMonitor (per-batch statistics of every weight)
   recompute    fit with a baseline callback that recomputes the gradients of the
                same batch with a GradientTape in on_train_batch_end
   panel        fit with the monitor and a headless TrainingPanel (PNG redraws)
-Runs are interleaved and repeated; the table shows medians and ratios to plain,
-for the whole fit (first epoch includes tracing the train function) and for the
-second epoch alone (steady state, no tracing).
 
-Usage: TF_CPP_MIN_LOG_LEVEL=3 python benchmarks/monitor.py [--repeats 5]
+Every run builds a fresh model, so "fit" includes tracing the train function;
+"epoch 2" is the steady state. Runs are interleaved round by round (the order
+alternates), so a load change on the machine hits every kind alike. The table
+shows, per kind, the median and the minimum time, the ratio of medians to plain,
+and the median of the per-round ratios (each run against the plain run of the
+same round). Machine load is printed: the load average before and after (which
+counts this benchmark too) and the CPU time other processes used during the run.
+On a shared machine, trust a run only if the other processes stayed near 0.
+
+Usage: TF_CPP_MIN_LOG_LEVEL=3 python benchmarks/monitor.py [--repeats 7] [--kinds plain monitor]
 """
 
 from __future__ import annotations
@@ -106,15 +112,50 @@ def run(kind: str, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     return time.perf_counter() - start, timer.times[-1]
 
 
+def _load() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} (1 min), {five:.2f} (5 min), {fifteen:.2f} (15 min) on {os.cpu_count()} CPUs"
+
+
+def _busy_cpu_seconds() -> float | None:
+    """CPU seconds all processes have used since boot (Linux), or None."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()[1:]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+class _OtherLoad:
+    """CPUs used by *other* processes while the benchmark ran (its own use subtracted)."""
+
+    def __init__(self) -> None:
+        self.start = (time.perf_counter(), _busy_cpu_seconds(), time.process_time())
+
+    def __str__(self) -> str:
+        wall0, busy0, own0 = self.start
+        busy = _busy_cpu_seconds()
+        if busy is None or busy0 is None:
+            return "unknown (no /proc/stat)"
+        wall = time.perf_counter() - wall0
+        other = (busy - busy0) - (time.process_time() - own0)
+        return f"{max(other, 0.0) / wall:.2f} CPUs busy with other processes on average (of {os.cpu_count()})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--kinds", nargs="+", default=KINDS, choices=KINDS)
     args = parser.parse_args()
+    kinds = ["plain"] + [k for k in args.kinds if k != "plain"]
     rng = np.random.default_rng(0)
     x = rng.normal(size=(N, 784)).astype("float32")
     y = rng.integers(0, 10, size=N)
-    kinds = ["plain", "monitor", "recompute", "panel"]
-    for kind in kinds:  # warm-up: imports, first traces
+    print(f"before: {_load()}")
+    other = _OtherLoad()
+    for kind in kinds:  # warm-up: imports, first traces of shared functions
         run(kind, x[: BATCH * 4], y[: BATCH * 4])
     fits: dict[str, list[float]] = {k: [] for k in kinds}
     epochs: dict[str, list[float]] = {k: [] for k in kinds}
@@ -124,16 +165,25 @@ def main() -> None:
             total, last = run(kind, x, y)
             fits[kind].append(total)
             epochs[kind].append(last)
-    plain_fit, plain_epoch = statistics.median(fits["plain"]), statistics.median(epochs["plain"])
-    print(f"MLP 784-256-256-10, batch {BATCH}, {EPOCHS} epochs, {N} samples, median of {args.repeats} (min)")
-    print(f"{'run':<10} {'fit s':>7} {'(min)':>7} {'ratio':>6}   {'epoch 2 s':>9} {'(min)':>7} {'ratio':>6}")
+    print(f"after:  {_load()}")
+    print(f"during: {other}")
+    print(
+        f"MLP 784-256-256-10, batch {BATCH}, {EPOCHS} epochs, {N} samples; {args.repeats} interleaved rounds; "
+        "times in s: median (min); ratio = median / plain median; paired = median of per-round ratios"
+    )
+    header = f"{'run':<10} {'fit':>14} {'ratio':>6} {'paired':>7}   {'epoch 2':>14} {'ratio':>6} {'paired':>7}"
+    print(header)
+    print("-" * len(header))
     for kind in kinds:
-        fit, epoch = statistics.median(fits[kind]), statistics.median(epochs[kind])
-        print(
-            f"{kind:<10} {fit:7.3f} {min(fits[kind]):7.3f} {fit / plain_fit:5.2f}x   "
-            f"{epoch:9.3f} {min(epochs[kind]):7.3f} {epoch / plain_epoch:5.2f}x"
-        )
+        cells = []
+        for times in (fits, epochs):
+            median, base = statistics.median(times[kind]), statistics.median(times["plain"])
+            paired = statistics.median(t / p for t, p in zip(times[kind], times["plain"], strict=True))
+            cells.append(f"{median:7.3f} ({min(times[kind]):.3f}) {median / base:5.3f}x {paired:6.3f}x")
+        print(f"{kind:<10} {cells[0]}   {cells[1]}")
 
+
+KINDS = ["plain", "monitor", "recompute", "panel"]
 
 if __name__ == "__main__":
     main()

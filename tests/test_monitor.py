@@ -15,7 +15,8 @@ import tensorflow as tf
 from conftest import mlp
 
 from gradmagic.core.monitor import GradientMonitor, MonitorArgumentError
-from gradmagic.core.monitor_anomaly import GradientAnomalyError
+from gradmagic.core.monitor_anomaly import GradientAnomalyError, NormTracker
+from gradmagic.core.monitor_stats import stats_function, step_stats
 from gradmagic.errors import GradmagicError
 
 
@@ -44,10 +45,12 @@ def _tape_gradients(model, weights, x, y):
     return [g.numpy() for g in tape.gradient(loss, clone.trainable_variables)]
 
 
-@pytest.mark.parametrize("jit", [False, True])
-def test_recorded_stats_equal_independent_gradients(jit):
+@pytest.mark.parametrize(("jit", "optimizer"), [(False, "sgd"), (True, "sgd"), (False, "adam")])
+def test_recorded_stats_equal_independent_gradients(jit, optimizer):
+    # Adam squares the gradient itself; the monitor then reduces that g**2 instead.
     model = mlp((3, 5, 2))
-    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse", jit_compile=jit)
+    optimizer = keras.optimizers.SGD(0.1) if optimizer == "sgd" else keras.optimizers.Adam(0.01)
+    model.compile(optimizer=optimizer, loss="mse", jit_compile=jit)
     x, y = _data()
     before, monitor = _WeightsBefore(), GradientMonitor(read_every=3)
     model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0, callbacks=[before, monitor])
@@ -320,3 +323,44 @@ def test_core_monitor_imports_no_ipython_or_widgets():
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.stdout.strip().splitlines()[-1] == "False", done.stderr[-1000:]
+
+
+def _numpy_stats(g):
+    g = np.asarray(g, np.float64).ravel()
+    finite = g[np.isfinite(g)]
+    counts = [np.isnan(g).sum(), np.isinf(g).sum()]
+    if not len(finite):
+        return [np.nan] * 3 + counts
+    return [np.linalg.norm(finite), np.abs(finite).max(), finite.mean(), *counts]
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_step_stats_of_large_odd_and_nonfinite_gradients(jit):
+    # Sizes: row-reduced (large, composite), flat slices (prime > 65536), small, empty, scalar.
+    rng = np.random.default_rng(0)
+    shapes = [(784, 256), (131071,), (3, 7), (0,), ()]
+    grads = [(rng.normal(size=s) * 3 + 0.5).astype("float32") for s in shapes]
+    spoiled = [g.copy() for g in grads]
+    spoiled[0].flat[[5, 70_000]] = [np.nan, -np.inf]
+    spoiled[2].flat[:] = np.inf
+    run = tf.function(lambda *g: step_stats(g, xla=jit), jit_compile=jit)
+    for case in (grads, spoiled):
+        want = np.array([_numpy_stats(g) for g in case])
+        np.testing.assert_allclose(run(*case).numpy(), want, rtol=2e-6, atol=1e-6, equal_nan=True)
+    # The optimizer's g**2, when given, replaces the passes for the norm and max |g|.
+    specs = [tf.TensorSpec(g.shape, tf.float32) for g in grads]
+    with_squares = stats_function(specs, [True, False, True, False, True], xla=jit)
+    squares = [np.square(g) for g in grads[::2]]
+    got = tf.function(lambda *t: with_squares(*t), jit_compile=jit)(*grads, *squares).numpy()
+    np.testing.assert_allclose(got, np.array([_numpy_stats(g) for g in grads]), rtol=2e-6, atol=1e-6, equal_nan=True)
+
+
+def test_norm_tracker_checks_a_block_as_step_by_step():
+    rng = np.random.default_rng(1)
+    norms = np.exp(rng.normal(size=(120, 3)) * 2)
+    norms[rng.random(norms.shape) < 0.05] = np.nan
+    norms[70, 1] = 1e6
+    one, block = NormTracker(3, 20, 30.0, None, 0.05), NormTracker(3, 20, 30.0, None, 0.05)
+    stepwise = [(t, *found) for t in range(len(norms)) for found in one.check(norms[t])]
+    blockwise = block.check_steps(norms[:7]) + [(t + 7, *f) for t, *f in block.check_steps(norms[7:])]
+    assert stepwise == blockwise and ("exploding", 1) in {(k, w) for _, k, w, _ in stepwise}

@@ -2,9 +2,11 @@
 
 No second backward pass: the monitor wraps ``model.optimizer.apply`` for the
 duration of ``fit`` (see :mod:`gradmagic.core.monitor_capture`), so the compiled
-train step itself writes per-weight statistics into a small ring buffer on the
-device. The callback reads that buffer every ``read_every`` batches and at each
-epoch end, so most batches cost no device-to-host copy at all.
+train step itself computes per-weight statistics (a few reductions per weight,
+:mod:`gradmagic.core.monitor_stats`) and writes them into a small ring buffer on
+the device. The callback reads that buffer every ``read_every`` batches and at
+each epoch end, and checks each block of steps vectorized, so most batches cost
+no device-to-host copy and no Python work at all.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import keras
 import numpy as np
 
 from gradmagic.core.monitor_anomaly import Anomaly, GradientAnomalyError, NormTracker, find_nonfinite
-from gradmagic.core.monitor_capture import StatsBuffer, wrap_apply
+from gradmagic.core.monitor_capture import ApplyHook, StatsBuffer
 from gradmagic.core.monitor_history import MonitorHistory, MonitorSummary, layer_lines
 from gradmagic.core.targets import weight_slots
 from gradmagic.errors import GradmagicError
@@ -182,7 +184,8 @@ class GradientMonitor(keras.callbacks.Callback):
             )
         steps_per_execution = int(getattr(model, "steps_per_execution", 1) or 1)
         capacity = max(64, 2 * (self.read_every + steps_per_execution))
-        self._buffer = StatsBuffer([s.path for s in self._slots], capacity, model.distribute_strategy)
+        xla = bool(getattr(model, "jit_compile", False))
+        self._buffer = StatsBuffer([s.path for s in self._slots], capacity, model.distribute_strategy, xla=xla)
         self._base_step = int(model.optimizer.iterations.numpy())
         self._read = self._epoch_first = self._last_read_batch = 0
         self._epoch = 0
@@ -231,7 +234,7 @@ class GradientMonitor(keras.callbacks.Callback):
         dropped after ``fit``; if ``fit`` died before ``on_train_end``, the next
         ``fit`` (a new ``History``) finds it stale and traces a clean one.
         """
-        optimizer, buffer = model.optimizer, self._buffer
+        hook = ApplyHook(model.optimizer, self._buffer)
         # A train function traced before (an earlier fit) would not see the wrapper.
         model.make_train_function(force=True)
         traced = model.train_function
@@ -241,14 +244,14 @@ class GradientMonitor(keras.callbacks.Callback):
             current = _fit_token(model)
             if not token:
                 token.extend(current)
-            elif any(a is not b for a, b in zip(token, current, strict=True)):
+            elif token[0] is not current[0] or token[1] is not current[1]:
                 model.make_train_function(force=True)  # stale: a later fit without this monitor
                 return model.train_function(*args, **kwargs)
-            restore = wrap_apply(optimizer, buffer)
+            hook.install()
             try:
                 return traced(*args, **kwargs)
             finally:
-                restore()
+                hook.remove()
 
         model.train_function = guarded
 
@@ -274,7 +277,7 @@ class GradientMonitor(keras.callbacks.Callback):
         steps = self._base_step + index
         batches = index - self._epoch_first
         self._history.append(steps, np.full(len(index), self._epoch), batches, rows)
-        found = [a for k in range(len(rows)) for a in self._inspect(int(steps[k]), int(batches[k]), rows[k])]
+        found = self._inspect(steps, batches, rows)
         self._write_summaries(steps, rows)
         for listener in self._listeners:
             listener(self)
@@ -283,39 +286,44 @@ class GradientMonitor(keras.callbacks.Callback):
         elif self.on_anomaly == "stop" and not found:
             self._keep_good(int(steps[-1]) + 1)
 
-    def _inspect(self, step: int, batch: int, stats: np.ndarray) -> list[Anomaly]:
-        if self.print_every and (batch + 1) % self.print_every == 0:
-            print("\n".join(layer_lines(self._epoch, batch, step, self._slots, stats)), file=self.stream or sys.stdout)
-        if stats[0, 5] > 0:
-            # LossScaleOptimizer skipped this update on purpose (non-finite scaled
-            # gradients); the loss scale drops and training goes on. Not an anomaly.
-            self.skipped_steps.append(step)
-            return []
-        found = []
-        where = find_nonfinite(stats, self._slots, self._layer_names, self._layer_types)
-        if where is not None:
-            row, index, layer, suspects, why = where
-            value = float(stats[row, 3] + stats[row, 4])
-            message = (
-                f"NaN/Inf gradient first appears at layer {layer!r} (index {index}) at epoch {self._epoch + 1}, "
-                f"batch {batch + 1} (step {step}): weight {self._slots[row].path!r} has "
-                f"{int(stats[row, 3])} NaN and {int(stats[row, 4])} Inf entries; {why}."
-            )
-            found.append(
-                Anomaly(
-                    "nonfinite", step, self._epoch, batch, layer, index, self._slots[row].path, value, message, suspects
-                )
-            )
-        for kind, row, norm in self._tracker.check(stats[:, 0]):
-            slot = self._slots[row]
+    def _inspect(self, steps: np.ndarray, batches: np.ndarray, rows: np.ndarray) -> list[Anomaly]:
+        """Print and check a block of steps (``rows``: ``[steps, weights, columns]``), vectorized."""
+        if self.print_every:
+            out = self.stream or sys.stdout
+            for k in np.flatnonzero((batches + 1) % self.print_every == 0):
+                lines = layer_lines(self._epoch, int(batches[k]), int(steps[k]), self._slots, rows[k])
+                print("\n".join(lines), file=out)
+        # A LossScaleOptimizer skips steps with non-finite scaled gradients on purpose
+        # (the loss scale drops and training goes on): not anomalies.
+        skipped = rows[:, 0, 5] > 0
+        self.skipped_steps += [int(step) for step in steps[skipped]]
+        checked = np.flatnonzero(~skipped)
+        per_step: dict[int, list[Anomaly]] = {}
+        for k in checked[(rows[checked, :, 3] + rows[checked, :, 4] > 0).any(axis=1)]:
+            per_step[int(k)] = [self._nonfinite(int(steps[k]), int(batches[k]), rows[k])]
+        for j, kind, row, norm in self._tracker.check_steps(rows[checked, :, 0]):
+            k = int(checked[j])
+            step, batch, slot = int(steps[k]), int(batches[k]), self._slots[row]
             message = (
                 f"{kind.capitalize()} gradient at layer {slot.layer_name!r} (index {slot.layer_index}), weight "
                 f"{slot.path!r}, epoch {self._epoch + 1}, batch {batch + 1} (step {step}): norm {norm:.3e}."
             )
-            found.append(
-                Anomaly(kind, step, self._epoch, batch, slot.layer_name, slot.layer_index, slot.path, norm, message)
+            anomaly = Anomaly(
+                kind, step, self._epoch, batch, slot.layer_name, slot.layer_index, slot.path, norm, message
             )
-        return found
+            per_step.setdefault(k, []).append(anomaly)
+        return [a for k in sorted(per_step) for a in per_step[k]]
+
+    def _nonfinite(self, step: int, batch: int, stats: np.ndarray) -> Anomaly:
+        """The anomaly of a step whose statistics hold NaN/Inf counts, located by ``find_nonfinite``."""
+        row, index, layer, suspects, why = find_nonfinite(stats, self._slots, self._layer_names, self._layer_types)
+        weight, value = self._slots[row].path, float(stats[row, 3] + stats[row, 4])
+        message = (
+            f"NaN/Inf gradient first appears at layer {layer!r} (index {index}) at epoch {self._epoch + 1}, "
+            f"batch {batch + 1} (step {step}): weight {weight!r} has "
+            f"{int(stats[row, 3])} NaN and {int(stats[row, 4])} Inf entries; {why}."
+        )
+        return Anomaly("nonfinite", step, self._epoch, batch, layer, index, weight, value, message, suspects)
 
     def _act(self, found: list[Anomaly]) -> None:
         room = _MAX_ANOMALIES - len(self.anomalies)

@@ -132,7 +132,7 @@ class NormTracker:
         vanish_threshold: float | None,
         warmup: int = 10,
     ) -> None:
-        self._norms = np.full((window, n_weights), np.nan)
+        self._recent = np.full((window, n_weights), np.nan)  # oldest first
         self._seen = 0
         self.explode_factor = explode_factor
         self.explode_threshold = explode_threshold
@@ -145,19 +145,49 @@ class NormTracker:
         Returns:
             ``(kind, weight_row, norm)`` for each weight that explodes or vanishes.
         """
-        found: list[tuple[str, int, float]] = []
+        return [(kind, row, norm) for _, kind, row, norm in self.check_steps(norms[None])]
+
+    def check_steps(self, norms: np.ndarray) -> list[tuple[int, str, int, float]]:
+        """Test consecutive steps' norms (``[steps, weights]``), each against the window before it.
+
+        Vectorized over the steps: the same result as calling :meth:`check` once
+        per step, for a fraction of the Python work.
+
+        Returns:
+            ``(step_row, kind, weight_row, norm)`` for each weight that explodes or
+            vanishes, in step order.
+        """
+        steps, window = len(norms), len(self._recent)
         finite = np.isfinite(norms)
         limit = np.full(norms.shape, np.inf)
         if self.explode_threshold is not None:
             limit = np.minimum(limit, self.explode_threshold)
-        if self.explode_factor is not None and self._seen >= self.warmup:
-            median = np.nanmedian(self._norms, axis=0)
-            limit = np.minimum(limit, np.where(median > 0, self.explode_factor * median, np.inf))
-        found += [("exploding", int(i), float(norms[i])) for i in np.flatnonzero(finite & (norms > limit))]
-        if self.vanish_threshold is not None:
-            found += [
-                ("vanishing", int(i), float(norms[i])) for i in np.flatnonzero(finite & (norms < self.vanish_threshold))
-            ]
-        self._norms[self._seen % len(self._norms)] = np.where(finite, norms, np.nan)
-        self._seen += 1
+        if self.explode_factor is not None and self._seen + steps > self.warmup:
+            history = np.concatenate([self._recent, np.where(finite, norms, np.nan)])
+            # Row k of `windows` holds the `window` steps before step k.
+            windows = np.lib.stride_tricks.sliding_window_view(history, window, axis=0)[:steps]
+            median = _nanmedian_last(windows)
+            ready = (self._seen + np.arange(steps) >= self.warmup)[:, None]
+            relative = np.where(ready & (median > 0), self.explode_factor * median, np.inf)
+            limit = np.minimum(limit, relative)
+        exploding = finite & (norms > limit)
+        vanishing = finite & (norms < self.vanish_threshold) if self.vanish_threshold is not None else None
+        if vanishing is None:
+            vanishing = np.zeros_like(exploding)
+        found: list[tuple[int, str, int, float]] = []
+        for step in np.flatnonzero(exploding.any(axis=1) | vanishing.any(axis=1)):
+            for kind, flags in (("exploding", exploding[step]), ("vanishing", vanishing[step])):
+                found += [(int(step), kind, int(i), float(norms[step, i])) for i in np.flatnonzero(flags)]
+        kept = np.where(finite, norms, np.nan)[-window:]
+        self._recent = np.concatenate([self._recent[len(kept) :], kept])
+        self._seen += steps
         return found
+
+
+def _nanmedian_last(values: np.ndarray) -> np.ndarray:
+    """``np.nanmedian(values, axis=-1)`` without its all-NaN warning (NaN there)."""
+    ordered = np.sort(values, axis=-1)  # NaN sorts last
+    count = np.sum(~np.isnan(values), axis=-1)
+    low = np.take_along_axis(ordered, np.maximum((count - 1) // 2, 0)[..., None], axis=-1)[..., 0]
+    high = np.take_along_axis(ordered, np.maximum(count // 2, 0)[..., None], axis=-1)[..., 0]
+    return np.where(count > 0, (low + high) / 2, np.nan)

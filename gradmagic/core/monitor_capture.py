@@ -2,24 +2,27 @@
 
 The monitor replaces ``optimizer.apply`` (an instance attribute, so the class and
 other models are untouched) by a function that, while the train step is traced,
-adds a few reductions per gradient and one write into a buffer variable, then
-calls the original ``apply`` with the gradients *unchanged*. Training therefore
-runs the same update ops on the same values; the extra ops only read the
-gradients. Nothing here runs per step in Python: the statistics stay on the
-device until the host reads the buffer, every ``read_every`` batches.
+calls the original ``apply`` with the gradients *unchanged*, then adds the
+statistics of :mod:`gradmagic.core.monitor_stats` and one row write into a
+buffer variable. Training therefore runs the same update ops on the same values;
+the extra ops only read the gradients (and the ``g**2`` the optimizer may
+compute anyway). Nothing here runs per step in Python: the statistics stay on
+the device until the host reads the buffer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from gradmagic.core.monitor_stats import STAT_COLUMNS, stats_function
+
 #: Columns of one buffer row, per weight.
-BUFFER_COLUMNS = ("norm", "max_abs", "mean", "nan", "inf", "skipped", "missing")
+BUFFER_COLUMNS = (*STAT_COLUMNS, "skipped", "missing")
 _WIDTH = len(BUFFER_COLUMNS)
 
 
@@ -34,10 +37,14 @@ class StatsBuffer:
     Args:
         paths: ``variable.path`` of each monitored weight, in buffer column order.
         capacity: Number of steps the buffer holds before wrapping.
+        strategy: The model's distribution strategy. Defaults to the current one.
+        xla: Whether the train step is compiled by XLA (``model.jit_compile``).
+            Defaults to False.
     """
 
-    def __init__(self, paths: Sequence[str], capacity: int, strategy: Any = None) -> None:
+    def __init__(self, paths: Sequence[str], capacity: int, strategy: Any = None, xla: bool = False) -> None:
         self.paths = list(paths)
+        self.xla = xla
         self.capacity = int(capacity)
         self._column = {p: i for i, p in enumerate(self.paths)}
         strategy = strategy or tf.distribute.get_strategy()
@@ -56,25 +63,66 @@ class StatsBuffer:
                 **sync,
             )
             self.count = tf.Variable(tf.constant(0, tf.int64), trainable=False, name="gradmagic_monitor_count", **sync)
+        # Sync-on-read variables of a strategy lack scatter ops; a plain one is
+        # updated in place (one row, not the whole buffer, per step).
+        self._in_place = not isinstance(self.rows, tf.distribute.DistributedValues)
 
-    def record(self, grads: Sequence[Any], variables: Sequence[Any], skipped: Any = None) -> None:
+    def record(
+        self,
+        grads: Sequence[Any],
+        variables: Sequence[Any],
+        scale: Any = None,
+        skips: bool = False,
+        squares: Sequence[Any] | None = None,
+    ) -> None:
         """Add the ops that write one step's statistics (called while tracing).
 
         Args:
-            grads: Gradients as applied (already unscaled and summed over replicas).
+            grads: Gradients as applied, summed over replicas (possibly loss-scaled).
             variables: The variables the gradients belong to (same order).
-            skipped: Optional boolean tensor, True when the optimizer skips this step.
+            scale: Loss scale the gradients are multiplied by, or None. Statistics
+                are divided by it (exact for the powers of two loss scaling uses).
+            skips: Whether the optimizer skips a step with a non-finite gradient
+                (``LossScaleOptimizer``); such steps are flagged ``skipped``.
+            squares: Optional ``g**2`` tensors the optimizer computed (None where it
+                did not), reused to save a pass over the gradient.
         """
+        squares = list(squares) if squares is not None else [None] * len(grads)
         per_column: list[Any] = [None] * len(self.paths)
-        for grad, var in zip(grads, variables, strict=False):
+        for grad, square, var in zip(grads, squares, variables, strict=False):
             column = self._column.get(_path(var))
             if column is not None and grad is not None:
-                per_column[column] = _flat(grad)
-        stats = _step_stats(per_column, skipped)
+                per_column[column] = (_dense(grad), square if isinstance(grad, tf.Tensor) else None)
+        present = [i for i, g in enumerate(per_column) if g is not None]
+        n = len(self.paths)
+        if present:
+            grads = [per_column[i][0] for i in present]
+            squared = [per_column[i][1] is not None for i in present]
+            given = [per_column[i][1] for i in present if per_column[i][1] is not None]
+            function = stats_function([tf.TensorSpec(g.shape, g.dtype) for g in grads], squared, self.xla)
+            stats = function(*grads, *given)
+            if scale is not None:
+                inverse = 1.0 / tf.cast(scale, tf.float32)
+                stats = stats * tf.stack([inverse, inverse, inverse, 1.0, 1.0])
+            if skips:
+                skipped = tf.cast(tf.reduce_any(stats[:, 3] + stats[:, 4] > 0), tf.float32)
+                flags = tf.stack([tf.fill([len(present)], skipped), tf.zeros([len(present)])], axis=1)
+            else:
+                flags = tf.zeros([len(present), 2])
+            stats = tf.concat([stats, flags], axis=1)
+        if len(present) < n:
+            # A weight without a gradient (None) gets an empty row with missing=1.
+            missing = np.zeros((n, _WIDTH), np.float32)
+            missing[:, -1] = 1.0
+            missing[present] = 0.0
+            rows = tf.constant(missing)
+            stats = rows + tf.scatter_nd(tf.constant([[i] for i in present]), stats, [n, _WIDTH]) if present else rows
         slot = tf.math.floormod(self.count, self.capacity)
-        # A whole-buffer assign (a few KB) works on every variable kind, including
-        # the sync-on-read ones a strategy makes, where scatter ops are missing.
-        self.rows.assign(tf.tensor_scatter_nd_update(self.rows, tf.reshape(slot, (1, 1)), stats[None]))
+        if self._in_place:
+            self.rows.scatter_nd_update(tf.reshape(slot, (1, 1)), stats[None])
+        else:
+            # A whole-buffer assign works on every variable kind (a few KB per step).
+            self.rows.assign(tf.tensor_scatter_nd_update(self.rows, tf.reshape(slot, (1, 1)), stats[None]))
         self.count.assign_add(1)
 
     def read(self, start: int) -> tuple[int, np.ndarray]:
@@ -96,72 +144,11 @@ def _path(variable: Any) -> str:
     return getattr(variable, "path", None) or variable.name
 
 
-def _flat(grad: Any) -> tf.Tensor:
+def _dense(grad: Any) -> Any:
     if isinstance(grad, tf.IndexedSlices):
         # Densify: duplicate indices must be summed before a norm means anything.
-        grad = tf.convert_to_tensor(grad)
-    return tf.reshape(tf.cast(grad, tf.float32), [-1])
-
-
-def _step_stats(grads: list[Any], skipped: Any) -> tf.Tensor:
-    """Per-weight statistics as a ``[weights, columns]`` float32 tensor.
-
-    The common case (every entry finite) costs three reductions per weight. Only
-    when a sum of squares is not finite does a ``cond`` branch recount with the
-    non-finite entries masked out, so the statistics describe the finite entries
-    as :class:`~gradmagic.core.results.GradientStats` does.
-    """
-    present = [g for g in grads if g is not None]
-    if not present:
-        return tf.zeros((len(grads), _WIDTH), tf.float32)
-    # Single-pass reductions with no temporary the size of the gradient:
-    # l2_loss is sum(g**2) / 2 in one kernel; max |g| = max(max g, -min g).
-    sumsq = 2.0 * tf.stack([tf.nn.l2_loss(g) for g in present])
-    all_finite = tf.reduce_all(tf.math.is_finite(sumsq))
-
-    def fast() -> tf.Tensor:
-        highest = tf.stack([tf.reduce_max(g) for g in present])
-        lowest = tf.stack([tf.reduce_min(g) for g in present])
-        mean = tf.stack([tf.reduce_mean(g) for g in present])
-        zeros = tf.zeros_like(sumsq)
-        return tf.stack([tf.sqrt(sumsq), tf.maximum(highest, -lowest), mean, zeros, zeros], axis=1)
-
-    def masked() -> tf.Tensor:
-        return tf.stack([_masked_stats(g) for g in present])
-
-    stats = tf.cond(all_finite, fast, masked)
-    flag = tf.zeros_like(sumsq) if skipped is None else tf.fill(tf.shape(sumsq), tf.cast(skipped, tf.float32))
-    stats = tf.concat([stats, flag[:, None], tf.zeros_like(flag)[:, None]], axis=1)
-    return _scatter_present(grads, stats)
-
-
-def _masked_stats(g: tf.Tensor) -> tf.Tensor:
-    finite = tf.math.is_finite(g)
-    values = tf.where(finite, g, tf.zeros_like(g))
-    n_finite = tf.reduce_sum(tf.cast(finite, tf.float32))
-    nan = tf.reduce_sum(tf.cast(tf.math.is_nan(g), tf.float32))
-    inf = tf.cast(tf.size(g), tf.float32) - n_finite - nan
-    # With no finite entry the statistics are undefined: NaN, as GradientStats has.
-    none = tf.constant(np.nan, tf.float32)
-    norm = tf.where(n_finite > 0, tf.norm(values), none)
-    max_abs = tf.where(n_finite > 0, tf.reduce_max(tf.abs(values)), none)
-    mean = tf.where(n_finite > 0, tf.reduce_sum(values) / tf.maximum(n_finite, 1.0), none)
-    return tf.stack([norm, max_abs, mean, nan, inf])
-
-
-def _scatter_present(grads: list[Any], stats: tf.Tensor) -> tf.Tensor:
-    """Put the rows of present gradients in place; a missing one gets ``missing=1``."""
-    if all(g is not None for g in grads):
-        return stats
-    missing_row = tf.constant([0, 0, 0, 0, 0, 0, 1], tf.float32)
-    rows, k = [], 0
-    for g in grads:
-        if g is None:
-            rows.append(missing_row)
-        else:
-            rows.append(stats[k])
-            k += 1
-    return tf.stack(rows)
+        return tf.convert_to_tensor(grad)
+    return grad
 
 
 def _replica_sum(grads: Sequence[Any]) -> list[Any]:
@@ -180,40 +167,82 @@ def _replica_sum(grads: Sequence[Any]) -> list[Any]:
     return [None if g is None else next(summed) for g in grads]
 
 
-def wrap_apply(optimizer: keras.optimizers.Optimizer, buffer: StatsBuffer) -> Callable[[], None]:
-    """Replace ``optimizer.apply`` by a recording version; return the undo function.
+class ApplyHook:
+    """A recording ``optimizer.apply``, put in place and removed around each call.
+
+    The recording function is built once; :meth:`install` and :meth:`remove` only
+    set and delete an instance attribute, so hooking every train-function call
+    costs well under a microsecond.
 
     Args:
         optimizer: The model's optimizer (a ``LossScaleOptimizer`` is recorded after
             unscaling, with steps it skips flagged rather than treated as anomalies).
         buffer: Where the statistics go.
-
-    Returns:
-        A function that puts the original ``apply`` back (idempotent).
     """
-    had_own = "apply" in vars(optimizer)
-    original = optimizer.apply
 
-    def recording_apply(grads: Sequence[Any], trainable_variables: Sequence[Any] | None = None) -> Any:
-        grads = list(grads)
-        variables = list(trainable_variables) if trainable_variables is not None else _known_variables(optimizer)
-        summed = _replica_sum(grads)
-        unscaled, skipped = _unscale(optimizer, summed, variables)
-        buffer.record(unscaled, variables, skipped)
-        # The optimizer gets the very tensors it would have got without the monitor.
-        return original(grads, trainable_variables)
+    def __init__(self, optimizer: keras.optimizers.Optimizer, buffer: StatsBuffer) -> None:
+        self.optimizer = optimizer
+        self._had_own = "apply" in vars(optimizer)
+        original = optimizer.apply
 
-    optimizer.apply = recording_apply
+        def recording_apply(grads: Sequence[Any], trainable_variables: Sequence[Any] | None = None) -> Any:
+            grads = list(grads)
+            variables = list(trainable_variables) if trainable_variables is not None else _known_variables(optimizer)
+            scale, skips = _loss_scale(optimizer, variables)
+            if scale is not None and not isinstance(scale, (int, float)):
+                scale = tf.convert_to_tensor(scale)  # read before apply updates it
+            summed = _replica_sum(grads)
+            # The optimizer gets the very tensors it would have got without the monitor.
+            result = original(grads, trainable_variables)
+            # Recorded after apply is traced, so that the g**2 it computes can be reused.
+            buffer.record(summed, variables, scale, skips, _optimizer_squares(summed))
+            return result
 
-    def restore() -> None:
-        if optimizer.__dict__.get("apply") is not recording_apply:
+        self._original = original
+        self._recording = recording_apply
+
+    def install(self) -> None:
+        """Make ``optimizer.apply`` the recording version."""
+        # Plain instance attributes: Keras's tracking __setattr__ costs ~5 us a call
+        # and has nothing to track in a function.
+        object.__setattr__(self.optimizer, "apply", self._recording)
+
+    def remove(self) -> None:
+        """Put the original ``apply`` back (idempotent; leaves a foreign wrapper alone)."""
+        optimizer = self.optimizer
+        if optimizer.__dict__.get("apply") is not self._recording:
             return
-        if had_own:
-            optimizer.apply = original
+        if self._had_own:
+            object.__setattr__(optimizer, "apply", self._original)
         else:
-            del optimizer.apply
+            object.__delattr__(optimizer, "apply")
 
-    return restore
+
+def _optimizer_squares(grads: Sequence[Any]) -> list[Any]:
+    """For each gradient, a float32 ``g**2`` the traced graph computes already (else None).
+
+    Adam, RMSprop, Adagrad and friends square the gradient for their second
+    moment; reducing that tensor gives the sum of squares and max |g| without
+    another pass over the gradient. Keras hands the gradients on through
+    ``Identity``/``IdentityN`` ops first, which pass values through unchanged.
+    """
+    return [
+        _square_of(g) if isinstance(g, tf.Tensor) and not tf.executing_eagerly() and g.dtype == tf.float32 else None
+        for g in grads
+    ]
+
+
+def _square_of(tensor: tf.Tensor, depth: int = 3) -> tf.Tensor | None:
+    """A ``Square`` of ``tensor`` among its consumers, looking through up to ``depth`` identities."""
+    for op in tensor.consumers():
+        if op.type == "Square":
+            return op.outputs[0]
+        if depth and op.type in ("Identity", "IdentityN"):
+            index = next((i for i, t in enumerate(op.inputs) if t is tensor), None)
+            found = None if index is None else _square_of(op.outputs[index], depth - 1)
+            if found is not None:
+                return found
+    return None
 
 
 def _known_variables(optimizer: Any) -> list[Any]:
@@ -221,20 +250,13 @@ def _known_variables(optimizer: Any) -> list[Any]:
     return list(getattr(inner, "_trainable_variables", []))
 
 
-def _unscale(optimizer: Any, grads: list[Any], variables: list[Any]) -> tuple[list[Any], Any]:
-    """Gradients divided by the loss scale, and whether the optimizer skips the step."""
+def _loss_scale(optimizer: Any, variables: list[Any]) -> tuple[Any, bool]:
+    """The factor the applied gradients are scaled by, and whether non-finite steps are skipped."""
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         if not optimizer.built:
             # What LossScaleOptimizer.apply does first; the scale variable must exist.
             with keras.name_scope(optimizer.name, caller=optimizer):
                 optimizer.build(variables)
             optimizer.built = True
-        scale = tf.cast(optimizer.dynamic_scale, tf.float32)
-        unscaled = [None if g is None else tf.cast(g, tf.float32) / scale for g in grads]
-        finite = [tf.reduce_all(tf.math.is_finite(g)) for g in grads if g is not None]
-        skipped = tf.logical_not(tf.reduce_all(tf.stack(finite))) if finite else None
-        return unscaled, skipped
-    factor = getattr(optimizer, "loss_scale_factor", None)
-    if factor is not None:
-        return [None if g is None else tf.cast(g, tf.float32) / factor for g in grads], None
-    return grads, None
+        return optimizer.dynamic_scale, True
+    return getattr(optimizer, "loss_scale_factor", None), False
