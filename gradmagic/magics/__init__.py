@@ -1,0 +1,272 @@
+"""IPython magics: ``%gradients`` parses a line, looks names up and calls the core.
+
+Load with ``%load_ext gradmagic``. The magic holds no gradient math: each
+``--wrt`` mode calls :func:`gradmagic.weight_gradients`,
+:func:`gradmagic.output_gradients` or :func:`gradmagic.input_gradients`,
+``--explain`` calls :func:`gradmagic.explain` and ``--check`` calls
+:func:`gradmagic.check_gradients`; what it returns (or stores with ``-o``) is
+exactly that call's result (with several ``--layer`` values, a
+:class:`ResultList` of one such result per layer).
+
+Importing this module must stay cheap: TensorFlow, Keras, NumPy and matplotlib
+are imported inside the functions that need them, so ``%load_ext gradmagic``
+does not load TensorFlow.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_magic, magics_class, no_var_expand, output_can_be_silenced
+from IPython.core.magic_arguments import argument, magic_arguments
+from IPython.display import display
+
+from gradmagic.errors import GradmagicError, did_you_mean
+from gradmagic.magics.line import (
+    USAGE,
+    check_options,
+    option_values,
+    parse_line,
+    split_line,
+    store_name,
+)
+from gradmagic.magics.output import (
+    ResultList,
+    extras_for,
+    format_layer_summary,
+    layer_summary,
+    show_after_cell,
+)
+
+__all__ = ["GradientMagics", "ResultList", "layer_summary", "split_line", "unregister"]
+
+
+@magics_class
+class GradientMagics(Magics):
+    """The ``%gradients`` line magic."""
+
+    @magic_arguments()
+    @argument("model", metavar="MODEL", help="The Keras model: a name or expression in the notebook namespace.")
+    @argument(
+        "x", nargs="?", metavar="X", help="Inputs: a name or expression (x_train[:32]). Without X: a layer summary."
+    )
+    @argument(
+        "y", nargs="?", metavar="Y", help="Targets, for --wrt weights and --wrt output (not needed for --wrt input)."
+    )
+    @argument(
+        "--wrt",
+        choices=("weights", "output", "input"),
+        help="weights: dLoss/dW per layer (default); output: dLoss/d(layer output), needs --layer; "
+        "input: d(model output)/d(input), per sample.",
+    )
+    @argument(
+        "--layer",
+        action="append",
+        metavar="L",
+        help="A layer by model.layers index or name; repeat (--layer 1 --layer dense_2) or "
+        "separate with commas (--layer 1,3) for several: the result is then a list, one per layer.",
+    )
+    @argument("--loss", help="A Keras loss name (mae, ...) or a callable in the namespace. Default: the compiled loss.")
+    @argument("--training", action="store_true", help="Run layers in training mode (Dropout, BatchNorm).")
+    @argument(
+        "--output-index",
+        type=int,
+        metavar="K",
+        help="--wrt input only: unit K of the flattened model output. Default: the full Jacobian.",
+    )
+    @argument("-o", dest="store", metavar="VAR", help="Store the result in VAR and display its table.")
+    @argument("--full", action="store_true", help="Also show the gradient arrays, not only the statistics.")
+    @argument("--plot", action="store_true", help="Also draw a bar chart of the gradient norm per layer (log scale).")
+    @argument(
+        "--explain",
+        action="store_true",
+        help="Instead of --wrt: per layer, where the gradient flows or stops and which op stops it "
+        "(gradmagic.explain). With Y the loss is differentiated, else the sum of the outputs.",
+    )
+    @argument(
+        "--check",
+        action="store_true",
+        help="Instead of --wrt: compare autodiff with finite differences per layer and input, needs Y "
+        "(gradmagic.check_gradients).",
+    )
+    @output_can_be_silenced
+    @no_var_expand
+    @line_magic
+    def gradients(self, line: str) -> Any:
+        """Compute and show the gradients of a Keras model.
+
+        MODEL, X and Y are names or Python expressions in the notebook namespace
+        (quote an expression or keep its spaces inside brackets). The result is
+        what the matching gradmagic function returns; IPython shows it as a
+        table of statistics (norm, max |g|, mean, NaN/Inf, zeros per tensor).
+
+        Examples:
+          %gradients model                              # layers: index, name, type, shape
+          %gradients model x_train[:32] y_train[:32]    # dLoss/dW, every layer
+          %gradients model x y --layer 1 --plot         # dLoss/dW of layer 1, norm chart
+          %gradients model x y --wrt output --layer 2   # dLoss/d(output of layer 2)
+          %gradients model x --wrt input --output-index 0   # d(output unit 0)/d(x)
+          %gradients model x --explain                  # where a gradient stops (Round, casts...)
+          %gradients model x y --explain -o paths       # the same for the loss, kept in paths
+          %gradients model x y --check                  # autodiff against finite differences
+          res = %gradients model x y                    # keep the result
+          %gradients model x y -o res                   # keep it and show its table
+
+        Without -o the result is returned (shown as Out, or assigned); --full and
+        --plot then show their output under it once the cell has run. With
+        -o VAR the table is displayed, the result stored in VAR, and nothing
+        returned. Several layers give a list with one result per layer.
+
+        --explain and --check replace --wrt: each reports on every layer at
+        once (returning what gradmagic.explain / gradmagic.check_gradients
+        return), so --wrt, --layer, --output-index, --full and --plot do not
+        combine with them; --loss, --training and -o do.
+        """
+        args = parse_line(self.gradients.parser, line)
+        if args.x is None:
+            return self._summary(args)
+        check_options(args)
+        store = store_name(args.store)
+        model = self._model(args.model)
+        x = self._evaluate(args.x, "X")
+        y = None if args.y is None else self._evaluate(args.y, "Y")
+        loss = self._loss(args.loss)
+        result = _compute(model, x, y, args, loss)
+        extras = extras_for(result, args)
+        if store is not None:
+            self.shell.user_ns[store] = result
+            display(result, *extras)
+            return None
+        show_after_cell(self.shell, extras)
+        return result
+
+    @magic_arguments()
+    @argument("model", metavar="MODEL", help="The Keras model: a name or expression in the notebook namespace.")
+    @argument("x", metavar="X", help="Data (n, n_features): slider ranges and the samples to reset to.")
+    @argument("y", nargs="?", metavar="Y", help="Optional targets: the bars then show dLoss/dW, else d(output)/dW.")
+    @argument("--reference", metavar="EXPR", help="A callable f(points) drawn dashed beside the model's output.")
+    @argument("--reference-grad", metavar="EXPR", help="A callable: the analytic derivative, drawn dashed.")
+    @argument("--training", action="store_true", help="Run the model in training mode (state is restored).")
+    @no_var_expand
+    @line_magic
+    def gradients_explore(self, line: str) -> Any:
+        """Open the gradient explorer: sliders move the input point, the plots follow.
+
+        The panel shows the model output along one feature, d(output)/d(feature)
+        along the same line and the gradient norm per layer at the point, with
+        the exact numbers below. It is what gradmagic.explore(...) returns.
+
+        Examples:
+          %gradients_explore model x_train
+          %gradients_explore model x y --reference "lambda p: (p - 5) ** 2 / 25"
+        """
+        args = parse_line(self.gradients_explore.parser, line)
+        model = self._model(args.model)
+        x = self._evaluate(args.x, "X")
+        y = None if args.y is None else self._evaluate(args.y, "Y")
+        reference = None if args.reference is None else self._evaluate(args.reference, "--reference")
+        slope = None if args.reference_grad is None else self._evaluate(args.reference_grad, "--reference-grad")
+        from gradmagic.widgets.explorer import explore
+
+        try:
+            return explore(model, x, y, reference=reference, reference_grad=slope, training=args.training)
+        except GradmagicError as exc:
+            raise UsageError(str(exc)) from None
+
+    def _summary(self, args: Any) -> None:
+        """``%gradients MODEL``: print the layers, so the user can pick ``--layer``."""
+        given = [flag for flag, value in option_values(args).items() if value]
+        if given:
+            raise UsageError(
+                f"Received: {', '.join(given)} but no X. Gradients need inputs X "
+                f"(and targets Y for --wrt weights/output). Example: %gradients {args.model} x_train[:32] "
+                f"y_train[:32]; %gradients {args.model} alone lists the model's layers."
+            )
+        model = self._model(args.model)
+        print(format_layer_summary(model, layer_summary(model), args.model))
+
+    def _evaluate(self, expression: str, role: str) -> Any:
+        """Evaluate a name or expression in the user namespace; a failure names the token."""
+        try:
+            return self.shell.ev(expression)
+        except NameError as exc:
+            example = "model" if role == "MODEL" else "x_train[:32]"
+            names = [name for name in self.shell.user_ns if not name.startswith("_")]
+            missing = getattr(exc, "name", None) or expression
+            hint = did_you_mean(missing, names)
+            raise UsageError(
+                f"Received: {role} = {expression!r}, but {missing!r} is not defined in the notebook namespace.{hint} "
+                f"Expected a name or Python expression defined there, e.g. {example}. {USAGE}"
+            ) from None
+        except Exception as exc:
+            raise UsageError(
+                f"Received: {role} = {expression!r}, which failed to evaluate: {type(exc).__name__}: {exc}. "
+                f"Fix the expression (run it in a cell on its own to see why). {USAGE}"
+            ) from None
+
+    def _model(self, expression: str) -> Any:
+        import keras
+
+        model = self._evaluate(expression, "MODEL")
+        if not isinstance(model, keras.Model):
+            raise UsageError(
+                f"Received: MODEL = {expression!r}, which is a {type(model).__name__}, not a Keras model. "
+                f"Expected the model first, then X and Y: %gradients model x y. Models from tf_keras / "
+                f"Keras 2 are not supported: build the model with `import keras` (Keras 3)."
+            )
+        return model
+
+    def _loss(self, token: str | None) -> Any:
+        """A callable of that name in the namespace, else the name for Keras; other text is an expression."""
+        if token is None:
+            return None
+        if token.isidentifier():
+            candidate = self.shell.user_ns.get(token)
+            return candidate if callable(candidate) else token
+        return self._evaluate(token, "--loss")  # an expression: keras.losses.Huber(delta=0.5)
+
+
+def unregister(shell: Any) -> None:
+    """Remove the magics registered by :class:`GradientMagics` (``%unload_ext gradmagic``).
+
+    Args:
+        shell: The ``InteractiveShell`` the extension was loaded into.
+    """
+    manager = shell.magics_manager
+    instance = manager.registry.pop(GradientMagics.__name__, None)
+    if instance is None:
+        return
+    for kind, names in GradientMagics.magics.items():
+        table = manager.magics[kind]
+        for name in names:
+            # Leave a magic of the same name that someone else registered since.
+            if getattr(table.get(name), "__self__", None) is instance:
+                del table[name]
+
+
+# --- calling the core ---------------------------------------------------------------------------------------------
+
+
+def _compute(model: Any, x: Any, y: Any, args: Any, loss: Any) -> Any:
+    """Call the core (once per layer asked for); a GradmagicError becomes a UsageError."""
+    import gradmagic.core as core
+
+    def one(layer: int | str | None) -> Any:
+        if args.wrt == "input":
+            return core.input_gradients(model, x, output=args.output_index, training=args.training)
+        if args.wrt == "output":
+            return core.output_gradients(model, x, y, layer, loss=loss, training=args.training)
+        return core.weight_gradients(model, x, y, layer=layer, loss=loss, training=args.training)
+
+    try:
+        if args.explain:
+            return core.explain(model, x, y, loss=loss, training=args.training)
+        if args.check:
+            return core.check_gradients(model, x, y, loss=loss, training=args.training)
+        if len(args.layer) > 1:
+            return ResultList(one(layer) for layer in args.layer)
+        return one(args.layer[0] if args.layer else None)
+    except GradmagicError as exc:
+        # The core's message already names the argument, the value and the fix.
+        raise UsageError(str(exc)) from None
