@@ -19,6 +19,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from gradmagic.core.compute import dense_gradients
 from gradmagic.core.explanation import DisconnectedWeight, Explanation, LayerPath, OpInfo
 from gradmagic.core.gradients import check_model, spec_and_inputs, weight_gradients
 from gradmagic.core.inputs import prepare_targets
@@ -33,7 +34,6 @@ from gradmagic.core.tracing import (
     OpRecorder,
     TracingFailed,
     concrete_function,
-    dense,
     tracing_error,
 )
 from gradmagic.errors import ComputeError
@@ -77,7 +77,7 @@ def _trace(model: keras.Model, x: Any, y: Any, loss_fn: LossFn | None, training:
             return target, None
         try:
             sources = ([c.inputs for c in recorder.calls], [c.outputs for c in recorder.calls], variables)
-            return target, dense(tape.gradient(target, sources))
+            return target, dense_gradients(tape.gradient(target, sources))
         except Exception as exc:  # e.g. PreventGradient raises here; the forward analysis still stands
             info["grad_error"] = short_error(exc)
             return target, None

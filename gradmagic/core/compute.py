@@ -12,7 +12,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import weakref
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any
 
 import keras
@@ -106,43 +106,63 @@ def _as_tensors(value: Any) -> tuple[Any, Hashable]:
     return tensor, (tuple(tensor.shape[1:]), tensor.dtype.as_numpy_dtype().dtype.str)
 
 
-def _dense(grads: Any) -> Any:
-    """Gradients as dense tensors: an Embedding's gradient is IndexedSlices (rows hit only)."""
+def dense_gradients(grads: Any) -> Any:
+    """Gradients as dense tensors: a gather's (e.g. an Embedding's) gradient is IndexedSlices.
+
+    Densifying also sums duplicate indices, which a norm or an array needs.
+    """
     return keras.tree.map_structure(lambda g: tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g, grads)
 
 
-def _float_leaves(structure: Any) -> list[tf.Tensor]:
+def float_leaves(structure: Any) -> list[tf.Tensor]:
+    """The float tensors of a structure, in flatten order."""
     return [t for t in keras.tree.flatten(structure) if isinstance(t, tf.Tensor) and t.dtype.is_floating]
 
 
 @contextlib.contextmanager
-def capture_calls(layer: keras.Layer, tape: tf.GradientTape) -> Iterator[list[Any]]:
-    """Record (and watch) the outputs of every call of ``layer`` while tracing.
+def calls_replaced(replacements: Sequence[tuple[keras.Layer, Callable[[Callable], Callable]]]) -> Iterator[None]:
+    """Give layers a wrapped ``call`` for the duration of a trace; restore them afterwards.
 
     ``Layer.__call__`` looks ``self.call`` up on the instance, so an instance
     attribute set for the duration of the trace sees every call, in Sequential,
     Functional and subclassed models alike. ``object.__setattr__`` keeps Keras's
     attribute tracking out of it; the attribute is removed afterwards.
+
+    Args:
+        replacements: ``(layer, wrap)`` pairs; ``wrap(original_call)`` returns the
+            function to use instead.
     """
-    calls: list[Any] = []
-    original = layer.call
-
-    def recording_call(*args: Any, **kwargs: Any) -> Any:
-        outputs = original(*args, **kwargs)
-        for tensor in _float_leaves(outputs):
-            tape.watch(tensor)
-        calls.append(outputs)
-        return outputs
-
-    had_own = "call" in vars(layer)
-    object.__setattr__(layer, "call", recording_call)
+    installed = []
     try:
-        yield calls
+        for layer, wrap in replacements:
+            installed.append((layer, "call" in vars(layer), layer.call))
+            object.__setattr__(layer, "call", wrap(layer.call))
+        yield
     finally:
-        if had_own:
-            object.__setattr__(layer, "call", original)
-        else:
-            object.__delattr__(layer, "call")
+        for layer, had_own, original in reversed(installed):
+            if had_own:
+                object.__setattr__(layer, "call", original)
+            else:
+                object.__delattr__(layer, "call")
+
+
+@contextlib.contextmanager
+def capture_calls(layer: keras.Layer, tape: tf.GradientTape) -> Iterator[list[Any]]:
+    """Record (and watch) the outputs of every call of ``layer`` while tracing."""
+    calls: list[Any] = []
+
+    def wrap(original: Callable) -> Callable:
+        def recording_call(*args: Any, **kwargs: Any) -> Any:
+            outputs = original(*args, **kwargs)
+            for tensor in float_leaves(outputs):
+                tape.watch(tensor)
+            calls.append(outputs)
+            return outputs
+
+        return recording_call
+
+    with calls_replaced([(layer, wrap)]):
+        yield calls
 
 
 def weight_function(model: keras.Model, variables: list, loss_fn: LossFn, training: bool) -> Callable:
@@ -157,7 +177,7 @@ def weight_function(model: keras.Model, variables: list, loss_fn: LossFn, traini
         with tf.GradientTape() as tape:
             y_pred = model(x, training=training)
             loss = loss_fn(model, x, y, y_pred, sample_weight, training)
-        grads = _dense(tape.gradient(loss, variables))
+        grads = dense_gradients(tape.gradient(loss, variables))
         restore_in_graph(guarded, saved)
         return loss, grads
 
@@ -195,7 +215,7 @@ def output_function(
                     y_pred = model(x, training=training)
             loss = loss_fn(model, x, y, y_pred, sample_weight, training)
         outputs = [keras.tree.flatten(call) for call in calls]
-        grads = _dense(tape.gradient(loss, outputs))
+        grads = dense_gradients(tape.gradient(loss, outputs))
         restore_in_graph(guarded, saved)
         return loss, outputs, grads
 

@@ -17,9 +17,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from gradmagic.core.compute import dense_gradients, float_leaves
 from gradmagic.core.gradcheck_results import CheckRow
 from gradmagic.core.targets import model_name, weight_slots
-from gradmagic.core.tracing import OpRecorder, concrete_function, dense
+from gradmagic.core.tracing import OpRecorder, concrete_function
 
 
 @dataclass
@@ -31,10 +32,6 @@ class LossProblem:
     grads_at: Callable[[Any], tuple]
     x: Any
     dtype: tf.DType
-
-
-def _float_leaves(x: Any) -> list:
-    return [t for t in keras.tree.flatten(x) if t.dtype.is_floating]
 
 
 def _flat(grad: Any, like: Any) -> np.ndarray:
@@ -54,11 +51,11 @@ def loss_problem(model: keras.Model, loss_fn: Any, x: Any, y: Any, sw: Any, trai
 
     @tf.function
     def grads_at(x: Any) -> Any:
-        sources = _float_leaves(x)
+        sources = float_leaves(x)
         with tf.GradientTape() as tape:
             tape.watch(sources)
             loss = loss_fn(model, x, y, model(x, training=training), sw, training)
-        grad_w, grad_x = dense(tape.gradient(loss, (variables, sources)))
+        grad_w, grad_x = dense_gradients(tape.gradient(loss, (variables, sources)))
         return loss, grad_w, grad_x
 
     x_tensors = keras.tree.map_structure(tf.convert_to_tensor, x)

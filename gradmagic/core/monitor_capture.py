@@ -19,6 +19,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from gradmagic.core.compute import dense_gradients
 from gradmagic.core.monitor_stats import STAT_COLUMNS, stats_function
 
 #: Columns of one buffer row, per weight.
@@ -92,7 +93,7 @@ class StatsBuffer:
         for grad, square, var in zip(grads, squares, variables, strict=False):
             column = self._column.get(_path(var))
             if column is not None and grad is not None:
-                per_column[column] = (_dense(grad), square if isinstance(grad, tf.Tensor) else None)
+                per_column[column] = (dense_gradients(grad), square if isinstance(grad, tf.Tensor) else None)
         present = [i for i, g in enumerate(per_column) if g is not None]
         n = len(self.paths)
         if present:
@@ -142,13 +143,6 @@ class StatsBuffer:
 
 def _path(variable: Any) -> str:
     return getattr(variable, "path", None) or variable.name
-
-
-def _dense(grad: Any) -> Any:
-    if isinstance(grad, tf.IndexedSlices):
-        # Densify: duplicate indices must be summed before a norm means anything.
-        return tf.convert_to_tensor(grad)
-    return grad
 
 
 def _replica_sum(grads: Sequence[Any]) -> list[Any]:

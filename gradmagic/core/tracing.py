@@ -14,6 +14,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from gradmagic.core.compute import calls_replaced
 from gradmagic.core.op_graph import carries_gradient
 from gradmagic.core.targets import model_name
 from gradmagic.core.trace_errors import diagnose_trace_error
@@ -37,7 +38,7 @@ class OpRecorder:
     """Attribute the ops of a traced forward pass to the layers whose calls create them.
 
     Each layer's ``call`` is replaced by an instance attribute for the duration of
-    the trace (as in :func:`gradmagic.core.compute.capture_calls`). Ops go to the
+    the trace (see :func:`gradmagic.core.compute.calls_replaced`). Ops go to the
     innermost running layer, so a layer called inside another keeps its own ops.
     """
 
@@ -84,18 +85,12 @@ class OpRecorder:
     def recording(self, tape: tf.GradientTape | None = None) -> Iterator[None]:
         """Wrap every layer's ``call`` (watching its tensors on ``tape``); unwrap afterwards."""
         self.graph = tf.compat.v1.get_default_graph()
-        installed = []
-        try:
-            for index, layer in enumerate(self.layers):
-                installed.append((layer, "call" in vars(layer), layer.call))
-                object.__setattr__(layer, "call", self._wrap(index, layer.call, tape))
+        wraps = [
+            (layer, lambda original, index=index: self._wrap(index, original, tape))
+            for index, layer in enumerate(self.layers)
+        ]
+        with calls_replaced(wraps):
             yield
-        finally:
-            for layer, had_own, original in installed:
-                if had_own:
-                    object.__setattr__(layer, "call", original)
-                else:
-                    object.__delattr__(layer, "call")
 
 
 class TracingFailed(Exception):
@@ -128,11 +123,4 @@ def tracing_error(failed: TracingFailed, model: keras.Model, purpose: str) -> Gr
     """
     return diagnose_trace_error(failed.cause, model, failed.layer_index) or ComputeError(
         f"Tracing model '{model_name(model)}' {purpose} failed: {brief(failed.cause)} The model was left unchanged."
-    )
-
-
-def dense(nested: Any) -> Any:
-    """Gradients with ``tf.IndexedSlices`` (from gathers, e.g. Embedding) turned into plain tensors."""
-    return tf.nest.map_structure(
-        lambda g: tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g, nested, expand_composites=False
     )
