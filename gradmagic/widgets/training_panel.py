@@ -1,24 +1,23 @@
 """Live panel of per-layer gradient norms while ``fit`` runs, fed by a GradientMonitor.
 
-The figure is built once; each update moves the lines with ``set_data`` and asks
-for a redraw. With the ipympl backend (``%matplotlib widget``) the figure's own
-canvas is the widget and ``draw_idle`` repaints it even while ``fit`` blocks the
-cell; otherwise the figure is rendered to PNG into an ``ipywidgets.Image``, which
-a notebook also repaints during a running cell (and which works headless).
+The figure is built once; each update moves the lines with ``set_data`` and
+repaints through :class:`~gradmagic.widgets.figure_view.FigureView`: with the
+ipympl backend (``%matplotlib widget``) on ipympl's canvas, otherwise as a PNG in
+an ``ipywidgets.Image``. Either way the kernel pushes the frame itself, so the
+panel repaints while ``fit`` keeps the cell running (and works headless).
 """
 
 from __future__ import annotations
 
-import io
 import traceback
 from typing import Any
 
 import ipywidgets as widgets
 import matplotlib
 import numpy as np
-from matplotlib.figure import Figure
 
 from gradmagic.core.monitor import GradientMonitor
+from gradmagic.widgets.figure_view import FigureView
 
 
 def _ipympl_active() -> bool:
@@ -54,33 +53,29 @@ class TrainingPanel:
         self.monitor = monitor
         self.every = every
         self.max_layers = max_layers
-        self.use_ipympl = _ipympl_active() if use_ipympl is None else use_ipympl
+        # The canvas and how to repaint it come from FigureView: frames are pushed
+        # from the kernel, which matters here because fit keeps the kernel busy.
+        self.view = FigureView((7.0, 3.5), dpi=80, use_ipympl=_ipympl_active() if use_ipympl is None else use_ipympl)
+        self.use_ipympl = self.view.uses_ipympl
         self.redraws = 0
         self._drawn_steps = 0
         self._lines: dict[str, Any] = {}
-        self.figure, self.axes = self._build_figure(log_scale)
+        self.figure = self.view.figure
+        self.axes = self._build_axes(log_scale)
         self.status = widgets.HTML()
-        self.image = None if self.use_ipympl else widgets.Image(format="png")
-        view = self.figure.canvas if self.use_ipympl else self.image
-        self.widget = widgets.VBox([view, self.status])
+        self.image = None if self.use_ipympl else self.view.widget
+        self.widget = widgets.VBox([self.view.widget, self.status])
         monitor.add_listener(self._on_read)
 
-    def _build_figure(self, log_scale: bool) -> tuple[Any, Any]:
-        if self.use_ipympl:
-            import matplotlib.pyplot as plt
-
-            with plt.ioff():  # the VBox shows the canvas; no second copy below the cell
-                figure = plt.figure(figsize=(7, 3.5))
-        else:
-            figure = Figure(figsize=(7, 3.5), dpi=80)
-        axes = figure.add_subplot(1, 1, 1)
+    def _build_axes(self, log_scale: bool) -> Any:
+        axes = self.figure.add_subplot(1, 1, 1)
         axes.set_xlabel("step")
         axes.set_ylabel("gradient L2 norm (per layer)")
         if log_scale:
             axes.set_yscale("log")
         axes.grid(True, alpha=0.3)
-        figure.tight_layout()
-        return figure, axes
+        self.figure.tight_layout()
+        return axes
 
     def _on_read(self, monitor: GradientMonitor) -> None:
         recorded = monitor.recorded
@@ -119,15 +114,7 @@ class TrainingPanel:
         self.axes.autoscale_view()
         self._drawn_steps = len(recorded)
         self.redraws += 1
-        self._draw()
-
-    def _draw(self) -> None:
-        if self.use_ipympl:
-            self.figure.canvas.draw_idle()
-            return
-        buffer = io.BytesIO()
-        self.figure.savefig(buffer, format="png")
-        self.image.value = buffer.getvalue()
+        self.view.show(background_changed=True)
 
     def _ipython_display_(self) -> None:
         from IPython.display import display
