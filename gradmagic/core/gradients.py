@@ -127,10 +127,6 @@ def prepare_loss_args(model: keras.Model, spec: ModelSpec, y: Any, sample_weight
     return targets, weights
 
 
-def _question(model: keras.Model, key: Hashable, build: Callable[[], _Question]) -> _Question:
-    return compute.cached(model, key, build)
-
-
 def _run(model: keras.Model, key: Hashable, question: _Question, args: tuple, what: str, x: Any) -> Any:
     """Run a compiled question; turn any failure into one clear GradmagicError."""
     try:
@@ -255,7 +251,7 @@ def weight_gradients(
         fn = compute.weight_function(model, variables, loss_fn, bool(training))
         return _Question(fn, labels, compiled_loss=loss is None and output is None)
 
-    question = _question(model, key, build)
+    question = compute.cached(model, key, build)
     loss_value, grads = _run(model, key, question, (x_in, y_in, sw_in), "dLoss/dW", x_in)
     if output is None:
         title = f"dLoss/dW of model '{model_name(model)}' (loss = {float(loss_value):.6g})"
@@ -311,7 +307,7 @@ def output_gradients(
         fn = compute.output_function(model, lay, position, loss_fn, bool(training))
         return _Question(fn, layer_index=index, layer_name=lay.name, compiled_loss=loss is None)
 
-    question = _question(model, key, build)
+    question = compute.cached(model, key, build)
     loss_value, outputs, grads = _run(model, key, question, (x_in, y_in, sw_in), "dLoss/d(layer output)", x_in)
     if not outputs:
         compute.forget(model, key)
@@ -402,7 +398,7 @@ def input_gradients(
     if output is not None:
         output = _check_output_index(model, spec, output)
     key = ("input", output, bool(training), _model_token(model))
-    question = _question(model, key, lambda: _Question(compute.input_function(model, output, bool(training))))
+    question = compute.cached(model, key, lambda: _Question(compute.input_function(model, output, bool(training))))
     outputs, result = _run(model, key, question, (x_in,), "d(output)/d(input)", x_in)
     per_output = [[_numpy(j) for j in per_input] for per_input in result]
     values = [o.numpy() for o in outputs]
