@@ -16,7 +16,7 @@ from conftest import mlp
 
 from gradmagic.core.monitor import GradientMonitor, MonitorArgumentError
 from gradmagic.core.monitor_anomaly import GradientAnomalyError, NormTracker
-from gradmagic.core.monitor_stats import stats_function, step_stats
+from gradmagic.core.monitor_stats import finish_stats, stats_function, step_stats
 from gradmagic.errors import GradmagicError
 
 
@@ -258,9 +258,11 @@ _MIRRORED = textwrap.dedent(
             model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, activation="tanh"),
                                       keras.layers.Dense(2)])
             model.compile(optimizer="sgd", loss="mse")
-        monitor = GradientMonitor()
+        monitor = GradientMonitor(histogram_every=3, histogram_bins=6)
         model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, callbacks=[monitor])
-        return monitor.to_dict(), strategy.num_replicas_in_sync
+        found = monitor.to_dict()
+        found["histograms"] = [[h.step, h.edges.tolist(), h.counts.tolist()] for h in monitor.histograms]
+        return found, strategy.num_replicas_in_sync
 
     single, _ = run(tf.distribute.get_strategy())
     mirrored, replicas = run(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
@@ -281,6 +283,10 @@ def test_mirrored_strategy_matches_single_device():
     assert single["step"] == mirrored["step"] and single["layer_index"] == mirrored["layer_index"]
     np.testing.assert_allclose(mirrored["norm"], single["norm"], rtol=1e-5)
     np.testing.assert_allclose(mirrored["max_abs"], single["max_abs"], rtol=1e-5)
+    assert [h[0] for h in mirrored["histograms"]] == [h[0] for h in single["histograms"]] == [0] * 4 + [3] * 4 + [6] * 4
+    for m, s in zip(mirrored["histograms"], single["histograms"], strict=True):
+        np.testing.assert_allclose(m[1], s[1], rtol=1e-5)
+        assert np.abs(np.subtract(m[2], s[2])).sum() <= 1
 
 
 def test_tensorboard_export(tmp_path):
@@ -343,15 +349,17 @@ def test_step_stats_of_large_odd_and_nonfinite_gradients(jit):
     spoiled = [g.copy() for g in grads]
     spoiled[0].flat[[5, 70_000]] = [np.nan, -np.inf]
     spoiled[2].flat[:] = np.inf
+    sizes = [g.size for g in grads]
     run = tf.function(lambda *g: step_stats(g, xla=jit), jit_compile=jit)
     for case in (grads, spoiled):
         want = np.array([_numpy_stats(g) for g in case])
-        np.testing.assert_allclose(run(*case).numpy(), want, rtol=2e-6, atol=1e-6, equal_nan=True)
+        got = finish_stats(run(*case).numpy(), sizes)
+        np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-6, equal_nan=True)
     # The optimizer's g**2, when given, replaces the passes for the norm and max |g|.
     specs = [tf.TensorSpec(g.shape, tf.float32) for g in grads]
     with_squares = stats_function(specs, [True, False, True, False, True], xla=jit)
     squares = [np.square(g) for g in grads[::2]]
-    got = tf.function(lambda *t: with_squares(*t), jit_compile=jit)(*grads, *squares).numpy()
+    got = finish_stats(tf.function(lambda *t: with_squares(*t), jit_compile=jit)(*grads, *squares).numpy(), sizes)
     np.testing.assert_allclose(got, np.array([_numpy_stats(g) for g in grads]), rtol=2e-6, atol=1e-6, equal_nan=True)
 
 
@@ -364,3 +372,75 @@ def test_norm_tracker_checks_a_block_as_step_by_step():
     stepwise = [(t, *found) for t in range(len(norms)) for found in one.check(norms[t])]
     blockwise = block.check_steps(norms[:7]) + [(t + 7, *f) for t, *f in block.check_steps(norms[7:])]
     assert stepwise == blockwise and ("exploding", 1) in {(k, w) for _, k, w, _ in stepwise}
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_histograms_every_n_steps_match_numpy(jit):
+    model = mlp((3, 5, 2))
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse", jit_compile=jit)
+    x, y = _data()
+    before, monitor = _WeightsBefore(), GradientMonitor(read_every=3, histogram_every=3, histogram_bins=8)
+    model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0, callbacks=[before, monitor])
+    n_w = len(model.trainable_variables)
+    assert [h.step for h in monitor.histograms] == [s for s in (0, 3, 6) for _ in range(n_w)]
+    for h in monitor.histograms:
+        batch = h.step % 4
+        truth = _tape_gradients(
+            model, before.weights[h.step], x[8 * batch : 8 * batch + 8], y[8 * batch : 8 * batch + 8]
+        )
+        i = [v.path for v in model.trainable_variables].index(h.weight)
+        g = truth[i].ravel()
+        reach = np.abs(g).max()
+        np.testing.assert_allclose(h.edges, np.linspace(-reach, reach, 9), rtol=1e-5)
+        want, _ = np.histogram(g, np.linspace(-reach, reach, 9))
+        assert h.counts.sum() == g.size and np.abs(h.counts - want).sum() <= 2  # float32 vs float64 bin edges
+        assert (h.epoch, h.batch) == (h.step // 4, batch)
+
+
+@pytest.mark.parametrize("xla", [False, True])
+def test_histogram_leaves_out_nonfinite_entries(xla):
+    from gradmagic.core.monitor_histograms import HistogramBuffer
+
+    buffer = HistogramBuffer(1, every=1, bins=4, capacity=2, strategy=tf.distribute.get_strategy(), xla=xla)
+    grad = tf.constant([np.nan, 1.0, -1.0, 0.5, np.inf, -0.2])
+
+    @tf.function(jit_compile=xla)
+    def record():
+        buffer.record(tf.constant(0, tf.int64), [grad], [0], step_stats([grad]))
+
+    record()
+    steps, counts, ranges = buffer.read(0, 1)
+    # Finite entries -1, -0.2, 0.5, 1 over [-1, 1] in 4 bins; NaN and Inf are not binned.
+    assert steps == [0] and ranges[0, 0] == 1.0
+    np.testing.assert_array_equal(counts[0, 0], [1, 1, 0, 2])
+
+
+def test_tensorboard_histograms(tmp_path):
+    model, (x, y) = mlp(), _data()
+    monitor = GradientMonitor(log_dir=str(tmp_path), histogram_every=2, histogram_bins=5)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor])
+    (events,) = tmp_path.glob("events.out.tfevents.*")
+    tag = f"gradient/{model.trainable_variables[0].path}"
+    found = [
+        (e.step, tf.make_ndarray(v.tensor), v.metadata.plugin_data.plugin_name)
+        for e in tf.compat.v1.train.summary_iterator(str(events))
+        for v in e.summary.value
+        if v.tag == tag
+    ]
+    assert [step for step, _, _ in found] == [0]  # 2 batches: step 0 only
+    _, buckets, plugin = found[0]
+    assert plugin == "histograms" and buckets.shape == (5, 3)
+    assert buckets[:, 2].sum() == model.trainable_variables[0].numpy().size
+    np.testing.assert_allclose(buckets[1:, 0], buckets[:-1, 1])  # contiguous bins
+
+
+def test_listener_cadence_lowers_the_read_interval():
+    model, (x, y) = mlp(), _data(64)
+    monitor = GradientMonitor()  # reads every 100 batches by default
+    seen = []
+    monitor.add_listener(lambda m: seen.append(len(m.recorded)), every=3)
+    model.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
+    # 16 batches: reads after batches 3, 6, 9, 12, 15, then at the epoch end.
+    assert seen == [3, 6, 9, 12, 15, 16]
+    with pytest.raises(MonitorArgumentError, match="every=0"):
+        monitor.add_listener(print, every=0)

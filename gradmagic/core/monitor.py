@@ -22,11 +22,13 @@ import numpy as np
 
 from gradmagic.core.monitor_anomaly import Anomaly, GradientAnomalyError, NormTracker, find_nonfinite
 from gradmagic.core.monitor_capture import ApplyHook, StatsBuffer
+from gradmagic.core.monitor_histograms import GradientHistogram, histograms_of
 from gradmagic.core.monitor_history import MonitorHistory, MonitorSummary, layer_lines
 from gradmagic.core.targets import weight_slots
 from gradmagic.errors import GradmagicError
 
 _ACTIONS = ("warn", "stop", "raise")
+_DEFAULT_READ_EVERY = 100
 _MAX_ANOMALIES = 1000
 
 
@@ -55,9 +57,14 @@ class GradientMonitor(keras.callbacks.Callback):
             before the first bad step) or "raise" (a ``GradientAnomalyError``).
             Defaults to "warn".
         log_dir: If set, write gradient norms and max |g| per weight to TensorBoard
-            there. Defaults to None.
+            there (and the histograms, with ``histogram_every``). Defaults to None.
+        histogram_every: Also record each weight's full gradient histogram every
+            this many steps (``monitor.histograms``). Defaults to None (off).
+        histogram_bins: Bins per histogram. Defaults to 30.
         read_every: Read the device buffer every this many batches. Defaults to 1 for
-            "stop"/"raise", to ``print_every`` when printing, else 20.
+            "stop"/"raise", to ``print_every`` when printing, else 100 (a read costs
+            about a millisecond; warnings then come at most 100 batches late), or
+            more often when a listener such as the live panel asks for it.
         explode_factor: A norm above this multiple of the weight's running median
             explodes. Defaults to 1000.0 (None turns the relative test off).
         explode_threshold: A norm above this value explodes. Defaults to None (off).
@@ -79,6 +86,8 @@ class GradientMonitor(keras.callbacks.Callback):
         log_dir: str | None = None,
         *,
         read_every: int | None = None,
+        histogram_every: int | None = None,
+        histogram_bins: int = 30,
         explode_factor: float | None = 1000.0,
         explode_threshold: float | None = None,
         vanish_threshold: float | None = None,
@@ -88,6 +97,8 @@ class GradientMonitor(keras.callbacks.Callback):
         super().__init__()
         _check_positive("print_every", print_every)
         _check_positive("read_every", read_every)
+        _check_positive("histogram_every", histogram_every)
+        _check_positive("histogram_bins", histogram_bins)
         if on_anomaly not in _ACTIONS:
             raise MonitorArgumentError(
                 f"Received: on_anomaly={on_anomaly!r}. Expected one of 'warn', 'stop', 'raise'. "
@@ -97,8 +108,10 @@ class GradientMonitor(keras.callbacks.Callback):
         self.on_anomaly = on_anomaly
         self.log_dir = log_dir
         if read_every is None:
-            read_every = 1 if on_anomaly != "warn" else (print_every or 20)
+            read_every = 1 if on_anomaly != "warn" else (print_every or _DEFAULT_READ_EVERY)
         self.read_every = read_every
+        self.histogram_every, self.histogram_bins = histogram_every, histogram_bins
+        self.histograms: list[GradientHistogram] = []
         self.thresholds = {"factor": explode_factor, "explode": explode_threshold, "vanish": vanish_threshold}
         self.window = window
         self.stream = stream
@@ -153,9 +166,18 @@ class GradientMonitor(keras.callbacks.Callback):
         """The raw history (NumPy arrays per statistic), ``None`` before ``fit``."""
         return self._history
 
-    def add_listener(self, listener: Callable[[GradientMonitor], None]) -> None:
-        """Call ``listener(monitor)`` after every read of new steps (e.g. a live plot)."""
+    def add_listener(self, listener: Callable[[GradientMonitor], None], every: int | None = None) -> None:
+        """Call ``listener(monitor)`` after every read of new steps (e.g. a live plot).
+
+        Args:
+            listener: The function to call.
+            every: Read the device buffer at least every this many batches for
+                this listener. Defaults to None (the monitor's own cadence).
+        """
+        _check_positive("every", every)
         self._listeners.append(listener)
+        if every is not None:
+            self.read_every = min(self.read_every, every)
 
     def restore_last_good(self) -> None:
         """Put ``last_good_weights`` back into the model (after ``on_anomaly="stop"``)."""
@@ -185,7 +207,10 @@ class GradientMonitor(keras.callbacks.Callback):
         steps_per_execution = int(getattr(model, "steps_per_execution", 1) or 1)
         capacity = max(64, 2 * (self.read_every + steps_per_execution))
         xla = bool(getattr(model, "jit_compile", False))
-        self._buffer = StatsBuffer([s.path for s in self._slots], capacity, model.distribute_strategy, xla=xla)
+        histograms = None if self.histogram_every is None else (self.histogram_every, self.histogram_bins)
+        self._buffer = StatsBuffer(
+            [s.path for s in self._slots], capacity, model.distribute_strategy, xla=xla, histograms=histograms
+        )
         self._base_step = int(model.optimizer.iterations.numpy())
         self._read = self._epoch_first = self._last_read_batch = 0
         self._epoch = 0
@@ -278,7 +303,8 @@ class GradientMonitor(keras.callbacks.Callback):
         batches = index - self._epoch_first
         self._history.append(steps, np.full(len(index), self._epoch), batches, rows)
         found = self._inspect(steps, batches, rows)
-        self._write_summaries(steps, rows)
+        new_histograms = self._read_histograms(int(index[0]), count)
+        self._write_summaries(steps, rows, new_histograms)
         for listener in self._listeners:
             listener(self)
         if found and act:
@@ -351,22 +377,47 @@ class GradientMonitor(keras.callbacks.Callback):
         self.last_good_weights = [np.array(w) for w in self.model.get_weights()]
         self.last_good_step = step
 
-    def _write_summaries(self, steps: np.ndarray, rows: np.ndarray) -> None:
+    def _read_histograms(self, first: int, count: int) -> list[GradientHistogram]:
+        """Histogram records of the recorded steps in ``[first, count)``, kept in ``self.histograms``."""
+        buffer = self._buffer.histograms
+        if buffer is None:
+            return []
+        kept, counts, ranges = buffer.read(first, count)
+        index = np.asarray(kept, np.int64)
+        found = histograms_of(
+            self._base_step + index,
+            np.full(len(index), self._epoch),
+            index - self._epoch_first,
+            counts,
+            ranges,
+            self._slots,
+            self._buffer.missing,
+        )
+        self.histograms += found
+        return found
+
+    def _write_summaries(self, steps: np.ndarray, rows: np.ndarray, histograms: list[GradientHistogram]) -> None:
         if self._writer is None:
             return
         import tensorflow as tf
 
-        metadata = _scalar_metadata()
+        scalar, histogram = _plugin_metadata("scalars"), _plugin_metadata("histograms")
         with self._writer.as_default():
             for step, stats in zip(steps, rows, strict=False):
                 for slot, values in zip(self._slots, stats, strict=False):
-                    # tf.summary.write with the scalar plugin's metadata is what
-                    # tf.summary.scalar does, minus the hard need for the tensorboard package.
+                    # tf.summary.write with a plugin's metadata is what tf.summary.scalar
+                    # and .histogram do, minus the hard need for the tensorboard package.
                     for tag, value in (
                         (f"gradient_norm/{slot.path}", values[0]),
                         (f"gradient_max_abs/{slot.path}", values[1]),
                     ):
-                        tf.summary.write(tag, tf.constant(value, tf.float32), step=int(step), metadata=metadata)
+                        tf.summary.write(tag, tf.constant(value, tf.float32), step=int(step), metadata=scalar)
+            for h in histograms:
+                # The histogram plugin's format: one (left edge, right edge, count) row per bin.
+                buckets = np.stack([h.edges[:-1], h.edges[1:], h.counts], axis=1)
+                tf.summary.write(
+                    f"gradient/{h.weight}", tf.constant(buckets, tf.float64), step=h.step, metadata=histogram
+                )
 
 
 def _check_positive(name: str, value: int | None) -> None:
@@ -382,11 +433,11 @@ def _summary_writer(log_dir: str | None) -> Any:
     return tf.summary.create_file_writer(str(log_dir))
 
 
-def _scalar_metadata() -> bytes:
+def _plugin_metadata(plugin: str) -> bytes:
     from tensorflow.core.framework import summary_pb2
 
-    plugin = summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars")
-    return summary_pb2.SummaryMetadata(plugin_data=plugin).SerializeToString()
+    data = summary_pb2.SummaryMetadata.PluginData(plugin_name=plugin)
+    return summary_pb2.SummaryMetadata(plugin_data=data).SerializeToString()
 
 
 def _fit_token(model: keras.Model) -> tuple[Any, Any]:

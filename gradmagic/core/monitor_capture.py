@@ -20,7 +20,8 @@ import numpy as np
 import tensorflow as tf
 
 from gradmagic.core.compute import dense_gradients
-from gradmagic.core.monitor_stats import STAT_COLUMNS, stats_function
+from gradmagic.core.monitor_histograms import HistogramBuffer
+from gradmagic.core.monitor_stats import RAW_ROWS, STAT_COLUMNS, finish_stats, stats_function
 
 #: Columns of one buffer row, per weight.
 BUFFER_COLUMNS = (*STAT_COLUMNS, "skipped", "missing")
@@ -30,7 +31,8 @@ _WIDTH = len(BUFFER_COLUMNS)
 class StatsBuffer:
     """Ring buffer of per-step, per-weight gradient statistics (monitor-owned variables).
 
-    Row ``k % capacity`` holds the statistics of the ``k``-th recorded step; the
+    Row ``k % capacity`` holds the raw statistics (``[5, weights]``, see
+    :func:`~gradmagic.core.monitor_stats.step_stats`) of the ``k``-th recorded step; the
     host keeps track of how many rows it has read. The variables are plain
     ``tf.Variable`` objects created outside any Keras model, so they are not model
     variables, are never saved with the model and never touched by the optimizer.
@@ -41,9 +43,18 @@ class StatsBuffer:
         strategy: The model's distribution strategy. Defaults to the current one.
         xla: Whether the train step is compiled by XLA (``model.jit_compile``).
             Defaults to False.
+        histograms: ``(every, bins)`` to also record full histograms every
+            ``every`` steps. Defaults to None (no histograms).
     """
 
-    def __init__(self, paths: Sequence[str], capacity: int, strategy: Any = None, xla: bool = False) -> None:
+    def __init__(
+        self,
+        paths: Sequence[str],
+        capacity: int,
+        strategy: Any = None,
+        xla: bool = False,
+        histograms: tuple[int, int] | None = None,
+    ) -> None:
         self.paths = list(paths)
         self.xla = xla
         self.capacity = int(capacity)
@@ -57,8 +68,10 @@ class StatsBuffer:
             "aggregation": tf.VariableAggregation.ONLY_FIRST_REPLICA,
         }
         with tf.init_scope(), strategy.scope():
+            # Only the statistics live on the device; the "skipped" and "missing"
+            # columns follow from them and from what the trace saw (see read()).
             self.rows = tf.Variable(
-                tf.zeros((self.capacity, len(self.paths), _WIDTH), tf.float32),
+                tf.zeros((self.capacity, len(RAW_ROWS), len(self.paths)), tf.float32),
                 trainable=False,
                 name="gradmagic_monitor_rows",
                 **sync,
@@ -67,6 +80,16 @@ class StatsBuffer:
         # Sync-on-read variables of a strategy lack scatter ops; a plain one is
         # updated in place (one row, not the whole buffer, per step).
         self._in_place = not isinstance(self.rows, tf.distribute.DistributedValues)
+        self.histograms = None
+        if histograms is not None:
+            every, bins = histograms
+            rows = self.capacity // every + 2
+            self.histograms = HistogramBuffer(len(self.paths), every, bins, rows, strategy, xla)
+        # Set while tracing: weights with no gradient, gradient sizes, and whether
+        # the optimizer skips non-finite steps.
+        self._missing = np.zeros(len(self.paths), bool)
+        self._sizes = np.zeros(len(self.paths), np.int64)
+        self._skips = False
 
     def record(
         self,
@@ -96,35 +119,40 @@ class StatsBuffer:
                 per_column[column] = (dense_gradients(grad), square if isinstance(grad, tf.Tensor) else None)
         present = [i for i, g in enumerate(per_column) if g is not None]
         n = len(self.paths)
+        self._missing = np.array([g is None for g in per_column])
+        self._sizes = np.array([0 if g is None else (g[0].shape.num_elements() or 0) for g in per_column])
+        self._skips = bool(skips)
+        width = len(RAW_ROWS)
         if present:
             grads = [per_column[i][0] for i in present]
             squared = [per_column[i][1] is not None for i in present]
             given = [per_column[i][1] for i in present if per_column[i][1] is not None]
             function = stats_function([tf.TensorSpec(g.shape, g.dtype) for g in grads], squared, self.xla)
             stats = function(*grads, *given)
+            if self.histograms is not None:
+                self.histograms.record(self.count, grads, present, stats, scale)
             if scale is not None:
+                # Sums scale with the loss scale, squares with its square, counts not at all.
                 inverse = 1.0 / tf.cast(scale, tf.float32)
-                stats = stats * tf.stack([inverse, inverse, inverse, 1.0, 1.0])
-            if skips:
-                skipped = tf.cast(tf.reduce_any(stats[:, 3] + stats[:, 4] > 0), tf.float32)
-                flags = tf.stack([tf.fill([len(present)], skipped), tf.zeros([len(present)])], axis=1)
-            else:
-                flags = tf.zeros([len(present), 2])
-            stats = tf.concat([stats, flags], axis=1)
-        if len(present) < n:
-            # A weight without a gradient (None) gets an empty row with missing=1.
-            missing = np.zeros((n, _WIDTH), np.float32)
-            missing[:, -1] = 1.0
-            missing[present] = 0.0
-            rows = tf.constant(missing)
-            stats = rows + tf.scatter_nd(tf.constant([[i] for i in present]), stats, [n, _WIDTH]) if present else rows
+                stats = stats * tf.stack([inverse, inverse * inverse, inverse * inverse, 1.0, 1.0])[:, None]
+            if len(present) < n:  # weights without a gradient (None) get zero columns
+                placed = tf.scatter_nd(tf.constant([[i] for i in present]), tf.transpose(stats), [n, width])
+                stats = tf.transpose(placed)
+        else:
+            stats = tf.zeros([width, n])
         slot = tf.math.floormod(self.count, self.capacity)
         if self._in_place:
-            self.rows.scatter_nd_update(tf.reshape(slot, (1, 1)), stats[None])
+            # A scalar index writes one [5, weights] row: no reshapes around it.
+            tf.raw_ops.ResourceScatterUpdate(resource=self.rows.handle, indices=slot, updates=stats)
         else:
             # A whole-buffer assign works on every variable kind (a few KB per step).
             self.rows.assign(tf.tensor_scatter_nd_update(self.rows, tf.reshape(slot, (1, 1)), stats[None]))
-        self.count.assign_add(1)
+        self.count.assign_add(1, read_value=False)
+
+    @property
+    def missing(self) -> np.ndarray:
+        """Per weight, whether the traced step had no gradient for it."""
+        return self._missing
 
     def read(self, start: int) -> tuple[int, np.ndarray]:
         """Rows recorded since step ``start``: ``(count, array[n, weights, columns])``.
@@ -135,10 +163,15 @@ class StatsBuffer:
         count = int(self.count.numpy())
         if count <= start:
             return count, np.zeros((0, len(self.paths), _WIDTH), np.float32)
-        rows = self.rows.numpy()
-        first = max(start, count - self.capacity)
-        slots = np.arange(first, count) % self.capacity
-        return count, rows[slots]
+        raw = self.rows.numpy()[np.arange(max(start, count - self.capacity), count) % self.capacity]
+        stats = finish_stats(raw, self._sizes)
+        stats[:, self._missing, :] = 0.0  # no gradient, no statistics (flagged "missing")
+        flags = np.zeros((*stats.shape[:2], 2), np.float32)
+        if self._skips:
+            # What LossScaleOptimizer does: a step with a non-finite gradient is not applied.
+            flags[..., 0] = (stats[..., 3] + stats[..., 4] > 0).any(axis=1, keepdims=True)
+        flags[..., 1] = self._missing
+        return count, np.concatenate([stats, flags], axis=2)
 
 
 def _path(variable: Any) -> str:

@@ -16,7 +16,10 @@ possible and to add little to the first trace:
   inline in a few microseconds. A large gradient is therefore viewed (reshaped,
   no copy) as a few rows of at most :data:`INLINE_ELEMENTS` entries, reduced
   row-wise.
-* NaN and Inf counts are needed only when a squared norm is not finite; they are
+* The graph records raw sums - sum, sum of squares, largest square - and the
+  host finishes them (:func:`finish_stats`: square roots, the mean): a dozen
+  fewer graph ops per step than computing the statistics themselves.
+* NaN and Inf counts are needed only when a raw sum is not finite; they are
   computed in a ``tf.cond`` branch that calls a separate (not inlined) function,
   built and optimized only if a step ever takes it.
 * :func:`stats_function` caches the traced ``tf.function`` per gradient
@@ -30,8 +33,12 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import tensorflow as tf
 
-#: Columns of :func:`step_stats`, per weight.
+#: Columns of :func:`finish_stats`, per weight.
 STAT_COLUMNS = ("norm", "max_abs", "mean", "nan", "inf")
+
+#: Rows of :func:`step_stats`: over the finite entries, the sum, the sum of
+#: squares and the largest square; then the NaN and Inf counts.
+RAW_ROWS = ("sum", "sumsq", "max_sq", "nan", "inf")
 
 #: Largest reduction (in entries) that TensorFlow's CPU kernels still run inline.
 INLINE_ELEMENTS = 1 << 16
@@ -44,12 +51,11 @@ _CACHE_SIZE = 64
 def step_stats(
     grads: Sequence[tf.Tensor], squares: Sequence[tf.Tensor | None] | None = None, xla: bool = False
 ) -> tf.Tensor:
-    """Statistics of each gradient as a ``[len(grads), 5]`` float32 tensor.
+    """Raw statistics of each gradient as a ``[5, len(grads)]`` float32 tensor.
 
-    Columns are :data:`STAT_COLUMNS`: L2 norm, max |g| and mean of the finite
-    entries (NaN when there is none), and the NaN and Inf counts. Call it where
-    the ops should go (eagerly, or while tracing); :func:`stats_function` wraps
-    it in a cached ``tf.function``.
+    Rows are :data:`RAW_ROWS`; :func:`finish_stats` turns them into
+    :data:`STAT_COLUMNS` on the host. Call it where the ops should go (eagerly,
+    or while tracing); :func:`stats_function` wraps it in a cached ``tf.function``.
 
     Args:
         grads: Dense gradients (any float dtype, static or dynamic shapes).
@@ -60,16 +66,36 @@ def step_stats(
             lacks some of the kernels used otherwise). Defaults to False.
 
     Returns:
-        The statistics, one row per gradient.
+        The raw statistics, one column per gradient.
     """
     grads = [tf.cast(g, tf.float32) for g in grads]
     squares = list(squares) if squares is not None else [None] * len(grads)
     sizes = [g.shape.num_elements() for g in grads]
     if any(size is None for size in sizes):
         return _masked_stats(grads)  # dynamic shapes: the general (slower) path only
-    sumsq, fast = _fast_stats(grads, squares, sizes, xla)
+    raw = _fast_stats(grads, squares, sizes, xla)
     masked = _masked_function(tuple(tf.TensorSpec(g.shape, g.dtype) for g in grads))
-    return tf.cond(tf.reduce_all(tf.math.is_finite(sumsq)), lambda: fast, lambda: masked(*grads))
+    # A NaN makes the sum NaN, an Inf makes the sum of squares Inf.
+    return tf.cond(tf.reduce_all(tf.math.is_finite(raw)), lambda: raw, lambda: masked(*grads))
+
+
+def finish_stats(raw: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
+    """Statistics from raw sums: ``[..., 5, n]`` (:data:`RAW_ROWS`) -> ``[..., n, 5]`` (:data:`STAT_COLUMNS`).
+
+    Norm, max |g| and mean describe the finite entries; they are NaN for a
+    gradient with none (all NaN/Inf, or empty).
+
+    Args:
+        raw: Raw statistics of one or more steps, as :func:`step_stats` gives.
+        sizes: Number of entries of each gradient.
+    """
+    raw = np.asarray(raw, np.float64)
+    total, sumsq, max_sq, nan, inf = (raw[..., i, :] for i in range(len(RAW_ROWS)))
+    finite = np.asarray(sizes, np.float64) - nan - inf
+    with np.errstate(divide="ignore", invalid="ignore"):
+        stats = [np.sqrt(sumsq), np.sqrt(max_sq), total / finite]
+    stats = [np.where(finite > 0, column, np.nan) for column in stats]
+    return np.stack([*stats, nan, inf], axis=-1).astype(np.float32)
 
 
 def stats_function(
@@ -126,33 +152,27 @@ def _cached(
     return function
 
 
-def _fast_stats(
-    grads: list[tf.Tensor], squares: list[tf.Tensor | None], sizes: list[int], xla: bool
-) -> tuple[tf.Tensor, tf.Tensor]:
-    """Statistics valid when every entry is finite: ``(sums of squares, [n, 5])``."""
+def _fast_stats(grads: list[tf.Tensor], squares: list[tf.Tensor | None], sizes: list[int], xla: bool) -> tf.Tensor:
+    """Raw statistics ``[5, n]``, valid when every entry is finite (NaN/Inf rows are 0)."""
     reduce = _Reducer(xla)
-    sumsq, max_abs, total = [], [], []
+    total, sumsq, max_sq = [], [], []
+    zero = tf.constant(0.0)
     for grad, square, size in zip(grads, squares, sizes, strict=True):
-        if size == 0:
-            zero = tf.constant(0.0)
-            sumsq.append(zero), max_abs.append(zero), total.append(zero)
+        if size == 0:  # finish_stats reports no finite entry
+            total.append(zero), sumsq.append(zero), max_sq.append(zero)
             continue
         total.append(reduce(tf.reduce_sum, grad, size))
         if square is not None:
             sumsq.append(reduce(tf.reduce_sum, square, size))
-            max_abs.append(tf.sqrt(reduce(tf.reduce_max, square, size)))
+            max_sq.append(reduce(tf.reduce_max, square, size))
         else:
             sumsq.append(reduce.sumsq(grad, size))
-            max_abs.append(tf.maximum(reduce(tf.reduce_max, grad, size), -reduce(tf.reduce_min, grad, size)))
-    sumsq = tf.stack(sumsq)
-    zeros = tf.zeros_like(sumsq)
-    mean = tf.stack(total) / tf.constant([max(s, 1) for s in sizes], tf.float32)
-    stats = tf.stack([tf.sqrt(sumsq), tf.stack(max_abs), mean, zeros, zeros], axis=1)
-    if 0 in sizes:
-        # An empty gradient has no finite entry: NaN statistics, as in _masked_stats.
-        empty = np.array([[s == 0] * 3 + [False] * 2 for s in sizes])
-        stats = tf.where(tf.constant(empty), np.float32(np.nan), stats)
-    return sumsq, stats
+            max_abs = tf.maximum(reduce(tf.reduce_max, grad, size), -reduce(tf.reduce_min, grad, size))
+            max_sq.append(max_abs * max_abs)
+    n = len(grads)
+    # One pack of every scalar, one reshape and one concat: few ops per step.
+    sums = tf.reshape(tf.stack(total + sumsq + max_sq), [3, n])
+    return tf.concat([sums, tf.zeros([2, n])], 0)
 
 
 class _Reducer:
@@ -226,6 +246,6 @@ def _masked_stats(grads: list[tf.Tensor]) -> tf.Tensor:
     counted = tf.stack([tf.cast(finite, tf.float64), tf.cast(tf.math.is_nan(flat), tf.float64), wide, wide * wide], 1)
     n_finite, nan, total, sumsq = tf.unstack(tf.cast(tf.math.unsorted_segment_sum(counted, ids, n), tf.float32), axis=1)
     max_abs = tf.math.unsorted_segment_max(tf.abs(values), ids, n)
-    # With no finite entry the statistics are undefined: NaN, as GradientStats has.
-    stats = tf.where(n_finite > 0, tf.stack([tf.sqrt(sumsq), max_abs, total / n_finite]), np.float32(np.nan))
-    return tf.transpose(tf.concat([stats, [nan, tf.cast(counts, tf.float32) - n_finite - nan]], 0))
+    # No finite entry: unsorted_segment_max gives the lowest float; finish_stats reports NaN anyway.
+    max_sq = tf.where(n_finite > 0, max_abs * max_abs, 0.0)
+    return tf.stack([total, sumsq, max_sq, nan, tf.cast(counts, tf.float32) - n_finite - nan])

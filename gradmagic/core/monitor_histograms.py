@@ -1,0 +1,168 @@
+"""Full gradient histograms every N steps, recorded in the train step like the statistics.
+
+Every ``every``-th recorded step, each weight's applied gradient is binned over
+``[-max|g|, +max|g|]`` (its finite entries; the range comes from the statistics
+already computed for that step, so it costs no extra pass). Steps in between
+pay for one ``tf.cond`` that does nothing. Counts and ranges go into a small
+device ring buffer that the monitor reads with the statistics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from gradmagic.core.targets import WeightSlot
+
+
+@dataclass(frozen=True)
+class GradientHistogram:
+    """The distribution of one weight's applied gradient at one step.
+
+    Attributes:
+        step: Global optimizer step.
+        epoch: Epoch (0-based).
+        batch: Batch within the epoch (0-based).
+        layer: Name of the owning layer.
+        weight: The weight's unique ``variable.path``.
+        edges: ``bins + 1`` bin edges, symmetric around 0 (``[-max|g|, +max|g|]``).
+        counts: Number of finite entries in each bin (NaN/Inf entries are not
+            binned; the statistics count them).
+    """
+
+    step: int
+    epoch: int
+    batch: int
+    layer: str
+    weight: str
+    edges: np.ndarray
+    counts: np.ndarray
+
+
+class HistogramBuffer:
+    """Device ring buffer of per-weight gradient histograms, one row per ``every`` steps.
+
+    Args:
+        n_weights: Number of monitored weights (buffer columns).
+        every: Record a histogram every this many steps (steps 0, every, 2*every...).
+        bins: Number of bins.
+        capacity: Histogram rows the buffer holds before wrapping.
+        strategy: The model's distribution strategy (variables are created in its scope).
+        xla: Whether the train step is compiled by XLA (which lacks the histogram kernel).
+    """
+
+    def __init__(self, n_weights: int, every: int, bins: int, capacity: int, strategy: Any, xla: bool) -> None:
+        self.every, self.bins, self.capacity, self.xla = int(every), int(bins), int(capacity), xla
+        sync = {
+            "synchronization": tf.VariableSynchronization.ON_READ,
+            "aggregation": tf.VariableAggregation.ONLY_FIRST_REPLICA,
+        }
+        with tf.init_scope(), strategy.scope():
+            self.counts = tf.Variable(
+                tf.zeros((self.capacity, n_weights, self.bins), tf.float32),
+                trainable=False,
+                name="gradmagic_monitor_histograms",
+                **sync,
+            )
+            self.ranges = tf.Variable(
+                tf.zeros((self.capacity, n_weights), tf.float32),
+                trainable=False,
+                name="gradmagic_monitor_ranges",
+                **sync,
+            )
+        self._in_place = not isinstance(self.counts, tf.distribute.DistributedValues)
+
+    def record(
+        self, count: tf.Tensor, grads: Sequence[tf.Tensor], columns: Sequence[int], raw: tf.Tensor, scale: Any = None
+    ) -> None:
+        """Add the ops that bin the gradients at every ``every``-th step (called while tracing).
+
+        Args:
+            count: The step counter before this step (the statistics buffer's).
+            grads: Dense gradients as applied (loss-scaled under a ``LossScaleOptimizer``).
+            columns: Buffer column of each gradient.
+            raw: The step's raw statistics of ``grads`` (``[5, len(grads)]``, see
+                :func:`~gradmagic.core.monitor_stats.step_stats`), same units.
+            scale: The loss scale ``grads`` carry, or None.
+        """
+        n = self.counts.shape[1]
+
+        def write() -> tf.Tensor:
+            # Largest finite |g| per weight; a tiny floor keeps an all-zero gradient's range non-empty.
+            inverse = 1.0 if scale is None else 1.0 / tf.cast(scale, tf.float32)
+            reach = tf.maximum(tf.sqrt(raw[2]) * inverse, np.float32(1e-30))
+            rows = []
+            for k, grad in enumerate(grads):
+                values = tf.reshape(tf.cast(grad, tf.float32), [-1]) * inverse
+                # Non-finite entries are moved to 0, then taken out of 0's bin again.
+                values = tf.where(tf.math.is_finite(values), values, 0.0)
+                binned = tf.cast(self._histogram(values, reach[k]), tf.float32)
+                rows.append(binned - tf.one_hot(self.bins // 2, self.bins) * (raw[3, k] + raw[4, k]))
+            counts = tf.scatter_nd(tf.constant([[c] for c in columns]), tf.stack(rows), [n, self.bins])
+            ranges = tf.scatter_nd(tf.constant([[c] for c in columns]), reach, [n])
+            slot = tf.reshape(tf.math.floormod(count // self.every, self.capacity), (1, 1))
+            for variable, value in ((self.counts, counts), (self.ranges, ranges)):
+                if self._in_place:
+                    variable.scatter_nd_update(slot, value[None])
+                else:
+                    variable.assign(tf.tensor_scatter_nd_update(variable, slot, value[None]))
+            return tf.constant(True)
+
+        tf.cond(tf.equal(tf.math.floormod(count, self.every), 0), write, lambda: tf.constant(False))
+
+    def _histogram(self, values: tf.Tensor, reach: tf.Tensor) -> tf.Tensor:
+        if not self.xla:
+            return tf.histogram_fixed_width(values, tf.stack([-reach, reach]), nbins=self.bins)
+        # XLA has no HistogramFixedWidth kernel: the same binning as a segment sum.
+        index = tf.cast(tf.floor((values + reach) / (2.0 * reach) * self.bins), tf.int32)
+        return tf.math.unsorted_segment_sum(tf.ones_like(values), tf.clip_by_value(index, 0, self.bins - 1), self.bins)
+
+    def read(self, first: int, count: int) -> tuple[list[int], np.ndarray, np.ndarray]:
+        """Histograms of the steps in ``[first, count)`` still in the buffer.
+
+        Returns:
+            ``(step counts, counts [k, weights, bins], ranges [k, weights])``.
+        """
+        wanted = [k for k in range(-(-first // self.every) * self.every, count, self.every)]
+        wanted = [k for k in wanted if (count - 1) // self.every - k // self.every < self.capacity]
+        if not wanted:
+            return [], np.zeros((0, *self.counts.shape[1:]), np.float32), np.zeros((0, self.ranges.shape[1]))
+        slots = np.array([(k // self.every) % self.capacity for k in wanted])
+        return wanted, self.counts.numpy()[slots], self.ranges.numpy()[slots]
+
+
+def histograms_of(
+    steps: Sequence[int],
+    epochs: Sequence[int],
+    batches: Sequence[int],
+    counts: np.ndarray,
+    ranges: np.ndarray,
+    slots: Sequence[WeightSlot],
+    missing: np.ndarray,
+) -> list[GradientHistogram]:
+    """Host-side histogram records, one per step and present weight.
+
+    Args:
+        steps, epochs, batches: Where each buffer row belongs.
+        counts: ``[k, weights, bins]`` counts.
+        ranges: ``[k, weights]`` max |g|.
+        slots: The monitored weights.
+        missing: Per weight, whether it had no gradient (skipped).
+    """
+    records = []
+    for row, (step, epoch, batch) in enumerate(zip(steps, epochs, batches, strict=True)):
+        for column, slot in enumerate(slots):
+            if missing[column]:
+                continue
+            reach = float(ranges[row, column])
+            edges = np.linspace(-reach, reach, counts.shape[2] + 1)
+            records.append(
+                GradientHistogram(
+                    int(step), int(epoch), int(batch), slot.layer_name, slot.path, edges, counts[row, column].copy()
+                )
+            )
+    return records
