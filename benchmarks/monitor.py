@@ -104,7 +104,7 @@ def run(kind: str, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
         if kind == "panel":
             from gradmagic.widgets.training_panel import TrainingPanel
 
-            TrainingPanel(monitor, every=64, use_ipympl=False)
+            TrainingPanel(monitor, use_ipympl=False)  # the default time budget
     elif kind == "recompute":
         callbacks.append(RecomputeBaseline(x, y))
     start = time.perf_counter()

@@ -124,6 +124,7 @@ class GradientMonitor(keras.callbacks.Callback):
         self.skipped_steps: list[int] = []
         self._history: MonitorHistory | None = None
         self._listeners: list[Callable[[GradientMonitor], None]] = []
+        self._end_listeners: list[Callable[[], None]] = []
         self._detach: Callable[[], None] | None = None
         self._warned: set[tuple[str, str]] = set()
         self._lock = threading.Lock()  # batch ends may run in Keras's thread pool
@@ -166,18 +167,27 @@ class GradientMonitor(keras.callbacks.Callback):
         """The raw history (NumPy arrays per statistic), ``None`` before ``fit``."""
         return self._history
 
-    def add_listener(self, listener: Callable[[GradientMonitor], None], every: int | None = None) -> None:
+    def add_listener(
+        self,
+        listener: Callable[[GradientMonitor], None],
+        every: int | None = None,
+        on_end: Callable[[], None] | None = None,
+    ) -> None:
         """Call ``listener(monitor)`` after every read of new steps (e.g. a live plot).
 
         Args:
             listener: The function to call.
             every: Read the device buffer at least every this many batches for
                 this listener. Defaults to None (the monitor's own cadence).
+            on_end: Also call this when ``fit`` ends, after the last read.
+                Defaults to None.
         """
         _check_positive("every", every)
         self._listeners.append(listener)
         if every is not None:
             self.read_every = min(self.read_every, every)
+        if on_end is not None:
+            self._end_listeners.append(on_end)
 
     def restore_last_good(self) -> None:
         """Put ``last_good_weights`` back into the model (after ``on_anomaly="stop"``)."""
@@ -239,6 +249,8 @@ class GradientMonitor(keras.callbacks.Callback):
             self._flush(act=False)
         finally:
             self.detach()
+            for on_end in self._end_listeners:
+                on_end()
 
     def detach(self) -> None:
         """Undo the wrapping of ``optimizer.apply`` now (done automatically after ``fit``)."""

@@ -5,11 +5,19 @@ repaints through :class:`~gradmagic.widgets.figure_view.FigureView`: with the
 ipympl backend (``%matplotlib widget``) on ipympl's canvas, otherwise as a PNG in
 an ``ipywidgets.Image``. Either way the kernel pushes the frame itself, so the
 panel repaints while ``fit`` keeps the cell running (and works headless).
+
+A repaint costs tens of milliseconds and happens inside ``fit``, so repaints are
+time-budgeted the way progress bars throttle theirs: at most one per
+``min_interval`` seconds, and only while the time spent repainting stays within
+``max_fraction`` of the time elapsed. The last steps are drawn when ``fit`` ends.
 """
 
 from __future__ import annotations
 
+import math
+import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 import ipywidgets as widgets
@@ -17,7 +25,15 @@ import matplotlib
 import numpy as np
 
 from gradmagic.core.monitor import GradientMonitor
+from gradmagic.core.monitor_history import MonitorHistory
+from gradmagic.errors import GradmagicError
 from gradmagic.widgets.figure_view import FigureView
+
+_NO_FIT = object()  # differs from any monitor.params, so the first read opens a budget window
+
+
+class PanelArgumentError(GradmagicError, ValueError):
+    """A TrainingPanel argument is invalid."""
 
 
 def _ipympl_active() -> bool:
@@ -30,11 +46,18 @@ class TrainingPanel:
 
     Args:
         monitor: The monitor to follow; pass it to ``fit(callbacks=[monitor])``.
-        every: Redraw at most once per this many new steps. Defaults to 20.
+        every: Read new steps from the monitor every this many batches and redraw
+            at most once per this many new steps. Defaults to 50.
         max_layers: Plot the first this many layers that have weights. Defaults to 12.
         log_scale: Log y axis (norms span decades). Defaults to True.
         use_ipympl: Use the ipympl canvas; ``None`` picks it when it is the active
             matplotlib backend. Defaults to None.
+        max_fraction: The largest fraction of the time since a ``fit``'s first read
+            that redrawing may take, the final redraw included (which always
+            happens, so a fit shorter than ``redraw time / max_fraction``, about a
+            second, goes over); 1 turns the budget off. Defaults to 0.03.
+        min_interval: The least number of seconds between two redraws. Defaults to 0.25.
+        clock: Seconds, monotonic. Defaults to ``time.perf_counter`` (tests inject one).
 
     Example:
         >>> monitor = gm.GradientMonitor()
@@ -45,14 +68,32 @@ class TrainingPanel:
     def __init__(
         self,
         monitor: GradientMonitor,
-        every: int = 20,
+        every: int = 50,
         max_layers: int = 12,
         log_scale: bool = True,
         use_ipympl: bool | None = None,
+        *,
+        max_fraction: float = 0.03,
+        min_interval: float = 0.25,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
+        if not 0 < max_fraction <= 1 or min_interval < 0:
+            raise PanelArgumentError(
+                f"Received: max_fraction={max_fraction!r}, min_interval={min_interval!r}. Expected "
+                "0 < max_fraction <= 1 and min_interval >= 0. Example: TrainingPanel(monitor, max_fraction=0.05)."
+            )
         self.monitor = monitor
         self.every = every
         self.max_layers = max_layers
+        self.max_fraction = max_fraction
+        self.min_interval = min_interval
+        self._clock = clock
+        # The time budget of the current fit: when its first read came, seconds spent
+        # redrawing since, when the last redraw ended, and what one redraw costs.
+        self._fit: Any = _NO_FIT
+        self._start = self._spent = 0.0
+        self._last = -math.inf
+        self._cost: float | None = None
         # The canvas and how to repaint it come from FigureView: frames are pushed
         # from the kernel, which matters here because fit keeps the kernel busy.
         self.view = FigureView((7.0, 3.5), dpi=80, use_ipympl=_ipympl_active() if use_ipympl is None else use_ipympl)
@@ -65,7 +106,14 @@ class TrainingPanel:
         self.status = widgets.HTML()
         self.image = None if self.use_ipympl else self.view.widget
         self.widget = widgets.VBox([self.view.widget, self.status])
-        monitor.add_listener(self._on_read)
+        # One draw of the empty axes now, outside fit: it pays matplotlib's
+        # first-draw costs and tells the budget what a redraw costs.
+        start = self._clock()
+        self.view.show(background_changed=True)
+        self._cost = self._clock() - start
+        # Reads every `every` batches (about a millisecond each) keep the panel fed;
+        # the last steps are drawn when fit ends.
+        monitor.add_listener(self._on_read, every=every, on_end=self.finish)
 
     def _build_axes(self, log_scale: bool) -> Any:
         axes = self.figure.add_subplot(1, 1, 1)
@@ -78,28 +126,56 @@ class TrainingPanel:
         return axes
 
     def _on_read(self, monitor: GradientMonitor) -> None:
+        now = self._clock()
+        if monitor.params is not self._fit:  # Keras passes new params to every fit
+            # A new budget window: time between fits must not buy redraws in this one.
+            self._fit, self._start, self._spent, self._last = monitor.params, now, 0.0, -math.inf
         recorded = monitor.recorded
-        if recorded is None or len(recorded) - self._drawn_steps < self.every:
-            return
-        self.update()
+        if recorded is not None and len(recorded) - self._drawn_steps >= self.every and self._affordable(now):
+            self.update()
+
+    def _affordable(self, now: float) -> bool:
+        """Whether a redraw now keeps to ``min_interval`` and to ``max_fraction``."""
+        if now - self._last < self.min_interval:
+            return False
+        if self.max_fraction >= 1.0:
+            return True  # no time budget
+        # Room for this redraw and the final one, which happens whatever the budget.
+        return self._spent + 2 * (self._cost or 0.0) <= self.max_fraction * (now - self._start)
 
     def update(self) -> None:
-        """Redraw from everything the monitor has recorded so far.
+        """Redraw from everything the monitor has recorded so far, now (no throttling).
 
         This runs inside ``fit`` (from the monitor): an exception is shown in the
         panel's status line rather than raised, so a plotting problem never ends
         the training run.
         """
-        try:
-            self._update()
-            self.status.value = ""
-        except Exception:  # shown in the panel, not swallowed: training must go on
-            self.status.value = f"<pre style='color:#900'>{traceback.format_exc(limit=3)}</pre>"
-
-    def _update(self) -> None:
         recorded = self.monitor.recorded
         if recorded is None or not len(recorded):
             return
+        start = self._clock()
+        try:
+            self._update(recorded)
+            self.status.value = ""
+        except Exception:  # shown in the panel, not swallowed: training must go on
+            self.status.value = f"<pre style='color:#900'>{traceback.format_exc(limit=3)}</pre>"
+        self._last = self._clock()
+        seconds = self._last - start
+        self._spent += seconds
+        # Recent redraws predict the next one best (the first, which adds the legend, costs more).
+        self._cost = seconds if self._cost is None else 0.5 * (self._cost + seconds)
+
+    def finish(self) -> None:
+        """Draw the steps the time budget held back, if any.
+
+        Called when ``fit`` ends (from the monitor's ``on_train_end``); call it
+        yourself after a ``fit`` that raised.
+        """
+        recorded = self.monitor.recorded
+        if recorded is not None and len(recorded) != self._drawn_steps:
+            self.update()
+
+    def _update(self, recorded: MonitorHistory) -> None:
         names, norms = recorded.layer_norms()
         steps = recorded.steps
         for j, name in enumerate(names[: self.max_layers]):
