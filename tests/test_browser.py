@@ -69,3 +69,44 @@ def test_slider_move_repaints_the_plots_with_the_cores_numbers(tmp_path):
     shown = float(after["d y / d x0"])
     assert shown == pytest.approx(expected, rel=1e-4, abs=1e-7)
     print(f"screenshots in {tmp_path}; d y/d x0 at {point}: shown {shown}, core {expected}")
+
+
+# A short hash of the canvas pixels, computed in the page (a data URL is megabytes of text).
+CANVAS_HASH = """
+selector => { const c = document.querySelector(selector); if (!c || !c.width) return null;
+  const s = c.toDataURL(); let h = 0;
+  for (let i = 0; i < s.length; i += 7) h = (h * 31 + s.charCodeAt(i)) | 0;
+  return h; }
+"""
+
+
+def _output_text(page) -> str:
+    return page.evaluate("() => Array.from(document.querySelectorAll('.jp-OutputArea-output')).map(o => o.innerText)")
+
+
+def test_training_panel_repaints_while_fit_runs_in_the_same_cell(tmp_path):
+    cells = make_notebook.write(tmp_path, "training.ipynb", make_notebook.TRAINING_CELLS)
+    frames_during_fit: list[int] = []
+    with jupyter_lab(tmp_path) as url, browser_page() as page:
+        run_notebook(page, url, "training.ipynb", cells)
+        page.wait_for_function("() => document.body.innerText.includes('fit started')", timeout=180_000)
+        deadline = time.monotonic() + 180
+        # Sample the canvas while the cell that runs fit is still busy.
+        while not any("fit done" in text for text in _output_text(page)):
+            assert time.monotonic() < deadline, "fit did not finish"
+            frame = page.evaluate(CANVAS_HASH, CANVAS)
+            if frame is not None and (not frames_during_fit or frames_during_fit[-1] != frame):
+                frames_during_fit.append(frame)
+            time.sleep(0.05)
+        time.sleep(1.0)  # the final frame, drawn when fit ends
+        final = page.evaluate(CANVAS_HASH, CANVAS)
+        page.screenshot(path=tmp_path / "page.png")
+        done = next(text for text in _output_text(page) if "fit done" in text)
+
+    steps, redraws = map(int, re.search(r"fit done: (\d+) steps, (\d+) redraws", done).groups())
+    assert steps == 6 * 256
+    # The canvas showed new curves while the kernel was busy in fit, not only afterwards (with
+    # ipympl this needs the canvas sized without the front-end's handshake, which waits for fit).
+    assert len(frames_during_fit) >= 3, frames_during_fit
+    assert final != frames_during_fit[0] and redraws >= 2
+    print(f"{len(frames_during_fit)} frames seen during fit, {redraws} redraws; screenshot in {tmp_path}")

@@ -60,6 +60,11 @@ class FigureView:
             # bare base64 string, which the front-end then fails to load as an image
             # and leaves the canvas blank. Frames go out as binary messages only.
             canvas.syncing_data_url = False
+            # Size the canvas now, as ipympl does when the front-end says it is
+            # initialized: that message waits while the kernel is busy (fit running
+            # in the cell that made the panel), and until then the canvas is 0x0.
+            _, _, width, height = self.figure.bbox.bounds
+            canvas.manager.resize(width, height)
             self.widget: widgets.DOMWidget = canvas
         else:
             FigureCanvasAgg(self.figure)
