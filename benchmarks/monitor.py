@@ -5,7 +5,8 @@ MLP 784-256-256-10, batch 32, 2 epochs on 8,192 random samples (512 steps):
   monitor      fit with GradientMonitor (per-batch statistics of every weight)
   recompute    fit with a baseline callback that recomputes the gradients of the
                same batch with a GradientTape in on_train_batch_end
-  panel        fit with the monitor and a headless TrainingPanel (PNG redraws)
+  panel        fit with the monitor and a headless TrainingPanel (PNG redraws, default
+               time budget: at most 3% of the training time, plus the final redraw)
 
 Every run builds a fresh model, so "fit" includes tracing the train function;
 "epoch 2" is the steady state. Runs are interleaved round by round (the order
