@@ -445,3 +445,24 @@ def test_listener_cadence_lowers_the_read_interval():
     assert seen == [3, 6, 9, 12, 15, 16]
     with pytest.raises(MonitorArgumentError, match="every=0"):
         monitor.add_listener(print, every=0)
+
+
+def test_embedding_gradients_are_recorded_dense():
+    # An Embedding's gradient arrives as IndexedSlices (repeated ids included): stats of the dense sum.
+    model = keras.Sequential([keras.Input((3,), dtype="int32"), keras.layers.Embedding(10, 4), keras.layers.Flatten()])
+    model.add(keras.layers.Dense(1))
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    ids = np.array([[1, 1, 2], [3, 1, 9]], "int32")
+    y = np.array([[1.0], [-1.0]], "float32")
+    weights = [v.numpy() for v in model.trainable_variables]
+    monitor = GradientMonitor()
+    model.fit(ids, y, batch_size=2, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
+    clone = keras.models.clone_model(model)
+    clone.set_weights(weights)
+    with tf.GradientTape() as tape:
+        loss = keras.losses.MeanSquaredError()(y, clone(ids))
+    table = tf.convert_to_tensor(tape.gradient(loss, clone.trainable_variables[0])).numpy()
+    cols = monitor.to_dict()
+    np.testing.assert_allclose(cols["norm"][0], np.linalg.norm(table), rtol=1e-5)
+    np.testing.assert_allclose(cols["mean"][0], table.mean(), rtol=1e-5, atol=1e-8)  # over all 40 entries
+    np.testing.assert_allclose(cols["max_abs"][0], np.abs(table).max(), rtol=1e-5)

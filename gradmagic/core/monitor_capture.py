@@ -113,14 +113,17 @@ class StatsBuffer:
         """
         squares = list(squares) if squares is not None else [None] * len(grads)
         per_column: list[Any] = [None] * len(self.paths)
+        sizes = np.zeros(len(self.paths), np.int64)
         for grad, square, var in zip(grads, squares, variables, strict=False):
             column = self._column.get(_path(var))
             if column is not None and grad is not None:
                 per_column[column] = (dense_gradients(grad), square if isinstance(grad, tf.Tensor) else None)
+                # The variable's shape is always known, a traced gradient's may not be.
+                sizes[column] = int(np.prod(var.shape))
         present = [i for i, g in enumerate(per_column) if g is not None]
         n = len(self.paths)
         self._missing = np.array([g is None for g in per_column])
-        self._sizes = np.array([0 if g is None else (g[0].shape.num_elements() or 0) for g in per_column])
+        self._sizes = sizes
         self._skips = bool(skips)
         width = len(RAW_ROWS)
         if present:
