@@ -93,7 +93,6 @@ class TrainingPanel:
         self._fit: Any = _NO_FIT
         self._start = self._spent = 0.0
         self._last = -math.inf
-        self._cost: float | None = None
         # The canvas and how to repaint it come from FigureView: frames are pushed
         # from the kernel, which matters here because fit keeps the kernel busy.
         self.view = FigureView((7.0, 3.5), dpi=80, use_ipympl=_ipympl_active() if use_ipympl is None else use_ipympl)
@@ -141,7 +140,7 @@ class TrainingPanel:
         if self.max_fraction >= 1.0:
             return True  # no time budget
         # Room for this redraw and the final one, which happens whatever the budget.
-        return self._spent + 2 * (self._cost or 0.0) <= self.max_fraction * (now - self._start)
+        return self._spent + 2 * self._cost <= self.max_fraction * (now - self._start)
 
     def update(self) -> None:
         """Redraw from everything the monitor has recorded so far, now (no throttling).
@@ -162,8 +161,8 @@ class TrainingPanel:
         self._last = self._clock()
         seconds = self._last - start
         self._spent += seconds
-        # Recent redraws predict the next one best (the first, which adds the legend, costs more).
-        self._cost = seconds if self._cost is None else 0.5 * (self._cost + seconds)
+        # Recent redraws predict the next one best (the first with data adds the legend, which costs more).
+        self._cost = 0.5 * (self._cost + seconds)
 
     def finish(self) -> None:
         """Draw the steps the time budget held back, if any.
