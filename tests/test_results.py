@@ -77,3 +77,13 @@ def test_real_result_columns_align_with_trainable_weights():
     assert r.paths == [v.path for v in model.trainable_weights]
     for row, array in zip(r, r.arrays()):
         assert row.stats.norm == pytest.approx(float(np.linalg.norm(array)), rel=1e-6)
+
+
+def test_negative_layer_index_counts_from_the_end_like_model_layers():
+    model = mlp()
+    r = gm.weight_gradients(model, np.ones((2, 3)), np.zeros((2, 2)))
+    last = model.layers[-1]
+    assert r[-1].paths == [v.path for v in last.trainable_weights] == r[len(model.layers) - 1].paths
+    assert r[np.int64(-1)][-1].paths == r[-1].paths  # a part keeps the model's layer count
+    with pytest.raises(gm.GradmagicError, match="no weights of that layer"):
+        r[-len(model.layers) - 1]

@@ -257,7 +257,8 @@ def weight_gradients(
         title = f"dLoss/dW of model '{model_name(model)}' (loss = {float(loss_value):.6g})"
     else:
         title = f"d(output unit {output})/dW of model '{model_name(model)}' (mean output = {float(loss_value):.6g})"
-    return WeightGradients(float(loss_value), rows_for(question.labels, [_numpy(g) for g in grads]), title)
+    rows = rows_for(question.labels, [_numpy(g) for g in grads])
+    return WeightGradients(float(loss_value), rows, title, layer_count=len(model.layers))
 
 
 def output_gradients(

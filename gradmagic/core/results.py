@@ -191,11 +191,14 @@ class WeightGradients(GradientTable):
 
     Attributes:
         loss: The loss at (x, y).
+        layer_count: ``len(model.layers)``, so that ``r[-1]`` means the last layer
+            as ``model.layers[-1]`` does (None when unknown).
     """
 
-    def __init__(self, loss: float, rows: list[GradientRow], title: str = "") -> None:
+    def __init__(self, loss: float, rows: list[GradientRow], title: str = "", layer_count: int | None = None) -> None:
         super().__init__(rows, title)
         self.loss = loss
+        self.layer_count = layer_count
 
     def arrays(self) -> list[np.ndarray | None]:
         """The gradients, aligned with the weights asked for; ``None`` if disconnected."""
@@ -207,7 +210,13 @@ class WeightGradients(GradientTable):
         return [row.labels["path"] for row in self.rows]
 
     def __getitem__(self, key: int | str) -> WeightGradients:
-        """The part of one layer, by ``model.layers`` index or by layer name."""
+        """The part of one layer, by ``model.layers`` index (negative counts from the end) or by name.
+
+        Weights a model holds itself, outside its layers (index -1 in the table),
+        are found by the model's name.
+        """
+        if isinstance(key, (int, np.integer)) and not isinstance(key, bool) and key < 0 and self.layer_count:
+            key = int(key) + self.layer_count
         if isinstance(key, str):
             rows = [r for r in self.rows if r.labels["layer"] == key]
         else:
@@ -218,7 +227,7 @@ class WeightGradients(GradientTable):
                 f"Received: {key!r}, but this result has no weights of that layer. Expected "
                 f"a layer index or name among: {', '.join(f'{i} {n!r}' for i, n in known) or 'none'}."
             )
-        return WeightGradients(self.loss, rows, f"{self.title} [{key!r}]")
+        return WeightGradients(self.loss, rows, f"{self.title} [{key!r}]", self.layer_count)
 
 
 class OutputGradients(GradientTable):
