@@ -466,3 +466,34 @@ def test_embedding_gradients_are_recorded_dense():
     np.testing.assert_allclose(cols["norm"][0], np.linalg.norm(table), rtol=1e-5)
     np.testing.assert_allclose(cols["mean"][0], table.mean(), rtol=1e-5, atol=1e-8)  # over all 40 entries
     np.testing.assert_allclose(cols["max_abs"][0], np.abs(table).max(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("magnitude", [1e20, 1e-20])
+def test_step_stats_exact_where_squares_leave_float32(magnitude, jit):
+    # |g| = 1e20 squares to Inf in float32 and 1e-20 to 0: the statistics must not (float64 path).
+    rng = np.random.default_rng(2)
+    grads = [(rng.normal(size=s) * magnitude).astype("float32") for s in [(70_000,), (5, 3)]]
+    want = np.array([_numpy_stats(g) for g in grads])
+    run = tf.function(lambda *g: step_stats(g, xla=jit), jit_compile=jit)
+    np.testing.assert_allclose(finish_stats(run(*grads).numpy(), [g.size for g in grads]), want, rtol=2e-6)
+    specs = [tf.TensorSpec(g.shape, tf.float32) for g in grads]
+    with_squares = tf.function(stats_function(specs, [True, True], xla=jit), jit_compile=jit)
+    with np.errstate(over="ignore", under="ignore"):
+        squares = [np.square(g) for g in grads]  # what the optimizer computes: Inf or 0
+    got = with_squares(*grads, *squares).numpy()
+    np.testing.assert_allclose(finish_stats(got, [g.size for g in grads]), want, rtol=2e-6)
+
+
+def test_histograms_of_huge_gradients_under_loss_scaling():
+    model = mlp()
+    optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.0), initial_scale=2.0**15)
+    model.compile(optimizer=optimizer, loss=lambda y, p: 1e16 * keras.ops.mean((y - p) ** 2))
+    monitor = GradientMonitor(histogram_every=1, histogram_bins=6)
+    model.fit(*_data(), batch_size=16, epochs=1, verbose=0, callbacks=[monitor])
+    cols = monitor.to_dict()
+    assert not any(cols["skipped"]) and 1e14 < max(cols["max_abs"]) < 1e20  # scaled, these squares overflow
+    sizes = {v.path: v.numpy().size for v in model.trainable_variables}
+    for h, max_abs in zip(monitor.histograms, cols["max_abs"], strict=True):
+        assert h.counts.sum() == sizes[h.weight]
+        np.testing.assert_allclose(h.edges[-1], max_abs, rtol=1e-5)  # unscaled, like the statistics

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import keras
 import numpy as np
 import pytest
 from conftest import mlp
@@ -85,5 +86,25 @@ def test_negative_layer_index_counts_from_the_end_like_model_layers():
     last = model.layers[-1]
     assert r[-1].paths == [v.path for v in last.trainable_weights] == r[len(model.layers) - 1].paths
     assert r[np.int64(-1)][-1].paths == r[-1].paths  # a part keeps the model's layer count
-    with pytest.raises(gm.GradmagicError, match="no weights of that layer"):
-        r[-len(model.layers) - 1]
+    for out_of_range in (-len(model.layers) - 1, -len(model.layers) - 5):
+        with pytest.raises(gm.GradmagicError, match=rf"Received: {out_of_range}, but this result has no weights"):
+            r[out_of_range]
+
+
+def test_a_models_own_weights_are_reached_by_name_not_by_a_negative_index():
+    class Scaled(keras.Model):
+        def __init__(self):
+            super().__init__(name="scaled")
+            self.dense = keras.layers.Dense(2, name="d")
+            self.scale = self.add_weight(shape=(), initializer="ones", name="own")
+
+        def call(self, x):
+            return self.dense(x) * self.scale
+
+    model = Scaled()
+    model(np.ones((1, 3)))
+    r = gm.weight_gradients(model, np.ones((2, 3)), np.zeros((2, 2)), loss="mse")
+    assert r[-1].paths == [v.path for v in model.dense.trainable_weights]  # model.layers[-1]
+    assert r["scaled"].paths == [model.scale.path]
+    with pytest.raises(gm.GradmagicError, match=r"'scaled' \(the model's own weights, by name\)"):
+        r[-2]  # model.layers[-2] does not exist

@@ -135,9 +135,9 @@ class StatsBuffer:
             if self.histograms is not None:
                 self.histograms.record(self.count, grads, present, stats, scale)
             if scale is not None:
-                # Sums scale with the loss scale, squares with its square, counts not at all.
+                # Sum, norm and max |g| scale with the loss scale, counts do not.
                 inverse = 1.0 / tf.cast(scale, tf.float32)
-                stats = stats * tf.stack([inverse, inverse * inverse, inverse * inverse, 1.0, 1.0])[:, None]
+                stats = stats * tf.stack([inverse, inverse, inverse, 1.0, 1.0])[:, None]
             if len(present) < n:  # weights without a gradient (None) get zero columns
                 placed = tf.scatter_nd(tf.constant([[i] for i in present]), tf.transpose(stats), [n, width])
                 stats = tf.transpose(placed)

@@ -1,9 +1,8 @@
 """Full gradient histograms every N steps, recorded in the train step like the statistics.
 
 Every ``every``-th recorded step, each weight's applied gradient is binned over
-``[-max|g|, +max|g|]`` (its finite entries; the range comes from the statistics
-already computed for that step, so it costs no extra pass). Steps in between
-pay for one ``tf.cond`` that does nothing. Counts and ranges go into a small
+``[-max|g|, +max|g|]`` of its finite entries. Steps in between pay for one
+``tf.cond`` that does nothing. Counts and ranges go into a small
 device ring buffer that the monitor reads with the statistics.
 """
 
@@ -86,22 +85,25 @@ class HistogramBuffer:
             grads: Dense gradients as applied (loss-scaled under a ``LossScaleOptimizer``).
             columns: Buffer column of each gradient.
             raw: The step's raw statistics of ``grads`` (``[5, len(grads)]``, see
-                :func:`~gradmagic.core.monitor_stats.step_stats`), same units.
+                :func:`~gradmagic.core.monitor_stats.step_stats`): its NaN/Inf counts.
             scale: The loss scale ``grads`` carry, or None.
         """
         n = self.counts.shape[1]
 
         def write() -> tf.Tensor:
-            # Largest finite |g| per weight; a tiny floor keeps an all-zero gradient's range non-empty.
             inverse = 1.0 if scale is None else 1.0 / tf.cast(scale, tf.float32)
-            reach = tf.maximum(tf.sqrt(raw[2]) * inverse, np.float32(1e-30))
-            rows = []
+            rows, reaches = [], []
             for k, grad in enumerate(grads):
                 values = tf.reshape(tf.cast(grad, tf.float32), [-1]) * inverse
                 # Non-finite entries are moved to 0, then taken out of 0's bin again.
                 values = tf.where(tf.math.is_finite(values), values, 0.0)
-                binned = tf.cast(self._histogram(values, reach[k]), tf.float32)
+                # The range from the values themselves (one more pass, every `every` steps
+                # only). Binning values / reach in [-1, 1] cannot overflow, however large |g|.
+                reach = tf.maximum(tf.reduce_max(tf.abs(values)), np.finfo(np.float32).tiny)
+                binned = tf.cast(self._histogram(values / reach), tf.float32)
                 rows.append(binned - tf.one_hot(self.bins // 2, self.bins) * (raw[3, k] + raw[4, k]))
+                reaches.append(reach)
+            reach = tf.stack(reaches)
             counts = tf.scatter_nd(tf.constant([[c] for c in columns]), tf.stack(rows), [n, self.bins])
             ranges = tf.scatter_nd(tf.constant([[c] for c in columns]), reach, [n])
             slot = tf.reshape(tf.math.floormod(count // self.every, self.capacity), (1, 1))
@@ -114,12 +116,13 @@ class HistogramBuffer:
 
         tf.cond(tf.equal(tf.math.floormod(count, self.every), 0), write, lambda: tf.constant(False))
 
-    def _histogram(self, values: tf.Tensor, reach: tf.Tensor) -> tf.Tensor:
+    def _histogram(self, unit: tf.Tensor) -> tf.Tensor:
+        """Counts of ``unit`` (values in [-1, 1]) in ``bins`` equal bins."""
         if not self.xla:
-            return tf.histogram_fixed_width(values, tf.stack([-reach, reach]), nbins=self.bins)
+            return tf.histogram_fixed_width(unit, tf.constant([-1.0, 1.0]), nbins=self.bins)
         # XLA has no HistogramFixedWidth kernel: the same binning as a segment sum.
-        index = tf.cast(tf.floor((values + reach) / (2.0 * reach) * self.bins), tf.int32)
-        return tf.math.unsorted_segment_sum(tf.ones_like(values), tf.clip_by_value(index, 0, self.bins - 1), self.bins)
+        index = tf.cast(tf.floor((unit + 1.0) * (self.bins / 2)), tf.int32)
+        return tf.math.unsorted_segment_sum(tf.ones_like(unit), tf.clip_by_value(index, 0, self.bins - 1), self.bins)
 
     def read(self, first: int, count: int) -> tuple[list[int], np.ndarray, np.ndarray]:
         """Histograms of the steps in ``[first, count)`` still in the buffer.

@@ -16,9 +16,8 @@ possible and to add little to the first trace:
   inline in a few microseconds. A large gradient is therefore viewed (reshaped,
   no copy) as a few rows of at most :data:`INLINE_ELEMENTS` entries, reduced
   row-wise.
-* The graph records raw sums - sum, sum of squares, largest square - and the
-  host finishes them (:func:`finish_stats`: square roots, the mean): a dozen
-  fewer graph ops per step than computing the statistics themselves.
+* The graph records the sum rather than the mean, and the host divides
+  (:func:`finish_stats`), which keeps per-step ops few.
 * NaN and Inf counts are needed only when a raw sum is not finite; they are
   computed in a ``tf.cond`` branch that calls a separate (not inlined) function,
   built and optimized only if a step ever takes it.
@@ -36,9 +35,9 @@ import tensorflow as tf
 #: Columns of :func:`finish_stats`, per weight.
 STAT_COLUMNS = ("norm", "max_abs", "mean", "nan", "inf")
 
-#: Rows of :func:`step_stats`: over the finite entries, the sum, the sum of
-#: squares and the largest square; then the NaN and Inf counts.
-RAW_ROWS = ("sum", "sumsq", "max_sq", "nan", "inf")
+#: Rows of :func:`step_stats`: over the finite entries, the sum, the L2 norm and
+#: the largest |g|; then the NaN and Inf counts.
+RAW_ROWS = ("sum", "norm", "max_abs", "nan", "inf")
 
 #: Largest reduction (in entries) that TensorFlow's CPU kernels still run inline.
 INLINE_ELEMENTS = 1 << 16
@@ -75,12 +74,17 @@ def step_stats(
         return _masked_stats(grads)  # dynamic shapes: the general (slower) path only
     raw = _fast_stats(grads, squares, sizes, xla)
     masked = _masked_function(tuple(tf.TensorSpec(g.shape, g.dtype) for g in grads))
-    # A NaN makes the sum NaN, an Inf makes the sum of squares Inf.
-    return tf.cond(tf.reduce_all(tf.math.is_finite(raw)), lambda: raw, lambda: masked(*grads))
+    # A NaN makes the sum NaN, an Inf (or a square above float32's range) the norm Inf;
+    # squares below its range (|g| < 1e-19) make the norm 0 while the sum or max is not.
+    # The masked path is exact in all three cases (float64 sums).
+    total, norm, peak = raw[0], raw[1], raw[2]
+    underflow = tf.reduce_any((norm == 0.0) & ((total != 0.0) | (peak != 0.0)))
+    trusted = tf.reduce_all(tf.math.is_finite(raw)) & tf.logical_not(underflow)
+    return tf.cond(trusted, lambda: raw, lambda: masked(*grads))
 
 
 def finish_stats(raw: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
-    """Statistics from raw sums: ``[..., 5, n]`` (:data:`RAW_ROWS`) -> ``[..., n, 5]`` (:data:`STAT_COLUMNS`).
+    """Statistics from raw rows: ``[..., 5, n]`` (:data:`RAW_ROWS`) -> ``[..., n, 5]`` (:data:`STAT_COLUMNS`).
 
     Norm, max |g| and mean describe the finite entries; they are NaN for a
     gradient with none (all NaN/Inf, or empty).
@@ -90,10 +94,10 @@ def finish_stats(raw: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
         sizes: Number of entries of each gradient.
     """
     raw = np.asarray(raw, np.float64)
-    total, sumsq, max_sq, nan, inf = (raw[..., i, :] for i in range(len(RAW_ROWS)))
+    total, norm, max_abs, nan, inf = (raw[..., i, :] for i in range(len(RAW_ROWS)))
     finite = np.asarray(sizes, np.float64) - nan - inf
     with np.errstate(divide="ignore", invalid="ignore"):
-        stats = [np.sqrt(sumsq), np.sqrt(max_sq), total / finite]
+        stats = [norm, max_abs, total / finite]
     stats = [np.where(finite > 0, column, np.nan) for column in stats]
     return np.stack([*stats, nan, inf], axis=-1).astype(np.float32)
 
@@ -155,24 +159,27 @@ def _cached(
 def _fast_stats(grads: list[tf.Tensor], squares: list[tf.Tensor | None], sizes: list[int], xla: bool) -> tf.Tensor:
     """Raw statistics ``[5, n]``, valid when every entry is finite (NaN/Inf rows are 0)."""
     reduce = _Reducer(xla)
-    total, sumsq, max_sq = [], [], []
+    total, sumsq, peak = [], [], []  # peak: max g**2 where the square is given, else max |g|
     zero = tf.constant(0.0)
     for grad, square, size in zip(grads, squares, sizes, strict=True):
         if size == 0:  # finish_stats reports no finite entry
-            total.append(zero), sumsq.append(zero), max_sq.append(zero)
+            total.append(zero), sumsq.append(zero), peak.append(zero)
             continue
         total.append(reduce(tf.reduce_sum, grad, size))
         if square is not None:
             sumsq.append(reduce(tf.reduce_sum, square, size))
-            max_sq.append(reduce(tf.reduce_max, square, size))
+            peak.append(reduce(tf.reduce_max, square, size))
         else:
             sumsq.append(reduce.sumsq(grad, size))
-            max_abs = tf.maximum(reduce(tf.reduce_max, grad, size), -reduce(tf.reduce_min, grad, size))
-            max_sq.append(max_abs * max_abs)
+            peak.append(tf.maximum(reduce(tf.reduce_max, grad, size), -reduce(tf.reduce_min, grad, size)))
     n = len(grads)
-    # One pack of every scalar, one reshape and one concat: few ops per step.
-    sums = tf.reshape(tf.stack(total + sumsq + max_sq), [3, n])
-    return tf.concat([sums, tf.zeros([2, n])], 0)
+    # One pack of every scalar, one square root and one select for all: few ops per step.
+    sums = tf.reshape(tf.stack(total + sumsq + peak), [3, n])
+    rooted = np.zeros((3, n), bool)
+    rooted[1] = True
+    rooted[2] = [square is not None for square in squares]
+    # A square that overflows gives an Inf norm here: tf.cond then takes the exact float64 path.
+    return tf.concat([tf.where(rooted, tf.sqrt(sums), sums), tf.zeros([2, n])], 0)
 
 
 class _Reducer:
@@ -244,8 +251,13 @@ def _masked_stats(grads: list[tf.Tensor]) -> tf.Tensor:
     # float64 sums: a segment sum adds sequentially, and this path is rare enough to afford it.
     wide = tf.cast(values, tf.float64)
     counted = tf.stack([tf.cast(finite, tf.float64), tf.cast(tf.math.is_nan(flat), tf.float64), wide, wide * wide], 1)
-    n_finite, nan, total, sumsq = tf.unstack(tf.cast(tf.math.unsorted_segment_sum(counted, ids, n), tf.float32), axis=1)
+    n_finite, nan, total, sumsq = tf.unstack(tf.math.unsorted_segment_sum(counted, ids, n), axis=1)
     max_abs = tf.math.unsorted_segment_max(tf.abs(values), ids, n)
     # No finite entry: unsorted_segment_max gives the lowest float; finish_stats reports NaN anyway.
-    max_sq = tf.where(n_finite > 0, max_abs * max_abs, 0.0)
-    return tf.stack([total, sumsq, max_sq, nan, tf.cast(counts, tf.float32) - n_finite - nan])
+    max_abs = tf.where(n_finite > 0, max_abs, 0.0)
+    inf = tf.cast(counts, tf.float64) - n_finite - nan
+    # The root is taken in float64: a norm above 1.8e19 still fits float32, its square does not.
+    wide_rows = [total, tf.sqrt(sumsq)], [nan, inf]
+    return tf.stack(
+        [*(tf.cast(r, tf.float32) for r in wide_rows[0]), max_abs, *(tf.cast(r, tf.float32) for r in wide_rows[1])]
+    )

@@ -215,17 +215,20 @@ class WeightGradients(GradientTable):
         Weights a model holds itself, outside its layers (index -1 in the table),
         are found by the model's name.
         """
-        if isinstance(key, (int, np.integer)) and not isinstance(key, bool) and key < 0 and self.layer_count:
-            key = int(key) + self.layer_count
+        index = key
+        if isinstance(key, (int, np.integer)) and not isinstance(key, bool) and key < 0:
+            # model.layers[-k] for 1 <= k <= len(model.layers); -1 is never the model's own weights.
+            index = int(key) + self.layer_count if self.layer_count and -self.layer_count <= key else None
         if isinstance(key, str):
             rows = [r for r in self.rows if r.labels["layer"] == key]
         else:
-            rows = [r for r in self.rows if r.labels["index"] == key]
+            rows = [r for r in self.rows if index is not None and r.labels["index"] == index]
         if not rows:
             known = sorted({(r.labels["index"], r.labels["layer"]) for r in self.rows})
+            listed = [f"{i} {n!r}" if i >= 0 else f"{n!r} (the model's own weights, by name)" for i, n in known]
             raise LayerError(
                 f"Received: {key!r}, but this result has no weights of that layer. Expected "
-                f"a layer index or name among: {', '.join(f'{i} {n!r}' for i, n in known) or 'none'}."
+                f"a layer index or name among: {', '.join(listed) or 'none'}."
             )
         return WeightGradients(self.loss, rows, f"{self.title} [{key!r}]", self.layer_count)
 
