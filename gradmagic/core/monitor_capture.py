@@ -22,6 +22,7 @@ import tensorflow as tf
 from gradmagic.core.compute import dense_gradients
 from gradmagic.core.monitor_histograms import HistogramBuffer
 from gradmagic.core.monitor_stats import RAW_ROWS, STAT_COLUMNS, finish_stats, stats_function
+from gradmagic.core.monitor_variables import replica_variable, write_row
 
 #: Columns of one buffer row, per weight.
 BUFFER_COLUMNS = (*STAT_COLUMNS, "skipped", "missing")
@@ -33,9 +34,8 @@ class StatsBuffer:
 
     Row ``k % capacity`` holds the raw statistics (``[5, weights]``, see
     :func:`~gradmagic.core.monitor_stats.step_stats`) of the ``k``-th recorded step; the
-    host keeps track of how many rows it has read. The variables are plain
-    ``tf.Variable`` objects created outside any Keras model, so they are not model
-    variables, are never saved with the model and never touched by the optimizer.
+    host keeps track of how many rows it has read (see
+    :mod:`gradmagic.core.monitor_variables` for the variables).
 
     Args:
         paths: ``variable.path`` of each monitored weight, in buffer column order.
@@ -60,26 +60,12 @@ class StatsBuffer:
         self.capacity = int(capacity)
         self._column = {p: i for i, p in enumerate(self.paths)}
         strategy = strategy or tf.distribute.get_strategy()
-        # Under a strategy each replica keeps its own copy (sync on read) and the
-        # host reads the first: all replicas record the same all-reduced values,
-        # and a shared plain variable would count every step once per replica.
-        sync = {
-            "synchronization": tf.VariableSynchronization.ON_READ,
-            "aggregation": tf.VariableAggregation.ONLY_FIRST_REPLICA,
-        }
-        with tf.init_scope(), strategy.scope():
-            # Only the statistics live on the device; the "skipped" and "missing"
-            # columns follow from them and from what the trace saw (see read()).
-            self.rows = tf.Variable(
-                tf.zeros((self.capacity, len(RAW_ROWS), len(self.paths)), tf.float32),
-                trainable=False,
-                name="gradmagic_monitor_rows",
-                **sync,
-            )
-            self.count = tf.Variable(tf.constant(0, tf.int64), trainable=False, name="gradmagic_monitor_count", **sync)
-        # Sync-on-read variables of a strategy lack scatter ops; a plain one is
-        # updated in place (one row, not the whole buffer, per step).
-        self._in_place = not isinstance(self.rows, tf.distribute.DistributedValues)
+        # Only the statistics live on the device; the "skipped" and "missing"
+        # columns follow from them and from what the trace saw (see read()).
+        self.rows = replica_variable(
+            tf.zeros((self.capacity, len(RAW_ROWS), len(self.paths)), tf.float32), "gradmagic_monitor_rows", strategy
+        )
+        self.count = replica_variable(tf.constant(0, tf.int64), "gradmagic_monitor_count", strategy)
         self.histograms = None
         if histograms is not None:
             every, bins = histograms
@@ -143,13 +129,7 @@ class StatsBuffer:
                 stats = tf.transpose(placed)
         else:
             stats = tf.zeros([width, n])
-        slot = tf.math.floormod(self.count, self.capacity)
-        if self._in_place:
-            # A scalar index writes one [5, weights] row: no reshapes around it.
-            tf.raw_ops.ResourceScatterUpdate(resource=self.rows.handle, indices=slot, updates=stats)
-        else:
-            # A whole-buffer assign works on every variable kind (a few KB per step).
-            self.rows.assign(tf.tensor_scatter_nd_update(self.rows, tf.reshape(slot, (1, 1)), stats[None]))
+        write_row(self.rows, tf.math.floormod(self.count, self.capacity), stats)
         self.count.assign_add(1, read_value=False)
 
     @property

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from gradmagic.core.monitor_variables import replica_variable, write_row
 from gradmagic.core.targets import WeightSlot
 
 
@@ -56,24 +57,9 @@ class HistogramBuffer:
 
     def __init__(self, n_weights: int, every: int, bins: int, capacity: int, strategy: Any, xla: bool) -> None:
         self.every, self.bins, self.capacity, self.xla = int(every), int(bins), int(capacity), xla
-        sync = {
-            "synchronization": tf.VariableSynchronization.ON_READ,
-            "aggregation": tf.VariableAggregation.ONLY_FIRST_REPLICA,
-        }
-        with tf.init_scope(), strategy.scope():
-            self.counts = tf.Variable(
-                tf.zeros((self.capacity, n_weights, self.bins), tf.float32),
-                trainable=False,
-                name="gradmagic_monitor_histograms",
-                **sync,
-            )
-            self.ranges = tf.Variable(
-                tf.zeros((self.capacity, n_weights), tf.float32),
-                trainable=False,
-                name="gradmagic_monitor_ranges",
-                **sync,
-            )
-        self._in_place = not isinstance(self.counts, tf.distribute.DistributedValues)
+        shape = (self.capacity, n_weights)
+        self.counts = replica_variable(tf.zeros((*shape, self.bins)), "gradmagic_monitor_histograms", strategy)
+        self.ranges = replica_variable(tf.zeros(shape), "gradmagic_monitor_ranges", strategy)
 
     def record(
         self, count: tf.Tensor, grads: Sequence[tf.Tensor], columns: Sequence[int], raw: tf.Tensor, scale: Any = None
@@ -106,12 +92,9 @@ class HistogramBuffer:
             reach = tf.stack(reaches)
             counts = tf.scatter_nd(tf.constant([[c] for c in columns]), tf.stack(rows), [n, self.bins])
             ranges = tf.scatter_nd(tf.constant([[c] for c in columns]), reach, [n])
-            slot = tf.reshape(tf.math.floormod(count // self.every, self.capacity), (1, 1))
-            for variable, value in ((self.counts, counts), (self.ranges, ranges)):
-                if self._in_place:
-                    variable.scatter_nd_update(slot, value[None])
-                else:
-                    variable.assign(tf.tensor_scatter_nd_update(variable, slot, value[None]))
+            slot = tf.math.floormod(count // self.every, self.capacity)
+            write_row(self.counts, slot, counts)
+            write_row(self.ranges, slot, ranges)
             return tf.constant(True)
 
         tf.cond(tf.equal(tf.math.floormod(count, self.every), 0), write, lambda: tf.constant(False))
