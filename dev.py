@@ -57,7 +57,9 @@ def lab(args: list[str]) -> None:
     """Install gradmagic with JupyterLab and open the tutorial notebooks."""
     _install("lab")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    _run(BIN / "jupyter", "lab", "--notebook-dir", ROOT / "notebooks", *args)
+    # Jupyter refuses to start as root (containers, CI machines) unless told it may.
+    as_root = ["--allow-root"] if getattr(os, "geteuid", lambda: 1)() == 0 and "--allow-root" not in args else []
+    _run(BIN / "jupyter", "lab", "--notebook-dir", ROOT / "notebooks", *as_root, *args)
 
 
 def test(args: list[str]) -> None:
