@@ -180,6 +180,27 @@ def test_fit_ends_with_the_last_recorded_step_drawn():
     assert lines[0].get_xdata()[-1] == monitor.recorded.steps[-1] == steps[-1] + 5
 
 
+def test_a_monitor_reused_with_another_model_is_drawn_afresh():
+    monitor = GradientMonitor(read_every=1)
+    clock = FakeClock()  # stands still: during each fit only its first read is drawn
+    panel = TrainingPanel(monitor, every=1, use_ipympl=False, clock=clock)
+    first, (x, y) = mlp((3, 4, 2)), _data(40)
+    first.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0, callbacks=[monitor])
+    assert panel.redraws == 2 and len(panel.axes.get_lines()[0].get_xdata()) == 10
+
+    # Other weights: the monitor starts a new (shorter) history, and the panel follows it
+    # rather than waiting for it to outgrow the 10 steps it drew of the first one.
+    second = mlp((3, 5, 5, 2))
+    second.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
+    lines = panel.axes.get_lines()
+    assert panel.redraws == 4  # the new fit's first read, then its end
+    assert [ln.get_label() for ln in lines] == [layer.name for layer in second.layers]
+    assert [t.get_text() for t in panel.axes.get_legend().get_texts()] == [layer.name for layer in second.layers]
+    for line in lines:
+        np.testing.assert_array_equal(line.get_xdata(), monitor.recorded.steps)
+    assert len(monitor.recorded) == 5
+
+
 @pytest.mark.parametrize("options", [{"max_fraction": 0.0}, {"max_fraction": 1.5}, {"min_interval": -1.0}])
 def test_invalid_budget_is_refused(options):
     with pytest.raises(PanelArgumentError, match="Expected 0 < max_fraction <= 1 and min_interval >= 0"):

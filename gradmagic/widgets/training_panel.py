@@ -98,6 +98,9 @@ class TrainingPanel:
         self.view = FigureView((7.0, 3.5), dpi=80, use_ipympl=_ipympl_active() if use_ipympl is None else use_ipympl)
         self.use_ipympl = self.view.uses_ipympl
         self.redraws = 0
+        # The history drawn last and how many steps of it: a monitor starts a new
+        # history when it is reused with another model.
+        self._drawn: MonitorHistory | None = None
         self._drawn_steps = 0
         self._lines: dict[str, Any] = {}
         self.figure = self.view.figure
@@ -130,8 +133,11 @@ class TrainingPanel:
             # A new budget window: time between fits must not buy redraws in this one.
             self._fit, self._start, self._spent, self._last = monitor.params, now, 0.0, -math.inf
         recorded = monitor.recorded
-        if recorded is not None and len(recorded) - self._drawn_steps >= self.every and self._affordable(now):
+        if recorded is not None and len(recorded) - self._steps_drawn(recorded) >= self.every and self._affordable(now):
             self.update()
+
+    def _steps_drawn(self, recorded: MonitorHistory) -> int:
+        return self._drawn_steps if recorded is self._drawn else 0
 
     def _affordable(self, now: float) -> bool:
         """Whether a redraw now keeps to ``min_interval`` and to ``max_fraction``."""
@@ -171,10 +177,15 @@ class TrainingPanel:
         yourself after a ``fit`` that raised.
         """
         recorded = self.monitor.recorded
-        if recorded is not None and len(recorded) != self._drawn_steps:
+        if recorded is not None and (recorded is not self._drawn or len(recorded) != self._drawn_steps):
             self.update()
 
     def _update(self, recorded: MonitorHistory) -> None:
+        if recorded is not self._drawn and self._lines:  # another model's layers: start afresh
+            for line in self._lines.values():
+                line.remove()
+            self._lines.clear()
+            self.axes.get_legend().remove()
         names, norms = recorded.layer_norms()
         steps = recorded.steps
         for j, name in enumerate(names[: self.max_layers]):
@@ -187,7 +198,7 @@ class TrainingPanel:
             line.set_data(steps, values)
         self.axes.relim()
         self.axes.autoscale_view()
-        self._drawn_steps = len(recorded)
+        self._drawn, self._drawn_steps = recorded, len(recorded)
         self.redraws += 1
         self.view.show(background_changed=True)
 
