@@ -23,6 +23,7 @@ from gradmagic.core.compute import dense_gradients
 from gradmagic.core.explanation import DisconnectedWeight, Explanation, LayerPath, OpInfo
 from gradmagic.core.gradients import check_model, spec_and_inputs, weight_gradients
 from gradmagic.core.inputs import prepare_targets
+from gradmagic.core.nonfinite_origin import NonfiniteOrigin, nonfinite_origins, probed_ops
 from gradmagic.core.op_graph import FLOWS, NONE, VERDICTS, ZERO, carries_gradient, diagnose, op_gradient, path_ops
 from gradmagic.core.state import preserved_eagerly
 from gradmagic.core.targets import LossFn, model_name, resolve_loss, weight_slots
@@ -54,6 +55,8 @@ class _Trace:
     out_grads: list
     weight_grads: list | None
     grad_error: str | None = None
+    probed: list | None = None  # with probe=True: the ops checked for NaN/Inf, and their flags
+    finite: np.ndarray | None = None
 
 
 def _sum_of_outputs(y_pred: Any) -> tf.Tensor | None:
@@ -61,9 +64,21 @@ def _sum_of_outputs(y_pred: Any) -> tf.Tensor | None:
     return tf.add_n([tf.reduce_sum(tf.cast(t, tf.float64)) for t in floats]) if floats else None
 
 
-def _trace(model: keras.Model, x: Any, y: Any, loss_fn: LossFn | None, training: bool, gradients: bool) -> _Trace:
-    """Run the model once in a tf.function, recording ops per layer and (optionally) every gradient."""
+def _trace(
+    model: keras.Model, x: Any, y: Any, loss_fn: LossFn | None, training: bool, gradients: bool, probe: bool = False
+) -> _Trace:
+    """Run the model once in a tf.function, recording ops per layer and (optionally) every gradient.
+
+    With ``probe``, every op's floating-point outputs are also checked for NaN/Inf
+    (see :mod:`gradmagic.core.nonfinite_origin`).
+    """
     recorder, variables, info = OpRecorder(model.layers), list(model.trainable_weights), {"grad_error": None}
+
+    def probed() -> tf.Tensor | None:
+        if not probe:
+            return None
+        info["probed"], flags = probed_ops(recorder.graph.get_operations())
+        return flags
 
     @tf.function
     def run(x: Any, y: Any) -> Any:
@@ -73,23 +88,26 @@ def _trace(model: keras.Model, x: Any, y: Any, loss_fn: LossFn | None, training:
             recorder.flush(OWNER_GLUE)
             target = _sum_of_outputs(y_pred) if loss_fn is None else loss_fn(model, x, y, y_pred, None, training)
         info["forward_end"], info["target"] = recorder.flush(OWNER_LOSS), target
-        if target is None or not gradients:
-            return target, None
-        try:
-            sources = ([c.inputs for c in recorder.calls], [c.outputs for c in recorder.calls], variables)
-            return target, dense_gradients(tape.gradient(target, sources))
-        except Exception as exc:  # e.g. PreventGradient raises here; the forward analysis still stands
-            info["grad_error"] = short_error(exc)
-            return target, None
+        grads = None
+        if target is not None and gradients:
+            try:
+                sources = ([c.inputs for c in recorder.calls], [c.outputs for c in recorder.calls], variables)
+                grads = dense_gradients(tape.gradient(target, sources))
+            except Exception as exc:  # e.g. PreventGradient raises here; the forward analysis still stands
+                info["grad_error"] = short_error(exc)
+        return target, grads, probed()
 
     concrete = concrete_function(run, recorder, x, y)
     with preserved_eagerly(model):
-        value, grads = concrete(x, y)
+        value, grads, finite = concrete(x, y)
     in_grads, out_grads, weight_grads = _numpy(grads) if grads is not None else ([], [], None)
     value = None if value is None else float(value)
-    return _Trace(
+    trace = _Trace(
         recorder, info["forward_end"], info["target"], value, in_grads, out_grads, weight_grads, info["grad_error"]
     )
+    if finite is not None:
+        trace.probed, trace.finite = info["probed"], finite.numpy()
+    return trace
 
 
 def _numpy(nested: Any) -> Any:
@@ -197,10 +215,31 @@ def _layer_path(index: int, layer: keras.Layer, trace: _Trace, weights: dict, gr
 
 def _cut_owner(model: keras.Model, trace: _Trace, op: tf.Operation) -> tuple[int | None, str]:
     """``(index, layer name)`` of the layer whose call created ``op``; ``(None, "loss")`` or the model's name."""
-    owner = trace.recorder.owner[[o.name for o in trace.recorder.graph.get_operations()].index(op.name)]
+    return _owner(model, trace.recorder.owner[[o.name for o in trace.recorder.graph.get_operations()].index(op.name)])
+
+
+def _owner(model: keras.Model, owner: int) -> tuple[int | None, str]:
     if owner >= 0:
         return owner, model.layers[owner].name
     return None, "loss" if owner == OWNER_LOSS else model_name(model)
+
+
+def _has_nonfinite(trace: _Trace, grads: list | None) -> bool:
+    arrays = [trace.value, *keras.tree.flatten((trace.in_grads, trace.out_grads, grads))]
+    return any(a is not None and not np.all(np.isfinite(a)) for a in arrays)
+
+
+def _nonfinite_origins(
+    model: keras.Model, x: Any, y: Any, loss_fn: LossFn | None, training: bool
+) -> list[NonfiniteOrigin]:
+    """Trace again with every op probed, and name the ops that made NaN/Inf from finite inputs."""
+    try:
+        trace = _trace(model, x, y, loss_fn, training, gradients=True, probe=True)
+    except (TracingFailed, tf.errors.OpError):  # the first trace ran, so this is rare: report without origins
+        return []
+    forward = trace.recorder.graph.get_operations()[: trace.forward_end]
+    owners = [_owner(model, owner) for owner in trace.recorder.owner[: trace.forward_end]]
+    return nonfinite_origins(trace.probed, trace.finite, forward, owners)
 
 
 _DATA_ZERO = (
@@ -256,7 +295,9 @@ def explain(model: keras.Model, x: Any, y: Any = None, loss: Any = None, trainin
         An :class:`Explanation`: ``.layers`` (a :class:`LayerPath` per entry of
         ``model.layers``: its ops, verdict, the op responsible, the observed
         gradient), ``.disconnected`` (weights whose gradient is None or all zero
-        at x, with where the path is cut), ``to_dict()``, text and HTML tables.
+        at x, with where the path is cut), ``.nonfinite`` (the ops that make
+        NaN/Inf from finite values, with their layer and line of code; see
+        :mod:`gradmagic.core.nonfinite_origin`), ``to_dict()``, text and HTML tables.
 
     Raises:
         GradmagicError: A bad x, y or loss; or a layer that cannot be traced (a
@@ -287,5 +328,10 @@ def explain(model: keras.Model, x: Any, y: Any = None, loss: Any = None, trainin
         own = [g for s, g in zip(slots, grads, strict=True) if s.layer_index == index] if grads is not None else []
         layers.append(_layer_path(index, layer, trace, weights, own))
     disconnected = _disconnected(model, trace, grads, weights)
+    origins = _nonfinite_origins(model, x_in, y_in, loss_fn, training) if _has_nonfinite(trace, grads) else []
+    for backward in (False, True):  # the first op that makes NaN/Inf in each pass
+        first = next((o for o in origins if o.backward == backward), None)
+        if first is not None:
+            notes.append(f"NaN/Inf is first made by {first.describe()}.")
     target = "sum of outputs" if loss_fn is None else "loss"
-    return Explanation(model_name(model), target, trace.value, layers, disconnected, notes)
+    return Explanation(model_name(model), target, trace.value, layers, disconnected, notes, origins)

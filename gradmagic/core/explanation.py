@@ -6,6 +6,7 @@ import html
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from gradmagic.core.nonfinite_origin import NonfiniteOrigin
 from gradmagic.core.op_graph import FLOWS, NONE, VERDICTS, ZERO
 from gradmagic.core.tables import html_table, text_table
 from gradmagic.errors import LayerError
@@ -124,7 +125,11 @@ class Explanation:
         value: Its value at x (``None`` if it could not be computed).
         layers: One :class:`LayerPath` per entry of ``model.layers``.
         disconnected: The :class:`DisconnectedWeight` entries.
-        notes: Anything that limited the analysis (e.g. autodiff itself failed).
+        notes: Anything that limited the analysis (e.g. autodiff itself failed),
+            and where NaN/Inf is made, if anywhere.
+        nonfinite: The ops that make NaN/Inf from finite inputs, forward pass first
+            (:class:`~gradmagic.core.nonfinite_origin.NonfiniteOrigin`); empty when
+            every value is finite.
     """
 
     model: str
@@ -133,6 +138,7 @@ class Explanation:
     layers: list[LayerPath]
     disconnected: list[DisconnectedWeight] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    nonfinite: list[NonfiniteOrigin] = field(default_factory=list)
 
     def __getitem__(self, key: int | str) -> LayerPath:
         """One layer's record, by ``model.layers`` index or by name."""

@@ -359,7 +359,8 @@ class GradientMonitor(keras.callbacks.Callback):
         message = (
             f"NaN/Inf gradient first appears at layer {layer!r} (index {index}) at epoch {self._epoch + 1}, "
             f"batch {batch + 1} (step {step}): weight {weight!r} has "
-            f"{int(stats[row, 3])} NaN and {int(stats[row, 4])} Inf entries; {why}."
+            f"{int(stats[row, 3])} NaN and {int(stats[row, 4])} Inf entries; {why}. gm.explain(model, x, y) "
+            "on that batch names the op that makes it (with weights from before the step: restore_last_good())."
         )
         return Anomaly("nonfinite", step, self._epoch, batch, layer, index, weight, value, message, suspects)
 

@@ -1,0 +1,100 @@
+"""explain() names the op that makes NaN/Inf: checked against TensorFlow's own check_numerics."""
+
+from __future__ import annotations
+
+import inspect
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import assert_unchanged, fingerprint
+
+import gradmagic as gm
+
+X = np.array([[1.0, 2.0], [0.0, 1.0], [3.0, 0.5]], "float32")  # the first column is 0 in sample 2
+Y = np.zeros((3, 1), "float32")
+
+
+def _guarded_divide(t):
+    hidden, inputs = t
+    return tf.where(inputs[:, :1] == 0.0, 0.0, hidden / inputs[:, :1])
+
+
+def _guarded_log(t):
+    return tf.where(t > 0.0, tf.math.log(t), 0.0)
+
+
+def _model(fn, activation=None):
+    """Dense 'hidden' -> Lambda 'suspect' (fed the raw inputs too) -> Dense 'head'."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((2,), name="x")
+    hidden = keras.layers.Dense(3, activation=activation, name="hidden")(inputs)
+    args = [hidden, inputs] if fn is _guarded_divide else hidden
+    suspect = keras.layers.Lambda(fn, name="suspect")(args)
+    model = keras.Model(inputs, keras.layers.Dense(1, name="head")(suspect), name="net")
+    model.compile(loss="mse")
+    return model
+
+
+def _line_of(fn, text: str) -> int:
+    lines, start = inspect.getsourcelines(fn)
+    return start + next(i for i, line in enumerate(lines) if text in line)
+
+
+def _check_numerics_op(model, x, y) -> str:
+    """The op type TensorFlow's check_numerics stops at in one forward and backward pass."""
+    tf.debugging.enable_check_numerics()
+    try:
+
+        @tf.function
+        def step(x, y):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_mean((model(x) - y) ** 2)
+            return tape.gradient(loss, model.trainable_weights)
+
+        step(x, y)
+    except tf.errors.InvalidArgumentError as error:
+        return str(error).split('graph op "')[1].split('"')[0]
+    finally:
+        tf.debugging.disable_check_numerics()
+    return "none"
+
+
+@pytest.mark.parametrize(
+    ("fn", "activation", "op", "code"),
+    [(_guarded_divide, None, "RealDiv", "hidden / inputs"), (_guarded_log, "relu", "Log", "tf.math.log(t)")],
+)
+def test_the_op_a_where_hides_from_the_loss_is_named_with_its_line(fn, activation, op, code):
+    model = _model(fn, activation)
+    x = X if fn is _guarded_divide else np.array([[1.0, -2.0], [-1.0, -1.0], [2.0, 1.0]], "float32")
+    before = fingerprint(model)
+    explanation = gm.explain(model, x, Y)
+    assert np.isfinite(explanation.value)  # the loss is finite: only the gradient goes wrong
+    forward = [o for o in explanation.nonfinite if not o.backward]
+    backward = [o for o in explanation.nonfinite if o.backward]
+    # TensorFlow's check_numerics stops at the same op, in the forward pass.
+    assert forward[0].op_type == op == _check_numerics_op(model, x, Y)
+    assert (forward[0].layer, forward[0].layer_index) == ("suspect", 2)
+    assert forward[0].source.startswith(f"test_nonfinite_origin.py:{_line_of(fn, code)} ({fn.__name__}): ")
+    # The NaN of the gradient is made in the backward pass of the same layer, from that line too.
+    assert backward and all(o.layer == "suspect" and o.source == forward[0].source for o in backward)
+    assert f"NaN/Inf is first made by {forward[0].describe()}." in explanation.notes
+    assert f"NaN/Inf is first made by {backward[0].describe()}." in explanation.notes
+    assert_unchanged(model, before)
+
+
+def test_a_weight_that_is_already_nan_is_named_at_its_read():
+    model = _model(_guarded_divide)
+    kernel = model.get_layer("head").kernel
+    kernel.assign(np.full(kernel.shape, np.nan, "float32"))  # as after a step with a NaN gradient
+    x = np.abs(X) + 1.0  # no zero divisor this time
+    origins = gm.explain(model, x, Y).nonfinite
+    assert [(o.op_type, o.layer, o.backward) for o in origins if not o.backward] == [("ReadVariableOp", "head", False)]
+
+
+def test_finite_values_report_no_origin():
+    model = _model(_guarded_divide)
+    explanation = gm.explain(model, np.abs(X) + 1.0, Y)
+    assert explanation.nonfinite == [] and not any("NaN/Inf" in note for note in explanation.notes)
+    assert _check_numerics_op(model, np.abs(X) + 1.0, Y) == "none"
