@@ -98,3 +98,61 @@ def test_finite_values_report_no_origin():
     explanation = gm.explain(model, np.abs(X) + 1.0, Y)
     assert explanation.nonfinite == [] and not any("NaN/Inf" in note for note in explanation.notes)
     assert _check_numerics_op(model, np.abs(X) + 1.0, Y) == "none"
+
+
+class _RootNorm(keras.layers.Layer):
+    """A custom layer computing sqrt(2 h) in two lines: the gradient's NaN comes from the second."""
+
+    def call(self, h):
+        scaled = h * 2.0
+        return tf.sqrt(scaled)
+
+
+def _sqrt_net(custom: bool) -> keras.Model:
+    """x -> Dense 'hidden' (zero kernel: its output is 0) -> sqrt -> Dense 'head'; sqrt'(0) is infinite."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((2,), name="x")
+    hidden = keras.layers.Dense(3, kernel_initializer="zeros", name="hidden")(inputs)
+    rooted = _RootNorm(name="root")(hidden) if custom else keras.ops.sqrt(hidden)  # a layer, or an op between layers
+    model = keras.Model(inputs, keras.layers.Dense(1, name="head")(rooted), name="net")
+    model.compile(loss="mse")
+    return model
+
+
+def test_a_gradient_op_is_traced_to_the_op_it_differentiates_and_its_line():
+    ones = np.ones((3, 1), "float32")
+    (origin,) = gm.explain(_sqrt_net(custom=True), X, ones).nonfinite  # sqrt(0) = 0: the forward pass is finite
+    assert (origin.op_type, origin.backward, origin.layer, origin.layer_index) == ("SqrtGrad", True, "root", 2)
+    # The line of the sqrt, not the layer's first line (h * 2.0).
+    assert origin.source.startswith(f"test_nonfinite_origin.py:{_line_of(_RootNorm.call, 'tf.sqrt(scaled)')} (call)")
+    # Between layers, Keras replays the op itself: the model is named, and no line of user code.
+    (origin,) = gm.explain(_sqrt_net(custom=False), X, ones).nonfinite
+    assert (origin.op_type, origin.layer, origin.layer_index, origin.source) == ("SqrtGrad", "net", None, None)
+
+
+def test_inputs_and_built_in_layers_are_described_without_a_line_of_user_code():
+    model = _model(_guarded_divide)
+    x = X.copy()
+    x[0, 1] = np.nan  # the second column only feeds 'hidden'
+    origins = gm.explain(model, x, Y).nonfinite
+    assert origins[0].op_type == "Placeholder" and origins[0].describe().startswith("the input ")
+    kernel = model.get_layer("hidden").kernel
+    kernel.assign(np.full(kernel.shape, np.inf, "float32"))
+    origins = gm.explain(model, np.abs(X) + 1.0, Y).nonfinite
+    first = origins[0]
+    assert (first.op_type, first.layer, first.source) == ("ReadVariableOp", "hidden", None)
+    assert first.describe().startswith("a weight of layer 'hidden', which holds NaN/Inf already")
+
+
+def _masked_then_divided(t):
+    masked = tf.where(t > 100.0, float("-inf"), t)  # a -inf mask, written on purpose
+    weights = tf.nn.softmax(masked, axis=-1)
+    return weights / (t[:, :1] - t[:, :1])  # a real division by zero
+
+
+def test_a_deliberate_infinite_constant_is_not_an_origin():
+    model = _model(_masked_then_divided)
+    origins = gm.explain(model, X, Y).nonfinite
+    assert origins and all(o.op_type != "Const" for o in origins)
+    assert origins[0].op_type == "RealDiv" and origins[0].layer == "suspect"
+    assert origins[0].source.startswith(f"test_nonfinite_origin.py:{_line_of(_masked_then_divided, 'weights / (')}")

@@ -230,12 +230,13 @@ def _has_nonfinite(trace: _Trace, grads: list | None) -> bool:
 
 
 def _nonfinite_origins(
-    model: keras.Model, x: Any, y: Any, loss_fn: LossFn | None, training: bool
+    model: keras.Model, x: Any, y: Any, loss_fn: LossFn | None, training: bool, gradients: bool, notes: list[str]
 ) -> list[NonfiniteOrigin]:
     """Trace again with every op probed, and name the ops that made NaN/Inf from finite inputs."""
     try:
-        trace = _trace(model, x, y, loss_fn, training, gradients=True, probe=True)
-    except (TracingFailed, tf.errors.OpError):  # the first trace ran, so this is rare: report without origins
+        trace = _trace(model, x, y, loss_fn, training, gradients=gradients, probe=True)
+    except (TracingFailed, tf.errors.OpError) as exc:  # the first trace ran, so this is rare
+        notes.append(f"NaN/Inf was seen, but probing every op to find where it is made failed: {short_error(exc)}")
         return []
     forward = trace.recorder.graph.get_operations()[: trace.forward_end]
     owners = [_owner(model, owner) for owner in trace.recorder.owner[: trace.forward_end]]
@@ -328,7 +329,9 @@ def explain(model: keras.Model, x: Any, y: Any = None, loss: Any = None, trainin
         own = [g for s, g in zip(slots, grads, strict=True) if s.layer_index == index] if grads is not None else []
         layers.append(_layer_path(index, layer, trace, weights, own))
     disconnected = _disconnected(model, trace, grads, weights)
-    origins = _nonfinite_origins(model, x_in, y_in, loss_fn, training) if _has_nonfinite(trace, grads) else []
+    origins = []
+    if _has_nonfinite(trace, grads):  # a forward pass alone when autodiff itself failed above
+        origins = _nonfinite_origins(model, x_in, y_in, loss_fn, training, trace.grad_error is None, notes)
     for backward in (False, True):  # the first op that makes NaN/Inf in each pass
         first = next((o for o in origins if o.backward == backward), None)
         if first is not None:

@@ -157,15 +157,16 @@ class Explanation:
         return [r.index, r.name, r.type, r.function, r.ops_text(), r.verdict, r.op, r.reason, r.observed]
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"layers": columns, "disconnected": columns, "target", "value", "notes"}``.
+        """``{"layers": columns, "disconnected": columns, "nonfinite": columns, "target", "value", "notes"}``.
 
         Both tables are dicts of equal-length lists: ``pandas.DataFrame(e.to_dict()["layers"])``.
         """
         rows = [self._row(r) for r in self.layers]
         layers = {name: [row[i] for row in rows] for i, name in enumerate(_COLUMNS)}
         disconnected = {f.name: [getattr(d, f.name) for d in self.disconnected] for f in fields(DisconnectedWeight)}
-        return {"layers": layers, "disconnected": disconnected, "target": self.target, "value": self.value,
-                "notes": list(self.notes)}  # fmt: skip
+        nonfinite = {f.name: [getattr(o, f.name) for o in self.nonfinite] for f in fields(NonfiniteOrigin)}
+        return {"layers": layers, "disconnected": disconnected, "nonfinite": nonfinite, "target": self.target,
+                "value": self.value, "notes": list(self.notes)}  # fmt: skip
 
     def _title(self) -> str:
         value = "" if self.value is None else f" = {self.value:.6g}"

@@ -360,7 +360,12 @@ class GradientMonitor(keras.callbacks.Callback):
             f"NaN/Inf gradient first appears at layer {layer!r} (index {index}) at epoch {self._epoch + 1}, "
             f"batch {batch + 1} (step {step}): weight {weight!r} has "
             f"{int(stats[row, 3])} NaN and {int(stats[row, 4])} Inf entries; {why}. gm.explain(model, x, y) "
-            "on that batch names the op that makes it (with weights from before the step: restore_last_good())."
+            "on that batch names the op that makes it"
+            + (
+                " (after monitor.restore_last_good(): the weights from before the step)."
+                if self.on_anomaly == "stop"
+                else "."
+            )
         )
         return Anomaly("nonfinite", step, self._epoch, batch, layer, index, weight, value, message, suspects)
 

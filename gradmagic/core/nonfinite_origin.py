@@ -7,12 +7,17 @@ them on. This names the op where ``tf.debugging.check_numerics`` would stop, but
 for the forward and the backward pass both, and without a global switch: a
 division by zero that a ``tf.where`` hides from the loss still shows up, in the
 forward pass (its Inf) and in the backward pass (the NaN its gradient makes).
+
+Limits: constants are not origins (a ``-inf`` mask is written on purpose), and
+the bodies of ``tf.cond``, ``tf.while_loop`` and nested ``tf.function`` calls
+are not probed: such an op is reported as the control-flow op around it.
 """
 
 from __future__ import annotations
 
 import linecache
 import os
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,25 +25,28 @@ import numpy as np
 import tensorflow as tf
 
 _GRADIENT_SCOPE = "gradient_tape/"
-# Frames of these packages are plumbing; the user code that created an op is the last other frame.
-_LIBRARY_PARTS = tuple(f"{os.sep}{name}{os.sep}" for name in ("tensorflow", "keras", "gradmagic", "tf_keras"))
+_LIBRARIES = tuple(f"{os.sep}{name}{os.sep}" for name in ("tensorflow", "keras", "tf_keras"))
+_OWN = f"{os.sep}gradmagic{os.sep}"
+_UNKNOWN = (None, "unknown")
 
 
 @dataclass(frozen=True)
 class NonfiniteOrigin:
-    """An op that made NaN/Inf from finite inputs.
+    """An op that made NaN/Inf from finite inputs (or an input or weight that holds them already).
 
     Attributes:
-        op_type: The TensorFlow op type, e.g. ``"RealDiv"`` or ``"Log"``.
+        op_type: The TensorFlow op type, e.g. ``"RealDiv"`` or ``"Log"``;
+            ``"Placeholder"`` for an input, ``"ReadVariableOp"`` for a weight.
         op_name: Its name in the traced graph.
         layer_index: Index in ``model.layers`` of the layer whose call created the
             op (for a backward op: the forward op it differentiates), or None.
         layer: That layer's name; ``"loss"`` for the loss, the model's name for
-            plumbing between layers.
+            ops between layers, ``"unknown"`` for a backward op that could not be
+            traced back to a forward op.
         backward: Whether the op belongs to the backward pass (a gradient op).
         source: ``"file:line (function): code"`` of the user code that created
-            the op (for a backward op: the forward op it differentiates), when it
-            can be told apart from library code.
+            the op (for a backward op: the forward op it differentiates), when a
+            line of user code did (not for a built-in layer's own ops).
     """
 
     op_type: str
@@ -50,6 +58,10 @@ class NonfiniteOrigin:
 
     def describe(self) -> str:
         """One sentence: which op, in which layer, in which pass, from which line."""
+        if self.op_type == "Placeholder":
+            return f"the input {self.op_name!r}, which holds NaN/Inf already"
+        if self.op_type == "ReadVariableOp":
+            return f"a weight of layer {self.layer!r}, which holds NaN/Inf already ({self.op_name})"
         text = f"{self.op_type} ({self.op_name}) in layer {self.layer!r}, "
         if not self.backward:
             return text + "forward pass" + (f", created at {self.source}" if self.source else "")
@@ -82,40 +94,67 @@ def nonfinite_origins(
         owner_of: ``(layer index or None, layer name)`` of each forward op.
     """
     finite_by_name = {op.name: bool(ok) for op, ok in zip(probed, finite, strict=True)}
-    forward_index = {op.name: i for i, op in enumerate(forward_ops)}
+    forward = _ForwardOps(forward_ops, finite_by_name)
     found = []
     for op, ok in zip(probed, finite, strict=True):
-        if ok or not all(finite_by_name.get(t.op.name, True) for t in op.inputs):
-            continue  # finite, or NaN/Inf passed on from an input
-        backward = op.name not in forward_index
-        made_by = _forward_op(op.name, forward_ops, finite_by_name) if backward else forward_index[op.name]
-        index, layer = owner_of[made_by] if made_by is not None else (None, "loss")
-        source = _user_source(forward_ops[made_by] if made_by is not None else op)
+        if ok or op.type == "Const" or not all(finite_by_name.get(t.op.name, True) for t in op.inputs):
+            continue  # finite, written on purpose, or NaN/Inf passed on from an input
+        backward = op.name not in forward.index
+        made_by = forward.differentiated_by(op) if backward else forward.index[op.name]
+        index, layer = owner_of[made_by] if made_by is not None else _UNKNOWN
+        source = _user_source(forward_ops[made_by]) if made_by is not None else None
         found.append(NonfiniteOrigin(op.type, op.name, index, layer, backward, source))
     return found
 
 
-def _forward_op(name: str, forward_ops: Sequence[tf.Operation], finite_by_name: dict[str, bool]) -> int | None:
-    """The forward op a gradient op differentiates, from its name scope.
+class _ForwardOps:
+    """The forward ops by name and by name scope, to find the op a gradient op differentiates."""
 
-    TensorFlow puts the gradient of op ``a/b/c`` under ``gradient_tape/a/b/c/``
-    or ``gradient_tape/a/b/``. In the longest scope that holds forward ops, the
-    op itself is taken if named, else the first with NaN/Inf, else the first.
-    """
-    parts = name.removeprefix(_GRADIENT_SCOPE).split("/")
-    for end in range(len(parts), 0, -1):
-        scope = "/".join(parts[:end])
-        inside = [i for i, op in enumerate(forward_ops) if op.name == scope or op.name.startswith(scope + "/")]
-        exact = [i for i in inside if forward_ops[i].name == scope]
-        bad = [i for i in inside if not finite_by_name.get(forward_ops[i].name, True)]
-        if inside:
-            return (exact or bad or inside)[0]
-    return None
+    def __init__(self, ops: Sequence[tf.Operation], finite_by_name: dict[str, bool]) -> None:
+        self.ops = list(ops)
+        self.index = {op.name: i for i, op in enumerate(self.ops)}
+        self.finite_by_name = finite_by_name
+        self.in_scope: dict[str, list[int]] = defaultdict(list)
+        for i, op in enumerate(self.ops):
+            parts = op.name.split("/")
+            for end in range(1, len(parts)):
+                self.in_scope["/".join(parts[:end])].append(i)
+
+    def differentiated_by(self, op: tf.Operation) -> int | None:
+        """The forward op that ``op`` (a gradient op) belongs to, or None.
+
+        TensorFlow puts the gradient of op ``a/b/c`` under ``gradient_tape/a/b/c/``
+        or ``gradient_tape/a/b/``. Take the op named by the longest such scope; in
+        a scope that only holds forward ops, the one whose output the gradient op
+        reads (e.g. ``SqrtGrad`` reads the ``Sqrt`` it differentiates), else the
+        one with NaN/Inf. A gradient op outside ``gradient_tape/`` (a sum of the
+        gradients of a tensor used twice) is not attributed.
+        """
+        if not op.name.startswith(_GRADIENT_SCOPE):
+            return None
+        parts = op.name.removeprefix(_GRADIENT_SCOPE).split("/")[:-1]
+        for end in range(len(parts), 0, -1):
+            scope = "/".join(parts[:end])
+            if scope in self.index:
+                return self.index[scope]
+            inside = set(self.in_scope.get(scope, ()))
+            if inside:
+                read = sorted(self.index[t.op.name] for t in op.inputs if self.index.get(t.op.name) in inside)
+                bad = [i for i in sorted(inside) if not self.finite_by_name.get(self.ops[i].name, True)]
+                return (read or bad or [None])[0]
+        return None
 
 
 def _user_source(op: tf.Operation) -> str | None:
+    """The line of user code that created ``op``: the innermost frame outside TensorFlow and Keras.
+
+    Ops that gradmagic's own tracing reaches first (a built-in layer's ``call``)
+    have no such line: the user's code there is only the call of gradmagic.
+    """
     for frame in reversed(list(op.traceback)):
-        if not any(part in frame.filename for part in _LIBRARY_PARTS):
+        if _OWN in frame.filename:
+            return None
+        if not any(part in frame.filename for part in _LIBRARIES):
             # linecache also knows IPython's cells, whose "files" exist only in the kernel.
             code = linecache.getline(frame.filename, frame.lineno).strip()
             code = f": {code}" if code else ""
