@@ -297,7 +297,8 @@ def explain(model: keras.Model, x: Any, y: Any = None, loss: Any = None, trainin
         ``model.layers``: its ops, verdict, the op responsible, the observed
         gradient), ``.disconnected`` (weights whose gradient is None or all zero
         at x, with where the path is cut), ``.nonfinite`` (the ops that make
-        NaN/Inf from finite values, with their layer and line of code; see
+        NaN/Inf from finite values, with their layer and line of code, found by
+        a second traced pass when NaN/Inf is seen; see
         :mod:`gradmagic.core.nonfinite_origin`), ``to_dict()``, text and HTML tables.
 
     Raises:
