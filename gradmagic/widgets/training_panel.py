@@ -124,7 +124,10 @@ class TrainingPanel:
         if log_scale:
             axes.set_yscale("log")
         axes.grid(True, alpha=0.3)
-        self.figure.tight_layout()
+        # Fixed margins with room for log tick labels such as 6x10^-1: a layout
+        # computed on the empty axes would leave the y label off the canvas once
+        # data arrives, and re-solving it on every redraw costs time during fit.
+        self.figure.subplots_adjust(left=0.14, right=0.98, bottom=0.16, top=0.96)
         return axes
 
     def _on_read(self, monitor: GradientMonitor) -> None:
