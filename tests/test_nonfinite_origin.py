@@ -79,8 +79,8 @@ def test_the_op_a_where_hides_from_the_loss_is_named_with_its_line(fn, activatio
     assert forward[0].source.startswith(f"test_nonfinite_origin.py:{_line_of(fn, code)} ({fn.__name__}): ")
     # The NaN of the gradient is made in the backward pass of the same layer, from that line too.
     assert backward and all(o.layer == "suspect" and o.source == forward[0].source for o in backward)
-    assert f"NaN/Inf is first made by {forward[0].describe()}." in explanation.notes
-    assert f"NaN/Inf is first made by {backward[0].describe()}." in explanation.notes
+    assert f"NaN/Inf first appears in {forward[0].describe()}." in explanation.notes
+    assert f"NaN/Inf first appears in {backward[0].describe()}." in explanation.notes
     assert_unchanged(model, before)
 
 
@@ -141,7 +141,7 @@ def test_inputs_and_built_in_layers_are_described_without_a_line_of_user_code():
     origins = gm.explain(model, np.abs(X) + 1.0, Y).nonfinite
     first = origins[0]
     assert (first.op_type, first.layer, first.source) == ("ReadVariableOp", "hidden", None)
-    assert first.describe().startswith("a weight of layer 'hidden', which holds NaN/Inf already")
+    assert first.describe().startswith("a weight of layer 'hidden' (it holds NaN/Inf already")
 
 
 def _masked_then_divided(t):

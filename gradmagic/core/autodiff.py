@@ -336,6 +336,6 @@ def explain(model: keras.Model, x: Any, y: Any = None, loss: Any = None, trainin
     for backward in (False, True):  # the first op that makes NaN/Inf in each pass
         first = next((o for o in origins if o.backward == backward), None)
         if first is not None:
-            notes.append(f"NaN/Inf is first made by {first.describe()}.")
+            notes.append(f"NaN/Inf first appears in {first.describe()}.")
     target = "sum of outputs" if loss_fn is None else "loss"
     return Explanation(model_name(model), target, trace.value, layers, disconnected, notes, origins)

@@ -59,9 +59,9 @@ class NonfiniteOrigin:
     def describe(self) -> str:
         """One sentence: which op, in which layer, in which pass, from which line."""
         if self.op_type == "Placeholder":
-            return f"the input {self.op_name!r}, which holds NaN/Inf already"
+            return f"the input {self.op_name!r} (it holds NaN/Inf already)"
         if self.op_type == "ReadVariableOp":
-            return f"a weight of layer {self.layer!r}, which holds NaN/Inf already ({self.op_name})"
+            return f"a weight of layer {self.layer!r} (it holds NaN/Inf already: {self.op_name})"
         text = f"{self.op_type} ({self.op_name}) in layer {self.layer!r}, "
         if not self.backward:
             return text + "forward pass" + (f", created at {self.source}" if self.source else "")
