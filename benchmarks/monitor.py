@@ -81,6 +81,12 @@ def build() -> keras.Model:
     return model
 
 
+def data() -> tuple[np.ndarray, np.ndarray]:
+    """The benchmark's N random samples: 784 features, 10 classes."""
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(N, 784)).astype("float32"), rng.integers(0, 10, size=N)
+
+
 class EpochTimer(keras.callbacks.Callback):
     """Wall time per epoch (no batch hooks, so Keras keeps its async dispatch)."""
 
@@ -151,9 +157,7 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=KINDS, choices=KINDS)
     args = parser.parse_args()
     kinds = ["plain"] + [k for k in args.kinds if k != "plain"]
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(N, 784)).astype("float32")
-    y = rng.integers(0, 10, size=N)
+    x, y = data()
     print(f"before: {_load()}")
     other = _OtherLoad()
     for kind in kinds:  # warm-up: imports, first traces of shared functions

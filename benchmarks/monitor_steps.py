@@ -1,6 +1,6 @@
 """GradientMonitor's steady-state cost per train step, beside the cost of one extra read of the gradients.
 
-Same MLP as ``benchmarks/monitor.py`` (784-256-256-10, batch 32, Adam), but instead of
+Same MLP and data as ``benchmarks/monitor.py`` (imported from it) (784-256-256-10, batch 32, Adam), but instead of
 whole fits it times blocks of calls of each model's compiled train function,
 interleaved block by block (order alternating), so that slow drifts of a shared
 machine cancel in the per-block ratios:
@@ -29,26 +29,10 @@ from collections.abc import Callable
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras
-import numpy as np
 import tensorflow as tf
+from monitor import BATCH, build, data
 
 from gradmagic.core.monitor import GradientMonitor
-
-N, BATCH = 8192, 32
-
-
-def build() -> keras.Model:
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential(
-        [
-            keras.Input((784,)),
-            keras.layers.Dense(256, activation="relu"),
-            keras.layers.Dense(256, activation="relu"),
-            keras.layers.Dense(10),
-        ]
-    )
-    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    return model
 
 
 def add_one_pass(model: keras.Model) -> None:
@@ -89,9 +73,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=200)
     parser.add_argument("--steps", type=int, default=32, help="train steps per block")
     args = parser.parse_args()
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(N, 784)).astype("float32")
-    y = rng.integers(0, 10, size=N)
+    x, y = data()
     kinds = ["plain", "one pass", "monitor"]
     steps, cleanups = {}, []
     for kind in kinds:
