@@ -180,7 +180,7 @@ class TrainingPanel:
         yourself after a ``fit`` that raised.
         """
         recorded = self.monitor.recorded
-        if recorded is not None and (recorded is not self._drawn or len(recorded) != self._drawn_steps):
+        if recorded is not None and len(recorded) != self._steps_drawn(recorded):
             self.update()
 
     def _update(self, recorded: MonitorHistory) -> None:
