@@ -9,7 +9,7 @@ the model and the inputs; the model is left exactly as it was.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,12 +18,17 @@ import numpy as np
 import tensorflow as tf
 
 from gradmagic.core import compute
-from gradmagic.core.inputs import ModelSpec, model_spec, prepare_inputs, prepare_targets
+from gradmagic.core.arguments import check_flag
+from gradmagic.core.batches import first_batch
+from gradmagic.core.cache_keys import Key, KeyBuilder, Uncacheable
+from gradmagic.core.inputs import ModelSpec, model_spec, nonfinite_warning, prepare_inputs, prepare_targets
 from gradmagic.core.results import InputGradients, OutputGradients, WeightGradients, rows_for
-from gradmagic.core.state import preserved_eagerly
+from gradmagic.core.state import preserved_eagerly, unbuilt_on_failure
 from gradmagic.core.targets import (
+    check_loss_argument,
+    has_custom_compute_loss,
     layer_weights,
-    loss_key,
+    loss_token,
     model_name,
     output_unit_loss,
     resolve_layer,
@@ -31,11 +36,12 @@ from gradmagic.core.targets import (
     weight_slots,
 )
 from gradmagic.core.trace_errors import diagnose_trace_error, short_error
+from gradmagic.core.user_code import with_cause
 from gradmagic.errors import ComputeError, GradmagicError, InputError, ModelBuildError, quote_list
 
-# model -> (layers token, ModelSpec): what the model declares, re-read after add/pop.
+# model -> (layers Key, ModelSpec): what the model declares, re-read after add/pop.
 _specs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-# model -> the compile token its compiled loss was last built under.
+# model -> the compile Key its compiled loss was last built under.
 _warmed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -69,17 +75,19 @@ def _shapes(x: Any) -> str:
 
 def spec_and_inputs(model: keras.Model, x: Any) -> tuple[ModelSpec, Any, int]:
     """Build the model from x if needed, then convert x against its declared inputs."""
-    layers = _layers_token(model)
+    layers = _layers_key(model)
     known = _specs.get(model)
-    if known is not None and known[0] == layers:
+    if known is not None and _same(known[0], layers):
         prepared, batch = prepare_inputs(model, x, known[1])
         return known[1], prepared, batch
     if not model.built:
         raw, _ = prepare_inputs(model, x, ModelSpec(None, None, None, []))
         sample = keras.tree.map_structure(lambda t: t[:1], raw)
         try:
-            with preserved_eagerly(model):
+            with unbuilt_on_failure(model), preserved_eagerly(model), compute.layers_named(model):
                 model(sample, training=False)
+        except GradmagicError as exc:
+            raise with_cause(exc)  # noqa: B904 - the cause is the user's error, re-attached
         except Exception as exc:
             raise ModelBuildError(
                 f"Model '{model_name(model)}' is not built, and building it by calling it on "
@@ -88,24 +96,46 @@ def spec_and_inputs(model: keras.Model, x: Any) -> tuple[ModelSpec, Any, int]:
                 f"or one call on real data)."
             ) from None
     spec = model_spec(model)
-    _specs[model] = (_layers_token(model), spec)
+    _specs[model] = (_layers_key(model), spec)
     prepared, batch = prepare_inputs(model, x, spec)
     return spec, prepared, batch
 
 
-def _layers_token(model: keras.Model) -> tuple:
-    """What a Sequential ``add``/``pop`` changes: the layers themselves."""
-    return tuple(map(id, model.layers))
+def _layers_key(model: keras.Model) -> Key:
+    """What a Sequential ``add``/``pop`` changes: the layers themselves (by identity)."""
+    builder = KeyBuilder()
+    return builder.key(*map(builder.same, model.layers))
 
 
-def _model_token(model: keras.Model) -> tuple:
+def _same(known: Key, new: Key) -> bool:
+    return known.token == new.token and known.alive()
+
+
+def _model_token(model: keras.Model, builder: KeyBuilder) -> tuple:
     """What makes a traced question stale: the compiled loss, the layers, which weights train.
 
     Freezing a layer changes more than its gradients (BatchNormalization then
     runs in inference mode even with ``training=True``), so every question
     depends on it.
     """
-    return (_compile_token(model), _layers_token(model), tuple(map(id, model.trainable_weights)))
+    return (
+        _compile_token(model, builder),
+        tuple(map(builder.same, model.layers)),
+        tuple(map(builder.same, model.trainable_weights)),
+    )
+
+
+def _question_key(model: keras.Model, *parts: Any) -> Key | None:
+    """The cache key of a question: ``parts`` (callables of the builder) plus the model's state.
+
+    ``None`` when a part cannot be snapshotted: the question is then traced afresh.
+    """
+    builder = KeyBuilder()
+    try:
+        values = [part(builder) if callable(part) else part for part in parts]
+        return builder.key(*values, _model_token(model, builder))
+    except Uncacheable:
+        return None
 
 
 def prepare_loss_args(model: keras.Model, spec: ModelSpec, y: Any, sample_weight: Any, batch: int) -> tuple[Any, Any]:
@@ -124,18 +154,48 @@ def prepare_loss_args(model: keras.Model, spec: ModelSpec, y: Any, sample_weight
         sample_weight = [sample_weight[name] for name in spec.output_names]
     if sample_weight is not None:
         weights = prepare_targets(model, sample_weight, batch, ModelSpec(None, None, None, []), "sample_weight")
+        _check_weight_shapes(model, spec, weights)
     return targets, weights
 
 
-def _run(model: keras.Model, key: Hashable, question: _Question, args: tuple, what: str, x: Any) -> Any:
+def _check_weight_shapes(model: keras.Model, spec: ModelSpec, weights: Any) -> None:
+    """Sample weights must broadcast against the per-sample loss: the output's shape without its last axis.
+
+    A model with its own ``compute_loss`` may use them otherwise, so it is not checked.
+    """
+    outputs = spec.outputs or []
+    leaves = keras.tree.flatten(weights)
+    if not outputs or has_custom_compute_loss(model) or len(leaves) not in (1, len(outputs)):
+        return
+    pairs = [(leaves[0], out) for out in outputs] if len(leaves) == 1 else list(zip(leaves, outputs))
+    for weight, out in pairs:
+        per_sample, lead = tuple(weight.shape[1:]), tuple(out.shape[:-1])
+        if per_sample and per_sample[-1] == 1:
+            per_sample = per_sample[:-1]
+        fits = len(per_sample) <= len(lead) and all(
+            e is None or s == e for s, e in zip(per_sample, lead[: len(per_sample)])
+        )
+        if not fits:
+            expected = ", ".join(["batch", *(str(d) for d in lead)])
+            raise InputError(
+                f"Received: sample_weight of shape {tuple(weight.shape)}, but the loss of output {out.name!r} "
+                f"of model '{model_name(model)}' has one value per sample"
+                + (f" and step, shape ({expected})" if lead else "")
+                + ". Expected sample_weight of shape (batch,)"
+                + (f" or ({expected})" if lead else "")
+                + f". Fix: pass one weight per sample, e.g. np.ones({weight.shape[0]})."
+            )
+
+
+def _run(model: keras.Model, key: Key | None, question: _Question, args: tuple, what: str, x: Any) -> Any:
     """Run a compiled question; turn any failure into one clear GradmagicError."""
     try:
-        if question.compiled_loss and _warmed.get(model) != _compile_token(model):
+        if question.compiled_loss and not _is_warm(model):
             _build_compiled_loss(model, question, args)
         return compute.call_compiled(question.fn, question.concrete, args)
-    except GradmagicError:
+    except GradmagicError as exc:
         compute.forget(model, key)
-        raise
+        raise with_cause(exc)  # noqa: B904 - the cause is the user's error, re-attached
     except Exception as exc:
         compute.forget(model, key)
         raise diagnose_trace_error(exc, model, None) or ComputeError(
@@ -159,19 +219,36 @@ def _build_compiled_loss(model: keras.Model, question: _Question, args: tuple) -
             question.fn.python_function(*one)
     except Exception:
         pass  # the traced run right after reports it, as fit would
-    _warmed[model] = _compile_token(model)
+    _warmed[model] = _compile_key(model)
 
 
-def _compile_token(model: keras.Model) -> tuple:
+def _compile_key(model: keras.Model) -> Key | None:
+    builder = KeyBuilder()
+    try:
+        return builder.key(_compile_token(model, builder))
+    except Uncacheable:
+        return None
+
+
+def _is_warm(model: keras.Model) -> bool:
+    known, now = _warmed.get(model), _compile_key(model)
+    return known is not None and now is not None and _same(known, now)
+
+
+def _compile_token(model: keras.Model, builder: KeyBuilder) -> tuple:
     """What changes when the model is re-compiled (the traced loss is then stale).
 
     ``compile`` builds a new compiled-loss object each time (also when only
     ``loss_weights`` change); Keras has no public handle on it, hence the getattr.
+
+    Raises:
+        Uncacheable: The compiled loss holds values that cannot be snapshotted.
     """
+    optimizer, compiled = getattr(model, "optimizer", None), getattr(model, "_compile_loss", None)
     return (
-        loss_key(getattr(model, "loss", None)),
-        id(getattr(model, "optimizer", None)),
-        id(getattr(model, "_compile_loss", None)),
+        loss_token(builder, getattr(model, "loss", None)),
+        None if optimizer is None else builder.same(optimizer),
+        None if compiled is None else builder.same(compiled),
     )
 
 
@@ -224,31 +301,44 @@ def weight_gradients(
         >>> r.loss, [g.shape for g in r.arrays()]
     """
     check_model(model)
-    spec, x_in, batch = spec_and_inputs(model, x)
+    training = check_flag("training", training)
     if output is None:
-        y_in, sw_in = prepare_loss_args(model, spec, y, sample_weight, batch)
+        check_loss_argument(model, loss)
+    if layer is not None:
+        resolve_layer(model, layer)  # its type and name, before anything runs
+    data = first_batch(x, y, sample_weight, takes_y=output is None)
+    spec, x_in, batch = spec_and_inputs(model, data.x)
+    if output is None:
+        y_in, sw_in = prepare_loss_args(model, spec, data.y, data.sample_weight, batch)
     else:
         _check_output_index(model, spec, output)
         y_in, sw_in = None, None
-    layer_ref = id(layer) if isinstance(layer, keras.Layer) else layer
-    what = loss_key(loss) if output is None else ("output unit", int(output))
-    key = ("weights", layer_ref, what, bool(training), sw_in is None, _model_token(model))
+    chosen_layer = None if layer is None else layer_weights(model, layer)[1]
+    nonfinite_warning(x=x_in, y=y_in, sample_weight=sw_in)
+    key = _question_key(
+        model,
+        "weights",
+        lambda b: None if chosen_layer is None else b.same(chosen_layer),
+        (lambda b: loss_token(b, loss)) if output is None else ("output unit", int(output)),
+        training,
+        sw_in is None,
+    )
 
     def build() -> _Question:
         loss_fn = resolve_loss(model, loss) if output is None else output_unit_loss(int(output))
         slots = weight_slots(model)
-        if layer is None:
+        if chosen_layer is None:
             variables = list(model.trainable_weights)
             chosen = slots
         else:
-            _, _, variables = layer_weights(model, layer)
+            variables = list(chosen_layer.trainable_weights)
             paths = {v.path for v in variables}
             chosen = [s for s in slots if s.path in paths]
         labels = [
             {"index": s.layer_index, "layer": s.layer_name, "weight": s.name, "shape": s.shape, "path": s.path}
             for s in chosen
         ]
-        fn = compute.weight_function(model, variables, loss_fn, bool(training))
+        fn = compute.weight_function(model, variables, loss_fn, training)
         return _Question(fn, labels, compiled_loss=loss is None and output is None)
 
     question = compute.cached(model, key, build)
@@ -258,7 +348,9 @@ def weight_gradients(
     else:
         title = f"d(output unit {output})/dW of model '{model_name(model)}' (mean output = {float(loss_value):.6g})"
     rows = rows_for(question.labels, [_numpy(g) for g in grads])
-    return WeightGradients(float(loss_value), rows, title, layer_count=len(model.layers))
+    result = WeightGradients(float(loss_value), rows, title, layer_count=len(model.layers))
+    result.source = data.source
+    return result
 
 
 def output_gradients(
@@ -296,16 +388,20 @@ def output_gradients(
         >>> o.array.shape == o.output.shape
     """
     check_model(model)
-    spec, x_in, batch = spec_and_inputs(model, x)
-    y_in, sw_in = prepare_loss_args(model, spec, y, sample_weight, batch)
-    layer_ref = id(layer) if isinstance(layer, keras.Layer) else layer
-    key = ("output", layer_ref, loss_key(loss), bool(training), sw_in is None, _model_token(model))
+    training = check_flag("training", training)
+    check_loss_argument(model, loss)
+    resolve_layer(model, layer)  # its type and name, before anything runs
+    data = first_batch(x, y, sample_weight)
+    spec, x_in, batch = spec_and_inputs(model, data.x)
+    y_in, sw_in = prepare_loss_args(model, spec, data.y, data.sample_weight, batch)
+    index, lay = resolve_layer(model, layer)  # again: building the model may have added an InputLayer
+    nonfinite_warning(x=x_in, y=y_in, sample_weight=sw_in)
+    key = _question_key(model, "output", lambda b: b.same(lay), lambda b: loss_token(b, loss), training, sw_in is None)
 
     def build() -> _Question:
         loss_fn = resolve_loss(model, loss)
-        index, lay = resolve_layer(model, layer)
         position = _input_position(model, lay)
-        fn = compute.output_function(model, lay, position, loss_fn, bool(training))
+        fn = compute.output_function(model, lay, position, loss_fn, training)
         return _Question(fn, layer_index=index, layer_name=lay.name, compiled_loss=loss is None)
 
     question = compute.cached(model, key, build)
@@ -328,7 +424,7 @@ def output_gradients(
         f"dLoss/d(output of layer {question.layer_index} '{question.layer_name}') of model "
         f"'{model_name(model)}' (loss = {float(loss_value):.6g})"
     )
-    return OutputGradients(
+    result = OutputGradients(
         float(loss_value),
         rows_for(labels, first),
         values[0] if len(values) == 1 else values,
@@ -337,6 +433,8 @@ def output_gradients(
         len(outputs),
         title,
     )
+    result.source = data.source
+    return result
 
 
 def _input_position(model: keras.Model, layer: keras.Layer) -> int | None:
@@ -383,7 +481,9 @@ def input_gradients(
         >>> j.array[0, 0, 0]   # dy/dx at x = 0.5
     """
     check_model(model)
-    spec, x_in, _ = spec_and_inputs(model, x)
+    training = check_flag("training", training)
+    data = first_batch(x, takes_y=False)
+    spec, x_in, _ = spec_and_inputs(model, data.x)
     leaves = keras.tree.flatten(x_in)
     names = _input_names(spec, x_in)
     for name, leaf in zip(names, leaves):
@@ -398,13 +498,15 @@ def input_gradients(
             )
     if output is not None:
         output = _check_output_index(model, spec, output)
-    key = ("input", output, bool(training), _model_token(model))
-    question = compute.cached(model, key, lambda: _Question(compute.input_function(model, output, bool(training))))
+    nonfinite_warning(x=x_in)
+    key = _question_key(model, "input", output, training)
+    question = compute.cached(model, key, lambda: _Question(compute.input_function(model, output, training)))
     outputs, result = _run(model, key, question, (x_in,), "d(output)/d(input)", x_in)
     per_output = [[_numpy(j) for j in per_input] for per_input in result]
     values = [o.numpy() for o in outputs]
     gradients = _input_result(model, spec, x_in, names, per_output, output)
     gradients.values = values[0] if len(values) == 1 else values
+    gradients.source = data.source
     return gradients
 
 
