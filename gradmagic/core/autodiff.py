@@ -24,7 +24,7 @@ from gradmagic.core.arguments import check_flag
 from gradmagic.core.batches import first_batch
 from gradmagic.core.compute import dense_gradients
 from gradmagic.core.explanation import DisconnectedWeight, Explanation, LayerPath, OpInfo
-from gradmagic.core.gradients import check_model, spec_and_inputs, weight_gradients
+from gradmagic.core.gradients import check_model, leaves_no_trace, spec_and_inputs, weight_gradients
 from gradmagic.core.inputs import prepare_targets
 from gradmagic.core.nonfinite_origin import NonfiniteOrigin, nonfinite_origins, probed_ops
 from gradmagic.core.op_graph import FLOWS, NONE, VERDICTS, ZERO, carries_gradient, diagnose, op_gradient, path_ops
@@ -275,6 +275,7 @@ def _disconnected(model: keras.Model, trace: _Trace, grads: list | None, weights
     return found
 
 
+@leaves_no_trace
 def explain(model: keras.Model, x: Any, y: Any = None, loss: Any = None, training: bool = False) -> Explanation:
     """Explain how the gradient flows through every layer, and why a gradient is None.
 

@@ -26,7 +26,7 @@ from gradmagic.core.batches import first_batch
 from gradmagic.core.finite_differences import LossProblem, check_rows, loss_problem
 from gradmagic.core.float64 import as_float64, float64_loss, float64_twin
 from gradmagic.core.gradcheck_results import CheckRow, GradientCheck
-from gradmagic.core.gradients import check_model, prepare_loss_args, spec_and_inputs
+from gradmagic.core.gradients import check_model, leaves_no_trace, prepare_loss_args, spec_and_inputs
 from gradmagic.core.state import preserved_eagerly
 from gradmagic.core.targets import check_loss_argument, model_name, resolve_loss
 from gradmagic.core.trace_errors import short_error
@@ -101,6 +101,7 @@ def _evaluation_model(
         return own, "float32", [note]
 
 
+@leaves_no_trace
 def check_gradients(
     model: keras.Model,
     x: Any,

@@ -8,6 +8,7 @@ the model and the inputs; the model is left exactly as it was.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -77,7 +78,7 @@ def spec_and_inputs(model: keras.Model, x: Any) -> tuple[ModelSpec, Any, int]:
     """Build the model from x if needed, then convert x against its declared inputs."""
     layers = _layers_key(model)
     known = _specs.get(model)
-    if known is not None and _same(known[0], layers):
+    if known is not None and model.built and _same(known[0], layers):
         prepared, batch = prepare_inputs(model, x, known[1])
         return known[1], prepared, batch
     if not model.built:
@@ -256,6 +257,20 @@ def _numpy(value: Any) -> Any:
     return None if value is None else value.numpy()
 
 
+def leaves_no_trace(function: Callable) -> Callable:
+    """Make a public function that fails leave an unbuilt model unbuilt (it may build it on the way)."""
+
+    @functools.wraps(function)
+    def guarded(model: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(model, keras.Model) and not model.built:
+            with unbuilt_on_failure(model):
+                return function(model, *args, **kwargs)
+        return function(model, *args, **kwargs)
+
+    return guarded
+
+
+@leaves_no_trace
 def weight_gradients(
     model: keras.Model,
     x: Any,
@@ -271,8 +286,13 @@ def weight_gradients(
     Args:
         model: A Keras 3 model (Sequential, Functional or subclassed).
         x: Inputs: an array, nested lists, a tf.Tensor, or a list/dict of those
-            for several inputs. A single sample may omit the batch axis.
-        y: Targets, one per sample (a list/dict for several outputs).
+            for several inputs. A single sample may omit the batch axis. Or a
+            ``tf.data.Dataset``, a ``keras.utils.PyDataset`` or a generator of
+            batches: its first batch is used, read as ``fit`` reads it
+            (``(x, y)`` or ``(x, y, sample_weight)``), and ``result.source``
+            says so. Drawing from a generator advances it by one batch.
+        y: Targets, one per sample (a list/dict for several outputs). ``None``
+            when x is a dataset or generator: the targets come from it.
         layer: Restrict to one layer, by its index in ``model.layers`` (layers
             without weights count; a Functional model's InputLayer is index 0),
             by name, or as the layer object. Defaults to ``None``: every weight.
@@ -294,7 +314,14 @@ def weight_gradients(
         one layer's part, statistics per weight, HTML and text tables.
 
     Raises:
-        GradmagicError: A bad layer, loss, x or y, with what was expected.
+        GradmagicError: A bad layer, loss, flag, x or y, with what was expected,
+            raised before anything runs; a ``UserCodeError`` naming the loss or
+            layer whose own code raised, with that error chained as its cause.
+            The model is left as it was (an unbuilt model stays unbuilt).
+
+    Warns:
+        GradmagicWarning: x, y or sample_weight hold NaN or Inf (the results
+            are still computed from them).
 
     Example:
         >>> r = gradmagic.weight_gradients(model, x, y, layer="dense_1")
@@ -353,6 +380,7 @@ def weight_gradients(
     return result
 
 
+@leaves_no_trace
 def output_gradients(
     model: keras.Model,
     x: Any,
@@ -366,7 +394,7 @@ def output_gradients(
 
     Args:
         model: A Keras 3 model (Sequential, Functional or subclassed).
-        x: Inputs, as for :func:`weight_gradients`.
+        x: Inputs, as for :func:`weight_gradients` (a dataset or generator too).
         y: Targets, as for :func:`weight_gradients`.
         layer: The layer, by index in ``model.layers``, by name or as the object.
             For a Functional model's ``InputLayer`` this is dLoss/d(input).
@@ -448,6 +476,7 @@ def _input_position(model: keras.Model, layer: keras.Layer) -> int | None:
     return None
 
 
+@leaves_no_trace
 def input_gradients(
     model: keras.Model,
     x: Any,
@@ -458,7 +487,8 @@ def input_gradients(
 
     Args:
         model: A Keras 3 model (Sequential, Functional or subclassed).
-        x: Inputs, as for :func:`weight_gradients`; float inputs only.
+        x: Inputs, as for :func:`weight_gradients`; float inputs only. From a
+            dataset or generator, the x of its first batch.
         output: Defaults to ``None``: every output unit. ``k`` selects unit ``k``
             of the flattened per-sample output (outputs concatenated in
             ``keras.tree.flatten`` order for a model with several outputs).

@@ -252,7 +252,7 @@ def check_loss_argument(model: keras.Model, loss: Any) -> None:
         LossError: The loss cannot be used, or none is given and none is compiled.
     """
     if loss is None:
-        resolve_loss(model, None)  # no compiled loss: its own message
+        _check_compiled_loss(model)
         return
     leaves = list(loss.values()) if isinstance(loss, dict) else loss if isinstance(loss, (list, tuple)) else [loss]
     for leaf in leaves:
@@ -347,6 +347,18 @@ def _aligned(value: Any, names: list[str], count: int) -> list[Any]:
     return [value]
 
 
+def _check_compiled_loss(model: keras.Model) -> None:
+    """Refuse ``loss=None`` for a model with neither a compiled loss nor its own ``compute_loss``."""
+    if not has_custom_compute_loss(model) and getattr(model, "loss", None) is None:
+        raise LossError(
+            f"Model '{model_name(model)}' has no compiled loss and no loss was given, "
+            f"so there is no dLoss to differentiate. Fix: pass loss='mse' (or any Keras "
+            f"loss name, keras.losses.Loss or callable f(y_true, y_pred)), or call "
+            f"model.compile(loss=...) first. For d(output)/d(input), which needs no "
+            f"loss, use input_gradients(model, x)."
+        )
+
+
 def resolve_loss(model: keras.Model, loss: Any = None) -> LossFn:
     """Return the loss function a gradient question uses.
 
@@ -367,14 +379,7 @@ def resolve_loss(model: keras.Model, loss: Any = None) -> LossFn:
     """
     if loss is not None:
         return _explicit_loss(model, loss)
-    if not has_custom_compute_loss(model) and getattr(model, "loss", None) is None:
-        raise LossError(
-            f"Model '{model_name(model)}' has no compiled loss and no loss was given, "
-            f"so there is no dLoss to differentiate. Fix: pass loss='mse' (or any Keras "
-            f"loss name, keras.losses.Loss or callable f(y_true, y_pred)), or call "
-            f"model.compile(loss=...) first. For d(output)/d(input), which needs no "
-            f"loss, use input_gradients(model, x)."
-        )
+    _check_compiled_loss(model)
     takes_training = _compute_loss_takes_training(model)
 
     custom = has_custom_compute_loss(model)
