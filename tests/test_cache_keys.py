@@ -216,9 +216,9 @@ def test_same_question_asked_twice_reuses_one_function():
 def test_identity_keys_die_with_their_object():
     builder = KeyBuilder()
     loss = Scaled(1.0)
-    key = builder.key(builder.value(loss))
+    key = builder.key(builder.value(loss)).stored()  # as kept in the cache: held weakly
     assert key.alive()
-    del loss
+    del loss, builder
     gc.collect()
     assert not key.alive()
 

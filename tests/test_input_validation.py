@@ -203,3 +203,18 @@ def test_nan_and_inf_in_the_data_warn_and_are_counted():
         gm.weight_gradients(model, X, np.array([[np.inf, 0.0], [0.0, 1.0]]))
     with pytest.warns(GradmagicWarning, match=r"x holding 0 NaN and 3 Inf"):
         gm.input_gradients(model, np.full((1, 3), np.inf))
+
+
+def test_a_compiled_user_loss_that_raises_is_named():
+    def compiled_boom(y_true, y_pred):
+        raise KeyError("no such column")
+
+    model = mlp()
+    model.compile(optimizer="sgd", loss=compiled_boom)
+    before = fingerprint(model)
+    with pytest.raises(
+        UserCodeError, match=r"compiled loss 'test_a_compiled_user_loss_that_raises_is_named.<locals>"
+    ) as info:
+        gm.weight_gradients(model, X, Y)
+    assert isinstance(info.value.__cause__, KeyError)
+    assert_unchanged(model, before)

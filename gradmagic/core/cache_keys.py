@@ -35,7 +35,6 @@ import functools
 import types
 import weakref
 from collections.abc import Hashable
-from dataclasses import dataclass
 from typing import Any
 
 import keras
@@ -64,26 +63,43 @@ class Uncacheable(Exception):
     """A value the key cannot snapshot; the question is then traced afresh on every call."""
 
 
-@dataclass(frozen=True)
 class Key:
-    """A hashable key plus references to the objects whose ``id`` it holds.
+    """A hashable key plus the objects whose ``id`` it holds.
+
+    A key as built holds those objects strongly, for as long as one call
+    needs it; :meth:`stored` turns them into weak references (strong ones for
+    objects that take none) for a key kept in a cache, so that caching keeps
+    nothing alive and a recycled ``id`` of a dead object never matches.
 
     Attributes:
         token: The hashable key.
-        refs: One weak reference (or, for objects that take none, the object
-            itself) per identity in ``token``.
     """
 
-    token: Hashable
-    refs: tuple = ()
+    __slots__ = ("_held", "_weak", "token")
+
+    def __init__(self, token: Hashable, held: tuple = (), weak: bool = False) -> None:
+        self.token, self._held, self._weak = token, held, weak
+
+    def stored(self) -> Key:
+        """This key with its objects held weakly (where they allow it), to be kept in a cache."""
+        if self._weak:
+            return self
+        return Key(self.token, tuple(_reference(obj) for obj in self._held), weak=True)
 
     def alive(self) -> bool:
         """True while every object keyed by identity still exists (so its ``id`` is still its own)."""
-        return all(ref() is not None for ref in self.refs if isinstance(ref, weakref.ref))
+        return not self._weak or all(ref() is not None for ref in self._held if isinstance(ref, weakref.ref))
+
+
+def _reference(obj: Any) -> Any:
+    try:
+        return weakref.ref(obj)
+    except TypeError:  # e.g. a builtin method: held strongly, alive as long as the cache entry
+        return _Strong(obj)
 
 
 class _Strong:
-    """Holds an object that takes no weak reference; alive as long as the cache entry."""
+    """Holds an object that takes no weak reference."""
 
     __slots__ = ("obj",)
 
@@ -92,18 +108,14 @@ class _Strong:
 
 
 class KeyBuilder:
-    """Collect the parts of one key and the references its identities need."""
+    """Collect the parts of one key and the objects its identities stand for."""
 
     def __init__(self) -> None:
-        self._refs: dict[int, Any] = {}
+        self._held: list[Any] = []
 
     def same(self, obj: Any) -> tuple:
-        """Key ``obj`` by identity (held weakly where possible)."""
-        if id(obj) not in self._refs:
-            try:
-                self._refs[id(obj)] = weakref.ref(obj)
-            except TypeError:
-                self._refs[id(obj)] = _Strong(obj)
+        """Key ``obj`` by identity."""
+        self._held.append(obj)
         return ("id", id(obj))
 
     def value(self, value: Any) -> Hashable:
@@ -115,8 +127,8 @@ class KeyBuilder:
         return self._token(value, _MAX_DEPTH, set())
 
     def key(self, *parts: Hashable) -> Key:
-        """The finished key of ``parts``, with the references gathered so far."""
-        return Key(parts, tuple(self._refs.values()))
+        """The finished key of ``parts``, with the objects gathered so far."""
+        return Key(parts, tuple(self._held))
 
     def _token(self, value: Any, depth: int, seen: set[int]) -> Hashable:
         if value is None or isinstance(value, (bool, int, str, bytes)):

@@ -45,7 +45,7 @@ def cached(model: keras.Model, key: Key | None, build: Callable[[], Any]) -> Any
         functions = _cache[model] = collections.OrderedDict()
     entry = functions.get(key.token)
     if entry is None or not entry[1].alive():
-        entry = functions[key.token] = (build(), key)
+        entry = functions[key.token] = (build(), key.stored())
         if len(functions) > _MAX_FUNCTIONS_PER_MODEL:
             functions.popitem(last=False)
     else:

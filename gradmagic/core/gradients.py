@@ -97,7 +97,7 @@ def spec_and_inputs(model: keras.Model, x: Any) -> tuple[ModelSpec, Any, int]:
                 f"or one call on real data)."
             ) from None
     spec = model_spec(model)
-    _specs[model] = (_layers_key(model), spec)
+    _specs[model] = (_layers_key(model).stored(), spec)
     prepared, batch = prepare_inputs(model, x, spec)
     return spec, prepared, batch
 
@@ -220,7 +220,8 @@ def _build_compiled_loss(model: keras.Model, question: _Question, args: tuple) -
             question.fn.python_function(*one)
     except Exception:
         pass  # the traced run right after reports it, as fit would
-    _warmed[model] = _compile_key(model)
+    key = _compile_key(model)
+    _warmed[model] = None if key is None else key.stored()
 
 
 def _compile_key(model: keras.Model) -> Key | None:

@@ -398,7 +398,8 @@ def resolve_loss(model: keras.Model, loss: Any = None) -> LossFn:
         except GradmagicError:
             raise
         except Exception as err:
-            who = "The model's own compute_loss" if custom else f"The compiled loss {model.loss!r}"
+            compiled = model.loss if isinstance(model.loss, str) else _callable_name(model.loss)
+            who = "The model's own compute_loss" if custom else f"The compiled loss {compiled!r}"
             raise failed(f"{who} of model '{model_name(model)}'", err, "on y and the model's output") from err
         if loss is None:
             raise LossError(
