@@ -218,3 +218,14 @@ def test_a_compiled_user_loss_that_raises_is_named():
         gm.weight_gradients(model, X, Y)
     assert isinstance(info.value.__cause__, KeyError)
     assert_unchanged(model, before)
+
+
+def test_one_loss_per_output_must_match_the_outputs():
+    inp = keras.Input((3,))
+    model = keras.Model(inp, [keras.layers.Dense(1, name="a")(inp), keras.layers.Dense(2, name="b")(inp)])
+    y = [np.zeros((2, 1)), np.zeros((2, 2))]
+    with pytest.raises(LossError, match=r"loss as a dict keyed by 'a', 'bb'.*unknown: 'bb'. Did you mean 'b'"):
+        gm.weight_gradients(model, X, y, loss={"a": "mse", "bb": "mae"})
+    with pytest.raises(LossError, match=r"loss as a list of 3 losses.*2 output\(s\) 'a', 'b'"):
+        gm.output_gradients(model, X, y, layer="a", loss=["mse", "mse", "mae"])
+    _refused(lambda m: gm.weight_gradients(m, X, Y, loss=["mse", "mae"]), LossError, r"list of 2 losses")

@@ -153,6 +153,8 @@ bad_loss = st.one_of(
     st.sampled_from([keras.losses.MeanSquaredError, keras.losses.Huber, object()]),
     st.just(_raising_loss),
     st.just(lambda y_true, y_pred: None),
+    st.lists(st.sampled_from(["mse", "mae"]), min_size=2, max_size=4),  # one output, several losses
+    st.dictionaries(st.text(alphabet="xyz", min_size=1, max_size=3), st.just("mse"), min_size=1, max_size=2),
 )
 
 
@@ -173,6 +175,7 @@ bad_weight = st.one_of(
     st.integers(1, 3).map(lambda n: np.ones((n, 7), "float32")),
     st.integers(1, 3).map(lambda n: np.ones(n + 2, "float32")),
     st.integers(1, 3).map(lambda n: np.full(n, "w")),
+    st.sets(st.floats(0, 1), min_size=2, max_size=2),
 )
 
 

@@ -29,7 +29,14 @@ from gradmagic.core.inputs import prepare_targets
 from gradmagic.core.nonfinite_origin import NonfiniteOrigin, nonfinite_origins, probed_ops
 from gradmagic.core.op_graph import FLOWS, NONE, VERDICTS, ZERO, carries_gradient, diagnose, op_gradient, path_ops
 from gradmagic.core.state import preserved_eagerly
-from gradmagic.core.targets import LossFn, check_loss_argument, model_name, resolve_loss, weight_slots
+from gradmagic.core.targets import (
+    LossFn,
+    check_loss_argument,
+    check_loss_structure,
+    model_name,
+    resolve_loss,
+    weight_slots,
+)
 from gradmagic.core.trace_errors import function_name, short_error
 from gradmagic.core.tracing import (
     OWNER_GLUE,
@@ -321,6 +328,8 @@ def explain(model: keras.Model, x: Any, y: Any = None, loss: Any = None, trainin
     x, y = data.x, data.y
     spec, x_in, batch = spec_and_inputs(model, x)
     notes, grads, loss_fn, y_in = [data.source] if data.source else [], None, None, None
+    if y is not None:
+        check_loss_structure(model, spec.output_names, loss)
     if y is not None:  # check y and the loss before tracing, so that their mistakes get their own messages
         y_in, loss_fn = prepare_targets(model, y, batch, spec), resolve_loss(model, loss)
     trace = _run_trace(model, x_in, y_in, loss_fn, training)

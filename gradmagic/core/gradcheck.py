@@ -28,7 +28,7 @@ from gradmagic.core.float64 import as_float64, float64_loss, float64_twin
 from gradmagic.core.gradcheck_results import CheckRow, GradientCheck
 from gradmagic.core.gradients import check_model, leaves_no_trace, prepare_loss_args, spec_and_inputs
 from gradmagic.core.state import preserved_eagerly
-from gradmagic.core.targets import check_loss_argument, model_name, resolve_loss
+from gradmagic.core.targets import check_loss_argument, check_loss_structure, model_name, resolve_loss
 from gradmagic.core.trace_errors import short_error
 from gradmagic.core.tracing import TracingFailed, tracing_error
 from gradmagic.errors import InputError
@@ -167,6 +167,7 @@ def check_gradients(
     check_loss_argument(model, loss)
     data = first_batch(x, y, sample_weight)
     spec, x_in, batch = spec_and_inputs(model, data.x)
+    check_loss_structure(model, spec.output_names, loss)
     y_in, sw_in = prepare_loss_args(model, spec, data.y, data.sample_weight, batch)
     resolve_loss(model, loss)  # a missing or unknown loss is reported before anything runs
     with preserved_eagerly(model):  # the float32 fallback perturbs the model's own weights

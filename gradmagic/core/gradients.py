@@ -27,6 +27,7 @@ from gradmagic.core.results import InputGradients, OutputGradients, WeightGradie
 from gradmagic.core.state import preserved_eagerly, unbuilt_on_failure
 from gradmagic.core.targets import (
     check_loss_argument,
+    check_loss_structure,
     has_custom_compute_loss,
     layer_weights,
     loss_token,
@@ -337,6 +338,7 @@ def weight_gradients(
     data = first_batch(x, y, sample_weight, takes_y=output is None)
     spec, x_in, batch = spec_and_inputs(model, data.x)
     if output is None:
+        check_loss_structure(model, spec.output_names, loss)
         y_in, sw_in = prepare_loss_args(model, spec, data.y, data.sample_weight, batch)
     else:
         _check_output_index(model, spec, output)
@@ -422,6 +424,7 @@ def output_gradients(
     resolve_layer(model, layer)  # its type and name, before anything runs
     data = first_batch(x, y, sample_weight)
     spec, x_in, batch = spec_and_inputs(model, data.x)
+    check_loss_structure(model, spec.output_names, loss)
     y_in, sw_in = prepare_loss_args(model, spec, data.y, data.sample_weight, batch)
     index, lay = resolve_layer(model, layer)  # again: building the model may have added an InputLayer
     nonfinite_warning(x=x_in, y=y_in, sample_weight=sw_in)

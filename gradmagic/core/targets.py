@@ -259,6 +259,30 @@ def check_loss_argument(model: keras.Model, loss: Any) -> None:
         _as_loss_object(leaf, model)
 
 
+def check_loss_structure(model: keras.Model, output_names: list[str], loss: Any) -> None:
+    """Refuse one loss per output that does not match the model's outputs (once they are known).
+
+    Raises:
+        LossError: A dict of losses with unknown output names, or a list of the wrong length.
+    """
+    if not output_names or not isinstance(loss, (dict, list, tuple)):
+        return
+    if isinstance(loss, dict):
+        unknown = [str(k) for k in loss if k not in output_names]
+        if unknown:
+            raise LossError(
+                f"Received: loss as a dict keyed by {quote_list([str(k) for k in loss])}, but model "
+                f"'{model_name(model)}' names its outputs {quote_list(output_names)}; unknown: "
+                f"{quote_list(unknown)}.{did_you_mean(unknown[0], output_names)} Expected one loss per output name."
+            )
+    elif len(loss) != len(output_names):
+        raise LossError(
+            f"Received: loss as a list of {len(loss)} losses, but model '{model_name(model)}' has "
+            f"{len(output_names)} output(s) {quote_list(output_names)}. Expected one loss for all outputs, or "
+            f"one per output in that order."
+        )
+
+
 def _regularization_loss(model: keras.Model, dtype: Any) -> Any:
     """Sum the model's extra losses (regularizers, ``add_loss``) as Keras does in fit."""
     extra = [keras.ops.sum(keras.ops.cast(term, dtype)) for term in model.losses]
