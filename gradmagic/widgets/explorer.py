@@ -24,8 +24,9 @@ import numpy as np
 from gradmagic.core import input_gradients, weight_gradients
 from gradmagic.core.inputs import model_spec
 from gradmagic.core.targets import model_name
-from gradmagic.errors import InputError
+from gradmagic.errors import GradmagicError, InputError
 from gradmagic.plots import ExplorerFigure, layer_norms
+from gradmagic.widgets import explorer_args
 from gradmagic.widgets.coalesce import LatestWins, Scheduler
 from gradmagic.widgets.figure_view import FigureView
 
@@ -45,6 +46,7 @@ class ExplorerView:
             and derivative.
         gradient: d(output unit)/d(input) at the point, all features.
         reference_values, reference_grads: The reference curves, or None.
+        reference_point_grad: ``reference_grad`` at the point, or None.
         loss: The loss at the point (with targets), else the output unit's value.
         layer_norms: ``(label, norm, has_nan_or_inf)`` per layer with weights.
     """
@@ -63,6 +65,7 @@ class ExplorerView:
     reference_grads: np.ndarray | None
     loss: float
     layer_norms: list[tuple[str, float | None, bool]]
+    reference_point_grad: float | None = None
 
 
 def compute_view(
@@ -94,9 +97,16 @@ def compute_view(
 
     Returns:
         An :class:`ExplorerView`.
+
+    Raises:
+        ComputeError: ``reference`` or ``reference_grad`` raised or returned
+            something other than one finite value per point (chained).
     """
     points = np.repeat(point[None, :], len(line) + 1, axis=0)
     points[:-1, feature] = line
+    # The references run first: a failing one then costs no gradient computation.
+    ref_values = _reference(reference, "reference", points, feature)
+    ref_grads = _reference(reference_grad, "reference_grad", points, feature)
     jac = input_gradients(model, points, output=unit, training=training)
     flat_values = _flat_unit(jac.values, unit)
     grads = np.asarray(jac.array)[:, feature]
@@ -115,10 +125,11 @@ def compute_view(
         point_value=float(flat_values[-1]),
         point_grad=float(grads[-1]),
         gradient=np.asarray(jac.array)[-1],
-        reference_values=_reference(reference, points[:-1], feature),
-        reference_grads=_reference(reference_grad, points[:-1], feature),
+        reference_values=None if ref_values is None else ref_values[:-1],
+        reference_grads=None if ref_grads is None else ref_grads[:-1],
         loss=float(weights.loss),
         layer_norms=layer_norms([weights]),
+        reference_point_grad=None if ref_grads is None else float(ref_grads[-1]),
     )
 
 
@@ -128,18 +139,15 @@ def _flat_unit(values: Any, unit: int) -> np.ndarray:
     return flat[:, unit]
 
 
-def _reference(fn: Callable | None, points: np.ndarray, feature: int) -> np.ndarray | None:
-    if fn is None:
-        return None
-    result = np.asarray(fn(points), dtype=float)
-    if result.ndim == 2 and result.shape[1] == points.shape[1] and points.shape[1] > 1:
-        result = result[:, feature]
-    return result.reshape(len(points))
+def _reference(fn: Callable | None, name: str, points: np.ndarray, feature: int) -> np.ndarray | None:
+    return None if fn is None else explorer_args.call_reference(fn, name, points, feature)
 
 
-def _flat_features(model: Any, x: Any) -> np.ndarray:
-    """Check that the model takes one flat float vector; return x as (n, n_features)."""
-    data = np.asarray(x, dtype=float) if not isinstance(x, (dict, list, tuple)) or _numbers(x) else None
+def _flat_features(model: Any, x: Any, data: np.ndarray | None) -> np.ndarray:
+    """Check that the model takes one flat float vector; return x as (n, n_features).
+
+    ``data`` is x as checked by :func:`explorer_args.check_x` (None for a structure).
+    """
     if data is not None and data.ndim <= 1:
         data = data.reshape(-1, 1)
     input_gradients(model, data[:1] if data is not None and data.ndim == 2 else x)  # builds and validates
@@ -172,10 +180,6 @@ def _nice_step(span: float, moves: int = 200) -> float:
     raw = span / moves
     power = 10.0 ** np.floor(np.log10(raw))
     return float(next(m * power for m in (1.0, 2.0, 5.0, 10.0) if m * power >= raw * 0.999))
-
-
-def _numbers(value: Any) -> bool:
-    return all(isinstance(v, (int, float, np.number)) or (isinstance(v, (list, tuple)) and _numbers(v)) for v in value)
 
 
 def _output_units(model: Any, sample: np.ndarray) -> list[str]:
@@ -216,16 +220,25 @@ class Explorer(widgets.VBox):
         clock: Callable[[], float] = time.monotonic,
         scheduler: Scheduler | None = None,
     ) -> None:
-        self.model = model
-        self.data = _flat_features(model, x)
-        self.targets = None if y is None else np.asarray(y)
-        if self.targets is not None and len(self.targets) != len(self.data):
-            raise InputError(
-                f"Received: y with {len(self.targets)} rows for x with {len(self.data)}. Expected one target "
-                f"per row of x (or y=None to show d(output)/dW instead of dLoss/dW)."
+        # Every argument is checked before the first TensorFlow call (in _flat_features).
+        explorer_args.check_options(
+            model, reference, reference_grad, feature_names, points, training, max_sliders, use_ipympl
+        )
+        if not callable(clock) or (scheduler is not None and not callable(scheduler)):
+            raise GradmagicError(
+                f"Received: clock={explorer_args.describe(clock)}, scheduler={explorer_args.describe(scheduler)}. "
+                f"Expected callables (scheduler may be None). Fix: leave both out."
             )
+        checked = explorer_args.check_x(x)
+        if checked is not None and checked.ndim <= 2:
+            rows, n_features = (checked.size, 1) if checked.ndim <= 1 else checked.shape
+            explorer_args.check_feature_names(feature_names, n_features)
+            explorer_args.check_y(y, rows)
+        self.model = model
+        self.data = _flat_features(model, x, checked)
+        self.targets = explorer_args.check_y(y, len(self.data))
         n_features = self.data.shape[1]
-        self.names = list(feature_names) if feature_names is not None else [f"x{i}" for i in range(n_features)]
+        self.names = explorer_args.check_feature_names(feature_names, n_features)
         self.reference, self.reference_grad = reference, reference_grad
         self.training = training
         self.points = points
@@ -243,6 +256,8 @@ class Explorer(widgets.VBox):
         self._quiet = False
         self._build_controls(max_sliders)
         self.view: ExplorerView | None = None
+        # The first view is computed before any figure exists: a reference that fails leaves nothing behind.
+        first = self.compute(self._state())
         labels = [label for label, _, _ in self._bar_layers()]
         title = "dLoss/dW norm per layer" if self.targets is not None else "d(output)/dW norm per layer"
         self.figure_view = FigureView(figsize=(9.6, 3.2), use_ipympl=use_ipympl)
@@ -256,7 +271,7 @@ class Explorer(widgets.VBox):
             layout=widgets.Layout(width="100%"),
         )
         self.add_class("gradmagic-explorer")
-        self._render(self._state())
+        self.draw(first)
 
     # --- controls ------------------------------------------------------------------------------------------------
 
@@ -425,8 +440,12 @@ class Explorer(widgets.VBox):
         self.error.value = ""
 
     def _show_error(self, exc: BaseException) -> None:
-        # DESIGN: exceptions inside a panel callback are shown, never swallowed.
-        text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        # DESIGN: exceptions inside a panel callback are shown, never swallowed. A GradmagicError's
+        # paragraph says all the user needs; anything else is unexpected, so its whole traceback is shown.
+        if isinstance(exc, GradmagicError):
+            text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        else:
+            text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).strip()
         self.error.value = f"<pre style='color:#b00'>{html.escape(text)}</pre>"
 
     def _readout_html(self, view: ExplorerView) -> str:
@@ -437,9 +456,8 @@ class Explorer(widgets.VBox):
             (f"{unit}", f"{view.point_value:.6g}"),
             (f"d {unit} / d {feature}", f'<span class="gm-derivative">{view.point_grad:.6g}</span>'),
         ]
-        if self.reference_grad is not None:
-            ref = _reference(self.reference_grad, view.point[None, :], view.feature)
-            rows.append((f"reference d/d {feature}", f"{float(ref[0]):.6g}"))
+        if view.reference_point_grad is not None:
+            rows.append((f"reference d/d {feature}", f"{view.reference_point_grad:.6g}"))
         if self.data.shape[1] > 1:
             rows.append(("gradient", ", ".join(f"{g:.4g}" for g in view.gradient)))
         what = "loss" if self.targets is not None else unit
@@ -456,7 +474,13 @@ def explore(
     y: Any = None,
     reference: Callable | None = None,
     reference_grad: Callable | None = None,
-    **options: Any,
+    *,
+    feature_names: Sequence[str] | None = None,
+    points: int = 200,
+    training: bool = False,
+    max_sliders: int = 6,
+    use_ipympl: bool | None = None,
+    **unknown: Any,
 ) -> Explorer:
     """Open the gradient explorer: sliders move the input point, the plots follow.
 
@@ -469,20 +493,45 @@ def explore(
             at the point (target: the chosen sample's); without, d(output)/dW.
         reference: Optional ``f(points) -> values`` drawn dashed beside the model
             (called with an (n, n_features) array), e.g. the analytic curve.
-        reference_grad: Optional analytic derivative along the chosen feature.
-        **options: ``feature_names``, ``points`` (curve resolution, default 200),
-            ``training``, ``max_sliders`` (default 6: more features get one slider
-            plus a feature dropdown), ``use_ipympl``.
+        reference_grad: Optional analytic derivative along the chosen feature
+            (an (n, n_features) result is read at that feature's column).
+        feature_names: One name per feature. Defaults to ``x0``, ``x1``, ...
+        points: How many points each curve is drawn with, from 2 to 10000.
+            Defaults to 200.
+        training: Run the model in training mode (its state is left as it was).
+            Defaults to False.
+        max_sliders: With more features than this, one slider plus a feature
+            dropdown. Defaults to 6.
+        use_ipympl: True for an interactive ipympl canvas, False for PNG images.
+            Defaults to None (ipympl when installed).
+        **unknown: Refused with the closest option's name (a typo is an error,
+            not a silently ignored keyword).
 
     Returns:
         An :class:`Explorer` widget; display it (it is the cell's last value).
 
     Raises:
-        GradmagicError: The model's input is not a flat float vector, or x and y
-            do not fit it.
+        GradmagicError: An argument has the wrong type or value (checked before
+            any TensorFlow call), the model's input is not a flat float vector,
+            x and y do not fit it, or ``reference``/``reference_grad`` fails at
+            the first point (a :class:`~gradmagic.errors.ComputeError` chaining
+            the original exception). Later failures of the references, on a
+            slider move, are shown in the panel.
 
     Example:
         >>> gm.explore(model, x, y, reference=lambda p: (p - 5) ** 2 / 25,
         ...            reference_grad=lambda p: 2 * (p - 5) / 25)
     """
-    return Explorer(model, x, y, reference, reference_grad, **options)
+    explorer_args.check_unknown(unknown)
+    return Explorer(
+        model,
+        x,
+        y,
+        reference,
+        reference_grad,
+        feature_names=feature_names,
+        points=points,
+        training=training,
+        max_sliders=max_sliders,
+        use_ipympl=use_ipympl,
+    )
