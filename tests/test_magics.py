@@ -475,6 +475,12 @@ MISTAKES = [
     ("model --check", "--check but no X"),
     ("model x y[:2] --check", "y with 2 samples, but x has 5"),  # the core's messages, as they are
     ("model x y --explain --loss msee", "loss='msee', which is not a Keras loss"),
+    ("model x y --layer ,,,", "--layer ',,,', which has nothing but commas. Expected layer indices or names"),
+    ("model x y --layer 1,,2", "--layer '1,,2', which has an empty item. Expected layer indices or names"),
+    ("model x y --layer 1 --layer ''", "--layer '', which is empty"),
+    ("model x y --layer 0,", "--layer '0,', which has an empty item"),
+    ("model x y --loss 5", "--loss '5', which is a int. Expected a Keras loss name or a callable, e.g. --loss mae"),
+    ("model x y --loss [1]", "--loss '[1]', which is a list"),
 ]
 
 
@@ -491,6 +497,77 @@ def test_user_mistakes_are_usage_errors_naming_the_problem(ip, ns, line, message
     assert "Traceback" not in cap.stdout + cap.stderr
     assert message in cap.stderr
     assert_unchanged(ns["model"], before)
+
+
+EXPLORE_MISTAKES = [
+    ("lin x --reference 5", "--reference '5', which is a int, not a function. Expected a callable"),
+    ("lin x --reference-grad x", "--reference-grad 'x', which is a ndarray, not a function"),
+    ("lin x --reference nosuch", "--reference = 'nosuch', but 'nosuch' is not defined"),
+    (
+        'lin x --reference "lambda p: 1 / 0"',
+        "Received: reference=<lambda>, which raised ZeroDivisionError: division by zero",
+    ),
+    ('lin x --reference "lambda p: p[:2]"', "Received: reference=<lambda>, which returned shape (2, 3)"),
+    ("lin x y[:2]", "Received: y with 2 rows for x with 5"),
+    ("lin dataset", "Received: x as a _BatchDataset. The explorer needs the points themselves"),
+    ("lin x y --bogus", "unrecognized arguments: --bogus. Received: %gradients_explore lin x y --bogus."),
+    ("lin x[:2", "Received: %gradients_explore lin x[:2, which lacks a closing ']'"),
+    ("nosuch x", "'nosuch' is not defined in the notebook namespace"),
+    ("x x", "MODEL = 'x', which is a ndarray, not a Keras model"),
+]
+
+
+@pytest.mark.parametrize(("line", "message"), EXPLORE_MISTAKES)
+def test_explore_mistakes_are_one_line_usage_errors(ip, ns, line, message):
+    ip.push({"dataset": tf.data.Dataset.from_tensor_slices(ns["x"]).batch(2)})
+    before = fingerprint(ns["lin"])
+    with pytest.raises(UsageError) as raised:
+        ip.run_line_magic("gradients_explore", line)
+    text = str(raised.value)
+    assert message in text and "\n" not in text
+    if "Received: reference=" not in message and "Received: x" not in message and " rows " not in message:
+        assert "%gradients_explore MODEL X [Y]" in text  # the explore usage, not %gradients'
+
+    with capture_output() as cap:
+        cell = ip.run_cell(f"%gradients_explore {line}")
+    assert isinstance(cell.error_in_exec, UsageError)
+    assert "Traceback" not in cap.stdout + cap.stderr
+    assert len(cap.stderr.strip().splitlines()) == 1 and message in cap.stderr
+    assert_unchanged(ns["lin"], before)
+
+
+def test_a_failing_reference_keeps_the_users_exception_chained(ip, ns):
+    ip.run_cell("def broken(points):\n    raise KeyError('my curve')")
+    with pytest.raises(UsageError, match="reference=broken, which raised KeyError") as raised:
+        ip.run_line_magic("gradients_explore", "lin x --reference broken")
+    assert isinstance(raised.value.__cause__, gm.GradmagicError)
+    assert isinstance(raised.value.__cause__.__cause__, KeyError)  # the user's own traceback, one step away
+
+
+@pytest.mark.parametrize("wrt", ["weights", "input"])
+@pytest.mark.parametrize("kind", ["dataset", "generator"])
+def test_a_dataset_or_generator_as_x_reaches_the_core_unchanged(ip, ns, monkeypatch, wrt, kind):
+    import gradmagic.core as core
+
+    received = []
+
+    class Reached(Exception):
+        pass
+
+    def spy(model, x, *args, **kwargs):
+        received.append(x)
+        raise Reached
+
+    monkeypatch.setattr(core, {"weights": "weight_gradients", "input": "input_gradients"}[wrt], spy)
+    data = (
+        tf.data.Dataset.from_tensor_slices((ns["x"], ns["y"])).batch(2)
+        if kind == "dataset"
+        else ((ns["x"][i : i + 2], ns["y"][i : i + 2]) for i in range(0, 5, 2))
+    )
+    ip.push({"stream": data})
+    with pytest.raises(Reached):
+        _gradients(ip, "lin stream" + (" --wrt input" if wrt == "input" else " y"))
+    assert len(received) == 1 and received[0] is data
 
 
 def test_layer_without_weights_is_a_usage_error(ip, ns):

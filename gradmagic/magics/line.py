@@ -13,16 +13,44 @@ from typing import Any
 
 from IPython.core.error import UsageError
 
+from gradmagic.errors import GradmagicError
+
 USAGE = (
     "Usage: %gradients MODEL X [Y] [--wrt weights|output|input] [--layer L] [-o VAR], or %gradients MODEL X [Y] "
     "--explain, or %gradients MODEL X Y --check; see %gradients? for all options."
 )
+EXPLORE_USAGE = (
+    "Usage: %gradients_explore MODEL X [Y] [--reference EXPR] [--reference-grad EXPR] [--training], e.g. "
+    '%gradients_explore model x y --reference "lambda p: (p - 5) ** 2 / 25"; see %gradients_explore? for all options.'
+)
 _OPENERS, _CLOSERS = "([{", ")]}"
 
 
-def parse_line(parser: Any, line: str) -> Any:
-    """Split the line (keeping expressions whole) and parse it; every problem is a UsageError."""
-    argv = split_line(line)
+def one_line(text: str) -> str:
+    """``text`` with every run of whitespace (newlines too) made one space: a UsageError shows one line."""
+    return " ".join(text.split())
+
+
+def usage_error(exc: GradmagicError) -> UsageError:
+    """The core's error as the magic shows it: its paragraph, on one line.
+
+    The core's message already names the argument, the value and the fix; the
+    caller raises this ``from exc``, so an error of the user's own code (a loss,
+    a reference curve) stays reachable as the chained cause.
+    """
+    return UsageError(one_line(str(exc)))
+
+
+def parse_line(parser: Any, line: str, magic: str = "gradients", usage: str = USAGE) -> Any:
+    """Split the line (keeping expressions whole) and parse it; every problem is a UsageError.
+
+    Args:
+        parser: The magic's ``@magic_arguments`` parser.
+        line: The text after the magic's name.
+        magic: The magic's name, for the messages. Defaults to ``"gradients"``.
+        usage: The usage line the messages end with. Defaults to ``%gradients``'s.
+    """
+    argv = split_line(line, magic, usage)
     try:
         # Intermixed: `model x --layer 1 y` puts y in its place, as a user expects.
         args = parser.parse_intermixed_args(argv)
@@ -31,13 +59,13 @@ def parse_line(parser: Any, line: str) -> Any:
         hint = (
             ' An expression with spaces outside brackets must be quoted: "x * 2".' if "unrecognized" in str(exc) else ""
         )
-        raise UsageError(f"{exc}. Received: %gradients {line.strip()}.{hint} {USAGE}") from None
+        raise UsageError(one_line(f"{exc}. Received: %{magic} {line.strip()}.{hint} {usage}")) from None
     if hasattr(args, "layer"):
         args.layer = _layer_tokens(args.layer)
     return args
 
 
-def split_line(line: str) -> list[str]:
+def split_line(line: str, magic: str = "gradients", usage: str = USAGE) -> list[str]:
     """Split a magic line at spaces outside brackets and quotes.
 
     ``x[0, :]`` and ``{"a": xa, "b": xb}`` stay one token; a token that is one
@@ -70,10 +98,10 @@ def split_line(line: str) -> list[str]:
         elif char in _OPENERS:
             closers.append(_CLOSERS[_OPENERS.index(char)])
         elif char in _CLOSERS and (not closers or closers.pop() != char):
-            raise UsageError(f"Received: an unmatched {char!r} in %gradients {line.strip()}. {USAGE}")
+            raise UsageError(one_line(f"Received: an unmatched {char!r} in %{magic} {line.strip()}. {usage}"))
     if quote or closers:
         missing = quote or "".join(reversed(closers))
-        raise UsageError(f"Received: %gradients {line.strip()}, which lacks a closing {missing!r}. {USAGE}")
+        raise UsageError(one_line(f"Received: %{magic} {line.strip()}, which lacks a closing {missing!r}. {usage}"))
     if start is not None:
         tokens.append(line[start:])
     if tokens and tokens[-1].endswith(";"):
@@ -93,13 +121,31 @@ def _unquote(token: str) -> str:
 
 
 def _layer_tokens(values: Sequence[str] | None) -> list[int | str]:
-    """``["1", "dense_2,3"]`` -> ``[1, "dense_2", 3]``: indices become ints, repeats are dropped."""
+    """``["1", "dense_2,3"]`` -> ``[1, "dense_2", 3]``: indices become ints, repeats are dropped.
+
+    Raises:
+        UsageError: An empty item (``--layer ,,,``, ``--layer 1,,2``): refused, so that a
+            slip never silently means "every layer".
+    """
     layers: list[int | str] = []
     for value in values or []:
         for part in value.split(","):
             part = _unquote(part.strip())
-            if not part:
-                continue
+            if not part.strip():
+                empty = (
+                    "is empty"
+                    if not value.strip()
+                    else "has nothing but commas"
+                    if not value.replace(",", "").strip()
+                    else "has an empty item"
+                )
+                raise UsageError(
+                    one_line(
+                        f"Received: --layer {value!r}, which {empty}. Expected layer indices or names "
+                        f"separated by commas, e.g. --layer 1,3 or --layer dense_1; leave --layer out for every "
+                        f"layer. %gradients MODEL lists the layers."
+                    )
+                )
             try:
                 layer: int | str = int(part)
             except ValueError:

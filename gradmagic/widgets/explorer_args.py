@@ -267,7 +267,7 @@ def call_reference(fn: Callable, name: str, points: np.ndarray, feature: int) ->
         raise ComputeError(
             f"Received: {name}={describe(fn)}, which raised {type(err).__name__}: {brief(err, 200)} when called as "
             f"{where}. Expected one value per point, shape {shapes}. Fix: make it work on a whole array of points "
-            f"(NumPy operations, p[:, 0] for the first feature); the original traceback is chained below."
+            f"(NumPy operations, p[:, 0] for the first feature); the original exception is its __cause__."
         ) from err
     try:
         result = np.asarray(raw)
