@@ -116,7 +116,10 @@ def test_functional_and_subclassed_models():
 
 def test_image_models_get_a_clear_message():
     model = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Flatten(), keras.layers.Dense(1)], name="cnn")
-    with pytest.raises(gm.GradmagicError, match=r"flat float vector.*'cnn' takes \(batch, 4, 4, 1\)"):
+    with pytest.raises(
+        gm.GradmagicError,
+        match=r"x of shape \(2, 4, 4, 1\) for model 'cnn', which takes \(batch, 4, 4, 1\) float32.*flat float vector",
+    ):
         gm.explore(model, np.zeros((2, 4, 4, 1), "float32"))
 
 

@@ -147,32 +147,34 @@ def _flat_features(model: Any, x: Any, data: np.ndarray | None) -> np.ndarray:
     """Check that the model takes one flat float vector; return x as (n, n_features).
 
     ``data`` is x as checked by :func:`explorer_args.check_x` (None for a structure).
+    Only a flat x for a model that may take one reaches TensorFlow (which builds an
+    unbuilt model and checks the number of features); anything else is refused first.
     """
     if data is not None and data.ndim <= 1:
         data = data.reshape(-1, 1)
-    input_gradients(model, data[:1] if data is not None and data.ndim == 2 else x)  # builds and validates
+
+    def flat(spec: Any) -> bool:
+        inputs = spec.inputs
+        return inputs is None or (len(inputs) == 1 and len(inputs[0].shape) == 1 and "float" in inputs[0].dtype)
+
     spec = model_spec(model)
-    flat_input = (
-        data is not None
-        and data.ndim == 2
-        and (
-            spec.inputs is None
-            or (len(spec.inputs) == 1 and len(spec.inputs[0].shape) == 1 and "float" in spec.inputs[0].dtype)
-        )
+    if data is not None and data.ndim == 2 and flat(spec):
+        input_gradients(model, data[:1])  # builds an unbuilt model; a wrong feature count is the core's error
+        spec = model_spec(model)
+        if flat(spec):
+            return data.astype(spec.inputs[0].dtype if spec.inputs else "float32")
+    received = f"x of shape {data.shape}" if data is not None else f"x as a {type(x).__name__} of arrays"
+    takes = (
+        ", which takes " + ", ".join(f"(batch, {', '.join(str(d) for d in s.shape)}) {s.dtype}" for s in spec.inputs)
+        if spec.inputs
+        else ""
     )
-    if not flat_input:
-        takes = (
-            ", ".join(f"(batch, {', '.join(str(d) for d in s.shape)})" for s in spec.inputs)
-            if spec.inputs
-            else f"x of shape {np.shape(x)}"
-        )
-        raise InputError(
-            f"The explorer moves one input point with a slider per feature, so it supports models whose "
-            f"single input is a flat float vector (batch, n_features). Model '{model_name(model)}' takes "
-            f"{takes}. Fix: explore a model on flat features, or use gradmagic.input_gradients(model, x) "
-            f"for d(output)/d(input) of images, sequences or several inputs."
-        )
-    return data.astype(spec.inputs[0].dtype if spec.inputs else "float32")
+    raise InputError(
+        f"Received: {received} for model '{model_name(model)}'{takes}. Expected a model whose single input is a "
+        f"flat float vector and x of shape (n, n_features): the explorer moves one input point with a slider per "
+        f"feature. Fix: explore a model on flat features, or use gradmagic.input_gradients(model, x) "
+        f"for d(output)/d(input) of images, sequences or several inputs."
+    )
 
 
 def _nice_step(span: float, moves: int = 200) -> float:

@@ -213,7 +213,7 @@ def check_y(y: Any, rows: int) -> np.ndarray | None:
     if targets.dtype.kind not in "biuf":
         raise InputError(f"Received: y with dtype {targets.dtype}, not numbers (class indices or values). {fix}")
     if targets.ndim == 0 or len(targets) != rows:
-        got = "a single value" if targets.ndim == 0 else f"y with {len(targets)} rows"
+        got = f"y={describe(y)}, a single value," if targets.ndim == 0 else f"y with {len(targets)} rows"
         raise InputError(f"Received: {got} for x with {rows}. {fix}")
     return targets
 
