@@ -511,7 +511,7 @@ MISTAKES = [
     ("model x y --layer 1,,2", "--layer '1,,2', which has an empty item. Expected layer indices or names"),
     ("model x y --layer 1 --layer ''", "--layer '', which is empty"),
     ("model x y --layer 0,", "--layer '0,', which has an empty item"),
-    ("model x y --loss 5", "--loss '5', which is a int. Expected a Keras loss name or a callable, e.g. --loss mae"),
+    ("model x y --loss 5", "--loss '5', which is an int. Expected a Keras loss name or a callable, e.g. --loss mae"),
     ("model x y --loss [1]", "--loss '[1]', which is a list"),
 ]
 
@@ -532,7 +532,7 @@ def test_user_mistakes_are_usage_errors_naming_the_problem(ip, ns, line, message
 
 
 EXPLORE_MISTAKES = [
-    ("lin x --reference 5", "--reference '5', which is a int, not a function. Expected a callable"),
+    ("lin x --reference 5", "--reference '5', which is an int, not a function. Expected a callable"),
     ("lin x --reference-grad x", "--reference-grad 'x', which is a ndarray, not a function"),
     ("lin x --reference nosuch", "--reference = 'nosuch', but 'nosuch' is not defined"),
     (

@@ -184,7 +184,7 @@ class GradientMagics(Magics):
         value = self._evaluate(token, flag, EXPLORE_USAGE)
         if not callable(value):
             raise UsageError(
-                f"Received: {flag} {token!r}, which is a {type(value).__name__}, not a function. Expected a callable "
+                f"Received: {flag} {token!r}, which is {_a(type(value).__name__)}, not a function. Expected a callable "
                 f'f(points) of an (n, n_features) array, e.g. {flag} "{example}" (quote an expression with '
                 f"spaces) or the name of a function defined in the notebook. {EXPLORE_USAGE}"
             )
@@ -247,10 +247,15 @@ class GradientMagics(Magics):
         loss = self._evaluate(token, "--loss")  # an expression: keras.losses.Huber(delta=0.5)
         if not (isinstance(loss, str) or callable(loss)):
             raise UsageError(
-                f"Received: --loss {token!r}, which is a {type(loss).__name__}. Expected a Keras loss name or a "
+                f"Received: --loss {token!r}, which is {_a(type(loss).__name__)}. Expected a Keras loss name or a "
                 f'callable, e.g. --loss mae, --loss "keras.losses.Huber(delta=0.5)" or the name of a function. {USAGE}'
             )
         return loss
+
+
+def _a(noun: str) -> str:
+    """``"an int"``, ``"a list"``: the article a type name takes."""
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
 
 
 def unregister(shell: Any) -> None:
