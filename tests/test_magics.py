@@ -482,7 +482,11 @@ MISTAKES = [
     ("x x y", "MODEL = 'x', which is a ndarray, not a Keras model"),
     ("model x y --bogus", "unrecognized arguments: --bogus"),
     ("model x y --wrt inputs", "invalid choice: 'inputs'"),
+    ("model x y --wrt inputs", "Example: --wrt input."),
     ("model x y --output-index one --wrt input", "invalid int value: 'one'"),
+    ("model x y --output-index one --wrt input", "Example: --output-index 0."),
+    ("model x y -o", "argument -o: expected one argument"),
+    ("model x y --layer", "argument --layer: expected one argument. Received: %gradients model x y --layer."),
     ("model x[:2 y", "lacks a closing ']'"),
     ("", "required: MODEL"),
     ("model x", "--wrt weights without Y"),
@@ -545,6 +549,11 @@ EXPLORE_MISTAKES = [
     ("lin x y --bogus", "unrecognized arguments: --bogus. Received: %gradients_explore lin x y --bogus."),
     ("lin x[:2", "Received: %gradients_explore lin x[:2, which lacks a closing ']'"),
     ("nosuch x", "'nosuch' is not defined in the notebook namespace"),
+    (
+        "lin x --reference",
+        "argument --reference: expected one argument. Received: %gradients_explore lin x --reference.",
+    ),
+    ("lin x --reference", 'Example: --reference "lambda p: (p - 5) ** 2 / 25".'),
     ("x x", "MODEL = 'x', which is a ndarray, not a Keras model"),
 ]
 

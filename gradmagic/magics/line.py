@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import keyword
+import re
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -24,6 +25,16 @@ EXPLORE_USAGE = (
     '%gradients_explore model x y --reference "lambda p: (p - 5) ** 2 / 25"; see %gradients_explore? for all options.'
 )
 _OPENERS, _CLOSERS = "([{", ")]}"
+#: A valid use of each option with a value, shown when argparse refuses that option's value.
+_EXAMPLES = {
+    "--wrt": "--wrt input",
+    "--layer": "--layer 1 (or --layer 1,dense_2)",
+    "--loss": "--loss mae",
+    "--output-index": "--output-index 0",
+    "-o": "-o res",
+    "--reference": '--reference "lambda p: (p - 5) ** 2 / 25"',
+    "--reference-grad": '--reference-grad "lambda p: 2 * (p - 5) / 25"',
+}
 
 
 def one_line(text: str) -> str:
@@ -59,6 +70,9 @@ def parse_line(parser: Any, line: str, magic: str = "gradients", usage: str = US
         hint = (
             ' An expression with spaces outside brackets must be quoted: "x * 2".' if "unrecognized" in str(exc) else ""
         )
+        option = re.match(r"argument ([-\w]+)", str(exc))
+        if option and option.group(1) in _EXAMPLES:
+            hint += f" Example: {_EXAMPLES[option.group(1)]}."
         raise UsageError(one_line(f"{exc}. Received: %{magic} {line.strip()}.{hint} {usage}")) from None
     if hasattr(args, "layer"):
         args.layer = _layer_tokens(args.layer)
