@@ -63,6 +63,7 @@ BAD = [
     (np.zeros((0, 1), "float32"), {}, InputError, r"x of shape \(0, 1\), which is empty"),
     (np.array([[1.0], [np.nan]]), {}, InputError, "1 NaN or Inf value"),
     (np.array([[1.0], [np.inf]]), {}, InputError, "1 NaN or Inf value"),
+    (np.array([[1e300], [0.0]]), {}, InputError, "values up to 1e\\+300. Expected \\|x\\| below 8.51e\\+37"),
     (np.zeros((2, 3, 3)), {}, InputError, r"x of shape \(2, 3, 3\) for model 'unbuilt'. Expected a model whose"),
     ([X1, X1], {}, InputError, r"x as a list of arrays for model 'unbuilt'. Expected"),
     ({"a": X1}, {}, InputError, r"x as a dict of arrays"),

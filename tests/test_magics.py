@@ -394,7 +394,8 @@ def test_html_table_marks_nan_and_disconnected_rows(ip):
     assert norms["2 frozen"] == (None, False)
     assert np.isnan(norms["1 nan_src"][0]) and norms["1 nan_src"][1]
     head = np.concatenate([a.ravel() for a in gm.weight_gradients(model, x, y, layer="head").arrays()])
-    np.testing.assert_allclose(norms["6 head"][0], np.linalg.norm(head), rtol=1e-6)
+    # Every layer's gradients there, one layer's here: two compiled graphs, equal to float32 rounding.
+    np.testing.assert_allclose(norms["6 head"][0], np.linalg.norm(head), rtol=1e-5)
 
 
 def test_full_shows_the_arrays_under_out(ip, ns, monkeypatch):

@@ -157,6 +157,28 @@ def test_explore_refuses_bad_arguments_before_touching_the_model(built, mistake)
         assert _state(model) == before  # the unbuilt one stays unbuilt: no TensorFlow call ran
 
 
+ODD_BUT_VALID_X = hnp.arrays(
+    "float64",
+    st.tuples(st.integers(1, 6), st.just(2)),
+    elements=st.one_of(st.floats(-1e6, 1e6), st.floats(-1e-20, 1e-20), st.sampled_from([0.0, -0.0, 1e30])),
+)
+
+
+@settings(max_examples=25, **SETTINGS)
+@given(x=ODD_BUT_VALID_X, feature=st.integers(0, 1))
+def test_odd_but_valid_x_gives_a_panel_that_agrees_with_the_core(built, x, feature):
+    before = _state(built)
+    panel = gm.explore(built, x, use_ipympl=False, points=5)
+    panel.feature_select.value = feature
+    view = panel.view
+    assert np.all(np.isfinite(view.line)) and np.all(np.isfinite(view.values)) and np.all(np.isfinite(view.grads))
+    assert view.line[0] < view.line[-1]  # a real range, even for a feature with one value
+    # Truth: the core on the point alone (another batch size, so another graph: float32 rounding apart).
+    truth = gm.input_gradients(built, view.point[None]).array[0, 0]
+    np.testing.assert_allclose(view.gradient, truth, rtol=1e-5, atol=1e-6)
+    assert _state(built) == before
+
+
 class _UserBug(Exception):
     pass
 

@@ -245,7 +245,8 @@ class Explorer(widgets.VBox):
         self.training = training
         self.points = points
         low, high = self.data.min(axis=0).astype(float), self.data.max(axis=0).astype(float)
-        pad = np.where(high > low, 0.1 * (high - low), 1.0)
+        # A feature with one value gets a range around it that float32 can still resolve (1e30 +- 1 cannot).
+        pad = np.where(high > low, 0.1 * (high - low), np.maximum(1.0, 0.1 * np.abs(low)))
         self.steps = np.array([_nice_step(span) for span in (high - low) + 2 * pad])
         # Ranges on the step grid, so round values (x = 0.5) are reachable exactly.
         self.low = np.floor((low - pad) / self.steps) * self.steps

@@ -26,6 +26,9 @@ OPTIONS = ("feature_names", "points", "training", "max_sliders", "use_ipympl")
 #: them, so more would make the panel lag without drawing anything finer.
 MAX_POINTS = 10_000
 
+#: Largest |x| accepted: float32's range, with room for the 10% padding of the slider ranges.
+MAX_ABS_X = float(np.finfo(np.float32).max) / 4
+
 _FIX_DATA = "Fix: pass x as a NumPy array (n, n_features), e.g. gm.explore(model, x_train[:200])."
 
 
@@ -179,6 +182,13 @@ def check_x(x: Any) -> np.ndarray | None:
         raise InputError(
             f"Received: x of shape {data.shape} with {bad} NaN or Inf value(s). Expected finite numbers: the slider "
             f"ranges come from x. Fix: drop those rows, e.g. x[np.isfinite(x).all(axis=1)]."
+        )
+    largest = float(np.max(np.abs(data.astype(float)))) if data.ndim <= 2 else 0.0
+    if largest > MAX_ABS_X:
+        raise InputError(
+            f"Received: x of shape {data.shape} with values up to {largest:.3g}. Expected |x| below "
+            f"{MAX_ABS_X:.3g}: the model computes in float32, and the slider ranges add 10% around x. Fix: "
+            f"rescale x (and the model's first layer), e.g. standardise the features."
         )
     return data.astype(float) if data.ndim <= 2 else data
 
