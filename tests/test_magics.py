@@ -586,9 +586,30 @@ def test_a_failing_reference_keeps_the_users_exception_chained(ip, ns):
     assert isinstance(raised.value.__cause__.__cause__, KeyError)  # the user's own traceback, one step away
 
 
-@pytest.mark.parametrize("wrt", ["weights", "input"])
-@pytest.mark.parametrize("kind", ["dataset", "generator"])
-def test_a_dataset_or_generator_as_x_reaches_the_core_unchanged(ip, ns, monkeypatch, wrt, kind):
+class _PairBatches(keras.utils.PyDataset):
+    def __init__(self, x, y):
+        super().__init__()
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, index):
+        return self.x, self.y
+
+
+@pytest.mark.parametrize(
+    ("options", "function"),
+    [
+        ("", "weight_gradients"),  # no Y: the stream's batches carry the targets
+        ("--wrt output --layer 0", "output_gradients"),
+        ("--wrt input", "input_gradients"),
+        ("--check", "check_gradients"),
+        ("--explain --loss mae", "explain"),
+    ],
+)
+@pytest.mark.parametrize("kind", ["dataset", "generator", "pydataset"])
+def test_a_dataset_or_generator_as_x_reaches_the_core_unchanged(ip, ns, monkeypatch, options, function, kind):
     import gradmagic.core as core
 
     received = []
@@ -597,19 +618,38 @@ def test_a_dataset_or_generator_as_x_reaches_the_core_unchanged(ip, ns, monkeypa
         pass
 
     def spy(model, x, *args, **kwargs):
-        received.append(x)
+        received.append((x, args[:1] if args else kwargs.get("y")))
         raise Reached
 
-    monkeypatch.setattr(core, {"weights": "weight_gradients", "input": "input_gradients"}[wrt], spy)
-    data = (
-        tf.data.Dataset.from_tensor_slices((ns["x"], ns["y"])).batch(2)
-        if kind == "dataset"
-        else ((ns["x"][i : i + 2], ns["y"][i : i + 2]) for i in range(0, 5, 2))
-    )
+    monkeypatch.setattr(core, function, spy)
+    x, y = ns["x"], ns["y"]
+    data = {
+        "dataset": lambda: tf.data.Dataset.from_tensor_slices((x, y)).batch(2),
+        "generator": lambda: ((x[i : i + 2], y[i : i + 2]) for i in range(0, 5, 2)),
+        "pydataset": lambda: _PairBatches(x, y),
+    }[kind]()
     ip.push({"stream": data})
     with pytest.raises(Reached):
-        _gradients(ip, "lin stream" + (" --wrt input" if wrt == "input" else " y"))
-    assert len(received) == 1 and received[0] is data
+        _gradients(ip, f"lin stream {options}")
+    ((passed, targets),) = received
+    assert passed is data  # not iterated, copied or converted by the magic
+    assert targets in ((), (None,), None)  # no Y given: the core reads it from the stream
+    if kind == "generator":
+        assert next(data)[0].shape == (2, 3)  # the magic drew nothing from it
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="core: datasets and generators as x are being added to the core functions separately "
+    "(first batch, y from the stream); remove this mark once weight_gradients accepts them.",
+)
+def test_a_dataset_without_y_gives_the_gradients_of_its_first_batch(ip, ns):
+    ip.push({"batches": tf.data.Dataset.from_tensor_slices((ns["x"], ns["y"])).batch(2)})
+    got = _gradients(ip, "lin batches")
+    want = gm.weight_gradients(ns["lin"], ns["x"][:2], ns["y"][:2])
+    assert got.loss == pytest.approx(want.loss, rel=1e-6)  # the same math on the same batch, maybe another graph
+    for a, b in zip(got.arrays(), want.arrays(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_layer_without_weights_is_a_usage_error(ip, ns):

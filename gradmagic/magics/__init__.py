@@ -27,6 +27,8 @@ from gradmagic.magics.line import (
     EXPLORE_USAGE,
     USAGE,
     check_options,
+    check_targets,
+    is_stream,
     one_line,
     option_values,
     parse_line,
@@ -133,6 +135,8 @@ class GradientMagics(Magics):
         store = store_name(args.store)
         model = self._model(args.model)
         x = self._evaluate(args.x, "X")
+        # A dataset or generator reaches the core as it is: the core reads x and y from its first batch.
+        check_targets(args, is_stream(x))
         y = None if args.y is None else self._evaluate(args.y, "Y")
         loss = self._loss(args.loss)
         result = _compute(model, x, y, args, loss)

@@ -6,6 +6,7 @@ Every problem is an IPython ``UsageError`` that names the token and shows the us
 from __future__ import annotations
 
 import ast
+import collections.abc
 import keyword
 import re
 import warnings
@@ -193,11 +194,6 @@ def check_options(args: Any) -> None:
         return
     args.wrt = args.wrt or "weights"  # None until here, so that an explicit --wrt can be told from the default
     m = args.model
-    if args.wrt in ("weights", "output") and args.y is None:
-        raise UsageError(
-            f"Received: --wrt {args.wrt} without Y. dLoss needs targets: %gradients {m} {args.x} y. "
-            f"For d(output)/d(input), which needs no Y: %gradients {m} {args.x} --wrt input."
-        )
     if args.wrt == "output" and not args.layer:
         raise UsageError(
             f"Received: --wrt output without --layer. Expected the layer whose output to differentiate, "
@@ -251,16 +247,45 @@ def _check_report_options(args: Any) -> None:
             f"{names} {'is an option' if one else 'are options'} of the gradient modes (--wrt weights/output/input). "
             f"Drop {'it' if one else 'them'}: {valid}; or drop {flag} to compute gradients."
         )
-    if args.check and args.y is None:
+
+
+def is_stream(value: Any) -> bool:
+    """A ``tf.data.Dataset``, a ``keras.utils.PyDataset`` or a generator: data that carries its own targets."""
+    if isinstance(value, collections.abc.Iterator):
+        return True
+    # Imported here: X has been evaluated, so TensorFlow is loaded already or not needed at all.
+    import keras
+    import tensorflow as tf
+
+    return isinstance(value, (tf.data.Dataset, keras.utils.PyDataset))
+
+
+def check_targets(args: Any, x_is_stream: bool) -> None:
+    """Refuse a mode that needs Y when Y is missing, unless X is a dataset or generator (its batches carry y).
+
+    Args:
+        args: The parsed line, after :func:`check_options`.
+        x_is_stream: Whether X evaluated to a dataset, PyDataset or generator; the
+            core then reads y from its first batch, as ``fit`` would.
+    """
+    if args.y is not None or x_is_stream:
+        return
+    m, x = args.model, args.x
+    if args.check:
         raise UsageError(
             f"Received: --check without Y. The gradient check compares dLoss/dW and dLoss/dX with finite "
             f"differences of the loss, which needs targets: %gradients {m} {x} y --check."
         )
-    if args.explain and args.loss and args.y is None:
+    if args.explain and args.loss:
         raise UsageError(
             f"Received: --loss {args.loss} with --explain but no Y. Without targets --explain differentiates the "
             f"sum of the model's outputs and uses no loss: add Y (%gradients {m} {x} y --explain --loss "
             f"{args.loss}) or drop --loss."
+        )
+    if not (args.explain or args.check) and args.wrt in ("weights", "output"):
+        raise UsageError(
+            f"Received: --wrt {args.wrt} without Y. dLoss needs targets: %gradients {m} {x} y. "
+            f"For d(output)/d(input), which needs no Y: %gradients {m} {x} --wrt input."
         )
 
 

@@ -56,12 +56,13 @@ def _is_bool(value: Any) -> bool:
 
 
 def _is_stream(value: Any) -> bool:
-    """A ``tf.data.Dataset``, a generator or another one-pass iterator."""
+    """A ``tf.data.Dataset``, a ``keras.utils.PyDataset``, a generator or another one-pass iterator."""
     if isinstance(value, collections.abc.Iterator):
         return True
+    import keras
     import tensorflow as tf  # already loaded by the core; imported here to keep module import cheap
 
-    return isinstance(value, tf.data.Dataset)
+    return isinstance(value, (tf.data.Dataset, keras.utils.PyDataset))
 
 
 def _scalars(value: Any) -> bool:
