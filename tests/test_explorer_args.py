@@ -111,6 +111,24 @@ def test_numpy_scalars_and_sequences_are_accepted(two_features):
     assert "reference d/d v" in panel.readout.value and "1.5" in panel.readout.value
 
 
+@pytest.mark.parametrize("values", [[1.0], [1.0, 2.0, 3.0], [np.nan, 0.0], "ab", [[1.0, 2.0]], None, [1j, 0]])
+def test_set_point_refuses_anything_but_one_finite_number_per_feature(two_features, values):
+    panel = gm.explore(two_features, X2, use_ipympl=False, points=5)
+    shown = panel.view
+    with pytest.raises(gm.GradmagicError, match=r"values=.*Expected one finite number per feature \(2: 'x0', 'x1'\)"):
+        panel.set_point(values)
+    assert panel.view is shown
+
+
+@pytest.mark.parametrize("row", [-1, 6, 2.0, True, "0", None])
+def test_reset_to_sample_refuses_a_row_that_is_not_in_x(two_features, row):
+    panel = gm.explore(two_features, X2, use_ipympl=False, points=5)
+    with pytest.raises(gm.GradmagicError, match=r"row=.*an int from 0 to 5"):
+        panel.reset_to_sample(row)
+    panel.reset_to_sample(np.int64(5))
+    assert panel.sample == 5
+
+
 def _raising(points):
     raise ZeroDivisionError("division by zero in my curve")
 

@@ -376,7 +376,12 @@ class Explorer(widgets.VBox):
         return np.array([self._snap(f, v) for f, v in enumerate(row)], dtype=self.data.dtype)
 
     def reset_to_sample(self, row: int) -> None:
-        """Move the point to row ``row`` of x, on the slider grid (its target becomes the loss target)."""
+        """Move the point to row ``row`` of x, on the slider grid (its target becomes the loss target).
+
+        Raises:
+            GradmagicError: ``row`` is not an int in ``[0, len(x) - 1]``.
+        """
+        explorer_args.check_row(row, len(self.data))
         self.sample = int(row)
         self.point = self._snapped(self.data[self.sample])
 
@@ -389,7 +394,12 @@ class Explorer(widgets.VBox):
         self.updates.submit(self._state())
 
     def set_point(self, values: Sequence[float]) -> None:
-        """Move the sliders to ``values`` (one per feature, each snapped to its slider's step), as a user would."""
+        """Move the sliders to ``values`` (one per feature, each snapped to its slider's step), as a user would.
+
+        Raises:
+            GradmagicError: Not one finite number per feature.
+        """
+        explorer_args.check_point(values, self.names)
         for feature, value in enumerate(values):
             value = self._snap(feature, value)
             if self._single_slider():

@@ -254,6 +254,28 @@ def check_feature_names(feature_names: Any, n_features: int) -> list[str]:
     return names
 
 
+def check_row(row: Any, rows: int) -> None:
+    """Refuse a sample index that is not an int in ``[0, rows - 1]``."""
+    if not _is_int(row) or not 0 <= row < rows:
+        raise GradmagicError(
+            f"Received: row={describe(row)}. Expected the index of a row of x, an int from 0 to {rows - 1}. "
+            f"Fix: e.g. panel.reset_to_sample(0)."
+        )
+
+
+def check_point(values: Any, names: Sequence[str]) -> None:
+    """Refuse a point that is not one finite real number per feature."""
+    try:
+        point = np.asarray(values, dtype=float) if not isinstance(values, (str, bytes, dict)) else None
+    except (TypeError, ValueError):
+        point = None
+    if point is None or point.shape != (len(names),) or not np.all(np.isfinite(point)):
+        raise GradmagicError(
+            f"Received: values={describe(values)}. Expected one finite number per feature ({len(names)}: "
+            f"{quote_list(list(names))}). Fix: e.g. panel.set_point([{', '.join(['0.5'] * len(names))}])."
+        )
+
+
 def call_reference(fn: Callable, name: str, points: np.ndarray, feature: int) -> np.ndarray:
     """Call ``fn(points)`` and return one finite value per point.
 
