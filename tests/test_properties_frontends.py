@@ -348,6 +348,25 @@ def test_gradients_magic_with_objects_as_data_works_or_says_one_line(ip, built, 
     assert _state(built) == before, line
 
 
+@pytest.mark.xfail(
+    strict=False,
+    reason="core: a call that fails after building an unbuilt model (y of the wrong shape, a bad layer) leaves "
+    "it built; rolling failed builds back is being added to the core separately. Remove this mark then.",
+)
+@settings(max_examples=25, **SETTINGS)
+@given(line=gradients_lines())
+def test_a_failing_gradients_line_leaves_an_unbuilt_model_unbuilt(ip, built, line):
+    fresh = _unbuilt()  # a new one each time: a working line builds it, as the core may
+    ip.push({**_namespace(built), "model": fresh})
+    try:
+        with warnings.catch_warnings(), capture_output():
+            warnings.simplefilter("ignore")
+            ip.run_line_magic("gradients", line)
+    except UsageError as exc:
+        assert "\n" not in str(exc), (line, str(exc))
+        assert not fresh.built and not fresh.variables, line
+
+
 @settings(max_examples=60, **SETTINGS)
 @given(line=explore_lines())
 def test_explore_magic_works_or_says_one_line(ip, built, line):
