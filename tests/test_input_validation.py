@@ -28,6 +28,7 @@ def _refused(call, error=gm.GradmagicError, match=None):
     with pytest.raises(error, match=match) as info:
         call(model)
     assert "Received" in str(info.value) or "raised" in str(info.value)
+    assert "\n" not in str(info.value)  # one paragraph
     assert_unchanged(model, before)
     return info.value
 
@@ -229,3 +230,13 @@ def test_one_loss_per_output_must_match_the_outputs():
     with pytest.raises(LossError, match=r"loss as a list of 3 losses.*2 output\(s\) 'a', 'b'"):
         gm.output_gradients(model, X, y, layer="a", loss=["mse", "mse", "mae"])
     _refused(lambda m: gm.weight_gradients(m, X, Y, loss=["mse", "mae"]), LossError, r"list of 2 losses")
+
+
+@pytest.mark.parametrize(
+    "thing",
+    [np, len, keras.layers.Dense(2), object(), tf.ragged.constant([[1.0, 2, 3], [1.0]]), tf.sparse.eye(3)],
+)
+def test_objects_that_are_not_data(thing):
+    _refused(lambda m: gm.weight_gradients(m, thing, Y), InputError, r"Received: x of type \w+ .*which is not data")
+    _refused(lambda m: gm.weight_gradients(m, X, thing), InputError, r"Received: y")
+    _refused(lambda m: gm.input_gradients(m, thing), InputError, r"Received: x")

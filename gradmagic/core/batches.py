@@ -77,7 +77,7 @@ def first_batch(x: Any, y: Any = None, sample_weight: Any = None, takes_y: bool 
             element = next(x)
             where = f"the next batch drawn from {kind} (it has advanced by one batch)"
     except StopIteration:
-        raise InputError(f"Received: x as an empty {kind}. Expected at least one batch.") from None
+        raise InputError(f"Received: x as {kind} with no elements left. Expected at least one batch.") from None
     bx, by, bsw = keras.utils.unpack_x_y_sample_weight(element)
     if takes_y and by is None:
         where += ", which holds no y"

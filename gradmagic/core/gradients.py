@@ -9,6 +9,7 @@ the model and the inputs; the model is left exactly as it was.
 from __future__ import annotations
 
 import functools
+import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ from gradmagic.core.targets import (
 )
 from gradmagic.core.trace_errors import diagnose_trace_error, short_error
 from gradmagic.core.user_code import with_cause
-from gradmagic.errors import ComputeError, GradmagicError, InputError, ModelBuildError, quote_list
+from gradmagic.errors import ComputeError, GradmagicError, GradmagicWarning, InputError, ModelBuildError, quote_list
 
 # model -> (layers Key, ModelSpec): what the model declares, re-read after add/pop.
 _specs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -136,7 +137,14 @@ def _question_key(model: keras.Model, *parts: Any) -> Key | None:
     try:
         values = [part(builder) if callable(part) else part for part in parts]
         return builder.key(*values, _model_token(model, builder))
-    except Uncacheable:
+    except Uncacheable as reason:
+        warnings.warn(
+            f"Received: a loss that reads {reason}, which gradmagic cannot compare between calls, so this "
+            f"question is compiled afresh on every call (slow, but never stale). Fix: pass small values "
+            f"(or a tf.Variable, which is read when the graph runs) to the loss instead.",
+            GradmagicWarning,
+            stacklevel=4,
+        )
         return None
 
 

@@ -130,6 +130,12 @@ def _leaf(value: Any, dtype: str | None, what: str = "x") -> Any:
             f"lengths or a tf.Tensor. Fix: pad the rows to one length (keras.utils.pad_sequences) or pass one "
             f"sample at a time."
         ) from None
+    if array.dtype == object and array.ndim == 0 and dtype != "string":
+        raise InputError(
+            f"Received: {what} of type {type(value).__name__} ({_short_repr(value)}), which is not data. Expected "
+            f"a NumPy array, nested lists of numbers or a tf.Tensor (or a list/dict of those for several "
+            f"{'outputs' if what.startswith('y') else 'inputs'})."
+        )
     if array.dtype == object and dtype != "string":
         raise InputError(
             f"Received: {what} that NumPy cannot turn into a numeric array (ragged lists, None or mixed "
@@ -153,6 +159,11 @@ def _leaf(value: Any, dtype: str | None, what: str = "x") -> Any:
     if dtype is None and array.dtype == np.float64 and isinstance(value, (list, tuple, float)):
         return array.astype(keras.config.floatx())
     return array
+
+
+def _short_repr(value: Any, limit: int = 60) -> str:
+    text = " ".join(repr(value).split())  # one line, whatever the object's repr
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _check_kind(kind_of: np.dtype, declared: str | None, what: str) -> None:
