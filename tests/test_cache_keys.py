@@ -229,3 +229,23 @@ def test_identity_keys_die_with_their_object():
 @pytest.mark.parametrize("value", [float("nan"), np.array([np.nan]), {"a": [1, (2.0, "x")]}])
 def test_plain_values_key_equal_to_themselves(value):
     assert KeyBuilder().value(value) == KeyBuilder().value(value)
+
+
+def test_a_lambda_whose_captured_value_changes_is_seen_by_output_gradients():
+    model = mlp()
+    scale = 1.0
+    loss = lambda y_true, y_pred: scale * _mse(y_true, y_pred)  # noqa: E731
+
+    def at_output(factor):
+        with tf.GradientTape() as tape:
+            pred = model(X)
+            tape.watch(pred)
+            value = tf.reduce_mean(factor * _mse(tf.constant(Y), pred))
+        return float(value), tape.gradient(value, pred).numpy()
+
+    for scale in (1.0, 10.0, 0.5):  # the lambda reads the new value through its closure cell
+        o = gm.output_gradients(model, X, Y, layer=-1, loss=loss)
+        value, grad = at_output(scale)
+        np.testing.assert_allclose(o.loss, value, rtol=1e-5)
+        np.testing.assert_allclose(o.array, grad, rtol=1e-5, atol=1e-7)
+    assert len(_questions(model, "output")) == 3
