@@ -9,8 +9,6 @@ the model and the inputs; the model is left exactly as it was.
 from __future__ import annotations
 
 import functools
-import warnings
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,8 +20,9 @@ import tensorflow as tf
 from gradmagic.core import compute
 from gradmagic.core.arguments import check_flag
 from gradmagic.core.batches import first_batch
-from gradmagic.core.cache_keys import Key, KeyBuilder, Uncacheable
+from gradmagic.core.cache_keys import Key
 from gradmagic.core.inputs import ModelSpec, model_spec, nonfinite_warning, prepare_inputs, prepare_targets
+from gradmagic.core.model_keys import is_warm, known_spec, mark_warm, question_key, remember_spec
 from gradmagic.core.results import InputGradients, OutputGradients, WeightGradients, rows_for
 from gradmagic.core.state import preserved_eagerly, unbuilt_on_failure
 from gradmagic.core.targets import (
@@ -40,12 +39,7 @@ from gradmagic.core.targets import (
 )
 from gradmagic.core.trace_errors import diagnose_trace_error, short_error
 from gradmagic.core.user_code import with_cause
-from gradmagic.errors import ComputeError, GradmagicError, GradmagicWarning, InputError, ModelBuildError, quote_list
-
-# model -> (layers Key, ModelSpec): what the model declares, re-read after add/pop.
-_specs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-# model -> the compile Key its compiled loss was last built under.
-_warmed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+from gradmagic.errors import ComputeError, GradmagicError, InputError, ModelBuildError, quote_list
 
 
 @dataclass
@@ -78,11 +72,10 @@ def _shapes(x: Any) -> str:
 
 def spec_and_inputs(model: keras.Model, x: Any) -> tuple[ModelSpec, Any, int]:
     """Build the model from x if needed, then convert x against its declared inputs."""
-    layers = _layers_key(model)
-    known = _specs.get(model)
-    if known is not None and model.built and _same(known[0], layers):
-        prepared, batch = prepare_inputs(model, x, known[1])
-        return known[1], prepared, batch
+    known = known_spec(model)
+    if known is not None:
+        prepared, batch = prepare_inputs(model, x, known)
+        return known, prepared, batch
     if not model.built:
         raw, _ = prepare_inputs(model, x, ModelSpec(None, None, None, []))
         sample = keras.tree.map_structure(lambda t: t[:1], raw)
@@ -99,53 +92,9 @@ def spec_and_inputs(model: keras.Model, x: Any) -> tuple[ModelSpec, Any, int]:
                 f"or one call on real data)."
             ) from None
     spec = model_spec(model)
-    _specs[model] = (_layers_key(model).stored(), spec)
+    remember_spec(model, spec)
     prepared, batch = prepare_inputs(model, x, spec)
     return spec, prepared, batch
-
-
-def _layers_key(model: keras.Model) -> Key:
-    """What a Sequential ``add``/``pop`` changes: the layers themselves (by identity)."""
-    builder = KeyBuilder()
-    return builder.key(*map(builder.same, model.layers))
-
-
-def _same(known: Key, new: Key) -> bool:
-    return known.token == new.token and known.alive()
-
-
-def _model_token(model: keras.Model, builder: KeyBuilder) -> tuple:
-    """What makes a traced question stale: the compiled loss, the layers, which weights train.
-
-    Freezing a layer changes more than its gradients (BatchNormalization then
-    runs in inference mode even with ``training=True``), so every question
-    depends on it.
-    """
-    return (
-        _compile_token(model, builder),
-        tuple(map(builder.same, model.layers)),
-        tuple(map(builder.same, model.trainable_weights)),
-    )
-
-
-def _question_key(model: keras.Model, *parts: Any) -> Key | None:
-    """The cache key of a question: ``parts`` (callables of the builder) plus the model's state.
-
-    ``None`` when a part cannot be snapshotted: the question is then traced afresh.
-    """
-    builder = KeyBuilder()
-    try:
-        values = [part(builder) if callable(part) else part for part in parts]
-        return builder.key(*values, _model_token(model, builder))
-    except Uncacheable as reason:
-        warnings.warn(
-            f"Received: a loss that reads {reason}, which gradmagic cannot compare between calls, so this "
-            f"question is compiled afresh on every call (slow, but never stale). Fix: pass small values "
-            f"(or a tf.Variable, which is read when the graph runs) to the loss instead.",
-            GradmagicWarning,
-            stacklevel=4,
-        )
-        return None
 
 
 def prepare_loss_args(model: keras.Model, spec: ModelSpec, y: Any, sample_weight: Any, batch: int) -> tuple[Any, Any]:
@@ -200,7 +149,7 @@ def _check_weight_shapes(model: keras.Model, spec: ModelSpec, weights: Any) -> N
 def _run(model: keras.Model, key: Key | None, question: _Question, args: tuple, what: str, x: Any) -> Any:
     """Run a compiled question; turn any failure into one clear GradmagicError."""
     try:
-        if question.compiled_loss and not _is_warm(model):
+        if question.compiled_loss and not is_warm(model):
             _build_compiled_loss(model, question, args)
         return compute.call_compiled(question.fn, question.concrete, args)
     except GradmagicError as exc:
@@ -229,38 +178,7 @@ def _build_compiled_loss(model: keras.Model, question: _Question, args: tuple) -
             question.fn.python_function(*one)
     except Exception:
         pass  # the traced run right after reports it, as fit would
-    key = _compile_key(model)
-    _warmed[model] = None if key is None else key.stored()
-
-
-def _compile_key(model: keras.Model) -> Key | None:
-    builder = KeyBuilder()
-    try:
-        return builder.key(_compile_token(model, builder))
-    except Uncacheable:
-        return None
-
-
-def _is_warm(model: keras.Model) -> bool:
-    known, now = _warmed.get(model), _compile_key(model)
-    return known is not None and now is not None and _same(known, now)
-
-
-def _compile_token(model: keras.Model, builder: KeyBuilder) -> tuple:
-    """What changes when the model is re-compiled (the traced loss is then stale).
-
-    ``compile`` builds a new compiled-loss object each time (also when only
-    ``loss_weights`` change); Keras has no public handle on it, hence the getattr.
-
-    Raises:
-        Uncacheable: The compiled loss holds values that cannot be snapshotted.
-    """
-    optimizer, compiled = getattr(model, "optimizer", None), getattr(model, "_compile_loss", None)
-    return (
-        loss_token(builder, getattr(model, "loss", None)),
-        None if optimizer is None else builder.same(optimizer),
-        None if compiled is None else builder.same(compiled),
-    )
+    mark_warm(model)
 
 
 def _numpy(value: Any) -> Any:
@@ -353,7 +271,7 @@ def weight_gradients(
         y_in, sw_in = None, None
     chosen_layer = None if layer is None else layer_weights(model, layer)[1]
     nonfinite_warning(x=x_in, y=y_in, sample_weight=sw_in)
-    key = _question_key(
+    key = question_key(
         model,
         "weights",
         lambda b: None if chosen_layer is None else b.same(chosen_layer),
@@ -436,7 +354,7 @@ def output_gradients(
     y_in, sw_in = prepare_loss_args(model, spec, data.y, data.sample_weight, batch)
     index, lay = resolve_layer(model, layer)  # again: building the model may have added an InputLayer
     nonfinite_warning(x=x_in, y=y_in, sample_weight=sw_in)
-    key = _question_key(model, "output", lambda b: b.same(lay), lambda b: loss_token(b, loss), training, sw_in is None)
+    key = question_key(model, "output", lambda b: b.same(lay), lambda b: loss_token(b, loss), training, sw_in is None)
 
     def build() -> _Question:
         loss_fn = resolve_loss(model, loss)
@@ -541,7 +459,7 @@ def input_gradients(
     if output is not None:
         output = _check_output_index(model, spec, output)
     nonfinite_warning(x=x_in)
-    key = _question_key(model, "input", output, training)
+    key = question_key(model, "input", output, training)
     question = compute.cached(model, key, lambda: _Question(compute.input_function(model, output, training)))
     outputs, result = _run(model, key, question, (x_in,), "d(output)/d(input)", x_in)
     per_output = [[_numpy(j) for j in per_input] for per_input in result]
