@@ -68,6 +68,19 @@ def _flat_features(model: Any, x: Any, data: np.ndarray | None) -> np.ndarray:
     )
 
 
+def _single_sample(model: Any, data: np.ndarray | None) -> np.ndarray | None:
+    """Read a 1-D x as one sample without its batch axis when the model says so.
+
+    A model that declares one flat input of ``len(x) > 1`` features takes such an x
+    as one sample, as the core does; for any other model a 1-D x stays a column
+    (n rows of one feature). Reads the model's declared inputs only: no TensorFlow call.
+    """
+    if data is None or data.ndim != 1 or data.size < 2:
+        return data
+    inputs = model_spec(model).inputs
+    return data[None, :] if inputs and len(inputs) == 1 and inputs[0].shape == (data.size,) else data
+
+
 def _nice_step(span: float, moves: int = 200) -> float:
     """A slider step of 1, 2 or 5 times a power of ten, about ``span / moves``."""
     raw = span / moves
@@ -122,7 +135,7 @@ class Explorer(widgets.VBox):
                 f"Received: clock={explorer_args.describe(clock)}, scheduler={explorer_args.describe(scheduler)}. "
                 f"Expected callables (scheduler may be None). Fix: leave both out."
             )
-        checked = explorer_args.check_x(x)
+        checked = _single_sample(model, explorer_args.check_x(x))
         if checked is not None and checked.ndim <= 2:
             rows, n_features = (checked.size, 1) if checked.ndim <= 1 else checked.shape
             explorer_args.check_feature_names(feature_names, n_features)
@@ -392,14 +405,15 @@ def explore(
         model: A Keras model whose single input is a flat float vector
             (batch, n_features): Sequential, Functional or subclassed.
         x: Data (n, n_features) or (n,) for one feature: slider ranges come from
-            it (padded by 10%), and "reset to sample" picks one of its rows.
+            it (padded by 10%), and "reset to sample" picks one of its rows. A
+            single sample (n_features,) of a model that declares its inputs is one row.
         y: Optional targets, one per row of x. With them the bars show dLoss/dW
             at the point (target: the chosen sample's); without, d(output)/dW.
         reference: Optional ``f(points) -> values`` drawn dashed beside the model
             (called with an (n, n_features) array), e.g. the analytic curve.
         reference_grad: Optional analytic derivative along the chosen feature
             (an (n, n_features) result is read at that feature's column).
-        feature_names: One name per feature. Defaults to ``x0``, ``x1``, ...
+        feature_names: One name per feature (a list, an array, ``df.columns``). Defaults to ``x0``, ``x1``, ...
         points: How many points each curve is drawn with, from 2 to 10000.
             Defaults to 200.
         training: Run the model in training mode (its state is left as it was).

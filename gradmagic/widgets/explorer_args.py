@@ -103,12 +103,16 @@ def check_options(
                 f"takes an (n, n_features) array and returns the {what} at those points, or None. "
                 f"Fix: {name}={example}."
             )
+    # Any ordered collection of names will do (a list, an array, a DataFrame's columns); text, mappings,
+    # sets (no order) and one-pass iterators are refused.
     if feature_names is not None and (
-        isinstance(feature_names, (str, bytes, dict)) or not isinstance(feature_names, (Sequence, np.ndarray))
+        isinstance(feature_names, (str, bytes, collections.abc.Mapping, set, frozenset, collections.abc.Iterator))
+        or not isinstance(feature_names, collections.abc.Iterable)
     ):
         raise InputError(
             f"Received: feature_names={describe(feature_names)} ({type(feature_names).__name__}). Expected a list "
-            f"with one name per feature, or None. Fix: feature_names=['age', 'income'] (a single feature: ['x'])."
+            f"(or array, or a DataFrame's columns) with one name per feature, or None. Fix: feature_names=['age', "
+            f"'income'] (a single feature: ['x'])."
         )
     if not _is_int(points) or not 2 <= points <= MAX_POINTS:
         raise GradmagicError(
@@ -223,6 +227,8 @@ def check_y(y: Any, rows: int) -> np.ndarray | None:
         ) from None
     if targets.dtype.kind not in "biuf":
         raise InputError(f"Received: y with dtype {targets.dtype}, not numbers (class indices or values). {fix}")
+    if rows == 1 and (targets.ndim == 0 or (targets.ndim == 1 and len(targets) != 1)):
+        targets = targets[None] if targets.ndim else targets.reshape(1)  # one sample's target, without batch axis
     if targets.ndim == 0 or len(targets) != rows:
         got = f"y={describe(y)}, a single value," if targets.ndim == 0 else f"y with {len(targets)} rows"
         raise InputError(f"Received: {got} for x with {rows}. {fix}")
@@ -238,7 +244,7 @@ def check_feature_names(feature_names: Any, n_features: int) -> list[str]:
     if feature_names is None:
         return [f"x{i}" for i in range(n_features)]
     names = list(feature_names)
-    example = [f"x{i}" for i in range(min(n_features, 3))] + (["..."] if n_features > 3 else [])
+    example = [repr(f"x{i}") for i in range(min(n_features, 3))] + (["..."] if n_features > 3 else [])
     if len(names) != n_features or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
         problem = (
             f"{len(names)} name(s) for {n_features} feature(s)"
