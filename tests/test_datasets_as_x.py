@@ -115,3 +115,9 @@ def test_check_gradients_and_explain_take_a_dataset():
     assert check.passed and any("first batch" in note for note in check.notes)
     explanation = gm.explain(model, data)
     assert any("first batch" in note for note in explanation.notes)
+
+
+def test_elements_fit_cannot_read_are_refused():
+    data = tf.data.Dataset.from_tensor_slices((X, Y, W[:1].repeat(6), W[:1].repeat(6))).batch(2)
+    with pytest.raises(InputError, match=r"tuples of 4 items. Expected \(x,\), \(x, y\) or \(x, y, sample_weight\)"):
+        gm.weight_gradients(mlp(), data, None)

@@ -78,6 +78,12 @@ def first_batch(x: Any, y: Any = None, sample_weight: Any = None, takes_y: bool 
             where = f"the next batch drawn from {kind} (it has advanced by one batch)"
     except StopIteration:
         raise InputError(f"Received: x as {kind} with no elements left. Expected at least one batch.") from None
+    if isinstance(element, tuple) and not 1 <= len(element) <= 3:
+        raise InputError(
+            f"Received: x as {kind} whose elements are tuples of {len(element)} items. Expected (x,), (x, y) "
+            f"or (x, y, sample_weight), as fit reads them. Fix: map the elements to one of those, e.g. "
+            f"dataset.map(lambda *t: (t[0], t[1]))."
+        )
     bx, by, bsw = keras.utils.unpack_x_y_sample_weight(element)
     if takes_y and by is None:
         where += ", which holds no y"
