@@ -27,7 +27,9 @@ def _assert_matches(result, expected):
 def test_unbuilt_sequential_given_1d_x_stays_unbuilt_and_the_fix_works():
     model = keras.Sequential([keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(2)])
     model.compile(loss="mse")
-    with pytest.raises(ModelBuildError, match=r"not built.*x of shape \(3,\).*Fix: give x in the shape") as info:
+    with pytest.raises(
+        ModelBuildError, match=r"Received: x of shape \(3,\).*not built.*Fix: give x in that shape"
+    ) as info:
         gm.weight_gradients(model, np.ones(3, "float32"), np.zeros(2, "float32"))
     assert "Received" in str(info.value) or "x of shape (3,)" in str(info.value)
     assert not model.built and len(model.layers) == 2 and model.weights == []

@@ -86,10 +86,10 @@ def spec_and_inputs(model: keras.Model, x: Any) -> tuple[ModelSpec, Any, int]:
             raise with_cause(exc)  # noqa: B904 - the cause is the user's error, re-attached
         except Exception as exc:
             raise ModelBuildError(
-                f"Model '{model_name(model)}' is not built, and building it by calling it on "
-                f"x of shape {_shapes(raw)} failed: {short_error(exc).rstrip('.')}. Fix: give x in the shape the "
-                f"model takes, or build the model first (an Input layer, model.build(shape), "
-                f"or one call on real data)."
+                f"Received: x of shape {_shapes(raw)} for model '{model_name(model)}', which is not built, and "
+                f"building it by calling it on one sample of x failed: {short_error(exc).rstrip('.')}. Expected x "
+                f"in the shape the model takes (the model was left unbuilt). Fix: give x in that shape, or build "
+                f"the model first (an Input layer, model.build(shape), or one call on real data)."
             ) from None
     spec = model_spec(model)
     remember_spec(model, spec)
