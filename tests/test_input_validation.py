@@ -240,3 +240,25 @@ def test_objects_that_are_not_data(thing):
     _refused(lambda m: gm.weight_gradients(m, thing, Y), InputError, r"Received: x of type \w+ .*which is not data")
     _refused(lambda m: gm.weight_gradients(m, X, thing), InputError, r"Received: y")
     _refused(lambda m: gm.input_gradients(m, thing), InputError, r"Received: x")
+
+
+class _Halves(keras.Model):
+    def __init__(self):
+        super().__init__(name="halves")
+        self.dense = keras.layers.Dense(2)
+
+    def call(self, x):
+        if x.shape[-1] != 3:
+            raise ValueError(f"halves needs 3 features, got {x.shape[-1]}")
+        return self.dense(x) * 0.5
+
+
+def test_a_subclassed_models_own_call_is_named_and_chained():
+    model = _Halves()
+    with pytest.raises(gm.GradmagicError, match=r"Received: x of shape \(2, 4\).*halves needs 3 features") as info:
+        gm.input_gradients(model, np.ones((2, 4), "float32"))
+    assert isinstance(info.value.__cause__, ValueError) and not model.built
+    gm.input_gradients(model, np.ones((2, 3), "float32"))  # builds it
+    with pytest.raises(UserCodeError, match=r"The call of model 'halves' \(_Halves.call\) raised ValueError") as info:
+        gm.input_gradients(model, np.ones((2, 5), "float32"))
+    assert isinstance(info.value.__cause__, ValueError)

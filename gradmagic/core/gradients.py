@@ -38,7 +38,7 @@ from gradmagic.core.targets import (
     weight_slots,
 )
 from gradmagic.core.trace_errors import diagnose_trace_error, short_error
-from gradmagic.core.user_code import with_cause
+from gradmagic.core.user_code import failed, with_cause
 from gradmagic.errors import ComputeError, GradmagicError, InputError, ModelBuildError, quote_list
 
 
@@ -85,12 +85,13 @@ def spec_and_inputs(model: keras.Model, x: Any) -> tuple[ModelSpec, Any, int]:
         except GradmagicError as exc:
             raise with_cause(exc)  # noqa: B904 - the cause is the user's error, re-attached
         except Exception as exc:
-            raise ModelBuildError(
+            error = ModelBuildError(
                 f"Received: x of shape {_shapes(raw)} for model '{model_name(model)}', which is not built, and "
                 f"building it by calling it on one sample of x failed: {short_error(exc).rstrip('.')}. Expected x "
                 f"in the shape the model takes (the model was left unbuilt). Fix: give x in that shape, or build "
                 f"the model first (an Input layer, model.build(shape), or one call on real data)."
-            ) from None
+            )
+            raise error from (exc if _own_call(model) else None)  # the user's own call: keep its traceback
     spec = model_spec(model)
     remember_spec(model, spec)
     prepared, batch = prepare_inputs(model, x, spec)
@@ -146,6 +147,11 @@ def _check_weight_shapes(model: keras.Model, spec: ModelSpec, weights: Any) -> N
             )
 
 
+def _own_call(model: keras.Model) -> bool:
+    """True when the model's ``call`` is the user's code (a subclassed model), not Keras's."""
+    return not type(model).call.__module__.startswith("keras.")
+
+
 def _run(model: keras.Model, key: Key | None, question: _Question, args: tuple, what: str, x: Any) -> Any:
     """Run a compiled question; turn any failure into one clear GradmagicError."""
     try:
@@ -157,7 +163,11 @@ def _run(model: keras.Model, key: Key | None, question: _Question, args: tuple, 
         raise with_cause(exc)  # noqa: B904 - the cause is the user's error, re-attached
     except Exception as exc:
         compute.forget(model, key)
-        raise diagnose_trace_error(exc, model, None) or ComputeError(
+        diagnosed = diagnose_trace_error(exc, model, None)
+        if diagnosed is None and _own_call(model) and not isinstance(exc, tf.errors.OpError):
+            who = f"The call of model '{model_name(model)}' ({type(model).__name__}.call)"
+            raise failed(who, exc, f"on x of shape {_shapes(x)}") from exc
+        raise diagnosed or ComputeError(
             f"Computing {what} of model '{model_name(model)}' on x of shape {_shapes(x)} "
             f"failed: {short_error(exc).rstrip('.')}. Check that x (and y) are what the model takes; the model "
             f"was left unchanged."
