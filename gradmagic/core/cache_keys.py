@@ -212,10 +212,11 @@ def _cell(cell: Any) -> Any:
         return ("<empty cell>",)
 
 
-def _global_names(code: types.CodeType) -> list[str]:
+@functools.lru_cache(maxsize=512)  # code objects are immutable: their names never change
+def _global_names(code: types.CodeType) -> tuple[str, ...]:
     """Names a code object (and the lambdas and comprehensions inside it) may read as globals."""
     names = list(code.co_names)
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
             names.extend(_global_names(const))
-    return sorted(set(names))
+    return tuple(sorted(set(names)))

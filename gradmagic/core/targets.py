@@ -256,7 +256,9 @@ def check_loss_argument(model: keras.Model, loss: Any) -> None:
         return
     leaves = list(loss.values()) if isinstance(loss, dict) else loss if isinstance(loss, (list, tuple)) else [loss]
     for leaf in leaves:
-        _as_loss_object(leaf, model)
+        usable = isinstance(leaf, keras.losses.Loss) or (callable(leaf) and not isinstance(leaf, type))
+        if not usable:
+            _as_loss_object(leaf, model)  # resolves a name, or raises the message for what it is
 
 
 def check_loss_structure(model: keras.Model, output_names: list[str], loss: Any) -> None:
