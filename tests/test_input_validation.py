@@ -42,6 +42,10 @@ def _refused(call, error=gm.GradmagicError, match=None):
         (np.array([[1 + 2j, 0, 0]]), r"complex128.*imaginary part"),
         (np.array([["a", "b", "c"]]), r"x of strings"),
         (np.array([[None, 1.0, 2.0]], dtype=object), r"cannot turn into a numeric array"),
+        # The same as plain lists: one array of odd values, not "a list of several arrays".
+        ([[None, 1.0, 2.0]], r"cannot turn into a numeric array"),
+        ([[1 + 2j, 0.0, 0.0]], r"complex128.*imaginary part"),
+        ([["a", "b", "c"]], r"x of strings"),
         (tf.constant([[1 + 1j, 0, 0]], tf.complex64), r"complex64"),
         (np.zeros((0, 3)), r"empty batch"),
     ],
@@ -262,3 +266,21 @@ def test_a_subclassed_models_own_call_is_named_and_chained():
     with pytest.raises(UserCodeError, match=r"The call of model 'halves' \(_Halves.call\) raised ValueError") as info:
         gm.input_gradients(model, np.ones((2, 5), "float32"))
     assert isinstance(info.value.__cause__, ValueError)
+
+
+def test_a_list_of_strings_is_data_for_a_string_input():
+    # A model that takes text (a string Input into StringLookup) takes a Python list of strings as a NumPy
+    # array of them. Truth: the loss by hand, from the embedding rows the lookup picks.
+    text = keras.Input((), dtype="string")
+    ids = keras.layers.StringLookup(vocabulary=["a", "b", "c"])(text)  # "a" -> 1, "b" -> 2 (0: unknown)
+    out = keras.layers.Dense(1, use_bias=False)(keras.layers.Embedding(4, 2)(ids))
+    model = keras.Model(text, out)
+    y = np.array([[1.0], [0.0]], "float32")
+    result = gm.weight_gradients(model, ["a", "b"], y, loss="mse")
+    table = model.layers[2].embeddings.numpy()
+    kernel = model.layers[3].kernel.numpy()
+    expected = np.mean((table[[1, 2]] @ kernel - y) ** 2)
+    np.testing.assert_allclose(result.loss, expected, rtol=1e-6)  # float32 arithmetic in two orders
+    np.testing.assert_allclose(
+        gm.weight_gradients(model, np.array(["a", "b"]), y, loss="mse").loss, expected, rtol=1e-6
+    )

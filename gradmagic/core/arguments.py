@@ -9,13 +9,18 @@ import numpy as np
 from gradmagic.errors import InputError
 
 
+def is_flag(value: Any) -> bool:
+    """True for ``True`` or ``False`` (Python or NumPy), not for look-alikes such as ``0`` or ``"False"``."""
+    return isinstance(value, (bool, np.bool_))
+
+
 def check_flag(name: str, value: Any) -> bool:
     """Return ``value`` as a bool if it is one (Python or NumPy); refuse truthy look-alikes.
 
     Raises:
         InputError: ``value`` is not ``True`` or ``False`` (e.g. the string ``"False"``, which Python reads as true).
     """
-    if isinstance(value, (bool, np.bool_)):
+    if is_flag(value):
         return bool(value)
     hint = " (a non-empty string is true in Python, even 'False')" if isinstance(value, str) else ""
     raise InputError(

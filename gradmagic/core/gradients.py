@@ -17,7 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from gradmagic.core import compute
+from gradmagic.core import compute, state
 from gradmagic.core.arguments import check_flag
 from gradmagic.core.batches import first_batch
 from gradmagic.core.cache_keys import Key
@@ -200,10 +200,8 @@ def leaves_no_trace(function: Callable) -> Callable:
 
     @functools.wraps(function)
     def guarded(model: Any, *args: Any, **kwargs: Any) -> Any:
-        if isinstance(model, keras.Model) and not model.built:
-            with unbuilt_on_failure(model):
-                return function(model, *args, **kwargs)
-        return function(model, *args, **kwargs)
+        with state.rollback_on_failure(model):
+            return function(model, *args, **kwargs)
 
     return guarded
 

@@ -239,16 +239,22 @@ def _dims_match(shape: tuple, expected: tuple) -> bool:
 
 
 def _is_leaf(value: Any) -> bool:
-    return not isinstance(value, (list, tuple, Mapping)) or _is_number_list(value)
+    return not isinstance(value, (list, tuple, Mapping)) or is_scalar_list(value)
 
 
-def _is_number_list(value: Any) -> bool:
-    """A Python list of numbers (or of such lists) is data, not a list of inputs."""
+def is_scalar_list(value: Any) -> bool:
+    """True for a (nested) list or tuple of single values: one array of data, not a list of arrays.
+
+    Any value without dimensions counts (numbers, but also strings for a string
+    input, and None or complex numbers, which are then refused as data with
+    their own message rather than taken for several inputs); arrays, tensors
+    and dicts inside make it a structure of several arrays.
+    """
     if isinstance(value, Mapping):
         return False
     if not isinstance(value, (list, tuple)):
-        return isinstance(value, (int, float, np.number, bool))
-    return all(_is_number_list(item) for item in value)
+        return isinstance(value, (int, float, complex, str, bytes, np.generic)) or value is None or np.ndim(value) == 0
+    return all(is_scalar_list(item) for item in value)
 
 
 def _batch_size(leaves: list[Any], what: str) -> int:
@@ -282,7 +288,7 @@ def _match_structure(value: Any, specs: list[TensorSpec], structure: Any, what: 
         if isinstance(structure, Mapping):
             return keras.tree.flatten({k: value[k] for k in keys})
         return [value[k] for k in keys]
-    if isinstance(value, (list, tuple)) and not _is_number_list(value):
+    if isinstance(value, (list, tuple)) and not is_scalar_list(value):
         if len(value) != len(specs):
             raise InputError(
                 f"Received: {what} as a list of {len(value)} arrays, but model "
@@ -321,7 +327,7 @@ def prepare_inputs(model: keras.Model, x: Any, spec: ModelSpec) -> tuple[Any, in
     if len(spec.inputs) == 1:
         if isinstance(x, Mapping) and len(x) == 1:
             x = next(iter(x.values()))
-        elif isinstance(x, (list, tuple)) and len(x) == 1 and not _is_number_list(x):
+        elif isinstance(x, (list, tuple)) and len(x) == 1 and not is_scalar_list(x):
             x = x[0]
         if not _is_leaf(x):
             raise InputError(
@@ -374,7 +380,7 @@ def prepare_targets(model: keras.Model, y: Any, batch: int, spec: ModelSpec, wha
             k: _target_leaf(v, _spec_named(outputs, spec.output_names, k), batch, f"{what}[{k!r}]")
             for k, v in y.items()
         }
-    elif isinstance(y, (list, tuple)) and not _is_number_list(y):
+    elif isinstance(y, (list, tuple)) and not is_scalar_list(y):
         prepared = [
             _target_leaf(v, outputs[i] if i < len(outputs) else None, batch, f"{what}[{i}]") for i, v in enumerate(y)
         ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import keras
 import tensorflow as tf
@@ -76,6 +77,21 @@ def unbuilt_on_failure(model: keras.Model) -> Iterator[None]:
         for state in saved:
             _restore(*state)
         raise
+
+
+@contextlib.contextmanager
+def rollback_on_failure(model: Any) -> Iterator[None]:
+    """Around a whole public call: if it fails, an unbuilt model is left unbuilt (:func:`unbuilt_on_failure`).
+
+    A built model needs no guard: a gradient computation never changes it (see
+    :func:`preserved_eagerly` and the graph-side snapshots). Anything but a Keras
+    model passes through, so that the call can refuse it with its own message.
+    """
+    if isinstance(model, keras.Model) and not model.built:
+        with unbuilt_on_failure(model):
+            yield
+    else:
+        yield
 
 
 def _layers_and_trackers(model: keras.Model) -> list:
