@@ -249,3 +249,17 @@ def test_a_lambda_whose_captured_value_changes_is_seen_by_output_gradients():
         np.testing.assert_allclose(o.loss, value, rtol=1e-5)
         np.testing.assert_allclose(o.array, grad, rtol=1e-5, atol=1e-7)
     assert len(_questions(model, "output")) == 3
+
+
+def test_a_tf_function_loss_is_cached_like_its_python_function(recwarn):
+    # The tf.function wrapper holds locks and trace caches a snapshot cannot read; keyed by the wrapper's
+    # identity and its Python function, it is one cached question, with no "compiled afresh" warning.
+    model = mlp()
+    mse = tf.function(_mse)
+    for _ in range(2):
+        _assert_matches(gm.weight_gradients(model, X, Y, loss=mse), _tape(model, _mse))
+    assert len(_questions(model)) == 1
+    assert not [w for w in recwarn if issubclass(w.category, GradmagicWarning)]
+    # Another tf.function over another scale is another question, never the first one's trace.
+    _assert_matches(gm.weight_gradients(model, X, Y, loss=tf.function(_scaled(3.0))), _tape(model, _scaled(3.0)))
+    assert len(_questions(model)) == 2

@@ -168,6 +168,9 @@ class KeyBuilder:
             return ("method", token(value.__self__, depth, seen), token(value.__func__, depth, seen))
         if isinstance(value, functools.partial):
             return ("partial", *(token(v, depth, seen) for v in (value.func, value.args, value.keywords)))
+        if isinstance(value, tf.types.experimental.PolymorphicFunction):
+            # A tf.function: the wrapper itself holds locks and trace caches; what a trace reads is its code.
+            return ("tf.function", self.same(value), token(value.python_function, depth, seen))
         state = getattr(value, "__dict__", None)
         if state is None:
             raise Uncacheable(f"an object of type {type(value).__name__} without __dict__")
