@@ -263,3 +263,42 @@ def test_a_tf_function_loss_is_cached_like_its_python_function(recwarn):
     # Another tf.function over another scale is another question, never the first one's trace.
     _assert_matches(gm.weight_gradients(model, X, Y, loss=tf.function(_scaled(3.0))), _tape(model, _scaled(3.0)))
     assert len(_questions(model)) == 2
+
+
+class WeightedLossModel(keras.Model):
+    """A subclassed model whose own compute_loss reads a Python hyperparameter (a beta-VAE's beta, say)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dense = keras.layers.Dense(2)
+        self.beta = 1.0
+
+    def call(self, x):
+        return self.dense(x)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        return self.beta * keras.ops.mean(keras.ops.square(y_pred - y))
+
+
+def test_a_models_own_hyperparameter_changed_between_calls_is_seen():
+    model = WeightedLossModel()
+    gm.weight_gradients(model, X, Y)
+    model.beta = 10.0
+    _assert_matches(gm.weight_gradients(model, X, Y), _tape(model, _scaled(10.0)))
+
+
+def test_an_activation_swapped_between_calls_is_seen():
+    model = mlp()
+    gm.weight_gradients(model, X, Y)
+    model.layers[0].activation = keras.activations.relu
+    _assert_matches(gm.weight_gradients(model, X, Y), _tape(model, _mse))
+
+
+def test_predict_and_fit_between_questions_reuse_the_function():
+    # Keras swaps the model's predict_function/train_function; that changes no question.
+    model = mlp()
+    gm.weight_gradients(model, X, Y)
+    model.predict(X, verbose=0)
+    model.fit(X, Y, epochs=1, verbose=0)
+    _assert_matches(gm.weight_gradients(model, X, Y), _tape(model, _mse))
+    assert len(_questions(model)) == 1

@@ -24,9 +24,11 @@ What a snapshot cannot cover makes the question uncacheable instead of
 risky (:class:`Uncacheable`): arrays above 1 MB, containers of more than 256
 entries, objects without ``__dict__`` that are neither plain values nor
 identity-keyed kinds, and chains deeper than the limit. Such a question is
-traced on every call. Not seen at all: state reached through the attributes
-of modules or of the model's layers (e.g. ``layer.activation = ...`` after a
-call); call :func:`gradmagic.clear_cache` after changing those.
+traced on every call. The model's side (:mod:`gradmagic.core.model_keys`)
+adds the public plain settings of the model and its layers. Not seen at all:
+state reached through the attributes of modules, a layer's private or
+non-plain attributes, or layers nested inside a layer that is not a model;
+call :func:`gradmagic.clear_cache` after changing those.
 """
 
 from __future__ import annotations
@@ -187,7 +189,7 @@ class KeyBuilder:
             return ("fn", self.same(fn), self.same(code))  # Keras's own losses: library code, not user state
         cells = tuple(token(_cell(c), depth, seen) for c in (fn.__closure__ or ()))
         defaults = token((fn.__defaults__, fn.__kwdefaults__), depth, seen)
-        names, namespace = _global_names(code), fn.__globals__
+        names, namespace = global_names(code), fn.__globals__
         read = tuple((n, token(namespace[n], depth, seen)) for n in names if n in namespace)
         return ("fn", self.same(fn), self.same(code), cells, defaults, read)
 
@@ -216,10 +218,10 @@ def _cell(cell: Any) -> Any:
 
 
 @functools.lru_cache(maxsize=512)  # code objects are immutable: their names never change
-def _global_names(code: types.CodeType) -> tuple[str, ...]:
-    """Names a code object (and the lambdas and comprehensions inside it) may read as globals."""
+def global_names(code: types.CodeType) -> tuple[str, ...]:
+    """Names a code object (and the lambdas and comprehensions inside it) uses: its globals and attributes."""
     names = list(code.co_names)
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
-            names.extend(_global_names(const))
+            names.extend(global_names(const))
     return tuple(sorted(set(names)))

@@ -2,20 +2,25 @@
 
 A question's key holds, besides its own arguments, the model's compile state
 (its loss, by contents and identity; its optimizer and compiled-loss objects),
-its layers and which weights train, all by identity. The same identities say
+its layers and which weights train, all by identity, and the public plain
+settings of the model and its layers (a Dropout ``rate``, a model's own
+``beta``), by value. The same identities say
 when the declared inputs (:class:`~gradmagic.core.inputs.ModelSpec`) must be
 read again and when a compiled loss needs its one eager warm-up call.
 """
 
 from __future__ import annotations
 
+import functools
+import types
 import warnings
 import weakref
 from typing import Any
 
 import keras
+import numpy as np
 
-from gradmagic.core.cache_keys import Key, KeyBuilder, Uncacheable
+from gradmagic.core.cache_keys import Key, KeyBuilder, Uncacheable, global_names
 from gradmagic.core.inputs import ModelSpec
 from gradmagic.core.targets import loss_token
 from gradmagic.errors import GradmagicWarning
@@ -66,7 +71,62 @@ def _model_token(model: keras.Model, builder: KeyBuilder) -> tuple:
         _compile_token(model, builder),
         tuple(map(builder.same, model.layers)),
         tuple(map(builder.same, model.trainable_weights)),
+        _settings(model, builder, is_model=True),
+        *(_settings(layer, builder, isinstance(layer, keras.Model)) for layer in _all_layers(model)),
     )
+
+
+#: Values a layer's public setting may hold that a snapshot compares by contents without ever failing.
+_PLAIN = (type(None), bool, int, float, complex, str, bytes, np.generic)
+
+
+def _settings(layer: keras.Layer, builder: KeyBuilder, is_model: bool) -> tuple:
+    """A layer's public plain settings, which a trace bakes in: ``rate``, ``momentum``, a model's own ``beta``.
+
+    A layer's ``call`` reads its ``rate`` or ``activation``, and a subclassed
+    model's ``call`` or ``compute_loss`` its hyperparameters, as Python values:
+    changed in place, the traced graph would still use the old ones. Private
+    attributes are Keras's own bookkeeping. Functions count by identity
+    (``layer.activation = ...``). A model counts only the attributes its own
+    class's code names: Keras sets others (``predict_function``,
+    ``stop_training``) on every ``fit`` or ``predict``, which change no question.
+    """
+    read = _names_read(type(layer)) if is_model else None
+    parts = []
+    for name, value in vars(layer).items():
+        if name.startswith("_") or (read is not None and name not in read):
+            continue
+        if value is None or type(value) in (bool, int, str):  # the common case, hashed as it is (with its type)
+            parts.append((name, type(value).__name__, value))
+        elif isinstance(value, _PLAIN):
+            parts.append((name, builder.value(value)))
+        elif isinstance(value, types.FunctionType):
+            parts.append((name, builder.same(value)))
+    return tuple(parts)
+
+
+@functools.lru_cache(maxsize=256)  # a class's code does not change
+def _names_read(cls: type) -> frozenset[str]:
+    """The attribute names the methods of a user's model class (not Keras's) may read."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if klass.__module__.split(".", 1)[0] in ("keras", "tensorflow", "builtins", "abc"):
+            continue
+        for attr in vars(klass).values():
+            code = getattr(attr, "__code__", None)
+            if code is not None:
+                names.update(global_names(code))
+    return frozenset(names)
+
+
+def _all_layers(model: keras.Model) -> list[keras.Layer]:
+    """The model's layers and those of the models nested in it."""
+    found = []
+    for layer in model.layers:
+        found.append(layer)
+        if isinstance(layer, keras.Model):
+            found.extend(_all_layers(layer))
+    return found
 
 
 def question_key(model: keras.Model, *parts: Any) -> Key | None:
