@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -197,7 +198,72 @@ def test_raise_raises_gradmagic_error_and_restores():
             x, y, batch_size=8, epochs=2, shuffle=False, verbose=0, callbacks=[GradientMonitor(on_anomaly="raise")]
         )
     assert isinstance(info.value, GradientAnomalyError) and info.value.anomaly.batch == 2
-    assert "apply" not in vars(model.optimizer) and model.train_function is None
+    assert "apply" not in vars(model.optimizer)
+    # Raising skips on_train_end; the model must still have its plain train function back.
+    assert getattr(model.train_function, "gradmagic_functions", None) is None
+
+
+class CountingMLP(keras.Sequential):
+    """An MLP that counts how often its train step is traced (Python runs once per trace)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.traces = 0
+
+    def train_step(self, data):
+        self.traces += 1
+        return super().train_step(data)
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_repeated_fits_reuse_the_traced_train_functions():
+    model = CountingMLP([keras.Input((3,)), keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(2)])
+    model.compile(optimizer="adam", loss="mse")
+    x, y = _data(32)
+    monitor = GradientMonitor()
+    records = _Records()
+    tf.get_logger().addHandler(records)
+    try:
+        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
+        traced = model.traces
+        assert traced >= 1
+        for _ in range(6):  # more fits than TensorFlow's retracing-warning threshold (5)
+            model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
+        assert model.traces == traced
+        assert len(monitor.to_dict()["step"]) == 7 * 4 * len(model.trainable_variables)
+        assert monitor.to_dict()["step"][-1] == 7 * 4 - 1
+        # Without the monitor: the plain function, traced once (it never ran before), then reused.
+        recorded = int(monitor._buffer.count.numpy())
+        for _ in range(3):
+            model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+        assert model.traces == traced + 1 and int(monitor._buffer.count.numpy()) == recorded
+        # And back with the monitor: still no new trace.
+        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
+        assert model.traces == traced + 1 and int(monitor._buffer.count.numpy()) == recorded + 4
+    finally:
+        tf.get_logger().removeHandler(records)
+    assert not [m for m in records.messages if "retracing" in m]
+
+
+def test_recompile_gets_a_new_recording_function():
+    model, (x, y) = mlp(), _data()
+    monitor = GradientMonitor()
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor])
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    before = [w.copy() for w in model.get_weights()]
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor])
+    # The new optimizer (learning rate 0) is the one applied, and the monitor still records.
+    for got, want in zip(model.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert len(monitor.to_dict()["step"]) == 4 * len(model.trainable_variables)
 
 
 def test_exploding_and_vanishing():

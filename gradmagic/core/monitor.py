@@ -21,7 +21,8 @@ import keras
 import numpy as np
 
 from gradmagic.core.monitor_anomaly import Anomaly, GradientAnomalyError, NormTracker, find_nonfinite
-from gradmagic.core.monitor_capture import ApplyHook, StatsBuffer
+from gradmagic.core.monitor_capture import StatsBuffer
+from gradmagic.core.monitor_functions import TrainFunctions, plain_function
 from gradmagic.core.monitor_histograms import GradientHistogram, histograms_of
 from gradmagic.core.monitor_history import MonitorHistory, MonitorSummary, layer_lines
 from gradmagic.core.targets import weight_slots
@@ -125,7 +126,7 @@ class GradientMonitor(keras.callbacks.Callback):
         self._history: MonitorHistory | None = None
         self._listeners: list[Callable[[GradientMonitor], None]] = []
         self._end_listeners: list[Callable[[], None]] = []
-        self._detach: Callable[[], None] | None = None
+        self._functions: TrainFunctions | None = None
         self._warned: set[tuple[str, str]] = set()
         self._lock = threading.Lock()  # batch ends may run in Keras's thread pool
 
@@ -214,18 +215,16 @@ class GradientMonitor(keras.callbacks.Callback):
                 self.thresholds["explode"],
                 self.thresholds["vanish"],
             )
-        steps_per_execution = int(getattr(model, "steps_per_execution", 1) or 1)
-        capacity = max(64, 2 * (self.read_every + steps_per_execution))
-        xla = bool(getattr(model, "jit_compile", False))
-        histograms = None if self.histogram_every is None else (self.histogram_every, self.histogram_bins)
-        self._buffer = StatsBuffer(
-            [s.path for s in self._slots], capacity, model.distribute_strategy, xla=xla, histograms=histograms
-        )
+        self._functions = self._train_functions(model)
+        self._buffer = self._functions.buffer
         self._base_step = int(model.optimizer.iterations.numpy())
-        self._read = self._epoch_first = self._last_read_batch = 0
+        # The buffer (and its step count) lives as long as the traced function that writes it.
+        self._read = self._epoch_first = self._count0 = int(self._buffer.count.numpy())
+        self._last_read_batch = 0
         self._epoch = 0
-        self._writer = _summary_writer(self.log_dir)
-        self._attach(model)
+        if getattr(self, "_writer", None) is None:
+            self._writer = _summary_writer(self.log_dir)  # one events file for all fits
+        self._functions.attach(model)
         if self.on_anomaly == "stop":
             self._keep_good(self._base_step)
 
@@ -254,51 +253,38 @@ class GradientMonitor(keras.callbacks.Callback):
 
     def detach(self) -> None:
         """Undo the wrapping of ``optimizer.apply`` now (done automatically after ``fit``)."""
-        if self._detach is not None:
-            self._detach()
-            self._detach = None
+        if self._functions is not None:
+            self._functions.detach()
         if getattr(self, "_writer", None) is not None:
             self._writer.flush()
 
     # ----------------------------------------------------------------- helpers
-    def _attach(self, model: keras.Model) -> None:
-        """Make ``model.train_function`` record into the buffer, without leaving traces.
+    def _train_functions(self, model: keras.Model) -> TrainFunctions:
+        """The plain and recording train functions of ``model``, reused while they still fit it.
 
-        ``optimizer.apply`` is wrapped only *during* each call of the train function
-        (try/finally), which is when TensorFlow may trace it: whatever happens in
-        ``fit`` - a stop, an exception in any callback, Ctrl-C - the optimizer is
-        never left wrapped. The traced function keeps the recording ops, so it is
-        dropped after ``fit``; if ``fit`` died before ``on_train_end``, the next
-        ``fit`` (a new ``History``) finds it stale and traces a clean one.
+        Keras keeps ``model.train_function`` (and its traced graph) until ``compile()``;
+        so does the monitor with its recording twin and the buffer that twin writes.
+        A new pair is made only for another model, after ``compile()``, or when the
+        buffer must hold more steps between reads.
         """
-        hook = ApplyHook(model.optimizer, self._buffer)
-        # A train function traced before (an earlier fit) would not see the wrapper.
-        model.make_train_function(force=True)
-        traced = model.train_function
-        token: list[Any] = []
-
-        def guarded(*args: Any, **kwargs: Any) -> Any:
-            current = _fit_token(model)
-            if not token:
-                token.extend(current)
-            elif token[0] is not current[0] or token[1] is not current[1]:
-                model.make_train_function(force=True)  # stale: a later fit without this monitor
-                return model.train_function(*args, **kwargs)
-            hook.install()
-            try:
-                return traced(*args, **kwargs)
-            finally:
-                hook.remove()
-
-        model.train_function = guarded
-
-        def detach() -> None:
-            if model.train_function is guarded:
-                # Drop the graph that holds the recording ops: the next fit without
-                # the monitor traces a clean one.
-                model.train_function = None
-
-        self._detach = detach
+        plain = plain_function(model)
+        steps_per_execution = int(getattr(model, "steps_per_execution", 1) or 1)
+        capacity = max(64, 2 * (self.read_every + steps_per_execution))
+        paths = [s.path for s in self._slots]
+        functions = self._functions
+        if (
+            functions is not None
+            and functions.serves(model, plain)
+            and functions.buffer.paths == paths
+            and functions.buffer.capacity >= capacity
+        ):
+            return functions
+        if functions is not None:
+            functions.detach()
+        xla = bool(getattr(model, "jit_compile", False))
+        histograms = None if self.histogram_every is None else (self.histogram_every, self.histogram_bins)
+        buffer = StatsBuffer(paths, capacity, model.distribute_strategy, xla=xla, histograms=histograms)
+        return TrainFunctions(model, plain, buffer)
 
     def _flush(self, act: bool = True) -> None:
         if self._history is None or getattr(self, "_buffer", None) is None:
@@ -311,7 +297,7 @@ class GradientMonitor(keras.callbacks.Callback):
         self._read = count
         if not len(rows):
             return
-        steps = self._base_step + index
+        steps = self._base_step + index - self._count0
         batches = index - self._epoch_first
         self._history.append(steps, np.full(len(index), self._epoch), batches, rows)
         found = self._inspect(steps, batches, rows)
@@ -403,7 +389,7 @@ class GradientMonitor(keras.callbacks.Callback):
         kept, counts, ranges = buffer.read(first, count)
         index = np.asarray(kept, np.int64)
         found = histograms_of(
-            self._base_step + index,
+            self._base_step + index - self._count0,
             np.full(len(index), self._epoch),
             index - self._epoch_first,
             counts,
@@ -456,12 +442,6 @@ def _plugin_metadata(plugin: str) -> bytes:
 
     data = summary_pb2.SummaryMetadata.PluginData(plugin_name=plugin)
     return summary_pb2.SummaryMetadata(plugin_data=data).SerializeToString()
-
-
-def _fit_token(model: keras.Model) -> tuple[Any, Any]:
-    """Objects that are new in every ``fit``: its ``History`` and that one's epoch list."""
-    history = getattr(model, "history", None)
-    return history, getattr(history, "epoch", None)
 
 
 def _empty_columns() -> tuple[str, ...]:
