@@ -86,6 +86,59 @@ def test_training_is_bit_identical_with_and_without_monitor():
     assert monitored[1] == plain[1]
 
 
+def _conv_bn_dropout():
+    return keras.Sequential(
+        [
+            keras.Input((8, 8, 3)),
+            keras.layers.Conv2D(4, 3, padding="same"),
+            keras.layers.BatchNormalization(),
+            keras.layers.ReLU(),
+            keras.layers.Conv2D(4, 3),
+            keras.layers.BatchNormalization(),
+            keras.layers.Activation("relu"),
+            keras.layers.Dropout(0.3),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3),
+        ]
+    )
+
+
+def _mobilenet():
+    return keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), alpha=0.35, classes=3)
+
+
+def _fit_bytes(build, optimizer, callbacks, shape, n, epochs=1):
+    keras.utils.set_random_seed(0)
+    model = build()
+    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy")
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(n, *shape)).astype("float32"), rng.integers(0, 3, n)
+    model.fit(x, y, batch_size=4, epochs=epochs, shuffle=False, verbose=0, callbacks=callbacks)
+    # Every variable: weights, BatchNorm statistics, optimizer slots, seed generator states.
+    return [(v.name, v.numpy().tobytes()) for v in [*model.variables, *model.optimizer.variables]]
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_conv_batchnorm_dropout_training_is_bit_identical(momentum):
+    # With SGD, a BatchNorm gamma's gradient (a * rsqrt(var)) has one consumer, the update
+    # lr * g, which TensorFlow's graph optimizer reassociates; reading g must not prevent it.
+    def run(callbacks):
+        return _fit_bytes(_conv_bn_dropout, keras.optimizers.SGD(0.1, momentum=momentum), callbacks, (8, 8, 3), 12, 2)
+
+    plain, monitored = run([]), run([GradientMonitor(read_every=2)])
+    assert len(monitored) == len(plain)
+    assert [p[0] for p, m in zip(plain, monitored, strict=True) if p[1] != m[1]] == []
+
+
+def test_mobilenet_v2_training_is_bit_identical():
+    def run(callbacks):
+        return _fit_bytes(_mobilenet, keras.optimizers.SGD(0.01), callbacks, (32, 32, 3), 12)  # 3 steps
+
+    plain, monitored = run([]), run([GradientMonitor()])
+    assert len(monitored) == len(plain)
+    assert [p[0] for p, m in zip(plain, monitored, strict=True) if p[1] != m[1]] == []
+
+
 def test_layers_and_summary():
     model = mlp((3, 4, 2))
     x, y = _data()

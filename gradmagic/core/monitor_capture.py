@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from gradmagic.core.compute import dense_gradients
 from gradmagic.core.monitor_histograms import HistogramBuffer
+from gradmagic.core.monitor_replay import readable
 from gradmagic.core.monitor_stats import RAW_ROWS, STAT_COLUMNS, finish_stats, stats_function
 from gradmagic.core.monitor_variables import replica_variable, write_row
 
@@ -204,8 +205,10 @@ class ApplyHook:
             summed = _replica_sum(grads)
             # The optimizer gets the very tensors it would have got without the monitor.
             result = original(grads, trainable_variables)
-            # Recorded after apply is traced, so that the g**2 it computes can be reused.
-            buffer.record(summed, variables, scale, skips, _optimizer_squares(summed))
+            # Recorded after apply is traced, so that the g**2 it computes can be reused,
+            # and read so that the update is compiled as without the monitor (readable()).
+            squares = _optimizer_squares(summed)
+            buffer.record(readable(summed), variables, scale, skips, squares)
             return result
 
         self._original = original
