@@ -11,6 +11,7 @@ no device-to-host copy and no Python work at all.
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import warnings
@@ -21,6 +22,14 @@ import keras
 import numpy as np
 
 from gradmagic.core.monitor_anomaly import Anomaly, GradientAnomalyError, NormTracker, find_nonfinite
+from gradmagic.core.monitor_arguments import (
+    MonitorArgumentError,
+    check_choice,
+    check_count,
+    check_log_dir,
+    check_positive,
+    check_stream,
+)
 from gradmagic.core.monitor_capture import StatsBuffer
 from gradmagic.core.monitor_functions import TrainFunctions, plain_function
 from gradmagic.core.monitor_histograms import GradientHistogram, histograms_of
@@ -29,21 +38,26 @@ from gradmagic.core.targets import weight_slots
 from gradmagic.errors import GradmagicError
 
 _ACTIONS = ("warn", "stop", "raise")
+_STATS = ("norm", "full")
 _DEFAULT_READ_EVERY = 100
 _MAX_ANOMALIES = 1000
-
-
-class MonitorArgumentError(GradmagicError, ValueError):
-    """A GradientMonitor argument is invalid, or the model cannot be monitored."""
 
 
 class GradientMonitor(keras.callbacks.Callback):
     """Record the gradients ``fit`` applies, per weight and per batch, and flag anomalies.
 
-    Statistics per weight and step: L2 norm, max |g| and mean of the finite entries,
-    NaN and Inf counts (recorded after loss-scale unscaling and after summing over
-    replicas, i.e. exactly the gradient the optimizer applies). Training results are
+    Statistics per weight: L2 norm, max |g| and mean of the finite entries, NaN and
+    Inf counts (recorded after loss-scale unscaling and after summing over replicas,
+    i.e. exactly the gradient the optimizer applies). Training results are
     bit-identical to training without the monitor.
+
+    By default (``stats="norm"``) each step measures the norm of every weight's
+    gradient (one reduction per weight; a NaN or Inf makes it non-finite, so the
+    NaN/Inf counts are known at every step), and every statistic is measured every
+    ``full_every`` batches and at every step with a non-finite gradient. In the
+    history, column ``full`` says which steps measured everything; elsewhere
+    ``max_abs`` and ``mean`` are 0 (never NaN) and ``nan``/``inf`` are exactly 0.
+    ``stats="full"`` measures everything at every step (about 2x the cost).
 
     With ``steps_per_execution=k`` Keras calls the callback once per ``k`` batches;
     every batch is still recorded (the buffer holds them), but prints, warnings and
@@ -57,8 +71,13 @@ class GradientMonitor(keras.callbacks.Callback):
             "stop" (ends ``fit`` cleanly; ``last_good_weights`` keeps the weights from
             before the first bad step) or "raise" (a ``GradientAnomalyError``).
             Defaults to "warn".
-        log_dir: If set, write gradient norms and max |g| per weight to TensorBoard
-            there (and the histograms, with ``histogram_every``). Defaults to None.
+        log_dir: If set, write gradient norms (every step) and max |g| (where
+            measured) per weight to TensorBoard there (and the histograms, with
+            ``histogram_every``). Checked (not created) here. Defaults to None.
+        stats: ``"norm"`` or ``"full"`` (see above). Defaults to "norm".
+        full_every: With ``stats="norm"``, measure every statistic at every this
+            many batches of an epoch. Defaults to None: when the monitor reads
+            (``read_every``; with "stop"/"raise", ``print_every`` or 100).
         histogram_every: Also record each weight's full gradient histogram every
             this many steps (``monitor.histograms``). Defaults to None (off).
         histogram_bins: Bins per histogram. Defaults to 30.
@@ -84,8 +103,10 @@ class GradientMonitor(keras.callbacks.Callback):
         self,
         print_every: int | None = None,
         on_anomaly: str = "warn",
-        log_dir: str | None = None,
+        log_dir: str | os.PathLike | None = None,
         *,
+        stats: str = "norm",
+        full_every: int | None = None,
         read_every: int | None = None,
         histogram_every: int | None = None,
         histogram_bins: int = 30,
@@ -96,15 +117,23 @@ class GradientMonitor(keras.callbacks.Callback):
         stream: TextIO | None = None,
     ) -> None:
         super().__init__()
-        _check_positive("print_every", print_every)
-        _check_positive("read_every", read_every)
-        _check_positive("histogram_every", histogram_every)
-        _check_positive("histogram_bins", histogram_bins)
-        if on_anomaly not in _ACTIONS:
-            raise MonitorArgumentError(
-                f"Received: on_anomaly={on_anomaly!r}. Expected one of 'warn', 'stop', 'raise'. "
-                "Example: GradientMonitor(on_anomaly='stop')."
-            )
+        # Everything is checked here, so that a bad value fails now rather than on
+        # the first batch of fit (after the model and the data were set up).
+        check_count("print_every", print_every)
+        check_choice("on_anomaly", on_anomaly, _ACTIONS)
+        check_log_dir(log_dir)
+        check_choice("stats", stats, _STATS)
+        check_count("full_every", full_every)
+        check_count("read_every", read_every)
+        check_count("histogram_every", histogram_every)
+        check_count("histogram_bins", histogram_bins, allow_none=False)
+        check_positive("explode_factor", explode_factor)
+        check_positive("explode_threshold", explode_threshold)
+        check_positive("vanish_threshold", vanish_threshold)
+        check_count("window", window, allow_none=False)
+        check_stream(stream)
+        self.stats = stats
+        self._full_every = full_every
         self.print_every = print_every
         self.on_anomaly = on_anomaly
         self.log_dir = log_dir
@@ -183,7 +212,7 @@ class GradientMonitor(keras.callbacks.Callback):
             on_end: Also call this when ``fit`` ends, after the last read.
                 Defaults to None.
         """
-        _check_positive("every", every)
+        check_count("every", every)
         self._listeners.append(listener)
         if every is not None:
             self.read_every = min(self.read_every, every)
@@ -232,6 +261,16 @@ class GradientMonitor(keras.callbacks.Callback):
         self._epoch = epoch
         self._epoch_first = self._read
         self._last_read_batch = 0
+        if self.stats == "norm":
+            # Full statistics at the batches where the host reads (or every full_every).
+            self._buffer.schedule(self._epoch_first, self.full_every)
+
+    @property
+    def full_every(self) -> int:
+        """With ``stats="norm"``: every statistic is measured every this many batches of an epoch."""
+        if self._full_every is not None:
+            return self._full_every
+        return self.read_every if self.on_anomaly == "warn" else (self.print_every or _DEFAULT_READ_EVERY)
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         with self._lock:
@@ -283,7 +322,9 @@ class GradientMonitor(keras.callbacks.Callback):
             functions.detach()
         xla = bool(getattr(model, "jit_compile", False))
         histograms = None if self.histogram_every is None else (self.histogram_every, self.histogram_bins)
-        buffer = StatsBuffer(paths, capacity, model.distribute_strategy, xla=xla, histograms=histograms)
+        buffer = StatsBuffer(
+            paths, capacity, model.distribute_strategy, xla=xla, histograms=histograms, mode=self.stats
+        )
         return TrainFunctions(model, plain, buffer)
 
     def _flush(self, act: bool = True) -> None:
@@ -411,10 +452,10 @@ class GradientMonitor(keras.callbacks.Callback):
                 for slot, values in zip(self._slots, stats, strict=False):
                     # tf.summary.write with a plugin's metadata is what tf.summary.scalar
                     # and .histogram do, minus the hard need for the tensorboard package.
-                    for tag, value in (
-                        (f"gradient_norm/{slot.path}", values[0]),
-                        (f"gradient_max_abs/{slot.path}", values[1]),
-                    ):
+                    written = [(f"gradient_norm/{slot.path}", values[0])]
+                    if values[7] > 0:  # max |g| only where it was measured
+                        written.append((f"gradient_max_abs/{slot.path}", values[1]))
+                    for tag, value in written:
                         tf.summary.write(tag, tf.constant(value, tf.float32), step=int(step), metadata=scalar)
             for h in histograms:
                 # The histogram plugin's format: one (left edge, right edge, count) row per bin.
@@ -422,11 +463,6 @@ class GradientMonitor(keras.callbacks.Callback):
                 tf.summary.write(
                     f"gradient/{h.weight}", tf.constant(buckets, tf.float64), step=h.step, metadata=histogram
                 )
-
-
-def _check_positive(name: str, value: int | None) -> None:
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-        raise MonitorArgumentError(f"Received: {name}={value!r}. Expected a positive int or None. Example: {name}=10.")
 
 
 def _summary_writer(log_dir: str | None) -> Any:

@@ -26,7 +26,7 @@ from gradmagic.core.monitor_stats import RAW_ROWS, STAT_COLUMNS, finish_stats, s
 from gradmagic.core.monitor_variables import replica_variable, write_row
 
 #: Columns of one buffer row, per weight.
-BUFFER_COLUMNS = (*STAT_COLUMNS, "skipped", "missing")
+BUFFER_COLUMNS = (*STAT_COLUMNS, "skipped", "missing", "full")
 _WIDTH = len(BUFFER_COLUMNS)
 
 
@@ -46,6 +46,9 @@ class StatsBuffer:
             Defaults to False.
         histograms: ``(every, bins)`` to also record full histograms every
             ``every`` steps. Defaults to None (no histograms).
+        mode: ``"full"``: every statistic at every step; ``"norm"``: the norm at
+            every step, everything at the steps :meth:`schedule` picks and at
+            every step with a non-finite gradient. Defaults to "full".
     """
 
     def __init__(
@@ -55,8 +58,10 @@ class StatsBuffer:
         strategy: Any = None,
         xla: bool = False,
         histograms: tuple[int, int] | None = None,
+        mode: str = "full",
     ) -> None:
         self.paths = list(paths)
+        self.mode = mode
         self.xla = xla
         self.capacity = int(capacity)
         self._column = {p: i for i, p in enumerate(self.paths)}
@@ -67,6 +72,10 @@ class StatsBuffer:
             tf.zeros((self.capacity, len(RAW_ROWS), len(self.paths)), tf.float32), "gradmagic_monitor_rows", strategy
         )
         self.count = replica_variable(tf.constant(0, tf.int64), "gradmagic_monitor_count", strategy)
+        # (count at the epoch's first batch, full_every), set by the host: a variable,
+        # so changing the cadence needs no new trace.
+        with tf.init_scope(), strategy.scope():
+            self._schedule = tf.Variable([0, 1], dtype=tf.int64, trainable=False, name="gradmagic_monitor_schedule")
         self.histograms = None
         if histograms is not None:
             every, bins = histograms
@@ -77,6 +86,11 @@ class StatsBuffer:
         self._missing = np.zeros(len(self.paths), bool)
         self._sizes = np.zeros(len(self.paths), np.int64)
         self._skips = False
+
+    def schedule(self, epoch_start: int, every: int) -> None:
+        """In ``"norm"`` mode, measure everything at batches ``every - 1``, ``2 * every - 1``... of the epoch
+        that starts at recorded step ``epoch_start`` (the batches at which the host reads)."""
+        self._schedule.assign([int(epoch_start), int(every)])
 
     def record(
         self,
@@ -117,8 +131,14 @@ class StatsBuffer:
             grads = [per_column[i][0] for i in present]
             squared = [per_column[i][1] is not None for i in present]
             given = [per_column[i][1] for i in present if per_column[i][1] is not None]
-            function = stats_function([tf.TensorSpec(g.shape, g.dtype) for g in grads], squared, self.xla)
-            stats = function(*grads, *given)
+            specs = [tf.TensorSpec(g.shape, g.dtype) for g in grads]
+            function = stats_function(specs, squared, self.xla, self.mode)
+            if self.mode == "norm":
+                start, every = self._schedule[0], self._schedule[1]
+                full = tf.equal(tf.math.floormod(self.count - start + 1, every), 0)
+                stats = function(*grads, *given, full)
+            else:
+                stats = function(*grads, *given)
             if self.histograms is not None:
                 self.histograms.record(self.count, grads, present, stats, scale)
             if scale is not None:
@@ -150,11 +170,13 @@ class StatsBuffer:
         raw = self.rows.numpy()[np.arange(max(start, count - self.capacity), count) % self.capacity]
         stats = finish_stats(raw, self._sizes)
         stats[:, self._missing, :] = 0.0  # no gradient, no statistics (flagged "missing")
-        flags = np.zeros((*stats.shape[:2], 2), np.float32)
+        flags = np.zeros((*stats.shape[:2], 3), np.float32)
         if self._skips:
             # What LossScaleOptimizer does: a step with a non-finite gradient is not applied.
             flags[..., 0] = (stats[..., 3] + stats[..., 4] > 0).any(axis=1, keepdims=True)
         flags[..., 1] = self._missing
+        # Where only the norm was measured, norm_stats marks max |g| with -1.
+        flags[..., 2] = (raw[:, 2, :] >= 0).all(axis=1, keepdims=True)
         return count, np.concatenate([stats, flags], axis=2)
 
 
