@@ -2,7 +2,9 @@
 
 MLP 784-256-256-10, batch 32, 2 epochs on 8,192 random samples (512 steps):
   plain        fit without callbacks (besides the epoch timer all runs have)
-  monitor      fit with GradientMonitor (per-batch statistics of every weight)
+  monitor      fit with GradientMonitor() (default stats="norm": per-batch norms of every
+               weight, every statistic every 100 batches)
+  full         fit with GradientMonitor(stats="full") (every statistic every batch)
   recompute    fit with a baseline callback that recomputes the gradients of the
                same batch with a GradientTape in on_train_batch_end
   panel        fit with the monitor and a headless TrainingPanel (PNG redraws, default
@@ -107,8 +109,8 @@ def run(kind: str, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     model = build()
     timer = EpochTimer()
     callbacks: list = [timer]
-    if kind in ("monitor", "panel"):
-        monitor = GradientMonitor()
+    if kind in ("monitor", "full", "panel"):
+        monitor = GradientMonitor(stats="full" if kind == "full" else "norm")
         callbacks.append(monitor)
         if kind == "panel":
             from gradmagic.widgets.training_panel import TrainingPanel
@@ -125,8 +127,8 @@ def short_fits(kind: str, x: np.ndarray, y: np.ndarray, fits: int = 10, steps: i
     """Seconds for ``fits`` repeated fits of ``steps`` batches each, same model and callbacks, after a warm-up fit."""
     model = build()
     callbacks: list = []
-    if kind in ("monitor", "panel"):
-        monitor = GradientMonitor()
+    if kind in ("monitor", "full", "panel"):
+        monitor = GradientMonitor(stats="full" if kind == "full" else "norm")
         callbacks.append(monitor)
         if kind == "panel":
             from gradmagic.widgets.training_panel import TrainingPanel
@@ -224,7 +226,7 @@ def main() -> None:
         print(f"{kind:<10} {median:7.3f} ({min(shorts[kind]):.3f}) {median / base:5.3f}x {paired:6.3f}x {extra:13.1f}")
 
 
-KINDS = ["plain", "monitor", "recompute", "panel"]
+KINDS = ["plain", "monitor", "full", "recompute", "panel"]
 
 if __name__ == "__main__":
     main()

@@ -253,6 +253,8 @@ class GradientMonitor(keras.callbacks.Callback):
         self._epoch = 0
         if getattr(self, "_writer", None) is None:
             self._writer = _summary_writer(self.log_dir)  # one events file for all fits
+        if self.stats == "norm":
+            self._buffer.schedule(self._read, self.full_every)  # again at each epoch's start
         self._functions.attach(model)
         if self.on_anomaly == "stop":
             self._keep_good(self._base_step)

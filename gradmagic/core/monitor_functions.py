@@ -66,7 +66,7 @@ class TrainFunctions:
 
     def attach(self, model: keras.Model) -> None:
         """Make the current ``fit`` (and only it) run the recording function."""
-        self._token = (model.history, None)  # the epoch list is taken at the first step
+        self._token = (getattr(model, "history", None), None)  # the epoch list is taken at the first step
         model.train_function = self.guarded
 
     def detach(self) -> None:

@@ -128,7 +128,16 @@ def norm_stats(
     n = len(grads)
     quick = tf.stack([tf.zeros([n]), tf.sqrt(sums), tf.fill([n], -1.0), tf.zeros([n]), tf.zeros([n])])
     measure = tf.logical_or(full, tf.logical_not(tf.reduce_all(tf.math.is_finite(sums))))
-    return tf.cond(measure, lambda: step_stats(grads, squares, xla), lambda: quick)
+    if xla:  # XLA compiles both branches into one program; no executor to skip nodes
+        return tf.cond(measure, lambda: step_stats(grads, squares, xla), lambda: quick)
+    # The full statistics are one call of a function that is not inlined: in a step that
+    # does not take that branch the executor then skips one node, not the dozens of
+    # step_stats' ops (which it would otherwise visit, as dead, at every step).
+    given = [sq for sq in squares if sq is not None]
+    specs = [tf.TensorSpec(g.shape, g.dtype) for g in grads] + [tf.TensorSpec(sq.shape, sq.dtype) for sq in given]
+    squared = tuple(sq is not None for sq in squares)
+    full_stats = _full_function(tuple(specs), squared)
+    return tf.cond(measure, lambda: full_stats(*grads, *given), lambda: quick)
 
 
 def finish_stats(raw: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
@@ -191,6 +200,17 @@ def stats_function(
     return _cached(_STATS, specs + extra + flag, body, None, (tuple(squared), xla, mode))
 
 
+def _full_function(specs: tuple[tf.TensorSpec, ...], squared: tuple[bool, ...]) -> Callable[..., tf.Tensor]:
+    """:func:`step_stats` of the gradients (then the squares given) as a function that is not inlined."""
+    n = len(squared)
+
+    def body(*tensors: tf.Tensor) -> tf.Tensor:
+        given = iter(tensors[n:])
+        return step_stats(list(tensors[:n]), [next(given) if q else None for q in squared])
+
+    return _cached(_FULL, specs, body, {"_noinline": True}, squared)
+
+
 def _masked_function(specs: tuple[tf.TensorSpec, ...]) -> Callable[..., tf.Tensor]:
     # Not inlined: the call is instantiated (optimized, compiled) only if a step
     # ever takes the non-finite branch, not with every train function.
@@ -199,6 +219,7 @@ def _masked_function(specs: tuple[tf.TensorSpec, ...]) -> Callable[..., tf.Tenso
 
 _STATS: dict[tuple, Callable[..., tf.Tensor]] = {}
 _MASKED: dict[tuple, Callable[..., tf.Tensor]] = {}
+_FULL: dict[tuple, Callable[..., tf.Tensor]] = {}
 
 
 def _cached(
