@@ -34,6 +34,7 @@ from gradmagic.core.monitor_capture import StatsBuffer
 from gradmagic.core.monitor_functions import TrainFunctions, plain_function
 from gradmagic.core.monitor_histograms import GradientHistogram, histograms_of
 from gradmagic.core.monitor_history import MonitorHistory, MonitorSummary, layer_lines
+from gradmagic.core.monitor_origin import first_origin
 from gradmagic.core.targets import weight_slots
 from gradmagic.errors import GradmagicError
 
@@ -156,6 +157,8 @@ class GradientMonitor(keras.callbacks.Callback):
         self._listeners: list[Callable[[GradientMonitor], None]] = []
         self._end_listeners: list[Callable[[], None]] = []
         self._functions: TrainFunctions | None = None
+        self._bad_batch: tuple[Any, Any, Any] | None = None
+        self._bad_weights: list[np.ndarray] | None = None
         self._warned: set[tuple[str, str]] = set()
         self._lock = threading.Lock()  # batch ends may run in Keras's thread pool
 
@@ -255,6 +258,9 @@ class GradientMonitor(keras.callbacks.Callback):
             self._writer = _summary_writer(self.log_dir)  # one events file for all fits
         if self.stats == "norm":
             self._buffer.schedule(self._read, self.full_every)  # again at each epoch's start
+        if self._functions.capture is not None:
+            self._functions.capture.reset()  # each fit keeps its own first bad step
+        self._bad_batch = self._bad_weights = None
         self._functions.attach(model)
         if self.on_anomaly == "stop":
             self._keep_good(self._base_step)
@@ -327,7 +333,10 @@ class GradientMonitor(keras.callbacks.Callback):
         buffer = StatsBuffer(
             paths, capacity, model.distribute_strategy, xla=xla, histograms=histograms, mode=self.stats
         )
-        return TrainFunctions(model, plain, buffer)
+        # The bad step's batch and weights (for the NaN/Inf origin) are kept where the
+        # monitor stops training anyway; under a strategy each replica has only part of it.
+        keep = self.on_anomaly != "warn" and model.distribute_strategy.num_replicas_in_sync == 1
+        return TrainFunctions(model, plain, buffer, keep_bad_step=keep)
 
     def _flush(self, act: bool = True) -> None:
         if self._history is None or getattr(self, "_buffer", None) is None:
@@ -382,21 +391,59 @@ class GradientMonitor(keras.callbacks.Callback):
         return [a for k in sorted(per_step) for a in per_step[k]]
 
     def _nonfinite(self, step: int, batch: int, stats: np.ndarray) -> Anomaly:
-        """The anomaly of a step whose statistics hold NaN/Inf counts, located by ``find_nonfinite``."""
+        """The anomaly of a step whose statistics hold NaN/Inf counts, located by ``find_nonfinite``
+        and, where the step's batch was kept, by the op that made NaN/Inf first."""
         row, index, layer, suspects, why = find_nonfinite(stats, self._slots, self._layer_names, self._layer_types)
         weight, value = self._slots[row].path, float(stats[row, 3] + stats[row, 4])
-        message = (
-            f"NaN/Inf gradient first appears at layer {layer!r} (index {index}) at epoch {self._epoch + 1}, "
-            f"batch {batch + 1} (step {step}): weight {weight!r} has "
-            f"{int(stats[row, 3])} NaN and {int(stats[row, 4])} Inf entries; {why}. gm.explain(model, x, y) "
-            "on that batch names the op that makes it"
-            + (
-                " (after monitor.restore_last_good(): the weights from before the step)."
-                if self.on_anomaly == "stop"
-                else "."
+        counts = f"weight {weight!r} has {int(stats[row, 3])} NaN and {int(stats[row, 4])} Inf gradient entries"
+        where = f"at epoch {self._epoch + 1}, batch {batch + 1} (step {step})"
+        origin = self._origin(step)
+        if origin is not None:
+            if origin.layer_index is not None:
+                index, layer = origin.layer_index, origin.layer
+            message = (
+                f"NaN/Inf {where} is first made by {origin.describe()}; {counts}. "
+                "gm.explain(model, *monitor.bad_batch) shows it again"
+                + (" (after monitor.restore_last_good())." if self.on_anomaly == "stop" else ".")
             )
-        )
-        return Anomaly("nonfinite", step, self._epoch, batch, layer, index, weight, value, message, suspects)
+        else:
+            message = (
+                f"NaN/Inf gradient first appears at layer {layer!r} (index {index}) {where}: {counts}; {why}. "
+                "gm.explain(model, x, y) on that batch names the op that makes it"
+                + (
+                    " (after monitor.restore_last_good(): the weights from before the step)."
+                    if self.on_anomaly == "stop"
+                    else "."
+                )
+            )
+        return Anomaly("nonfinite", step, self._epoch, batch, layer, index, weight, value, message, suspects, origin)
+
+    @property
+    def bad_batch(self) -> tuple[Any, Any, Any] | None:
+        """``(x, y, sample_weight)`` of the first step whose gradient went non-finite, or None.
+
+        Kept with ``on_anomaly="stop"`` or ``"raise"`` (not under a distribution
+        strategy): ``gm.explain(model, *monitor.bad_batch)`` reproduces the step
+        (at the weights from before it: ``monitor.bad_step_weights``).
+        """
+        return self._bad_batch
+
+    @property
+    def bad_step_weights(self) -> list[np.ndarray] | None:
+        """The trainable weights from before the step of :attr:`bad_batch` (aligned with
+        ``model.trainable_variables``), or None."""
+        return self._bad_weights
+
+    def _origin(self, step: int) -> Any:
+        """The op that made NaN/Inf first in ``step``, from the kept batch and pre-step weights (or None)."""
+        capture = self._functions.capture if self._functions is not None else None
+        if capture is None or self._bad_batch is not None:
+            return None  # not kept in this mode, or a later step of a run that already has its first
+        kept = capture.read()
+        if kept is None or self._base_step + kept[0] - self._count0 != step:
+            return None
+        _, self._bad_batch, self._bad_weights = kept
+        return first_origin(self.model, self._bad_batch, self._bad_weights)
 
     def _act(self, found: list[Anomaly]) -> None:
         room = _MAX_ANOMALIES - len(self.anomalies)

@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from gradmagic.core.compute import dense_gradients
+from gradmagic.core.monitor_bad_step import BadStepCapture
 from gradmagic.core.monitor_histograms import HistogramBuffer
 from gradmagic.core.monitor_replay import readable
 from gradmagic.core.monitor_stats import RAW_ROWS, STAT_COLUMNS, finish_stats, stats_function
@@ -100,7 +101,26 @@ class StatsBuffer:
         skips: bool = False,
         squares: Sequence[Any] | None = None,
     ) -> None:
-        """Add the ops that write one step's statistics (called while tracing).
+        """Add the ops that measure and write one step's statistics (called while tracing).
+
+        See :meth:`measure` for the arguments.
+        """
+        self.write(self.measure(grads, variables, scale, skips, squares))
+
+    def write(self, stats: tf.Tensor) -> None:
+        """Add the ops that write one step's statistics (from :meth:`measure`) and count the step."""
+        write_row(self.rows, tf.math.floormod(self.count, self.capacity), stats)
+        self.count.assign_add(1, read_value=False)
+
+    def measure(
+        self,
+        grads: Sequence[Any],
+        variables: Sequence[Any],
+        scale: Any = None,
+        skips: bool = False,
+        squares: Sequence[Any] | None = None,
+    ) -> tf.Tensor:
+        """Add the ops that compute one step's statistics, ``[5, weights]`` (called while tracing).
 
         Args:
             grads: Gradients as applied, summed over replicas (possibly loss-scaled).
@@ -150,8 +170,7 @@ class StatsBuffer:
                 stats = tf.transpose(placed)
         else:
             stats = tf.zeros([width, n])
-        write_row(self.rows, tf.math.floormod(self.count, self.capacity), stats)
-        self.count.assign_add(1, read_value=False)
+        return stats
 
     @property
     def missing(self) -> np.ndarray:
@@ -213,7 +232,9 @@ class ApplyHook:
         buffer: Where the statistics go.
     """
 
-    def __init__(self, optimizer: keras.optimizers.Optimizer, buffer: StatsBuffer) -> None:
+    def __init__(
+        self, optimizer: keras.optimizers.Optimizer, buffer: StatsBuffer, capture: BadStepCapture | None = None
+    ) -> None:
         self.optimizer = optimizer
         self._had_own = "apply" in vars(optimizer)
         original = optimizer.apply
@@ -225,9 +246,19 @@ class ApplyHook:
             if scale is not None and not isinstance(scale, (int, float)):
                 scale = tf.convert_to_tensor(scale)  # read before apply updates it
             summed = _replica_sum(grads)
-            # The optimizer gets the very tensors it would have got without the monitor.
+            if buffer.mode == "norm" or capture is not None:
+                # Measured before the update: the bad-step copy needs the verdict before
+                # the weights change (and stats="norm" has no use for the optimizer's g**2).
+                stats = buffer.measure(readable(summed, before_update=True), variables, scale, skips)
+                if capture is not None and not skips:
+                    finite = tf.reduce_all(tf.equal(stats[3] + stats[4], 0.0))
+                    capture.record(finite, buffer.count)
+                # The optimizer gets the very tensors it would have got without the monitor.
+                result = original(grads, trainable_variables)
+                buffer.write(stats)
+                return result
             result = original(grads, trainable_variables)
-            # Recorded after apply is traced, so that the g**2 it computes can be reused,
+            # Measured after apply is traced, so that the g**2 it computes can be reused,
             # and read so that the update is compiled as without the monitor (readable()).
             squares = _optimizer_squares(summed)
             buffer.record(readable(summed), variables, scale, skips, squares)

@@ -16,6 +16,7 @@ from typing import Any
 
 import keras
 
+from gradmagic.core.monitor_bad_step import BadStepCapture
 from gradmagic.core.monitor_capture import ApplyHook, StatsBuffer
 
 
@@ -46,15 +47,31 @@ class TrainFunctions:
         buffer: Where the recording function writes the statistics.
     """
 
-    def __init__(self, model: keras.Model, plain: Any, buffer: StatsBuffer) -> None:
+    def __init__(self, model: keras.Model, plain: Any, buffer: StatsBuffer, keep_bad_step: bool = False) -> None:
         self._model = weakref.ref(model)
         self.plain = plain
         self.optimizer = model.optimizer
         self.buffer = buffer
-        self.hook = ApplyHook(model.optimizer, buffer)
+        self.capture = BadStepCapture(model.trainable_variables) if keep_bad_step else None
+        self.hook = ApplyHook(model.optimizer, buffer, self.capture)
         # make_train_function(force=True) is the public way to get a second,
-        # independent function of the same step; the plain one is put back.
-        model.make_train_function(force=True)
+        # independent function of the same step; the plain one is put back. Keras
+        # hands it model.train_step as it is then: with a bad-step copy, a wrapper
+        # that shows the copy each step's batch (an instance attribute, removed again).
+        capture = self.capture
+        if capture is not None:
+            step = model.train_step
+
+            def train_step(data: Any) -> Any:
+                capture.data = data
+                return step(data)
+
+            object.__setattr__(model, "train_step", train_step)
+        try:
+            model.make_train_function(force=True)
+        finally:
+            if capture is not None:
+                object.__delattr__(model, "train_step")
         self.recording = model.train_function
         model.train_function = plain
         self._token: tuple[Any, Any] | None = None

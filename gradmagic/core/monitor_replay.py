@@ -74,18 +74,25 @@ def _rebuild(op: Any, inputs: list[tf.Tensor]) -> tf.Tensor:
     return graph.create_op(op.type, inputs, [op.outputs[0].dtype], attrs=attrs).outputs[0]
 
 
-def readable(grads: Sequence[Any]) -> list[Any]:
+def readable(grads: Sequence[Any], before_update: bool = False) -> list[Any]:
     """The gradients to read the statistics from: each one, or its replayed copy (see module doc).
 
     Call while the train step is traced, after the optimizer's ops are built (so
-    that consumer counts are those of the plain step).
+    that consumer counts are those of the plain step), or before them with
+    ``before_update``: the optimizer's consumers are then unknown, and every
+    gradient made by a replayable op is replayed (a copy is never wrong, only a
+    few element-wise ops more).
+
+    Args:
+        grads: The gradients (tensors, or anything else, passed through).
+        before_update: Whether the optimizer's ops are not built yet. Defaults to False.
     """
     out = list(grads)
     plans: dict[int, _Plan] = {}
     for i, g in enumerate(grads):
         if not isinstance(g, tf.Tensor) or tf.executing_eagerly() or not hasattr(g, "op"):
             continue
-        if len(real_consumers(g)) != 1:
+        if not before_update and len(real_consumers(g)) != 1:
             continue
         plan = _Plan()
         if plan.visit(g, root=True):
