@@ -116,15 +116,15 @@ def norm_stats(
         return step_stats(grads, squares, xla)
     reduce = _Reducer(xla)
     zero = tf.constant(0.0)
-    sumsq = []
+    halves = []  # half sums of squares (what L2Loss gives): the factor 2 is applied once, to all
     for grad, square, size in zip(grads, squares, sizes, strict=True):
         if size == 0:
-            sumsq.append(zero)
+            halves.append(zero)
         elif square is not None:
-            sumsq.append(reduce(tf.reduce_sum, square, size))
+            halves.append(0.5 * reduce(tf.reduce_sum, square, size))
         else:
-            sumsq.append(reduce.sumsq(grad, size))
-    sums = tf.stack(sumsq)
+            halves.append(reduce.sumsq(grad, size, half=True))
+    sums = 2.0 * tf.stack(halves)
     n = len(grads)
     quick = tf.stack([tf.zeros([n]), tf.sqrt(sums), tf.fill([n], -1.0), tf.zeros([n]), tf.zeros([n])])
     measure = tf.logical_or(full, tf.logical_not(tf.reduce_all(tf.math.is_finite(sums))))
@@ -287,15 +287,18 @@ class _Reducer:
             return op(op(tf.reshape(x, [rows, size // rows]), self._axis(1)), self._axis(0))
         return op(tf.stack([op(part, self._axis(0)) for part in _slices(x, size)]), self._axis(0))
 
-    def sumsq(self, x: tf.Tensor, size: int) -> tf.Tensor:
-        """Sum of squares of the entries of ``x``, without writing the squares."""
+    def sumsq(self, x: tf.Tensor, size: int, half: bool = False) -> tf.Tensor:
+        """Sum of squares of the entries of ``x`` (half of it with ``half``), without writing the squares."""
         if size <= INLINE_ELEMENTS or self._xla:
-            return 2.0 * tf.nn.l2_loss(x)  # XLA lacks EuclideanNorm and fuses this anyway
-        rows = _rows(size)
-        if rows is not None:
-            norms = tf.math.reduce_euclidean_norm(tf.reshape(x, [rows, size // rows]), self._axis(1))
-            return 2.0 * tf.nn.l2_loss(norms)
-        return 2.0 * tf.add_n([tf.nn.l2_loss(part) for part in _slices(x, size)])
+            halved = tf.nn.l2_loss(x)  # XLA lacks EuclideanNorm and fuses this anyway
+        else:
+            rows = _rows(size)
+            if rows is not None:
+                norms = tf.math.reduce_euclidean_norm(tf.reshape(x, [rows, size // rows]), self._axis(1))
+                halved = tf.nn.l2_loss(norms)
+            else:
+                halved = tf.add_n([tf.nn.l2_loss(part) for part in _slices(x, size)])
+        return halved if half else 2.0 * halved
 
 
 def _rows(size: int) -> int | None:
