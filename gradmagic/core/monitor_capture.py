@@ -2,12 +2,14 @@
 
 The monitor replaces ``optimizer.apply`` (an instance attribute, so the class and
 other models are untouched) by a function that, while the train step is traced,
-calls the original ``apply`` with the gradients *unchanged*, then adds the
+calls the original ``apply`` with the gradients *unchanged* and adds the
 statistics of :mod:`gradmagic.core.monitor_stats` and one row write into a
-buffer variable. Training therefore runs the same update ops on the same values;
-the extra ops only read the gradients (and the ``g**2`` the optimizer may
-compute anyway). Nothing here runs per step in Python: the statistics stay on
-the device until the host reads the buffer.
+buffer variable: with ``stats="norm"`` (and when the bad step is kept) built
+before the update, with ``stats="full"`` after it (to reuse the ``g**2`` the
+optimizer may compute). Training therefore runs the same update ops on the same
+values; the extra ops only read the gradients (or replayed copies of them, see
+:mod:`gradmagic.core.monitor_replay`). Nothing here runs per step in Python: the
+statistics stay on the device until the host reads the buffer.
 """
 
 from __future__ import annotations
