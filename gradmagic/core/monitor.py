@@ -424,7 +424,8 @@ class GradientMonitor(keras.callbacks.Callback):
 
         Kept with ``on_anomaly="stop"`` or ``"raise"`` (not under a distribution
         strategy): ``gm.explain(model, *monitor.bad_batch)`` reproduces the step
-        (at the weights from before it: ``monitor.bad_step_weights``).
+        (at the weights from before it: ``monitor.bad_step_weights``; with sample
+        weights, pass ``*monitor.bad_batch[:2]``, as explain's third argument is the loss).
         """
         return self._bad_batch
 
