@@ -455,6 +455,16 @@ def test_forward_division_pinned_with_xla_and_steps_per_execution(jit, steps_per
     np.testing.assert_array_equal(monitor.bad_batch[0], x[16:24])
 
 
+def test_forward_division_pinned_when_run_eagerly():
+    model, (x, y) = _forward_division_model(), _division_data()
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse", run_eagerly=True)
+    monitor = GradientMonitor(on_anomaly="raise")
+    with pytest.raises(GradientAnomalyError) as info:
+        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
+    assert (info.value.anomaly.layer, info.value.anomaly.origin.op_type) == ("divide", "RealDiv")
+    np.testing.assert_array_equal(monitor.bad_batch[0], x[16:24])
+
+
 @pytest.mark.parametrize("action", ["stop", "raise"])
 def test_keeping_the_bad_step_leaves_training_bit_identical(action):
     def run(callbacks):

@@ -72,6 +72,10 @@ class BadStepCapture:
             self.captured.assign(True)
             return tf.constant(True)
 
+        if tf.executing_eagerly():  # run_eagerly=True: a plain Python test, no function to trace per step
+            if not bool(finite) and not bool(self.captured.numpy()):
+                copy(*flat, count)
+            return
         specs = [tf.TensorSpec(t.shape, t.dtype) for t in flat] + [tf.TensorSpec([], tf.int64)]
         # Not inlined: a step that copies nothing skips one node, not one per weight.
         attributes = {"_noinline": True}
