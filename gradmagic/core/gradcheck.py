@@ -21,12 +21,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from gradmagic.core.arguments import check_flag, check_seed
+from gradmagic.core.batches import first_batch
 from gradmagic.core.finite_differences import LossProblem, check_rows, loss_problem
 from gradmagic.core.float64 import as_float64, float64_loss, float64_twin
 from gradmagic.core.gradcheck_results import CheckRow, GradientCheck
-from gradmagic.core.gradients import check_model, prepare_loss_args, spec_and_inputs
+from gradmagic.core.gradients import check_model, leaves_no_trace, prepare_loss_args, spec_and_inputs
 from gradmagic.core.state import preserved_eagerly
-from gradmagic.core.targets import model_name, resolve_loss
+from gradmagic.core.targets import check_loss_argument, check_loss_structure, model_name, resolve_loss
 from gradmagic.core.trace_errors import short_error
 from gradmagic.core.tracing import TracingFailed, tracing_error
 from gradmagic.errors import InputError
@@ -99,6 +101,7 @@ def _evaluation_model(
         return own, "float32", [note]
 
 
+@leaves_no_trace
 def check_gradients(
     model: keras.Model,
     x: Any,
@@ -160,12 +163,18 @@ def check_gradients(
     """
     check_model(model)
     _validate(tol, epsilon, max_directions)
-    spec, x_in, batch = spec_and_inputs(model, x)
-    y_in, sw_in = prepare_loss_args(model, spec, y, sample_weight, batch)
+    seed, training = check_seed(seed), check_flag("training", training)
+    check_loss_argument(model, loss)
+    data = first_batch(x, y, sample_weight)
+    spec, x_in, batch = spec_and_inputs(model, data.x)
+    check_loss_structure(model, spec.output_names, loss)
+    y_in, sw_in = prepare_loss_args(model, spec, data.y, data.sample_weight, batch)
     resolve_loss(model, loss)  # a missing or unknown loss is reported before anything runs
     with preserved_eagerly(model):  # the float32 fallback perturbs the model's own weights
         try:
             problem, dtype, notes = _evaluation_model(model, spec, loss, x_in, y_in, sw_in, training)
+            if data.source:
+                notes.append(data.source)
             if training:
                 notes.append("training=True: random layers (Dropout) make finite differences meaningless")
             settings = {
