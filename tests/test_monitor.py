@@ -236,6 +236,41 @@ def test_apply_restored_after_fit_and_when_fit_raises():
     assert int(monitor._buffer.count.numpy()) == recorded
 
 
+def test_two_monitors_in_one_fit_fail_before_training():
+    model, (x, y) = mlp(), _data()
+    before = model.get_weights()
+    first, second = GradientMonitor(), GradientMonitor()
+    with pytest.raises(MonitorArgumentError, match="two GradientMonitor"):
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[first, second])
+    for got, want in zip(model.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert getattr(model.train_function, "gradmagic_functions", None) is None
+    assert "apply" not in vars(model.optimizer)
+    # Each monitor alone still records every step of its own fit (32 rows / 8 = 4 batches).
+    for monitor in (first, second):
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[monitor])
+        assert len(monitor.to_dict()["step"]) == 4 * len(model.trainable_variables)
+
+
+def test_fit_after_a_keyboard_interrupt_records_with_another_monitor():
+    class Interrupt(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if batch == 1:
+                raise KeyboardInterrupt
+
+    model, (x, y) = mlp(), _data()
+    interrupted = GradientMonitor()
+    with pytest.raises(KeyboardInterrupt):
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[interrupted, Interrupt()])
+    recorded = int(interrupted._buffer.count.numpy())
+    assert recorded == 2 and "apply" not in vars(model.optimizer)
+    monitor = GradientMonitor()  # not taken for a second monitor of the interrupted fit
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[monitor])
+    # 2 steps before the interrupt, then 4: the new monitor records steps 2..5, the old one nothing more.
+    assert sorted(set(monitor.to_dict()["step"])) == [2, 3, 4, 5]
+    assert int(interrupted._buffer.count.numpy()) == recorded
+
+
 def _division_model():
     """d1 -> Lambda dividing by input column 0 (guarded forward, NaN backward) -> out."""
     inputs = keras.Input((3,))

@@ -65,6 +65,10 @@ class GradientMonitor(keras.callbacks.Callback):
     ``"stop"`` happen at those calls only. With gradient accumulation the recorded
     gradients are the per-batch ones, before accumulation.
 
+    One monitor per ``fit``: a second one in the same ``callbacks`` list raises a
+    ``MonitorArgumentError`` before the first step (use :meth:`add_listener` to
+    hand one monitor's records to more consumers).
+
     Args:
         print_every: Print one line per layer (norm, max |g|) every this many batches.
             Defaults to None (no printing).
@@ -234,6 +238,17 @@ class GradientMonitor(keras.callbacks.Callback):
         if getattr(model, "optimizer", None) is None:
             raise MonitorArgumentError(
                 f"Model {model.name!r} has no optimizer: compile it before fit(callbacks=[GradientMonitor()])."
+            )
+        other = getattr(model.train_function, "gradmagic_functions", None)
+        if other is not None and other is not self._functions and other.attached_in_this_fit(model):
+            # Each monitor records through its own compiled step, and fit runs one step
+            # function: the first monitor would silently record nothing.
+            other.detach()
+            raise MonitorArgumentError(
+                f"Received two GradientMonitor callbacks in one fit of model {model.name!r}. Expected one "
+                "monitor per fit (both would record the same gradients, and only one can). Fix: pass one "
+                "monitor, e.g. fit(..., callbacks=[monitor]); a second consumer of its records can use "
+                "monitor.add_listener(...)."
             )
         self._slots = weight_slots(model)
         self._layer_names = [layer.name for layer in model.layers]

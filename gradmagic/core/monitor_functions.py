@@ -81,6 +81,21 @@ class TrainFunctions:
         """Whether these functions still belong to ``model`` as compiled now."""
         return self._model() is model and plain is self.plain and model.optimizer is self.optimizer
 
+    def attached_in_this_fit(self, model: keras.Model) -> bool:
+        """Whether ``model``'s current ``fit`` attached these functions and has run no step yet.
+
+        True only between ``attach`` and the first step of the same ``fit`` (the
+        epoch list is taken at the first step), so a ``fit`` that died earlier
+        (an exception, Ctrl-C) never counts.
+        """
+        token = self._token
+        return (
+            token is not None
+            and token[1] is None
+            and token[0] is getattr(model, "history", None)
+            and model.train_function is self.guarded
+        )
+
     def attach(self, model: keras.Model) -> None:
         """Make the current ``fit`` (and only it) run the recording function."""
         self._token = (getattr(model, "history", None), None)  # the epoch list is taken at the first step
