@@ -484,7 +484,9 @@ class GradientMonitor(keras.callbacks.Callback):
                 warnings.warn(anomaly.message + " (further ones at this layer are recorded silently)", stacklevel=2)
 
     def _keep_good(self, step: int) -> None:
-        self.last_good_weights = [np.array(w) for w in self.model.get_weights()]
+        # get_weights() already returns fresh host arrays (no view of the variables):
+        # copying them again cost a third of this copy, which "stop" makes at every read.
+        self.last_good_weights = list(self.model.get_weights())
         self.last_good_step = step
 
     def _read_histograms(self, first: int, count: int) -> list[GradientHistogram]:
