@@ -174,7 +174,8 @@ class GradientMonitor(keras.callbacks.Callback):
 
     def to_dict(self) -> dict[str, list]:
         """Equal-length columns: step, epoch, batch, layer, layer_index, weight, norm,
-        max_abs, mean, nan, inf, skipped (one row per step and weight)."""
+        max_abs, mean, nan, inf, skipped, full (one row per step and weight; ``full``
+        is False where only the norm was measured, see the class docstring)."""
         if self._history is None:
             return {name: [] for name in _empty_columns()}
         return self._history.to_dict()

@@ -4,9 +4,9 @@ The monitor replaces ``optimizer.apply`` (an instance attribute, so the class an
 other models are untouched) by a function that, while the train step is traced,
 calls the original ``apply`` with the gradients *unchanged* and adds the
 statistics of :mod:`gradmagic.core.monitor_stats` and one row write into a
-buffer variable: with ``stats="norm"`` (and when the bad step is kept) built
-before the update, with ``stats="full"`` after it (to reuse the ``g**2`` the
-optimizer may compute). Training therefore runs the same update ops on the same
+buffer variable: with ``stats="norm"`` (and when the bad step is kept, and under
+XLA) built before the update, with ``stats="full"`` after it (to reuse the
+``g**2`` the optimizer may compute). Training therefore runs the same update ops on the same
 values; the extra ops only read the gradients (or replayed copies of them, see
 :mod:`gradmagic.core.monitor_replay`). Nothing here runs per step in Python: the
 statistics stay on the device until the host reads the buffer.
@@ -248,9 +248,11 @@ class ApplyHook:
             if scale is not None and not isinstance(scale, (int, float)):
                 scale = tf.convert_to_tensor(scale)  # read before apply updates it
             summed = _replica_sum(grads)
-            if buffer.mode == "norm" or capture is not None:
+            if buffer.mode == "norm" or capture is not None or buffer.xla:
                 # Measured before the update: the bad-step copy needs the verdict before
                 # the weights change (and stats="norm" has no use for the optimizer's g**2).
+                # Under XLA too: statistics built after a clipped update (clipnorm) changed
+                # how XLA compiled that update, by an ulp in some weights.
                 stats = buffer.measure(readable(summed, before_update=True), variables, scale, skips)
                 if capture is not None and not skips:
                     finite = tf.reduce_all(tf.equal(stats[3] + stats[4], 0.0))
