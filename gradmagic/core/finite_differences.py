@@ -7,9 +7,9 @@ unit directions ``v``, restoring every weight it perturbs.
 
 What tells a wrong derivative from a hard place to take one:
 
-- scale: an error counts against the larger of its row's gradient and the
-  whole model's, so a weight whose gradient is 1e-8 of the others' is not
-  failed for round-off that is negligible for training;
+- scale: an error counts against the larger of its row's gradient and a
+  hundredth of the whole model's, so a weight whose gradient is 1e-8 of the
+  others' is not failed for round-off that is negligible for training;
 - round-off: each difference is allowed ``10 eps |L| / h`` (``eps`` of the
   lowest precision the model computes in);
 - steps: a row that fails at ``h`` is measured again at ``10 h`` and ``h / 10``
@@ -41,7 +41,7 @@ from gradmagic.core.targets import model_name, weight_slots
 from gradmagic.core.tracing import OpRecorder, concrete_function
 
 #: An error counts against max(row's gradient, _MODEL_SHARE * the whole model's gradient).
-_MODEL_SHARE = 1.0
+_MODEL_SHARE = 0.01
 #: A kink explains an error up to this many times the jump between the one-sided slopes.
 _KINK_FACTOR = 4.0
 #: Extra steps (as multiples of h) tried on a row that fails at h.
@@ -57,6 +57,7 @@ class LossProblem:
     grads_at: Callable[[Any], tuple]
     x: Any
     dtype: tf.DType
+    recorder: OpRecorder | None = None  # the loss's trace: which layer's ops are whose
 
 
 def _flat(grad: Any, like: Any) -> np.ndarray:
@@ -87,7 +88,9 @@ def loss_problem(model: keras.Model, loss_fn: Any, x: Any, y: Any, sw: Any, trai
     loss_concrete = concrete_function(loss_at, recorder, x_tensors)
     grads_concrete = grads_at.get_concrete_function(x_tensors)
     dtype = tf.as_dtype(loss_concrete.structured_outputs.dtype)
-    return LossProblem(model, lambda x: float(loss_concrete(x)), lambda x: grads_concrete(x), x_tensors, dtype)
+    return LossProblem(
+        model, lambda x: float(loss_concrete(x)), lambda x: grads_concrete(x), x_tensors, dtype, recorder
+    )
 
 
 def _directions(size: int, max_directions: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
@@ -183,13 +186,13 @@ def _judge(autodiff: np.ndarray, diffs: list[_Differences], scale_floor: float, 
     # Where the loss is smooth the jump shrinks in proportion to h (10x per step); a kink keeps it,
     # a jump in L itself makes it grow.
     kink = np.zeros(autodiff.shape, bool)
+    eps = settings["roundoff"] / 10  # the jump subtracts three losses close together: a few eps |L| / h
     for finer, coarser in itertools.pairwise(steps):
-        roundoff = 4 * settings["roundoff"] * max(1.0, abs(finer.base)) / finer.h
-        kink |= (finer.jump > roundoff) & (finer.jump > 0.25 * coarser.jump)
+        kink |= (finer.jump > 4 * eps * max(1.0, abs(finer.base)) / finer.h) & (finer.jump > 0.25 * coarser.jump)
     # Central differences converge like h^2 where it is smooth: from h to h/10 they move 1/100 of what
     # they moved from 10h to h. Much more means a kink lies between the steps.
     late, early = np.abs(at_h.central - small.central), np.abs(large.central - at_h.central)
-    kink |= late > np.maximum(0.1 * early, 4 * settings["roundoff"] * max(1.0, abs(small.base)) / small.h)
+    kink |= late > np.maximum(0.1 * early, 4 * eps * max(1.0, abs(small.base)) / small.h)
     # A kink inside some steps and not others also scatters the central differences.
     centrals = np.stack([d.central for d in diffs])
     rough = np.max([d.jump for d in diffs], axis=0) + centrals.max(axis=0) - centrals.min(axis=0)

@@ -30,7 +30,7 @@ from gradmagic.core.gradients import check_model, prepare_loss_args, spec_and_in
 from gradmagic.core.state import preserved_eagerly
 from gradmagic.core.targets import model_name, resolve_loss
 from gradmagic.core.trace_errors import short_error
-from gradmagic.core.tracing import TracingFailed, tracing_error
+from gradmagic.core.tracing import TracingFailed, layer_ancestors, tracing_error
 from gradmagic.errors import InputError
 
 __all__ = ["CheckRow", "GradientCheck", "check_gradients"]
@@ -40,15 +40,29 @@ _STEP = {"float64": 1e-5, "float32": 1e-3}
 _FLOAT32_TOL = 1e-2
 
 
-def _suspects(model: keras.Model, rows: list[CheckRow]) -> list[str]:
-    """Layers from the deepest failing row up to (not including) the next passing one, in model order."""
-    failed = [-1 if r.index is None else r.index for r in rows if not r.passed]
-    if not failed:
+def _suspects(model: keras.Model, rows: list[CheckRow], ancestors: dict[int, set[int]] | None) -> list[str]:
+    """The layers where a wrong gradient can enter, given which rows failed; in model order.
+
+    A wrong derivative at layer L spoils the gradient of every weight upstream
+    of L, so L lies downstream of (or is) every failing layer, and no passing
+    layer lies between the deepest failing one and L. Without the layer graph
+    (``ancestors``), model order stands in for it.
+    """
+    failed = {r.index for r in rows if not r.passed and r.index is not None}
+    if all(r.passed for r in rows):
         return []
-    deepest = max(failed)
-    later = [r.index for r in rows if r.passed and r.index is not None and r.index > deepest]
-    stop = min(later) if later else len(model.layers)
-    chosen = range(max(deepest, 0), stop)
+    passed = {r.index for r in rows if r.passed and r.index is not None}
+    deepest = max(failed, default=-1)
+    if ancestors is None:
+        later = [i for i in passed if i > deepest]
+        chosen = range(max(deepest, 0), min(later) if later else len(model.layers))
+    else:
+        upstream = {i: ancestors.get(i, set()) | {i} for i in ancestors}
+        below = {i for i in upstream if deepest in upstream[i]} if deepest >= 0 else set(upstream)
+        chosen = [
+            i for i in sorted(upstream)
+            if failed <= upstream[i] and not (passed & below & upstream[i])
+        ]  # fmt: skip
     return [f"{i} '{model.layers[i].name}'" for i in chosen if not isinstance(model.layers[i], keras.layers.InputLayer)]
 
 
@@ -153,8 +167,8 @@ def check_gradients(
     ``notes``.
 
     A correct gradient is not failed for what finite differences cannot
-    resolve: an error counts against the larger of its row's gradient and the
-    whole model's (a BatchNormalization beta whose gradient is
+    resolve: an error counts against the larger of its row's gradient and a
+    hundredth of the whole model's (a BatchNormalization beta whose gradient is
     1e-8 of the others' is not judged on round-off), each difference is allowed
     its round-off, a failing row is measured again at ``10 h`` and ``h / 10``,
     and a row whose one-sided slopes keep differing as ``h`` shrinks (ReLU or
@@ -231,8 +245,15 @@ def check_gradients(
     settings["progress"].done()
     if dtype == "float32" and tol < _FLOAT32_TOL:
         warnings.warn(f"check_gradients ran in float32: {notes[0]}; tol raised to {_FLOAT32_TOL}.", stacklevel=2)
-    suspects = _suspects(model, rows)
+    suspects = _suspects(model, rows, _ancestors(model, problem))
     return GradientCheck(model_name(model), rows, settings["tol"], dtype, settings["epsilon"], value, suspects, notes)
+
+
+def _ancestors(model: keras.Model, problem: LossProblem) -> dict[int, set[int]] | None:
+    """The layer graph of the evaluation model, if its layers line up with the model's."""
+    if problem.recorder is None or [type(a) for a in problem.model.layers] != [type(b) for b in model.layers]:
+        return None
+    return layer_ancestors(problem.recorder)
 
 
 class _Progress:

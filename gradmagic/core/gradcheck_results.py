@@ -27,8 +27,8 @@ class CheckRow:
         rel_error: ``||a - f||`` over the directions (``a`` autodiff, ``f``
             finite differences), less a round-off allowance per difference
             (and, for a row that is not smooth here, less what the kink
-            explains), divided by the larger of ``||a||``, ``||f||`` and the
-            whole model's gradient seen through as many directions.
+            explains), divided by the larger of ``||a||``, ``||f||`` and a
+            hundredth of the whole model's gradient seen through as many directions.
         passed: ``rel_error <= tol``, or a row that is not smooth here.
         status: ``"ok"``, ``"FAIL"``, or ``"not smooth here"``: the one-sided
             slopes differ at every step (ReLU at exactly 0, max-pool ties,

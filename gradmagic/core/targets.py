@@ -16,6 +16,7 @@ from typing import Any
 
 import keras
 
+from gradmagic.core.loss_trackers import own_compile_loss
 from gradmagic.core.state import restore_in_graph, snapshot_in_graph
 from gradmagic.errors import (
     LayerError,
@@ -319,13 +320,15 @@ def resolve_loss(model: keras.Model, loss: Any = None) -> LossFn:
         # A compiled loss updates per-output trackers when outputs are nested, and a
         # custom compute_loss may update anything of its own: restore those metrics.
         # A single-output compiled loss writes nothing, so it pays for no guard.
-        guarded = list(model.metrics_variables) if custom or keras.tree.is_nested(y_pred) else []
-        saved = snapshot_in_graph(guarded)
-        if takes_training:
-            loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training)
-        else:
-            loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight)
-        restore_in_graph(guarded, saved)
+        # The model's compiled loss would add its per-output trackers to the model: use a copy.
+        with own_compile_loss(model):
+            guarded = list(model.metrics_variables) if custom or keras.tree.is_nested(y_pred) else []
+            saved = snapshot_in_graph(guarded)
+            if takes_training:
+                loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training)
+            else:
+                loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight)
+            restore_in_graph(guarded, saved)
         return loss
 
     return run
