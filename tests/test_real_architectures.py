@@ -424,3 +424,59 @@ def test_subclassed_model_gets_a_float64_copy():
     check = gm.check_gradients(model, X3, Y2[0], verbose=False)
     assert check.passed and check.dtype == "float64" and check.max_rel_error < 1e-7, check
     assert_unchanged(model, before)
+
+
+# --- explain: verdicts that match the gradient actually computed -----------------------------------------------------
+
+
+def _attention_with_masks():
+    """Padding mask from Embedding(mask_zero=True) plus a causal mask, through MultiHeadAttention."""
+    inp = keras.Input((6,), dtype="int32")
+    t = keras.layers.Embedding(20, 8, mask_zero=True)(inp)
+    t = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4)(t, t, use_causal_mask=True)
+    out = keras.layers.Dense(1)(keras.layers.GlobalAveragePooling1D()(t))
+    return keras.Model(inp, out, name="masked_attention")
+
+
+def _embedding_gru():
+    inp = keras.Input((6,), dtype="int32")
+    t = keras.layers.GRU(5)(keras.layers.Embedding(20, 4, mask_zero=True)(inp))
+    return keras.Model(inp, keras.layers.Dense(1)(t), name="embedding_gru")
+
+
+def _plain_lstm():
+    inp = keras.Input((5, 3))
+    return keras.Model(inp, keras.layers.Dense(1)(keras.layers.LSTM(4)(inp)), name="plain_lstm")
+
+
+EXPLAINED = {
+    "masked_lstm": (lambda: masked_rnn(None, keras.layers.LSTM), SEQUENCES),
+    "masked_gru": (lambda: masked_rnn(None, keras.layers.GRU), SEQUENCES),
+    "masked_simple_rnn": (lambda: masked_rnn(None, keras.layers.SimpleRNN), SEQUENCES),
+    "plain_lstm": (_plain_lstm, SEQUENCES),
+    "embedding_gru": (_embedding_gru, TOKENS),
+    "masked_attention": (_attention_with_masks, TOKENS),
+    "transformer": (lambda: transformer(None), TOKENS),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPLAINED))
+def test_explain_verdicts_match_the_gradient_actually_computed(name):
+    build, x = EXPLAINED[name]
+    model = build()
+    targets = np.array([[0.5], [-1.0]], "float32") if model.outputs[0].shape[-1] == 1 else np.array([0, 1])
+    model.compile(loss="mse" if targets.ndim == 2 else "sparse_categorical_crossentropy")
+    before = fingerprint(model)
+
+    e = gm.explain(model, x, targets)
+
+    loss = keras.losses.get(model.loss)
+    tape = _tape_gradients(model, x, targets, loss)
+    owner = {id(v): i for i, layer in enumerate(model.layers) for v in layer.trainable_weights}
+    moved = {owner[id(v)] for v, g in zip(model.trainable_weights, tape, strict=True) if np.any(g != 0)}
+    assert moved, "the tape sees gradients"
+    for record in e.layers:
+        if record.index in moved:  # the gradient reaches this layer's weights, so nothing blocks it
+            assert (record.verdict, record.observed) == ("flows", "flows"), record
+    assert e.blocked == [] and e.disconnected == [], e
+    assert_unchanged(model, before)

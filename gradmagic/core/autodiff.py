@@ -160,11 +160,13 @@ def _observed(trace: _Trace, calls: list[int], weight_grads: list) -> str:
     if not trace.out_grads:
         return "n/a"
     outs = [g for i in calls for g in trace.out_grads[i] if g is not None]
-    if not any(np.any(g != 0) for g in outs):
-        return "not reached"
     float_in = [(g, t) for i in calls for g, t in zip(trace.in_grads[i], trace.recorder.calls[i].inputs, strict=True)]
     grads = [g for g, t in float_in if carries_gradient(t)] + list(weight_grads)
     present = [g for g in grads if g is not None]
+    # A loss may read a tensor inside the layer rather than its output (Keras's cross-entropy takes
+    # the logits under a final softmax): the gradient then reaches the layer all the same.
+    if not any(np.any(g != 0) for g in outs) and not any(np.any(g != 0) for g in present):
+        return "not reached"
     if not grads:
         return "n/a"
     if any(not np.all(np.isfinite(g)) for g in present):
