@@ -11,6 +11,11 @@ is known.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
@@ -480,3 +485,45 @@ def test_explain_verdicts_match_the_gradient_actually_computed(name):
             assert (record.verdict, record.observed) == ("flows", "flows"), record
     assert e.blocked == [] and e.disconnected == [], e
     assert_unchanged(model, before)
+
+
+# --- Jacobians through grouped convolutions --------------------------------------------------------------------------
+
+_GROUPED_SCRIPT = """
+import numpy as np, tensorflow as tf, keras, gradmagic as gm
+keras.utils.set_random_seed(0)
+inp = keras.Input((8, 8, 6))
+t = keras.layers.Conv2D(6, 3, groups=3)(inp)  # ConvNeXt's grouped convolution
+model = keras.Model(inp, keras.layers.Dense(4)(keras.layers.Flatten()(t)))
+x = np.random.default_rng(0).normal(size=(2, 8, 8, 6)).astype("float32")
+j = gm.input_gradients(model, x)
+want = []
+for i in range(2):  # one sample, one output unit at a time: plain backward passes
+    row = []
+    for k in range(4):
+        xi = tf.constant(x[i : i + 1])
+        with tf.GradientTape() as tape:
+            tape.watch(xi)
+            unit = model(xi)[0, k]
+        row.append(tape.gradient(unit, xi)[0].numpy())
+    want.append(row)
+np.testing.assert_allclose(j.array, np.array(want), rtol=1e-4, atol=1e-6)  # different graphs: round-off apart
+print("NOTES", j.notes)
+"""
+
+
+@pytest.mark.parametrize("onednn", ["0", "1"])
+def test_jacobian_through_a_grouped_convolution_falls_back_to_one_unit_at_a_time(onednn, tmp_path):
+    # TensorFlow's CPU kernels without oneDNN refuse the vectorised (pfor) gradient of a grouped
+    # convolution; the setting is read at import, hence a fresh interpreter.
+    env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": onednn, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(gm.__file__).parents[1]), env.get("PYTHONPATH", "")])
+    script = tmp_path / "grouped.py"
+    script.write_text(_GROUPED_SCRIPT)
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    notes = done.stdout.split("NOTES", 1)[1]
+    if onednn == "0":
+        assert "one output unit at a time" in notes and "grouped convolutions" in notes
+    else:
+        assert notes.strip() == "[]"

@@ -49,6 +49,7 @@ class _Question:
     layer_name: str = ""
     compiled_loss: bool = False
     concrete: dict = field(default_factory=dict)
+    note: str = ""
 
 
 def check_model(model: Any) -> None:
@@ -400,12 +401,35 @@ def input_gradients(
         output = _check_output_index(model, spec, output)
     key = ("input", output, bool(training), _model_token(model))
     question = compute.cached(model, key, lambda: _Question(compute.input_function(model, output, bool(training))))
-    outputs, result = _run(model, key, question, (x_in,), "d(output)/d(input)", x_in)
+    try:
+        outputs, result = _run(model, key, question, (x_in,), "d(output)/d(input)", x_in)
+    except ComputeError as failed:
+        if output is not None:
+            raise
+        question, (outputs, result) = _unvectorized(model, key, x_in, bool(training), failed)
     per_output = [[_numpy(j) for j in per_input] for per_input in result]
     values = [o.numpy() for o in outputs]
     gradients = _input_result(model, spec, x_in, names, per_output, output)
     gradients.values = values[0] if len(values) == 1 else values
+    if question.note:
+        gradients.notes.append(question.note)
+        gradients.title += f" ({question.note})"
     return gradients
+
+
+def _unvectorized(model: keras.Model, key: Hashable, x: Any, training: bool, failed: ComputeError) -> tuple:
+    """Jacobians one output unit at a time, where the vectorised Jacobian failed; cached under ``key``.
+
+    ``pfor`` rewrites the backward pass for a whole batch of output units at
+    once, which some kernels refuse (grouped convolutions on CPU); one gradient
+    per unit needs only the ops a single backward pass uses.
+    """
+    reason = str(failed).split(" failed: ", 1)[-1].split(". Check that x", 1)[0]
+    note = f"computed one output unit at a time: the vectorised Jacobian failed ({reason[:160]})"
+    question = compute.cached(
+        model, key, lambda: _Question(compute.input_function(model, None, training, vectorized=False), note=note)
+    )
+    return question, _run(model, key, question, (x,), "d(output)/d(input)", x)
 
 
 def _embedding_name(model: keras.Model) -> str:

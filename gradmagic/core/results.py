@@ -278,6 +278,8 @@ class InputGradients(GradientTable):
         output: The output unit asked for, or ``None`` for all.
         values: The model's output at x (a list for several outputs): f(x)
             beside f'(x).
+        notes: How it was computed when not the usual way (e.g. one output
+            unit at a time, where the vectorised Jacobian is not supported).
     """
 
     def __init__(self, rows: list[GradientRow], array: Any, output: int | None, title: str = "") -> None:
@@ -285,6 +287,7 @@ class InputGradients(GradientTable):
         self.array = array
         self.output = output
         self.values: Any = None
+        self.notes: list[str] = []
 
 
 def rows_for(labels: Sequence[dict[str, Any]], arrays: Sequence[np.ndarray | None]) -> list[GradientRow]:
