@@ -183,7 +183,7 @@ class ExplorerFigure:
         """Move every artist to a new view; return True when axis limits changed.
 
         Args:
-            view: An :class:`~gradmagic.widgets.explorer.ExplorerView`.
+            view: An :class:`~gradmagic.widgets.explorer_view.ExplorerView`.
 
         Returns:
             Whether the background (axes, ticks) must be drawn again.

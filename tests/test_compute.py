@@ -42,9 +42,11 @@ def test_flat_call_is_used_and_equals_the_structured_call():
         (caller,) = concrete.values()
         assert caller.__name__ == "call_flat_tensors"  # the fast path, not the fallback
         want_loss, want_grads = fn(x, y, sample_weight)
-        assert loss.numpy() == want_loss.numpy()
+        # The flat concrete function (free batch size) and the structured call may be two traces of the
+        # same math: equal to float32 rounding, not necessarily bit for bit.
+        np.testing.assert_allclose(loss.numpy(), want_loss.numpy(), rtol=1e-6)
         for got, want in zip(grads, want_grads):
-            np.testing.assert_array_equal(got.numpy(), want.numpy())
+            np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-6, atol=1e-7)
 
 
 def test_one_concrete_function_serves_every_batch_size():

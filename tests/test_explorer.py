@@ -42,8 +42,14 @@ def test_slider_moves_the_point_and_curves_match_the_model(fitted, use_ipympl):
     # The curves: model outputs along the slider's range, and their derivative.
     line_x, line_y = panel.figure.value_line.get_data()
     np.testing.assert_allclose(line_y, model(line_x[:, None]).numpy().ravel(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(panel.figure.grad_line.get_data()[1], gm.input_gradients(model, line_x).array.ravel())
-    np.testing.assert_allclose(panel.figure.value_ref.get_data()[1], examples.regression_target(line_x).ravel())
+    # The panel differentiates the curve and the point in one batch (points + 1 rows), this call the curve alone:
+    # two compiled graphs whose float32 sums may run in another order, so they agree to a few ulps, not bit for bit
+    # (a 2e-6 relative difference was seen on another machine).
+    np.testing.assert_allclose(
+        panel.figure.grad_line.get_data()[1], gm.input_gradients(model, line_x).array.ravel(), rtol=1e-5, atol=1e-6
+    )
+    # The same NumPy function on the same float32 points: exact.
+    np.testing.assert_array_equal(panel.figure.value_ref.get_data()[1], examples.regression_target(line_x).ravel())
     # The bars: dLoss/dW per layer at the point, with the first sample's target.
     weights = gm.weight_gradients(model, [[0.5]], y[:1])
     expected = [np.sqrt(sum(np.sum(a.astype(float) ** 2) for a in weights[i].arrays())) for i in range(4)]
@@ -61,6 +67,7 @@ def test_reset_to_sample_uses_that_row_and_its_target(fitted):
     # The point lands on the slider grid next to the sample (a browser would snap it there anyway).
     assert panel.view.point[0] == pytest.approx(float(x[7, 0]), abs=step / 2 + 1e-6)
     assert panel.sliders[0].value == pytest.approx(float(panel.view.point[0]))
+    # The same question with the same shapes: the panel's own compiled function, so a tight tolerance holds.
     assert panel.view.loss == pytest.approx(gm.weight_gradients(model, panel.view.point[None], y[7:8]).loss, rel=1e-6)
 
 
@@ -74,9 +81,10 @@ def test_many_features_get_one_slider_and_a_feature_choice():
     panel.unit_select.value = 1
     point = panel.view.point
     assert point[5] == pytest.approx(0.25) and panel.view.feature == 5 and panel.view.unit == 1
+    # One point here, the panel's whole curve batch there: two compiled graphs, equal to float32 rounding.
     jac = gm.input_gradients(model, point[None], output=1).array[0]
-    np.testing.assert_allclose(panel.view.gradient, jac, rtol=1e-6)
-    assert panel.view.point_grad == pytest.approx(float(jac[5]), rel=1e-6)
+    np.testing.assert_allclose(panel.view.gradient, jac, rtol=1e-5, atol=1e-6)
+    assert panel.view.point_grad == pytest.approx(float(jac[5]), rel=1e-5, abs=1e-6)
     # Without targets the bars are d(output unit)/dW.
     bars = gm.weight_gradients(model, point[None], None, output=1)
     assert panel.figure.bars[0].get_height() == pytest.approx(
@@ -102,12 +110,16 @@ def test_functional_and_subclassed_models():
         panel = gm.explore(model, x, use_ipympl=False, points=10)
         panel.set_point([0.3, -0.2])
         expected = gm.input_gradients(model, [[0.3, -0.2]]).array[0, 0]
-        np.testing.assert_allclose(panel.view.gradient, expected, rtol=1e-6)
+        # Another batch size, so another compiled graph: equal to float32 rounding, not bit for bit.
+        np.testing.assert_allclose(panel.view.gradient, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_image_models_get_a_clear_message():
     model = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Flatten(), keras.layers.Dense(1)], name="cnn")
-    with pytest.raises(gm.GradmagicError, match=r"flat float vector.*'cnn' takes \(batch, 4, 4, 1\)"):
+    with pytest.raises(
+        gm.GradmagicError,
+        match=r"x of shape \(2, 4, 4, 1\) for model 'cnn', which takes \(batch, 4, 4, 1\) float32.*flat float vector",
+    ):
         gm.explore(model, np.zeros((2, 4, 4, 1), "float32"))
 
 

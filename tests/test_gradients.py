@@ -90,7 +90,8 @@ def test_layer_selection_by_index_and_name_matches_full_result():
     assert len(by_index.arrays()) == 2
     for part in (by_index, by_name, full[1], full[model.layers[1].name]):
         for got, want in zip(part.arrays(), full.arrays()[2:4]):
-            np.testing.assert_array_equal(got, want)
+            # One layer's gradients and every layer's are two compiled graphs: equal to float32 rounding.
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
     assert len(full.arrays()) == len(model.trainable_weights)
 
 
@@ -315,9 +316,10 @@ def test_training_flag_changes_dropout_but_not_inference():
     inference = gm.weight_gradients(model, x, y)
     again = gm.weight_gradients(model, x, y)
     trained = gm.weight_gradients(model, x, y, training=True)
+    # Exact on purpose: the same cached compiled function re-run on the same inputs.
     np.testing.assert_array_equal(inference.arrays()[0], again.arrays()[0])
     assert not np.allclose(inference.arrays()[0], trained.arrays()[0])
-    # State is restored after each call, so the same dropout mask is drawn again.
+    # State is restored after each call, so the same dropout mask is drawn again (same graph: exact).
     np.testing.assert_array_equal(trained.arrays()[0], gm.weight_gradients(model, x, y, training=True).arrays()[0])
 
 
@@ -354,7 +356,8 @@ def test_input_gradients_carry_the_output_values():
     model = mlp((2, 3, 2))
     x = np.array([[0.1, 0.2], [0.3, -0.4]], "float32")
     j = gm.input_gradients(model, x)
-    np.testing.assert_allclose(j.values, model(x).numpy(), rtol=1e-6)
+    # Compiled Jacobian graph against an eager call: equal to float32 rounding, not bit for bit.
+    np.testing.assert_allclose(j.values, model(x).numpy(), rtol=1e-5, atol=1e-7)
 
 
 def test_weight_gradients_of_one_output_unit_need_no_targets():

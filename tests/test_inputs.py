@@ -75,7 +75,8 @@ def test_multi_input_structure_errors():
         gm.input_gradients(model, {"a": np.ones((2, 2))})
     by_name = gm.input_gradients(model, {"b": np.ones((2, 3)), "a": np.ones((2, 2))}).array
     by_order = gm.input_gradients(model, [np.ones((2, 2)), np.ones((2, 3))]).array
-    np.testing.assert_array_equal(by_name[0], by_order[0])
+    # A dict and a list may reach two compiled graphs: equal to float32 rounding.
+    np.testing.assert_allclose(by_name[0], by_order[0], rtol=1e-6)
 
 
 def test_integer_inputs_explain_the_embedding_case():

@@ -90,8 +90,39 @@ def _gradients(ip, line):
     return ip.run_line_magic("gradients", line)
 
 
+def _assert_same_report(got, want):
+    """Two reports (explain, check_gradients) agree: text exactly, numbers to float rounding.
+
+    Each check_gradients call builds its own float64 copy of the model and so its own compiled graphs:
+    their numbers agree to rounding, which is all two different graphs promise.
+    """
+
+    def walk(a, b, where):
+        if isinstance(a, dict):
+            assert list(a) == list(b), where
+            for key in a:
+                walk(a[key], b[key], f"{where}[{key!r}]")
+        elif isinstance(a, (list, tuple)):
+            assert len(a) == len(b), where
+            for index, (u, v) in enumerate(zip(a, b)):
+                walk(u, v, f"{where}[{index}]")
+        elif isinstance(a, (float, np.floating)) and not isinstance(a, bool):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-12, equal_nan=True, err_msg=where)
+        else:
+            assert a == b, where
+
+    assert type(got) is type(want)
+    walk(got.to_dict(), want.to_dict(), "to_dict()")
+    if hasattr(want, "loss"):
+        assert got.loss == pytest.approx(want.loss, rel=1e-6)
+
+
 def _assert_same(got, want):
-    """Two core results hold the same numbers (arrays, loss) and labels."""
+    """Two core results hold the same numbers (arrays, loss) and labels.
+
+    Exact on purpose: the magic and the direct call reach the same cached compiled function with the same
+    inputs, so this is one graph run twice, and any difference means the magic changed what it passed.
+    """
     assert type(got) is type(want)
     assert [row.labels for row in got] == [row.labels for row in want]
     for a, b in zip([row.array for row in got], [row.array for row in want], strict=True):
@@ -281,7 +312,7 @@ def test_explain_is_the_core_report_and_flags_the_round_layer(ip, ns, options, k
 
     want = gm.explain(model, ns["x"], ns["y"] if kwargs.pop("y", False) else None, **kwargs)
     assert isinstance(got, gm.Explanation)
-    assert got.to_dict() == want.to_dict()
+    _assert_same_report(got, want)
     assert [(r.name, r.verdict, r.op) for r in got.blocked] == [("lam", "no gradient", "Round")]
     assert [(r.name, r.verdict) for r in want.blocked] == [("lam", "no gradient")]
     assert {(d.path, d.cut_layer, d.cut_op) for d in got.disconnected} == {
@@ -300,12 +331,13 @@ def test_check_passes_on_a_healthy_model_with_the_core_numbers(ip, ns):
     want = gm.check_gradients(model, x, y)
     assert isinstance(got, gm.GradientCheck)
     assert got.passed and got.dtype == "float64"
-    assert got.max_rel_error == want.max_rel_error
-    assert got.to_dict() == want.to_dict() and got.loss == want.loss
+    assert got.max_rel_error == pytest.approx(want.max_rel_error, rel=1e-6)
+    _assert_same_report(got, want)
 
     options = _gradients(ip, "model x y --check --loss mae --training")
     want = gm.check_gradients(model, x, y, loss="mae", training=True)
-    assert options.to_dict() == want.to_dict() and options.loss == want.loss != got.loss
+    _assert_same_report(options, want)
+    assert options.loss != pytest.approx(got.loss, rel=1e-3)  # mae, not the compiled mse
     assert any("training=True" in note for note in options.notes)
     assert_unchanged(model, before)
 
@@ -325,7 +357,7 @@ def test_explain_and_check_with_o_and_assignment_store_the_core_object(ip, ns, l
         cell = ip.run_cell(f"assigned = %gradients {line}")
     assert cell.success, cell.error_in_exec
     assert type(ip.user_ns["assigned"]) is kind
-    assert ip.user_ns["assigned"].to_dict() == stored.to_dict()
+    _assert_same_report(ip.user_ns["assigned"], stored)
     assert cap.outputs == [] and "Out" not in cap.stdout
 
     with capture_output() as cap:
@@ -362,7 +394,8 @@ def test_html_table_marks_nan_and_disconnected_rows(ip):
     assert norms["2 frozen"] == (None, False)
     assert np.isnan(norms["1 nan_src"][0]) and norms["1 nan_src"][1]
     head = np.concatenate([a.ravel() for a in gm.weight_gradients(model, x, y, layer="head").arrays()])
-    np.testing.assert_allclose(norms["6 head"][0], np.linalg.norm(head), rtol=1e-6)
+    # Every layer's gradients there, one layer's here: two compiled graphs, equal to float32 rounding.
+    np.testing.assert_allclose(norms["6 head"][0], np.linalg.norm(head), rtol=1e-5)
 
 
 def test_full_shows_the_arrays_under_out(ip, ns, monkeypatch):
@@ -450,7 +483,11 @@ MISTAKES = [
     ("x x y", "MODEL = 'x', which is a ndarray, not a Keras model"),
     ("model x y --bogus", "unrecognized arguments: --bogus"),
     ("model x y --wrt inputs", "invalid choice: 'inputs'"),
+    ("model x y --wrt inputs", "Example: --wrt input."),
     ("model x y --output-index one --wrt input", "invalid int value: 'one'"),
+    ("model x y --output-index one --wrt input", "Example: --output-index 0."),
+    ("model x y -o", "argument -o: expected one argument"),
+    ("model x y --layer", "argument --layer: expected one argument. Received: %gradients model x y --layer."),
     ("model x[:2 y", "lacks a closing ']'"),
     ("", "required: MODEL"),
     ("model x", "--wrt weights without Y"),
@@ -475,6 +512,12 @@ MISTAKES = [
     ("model --check", "--check but no X"),
     ("model x y[:2] --check", "y with 2 samples, but x has 5"),  # the core's messages, as they are
     ("model x y --explain --loss msee", "loss='msee', which is not a Keras loss"),
+    ("model x y --layer ,,,", "--layer ',,,', which has nothing but commas. Expected layer indices or names"),
+    ("model x y --layer 1,,2", "--layer '1,,2', which has an empty item. Expected layer indices or names"),
+    ("model x y --layer 1 --layer ''", "--layer '', which is empty"),
+    ("model x y --layer 0,", "--layer '0,', which has an empty item"),
+    ("model x y --loss 5", "--loss '5', which is an int. Expected a Keras loss name or a callable, e.g. --loss mae"),
+    ("model x y --loss [1]", "--loss '[1]', which is a list"),
 ]
 
 
@@ -491,6 +534,122 @@ def test_user_mistakes_are_usage_errors_naming_the_problem(ip, ns, line, message
     assert "Traceback" not in cap.stdout + cap.stderr
     assert message in cap.stderr
     assert_unchanged(ns["model"], before)
+
+
+EXPLORE_MISTAKES = [
+    ("lin x --reference 5", "--reference '5', which is an int, not a function. Expected a callable"),
+    ("lin x --reference-grad x", "--reference-grad 'x', which is a ndarray, not a function"),
+    ("lin x --reference nosuch", "--reference = 'nosuch', but 'nosuch' is not defined"),
+    (
+        'lin x --reference "lambda p: 1 / 0"',
+        "Received: reference=<lambda>, which raised ZeroDivisionError: division by zero",
+    ),
+    ('lin x --reference "lambda p: p[:2]"', "Received: reference=<lambda>, which returned shape (2, 3)"),
+    ("lin x y[:2]", "Received: y with 2 rows for x with 5"),
+    ("lin dataset", "Received: x as a _BatchDataset. The explorer needs the points themselves"),
+    ("lin x y --bogus", "unrecognized arguments: --bogus. Received: %gradients_explore lin x y --bogus."),
+    ("lin x[:2", "Received: %gradients_explore lin x[:2, which lacks a closing ']'"),
+    ("nosuch x", "'nosuch' is not defined in the notebook namespace"),
+    (
+        "lin x --reference",
+        "argument --reference: expected one argument. Received: %gradients_explore lin x --reference.",
+    ),
+    ("lin x --reference", 'Example: --reference "lambda p: (p - 5) ** 2 / 25".'),
+    ("x x", "MODEL = 'x', which is a ndarray, not a Keras model"),
+]
+
+
+@pytest.mark.parametrize(("line", "message"), EXPLORE_MISTAKES)
+def test_explore_mistakes_are_one_line_usage_errors(ip, ns, line, message):
+    ip.push({"dataset": tf.data.Dataset.from_tensor_slices(ns["x"]).batch(2)})
+    before = fingerprint(ns["lin"])
+    with pytest.raises(UsageError) as raised:
+        ip.run_line_magic("gradients_explore", line)
+    text = str(raised.value)
+    assert message in text and "\n" not in text
+    if "Received: reference=" not in message and "Received: x" not in message and " rows " not in message:
+        assert "%gradients_explore MODEL X [Y]" in text  # the explore usage, not %gradients'
+
+    with capture_output() as cap:
+        cell = ip.run_cell(f"%gradients_explore {line}")
+    assert isinstance(cell.error_in_exec, UsageError)
+    assert "Traceback" not in cap.stdout + cap.stderr
+    assert len(cap.stderr.strip().splitlines()) == 1 and message in cap.stderr
+    assert_unchanged(ns["lin"], before)
+
+
+def test_a_failing_reference_keeps_the_users_exception_chained(ip, ns):
+    ip.run_cell("def broken(points):\n    raise KeyError('my curve')")
+    with pytest.raises(UsageError, match="reference=broken, which raised KeyError") as raised:
+        ip.run_line_magic("gradients_explore", "lin x --reference broken")
+    assert isinstance(raised.value.__cause__, gm.GradmagicError)
+    assert isinstance(raised.value.__cause__.__cause__, KeyError)  # the user's own traceback, one step away
+
+
+class _PairBatches(keras.utils.PyDataset):
+    def __init__(self, x, y):
+        super().__init__()
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, index):
+        return self.x, self.y
+
+
+@pytest.mark.parametrize(
+    ("options", "function"),
+    [
+        ("", "weight_gradients"),  # no Y: the stream's batches carry the targets
+        ("--wrt output --layer 0", "output_gradients"),
+        ("--wrt input", "input_gradients"),
+        ("--check", "check_gradients"),
+        ("--explain --loss mae", "explain"),
+    ],
+)
+@pytest.mark.parametrize("kind", ["dataset", "generator", "pydataset"])
+def test_a_dataset_or_generator_as_x_reaches_the_core_unchanged(ip, ns, monkeypatch, options, function, kind):
+    import gradmagic.core as core
+
+    received = []
+
+    class Reached(Exception):
+        pass
+
+    def spy(model, x, *args, **kwargs):
+        received.append((x, args[:1] if args else kwargs.get("y")))
+        raise Reached
+
+    monkeypatch.setattr(core, function, spy)
+    x, y = ns["x"], ns["y"]
+    data = {
+        "dataset": lambda: tf.data.Dataset.from_tensor_slices((x, y)).batch(2),
+        "generator": lambda: ((x[i : i + 2], y[i : i + 2]) for i in range(0, 5, 2)),
+        "pydataset": lambda: _PairBatches(x, y),
+    }[kind]()
+    ip.push({"stream": data})
+    with pytest.raises(Reached):
+        _gradients(ip, f"lin stream {options}")
+    ((passed, targets),) = received
+    assert passed is data  # not iterated, copied or converted by the magic
+    assert targets in ((), (None,), None)  # no Y given: the core reads it from the stream
+    if kind == "generator":
+        assert next(data)[0].shape == (2, 3)  # the magic drew nothing from it
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="core: datasets and generators as x are being added to the core functions separately "
+    "(first batch, y from the stream); remove this mark once weight_gradients accepts them.",
+)
+def test_a_dataset_without_y_gives_the_gradients_of_its_first_batch(ip, ns):
+    ip.push({"batches": tf.data.Dataset.from_tensor_slices((ns["x"], ns["y"])).batch(2)})
+    got = _gradients(ip, "lin batches")
+    want = gm.weight_gradients(ns["lin"], ns["x"][:2], ns["y"][:2])
+    assert got.loss == pytest.approx(want.loss, rel=1e-6)  # the same math on the same batch, maybe another graph
+    for a, b in zip(got.arrays(), want.arrays(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_layer_without_weights_is_a_usage_error(ip, ns):

@@ -159,13 +159,13 @@ def test_signatures_keep_structure_and_rank():
     u, v = X[:, :1], X[:, 1:]
     as_list = gm.input_gradients(model, [u, v]).array
     as_tuple = gm.input_gradients(model, (u, v)).array
-    np.testing.assert_allclose(as_list[0], as_tuple[0])
+    np.testing.assert_allclose(as_list[0], as_tuple[0], rtol=1e-6)  # maybe two compiled graphs: a tolerance
     sparse = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4)])
     sparse.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     labels = np.array([0, 1, 2, 3, 0, 1])
     flat = gm.weight_gradients(sparse, X, labels).loss
     column = gm.weight_gradients(sparse, X, labels[:, None]).loss
-    assert flat == pytest.approx(column, rel=1e-6)
+    assert flat == pytest.approx(column, rel=1e-5)  # two label shapes, two compiled graphs: float32 rounding
 
 
 def test_nested_model_gradient_check_is_honest_about_precision():

@@ -22,14 +22,19 @@ from IPython.core.magic import Magics, line_magic, magics_class, no_var_expand, 
 from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.display import display
 
-from gradmagic.errors import GradmagicError, did_you_mean
+from gradmagic.errors import GradmagicError, brief, did_you_mean
 from gradmagic.magics.line import (
+    EXPLORE_USAGE,
     USAGE,
     check_options,
+    check_targets,
+    is_stream,
+    one_line,
     option_values,
     parse_line,
     split_line,
     store_name,
+    usage_error,
 )
 from gradmagic.magics.output import (
     ResultList,
@@ -130,6 +135,8 @@ class GradientMagics(Magics):
         store = store_name(args.store)
         model = self._model(args.model)
         x = self._evaluate(args.x, "X")
+        # A dataset or generator reaches the core as it is: the core reads x and y from its first batch.
+        check_targets(args, is_stream(x))
         y = None if args.y is None else self._evaluate(args.y, "Y")
         loss = self._loss(args.loss)
         result = _compute(model, x, y, args, loss)
@@ -161,18 +168,31 @@ class GradientMagics(Magics):
           %gradients_explore model x_train
           %gradients_explore model x y --reference "lambda p: (p - 5) ** 2 / 25"
         """
-        args = parse_line(self.gradients_explore.parser, line)
-        model = self._model(args.model)
-        x = self._evaluate(args.x, "X")
-        y = None if args.y is None else self._evaluate(args.y, "Y")
-        reference = None if args.reference is None else self._evaluate(args.reference, "--reference")
-        slope = None if args.reference_grad is None else self._evaluate(args.reference_grad, "--reference-grad")
+        args = parse_line(self.gradients_explore.parser, line, "gradients_explore", EXPLORE_USAGE)
+        model = self._model(args.model, EXPLORE_USAGE)
+        x = self._evaluate(args.x, "X", EXPLORE_USAGE)
+        y = None if args.y is None else self._evaluate(args.y, "Y", EXPLORE_USAGE)
+        reference = self._curve(args.reference, "--reference", "lambda p: (p - 5) ** 2 / 25")
+        slope = self._curve(args.reference_grad, "--reference-grad", "lambda p: 2 * (p - 5) / 25")
         from gradmagic.widgets.explorer import explore
 
         try:
             return explore(model, x, y, reference=reference, reference_grad=slope, training=args.training)
         except GradmagicError as exc:
-            raise UsageError(str(exc)) from None
+            raise usage_error(exc) from exc
+
+    def _curve(self, token: str | None, flag: str, example: str) -> Any:
+        """Evaluate a --reference option: it must name a function of the points."""
+        if token is None:
+            return None
+        value = self._evaluate(token, flag, EXPLORE_USAGE)
+        if not callable(value):
+            raise UsageError(
+                f"Received: {flag} {token!r}, which is {_a(type(value).__name__)}, not a function. Expected a callable "
+                f'f(points) of an (n, n_features) array, e.g. {flag} "{example}" (quote an expression with '
+                f"spaces) or the name of a function defined in the notebook. {EXPLORE_USAGE}"
+            )
+        return value
 
     def _summary(self, args: Any) -> None:
         """``%gradients MODEL``: print the layers, so the user can pick ``--layer``."""
@@ -186,7 +206,7 @@ class GradientMagics(Magics):
         model = self._model(args.model)
         print(format_layer_summary(model, layer_summary(model), args.model))
 
-    def _evaluate(self, expression: str, role: str) -> Any:
+    def _evaluate(self, expression: str, role: str, usage: str = USAGE) -> Any:
         """Evaluate a name or expression in the user namespace; a failure names the token."""
         try:
             return self.shell.ev(expression)
@@ -196,24 +216,28 @@ class GradientMagics(Magics):
             missing = getattr(exc, "name", None) or expression
             hint = did_you_mean(missing, names)
             raise UsageError(
-                f"Received: {role} = {expression!r}, but {missing!r} is not defined in the notebook namespace.{hint} "
-                f"Expected a name or Python expression defined there, e.g. {example}. {USAGE}"
+                one_line(
+                    f"Received: {role} = {expression!r}, but {missing!r} is not defined in the notebook namespace."
+                    f"{hint} Expected a name or Python expression defined there, e.g. {example}. {usage}"
+                )
             ) from None
         except Exception as exc:
             raise UsageError(
-                f"Received: {role} = {expression!r}, which failed to evaluate: {type(exc).__name__}: {exc}. "
-                f"Fix the expression (run it in a cell on its own to see why). {USAGE}"
+                one_line(
+                    f"Received: {role} = {expression!r}, which failed to evaluate: {type(exc).__name__}: "
+                    f"{brief(exc)}. Fix the expression (run it in a cell on its own to see why). {usage}"
+                )
             ) from None
 
-    def _model(self, expression: str) -> Any:
+    def _model(self, expression: str, usage: str = USAGE) -> Any:
         import keras
 
-        model = self._evaluate(expression, "MODEL")
+        model = self._evaluate(expression, "MODEL", usage)
         if not isinstance(model, keras.Model):
             raise UsageError(
                 f"Received: MODEL = {expression!r}, which is a {type(model).__name__}, not a Keras model. "
-                f"Expected the model first, then X and Y: %gradients model x y. Models from tf_keras / "
-                f"Keras 2 are not supported: build the model with `import keras` (Keras 3)."
+                f"Expected the model first, then X and Y. Models from tf_keras / Keras 2 are not supported: "
+                f"build the model with `import keras` (Keras 3). {usage}"
             )
         return model
 
@@ -224,7 +248,18 @@ class GradientMagics(Magics):
         if token.isidentifier():
             candidate = self.shell.user_ns.get(token)
             return candidate if callable(candidate) else token
-        return self._evaluate(token, "--loss")  # an expression: keras.losses.Huber(delta=0.5)
+        loss = self._evaluate(token, "--loss")  # an expression: keras.losses.Huber(delta=0.5)
+        if not (isinstance(loss, str) or callable(loss)):
+            raise UsageError(
+                f"Received: --loss {token!r}, which is {_a(type(loss).__name__)}. Expected a Keras loss name or a "
+                f'callable, e.g. --loss mae, --loss "keras.losses.Huber(delta=0.5)" or the name of a function. {USAGE}'
+            )
+        return loss
+
+
+def _a(noun: str) -> str:
+    """``"an int"``, ``"a list"``: the article a type name takes."""
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
 
 
 def unregister(shell: Any) -> None:
@@ -269,4 +304,4 @@ def _compute(model: Any, x: Any, y: Any, args: Any, loss: Any) -> Any:
         return one(args.layer[0] if args.layer else None)
     except GradmagicError as exc:
         # The core's message already names the argument, the value and the fix.
-        raise UsageError(str(exc)) from None
+        raise usage_error(exc) from exc

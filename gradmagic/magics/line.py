@@ -6,23 +6,63 @@ Every problem is an IPython ``UsageError`` that names the token and shows the us
 from __future__ import annotations
 
 import ast
+import collections.abc
 import keyword
+import re
 import warnings
 from collections.abc import Sequence
 from typing import Any
 
 from IPython.core.error import UsageError
 
+from gradmagic.errors import GradmagicError
+
 USAGE = (
     "Usage: %gradients MODEL X [Y] [--wrt weights|output|input] [--layer L] [-o VAR], or %gradients MODEL X [Y] "
     "--explain, or %gradients MODEL X Y --check; see %gradients? for all options."
 )
+EXPLORE_USAGE = (
+    "Usage: %gradients_explore MODEL X [Y] [--reference EXPR] [--reference-grad EXPR] [--training], e.g. "
+    '%gradients_explore model x y --reference "lambda p: (p - 5) ** 2 / 25"; see %gradients_explore? for all options.'
+)
 _OPENERS, _CLOSERS = "([{", ")]}"
+#: A valid use of each option with a value, shown when argparse refuses that option's value.
+_EXAMPLES = {
+    "--wrt": "--wrt input",
+    "--layer": "--layer 1 (or --layer 1,dense_2)",
+    "--loss": "--loss mae",
+    "--output-index": "--output-index 0",
+    "-o": "-o res",
+    "--reference": '--reference "lambda p: (p - 5) ** 2 / 25"',
+    "--reference-grad": '--reference-grad "lambda p: 2 * (p - 5) / 25"',
+}
 
 
-def parse_line(parser: Any, line: str) -> Any:
-    """Split the line (keeping expressions whole) and parse it; every problem is a UsageError."""
-    argv = split_line(line)
+def one_line(text: str) -> str:
+    """``text`` with every run of whitespace (newlines too) made one space: a UsageError shows one line."""
+    return " ".join(text.split())
+
+
+def usage_error(exc: GradmagicError) -> UsageError:
+    """The core's error as the magic shows it: its paragraph, on one line.
+
+    The core's message already names the argument, the value and the fix; the
+    caller raises this ``from exc``, so an error of the user's own code (a loss,
+    a reference curve) stays reachable as the chained cause.
+    """
+    return UsageError(one_line(str(exc)))
+
+
+def parse_line(parser: Any, line: str, magic: str = "gradients", usage: str = USAGE) -> Any:
+    """Split the line (keeping expressions whole) and parse it; every problem is a UsageError.
+
+    Args:
+        parser: The magic's ``@magic_arguments`` parser.
+        line: The text after the magic's name.
+        magic: The magic's name, for the messages. Defaults to ``"gradients"``.
+        usage: The usage line the messages end with. Defaults to ``%gradients``'s.
+    """
+    argv = split_line(line, magic, usage)
     try:
         # Intermixed: `model x --layer 1 y` puts y in its place, as a user expects.
         args = parser.parse_intermixed_args(argv)
@@ -31,13 +71,16 @@ def parse_line(parser: Any, line: str) -> Any:
         hint = (
             ' An expression with spaces outside brackets must be quoted: "x * 2".' if "unrecognized" in str(exc) else ""
         )
-        raise UsageError(f"{exc}. Received: %gradients {line.strip()}.{hint} {USAGE}") from None
+        option = re.match(r"argument ([-\w]+)", str(exc))
+        if option and option.group(1) in _EXAMPLES:
+            hint += f" Example: {_EXAMPLES[option.group(1)]}."
+        raise UsageError(one_line(f"{exc}. Received: %{magic} {line.strip()}.{hint} {usage}")) from None
     if hasattr(args, "layer"):
         args.layer = _layer_tokens(args.layer)
     return args
 
 
-def split_line(line: str) -> list[str]:
+def split_line(line: str, magic: str = "gradients", usage: str = USAGE) -> list[str]:
     """Split a magic line at spaces outside brackets and quotes.
 
     ``x[0, :]`` and ``{"a": xa, "b": xb}`` stay one token; a token that is one
@@ -70,10 +113,10 @@ def split_line(line: str) -> list[str]:
         elif char in _OPENERS:
             closers.append(_CLOSERS[_OPENERS.index(char)])
         elif char in _CLOSERS and (not closers or closers.pop() != char):
-            raise UsageError(f"Received: an unmatched {char!r} in %gradients {line.strip()}. {USAGE}")
+            raise UsageError(one_line(f"Received: an unmatched {char!r} in %{magic} {line.strip()}. {usage}"))
     if quote or closers:
         missing = quote or "".join(reversed(closers))
-        raise UsageError(f"Received: %gradients {line.strip()}, which lacks a closing {missing!r}. {USAGE}")
+        raise UsageError(one_line(f"Received: %{magic} {line.strip()}, which lacks a closing {missing!r}. {usage}"))
     if start is not None:
         tokens.append(line[start:])
     if tokens and tokens[-1].endswith(";"):
@@ -93,13 +136,31 @@ def _unquote(token: str) -> str:
 
 
 def _layer_tokens(values: Sequence[str] | None) -> list[int | str]:
-    """``["1", "dense_2,3"]`` -> ``[1, "dense_2", 3]``: indices become ints, repeats are dropped."""
+    """``["1", "dense_2,3"]`` -> ``[1, "dense_2", 3]``: indices become ints, repeats are dropped.
+
+    Raises:
+        UsageError: An empty item (``--layer ,,,``, ``--layer 1,,2``): refused, so that a
+            slip never silently means "every layer".
+    """
     layers: list[int | str] = []
     for value in values or []:
         for part in value.split(","):
             part = _unquote(part.strip())
-            if not part:
-                continue
+            if not part.strip():
+                empty = (
+                    "is empty"
+                    if not value.strip()
+                    else "has nothing but commas"
+                    if not value.replace(",", "").strip()
+                    else "has an empty item"
+                )
+                raise UsageError(
+                    one_line(
+                        f"Received: --layer {value!r}, which {empty}. Expected layer indices or names "
+                        f"separated by commas, e.g. --layer 1,3 or --layer dense_1; leave --layer out for every "
+                        f"layer. %gradients MODEL lists the layers."
+                    )
+                )
             try:
                 layer: int | str = int(part)
             except ValueError:
@@ -133,11 +194,6 @@ def check_options(args: Any) -> None:
         return
     args.wrt = args.wrt or "weights"  # None until here, so that an explicit --wrt can be told from the default
     m = args.model
-    if args.wrt in ("weights", "output") and args.y is None:
-        raise UsageError(
-            f"Received: --wrt {args.wrt} without Y. dLoss needs targets: %gradients {m} {args.x} y. "
-            f"For d(output)/d(input), which needs no Y: %gradients {m} {args.x} --wrt input."
-        )
     if args.wrt == "output" and not args.layer:
         raise UsageError(
             f"Received: --wrt output without --layer. Expected the layer whose output to differentiate, "
@@ -191,16 +247,45 @@ def _check_report_options(args: Any) -> None:
             f"{names} {'is an option' if one else 'are options'} of the gradient modes (--wrt weights/output/input). "
             f"Drop {'it' if one else 'them'}: {valid}; or drop {flag} to compute gradients."
         )
-    if args.check and args.y is None:
+
+
+def is_stream(value: Any) -> bool:
+    """A ``tf.data.Dataset``, a ``keras.utils.PyDataset`` or a generator: data that carries its own targets."""
+    if isinstance(value, collections.abc.Iterator):
+        return True
+    # Imported here: X has been evaluated, so TensorFlow is loaded already or not needed at all.
+    import keras
+    import tensorflow as tf
+
+    return isinstance(value, (tf.data.Dataset, keras.utils.PyDataset))
+
+
+def check_targets(args: Any, x_is_stream: bool) -> None:
+    """Refuse a mode that needs Y when Y is missing, unless X is a dataset or generator (its batches carry y).
+
+    Args:
+        args: The parsed line, after :func:`check_options`.
+        x_is_stream: Whether X evaluated to a dataset, PyDataset or generator; the
+            core then reads y from its first batch, as ``fit`` would.
+    """
+    if args.y is not None or x_is_stream:
+        return
+    m, x = args.model, args.x
+    if args.check:
         raise UsageError(
             f"Received: --check without Y. The gradient check compares dLoss/dW and dLoss/dX with finite "
             f"differences of the loss, which needs targets: %gradients {m} {x} y --check."
         )
-    if args.explain and args.loss and args.y is None:
+    if args.explain and args.loss:
         raise UsageError(
             f"Received: --loss {args.loss} with --explain but no Y. Without targets --explain differentiates the "
             f"sum of the model's outputs and uses no loss: add Y (%gradients {m} {x} y --explain --loss "
             f"{args.loss}) or drop --loss."
+        )
+    if not (args.explain or args.check) and args.wrt in ("weights", "output"):
+        raise UsageError(
+            f"Received: --wrt {args.wrt} without Y. dLoss needs targets: %gradients {m} {x} y. "
+            f"For d(output)/d(input), which needs no Y: %gradients {m} {x} --wrt input."
         )
 
 

@@ -4,9 +4,10 @@
 plots (the output along a feature, its derivative, per-layer gradient norms)
 and a readout of the exact numbers. Every number comes from the core
 (:func:`~gradmagic.core.input_gradients`, :func:`~gradmagic.core.weight_gradients`);
-this module only arranges controls, and :func:`compute_view` is a plain function
-of the control values. Figures are built once and updated in place; slider
-events are coalesced so the latest value wins.
+this module only arranges controls, and :func:`compute_view` (in
+:mod:`~gradmagic.widgets.explorer_view`) is a plain function of the control
+values. Figures are built once and updated in place; slider events are
+coalesced so the latest value wins.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import html
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import ipywidgets as widgets
@@ -24,147 +24,61 @@ import numpy as np
 from gradmagic.core import input_gradients, weight_gradients
 from gradmagic.core.inputs import model_spec
 from gradmagic.core.targets import model_name
-from gradmagic.errors import InputError
+from gradmagic.errors import GradmagicError, InputError
 from gradmagic.plots import ExplorerFigure, layer_norms
+from gradmagic.widgets import explorer_args
 from gradmagic.widgets.coalesce import LatestWins, Scheduler
+from gradmagic.widgets.explorer_view import ExplorerView, compute_view
 from gradmagic.widgets.figure_view import FigureView
 
+__all__ = ["Explorer", "ExplorerView", "compute_view", "explore"]
 
-@dataclass
-class ExplorerView:
-    """Everything the panel shows for one input point (all numbers from the core).
 
-    Attributes:
-        point: The input point, shape (n_features,).
-        feature: Index of the feature the curves run along.
-        unit: Index of the output unit shown.
-        line: The feature's values along the curve.
-        values: Output unit along the line.
-        grads: d(output unit)/d(feature) along the line.
-        point_feature, point_value, point_grad: The point's feature value, output
-            and derivative.
-        gradient: d(output unit)/d(input) at the point, all features.
-        reference_values, reference_grads: The reference curves, or None.
-        loss: The loss at the point (with targets), else the output unit's value.
-        layer_norms: ``(label, norm, has_nan_or_inf)`` per layer with weights.
+def _flat_features(model: Any, x: Any, data: np.ndarray | None) -> np.ndarray:
+    """Check that the model takes one flat float vector; return x as (n, n_features).
+
+    ``data`` is x as checked by :func:`explorer_args.check_x` (None for a structure).
+    Only a flat x for a model that may take one reaches TensorFlow (which builds an
+    unbuilt model and checks the number of features); anything else is refused first.
     """
-
-    point: np.ndarray
-    feature: int
-    unit: int
-    line: np.ndarray
-    values: np.ndarray
-    grads: np.ndarray
-    point_feature: float
-    point_value: float
-    point_grad: float
-    gradient: np.ndarray
-    reference_values: np.ndarray | None
-    reference_grads: np.ndarray | None
-    loss: float
-    layer_norms: list[tuple[str, float | None, bool]]
-
-
-def compute_view(
-    model: Any,
-    point: np.ndarray,
-    feature: int,
-    line: np.ndarray,
-    unit: int = 0,
-    target: Any = None,
-    reference: Callable | None = None,
-    reference_grad: Callable | None = None,
-    training: bool = False,
-) -> ExplorerView:
-    """Compute what the explorer shows at ``point``: a plain function of the controls.
-
-    Args:
-        model: The Keras model (one flat float input).
-        point: The input point, shape (n_features,).
-        feature: The feature the curves run along.
-        line: Values of that feature along the curves.
-        unit: Output unit (index into the flattened per-sample output).
-        target: The target for this point; with it the bars are dLoss/dW, without
-            them d(output unit)/dW.
-        reference: Optional ``f(points) -> values`` drawn dashed beside the model,
-            called with an array (n, n_features).
-        reference_grad: Optional ``g(points) -> d f/d feature``, called likewise;
-            an (n, n_features) result is read at the feature's column.
-        training: Run the model in training mode.
-
-    Returns:
-        An :class:`ExplorerView`.
-    """
-    points = np.repeat(point[None, :], len(line) + 1, axis=0)
-    points[:-1, feature] = line
-    jac = input_gradients(model, points, output=unit, training=training)
-    flat_values = _flat_unit(jac.values, unit)
-    grads = np.asarray(jac.array)[:, feature]
-    if target is not None:
-        weights = weight_gradients(model, point[None, :], target, training=training)
-    else:
-        weights = weight_gradients(model, point[None, :], None, output=unit, training=training)
-    return ExplorerView(
-        point=point,
-        feature=feature,
-        unit=unit,
-        line=line,
-        values=flat_values[:-1],
-        grads=grads[:-1],
-        point_feature=float(point[feature]),
-        point_value=float(flat_values[-1]),
-        point_grad=float(grads[-1]),
-        gradient=np.asarray(jac.array)[-1],
-        reference_values=_reference(reference, points[:-1], feature),
-        reference_grads=_reference(reference_grad, points[:-1], feature),
-        loss=float(weights.loss),
-        layer_norms=layer_norms([weights]),
-    )
-
-
-def _flat_unit(values: Any, unit: int) -> np.ndarray:
-    parts = values if isinstance(values, list) else [values]
-    flat = np.concatenate([np.reshape(p, (p.shape[0], -1)) for p in parts], axis=1)
-    return flat[:, unit]
-
-
-def _reference(fn: Callable | None, points: np.ndarray, feature: int) -> np.ndarray | None:
-    if fn is None:
-        return None
-    result = np.asarray(fn(points), dtype=float)
-    if result.ndim == 2 and result.shape[1] == points.shape[1] and points.shape[1] > 1:
-        result = result[:, feature]
-    return result.reshape(len(points))
-
-
-def _flat_features(model: Any, x: Any) -> np.ndarray:
-    """Check that the model takes one flat float vector; return x as (n, n_features)."""
-    data = np.asarray(x, dtype=float) if not isinstance(x, (dict, list, tuple)) or _numbers(x) else None
     if data is not None and data.ndim <= 1:
         data = data.reshape(-1, 1)
-    input_gradients(model, data[:1] if data is not None and data.ndim == 2 else x)  # builds and validates
+
+    def flat(spec: Any) -> bool:
+        inputs = spec.inputs
+        return inputs is None or (len(inputs) == 1 and len(inputs[0].shape) == 1 and "float" in inputs[0].dtype)
+
     spec = model_spec(model)
-    flat_input = (
-        data is not None
-        and data.ndim == 2
-        and (
-            spec.inputs is None
-            or (len(spec.inputs) == 1 and len(spec.inputs[0].shape) == 1 and "float" in spec.inputs[0].dtype)
-        )
+    if data is not None and data.ndim == 2 and flat(spec):
+        input_gradients(model, data[:1])  # builds an unbuilt model; a wrong feature count is the core's error
+        spec = model_spec(model)
+        if flat(spec):
+            return data.astype(spec.inputs[0].dtype if spec.inputs else "float32")
+    received = f"x of shape {data.shape}" if data is not None else f"x as a {type(x).__name__} of arrays"
+    takes = (
+        ", which takes " + ", ".join(f"(batch, {', '.join(str(d) for d in s.shape)}) {s.dtype}" for s in spec.inputs)
+        if spec.inputs
+        else ""
     )
-    if not flat_input:
-        takes = (
-            ", ".join(f"(batch, {', '.join(str(d) for d in s.shape)})" for s in spec.inputs)
-            if spec.inputs
-            else f"x of shape {np.shape(x)}"
-        )
-        raise InputError(
-            f"The explorer moves one input point with a slider per feature, so it supports models whose "
-            f"single input is a flat float vector (batch, n_features). Model '{model_name(model)}' takes "
-            f"{takes}. Fix: explore a model on flat features, or use gradmagic.input_gradients(model, x) "
-            f"for d(output)/d(input) of images, sequences or several inputs."
-        )
-    return data.astype(spec.inputs[0].dtype if spec.inputs else "float32")
+    raise InputError(
+        f"Received: {received} for model '{model_name(model)}'{takes}. Expected a model whose single input is a "
+        f"flat float vector and x of shape (n, n_features): the explorer moves one input point with a slider per "
+        f"feature. Fix: explore a model on flat features, or use gradmagic.input_gradients(model, x) "
+        f"for d(output)/d(input) of images, sequences or several inputs."
+    )
+
+
+def _single_sample(model: Any, data: np.ndarray | None) -> np.ndarray | None:
+    """Read a 1-D x as one sample without its batch axis when the model says so.
+
+    A model that declares one flat input of ``len(x) > 1`` features takes such an x
+    as one sample, as the core does; for any other model a 1-D x stays a column
+    (n rows of one feature). Reads the model's declared inputs only: no TensorFlow call.
+    """
+    if data is None or data.ndim != 1 or data.size < 2:
+        return data
+    inputs = model_spec(model).inputs
+    return data[None, :] if inputs and len(inputs) == 1 and inputs[0].shape == (data.size,) else data
 
 
 def _nice_step(span: float, moves: int = 200) -> float:
@@ -172,10 +86,6 @@ def _nice_step(span: float, moves: int = 200) -> float:
     raw = span / moves
     power = 10.0 ** np.floor(np.log10(raw))
     return float(next(m * power for m in (1.0, 2.0, 5.0, 10.0) if m * power >= raw * 0.999))
-
-
-def _numbers(value: Any) -> bool:
-    return all(isinstance(v, (int, float, np.number)) or (isinstance(v, (list, tuple)) and _numbers(v)) for v in value)
 
 
 def _output_units(model: Any, sample: np.ndarray) -> list[str]:
@@ -216,21 +126,31 @@ class Explorer(widgets.VBox):
         clock: Callable[[], float] = time.monotonic,
         scheduler: Scheduler | None = None,
     ) -> None:
-        self.model = model
-        self.data = _flat_features(model, x)
-        self.targets = None if y is None else np.asarray(y)
-        if self.targets is not None and len(self.targets) != len(self.data):
-            raise InputError(
-                f"Received: y with {len(self.targets)} rows for x with {len(self.data)}. Expected one target "
-                f"per row of x (or y=None to show d(output)/dW instead of dLoss/dW)."
+        # Every argument is checked before the first TensorFlow call (in _flat_features).
+        explorer_args.check_options(
+            model, reference, reference_grad, feature_names, points, training, max_sliders, use_ipympl
+        )
+        if not callable(clock) or (scheduler is not None and not callable(scheduler)):
+            raise GradmagicError(
+                f"Received: clock={explorer_args.describe(clock)}, scheduler={explorer_args.describe(scheduler)}. "
+                f"Expected callables (scheduler may be None). Fix: leave both out."
             )
+        checked = _single_sample(model, explorer_args.check_x(x))
+        if checked is not None and checked.ndim <= 2:
+            rows, n_features = (checked.size, 1) if checked.ndim <= 1 else checked.shape
+            explorer_args.check_feature_names(feature_names, n_features)
+            explorer_args.check_y(y, rows)
+        self.model = model
+        self.data = _flat_features(model, x, checked)
+        self.targets = explorer_args.check_y(y, len(self.data))
         n_features = self.data.shape[1]
-        self.names = list(feature_names) if feature_names is not None else [f"x{i}" for i in range(n_features)]
+        self.names = explorer_args.check_feature_names(feature_names, n_features)
         self.reference, self.reference_grad = reference, reference_grad
         self.training = training
         self.points = points
         low, high = self.data.min(axis=0).astype(float), self.data.max(axis=0).astype(float)
-        pad = np.where(high > low, 0.1 * (high - low), 1.0)
+        # A feature with one value gets a range around it that float32 can still resolve (1e30 +- 1 cannot).
+        pad = np.where(high > low, 0.1 * (high - low), np.maximum(1.0, 0.1 * np.abs(low)))
         self.steps = np.array([_nice_step(span) for span in (high - low) + 2 * pad])
         # Ranges on the step grid, so round values (x = 0.5) are reachable exactly.
         self.low = np.floor((low - pad) / self.steps) * self.steps
@@ -243,6 +163,8 @@ class Explorer(widgets.VBox):
         self._quiet = False
         self._build_controls(max_sliders)
         self.view: ExplorerView | None = None
+        # The first view is computed before any figure exists: a reference that fails leaves nothing behind.
+        first = self.compute(self._state())
         labels = [label for label, _, _ in self._bar_layers()]
         title = "dLoss/dW norm per layer" if self.targets is not None else "d(output)/dW norm per layer"
         self.figure_view = FigureView(figsize=(9.6, 3.2), use_ipympl=use_ipympl)
@@ -256,7 +178,7 @@ class Explorer(widgets.VBox):
             layout=widgets.Layout(width="100%"),
         )
         self.add_class("gradmagic-explorer")
-        self._render(self._state())
+        self.draw(first)
 
     # --- controls ------------------------------------------------------------------------------------------------
 
@@ -358,7 +280,12 @@ class Explorer(widgets.VBox):
         return np.array([self._snap(f, v) for f, v in enumerate(row)], dtype=self.data.dtype)
 
     def reset_to_sample(self, row: int) -> None:
-        """Move the point to row ``row`` of x, on the slider grid (its target becomes the loss target)."""
+        """Move the point to row ``row`` of x, on the slider grid (its target becomes the loss target).
+
+        Raises:
+            GradmagicError: ``row`` is not an int in ``[0, len(x) - 1]``.
+        """
+        explorer_args.check_row(row, len(self.data))
         self.sample = int(row)
         self.point = self._snapped(self.data[self.sample])
 
@@ -371,7 +298,12 @@ class Explorer(widgets.VBox):
         self.updates.submit(self._state())
 
     def set_point(self, values: Sequence[float]) -> None:
-        """Move the sliders to ``values`` (one per feature, each snapped to its slider's step), as a user would."""
+        """Move the sliders to ``values`` (one per feature, each snapped to its slider's step), as a user would.
+
+        Raises:
+            GradmagicError: Not one finite number per feature.
+        """
+        explorer_args.check_point(values, self.names)
         for feature, value in enumerate(values):
             value = self._snap(feature, value)
             if self._single_slider():
@@ -425,8 +357,12 @@ class Explorer(widgets.VBox):
         self.error.value = ""
 
     def _show_error(self, exc: BaseException) -> None:
-        # DESIGN: exceptions inside a panel callback are shown, never swallowed.
-        text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        # DESIGN: exceptions inside a panel callback are shown, never swallowed. A GradmagicError's
+        # paragraph says all the user needs; anything else is unexpected, so its whole traceback is shown.
+        if isinstance(exc, GradmagicError):
+            text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        else:
+            text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).strip()
         self.error.value = f"<pre style='color:#b00'>{html.escape(text)}</pre>"
 
     def _readout_html(self, view: ExplorerView) -> str:
@@ -437,9 +373,8 @@ class Explorer(widgets.VBox):
             (f"{unit}", f"{view.point_value:.6g}"),
             (f"d {unit} / d {feature}", f'<span class="gm-derivative">{view.point_grad:.6g}</span>'),
         ]
-        if self.reference_grad is not None:
-            ref = _reference(self.reference_grad, view.point[None, :], view.feature)
-            rows.append((f"reference d/d {feature}", f"{float(ref[0]):.6g}"))
+        if view.reference_point_grad is not None:
+            rows.append((f"reference d/d {feature}", f"{view.reference_point_grad:.6g}"))
         if self.data.shape[1] > 1:
             rows.append(("gradient", ", ".join(f"{g:.4g}" for g in view.gradient)))
         what = "loss" if self.targets is not None else unit
@@ -456,7 +391,13 @@ def explore(
     y: Any = None,
     reference: Callable | None = None,
     reference_grad: Callable | None = None,
-    **options: Any,
+    *,
+    feature_names: Sequence[str] | None = None,
+    points: int = 200,
+    training: bool = False,
+    max_sliders: int = 6,
+    use_ipympl: bool | None = None,
+    **unknown: Any,
 ) -> Explorer:
     """Open the gradient explorer: sliders move the input point, the plots follow.
 
@@ -464,25 +405,51 @@ def explore(
         model: A Keras model whose single input is a flat float vector
             (batch, n_features): Sequential, Functional or subclassed.
         x: Data (n, n_features) or (n,) for one feature: slider ranges come from
-            it (padded by 10%), and "reset to sample" picks one of its rows.
+            it (padded by 10%), and "reset to sample" picks one of its rows. A
+            single sample (n_features,) of a model that declares its inputs is one row.
         y: Optional targets, one per row of x. With them the bars show dLoss/dW
             at the point (target: the chosen sample's); without, d(output)/dW.
         reference: Optional ``f(points) -> values`` drawn dashed beside the model
             (called with an (n, n_features) array), e.g. the analytic curve.
-        reference_grad: Optional analytic derivative along the chosen feature.
-        **options: ``feature_names``, ``points`` (curve resolution, default 200),
-            ``training``, ``max_sliders`` (default 6: more features get one slider
-            plus a feature dropdown), ``use_ipympl``.
+        reference_grad: Optional analytic derivative along the chosen feature
+            (an (n, n_features) result is read at that feature's column).
+        feature_names: One name per feature (a list, an array, ``df.columns``). Defaults to ``x0``, ``x1``, ...
+        points: How many points each curve is drawn with, from 2 to 10000.
+            Defaults to 200.
+        training: Run the model in training mode (its state is left as it was).
+            Defaults to False.
+        max_sliders: With more features than this, one slider plus a feature
+            dropdown. Defaults to 6.
+        use_ipympl: True for an interactive ipympl canvas, False for PNG images.
+            Defaults to None (ipympl when installed).
+        **unknown: Refused with the closest option's name (a typo is an error,
+            not a silently ignored keyword).
 
     Returns:
         An :class:`Explorer` widget; display it (it is the cell's last value).
 
     Raises:
-        GradmagicError: The model's input is not a flat float vector, or x and y
-            do not fit it.
+        GradmagicError: An argument has the wrong type or value (checked before
+            any TensorFlow call), the model's input is not a flat float vector,
+            x and y do not fit it, or ``reference``/``reference_grad`` fails at
+            the first point (a :class:`~gradmagic.errors.ComputeError` chaining
+            the original exception). Later failures of the references, on a
+            slider move, are shown in the panel.
 
     Example:
         >>> gm.explore(model, x, y, reference=lambda p: (p - 5) ** 2 / 25,
         ...            reference_grad=lambda p: 2 * (p - 5) / 25)
     """
-    return Explorer(model, x, y, reference, reference_grad, **options)
+    explorer_args.check_unknown(unknown)
+    return Explorer(
+        model,
+        x,
+        y,
+        reference,
+        reference_grad,
+        feature_names=feature_names,
+        points=points,
+        training=training,
+        max_sliders=max_sliders,
+        use_ipympl=use_ipympl,
+    )
