@@ -527,3 +527,34 @@ def test_jacobian_through_a_grouped_convolution_falls_back_to_one_unit_at_a_time
         assert "one output unit at a time" in notes and "grouped convolutions" in notes
     else:
         assert notes.strip() == "[]"
+
+
+def test_token_ids_error_names_the_layer_that_holds_the_embedding():
+    model = transformer()
+    with pytest.raises(gm.GradmagicError, match="layer='token_and_position_embedding'") as raised:
+        gm.input_gradients(model, TOKENS)
+    assert "<the Embedding layer>" not in str(raised.value)
+    # The advice works: the gradient at that layer's output, checked against a tape.
+    model.compile(loss="sparse_categorical_crossentropy")
+    got = gm.output_gradients(model, TOKENS, np.array([0, 1]), layer="token_and_position_embedding").array
+    layer = model.get_layer("token_and_position_embedding")
+    with tf.GradientTape() as tape:
+        embedded = layer(TOKENS)
+        tape.watch(embedded)
+        rest = embedded
+        for later in model.layers[2:]:
+            rest = later(rest)
+        loss = keras.losses.SparseCategoricalCrossentropy()(np.array([0, 1]), rest)
+    np.testing.assert_allclose(got, tape.gradient(loss, embedded), rtol=1e-4, atol=1e-7)  # two graphs
+
+
+def test_an_input_cut_by_a_cast_gets_a_note_not_a_bare_zero():
+    inp = keras.Input((3,))
+    ids = keras.layers.Lambda(lambda t: keras.ops.cast(t, "int32"), output_shape=(3,))(inp)
+    out = keras.layers.Dense(1)(keras.layers.Flatten()(keras.layers.Embedding(5, 2)(ids)))
+    model = keras.Model(inp, out)
+    j = gm.input_gradients(model, np.array([[1.0, 2.0, 3.0], [0.0, 4.0, 1.0]], "float32"))
+    assert not np.any(j.array)  # autodiff's answer through a cast to int32 (an Embedding lookup follows)
+    assert "exactly 0" in j.notes[0] and "cast to an integer" in repr(j) and "explain" in j._repr_html_()
+    e = gm.explain(model, np.array([[1.0, 2.0, 3.0]], "float32"))
+    assert e.blocked[0].op == "Cast"  # and explain names the cut, as the note says

@@ -414,6 +414,21 @@ def input_gradients(
     if question.note:
         gradients.notes.append(question.note)
         gradients.title += f" ({question.note})"
+    pairs = [(name, jac) for per_input in per_output for name, jac in zip(names, per_input)]
+    cut = sorted({name for name, jac in pairs if jac is None})
+    if cut:  # None is autodiff's answer, not a failure: say what it means and where to look
+        gradients.notes.append(
+            f"input(s) {', '.join(map(repr, cut))} reach no output through differentiable ops, so their "
+            f"Jacobian is None (e.g. a cast to an integer dtype, or an input the outputs do not use); "
+            f"gradmagic.explain(model, x) names the op that cuts the path"
+        )
+    flat = sorted({name for name, jac in pairs if jac is not None and jac.size and not np.any(jac)} - set(cut))
+    if flat:
+        gradients.notes.append(
+            f"the Jacobian of input(s) {', '.join(map(repr, flat))} is exactly 0 at every sample: either the "
+            f"outputs do not change with them here (e.g. inactive ReLUs) or an op such as a cast to an integer "
+            f"dtype cuts the path; gradmagic.explain(model, x) tells which"
+        )
     return gradients
 
 
@@ -433,9 +448,27 @@ def _unvectorized(model: keras.Model, key: Hashable, x: Any, training: bool, fai
 
 
 def _embedding_name(model: keras.Model) -> str:
-    """Name of the model's first Embedding layer, for the integer-input message."""
-    found = [lay.name for lay in model.layers if isinstance(lay, keras.layers.Embedding)]
-    return found[0] if found else "<the Embedding layer>"
+    """Name of the entry of ``model.layers`` that holds the first Embedding, for the integer-input message.
+
+    The Embedding may sit inside a custom layer (a token-and-position
+    embedding): the layer to ask about is then that custom layer.
+    """
+    for lay in model.layers:
+        if _holds_embedding(lay, depth=3):
+            return lay.name
+    called = [lay.name for lay in model.layers if not isinstance(lay, keras.layers.InputLayer)]
+    return called[0] if called else "<the Embedding layer>"
+
+
+def _holds_embedding(layer: Any, depth: int) -> bool:
+    """True if ``layer`` is an Embedding or holds one among its attributes (a few levels down)."""
+    if isinstance(layer, keras.layers.Embedding):
+        return True
+    if depth == 0 or not isinstance(layer, keras.layers.Layer):
+        return False
+    children = list(getattr(layer, "layers", None) or []) if isinstance(layer, keras.Model) else []
+    children += [v for v in vars(layer).values() if isinstance(v, keras.layers.Layer)]
+    return any(_holds_embedding(child, depth - 1) for child in children)
 
 
 def _check_output_index(model: keras.Model, spec: ModelSpec, output: Any) -> int:

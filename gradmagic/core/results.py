@@ -279,7 +279,8 @@ class InputGradients(GradientTable):
         values: The model's output at x (a list for several outputs): f(x)
             beside f'(x).
         notes: How it was computed when not the usual way (e.g. one output
-            unit at a time, where the vectorised Jacobian is not supported).
+            unit at a time, where the vectorised Jacobian is not supported),
+            and what a ``None`` Jacobian means; shown under the table.
     """
 
     def __init__(self, rows: list[GradientRow], array: Any, output: int | None, title: str = "") -> None:
@@ -288,6 +289,12 @@ class InputGradients(GradientTable):
         self.output = output
         self.values: Any = None
         self.notes: list[str] = []
+
+    def __repr__(self) -> str:
+        return "\n".join([super().__repr__(), *(f"Note: {n}" for n in self.notes)])
+
+    def _repr_html_(self) -> str:
+        return super()._repr_html_() + "".join(f"<p><em>Note: {html.escape(n)}</em></p>" for n in self.notes)
 
 
 def rows_for(labels: Sequence[dict[str, Any]], arrays: Sequence[np.ndarray | None]) -> list[GradientRow]:
