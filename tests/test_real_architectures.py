@@ -558,3 +558,32 @@ def test_an_input_cut_by_a_cast_gets_a_note_not_a_bare_zero():
     assert "exactly 0" in j.notes[0] and "cast to an integer" in repr(j) and "explain" in j._repr_html_()
     e = gm.explain(model, np.array([[1.0, 2.0, 3.0]], "float32"))
     assert e.blocked[0].op == "Cast"  # and explain names the cut, as the note says
+
+
+class Opaque(keras.layers.Layer):
+    """Holds a Python function: nothing can rebuild it, so the check runs on the float32 model itself."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def call(self, t):
+        return self.fn(t)
+
+
+def test_float32_fallback_on_a_conv_net_says_why_passes_right_and_catches_wrong():
+    def build(kind):
+        model = conv_bn_dropout(kind)
+        return _compiled(keras.Sequential([keras.Input((32, 32, 3)), Opaque(lambda t: t * 1.0), *model.layers]))
+
+    right = build("right")
+    with pytest.warns(UserWarning, match="float32"):
+        check = gm.check_gradients(right, IMAGES, LABELS, max_directions=2, verbose=False)
+    assert check.dtype == "float32" and "not possible" in check.notes[0] and "Opaque" in check.notes[0]
+    assert check.passed, check
+    wrong = build("sign")
+    wrong.set_weights(right.get_weights())
+    with pytest.warns(UserWarning, match="float32"):
+        bad = gm.check_gradients(wrong, IMAGES, LABELS, max_directions=2, verbose=False)
+    index = [layer.name for layer in wrong.layers].index("hand_swish")
+    assert not bad.passed and f"{index} 'hand_swish'" in bad.suspects, bad
