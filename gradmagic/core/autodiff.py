@@ -283,9 +283,9 @@ def explain(model: keras.Model, x: Any, y: Any = None, loss: Any = None, trainin
     ``tf.stop_gradient``, ``tf.numpy_function``/``tf.py_function`` escapes,
     piecewise-constant ops such as ``Round``, ``Floor``, ``Sign``, ``ArgMax``),
     and the graph is walked backwards from each layer's outputs to its inputs and
-    weights. The real gradients at x are computed too: of the loss when y is given
-    (through :func:`gradmagic.weight_gradients`), else of the sum of the model's
-    outputs. The model is left unchanged.
+    weights. The real gradients at x are computed too, in the same traced pass:
+    of the loss when y is given, else of the sum of the model's outputs. The
+    model is left unchanged.
 
     Args:
         model: A Keras 3 model (Sequential, Functional or subclassed).
@@ -319,7 +319,7 @@ def explain(model: keras.Model, x: Any, y: Any = None, loss: Any = None, trainin
     trace = _run_trace(model, x_in, y_in, loss_fn, training)
     if trace.grad_error is not None:
         notes.append(f"TensorFlow could not compute the gradient, so only the graph was analysed: {trace.grad_error}")
-    if y is not None and trace.grad_error is None:
+    if y is not None and trace.grad_error is None and trace.weight_grads is None:
         try:
             grads = weight_gradients(model, x, y, loss=loss, training=training).arrays()
         except ComputeError as exc:

@@ -85,11 +85,16 @@ def loss_problem(model: keras.Model, loss_fn: Any, x: Any, y: Any, sw: Any, trai
 
     x_tensors = keras.tree.map_structure(tf.convert_to_tensor, x)
     loss_concrete = concrete_function(loss_at, recorder, x_tensors)
-    grads_concrete = grads_at.get_concrete_function(x_tensors)
     dtype = tf.as_dtype(loss_concrete.structured_outputs.dtype)
-    return LossProblem(
-        model, lambda x: float(loss_concrete(x)), lambda x: grads_concrete(x), x_tensors, dtype, recorder
-    )
+    traced: list = []
+
+    def gradients(x: Any) -> Any:
+        # Traced on first use: the model's own problem needs no gradients when its float64 copy is checked.
+        if not traced:
+            traced.append(grads_at.get_concrete_function(x_tensors))
+        return traced[0](x)
+
+    return LossProblem(model, lambda x: float(loss_concrete(x)), gradients, x_tensors, dtype, recorder)
 
 
 def _directions(size: int, max_directions: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
