@@ -174,8 +174,10 @@ def check_gradients(
     and a row whose one-sided slopes keep differing as ``h`` shrinks (ReLU or
     ReLU6 at exactly 0, max-pool ties, an input at Masking's mask value) is
     reported as "not smooth here" - a point where the loss has no derivative
-    to check - rather than as a failure. A wrong derivative (a factor, a sign, a
-    missing term) keeps failing at every step and is not mistaken for a kink.
+    to check - rather than as a failure. Such a row is not verified: a wrong
+    derivative is caught where the loss is smooth (a factor, a sign, a missing
+    term fail at every step, with one-sided slopes that agree), which on a
+    network with kinks is usually another row or direction upstream.
 
     Piecewise-constant ops (``Round``, ``Floor``) pass: autodiff's zero agrees
     with the finite difference away from their jumps. ``tf.stop_gradient``
