@@ -25,6 +25,7 @@ from gradmagic.core.gradients import check_model, spec_and_inputs, weight_gradie
 from gradmagic.core.inputs import prepare_targets
 from gradmagic.core.nonfinite_origin import NonfiniteOrigin, nonfinite_origins, probed_ops
 from gradmagic.core.op_graph import FLOWS, NONE, VERDICTS, ZERO, carries_gradient, diagnose, op_gradient, path_ops
+from gradmagic.core.progress import Progress
 from gradmagic.core.state import preserved_eagerly
 from gradmagic.core.targets import LossFn, model_name, resolve_loss, weight_slots
 from gradmagic.core.trace_errors import function_name, short_error
@@ -37,7 +38,7 @@ from gradmagic.core.tracing import (
     concrete_function,
     tracing_error,
 )
-from gradmagic.errors import ComputeError
+from gradmagic.errors import ComputeError, InputError
 
 __all__ = ["DisconnectedWeight", "Explanation", "LayerPath", "OpInfo", "explain"]
 
@@ -274,7 +275,9 @@ def _disconnected(model: keras.Model, trace: _Trace, grads: list | None, weights
     return found
 
 
-def explain(model: keras.Model, x: Any, y: Any = None, loss: Any = None, training: bool = False) -> Explanation:
+def explain(
+    model: keras.Model, x: Any, y: Any = None, loss: Any = None, training: bool = False, verbose: bool = True
+) -> Explanation:
     """Explain how the gradient flows through every layer, and why a gradient is None.
 
     The model is traced once in a ``tf.function`` with every layer's ``call``
@@ -293,6 +296,8 @@ def explain(model: keras.Model, x: Any, y: Any = None, loss: Any = None, trainin
         y: Targets. Defaults to ``None``: differentiate the sum of the outputs.
         loss: The loss when y is given. Defaults to ``None``: the compiled loss.
         training: Run layers in training mode. Defaults to ``False``.
+        verbose: Show a progress bar over the layers (``keras.utils.Progbar``)
+            once the analysis has run for more than 2 seconds. Defaults to ``True``.
 
     Returns:
         An :class:`Explanation`: ``.layers`` (a :class:`LayerPath` per entry of
@@ -312,11 +317,15 @@ def explain(model: keras.Model, x: Any, y: Any = None, loss: Any = None, trainin
         >>> e.blocked[0].name, e.blocked[0].op     # ('lambda', 'Round')
     """
     check_model(model)
+    if not isinstance(verbose, (bool, np.bool_)):
+        raise InputError(f"Received: verbose={verbose!r}. Expected True or False.")
+    progress = Progress(len(model.layers) + 1, verbose, "layer")
     spec, x_in, batch = spec_and_inputs(model, x)
     notes, grads, loss_fn, y_in = [], None, None, None
     if y is not None:  # check y and the loss before tracing, so that their mistakes get their own messages
         y_in, loss_fn = prepare_targets(model, y, batch, spec), resolve_loss(model, loss)
     trace = _run_trace(model, x_in, y_in, loss_fn, training)
+    progress()
     if trace.grad_error is not None:
         notes.append(f"TensorFlow could not compute the gradient, so only the graph was analysed: {trace.grad_error}")
     if y is not None and trace.grad_error is None and trace.weight_grads is None:
@@ -331,7 +340,9 @@ def explain(model: keras.Model, x: Any, y: Any = None, loss: Any = None, trainin
     for index, layer in enumerate(model.layers):
         own = [g for s, g in zip(slots, grads, strict=True) if s.layer_index == index] if grads is not None else []
         layers.append(_layer_path(index, layer, trace, weights, own))
+        progress()
     disconnected = _disconnected(model, trace, grads, weights)
+    progress.done()
     origins = []
     if _has_nonfinite(trace, grads):  # a forward pass alone when autodiff itself failed above
         origins = _nonfinite_origins(model, x_in, y_in, loss_fn, training, trace.grad_error is None, notes)

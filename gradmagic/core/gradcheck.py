@@ -15,7 +15,6 @@ comparison in :mod:`~gradmagic.core.finite_differences`, and the result is a
 from __future__ import annotations
 
 import math
-import time
 import warnings
 from typing import Any
 
@@ -27,6 +26,7 @@ from gradmagic.core.finite_differences import LossProblem, check_rows, count_row
 from gradmagic.core.float64 import as_float64, float64_default, float64_loss, float64_twin, loss_weights
 from gradmagic.core.gradcheck_results import CheckRow, GradientCheck
 from gradmagic.core.gradients import check_model, prepare_loss_args, spec_and_inputs
+from gradmagic.core.progress import Progress
 from gradmagic.core.state import preserved_eagerly
 from gradmagic.core.targets import model_name, resolve_loss
 from gradmagic.core.trace_errors import short_error
@@ -239,7 +239,7 @@ def check_gradients(
                 "input_names": _input_labels(x_in, spec),
                 "rng": np.random.default_rng(int(seed)),
                 "roundoff": 10 * eps,  # a difference of two losses is good to about 10 eps |L|
-                "progress": _Progress(count_rows(model, problem), verbose),
+                "progress": Progress(count_rows(model, problem), verbose, "row"),
             }
             value, rows = check_rows(model, problem, settings)
         except TracingFailed as failed:
@@ -256,22 +256,3 @@ def _ancestors(model: keras.Model, problem: LossProblem) -> dict[int, set[int]] 
     if problem.recorder is None or [type(a) for a in problem.model.layers] != [type(b) for b in model.layers]:
         return None
     return layer_ancestors(problem.recorder)
-
-
-class _Progress:
-    """A ``keras.utils.Progbar`` over the rows, shown only once the check has run for a while."""
-
-    def __init__(self, total: int, verbose: bool, after: float = 2.0) -> None:
-        self.total, self.verbose, self.after = total, verbose, after
-        self.start, self.count, self.bar = time.perf_counter(), 0, None
-
-    def __call__(self) -> None:
-        self.count += 1
-        if self.bar is None and self.verbose and time.perf_counter() - self.start > self.after:
-            self.bar = keras.utils.Progbar(self.total, unit_name="row")
-        if self.bar is not None:
-            self.bar.update(min(self.count, self.total))
-
-    def done(self) -> None:
-        if self.bar is not None and self.count < self.total:
-            self.bar.update(self.total, finalize=True)
