@@ -131,12 +131,15 @@ def _evaluation_model(
     model: keras.Model, spec: Any, loss: Any, x: Any, y: Any, sw: Any, training: bool
 ) -> tuple[LossProblem, str, list[str]]:
     """``(problem, dtype, notes)``: a float64 twin if it can be built and agrees with the model, else the model."""
-    own = loss_problem(model, resolve_loss(model, loss), x, y, sw, training)  # tracing mistakes surface here
-    if own.dtype == tf.float64 and _compute_eps(model) <= np.finfo("float64").eps:
-        return own, "float64", []
+    loss_fn = resolve_loss(model, loss)
+    if _compute_eps(model) <= _EPS["float64"]:  # a float64 model is its own copy
+        return loss_problem(model, loss_fn, x, y, sw, training), "float64", []
     try:
-        return _twin_problem(model, spec, loss, x, y, sw, training, own.loss_at(own.x)), "float64", []
+        # One eager pass gives the loss the copy must reproduce (cheaper than tracing the model).
+        reference = float(loss_fn(model, x, y, model(x, training=training), sw, training))
+        return _twin_problem(model, spec, loss, x, y, sw, training, reference), "float64", []
     except Exception as exc:  # whatever stops the copy, the model itself can still be checked
+        own = loss_problem(model, loss_fn, x, y, sw, training)  # a tracing mistake surfaces here, by layer
         note = f"a float64 copy of the model was not possible ({short_error(exc)}), so the check ran in float32"
         return own, "float32", [note]
 
