@@ -8,8 +8,10 @@ machine cancel in the per-block ratios:
   plain      the train step as Keras builds it
   one pass   the train step plus ONE ``reduce_sum`` over every gradient (a wrapper
              written here): the price of reading every gradient once more
-  monitor    the train step with GradientMonitor's recording (per weight: sum, norm
-             and max |g|, the non-finite check, one buffer row write per step)
+  monitor    the train step with GradientMonitor's default recording (stats="norm": per
+             weight one sum of squares, from Adam's g**2, the non-finite check, one
+             buffer row write per step; every statistic every 100th step)
+  full       GradientMonitor(stats="full"): per weight sum, norm and max |g| every step
 
 "paired" is the median over blocks of (block time / plain block time of the same
 round); "extra" turns it into microseconds per step. Tracing is excluded: each
@@ -30,7 +32,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras
 import tensorflow as tf
-from monitor import BATCH, build, data
+from monitor import BATCH, _load, _OtherLoad, build, data
 
 from gradmagic.core.monitor import GradientMonitor
 
@@ -57,8 +59,8 @@ def train_step(kind: str, iterator) -> tuple[Callable[[], object], Callable[[], 
     if kind == "one pass":
         add_one_pass(model)
     model.make_train_function()
-    if kind == "monitor":
-        monitor = GradientMonitor()
+    if kind in ("monitor", "full"):
+        monitor = GradientMonitor(stats="full" if kind == "full" else "norm")
         monitor.set_model(model)
         monitor.on_train_begin()  # what fit does: wraps the train function
         done = monitor.detach
@@ -74,7 +76,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32, help="train steps per block")
     args = parser.parse_args()
     x, y = data()
-    kinds = ["plain", "one pass", "monitor"]
+    print(f"before: {_load()}")
+    other = _OtherLoad()
+    kinds = ["plain", "one pass", "monitor", "full"]
     steps, cleanups = {}, []
     for kind in kinds:
         iterator = iter(tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH).repeat().prefetch(4))
@@ -90,6 +94,8 @@ def main() -> None:
             times[kind].append((time.perf_counter() - start) / args.steps)
     for done in cleanups:
         done()
+    print(f"after:  {_load()}")
+    print(f"during: {other}")
     plain = statistics.median(times["plain"])
     print(
         f"MLP 784-256-256-10, batch {BATCH}, Adam; {args.blocks} interleaved blocks of {args.steps} train steps; "

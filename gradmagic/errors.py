@@ -13,6 +13,14 @@ from collections.abc import Iterable, Sequence
 class GradmagicError(Exception):
     """Base class of every error gradmagic raises for a user mistake or failure."""
 
+    # Raised inside a traced function or a layer's call, a gradmagic error must
+    # reach the user as it is: TensorFlow's AutoGraph re-creates any exception
+    # that crosses a converted function unless it has ``ag_pass_through``, and
+    # Keras re-creates one that leaves a layer's ``call`` unless it is marked as
+    # already annotated. Neither framework has a public switch for this.
+    ag_pass_through = True
+    _keras_call_info_injected = True
+
 
 class LayerError(GradmagicError, LookupError):
     """A layer was addressed by an index out of range or an unknown name."""
@@ -36,6 +44,21 @@ class ModelBuildError(GradmagicError, ValueError):
 
 class ComputeError(GradmagicError, RuntimeError):
     """Running the model, the loss or the gradient failed for another reason."""
+
+
+class UserCodeError(ComputeError):
+    """The user's own code (a loss, a layer's ``call``) raised; the original error is the ``__cause__``.
+
+    Attributes:
+        original: The exception the user's code raised (also chained as
+            ``__cause__``, so its traceback is shown below this error's).
+    """
+
+    original: BaseException | None = None
+
+
+class GradmagicWarning(UserWarning):
+    """A recoverable problem with the input, e.g. NaN or Inf in x or y."""
 
 
 def close_matches(word: str, choices: Iterable[str], limit: int = 3) -> list[str]:

@@ -638,11 +638,6 @@ def test_a_dataset_or_generator_as_x_reaches_the_core_unchanged(ip, ns, monkeypa
         assert next(data)[0].shape == (2, 3)  # the magic drew nothing from it
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="core: datasets and generators as x are being added to the core functions separately "
-    "(first batch, y from the stream); remove this mark once weight_gradients accepts them.",
-)
 def test_a_dataset_without_y_gives_the_gradients_of_its_first_batch(ip, ns):
     ip.push({"batches": tf.data.Dataset.from_tensor_slices((ns["x"], ns["y"])).batch(2)})
     got = _gradients(ip, "lin batches")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -45,14 +46,15 @@ def _tape_gradients(model, weights, x, y):
     return [g.numpy() for g in tape.gradient(loss, clone.trainable_variables)]
 
 
+@pytest.mark.parametrize("stats", ["norm", "full"])
 @pytest.mark.parametrize(("jit", "optimizer"), [(False, "sgd"), (True, "sgd"), (False, "adam")])
-def test_recorded_stats_equal_independent_gradients(jit, optimizer):
+def test_recorded_stats_equal_independent_gradients(jit, optimizer, stats):
     # Adam squares the gradient itself; the monitor then reduces that g**2 instead.
     model = mlp((3, 5, 2))
     optimizer = keras.optimizers.SGD(0.1) if optimizer == "sgd" else keras.optimizers.Adam(0.01)
     model.compile(optimizer=optimizer, loss="mse", jit_compile=jit)
     x, y = _data()
-    before, monitor = _WeightsBefore(), GradientMonitor(read_every=3)
+    before, monitor = _WeightsBefore(), GradientMonitor(read_every=3, stats=stats)
     model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0, callbacks=[before, monitor])
     cols = monitor.to_dict()
     n_w = len(model.trainable_variables)
@@ -60,14 +62,56 @@ def test_recorded_stats_equal_independent_gradients(jit, optimizer):
     for k, weights in enumerate(before.weights):
         batch = k % 4
         truth = _tape_gradients(model, weights, x[8 * batch : 8 * batch + 8], y[8 * batch : 8 * batch + 8])
+        # stats="norm" measures everything at the batches where it reads (every 3rd of an epoch).
+        full = stats == "full" or batch == 2
         for i, g in enumerate(truth):
             row = k * n_w + i
             assert (cols["step"][row], cols["epoch"][row], cols["batch"][row]) == (k, k // 4, batch)
             assert cols["weight"][row] == model.trainable_variables[i].path
+            # Tolerances: the tape's graph and the train step's are different graphs.
             np.testing.assert_allclose(cols["norm"][row], np.linalg.norm(g), rtol=1e-5)
-            np.testing.assert_allclose(cols["max_abs"][row], np.abs(g).max(), rtol=1e-5)
-            np.testing.assert_allclose(cols["mean"][row], g.mean(), rtol=1e-4, atol=1e-7)
+            assert cols["full"][row] is full
+            if full:
+                np.testing.assert_allclose(cols["max_abs"][row], np.abs(g).max(), rtol=1e-5)
+                np.testing.assert_allclose(cols["mean"][row], g.mean(), rtol=1e-4, atol=1e-7)
+            else:
+                assert cols["max_abs"][row] == 0.0 and cols["mean"][row] == 0.0
             assert cols["nan"][row] == 0 and cols["inf"][row] == 0
+
+
+def test_default_norms_equal_a_tape_on_a_batchnorm_model():
+    # SGD on BatchNorm: gamma gradients are read from a replayed copy (monitor_replay).
+    model = keras.Sequential(
+        [
+            keras.Input((6, 6, 2)),
+            keras.layers.Conv2D(3, 3),
+            keras.layers.BatchNormalization(),
+            keras.layers.ReLU(),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3),
+        ]
+    )
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss="sparse_categorical_crossentropy")
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(12, 6, 6, 2)).astype("float32"), rng.integers(0, 3, 12)
+    before, monitor = _WeightsBefore(), GradientMonitor()
+    assert monitor.stats == "norm"
+    model.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0, callbacks=[before, monitor])
+    cols = monitor.to_dict()
+    n_w = len(model.trainable_variables)
+    assert len(cols["norm"]) == 3 * n_w and not any(cols["full"][: 2 * n_w])
+    for k, weights in enumerate(before.weights):
+        clone = keras.models.clone_model(model)
+        for variable, value in zip(clone.trainable_variables, weights, strict=True):
+            variable.assign(value)
+        with tf.GradientTape() as tape:
+            loss = keras.losses.SparseCategoricalCrossentropy()(
+                y[4 * k : 4 * k + 4], clone(x[4 * k : 4 * k + 4], training=True)
+            )
+        for i, g in enumerate(tape.gradient(loss, clone.trainable_variables)):
+            # A different graph than the train step's: a tolerance, not equality. The conv bias
+            # feeding BatchNorm has a zero gradient in exact arithmetic (round-off ~1e-7): atol.
+            np.testing.assert_allclose(cols["norm"][k * n_w + i], np.linalg.norm(g.numpy()), rtol=1e-5, atol=1e-6)
 
 
 def test_training_is_bit_identical_with_and_without_monitor():
@@ -83,6 +127,59 @@ def test_training_is_bit_identical_with_and_without_monitor():
     monitored = train([GradientMonitor(print_every=None, read_every=5)])
     assert monitored[0] == plain[0]
     assert monitored[1] == plain[1]
+
+
+def _conv_bn_dropout():
+    return keras.Sequential(
+        [
+            keras.Input((8, 8, 3)),
+            keras.layers.Conv2D(4, 3, padding="same"),
+            keras.layers.BatchNormalization(),
+            keras.layers.ReLU(),
+            keras.layers.Conv2D(4, 3),
+            keras.layers.BatchNormalization(),
+            keras.layers.Activation("relu"),
+            keras.layers.Dropout(0.3),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3),
+        ]
+    )
+
+
+def _mobilenet():
+    return keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), alpha=0.35, classes=3)
+
+
+def _fit_bytes(build, optimizer, callbacks, shape, n, epochs=1):
+    keras.utils.set_random_seed(0)
+    model = build()
+    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy")
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(n, *shape)).astype("float32"), rng.integers(0, 3, n)
+    model.fit(x, y, batch_size=4, epochs=epochs, shuffle=False, verbose=0, callbacks=callbacks)
+    # Every variable: weights, BatchNorm statistics, optimizer slots, seed generator states.
+    return [(v.name, v.numpy().tobytes()) for v in [*model.variables, *model.optimizer.variables]]
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_conv_batchnorm_dropout_training_is_bit_identical(momentum):
+    # With SGD, a BatchNorm gamma's gradient (a * rsqrt(var)) has one consumer, the update
+    # lr * g, which TensorFlow's graph optimizer reassociates; reading g must not prevent it.
+    def run(callbacks):
+        return _fit_bytes(_conv_bn_dropout, keras.optimizers.SGD(0.1, momentum=momentum), callbacks, (8, 8, 3), 12, 2)
+
+    plain, monitored = run([]), run([GradientMonitor(read_every=2)])
+    assert len(monitored) == len(plain)
+    assert [p[0] for p, m in zip(plain, monitored, strict=True) if p[1] != m[1]] == []
+
+
+def test_mobilenet_v2_training_is_bit_identical():
+    def run(callbacks):
+        return _fit_bytes(_mobilenet, keras.optimizers.SGD(0.01), callbacks, (32, 32, 3), 12)  # 3 steps
+
+    plain, monitored = run([]), run([GradientMonitor()])
+    assert len(monitored) == len(plain)
+    assert [p[0] for p, m in zip(plain, monitored, strict=True) if p[1] != m[1]] == []
 
 
 def test_layers_and_summary():
@@ -197,7 +294,184 @@ def test_raise_raises_gradmagic_error_and_restores():
             x, y, batch_size=8, epochs=2, shuffle=False, verbose=0, callbacks=[GradientMonitor(on_anomaly="raise")]
         )
     assert isinstance(info.value, GradientAnomalyError) and info.value.anomaly.batch == 2
-    assert "apply" not in vars(model.optimizer) and model.train_function is None
+    assert "apply" not in vars(model.optimizer)
+    # Raising skips on_train_end; the model must still have its plain train function back.
+    assert getattr(model.train_function, "gradmagic_functions", None) is None
+
+
+class CountingMLP(keras.Sequential):
+    """An MLP that counts how often its train step is traced (Python runs once per trace)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.traces = 0
+
+    def train_step(self, data):
+        self.traces += 1
+        return super().train_step(data)
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_repeated_fits_reuse_the_traced_train_functions():
+    model = CountingMLP([keras.Input((3,)), keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(2)])
+    model.compile(optimizer="adam", loss="mse")
+    x, y = _data(32)
+    monitor = GradientMonitor()
+    records = _Records()
+    tf.get_logger().addHandler(records)
+    try:
+        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
+        traced = model.traces
+        assert traced >= 1
+        for _ in range(6):  # more fits than TensorFlow's retracing-warning threshold (5)
+            model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
+        assert model.traces == traced
+        assert len(monitor.to_dict()["step"]) == 7 * 4 * len(model.trainable_variables)
+        assert monitor.to_dict()["step"][-1] == 7 * 4 - 1
+        # Without the monitor: the plain function, traced once (it never ran before), then reused.
+        recorded = int(monitor._buffer.count.numpy())
+        for _ in range(3):
+            model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+        assert model.traces == traced + 1 and int(monitor._buffer.count.numpy()) == recorded
+        # And back with the monitor: still no new trace.
+        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
+        assert model.traces == traced + 1 and int(monitor._buffer.count.numpy()) == recorded + 4
+    finally:
+        tf.get_logger().removeHandler(records)
+    assert not [m for m in records.messages if "retracing" in m]
+
+
+def test_recompile_gets_a_new_recording_function():
+    model, (x, y) = mlp(), _data()
+    monitor = GradientMonitor()
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor])
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse")
+    before = [w.copy() for w in model.get_weights()]
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[monitor])
+    # The new optimizer (learning rate 0) is the one applied, and the monitor still records.
+    for got, want in zip(model.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert len(monitor.to_dict()["step"]) == 4 * len(model.trainable_variables)
+
+
+def _forward_division_model():
+    """d1 -> Lambda dividing by input column 0, unguarded (Inf/NaN in the forward pass) -> out."""
+    inputs = keras.Input((3,))
+    hidden = keras.layers.Dense(4, activation="tanh", name="d1")(inputs)
+    divided = keras.layers.Lambda(lambda t: t[0] / t[1][:, :1], name="divide")([hidden, inputs])
+    model = keras.Model(inputs, keras.layers.Dense(1, name="out")(divided))
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    return model
+
+
+@pytest.mark.parametrize("action", ["stop", "raise"])
+def test_forward_division_is_pinned_on_the_lambda_op_and_line(action):
+    model, (x, y) = _forward_division_model(), _division_data()
+    before = [w.copy() for w in model.get_weights()]
+    monitor = GradientMonitor(on_anomaly=action)
+    fit = lambda: model.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0, callbacks=[monitor])  # noqa: E731
+    if action == "stop":
+        with pytest.warns(UserWarning, match="RealDiv"):
+            fit()
+        anomaly = monitor.anomalies[0]
+    else:
+        with pytest.raises(GradientAnomalyError, match="RealDiv") as info:
+            fit()
+        anomaly = info.value.anomaly
+    assert (anomaly.kind, anomaly.layer, anomaly.batch, anomaly.step) == ("nonfinite", "divide", 2, 2)
+    assert anomaly.layer_index == [layer.name for layer in model.layers].index("divide")
+    origin = anomaly.origin
+    assert (origin.op_type, origin.layer, origin.backward) == ("RealDiv", "divide", False)
+    # The user's own line: the Lambda's division in this file.
+    assert "test_monitor.py" in origin.source and "t[0] / t[1][:, :1]" in origin.source
+    assert "test_monitor.py" in anomaly.message and "'divide'" in anomaly.message
+    # The batch is the one fit used at that step, and explaining it reproduces the op.
+    bx, by, bw = monitor.bad_batch
+    np.testing.assert_array_equal(bx, x[16:24])
+    np.testing.assert_array_equal(by, y[16:24])
+    assert bw is None
+    # The weights from before the step: the reference trained on the two good batches only.
+    reference = _forward_division_model()
+    reference.set_weights(before)
+    reference.fit(x[:16], y[:16], batch_size=8, epochs=1, shuffle=False, verbose=0)
+    for got, want in zip(monitor.bad_step_weights, reference.get_weights(), strict=True):
+        np.testing.assert_array_equal(got, want)
+    import gradmagic as gm
+
+    reference.set_weights(monitor.bad_step_weights)
+    assert gm.explain(reference, *monitor.bad_batch[:2]).nonfinite[0].op_type == "RealDiv"
+
+
+def test_backward_only_nan_keeps_its_pinning_with_stop():
+    # The guarded division: the forward pass is finite, the gradient of the hidden Inf is NaN.
+    model, (x, y) = _division_model(), _division_data()
+    monitor = GradientMonitor(on_anomaly="stop")
+    with pytest.warns(UserWarning, match="'divide'"):
+        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
+    first = monitor.anomalies[0]
+    assert (first.kind, first.layer, first.batch, first.weight) == ("nonfinite", "divide", 2, "d1/kernel")
+    assert first.suspects == ("divide",)
+
+
+def test_bad_batch_is_the_shuffled_batch_fit_used():
+    model, (x, y) = _forward_division_model(), _division_data()
+    # The sample weights are the row numbers 1..32: they name the rows fit put in each batch.
+    sample_weight = np.arange(1, 33, dtype="float32")
+    keras.utils.set_random_seed(5)
+    monitor = GradientMonitor(on_anomaly="raise")
+    with pytest.raises(GradientAnomalyError) as info:
+        model.fit(
+            x, y, sample_weight=sample_weight, batch_size=8, epochs=1, shuffle=True, verbose=0, callbacks=[monitor]
+        )
+    bx, by, bw = monitor.bad_batch
+    rows = bw.astype(int) - 1
+    assert len(rows) == 8 and len(set(rows)) == 8
+    np.testing.assert_array_equal(bx, x[rows])
+    np.testing.assert_array_equal(by, y[rows])
+    assert 20 in rows  # the only row with a zero divisor, so the only batch that goes non-finite
+    assert info.value.anomaly.batch == info.value.anomaly.step and info.value.anomaly.origin.op_type == "RealDiv"
+
+
+@pytest.mark.parametrize(("jit", "steps_per_execution"), [(True, 1), (False, 3)])
+def test_forward_division_pinned_with_xla_and_steps_per_execution(jit, steps_per_execution):
+    model, (x, y) = _forward_division_model(), _division_data()
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.01), loss="mse", jit_compile=jit, steps_per_execution=steps_per_execution
+    )
+    monitor = GradientMonitor(on_anomaly="raise")
+    with pytest.raises(GradientAnomalyError) as info:
+        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
+    anomaly = info.value.anomaly
+    # With 3 steps per execution the bad batch (index 2) is the last of the first execution.
+    assert (anomaly.batch, anomaly.layer, anomaly.origin.op_type) == (2, "divide", "RealDiv")
+    np.testing.assert_array_equal(monitor.bad_batch[0], x[16:24])
+
+
+def test_forward_division_pinned_when_run_eagerly():
+    model, (x, y) = _forward_division_model(), _division_data()
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse", run_eagerly=True)
+    monitor = GradientMonitor(on_anomaly="raise")
+    with pytest.raises(GradientAnomalyError) as info:
+        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
+    assert (info.value.anomaly.layer, info.value.anomaly.origin.op_type) == ("divide", "RealDiv")
+    np.testing.assert_array_equal(monitor.bad_batch[0], x[16:24])
+
+
+@pytest.mark.parametrize("action", ["stop", "raise"])
+def test_keeping_the_bad_step_leaves_training_bit_identical(action):
+    def run(callbacks):
+        return _fit_bytes(_conv_bn_dropout, keras.optimizers.SGD(0.1), callbacks, (8, 8, 3), 12, 2)
+
+    plain, monitored = run([]), run([GradientMonitor(on_anomaly=action)])
+    assert [p[0] for p, m in zip(plain, monitored, strict=True) if p[1] != m[1]] == []
 
 
 def test_exploding_and_vanishing():
@@ -234,11 +508,62 @@ def test_loss_scale_optimizer_records_unscaled_gradients():
     np.testing.assert_allclose(scaled, plain, rtol=1e-5)
 
 
-def test_bad_arguments():
-    with pytest.raises(MonitorArgumentError, match="on_anomaly='explode'"):
-        GradientMonitor(on_anomaly="explode")
-    with pytest.raises(MonitorArgumentError, match="print_every=0"):
-        GradientMonitor(print_every=0)
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("on_anomaly", "explode"),
+        ("on_anomaly", None),
+        ("print_every", 0),
+        ("print_every", True),
+        ("read_every", 1.5),
+        ("full_every", 0),
+        ("histogram_every", -3),
+        ("histogram_bins", 0),
+        ("histogram_bins", None),
+        ("window", -1),
+        ("window", 2.5),
+        ("explode_factor", "big"),
+        ("explode_factor", -1.0),
+        ("explode_factor", float("nan")),
+        ("explode_threshold", float("inf")),
+        ("vanish_threshold", True),
+        ("stats", "fast"),
+        ("stream", "stdout"),
+        ("log_dir", 123),
+        ("log_dir", ""),
+    ],
+)
+def test_bad_arguments_fail_in_the_constructor(name, value):
+    with pytest.raises(MonitorArgumentError, match=f"Received: {name}=") as info:
+        GradientMonitor(**{name: value})
+    assert isinstance(info.value, GradmagicError) and "Expected" in str(info.value) and "Fix" in str(info.value)
+
+
+def test_log_dir_that_cannot_be_created_fails_in_the_constructor(tmp_path):
+    regular = tmp_path / "a_file"
+    regular.write_text("not a directory")
+    for log_dir in (regular / "logs", regular):
+        with pytest.raises(MonitorArgumentError, match="Received: log_dir=") as info:
+            GradientMonitor(log_dir=str(log_dir))
+        assert str(regular) in str(info.value)
+    # A path that does not exist yet is fine (and is not created before fit).
+    GradientMonitor(log_dir=tmp_path / "new" / "logs")
+    assert not (tmp_path / "new").exists()
+
+
+def test_good_arguments_are_accepted():
+    monitor = GradientMonitor(
+        5,
+        "stop",
+        None,
+        stats="full",
+        full_every=3,
+        window=1,
+        explode_factor=2,
+        vanish_threshold=1e-8,
+        stream=sys.stderr,
+    )
+    assert (monitor.print_every, monitor.on_anomaly, monitor.stats, monitor.full_every) == (5, "stop", "full", 3)
 
 
 _MIRRORED = textwrap.dedent(
@@ -455,7 +780,7 @@ def test_embedding_gradients_are_recorded_dense():
     ids = np.array([[1, 1, 2], [3, 1, 9]], "int32")
     y = np.array([[1.0], [-1.0]], "float32")
     weights = [v.numpy() for v in model.trainable_variables]
-    monitor = GradientMonitor()
+    monitor = GradientMonitor(stats="full")
     model.fit(ids, y, batch_size=2, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
     clone = keras.models.clone_model(model)
     clone.set_weights(weights)

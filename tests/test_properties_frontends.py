@@ -333,12 +333,6 @@ def test_gradients_magic_works_or_says_one_line(ip, built, line):
     assert _state(built) == before, line
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="core: an object that is no data (a Keras model, a module, a function) as X or Y reaches "
-    "gradmagic/core/inputs.py unchecked and raises TypeError: len() of unsized object; the core's input "
-    "validation is being fixed separately. Remove this mark once it raises InputError.",
-)
 @settings(max_examples=40, **SETTINGS)
 @given(line=gradients_lines(vocabulary=tuple(DATA + OBJECTS)))
 def test_gradients_magic_with_objects_as_data_works_or_says_one_line(ip, built, line):
@@ -348,11 +342,6 @@ def test_gradients_magic_with_objects_as_data_works_or_says_one_line(ip, built, 
     assert _state(built) == before, line
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="core: a call that fails after building an unbuilt model (y of the wrong shape, a bad layer) leaves "
-    "it built; rolling failed builds back is being added to the core separately. Remove this mark then.",
-)
 @settings(max_examples=25, **SETTINGS)
 @given(line=gradients_lines())
 def test_a_failing_gradients_line_leaves_an_unbuilt_model_unbuilt(ip, built, line):

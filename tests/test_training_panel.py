@@ -205,3 +205,19 @@ def test_a_monitor_reused_with_another_model_is_drawn_afresh():
 def test_invalid_budget_is_refused(options):
     with pytest.raises(PanelArgumentError, match="Expected 0 < max_fraction <= 1 and min_interval >= 0"):
         TrainingPanel(FakeMonitor(), use_ipympl=False, **options)
+
+
+@pytest.mark.parametrize("monitor", ["not a monitor", None, 3])
+def test_not_a_monitor_is_refused_clearly(monitor):
+    import gradmagic as gm
+
+    with pytest.raises(gm.GradmagicError, match=r"Received: monitor=.*Expected a gm\.GradientMonitor"):
+        gm.training_panel(monitor)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [("every", 0), ("every", "10"), ("max_layers", -1), ("log_scale", "yes"), ("use_ipympl", 1)]
+)
+def test_bad_panel_arguments_are_refused(name, value):
+    with pytest.raises(PanelArgumentError, match=rf"Received: .*{name}="):
+        TrainingPanel(GradientMonitor(), **{"use_ipympl": False, name: value})

@@ -14,10 +14,13 @@ except ImportError:  # pragma: no cover - depends on the environment
         "that an existing GPU or CPU build is kept."
     ) from None
 
+from gradmagic.core.arguments import check_flag, is_flag
 from gradmagic.core.autodiff import DisconnectedWeight, Explanation, LayerPath, OpInfo, explain
+from gradmagic.core.batches import is_stream
 from gradmagic.core.compute import clear_cache
 from gradmagic.core.gradcheck import CheckRow, GradientCheck, check_gradients
 from gradmagic.core.gradients import input_gradients, output_gradients, weight_gradients
+from gradmagic.core.inputs import is_scalar_list, model_spec
 from gradmagic.core.results import (
     GradientRow,
     GradientStats,
@@ -25,6 +28,8 @@ from gradmagic.core.results import (
     OutputGradients,
     WeightGradients,
 )
+from gradmagic.core.state import rollback_on_failure
+from gradmagic.core.targets import model_name
 
 __all__ = [
     "CheckRow",
@@ -38,10 +43,17 @@ __all__ = [
     "OpInfo",
     "OutputGradients",
     "WeightGradients",
+    "check_flag",
     "check_gradients",
     "clear_cache",
     "explain",
     "input_gradients",
+    "is_flag",
+    "is_scalar_list",
+    "is_stream",
+    "model_name",
+    "model_spec",
     "output_gradients",
+    "rollback_on_failure",
     "weight_gradients",
 ]

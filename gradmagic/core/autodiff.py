@@ -12,6 +12,7 @@ x, which give an observed verdict per layer and the weights whose gradient is
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,15 +20,24 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from gradmagic.core.arguments import check_flag
+from gradmagic.core.batches import first_batch
 from gradmagic.core.compute import dense_gradients
 from gradmagic.core.explanation import DisconnectedWeight, Explanation, LayerPath, OpInfo
-from gradmagic.core.gradients import check_model, spec_and_inputs, weight_gradients
+from gradmagic.core.gradients import check_model, leaves_no_trace, spec_and_inputs, weight_gradients
 from gradmagic.core.inputs import prepare_targets
 from gradmagic.core.nonfinite_origin import NonfiniteOrigin, nonfinite_origins, probed_ops
 from gradmagic.core.op_graph import FLOWS, NONE, VERDICTS, ZERO, carries_gradient, diagnose, op_gradient, path_ops
 from gradmagic.core.progress import Progress
 from gradmagic.core.state import preserved_eagerly
-from gradmagic.core.targets import LossFn, model_name, resolve_loss, weight_slots
+from gradmagic.core.targets import (
+    LossFn,
+    check_loss_argument,
+    check_loss_structure,
+    model_name,
+    resolve_loss,
+    weight_slots,
+)
 from gradmagic.core.trace_errors import function_name, short_error
 from gradmagic.core.tracing import (
     OWNER_GLUE,
@@ -38,7 +48,7 @@ from gradmagic.core.tracing import (
     concrete_function,
     tracing_error,
 )
-from gradmagic.errors import ComputeError, InputError
+from gradmagic.errors import ComputeError, GradmagicWarning
 
 __all__ = ["DisconnectedWeight", "Explanation", "LayerPath", "OpInfo", "explain"]
 
@@ -275,6 +285,7 @@ def _disconnected(model: keras.Model, trace: _Trace, grads: list | None, weights
     return found
 
 
+@leaves_no_trace
 def explain(
     model: keras.Model, x: Any, y: Any = None, loss: Any = None, training: bool = False, verbose: bool = True
 ) -> Explanation:
@@ -317,11 +328,16 @@ def explain(
         >>> e.blocked[0].name, e.blocked[0].op     # ('lambda', 'Round')
     """
     check_model(model)
-    if not isinstance(verbose, (bool, np.bool_)):
-        raise InputError(f"Received: verbose={verbose!r}. Expected True or False.")
-    progress = Progress(len(model.layers) + 1, verbose, "layer")
+    training = check_flag("training", training)
+    progress = Progress(len(model.layers) + 1, check_flag("verbose", verbose), "layer")
+    if y is not None:
+        check_loss_argument(model, loss)
+    data = first_batch(x, y)
+    x, y = data.x, data.y
     spec, x_in, batch = spec_and_inputs(model, x)
-    notes, grads, loss_fn, y_in = [], None, None, None
+    notes, grads, loss_fn, y_in = [data.source] if data.source else [], None, None, None
+    if y is not None:
+        check_loss_structure(model, spec.output_names, loss)
     if y is not None:  # check y and the loss before tracing, so that their mistakes get their own messages
         y_in, loss_fn = prepare_targets(model, y, batch, spec), resolve_loss(model, loss)
     trace = _run_trace(model, x_in, y_in, loss_fn, training)
@@ -330,7 +346,9 @@ def explain(
         notes.append(f"TensorFlow could not compute the gradient, so only the graph was analysed: {trace.grad_error}")
     if y is not None and trace.grad_error is None and trace.weight_grads is None:
         try:
-            grads = weight_gradients(model, x, y, loss=loss, training=training).arrays()
+            with warnings.catch_warnings():  # NaN/Inf in x or y is reported below, with its origin
+                warnings.simplefilter("ignore", GradmagicWarning)
+                grads = weight_gradients(model, x, y, loss=loss, training=training).arrays()
         except ComputeError as exc:
             notes.append(f"computing dLoss/dW failed: {exc}")
     grads = grads if grads is not None else trace.weight_grads

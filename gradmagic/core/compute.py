@@ -19,47 +19,73 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from gradmagic.core.cache_keys import Key
 from gradmagic.core.state import restore_in_graph, snapshot_in_graph, state_variables
 from gradmagic.core.targets import LossFn
+from gradmagic.core.trace_errors import describe_layer, diagnose_trace_error
+from gradmagic.core.user_code import failed
+from gradmagic.errors import GradmagicError
 
 _MAX_FUNCTIONS_PER_MODEL = 32
 
 _cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def cached(model: keras.Model, key: Hashable, build: Callable[[], Callable]) -> Callable:
-    """Return the compiled function for ``key``, building it on first use (LRU per model)."""
+def cached(model: keras.Model, key: Key | None, build: Callable[[], Any]) -> Any:
+    """Return the compiled function for ``key``, building it on first use (LRU per model).
+
+    A stored function is reused only while every object its key holds by
+    identity is still alive (see :mod:`gradmagic.core.cache_keys`); ``key=None``
+    (a question that cannot be keyed safely) builds a fresh function every time.
+    """
+    if key is None:
+        return build()
     functions = _cache.get(model)
     if functions is None:
         functions = _cache[model] = collections.OrderedDict()
-    fn = functions.get(key)
-    if fn is None:
-        fn = functions[key] = build()
+    entry = functions.get(key.token)
+    if entry is None or not entry[1].alive():
+        entry = functions[key.token] = (build(), key.stored())
         if len(functions) > _MAX_FUNCTIONS_PER_MODEL:
             functions.popitem(last=False)
     else:
-        functions.move_to_end(key)
-    return fn
+        functions.move_to_end(key.token)
+    return entry[0]
 
 
-def forget(model: keras.Model, key: Hashable) -> None:
+def forget(model: keras.Model, key: Key | None) -> None:
     """Drop one cached function (e.g. after its first call failed)."""
     functions = _cache.get(model)
-    if functions is not None:
-        functions.pop(key, None)
+    if functions is not None and key is not None:
+        functions.pop(key.token, None)
 
 
 def clear_cache(model: keras.Model | None = None) -> None:
     """Drop the compiled functions of one model, or of all models.
 
-    Call it after changing a model in place in a way its traced graph cannot see
-    (e.g. ``compile()`` with another loss, which gradmagic otherwise detects, or
-    replacing a layer's ``call``).
+    Gradmagic sees a new loss, ``compile()``, frozen layers, added or removed
+    layers, changed values inside a loss and changed public plain settings of
+    the model and its layers (``layer.rate``, ``layer.activation``, a model's
+    ``self.beta``) by itself. Call this after changing a model in place in a way
+    it cannot see: replacing a layer's ``call`` or a private or non-plain
+    attribute it reads.
+
+    Args:
+        model: The model whose functions to drop. Defaults to ``None``: every model.
+
+    Raises:
+        GradmagicError: ``model`` is neither ``None`` nor a Keras model.
     """
     if model is None:
         _cache.clear()
-    else:
+    elif isinstance(model, keras.Model):
         _cache.pop(model, None)
+    else:
+        raise GradmagicError(
+            f"Received: model={model!r} of type {type(model).__name__}. Expected a Keras model, or None to "
+            f"clear the compiled functions of every model. Fix: pass the model object itself "
+            f"(gm.clear_cache(model)); a name does not identify a model."
+        )
 
 
 def call_compiled(fn: Any, concrete: dict, args: tuple) -> Any:
@@ -179,6 +205,36 @@ def calls_replaced(replacements: Sequence[tuple[keras.Layer, Callable[[Callable]
 
 
 @contextlib.contextmanager
+def layers_named(model: keras.Model) -> Iterator[None]:
+    """While tracing, an exception from a layer's own ``call`` becomes an error that names the layer.
+
+    The layer's exception stays chained (see :mod:`gradmagic.core.user_code`).
+    Python control flow or NumPy on a tensor gets its own explanation.
+    """
+
+    def wrap_for(index: int) -> Callable[[Callable], Callable]:
+        def wrap(original: Callable) -> Callable:
+            def named_call(*args: Any, **kwargs: Any) -> Any:
+                try:
+                    return original(*args, **kwargs)
+                except GradmagicError:
+                    raise
+                except Exception as err:
+                    error = diagnose_trace_error(err, model, index)
+                    if error is None:
+                        error = failed(describe_layer(model, index), err, "in its call")
+                    error.original = err
+                    raise error from err
+
+            return named_call
+
+        return wrap
+
+    with calls_replaced([(layer, wrap_for(index)) for index, layer in enumerate(model.layers)]):
+        yield
+
+
+@contextlib.contextmanager
 def capture_calls(layer: keras.Layer, tape: tf.GradientTape) -> Iterator[list[Any]]:
     """Record (and watch) the outputs of every call of ``layer`` while tracing."""
     calls: list[Any] = []
@@ -207,7 +263,8 @@ def weight_function(model: keras.Model, variables: list, loss_fn: LossFn, traini
         guarded = state_variables(model)
         saved = snapshot_in_graph(guarded)
         with tf.GradientTape() as tape:
-            y_pred = model(x, training=training)
+            with layers_named(model):
+                y_pred = model(x, training=training)
             loss = loss_fn(model, x, y, y_pred, sample_weight, training)
         grads = dense_gradients(tape.gradient(loss, variables))
         restore_in_graph(guarded, saved)
@@ -241,9 +298,10 @@ def output_function(
                 source = keras.tree.flatten(x)[input_position]
                 tape.watch(source)
                 calls = [source]
-                y_pred = model(x, training=training)
+                with layers_named(model):
+                    y_pred = model(x, training=training)
             else:
-                with capture_calls(layer_ref(), tape) as calls:
+                with layers_named(model), capture_calls(layer_ref(), tape) as calls:
                     y_pred = model(x, training=training)
             loss = loss_fn(model, x, y, y_pred, sample_weight, training)
         outputs = [keras.tree.flatten(call) for call in calls]
@@ -283,7 +341,8 @@ def input_function(model: keras.Model, output: int | None, training: bool, vecto
         sources = keras.tree.flatten(x)
         with tf.GradientTape(persistent=True) as tape:
             tape.watch(sources)
-            y_pred = model(x, training=training)
+            with layers_named(model):
+                y_pred = model(x, training=training)
             flat = [tf.reshape(t, (tf.shape(t)[0], -1)) for t in keras.tree.flatten(y_pred)]
             if output is not None:
                 # Outputs may differ in dtype (mixed precision): join them in the widest.

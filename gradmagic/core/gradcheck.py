@@ -22,13 +22,15 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from gradmagic.core.arguments import check_flag, check_seed
+from gradmagic.core.batches import first_batch
 from gradmagic.core.finite_differences import LossProblem, check_rows, count_rows, loss_problem
 from gradmagic.core.float64 import as_float64, float64_default, float64_loss, float64_twin, loss_weights
 from gradmagic.core.gradcheck_results import CheckRow, GradientCheck
-from gradmagic.core.gradients import check_model, prepare_loss_args, spec_and_inputs
+from gradmagic.core.gradients import check_model, leaves_no_trace, prepare_loss_args, spec_and_inputs
 from gradmagic.core.progress import Progress
 from gradmagic.core.state import preserved_eagerly
-from gradmagic.core.targets import model_name, resolve_loss
+from gradmagic.core.targets import check_loss_argument, check_loss_structure, model_name, resolve_loss
 from gradmagic.core.trace_errors import short_error
 from gradmagic.core.tracing import TracingFailed, layer_ancestors, tracing_error
 from gradmagic.errors import InputError
@@ -82,17 +84,13 @@ def _input_labels(x: Any, spec: Any) -> list[str]:
 # --- the public function -----------------------------------------------------------------------------------------
 
 
-def _validate(tol: float, epsilon: float | None, max_directions: int, seed: Any, verbose: Any) -> None:
+def _validate(tol: float, epsilon: float | None, max_directions: int) -> None:
     if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not tol > 0:
         raise InputError(f"Received: tol={tol!r}. Expected a positive float, e.g. tol=1e-6.")
     if epsilon is not None and (isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon > 0):
         raise InputError(f"Received: epsilon={epsilon!r}. Expected None (automatic) or a positive step, e.g. 1e-5.")
     if isinstance(max_directions, bool) or not isinstance(max_directions, (int, np.integer)) or max_directions < 1:
         raise InputError(f"Received: max_directions={max_directions!r}. Expected a positive int, e.g. 16.")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise InputError(f"Received: seed={seed!r}. Expected a non-negative int, e.g. seed=0.")
-    if not isinstance(verbose, (bool, np.bool_)):
-        raise InputError(f"Received: verbose={verbose!r}. Expected True or False.")
 
 
 #: Machine epsilon per compute dtype (bfloat16 is not a NumPy type).
@@ -144,6 +142,7 @@ def _evaluation_model(
         return own, "float32", [note]
 
 
+@leaves_no_trace
 def check_gradients(
     model: keras.Model,
     x: Any,
@@ -224,13 +223,19 @@ def check_gradients(
         >>> c.passed, c.max_rel_error
     """
     check_model(model)
-    _validate(tol, epsilon, max_directions, seed, verbose)
-    spec, x_in, batch = spec_and_inputs(model, x)
-    y_in, sw_in = prepare_loss_args(model, spec, y, sample_weight, batch)
+    _validate(tol, epsilon, max_directions)
+    seed, training, verbose = check_seed(seed), check_flag("training", training), check_flag("verbose", verbose)
+    check_loss_argument(model, loss)
+    data = first_batch(x, y, sample_weight)
+    spec, x_in, batch = spec_and_inputs(model, data.x)
+    check_loss_structure(model, spec.output_names, loss)
+    y_in, sw_in = prepare_loss_args(model, spec, data.y, data.sample_weight, batch)
     resolve_loss(model, loss)  # a missing or unknown loss is reported before anything runs
     with preserved_eagerly(model):  # the float32 fallback perturbs the model's own weights
         try:
             problem, dtype, notes = _evaluation_model(model, spec, loss, x_in, y_in, sw_in, training)
+            if data.source:
+                notes.append(data.source)
             if training:
                 notes.append("training=True: random layers (Dropout) make finite differences meaningless")
             eps = _EPS["float64"] if dtype == "float64" else _compute_eps(model)

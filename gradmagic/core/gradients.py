@@ -8,7 +8,7 @@ the model and the inputs; the model is left exactly as it was.
 
 from __future__ import annotations
 
-import weakref
+import functools
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,13 +17,20 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from gradmagic.core import compute
-from gradmagic.core.inputs import ModelSpec, model_spec, prepare_inputs, prepare_targets
+from gradmagic.core import compute, state
+from gradmagic.core.arguments import check_flag
+from gradmagic.core.batches import first_batch
+from gradmagic.core.cache_keys import Key
+from gradmagic.core.inputs import ModelSpec, model_spec, nonfinite_warning, prepare_inputs, prepare_targets
+from gradmagic.core.model_keys import is_warm, known_spec, mark_warm, question_key, remember_spec
 from gradmagic.core.results import InputGradients, OutputGradients, WeightGradients, rows_for
-from gradmagic.core.state import preserved_eagerly
+from gradmagic.core.state import preserved_eagerly, unbuilt_on_failure
 from gradmagic.core.targets import (
+    check_loss_argument,
+    check_loss_structure,
+    has_custom_compute_loss,
     layer_weights,
-    loss_key,
+    loss_token,
     model_name,
     output_unit_loss,
     resolve_layer,
@@ -31,12 +38,8 @@ from gradmagic.core.targets import (
     weight_slots,
 )
 from gradmagic.core.trace_errors import diagnose_trace_error, short_error
+from gradmagic.core.user_code import failed, with_cause
 from gradmagic.errors import ComputeError, GradmagicError, InputError, ModelBuildError, quote_list
-
-# model -> (layers token, ModelSpec): what the model declares, re-read after add/pop.
-_specs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-# model -> the compile token its compiled loss was last built under.
-_warmed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -70,43 +73,30 @@ def _shapes(x: Any) -> str:
 
 def spec_and_inputs(model: keras.Model, x: Any) -> tuple[ModelSpec, Any, int]:
     """Build the model from x if needed, then convert x against its declared inputs."""
-    layers = _layers_token(model)
-    known = _specs.get(model)
-    if known is not None and known[0] == layers:
-        prepared, batch = prepare_inputs(model, x, known[1])
-        return known[1], prepared, batch
+    known = known_spec(model)
+    if known is not None:
+        prepared, batch = prepare_inputs(model, x, known)
+        return known, prepared, batch
     if not model.built:
         raw, _ = prepare_inputs(model, x, ModelSpec(None, None, None, []))
         sample = keras.tree.map_structure(lambda t: t[:1], raw)
         try:
-            with preserved_eagerly(model):
+            with unbuilt_on_failure(model), preserved_eagerly(model), compute.layers_named(model):
                 model(sample, training=False)
+        except GradmagicError as exc:
+            raise with_cause(exc)  # noqa: B904 - the cause is the user's error, re-attached
         except Exception as exc:
-            raise ModelBuildError(
-                f"Model '{model_name(model)}' is not built, and building it by calling it on "
-                f"x of shape {_shapes(raw)} failed: {short_error(exc).rstrip('.')}. Fix: give x in the shape the "
-                f"model takes, or build the model first (an Input layer, model.build(shape), "
-                f"or one call on real data)."
-            ) from None
+            error = ModelBuildError(
+                f"Received: x of shape {_shapes(raw)} for model '{model_name(model)}', which is not built, and "
+                f"building it by calling it on one sample of x failed: {short_error(exc).rstrip('.')}. Expected x "
+                f"in the shape the model takes (the model was left unbuilt). Fix: give x in that shape, or build "
+                f"the model first (an Input layer, model.build(shape), or one call on real data)."
+            )
+            raise error from (exc if _own_call(model) else None)  # the user's own call: keep its traceback
     spec = model_spec(model)
-    _specs[model] = (_layers_token(model), spec)
+    remember_spec(model, spec)
     prepared, batch = prepare_inputs(model, x, spec)
     return spec, prepared, batch
-
-
-def _layers_token(model: keras.Model) -> tuple:
-    """What a Sequential ``add``/``pop`` changes: the layers themselves."""
-    return tuple(map(id, model.layers))
-
-
-def _model_token(model: keras.Model) -> tuple:
-    """What makes a traced question stale: the compiled loss, the layers, which weights train.
-
-    Freezing a layer changes more than its gradients (BatchNormalization then
-    runs in inference mode even with ``training=True``), so every question
-    depends on it.
-    """
-    return (_compile_token(model), _layers_token(model), tuple(map(id, model.trainable_weights)))
 
 
 def prepare_loss_args(model: keras.Model, spec: ModelSpec, y: Any, sample_weight: Any, batch: int) -> tuple[Any, Any]:
@@ -125,21 +115,60 @@ def prepare_loss_args(model: keras.Model, spec: ModelSpec, y: Any, sample_weight
         sample_weight = [sample_weight[name] for name in spec.output_names]
     if sample_weight is not None:
         weights = prepare_targets(model, sample_weight, batch, ModelSpec(None, None, None, []), "sample_weight")
+        _check_weight_shapes(model, spec, weights)
     return targets, weights
 
 
-def _run(model: keras.Model, key: Hashable, question: _Question, args: tuple, what: str, x: Any) -> Any:
+def _check_weight_shapes(model: keras.Model, spec: ModelSpec, weights: Any) -> None:
+    """Sample weights must broadcast against the per-sample loss: the output's shape without its last axis.
+
+    A model with its own ``compute_loss`` may use them otherwise, so it is not checked.
+    """
+    outputs = spec.outputs or []
+    leaves = keras.tree.flatten(weights)
+    if not outputs or has_custom_compute_loss(model) or len(leaves) not in (1, len(outputs)):
+        return
+    pairs = [(leaves[0], out) for out in outputs] if len(leaves) == 1 else list(zip(leaves, outputs))
+    for weight, out in pairs:
+        per_sample, lead = tuple(weight.shape[1:]), tuple(out.shape[:-1])
+        if per_sample and per_sample[-1] == 1:
+            per_sample = per_sample[:-1]
+        fits = len(per_sample) <= len(lead) and all(
+            e is None or s == e for s, e in zip(per_sample, lead[: len(per_sample)])
+        )
+        if not fits:
+            expected = ", ".join(["batch", *(str(d) for d in lead)])
+            raise InputError(
+                f"Received: sample_weight of shape {tuple(weight.shape)}, but the loss of output {out.name!r} "
+                f"of model '{model_name(model)}' has one value per sample"
+                + (f" and step, shape ({expected})" if lead else "")
+                + ". Expected sample_weight of shape (batch,)"
+                + (f" or ({expected})" if lead else "")
+                + f". Fix: pass one weight per sample, e.g. np.ones({weight.shape[0]})."
+            )
+
+
+def _own_call(model: keras.Model) -> bool:
+    """True when the model's ``call`` is the user's code (a subclassed model), not Keras's."""
+    return not type(model).call.__module__.startswith("keras.")
+
+
+def _run(model: keras.Model, key: Key | None, question: _Question, args: tuple, what: str, x: Any) -> Any:
     """Run a compiled question; turn any failure into one clear GradmagicError."""
     try:
-        if question.compiled_loss and _warmed.get(model) != _compile_token(model):
+        if question.compiled_loss and not is_warm(model):
             _build_compiled_loss(model, question, args)
         return compute.call_compiled(question.fn, question.concrete, args)
-    except GradmagicError:
+    except GradmagicError as exc:
         compute.forget(model, key)
-        raise
+        raise with_cause(exc)  # noqa: B904 - the cause is the user's error, re-attached
     except Exception as exc:
         compute.forget(model, key)
-        raise diagnose_trace_error(exc, model, None) or ComputeError(
+        diagnosed = diagnose_trace_error(exc, model, None)
+        if diagnosed is None and _own_call(model) and not isinstance(exc, tf.errors.OpError):
+            who = f"The call of model '{model_name(model)}' ({type(model).__name__}.call)"
+            raise failed(who, exc, f"on x of shape {_shapes(x)}") from exc
+        raise diagnosed or ComputeError(
             f"Computing {what} of model '{model_name(model)}' on x of shape {_shapes(x)} "
             f"failed: {short_error(exc).rstrip('.')}. Check that x (and y) are what the model takes; the model "
             f"was left unchanged."
@@ -160,26 +189,25 @@ def _build_compiled_loss(model: keras.Model, question: _Question, args: tuple) -
             question.fn.python_function(*one)
     except Exception:
         pass  # the traced run right after reports it, as fit would
-    _warmed[model] = _compile_token(model)
-
-
-def _compile_token(model: keras.Model) -> tuple:
-    """What changes when the model is re-compiled (the traced loss is then stale).
-
-    ``compile`` builds a new compiled-loss object each time (also when only
-    ``loss_weights`` change); Keras has no public handle on it, hence the getattr.
-    """
-    return (
-        loss_key(getattr(model, "loss", None)),
-        id(getattr(model, "optimizer", None)),
-        id(getattr(model, "_compile_loss", None)),
-    )
+    mark_warm(model)
 
 
 def _numpy(value: Any) -> Any:
     return None if value is None else value.numpy()
 
 
+def leaves_no_trace(function: Callable) -> Callable:
+    """Make a public function that fails leave an unbuilt model unbuilt (it may build it on the way)."""
+
+    @functools.wraps(function)
+    def guarded(model: Any, *args: Any, **kwargs: Any) -> Any:
+        with state.rollback_on_failure(model):
+            return function(model, *args, **kwargs)
+
+    return guarded
+
+
+@leaves_no_trace
 def weight_gradients(
     model: keras.Model,
     x: Any,
@@ -195,8 +223,13 @@ def weight_gradients(
     Args:
         model: A Keras 3 model (Sequential, Functional or subclassed).
         x: Inputs: an array, nested lists, a tf.Tensor, or a list/dict of those
-            for several inputs. A single sample may omit the batch axis.
-        y: Targets, one per sample (a list/dict for several outputs).
+            for several inputs. A single sample may omit the batch axis. Or a
+            ``tf.data.Dataset``, a ``keras.utils.PyDataset`` or a generator of
+            batches: its first batch is used, read as ``fit`` reads it
+            (``(x, y)`` or ``(x, y, sample_weight)``), and ``result.source``
+            says so. Drawing from a generator advances it by one batch.
+        y: Targets, one per sample (a list/dict for several outputs). ``None``
+            when x is a dataset or generator: the targets come from it.
         layer: Restrict to one layer, by its index in ``model.layers`` (layers
             without weights count; a Functional model's InputLayer is index 0),
             by name, or as the layer object. Defaults to ``None``: every weight.
@@ -218,38 +251,59 @@ def weight_gradients(
         one layer's part, statistics per weight, HTML and text tables.
 
     Raises:
-        GradmagicError: A bad layer, loss, x or y, with what was expected.
+        GradmagicError: A bad layer, loss, flag, x or y, with what was expected,
+            raised before anything runs; a ``UserCodeError`` naming the loss or
+            layer whose own code raised, with that error chained as its cause.
+            The model is left as it was (an unbuilt model stays unbuilt).
+
+    Warns:
+        GradmagicWarning: x, y or sample_weight hold NaN or Inf (the results
+            are still computed from them).
 
     Example:
         >>> r = gradmagic.weight_gradients(model, x, y, layer="dense_1")
         >>> r.loss, [g.shape for g in r.arrays()]
     """
     check_model(model)
-    spec, x_in, batch = spec_and_inputs(model, x)
+    training = check_flag("training", training)
     if output is None:
-        y_in, sw_in = prepare_loss_args(model, spec, y, sample_weight, batch)
+        check_loss_argument(model, loss)
+    if layer is not None:
+        resolve_layer(model, layer)  # its type and name, before anything runs
+    data = first_batch(x, y, sample_weight, takes_y=output is None)
+    spec, x_in, batch = spec_and_inputs(model, data.x)
+    if output is None:
+        check_loss_structure(model, spec.output_names, loss)
+        y_in, sw_in = prepare_loss_args(model, spec, data.y, data.sample_weight, batch)
     else:
         _check_output_index(model, spec, output)
         y_in, sw_in = None, None
-    layer_ref = id(layer) if isinstance(layer, keras.Layer) else layer
-    what = loss_key(loss) if output is None else ("output unit", int(output))
-    key = ("weights", layer_ref, what, bool(training), sw_in is None, _model_token(model))
+    chosen_layer = None if layer is None else layer_weights(model, layer)[1]
+    nonfinite_warning(x=x_in, y=y_in, sample_weight=sw_in)
+    key = question_key(
+        model,
+        "weights",
+        lambda b: None if chosen_layer is None else b.same(chosen_layer),
+        (lambda b: loss_token(b, loss)) if output is None else ("output unit", int(output)),
+        training,
+        sw_in is None,
+    )
 
     def build() -> _Question:
         loss_fn = resolve_loss(model, loss) if output is None else output_unit_loss(int(output))
         slots = weight_slots(model)
-        if layer is None:
+        if chosen_layer is None:
             variables = list(model.trainable_weights)
             chosen = slots
         else:
-            _, _, variables = layer_weights(model, layer)
+            variables = list(chosen_layer.trainable_weights)
             paths = {v.path for v in variables}
             chosen = [s for s in slots if s.path in paths]
         labels = [
             {"index": s.layer_index, "layer": s.layer_name, "weight": s.name, "shape": s.shape, "path": s.path}
             for s in chosen
         ]
-        fn = compute.weight_function(model, variables, loss_fn, bool(training))
+        fn = compute.weight_function(model, variables, loss_fn, training)
         return _Question(fn, labels, compiled_loss=loss is None and output is None)
 
     question = compute.cached(model, key, build)
@@ -259,9 +313,12 @@ def weight_gradients(
     else:
         title = f"d(output unit {output})/dW of model '{model_name(model)}' (mean output = {float(loss_value):.6g})"
     rows = rows_for(question.labels, [_numpy(g) for g in grads])
-    return WeightGradients(float(loss_value), rows, title, layer_count=len(model.layers))
+    result = WeightGradients(float(loss_value), rows, title, layer_count=len(model.layers))
+    result.source = data.source
+    return result
 
 
+@leaves_no_trace
 def output_gradients(
     model: keras.Model,
     x: Any,
@@ -275,7 +332,7 @@ def output_gradients(
 
     Args:
         model: A Keras 3 model (Sequential, Functional or subclassed).
-        x: Inputs, as for :func:`weight_gradients`.
+        x: Inputs, as for :func:`weight_gradients` (a dataset or generator too).
         y: Targets, as for :func:`weight_gradients`.
         layer: The layer, by index in ``model.layers``, by name or as the object.
             For a Functional model's ``InputLayer`` this is dLoss/d(input).
@@ -297,16 +354,21 @@ def output_gradients(
         >>> o.array.shape == o.output.shape
     """
     check_model(model)
-    spec, x_in, batch = spec_and_inputs(model, x)
-    y_in, sw_in = prepare_loss_args(model, spec, y, sample_weight, batch)
-    layer_ref = id(layer) if isinstance(layer, keras.Layer) else layer
-    key = ("output", layer_ref, loss_key(loss), bool(training), sw_in is None, _model_token(model))
+    training = check_flag("training", training)
+    check_loss_argument(model, loss)
+    resolve_layer(model, layer)  # its type and name, before anything runs
+    data = first_batch(x, y, sample_weight)
+    spec, x_in, batch = spec_and_inputs(model, data.x)
+    check_loss_structure(model, spec.output_names, loss)
+    y_in, sw_in = prepare_loss_args(model, spec, data.y, data.sample_weight, batch)
+    index, lay = resolve_layer(model, layer)  # again: building the model may have added an InputLayer
+    nonfinite_warning(x=x_in, y=y_in, sample_weight=sw_in)
+    key = question_key(model, "output", lambda b: b.same(lay), lambda b: loss_token(b, loss), training, sw_in is None)
 
     def build() -> _Question:
         loss_fn = resolve_loss(model, loss)
-        index, lay = resolve_layer(model, layer)
         position = _input_position(model, lay)
-        fn = compute.output_function(model, lay, position, loss_fn, bool(training))
+        fn = compute.output_function(model, lay, position, loss_fn, training)
         return _Question(fn, layer_index=index, layer_name=lay.name, compiled_loss=loss is None)
 
     question = compute.cached(model, key, build)
@@ -329,7 +391,7 @@ def output_gradients(
         f"dLoss/d(output of layer {question.layer_index} '{question.layer_name}') of model "
         f"'{model_name(model)}' (loss = {float(loss_value):.6g})"
     )
-    return OutputGradients(
+    result = OutputGradients(
         float(loss_value),
         rows_for(labels, first),
         values[0] if len(values) == 1 else values,
@@ -338,6 +400,8 @@ def output_gradients(
         len(outputs),
         title,
     )
+    result.source = data.source
+    return result
 
 
 def _input_position(model: keras.Model, layer: keras.Layer) -> int | None:
@@ -351,6 +415,7 @@ def _input_position(model: keras.Model, layer: keras.Layer) -> int | None:
     return None
 
 
+@leaves_no_trace
 def input_gradients(
     model: keras.Model,
     x: Any,
@@ -361,7 +426,8 @@ def input_gradients(
 
     Args:
         model: A Keras 3 model (Sequential, Functional or subclassed).
-        x: Inputs, as for :func:`weight_gradients`; float inputs only.
+        x: Inputs, as for :func:`weight_gradients`; float inputs only. From a
+            dataset or generator, the x of its first batch.
         output: Defaults to ``None``: every output unit. ``k`` selects unit ``k``
             of the flattened per-sample output (outputs concatenated in
             ``keras.tree.flatten`` order for a model with several outputs).
@@ -384,7 +450,9 @@ def input_gradients(
         >>> j.array[0, 0, 0]   # dy/dx at x = 0.5
     """
     check_model(model)
-    spec, x_in, _ = spec_and_inputs(model, x)
+    training = check_flag("training", training)
+    data = first_batch(x, takes_y=False)
+    spec, x_in, _ = spec_and_inputs(model, data.x)
     leaves = keras.tree.flatten(x_in)
     names = _input_names(spec, x_in)
     for name, leaf in zip(names, leaves):
@@ -399,18 +467,20 @@ def input_gradients(
             )
     if output is not None:
         output = _check_output_index(model, spec, output)
-    key = ("input", output, bool(training), _model_token(model))
-    question = compute.cached(model, key, lambda: _Question(compute.input_function(model, output, bool(training))))
+    nonfinite_warning(x=x_in)
+    key = question_key(model, "input", output, training)
+    question = compute.cached(model, key, lambda: _Question(compute.input_function(model, output, training)))
     try:
         outputs, result = _run(model, key, question, (x_in,), "d(output)/d(input)", x_in)
     except ComputeError as failed:
         if output is not None:
             raise
-        question, (outputs, result) = _unvectorized(model, key, x_in, bool(training), failed)
+        question, (outputs, result) = _unvectorized(model, key, x_in, training, failed)
     per_output = [[_numpy(j) for j in per_input] for per_input in result]
     values = [o.numpy() for o in outputs]
     gradients = _input_result(model, spec, x_in, names, per_output, output)
     gradients.values = values[0] if len(values) == 1 else values
+    gradients.source = data.source
     if question.note:
         gradients.notes.append(question.note)
         gradients.title += f" ({question.note})"

@@ -8,6 +8,7 @@ Subclassed models declare nothing, so their data is only converted.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from gradmagic.core.targets import model_name
-from gradmagic.errors import InputError, LossError, quote_list
+from gradmagic.errors import GradmagicWarning, InputError, LossError, did_you_mean, quote_list
 
 
 @dataclass(frozen=True)
@@ -87,10 +88,17 @@ def _shape_text(shape: tuple[int | None, ...]) -> str:
     )
 
 
-def _leaf(value: Any, dtype: str | None) -> Any:
-    """Convert one array-like to an ndarray or keep a tensor, casting to a float ``dtype``."""
+def _leaf(value: Any, dtype: str | None, what: str = "x") -> Any:
+    """Convert one array-like to an ndarray or keep a tensor, casting to a float ``dtype``.
+
+    Raises:
+        InputError: Sets, strings, ragged lists, complex or non-numeric data
+            (unless the model declares such an input).
+    """
     float_target = dtype is not None and "float" in dtype
     if isinstance(value, tf.Tensor):
+        if value.dtype.is_complex or value.dtype == tf.string:
+            _check_kind(np.dtype(value.dtype.as_numpy_dtype), dtype, what)
         if (
             float_target
             and value.dtype != dtype
@@ -100,20 +108,42 @@ def _leaf(value: Any, dtype: str | None) -> Any:
         return value
     if isinstance(value, keras.Variable):
         value = value.numpy()
+    if isinstance(value, (set, frozenset)):
+        raise InputError(
+            f"Received: {what} as a {type(value).__name__} of {len(value)} items. Expected an array: a NumPy "
+            f"array, nested lists of numbers or a tf.Tensor. A set has no order, so its items cannot be matched "
+            f"to samples. Fix: pass a list or np.array(...) in the order you mean."
+        )
+    if isinstance(value, (str, bytes)) and dtype != "string":
+        raise InputError(
+            f"Received: {what}={value!r:.60} (a {type(value).__name__}). Expected numbers: a NumPy array, "
+            f"nested lists of numbers or a tf.Tensor. Fix: convert the text to numbers first (e.g. token ids, "
+            f"or a StringLookup/TextVectorization layer inside the model)."
+        )
     try:
         array = np.asarray(value)
     except (ValueError, TypeError) as exc:
+        ragged = "inhomogeneous" in str(exc)
         raise InputError(
-            f"Received a value of type {type(value).__name__} that is not an array: "
-            f"{exc}. Expected NumPy arrays, nested Python lists of numbers or tf.Tensors "
-            f"of equal lengths."
+            f"Received: {what} as {'nested lists of different lengths (ragged)' if ragged else type(value).__name__}"
+            f", which is not a rectangular array ({exc}). Expected a NumPy array, nested lists of numbers of equal "
+            f"lengths or a tf.Tensor. Fix: pad the rows to one length (keras.utils.pad_sequences) or pass one "
+            f"sample at a time."
         ) from None
-    if array.dtype == object:
+    if array.dtype == object and array.ndim == 0 and dtype != "string":
         raise InputError(
-            f"Received data that NumPy cannot turn into a numeric array (ragged "
-            f"lists or mixed types), of length {len(array)}. Expected NumPy arrays, "
-            f"nested Python lists of numbers of equal lengths, or tf.Tensors."
+            f"Received: {what} of type {type(value).__name__} ({_short_repr(value)}), which is not data. Expected "
+            f"a NumPy array, nested lists of numbers or a tf.Tensor (or a list/dict of those for several "
+            f"{'outputs' if what.startswith('y') else 'inputs'})."
         )
+    if array.dtype == object and dtype != "string":
+        raise InputError(
+            f"Received: {what} that NumPy cannot turn into a numeric array (ragged lists, None or mixed "
+            f"types), of length {len(array) if array.ndim else 1}. Expected NumPy arrays, nested lists of "
+            f"numbers of equal lengths, or tf.Tensors. Fix: pad ragged rows to one length, or replace None "
+            f"with a number."
+        )
+    _check_kind(array.dtype, dtype, what)
     if float_target and array.dtype != dtype and array.dtype.kind in "biuf":
         return array.astype(dtype)
     if dtype is not None and "int" in dtype and array.dtype.kind in "iu" and array.dtype != dtype:
@@ -129,6 +159,57 @@ def _leaf(value: Any, dtype: str | None) -> Any:
     if dtype is None and array.dtype == np.float64 and isinstance(value, (list, tuple, float)):
         return array.astype(keras.config.floatx())
     return array
+
+
+def _short_repr(value: Any, limit: int = 60) -> str:
+    text = " ".join(repr(value).split())  # one line, whatever the object's repr
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_kind(kind_of: np.dtype, declared: str | None, what: str) -> None:
+    """Refuse complex, string and other non-numeric data unless the model declares that dtype."""
+    kind = kind_of.kind
+    if kind == "c" and not (declared and "complex" in declared):
+        raise InputError(
+            f"Received: {what} of dtype {kind_of}. Expected real numbers: converting complex values to the "
+            f"model's float dtype would silently drop the imaginary part. Fix: pass the parts as separate "
+            f"features, e.g. np.concatenate([{what}.real, {what}.imag], axis=-1), or np.real({what}) if the "
+            f"imaginary part is meant to be 0."
+        )
+    if kind in "USO" and declared != "string":
+        fix = (
+            "encode the labels as numbers, e.g. class ids (0, 1, ...) with a sparse loss, or one-hot rows"
+            if what.startswith(("y", "sample_weight"))
+            else "convert the text to numbers first (token ids, or a StringLookup layer inside the model)"
+        )
+        raise InputError(f"Received: {what} of strings (dtype {kind_of}). Expected numbers. Fix: {fix}.")
+    if kind in "Mm" or (kind == "V" and "float" not in kind_of.name):  # bfloat16 (ml_dtypes) is numeric
+        raise InputError(f"Received: {what} of dtype {kind_of}. Expected numbers (bool, int or float arrays).")
+
+
+def nonfinite_warning(**parts: Any) -> None:
+    """Warn when float data (``x=...``, ``y=...``) holds NaN or Inf: the results will carry them."""
+    found = []
+    for what, value in parts.items():
+        nan = inf = 0
+        for leaf in keras.tree.flatten(value):
+            if isinstance(leaf, tf.Tensor):
+                if not leaf.dtype.is_floating:
+                    continue
+                leaf = leaf.numpy()
+            if leaf is None or leaf.dtype.kind != "f" or np.isfinite(leaf).all():
+                continue
+            nan, inf = nan + int(np.isnan(leaf).sum()), inf + int(np.isinf(leaf).sum())
+        if nan or inf:
+            found.append(f"{what} holding {nan} NaN and {inf} Inf value(s)")
+    if found:
+        warnings.warn(
+            f"Received: {'; '.join(found)}. The results are computed from them, so NaN/Inf in the loss and "
+            f"gradients may come from the data, not the model. Fix: clean the data (e.g. np.nan_to_num), or see "
+            f"where NaN/Inf goes with gradmagic.explain(model, x).",
+            GradmagicWarning,
+            stacklevel=3,
+        )
 
 
 def _fit_rank(array: Any, expected: tuple[int | None, ...], what: str, model: keras.Model) -> Any:
@@ -158,16 +239,22 @@ def _dims_match(shape: tuple, expected: tuple) -> bool:
 
 
 def _is_leaf(value: Any) -> bool:
-    return not isinstance(value, (list, tuple, Mapping)) or _is_number_list(value)
+    return not isinstance(value, (list, tuple, Mapping)) or is_scalar_list(value)
 
 
-def _is_number_list(value: Any) -> bool:
-    """A Python list of numbers (or of such lists) is data, not a list of inputs."""
+def is_scalar_list(value: Any) -> bool:
+    """True for a (nested) list or tuple of single values: one array of data, not a list of arrays.
+
+    Any value without dimensions counts (numbers, but also strings for a string
+    input, and None or complex numbers, which are then refused as data with
+    their own message rather than taken for several inputs); arrays, tensors
+    and dicts inside make it a structure of several arrays.
+    """
     if isinstance(value, Mapping):
         return False
     if not isinstance(value, (list, tuple)):
-        return isinstance(value, (int, float, np.number, bool))
-    return all(_is_number_list(item) for item in value)
+        return isinstance(value, (int, float, complex, str, bytes, np.generic)) or value is None or np.ndim(value) == 0
+    return all(is_scalar_list(item) for item in value)
 
 
 def _batch_size(leaves: list[Any], what: str) -> int:
@@ -201,7 +288,7 @@ def _match_structure(value: Any, specs: list[TensorSpec], structure: Any, what: 
         if isinstance(structure, Mapping):
             return keras.tree.flatten({k: value[k] for k in keys})
         return [value[k] for k in keys]
-    if isinstance(value, (list, tuple)) and not _is_number_list(value):
+    if isinstance(value, (list, tuple)) and not is_scalar_list(value):
         if len(value) != len(specs):
             raise InputError(
                 f"Received: {what} as a list of {len(value)} arrays, but model "
@@ -231,16 +318,16 @@ def prepare_inputs(model: keras.Model, x: Any, spec: ModelSpec) -> tuple[Any, in
     if spec.inputs is None:
         # Undeclared inputs (subclassed model): convert, keep the user's structure.
         if _is_leaf(x):
-            prepared = _leaf(x, None)
+            prepared = _leaf(x, None, "x")
             if len(prepared.shape) == 0:
                 prepared = prepared.reshape(1, 1) if isinstance(prepared, np.ndarray) else tf.reshape(prepared, (1, 1))
             return prepared, _batch_size([prepared], "x")
-        prepared = keras.tree.map_structure(lambda v: _leaf(v, None), x)
+        prepared = keras.tree.map_structure(lambda v: _leaf(v, None, "x"), x)
         return prepared, _batch_size(keras.tree.flatten(prepared), "x")
     if len(spec.inputs) == 1:
         if isinstance(x, Mapping) and len(x) == 1:
             x = next(iter(x.values()))
-        elif isinstance(x, (list, tuple)) and len(x) == 1 and not _is_number_list(x):
+        elif isinstance(x, (list, tuple)) and len(x) == 1 and not is_scalar_list(x):
             x = x[0]
         if not _is_leaf(x):
             raise InputError(
@@ -249,10 +336,13 @@ def prepare_inputs(model: keras.Model, x: Any, spec: ModelSpec) -> tuple[Any, in
                 f"{_shape_text((None, *spec.inputs[0].shape))}. Expected one array."
             )
         only = spec.inputs[0]
-        prepared = _fit_rank(_leaf(x, only.dtype), only.shape, "x", model)
+        prepared = _fit_rank(_leaf(x, only.dtype, "x"), only.shape, "x", model)
         return prepared, _batch_size([prepared], "x")
     flat = _match_structure(x, spec.inputs, spec.input_structure, "x", model)
-    flat = [_fit_rank(_leaf(v, s.dtype), s.shape, f"x[{s.name!r}]", model) for v, s in zip(flat, spec.inputs)]
+    flat = [
+        _fit_rank(_leaf(v, s.dtype, f"x[{s.name!r}]"), s.shape, f"x[{s.name!r}]", model)
+        for v, s in zip(flat, spec.inputs)
+    ]
     size = _batch_size(flat, "x")
     return keras.tree.pack_sequence_as(spec.input_structure, flat), size
 
@@ -272,21 +362,37 @@ def prepare_targets(model: keras.Model, y: Any, batch: int, spec: ModelSpec, wha
             f"which needs no y."
         )
     outputs = spec.outputs or []
+    if isinstance(y, Mapping) and outputs and len(spec.output_names) == len(outputs):
+        names = spec.output_names
+        unknown = [k for k in y if k not in names]
+        missing = [n for n in names if n not in y]
+        if unknown or missing:
+            hint = did_you_mean(str(unknown[0]), names) if unknown else ""
+            raise InputError(
+                f"Received: {what} as a dict keyed by {quote_list([str(k) for k in y])}, but model "
+                f"'{model_name(model)}' names its outputs {quote_list(names)}"
+                + (f"; unknown: {quote_list([str(k) for k in unknown])}" if unknown else "")
+                + (f"; missing: {quote_list(missing)}" if missing else "")
+                + f".{hint} Expected one entry per output name (or a list in output order)."
+            )
     if isinstance(y, Mapping):
         prepared: Any = {
             k: _target_leaf(v, _spec_named(outputs, spec.output_names, k), batch, f"{what}[{k!r}]")
             for k, v in y.items()
         }
-    elif isinstance(y, (list, tuple)) and not _is_number_list(y):
+    elif isinstance(y, (list, tuple)) and not is_scalar_list(y):
         prepared = [
             _target_leaf(v, outputs[i] if i < len(outputs) else None, batch, f"{what}[{i}]") for i, v in enumerate(y)
         ]
-        if outputs and len(prepared) != len(outputs) and len(outputs) > 1:
+        if outputs and len(prepared) != len(outputs):
             raise InputError(
                 f"Received: {what} as a list of {len(prepared)} arrays, but model "
-                f"'{model_name(model)}' has {len(outputs)} outputs "
-                f"{quote_list(spec.output_names)}. Expected one target per output."
+                f"'{model_name(model)}' has {len(outputs)} output(s) "
+                f"{quote_list(spec.output_names)}. Expected one target per output"
+                + (" (np.stack the list if its entries are samples)." if len(outputs) == 1 else ".")
             )
+        if len(outputs) == 1:
+            prepared = prepared[0]
     else:
         prepared = _target_leaf(y, outputs[0] if len(outputs) == 1 else None, batch, what)
     for leaf in keras.tree.flatten(prepared):
@@ -305,7 +411,7 @@ def _spec_named(outputs: list[TensorSpec], names: list[str], key: str) -> Tensor
 
 def _target_leaf(value: Any, out: TensorSpec | None, batch: int, what: str) -> Any:
     dtype = out.dtype if out is not None else None
-    array = _leaf(value, None)
+    array = _leaf(value, None, what)
     if isinstance(array, np.ndarray) and array.dtype.kind == "f" and dtype and "float" in dtype:
         # Like the output, but never below float32: float16 targets would be rounded.
         array = array.astype("float32" if "16" in dtype else dtype, copy=False)

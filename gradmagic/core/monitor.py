@@ -11,6 +11,7 @@ no device-to-host copy and no Python work at all.
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import warnings
@@ -21,28 +22,43 @@ import keras
 import numpy as np
 
 from gradmagic.core.monitor_anomaly import Anomaly, GradientAnomalyError, NormTracker, find_nonfinite
-from gradmagic.core.monitor_capture import ApplyHook, StatsBuffer
+from gradmagic.core.monitor_arguments import (
+    MonitorArgumentError,
+    check_choice,
+    check_count,
+    check_log_dir,
+    check_positive,
+    check_stream,
+)
+from gradmagic.core.monitor_capture import StatsBuffer
+from gradmagic.core.monitor_functions import TrainFunctions, plain_function
 from gradmagic.core.monitor_histograms import GradientHistogram, histograms_of
 from gradmagic.core.monitor_history import MonitorHistory, MonitorSummary, layer_lines
+from gradmagic.core.monitor_origin import first_origin
 from gradmagic.core.targets import weight_slots
 from gradmagic.errors import GradmagicError
 
 _ACTIONS = ("warn", "stop", "raise")
+_STATS = ("norm", "full")
 _DEFAULT_READ_EVERY = 100
 _MAX_ANOMALIES = 1000
-
-
-class MonitorArgumentError(GradmagicError, ValueError):
-    """A GradientMonitor argument is invalid, or the model cannot be monitored."""
 
 
 class GradientMonitor(keras.callbacks.Callback):
     """Record the gradients ``fit`` applies, per weight and per batch, and flag anomalies.
 
-    Statistics per weight and step: L2 norm, max |g| and mean of the finite entries,
-    NaN and Inf counts (recorded after loss-scale unscaling and after summing over
-    replicas, i.e. exactly the gradient the optimizer applies). Training results are
+    Statistics per weight: L2 norm, max |g| and mean of the finite entries, NaN and
+    Inf counts (recorded after loss-scale unscaling and after summing over replicas,
+    i.e. exactly the gradient the optimizer applies). Training results are
     bit-identical to training without the monitor.
+
+    By default (``stats="norm"``) each step measures the norm of every weight's
+    gradient (one reduction per weight; a NaN or Inf makes it non-finite, so the
+    NaN/Inf counts are known at every step), and every statistic is measured every
+    ``full_every`` batches and at every step with a non-finite gradient. In the
+    history, column ``full`` says which steps measured everything; elsewhere
+    ``max_abs`` and ``mean`` are 0 (never NaN) and ``nan``/``inf`` are exactly 0.
+    ``stats="full"`` measures everything at every step (about 2x the cost).
 
     With ``steps_per_execution=k`` Keras calls the callback once per ``k`` batches;
     every batch is still recorded (the buffer holds them), but prints, warnings and
@@ -56,8 +72,13 @@ class GradientMonitor(keras.callbacks.Callback):
             "stop" (ends ``fit`` cleanly; ``last_good_weights`` keeps the weights from
             before the first bad step) or "raise" (a ``GradientAnomalyError``).
             Defaults to "warn".
-        log_dir: If set, write gradient norms and max |g| per weight to TensorBoard
-            there (and the histograms, with ``histogram_every``). Defaults to None.
+        log_dir: If set, write gradient norms (every step) and max |g| (where
+            measured) per weight to TensorBoard there (and the histograms, with
+            ``histogram_every``). Checked (not created) here. Defaults to None.
+        stats: ``"norm"`` or ``"full"`` (see above). Defaults to "norm".
+        full_every: With ``stats="norm"``, measure every statistic at every this
+            many batches of an epoch. Defaults to None: when the monitor reads
+            (``read_every``; with "stop"/"raise", ``print_every`` or 100).
         histogram_every: Also record each weight's full gradient histogram every
             this many steps (``monitor.histograms``). Defaults to None (off).
         histogram_bins: Bins per histogram. Defaults to 30.
@@ -83,8 +104,10 @@ class GradientMonitor(keras.callbacks.Callback):
         self,
         print_every: int | None = None,
         on_anomaly: str = "warn",
-        log_dir: str | None = None,
+        log_dir: str | os.PathLike | None = None,
         *,
+        stats: str = "norm",
+        full_every: int | None = None,
         read_every: int | None = None,
         histogram_every: int | None = None,
         histogram_bins: int = 30,
@@ -95,15 +118,23 @@ class GradientMonitor(keras.callbacks.Callback):
         stream: TextIO | None = None,
     ) -> None:
         super().__init__()
-        _check_positive("print_every", print_every)
-        _check_positive("read_every", read_every)
-        _check_positive("histogram_every", histogram_every)
-        _check_positive("histogram_bins", histogram_bins)
-        if on_anomaly not in _ACTIONS:
-            raise MonitorArgumentError(
-                f"Received: on_anomaly={on_anomaly!r}. Expected one of 'warn', 'stop', 'raise'. "
-                "Example: GradientMonitor(on_anomaly='stop')."
-            )
+        # Everything is checked here, so that a bad value fails now rather than on
+        # the first batch of fit (after the model and the data were set up).
+        check_count("print_every", print_every)
+        check_choice("on_anomaly", on_anomaly, _ACTIONS)
+        check_log_dir(log_dir)
+        check_choice("stats", stats, _STATS)
+        check_count("full_every", full_every)
+        check_count("read_every", read_every)
+        check_count("histogram_every", histogram_every)
+        check_count("histogram_bins", histogram_bins, allow_none=False)
+        check_positive("explode_factor", explode_factor)
+        check_positive("explode_threshold", explode_threshold)
+        check_positive("vanish_threshold", vanish_threshold)
+        check_count("window", window, allow_none=False)
+        check_stream(stream)
+        self.stats = stats
+        self._full_every = full_every
         self.print_every = print_every
         self.on_anomaly = on_anomaly
         self.log_dir = log_dir
@@ -125,7 +156,9 @@ class GradientMonitor(keras.callbacks.Callback):
         self._history: MonitorHistory | None = None
         self._listeners: list[Callable[[GradientMonitor], None]] = []
         self._end_listeners: list[Callable[[], None]] = []
-        self._detach: Callable[[], None] | None = None
+        self._functions: TrainFunctions | None = None
+        self._bad_batch: tuple[Any, Any, Any] | None = None
+        self._bad_weights: list[np.ndarray] | None = None
         self._warned: set[tuple[str, str]] = set()
         self._lock = threading.Lock()  # batch ends may run in Keras's thread pool
 
@@ -182,7 +215,7 @@ class GradientMonitor(keras.callbacks.Callback):
             on_end: Also call this when ``fit`` ends, after the last read.
                 Defaults to None.
         """
-        _check_positive("every", every)
+        check_count("every", every)
         self._listeners.append(listener)
         if every is not None:
             self.read_every = min(self.read_every, every)
@@ -214,18 +247,21 @@ class GradientMonitor(keras.callbacks.Callback):
                 self.thresholds["explode"],
                 self.thresholds["vanish"],
             )
-        steps_per_execution = int(getattr(model, "steps_per_execution", 1) or 1)
-        capacity = max(64, 2 * (self.read_every + steps_per_execution))
-        xla = bool(getattr(model, "jit_compile", False))
-        histograms = None if self.histogram_every is None else (self.histogram_every, self.histogram_bins)
-        self._buffer = StatsBuffer(
-            [s.path for s in self._slots], capacity, model.distribute_strategy, xla=xla, histograms=histograms
-        )
+        self._functions = self._train_functions(model)
+        self._buffer = self._functions.buffer
         self._base_step = int(model.optimizer.iterations.numpy())
-        self._read = self._epoch_first = self._last_read_batch = 0
+        # The buffer (and its step count) lives as long as the traced function that writes it.
+        self._read = self._epoch_first = self._count0 = int(self._buffer.count.numpy())
+        self._last_read_batch = 0
         self._epoch = 0
-        self._writer = _summary_writer(self.log_dir)
-        self._attach(model)
+        if getattr(self, "_writer", None) is None:
+            self._writer = _summary_writer(self.log_dir)  # one events file for all fits
+        if self.stats == "norm":
+            self._buffer.schedule(self._read, self.full_every)  # again at each epoch's start
+        if self._functions.capture is not None:
+            self._functions.capture.reset()  # each fit keeps its own first bad step
+        self._bad_batch = self._bad_weights = None
+        self._functions.attach(model)
         if self.on_anomaly == "stop":
             self._keep_good(self._base_step)
 
@@ -233,6 +269,16 @@ class GradientMonitor(keras.callbacks.Callback):
         self._epoch = epoch
         self._epoch_first = self._read
         self._last_read_batch = 0
+        if self.stats == "norm":
+            # Full statistics at the batches where the host reads (or every full_every).
+            self._buffer.schedule(self._epoch_first, self.full_every)
+
+    @property
+    def full_every(self) -> int:
+        """With ``stats="norm"``: every statistic is measured every this many batches of an epoch."""
+        if self._full_every is not None:
+            return self._full_every
+        return self.read_every if self.on_anomaly == "warn" else (self.print_every or _DEFAULT_READ_EVERY)
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         with self._lock:
@@ -254,51 +300,43 @@ class GradientMonitor(keras.callbacks.Callback):
 
     def detach(self) -> None:
         """Undo the wrapping of ``optimizer.apply`` now (done automatically after ``fit``)."""
-        if self._detach is not None:
-            self._detach()
-            self._detach = None
+        if self._functions is not None:
+            self._functions.detach()
         if getattr(self, "_writer", None) is not None:
             self._writer.flush()
 
     # ----------------------------------------------------------------- helpers
-    def _attach(self, model: keras.Model) -> None:
-        """Make ``model.train_function`` record into the buffer, without leaving traces.
+    def _train_functions(self, model: keras.Model) -> TrainFunctions:
+        """The plain and recording train functions of ``model``, reused while they still fit it.
 
-        ``optimizer.apply`` is wrapped only *during* each call of the train function
-        (try/finally), which is when TensorFlow may trace it: whatever happens in
-        ``fit`` - a stop, an exception in any callback, Ctrl-C - the optimizer is
-        never left wrapped. The traced function keeps the recording ops, so it is
-        dropped after ``fit``; if ``fit`` died before ``on_train_end``, the next
-        ``fit`` (a new ``History``) finds it stale and traces a clean one.
+        Keras keeps ``model.train_function`` (and its traced graph) until ``compile()``;
+        so does the monitor with its recording twin and the buffer that twin writes.
+        A new pair is made only for another model, after ``compile()``, or when the
+        buffer must hold more steps between reads.
         """
-        hook = ApplyHook(model.optimizer, self._buffer)
-        # A train function traced before (an earlier fit) would not see the wrapper.
-        model.make_train_function(force=True)
-        traced = model.train_function
-        token: list[Any] = []
-
-        def guarded(*args: Any, **kwargs: Any) -> Any:
-            current = _fit_token(model)
-            if not token:
-                token.extend(current)
-            elif token[0] is not current[0] or token[1] is not current[1]:
-                model.make_train_function(force=True)  # stale: a later fit without this monitor
-                return model.train_function(*args, **kwargs)
-            hook.install()
-            try:
-                return traced(*args, **kwargs)
-            finally:
-                hook.remove()
-
-        model.train_function = guarded
-
-        def detach() -> None:
-            if model.train_function is guarded:
-                # Drop the graph that holds the recording ops: the next fit without
-                # the monitor traces a clean one.
-                model.train_function = None
-
-        self._detach = detach
+        plain = plain_function(model)
+        steps_per_execution = int(getattr(model, "steps_per_execution", 1) or 1)
+        capacity = max(64, 2 * (self.read_every + steps_per_execution))
+        paths = [s.path for s in self._slots]
+        functions = self._functions
+        if (
+            functions is not None
+            and functions.serves(model, plain)
+            and functions.buffer.paths == paths
+            and functions.buffer.capacity >= capacity
+        ):
+            return functions
+        if functions is not None:
+            functions.detach()
+        xla = bool(getattr(model, "jit_compile", False))
+        histograms = None if self.histogram_every is None else (self.histogram_every, self.histogram_bins)
+        buffer = StatsBuffer(
+            paths, capacity, model.distribute_strategy, xla=xla, histograms=histograms, mode=self.stats
+        )
+        # The bad step's batch and weights (for the NaN/Inf origin) are kept where the
+        # monitor stops training anyway; under a strategy each replica has only part of it.
+        keep = self.on_anomaly != "warn" and model.distribute_strategy.num_replicas_in_sync == 1
+        return TrainFunctions(model, plain, buffer, keep_bad_step=keep)
 
     def _flush(self, act: bool = True) -> None:
         if self._history is None or getattr(self, "_buffer", None) is None:
@@ -311,7 +349,7 @@ class GradientMonitor(keras.callbacks.Callback):
         self._read = count
         if not len(rows):
             return
-        steps = self._base_step + index
+        steps = self._base_step + index - self._count0
         batches = index - self._epoch_first
         self._history.append(steps, np.full(len(index), self._epoch), batches, rows)
         found = self._inspect(steps, batches, rows)
@@ -353,21 +391,60 @@ class GradientMonitor(keras.callbacks.Callback):
         return [a for k in sorted(per_step) for a in per_step[k]]
 
     def _nonfinite(self, step: int, batch: int, stats: np.ndarray) -> Anomaly:
-        """The anomaly of a step whose statistics hold NaN/Inf counts, located by ``find_nonfinite``."""
+        """The anomaly of a step whose statistics hold NaN/Inf counts, located by ``find_nonfinite``
+        and, where the step's batch was kept, by the op that made NaN/Inf first."""
         row, index, layer, suspects, why = find_nonfinite(stats, self._slots, self._layer_names, self._layer_types)
         weight, value = self._slots[row].path, float(stats[row, 3] + stats[row, 4])
-        message = (
-            f"NaN/Inf gradient first appears at layer {layer!r} (index {index}) at epoch {self._epoch + 1}, "
-            f"batch {batch + 1} (step {step}): weight {weight!r} has "
-            f"{int(stats[row, 3])} NaN and {int(stats[row, 4])} Inf entries; {why}. gm.explain(model, x, y) "
-            "on that batch names the op that makes it"
-            + (
-                " (after monitor.restore_last_good(): the weights from before the step)."
-                if self.on_anomaly == "stop"
-                else "."
+        counts = f"weight {weight!r} has {int(stats[row, 3])} NaN and {int(stats[row, 4])} Inf gradient entries"
+        where = f"at epoch {self._epoch + 1}, batch {batch + 1} (step {step})"
+        origin = self._origin(step)
+        if origin is not None:
+            if origin.layer_index is not None:
+                index, layer = origin.layer_index, origin.layer
+            message = (
+                f"NaN/Inf {where} is first made by {origin.describe()}; {counts}. "
+                "gm.explain(model, *monitor.bad_batch) shows it again"
+                + (" (after monitor.restore_last_good())." if self.on_anomaly == "stop" else ".")
             )
-        )
-        return Anomaly("nonfinite", step, self._epoch, batch, layer, index, weight, value, message, suspects)
+        else:
+            message = (
+                f"NaN/Inf gradient first appears at layer {layer!r} (index {index}) {where}: {counts}; {why}. "
+                "gm.explain(model, x, y) on that batch names the op that makes it"
+                + (
+                    " (after monitor.restore_last_good(): the weights from before the step)."
+                    if self.on_anomaly == "stop"
+                    else "."
+                )
+            )
+        return Anomaly("nonfinite", step, self._epoch, batch, layer, index, weight, value, message, suspects, origin)
+
+    @property
+    def bad_batch(self) -> tuple[Any, Any, Any] | None:
+        """``(x, y, sample_weight)`` of the first step whose gradient went non-finite, or None.
+
+        Kept with ``on_anomaly="stop"`` or ``"raise"`` (not under a distribution
+        strategy): ``gm.explain(model, *monitor.bad_batch)`` reproduces the step
+        (at the weights from before it: ``monitor.bad_step_weights``; with sample
+        weights, pass ``*monitor.bad_batch[:2]``, as explain's third argument is the loss).
+        """
+        return self._bad_batch
+
+    @property
+    def bad_step_weights(self) -> list[np.ndarray] | None:
+        """The trainable weights from before the step of :attr:`bad_batch` (aligned with
+        ``model.trainable_variables``), or None."""
+        return self._bad_weights
+
+    def _origin(self, step: int) -> Any:
+        """The op that made NaN/Inf first in ``step``, from the kept batch and pre-step weights (or None)."""
+        capture = self._functions.capture if self._functions is not None else None
+        if capture is None or self._bad_batch is not None:
+            return None  # not kept in this mode, or a later step of a run that already has its first
+        kept = capture.read()
+        if kept is None or self._base_step + kept[0] - self._count0 != step:
+            return None
+        _, self._bad_batch, self._bad_weights = kept
+        return first_origin(self.model, self._bad_batch, self._bad_weights)
 
     def _act(self, found: list[Anomaly]) -> None:
         room = _MAX_ANOMALIES - len(self.anomalies)
@@ -403,7 +480,7 @@ class GradientMonitor(keras.callbacks.Callback):
         kept, counts, ranges = buffer.read(first, count)
         index = np.asarray(kept, np.int64)
         found = histograms_of(
-            self._base_step + index,
+            self._base_step + index - self._count0,
             np.full(len(index), self._epoch),
             index - self._epoch_first,
             counts,
@@ -425,10 +502,10 @@ class GradientMonitor(keras.callbacks.Callback):
                 for slot, values in zip(self._slots, stats, strict=False):
                     # tf.summary.write with a plugin's metadata is what tf.summary.scalar
                     # and .histogram do, minus the hard need for the tensorboard package.
-                    for tag, value in (
-                        (f"gradient_norm/{slot.path}", values[0]),
-                        (f"gradient_max_abs/{slot.path}", values[1]),
-                    ):
+                    written = [(f"gradient_norm/{slot.path}", values[0])]
+                    if values[7] > 0:  # max |g| only where it was measured
+                        written.append((f"gradient_max_abs/{slot.path}", values[1]))
+                    for tag, value in written:
                         tf.summary.write(tag, tf.constant(value, tf.float32), step=int(step), metadata=scalar)
             for h in histograms:
                 # The histogram plugin's format: one (left edge, right edge, count) row per bin.
@@ -436,11 +513,6 @@ class GradientMonitor(keras.callbacks.Callback):
                 tf.summary.write(
                     f"gradient/{h.weight}", tf.constant(buckets, tf.float64), step=h.step, metadata=histogram
                 )
-
-
-def _check_positive(name: str, value: int | None) -> None:
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-        raise MonitorArgumentError(f"Received: {name}={value!r}. Expected a positive int or None. Example: {name}=10.")
 
 
 def _summary_writer(log_dir: str | None) -> Any:
@@ -456,12 +528,6 @@ def _plugin_metadata(plugin: str) -> bytes:
 
     data = summary_pb2.SummaryMetadata.PluginData(plugin_name=plugin)
     return summary_pb2.SummaryMetadata(plugin_data=data).SerializeToString()
-
-
-def _fit_token(model: keras.Model) -> tuple[Any, Any]:
-    """Objects that are new in every ``fit``: its ``History`` and that one's epoch list."""
-    history = getattr(model, "history", None)
-    return history, getattr(history, "epoch", None)
 
 
 def _empty_columns() -> tuple[str, ...]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from gradmagic.core.nonfinite_origin import NonfiniteOrigin
 from gradmagic.core.targets import WeightSlot
 from gradmagic.errors import GradmagicError
 
@@ -42,6 +43,10 @@ class Anomaly:
         message: One readable sentence.
         suspects: For ``nonfinite``: the layers between the last weight with a finite
             gradient and the first with a non-finite one, in ``model.layers`` order.
+        origin: For ``nonfinite`` with ``on_anomaly="stop"``/``"raise"``: the op that made
+            NaN/Inf first (forward pass first), found by ``gm.explain``'s NaN/Inf-origin
+            pass on the step's batch at the weights before the step
+            (:class:`~gradmagic.core.nonfinite_origin.NonfiniteOrigin`); else None.
     """
 
     kind: str
@@ -54,6 +59,7 @@ class Anomaly:
     value: float
     message: str
     suspects: tuple[str, ...] = field(default=())
+    origin: NonfiniteOrigin | None = None
 
 
 def find_nonfinite(

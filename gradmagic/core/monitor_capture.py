@@ -2,12 +2,14 @@
 
 The monitor replaces ``optimizer.apply`` (an instance attribute, so the class and
 other models are untouched) by a function that, while the train step is traced,
-calls the original ``apply`` with the gradients *unchanged*, then adds the
+calls the original ``apply`` with the gradients *unchanged* and adds the
 statistics of :mod:`gradmagic.core.monitor_stats` and one row write into a
-buffer variable. Training therefore runs the same update ops on the same values;
-the extra ops only read the gradients (and the ``g**2`` the optimizer may
-compute anyway). Nothing here runs per step in Python: the statistics stay on
-the device until the host reads the buffer.
+buffer variable: with ``stats="norm"`` (and when the bad step is kept) built
+before the update, with ``stats="full"`` after it (to reuse the ``g**2`` the
+optimizer may compute). Training therefore runs the same update ops on the same
+values; the extra ops only read the gradients (or replayed copies of them, see
+:mod:`gradmagic.core.monitor_replay`). Nothing here runs per step in Python: the
+statistics stay on the device until the host reads the buffer.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ import numpy as np
 import tensorflow as tf
 
 from gradmagic.core.compute import dense_gradients
+from gradmagic.core.monitor_bad_step import BadStepCapture
 from gradmagic.core.monitor_histograms import HistogramBuffer
+from gradmagic.core.monitor_replay import readable
 from gradmagic.core.monitor_stats import RAW_ROWS, STAT_COLUMNS, finish_stats, stats_function
 from gradmagic.core.monitor_variables import replica_variable, write_row
 
 #: Columns of one buffer row, per weight.
-BUFFER_COLUMNS = (*STAT_COLUMNS, "skipped", "missing")
+BUFFER_COLUMNS = (*STAT_COLUMNS, "skipped", "missing", "full")
 _WIDTH = len(BUFFER_COLUMNS)
 
 
@@ -45,6 +49,9 @@ class StatsBuffer:
             Defaults to False.
         histograms: ``(every, bins)`` to also record full histograms every
             ``every`` steps. Defaults to None (no histograms).
+        mode: ``"full"``: every statistic at every step; ``"norm"``: the norm at
+            every step, everything at the steps :meth:`schedule` picks and at
+            every step with a non-finite gradient. Defaults to "full".
     """
 
     def __init__(
@@ -54,8 +61,10 @@ class StatsBuffer:
         strategy: Any = None,
         xla: bool = False,
         histograms: tuple[int, int] | None = None,
+        mode: str = "full",
     ) -> None:
         self.paths = list(paths)
+        self.mode = mode
         self.xla = xla
         self.capacity = int(capacity)
         self._column = {p: i for i, p in enumerate(self.paths)}
@@ -66,6 +75,10 @@ class StatsBuffer:
             tf.zeros((self.capacity, len(RAW_ROWS), len(self.paths)), tf.float32), "gradmagic_monitor_rows", strategy
         )
         self.count = replica_variable(tf.constant(0, tf.int64), "gradmagic_monitor_count", strategy)
+        # (count at the epoch's first batch, full_every), set by the host: a variable,
+        # so changing the cadence needs no new trace.
+        with tf.init_scope(), strategy.scope():
+            self._schedule = tf.Variable([0, 1], dtype=tf.int64, trainable=False, name="gradmagic_monitor_schedule")
         self.histograms = None
         if histograms is not None:
             every, bins = histograms
@@ -77,6 +90,11 @@ class StatsBuffer:
         self._sizes = np.zeros(len(self.paths), np.int64)
         self._skips = False
 
+    def schedule(self, epoch_start: int, every: int) -> None:
+        """In ``"norm"`` mode, measure everything at batches ``every - 1``, ``2 * every - 1``... of the epoch
+        that starts at recorded step ``epoch_start`` (the batches at which the host reads)."""
+        self._schedule.assign([int(epoch_start), int(every)])
+
     def record(
         self,
         grads: Sequence[Any],
@@ -85,7 +103,26 @@ class StatsBuffer:
         skips: bool = False,
         squares: Sequence[Any] | None = None,
     ) -> None:
-        """Add the ops that write one step's statistics (called while tracing).
+        """Add the ops that measure and write one step's statistics (called while tracing).
+
+        See :meth:`measure` for the arguments.
+        """
+        self.write(self.measure(grads, variables, scale, skips, squares))
+
+    def write(self, stats: tf.Tensor) -> None:
+        """Add the ops that write one step's statistics (from :meth:`measure`) and count the step."""
+        write_row(self.rows, tf.math.floormod(self.count, self.capacity), stats)
+        self.count.assign_add(1, read_value=False)
+
+    def measure(
+        self,
+        grads: Sequence[Any],
+        variables: Sequence[Any],
+        scale: Any = None,
+        skips: bool = False,
+        squares: Sequence[Any] | None = None,
+    ) -> tf.Tensor:
+        """Add the ops that compute one step's statistics, ``[5, weights]`` (called while tracing).
 
         Args:
             grads: Gradients as applied, summed over replicas (possibly loss-scaled).
@@ -116,8 +153,14 @@ class StatsBuffer:
             grads = [per_column[i][0] for i in present]
             squared = [per_column[i][1] is not None for i in present]
             given = [per_column[i][1] for i in present if per_column[i][1] is not None]
-            function = stats_function([tf.TensorSpec(g.shape, g.dtype) for g in grads], squared, self.xla)
-            stats = function(*grads, *given)
+            specs = [tf.TensorSpec(g.shape, g.dtype) for g in grads]
+            function = stats_function(specs, squared, self.xla, self.mode)
+            if self.mode == "norm":
+                start, every = self._schedule[0], self._schedule[1]
+                full = tf.equal(tf.math.floormod(self.count - start + 1, every), 0)
+                stats = function(*grads, *given, full)
+            else:
+                stats = function(*grads, *given)
             if self.histograms is not None:
                 self.histograms.record(self.count, grads, present, stats, scale)
             if scale is not None:
@@ -129,8 +172,7 @@ class StatsBuffer:
                 stats = tf.transpose(placed)
         else:
             stats = tf.zeros([width, n])
-        write_row(self.rows, tf.math.floormod(self.count, self.capacity), stats)
-        self.count.assign_add(1, read_value=False)
+        return stats
 
     @property
     def missing(self) -> np.ndarray:
@@ -149,11 +191,13 @@ class StatsBuffer:
         raw = self.rows.numpy()[np.arange(max(start, count - self.capacity), count) % self.capacity]
         stats = finish_stats(raw, self._sizes)
         stats[:, self._missing, :] = 0.0  # no gradient, no statistics (flagged "missing")
-        flags = np.zeros((*stats.shape[:2], 2), np.float32)
+        flags = np.zeros((*stats.shape[:2], 3), np.float32)
         if self._skips:
             # What LossScaleOptimizer does: a step with a non-finite gradient is not applied.
             flags[..., 0] = (stats[..., 3] + stats[..., 4] > 0).any(axis=1, keepdims=True)
         flags[..., 1] = self._missing
+        # Where only the norm was measured, norm_stats marks max |g| with -1.
+        flags[..., 2] = (raw[:, 2, :] >= 0).all(axis=1, keepdims=True)
         return count, np.concatenate([stats, flags], axis=2)
 
 
@@ -190,7 +234,9 @@ class ApplyHook:
         buffer: Where the statistics go.
     """
 
-    def __init__(self, optimizer: keras.optimizers.Optimizer, buffer: StatsBuffer) -> None:
+    def __init__(
+        self, optimizer: keras.optimizers.Optimizer, buffer: StatsBuffer, capture: BadStepCapture | None = None
+    ) -> None:
         self.optimizer = optimizer
         self._had_own = "apply" in vars(optimizer)
         original = optimizer.apply
@@ -202,10 +248,22 @@ class ApplyHook:
             if scale is not None and not isinstance(scale, (int, float)):
                 scale = tf.convert_to_tensor(scale)  # read before apply updates it
             summed = _replica_sum(grads)
-            # The optimizer gets the very tensors it would have got without the monitor.
+            if buffer.mode == "norm" or capture is not None:
+                # Measured before the update: the bad-step copy needs the verdict before
+                # the weights change (and stats="norm" has no use for the optimizer's g**2).
+                stats = buffer.measure(readable(summed, before_update=True), variables, scale, skips)
+                if capture is not None and not skips:
+                    finite = tf.reduce_all(tf.equal(stats[3] + stats[4], 0.0))
+                    capture.record(finite, buffer.count)
+                # The optimizer gets the very tensors it would have got without the monitor.
+                result = original(grads, trainable_variables)
+                buffer.write(stats)
+                return result
             result = original(grads, trainable_variables)
-            # Recorded after apply is traced, so that the g**2 it computes can be reused.
-            buffer.record(summed, variables, scale, skips, _optimizer_squares(summed))
+            # Measured after apply is traced, so that the g**2 it computes can be reused,
+            # and read so that the update is compiled as without the monitor (readable()).
+            squares = _optimizer_squares(summed)
+            buffer.record(readable(summed), variables, scale, skips, squares)
             return result
 
         self._original = original

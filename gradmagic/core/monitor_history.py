@@ -31,6 +31,7 @@ HISTORY_COLUMNS = (
     "nan",
     "inf",
     "skipped",
+    "full",
 )
 
 
@@ -99,6 +100,8 @@ class MonitorHistory:
         for name in ("nan", "inf"):
             columns[name] = self.stat(name).ravel().astype(np.int64).tolist()
         columns["skipped"] = (self.stat("skipped").ravel() > 0).tolist()
+        # True where max_abs and mean were measured (stats="norm" measures them every full_every steps).
+        columns["full"] = (self.stat("full").ravel() > 0).tolist()
         for name in ("norm", "max_abs", "mean"):
             # A weight without a gradient this step (None) has no statistics.
             missing = self.stat("missing").ravel() > 0
@@ -125,7 +128,8 @@ def layer_lines(epoch: int, batch: int, step: int, slots: Sequence[WeightSlot], 
         flag = f"  NaN/Inf x{bad}" if bad else ""
         skip = "  (step skipped)" if stats[rows[0], 5] > 0 else ""
         head = f"epoch {epoch + 1} batch {batch + 1:>4} | {name:<{width}}"
-        lines.append(f"{head}  norm {norm:.3e}  max|g| {max_abs:.3e}{flag}{skip}")
+        peak = f"{max_abs:.3e}" if stats[rows[0], 7] > 0 else "-"  # "-": not measured at this step
+        lines.append(f"{head}  norm {norm:.3e}  max|g| {peak}{flag}{skip}")
     return lines
 
 
@@ -134,6 +138,13 @@ def _combine(norms: np.ndarray, max_abs: np.ndarray) -> tuple[float, float]:
     if np.all(np.isnan(norms)):
         return float("nan"), float("nan")
     return float(np.sqrt(np.nansum(norms**2))), float(np.nanmax(max_abs))
+
+
+def _measured_max(values: np.ndarray, measured: np.ndarray) -> float:
+    """The largest finite value of the steps where it was measured (NaN if none)."""
+    values = values[measured]
+    values = values[np.isfinite(values)]
+    return float(values.max()) if values.size else float("nan")
 
 
 class MonitorSummary:
@@ -151,6 +162,7 @@ class MonitorSummary:
         max_abs = history.stat("max_abs")
         bad = history.stat("nan") + history.stat("inf")
         skipped = history.stat("skipped")
+        full = history.stat("full")
         self.rows = []
         for j, name in enumerate(names):
             cols = [i for i, s in enumerate(history.slots) if s.layer_name == name]
@@ -163,7 +175,7 @@ class MonitorSummary:
                     "last norm": float(layer[-1]) if len(layer) else float("nan"),
                     "median norm": float(np.median(finite)) if len(finite) else float("nan"),
                     "max norm": float(finite.max()) if len(finite) else float("nan"),
-                    "max |g|": float(np.nanmax(max_abs[:, cols])) if len(layer) else float("nan"),
+                    "max |g|": _measured_max(max_abs[:, cols], full[:, cols[0]] > 0),
                     "NaN/Inf steps": int((bad[:, cols].sum(axis=1) > 0).sum()),
                     "skipped steps": int((skipped[:, cols[0]] > 0).sum()) if len(layer) else 0,
                 }

@@ -87,11 +87,65 @@ def step_stats(
     return tf.cond(trusted, lambda: raw, lambda: masked(*grads))
 
 
+@tf.autograph.experimental.do_not_convert
+def norm_stats(
+    grads: Sequence[tf.Tensor], squares: Sequence[tf.Tensor | None] | None, full: tf.Tensor, xla: bool = False
+) -> tf.Tensor:
+    """The norm of each gradient, and all of :func:`step_stats` when ``full`` or when one is not finite.
+
+    One reduction per gradient (the sum of squares, or the sum of the optimizer's
+    ``g**2``): a NaN or Inf anywhere makes that sum non-finite, and then (or when
+    ``full`` is true) the step takes :func:`step_stats`' branch instead. Rows are
+    :data:`RAW_ROWS`; in a step that measured the norm only, the sum is 0, the
+    NaN/Inf counts are 0 (exactly: every square was finite) and max |g| is -1,
+    the mark :func:`finish_stats` reads.
+
+    Args:
+        grads: Dense gradients (any float dtype).
+        squares: Optional float32 ``g**2`` per gradient (None where unknown).
+        full: Scalar bool tensor: measure every statistic at this step.
+        xla: Whether the ops will be compiled by XLA. Defaults to False.
+
+    Returns:
+        The raw statistics, one column per gradient.
+    """
+    grads = [tf.cast(g, tf.float32) for g in grads]
+    squares = list(squares) if squares is not None else [None] * len(grads)
+    sizes = [g.shape.num_elements() for g in grads]
+    if any(size is None for size in sizes):
+        return step_stats(grads, squares, xla)
+    reduce = _Reducer(xla)
+    zero = tf.constant(0.0)
+    halves = []  # half sums of squares (what L2Loss gives): the factor 2 is applied once, to all
+    for grad, square, size in zip(grads, squares, sizes, strict=True):
+        if size == 0:
+            halves.append(zero)
+        elif square is not None:
+            halves.append(0.5 * reduce(tf.reduce_sum, square, size))
+        else:
+            halves.append(reduce.sumsq(grad, size, half=True))
+    sums = 2.0 * tf.stack(halves)
+    n = len(grads)
+    quick = tf.stack([tf.zeros([n]), tf.sqrt(sums), tf.fill([n], -1.0), tf.zeros([n]), tf.zeros([n])])
+    measure = tf.logical_or(full, tf.logical_not(tf.reduce_all(tf.math.is_finite(sums))))
+    if xla:  # XLA compiles both branches into one program; no executor to skip nodes
+        return tf.cond(measure, lambda: step_stats(grads, squares, xla), lambda: quick)
+    # The full statistics are one call of a function that is not inlined: in a step that
+    # does not take that branch the executor then skips one node, not the dozens of
+    # step_stats' ops (which it would otherwise visit, as dead, at every step).
+    given = [sq for sq in squares if sq is not None]
+    specs = [tf.TensorSpec(g.shape, g.dtype) for g in grads] + [tf.TensorSpec(sq.shape, sq.dtype) for sq in given]
+    squared = tuple(sq is not None for sq in squares)
+    full_stats = _full_function(tuple(specs), squared)
+    return tf.cond(measure, lambda: full_stats(*grads, *given), lambda: quick)
+
+
 def finish_stats(raw: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
     """Statistics from raw rows: ``[..., 5, n]`` (:data:`RAW_ROWS`) -> ``[..., n, 5]`` (:data:`STAT_COLUMNS`).
 
     Norm, max |g| and mean describe the finite entries; they are NaN for a
-    gradient with none (all NaN/Inf, or empty).
+    gradient with none (all NaN/Inf, or empty). Where only the norm was measured
+    (:func:`norm_stats`' mark, max |g| < 0), max |g| and mean are 0.
 
     Args:
         raw: Raw statistics of one or more steps, as :func:`step_stats` gives.
@@ -103,11 +157,14 @@ def finish_stats(raw: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         stats = [norm, max_abs, total / finite]
     stats = [np.where(finite > 0, column, np.nan) for column in stats]
+    measured = max_abs >= 0
+    stats[1] = np.where(measured, stats[1], 0.0)
+    stats[2] = np.where(measured, stats[2], 0.0)
     return np.stack([*stats, nan, inf], axis=-1).astype(np.float32)
 
 
 def stats_function(
-    specs: Sequence[tf.TensorSpec], squared: Sequence[bool] | None = None, xla: bool = False
+    specs: Sequence[tf.TensorSpec], squared: Sequence[bool] | None = None, xla: bool = False, mode: str = "full"
 ) -> Callable[..., tf.Tensor]:
     """:func:`step_stats` as a ``tf.function``, made once per gradient signature and process.
 
@@ -121,19 +178,37 @@ def stats_function(
         squared: For each gradient, whether its ``g**2`` is passed too (after all
             gradients, in order). Defaults to None (none is).
         xla: Whether the calling function is compiled by XLA. Defaults to False.
+        mode: ``"full"`` (:func:`step_stats`) or ``"norm"`` (:func:`norm_stats`, whose
+            ``full`` flag is then the last argument). Defaults to "full".
 
     Returns:
-        A function of the gradients, then the squares given, returning the statistics.
+        A function of the gradients, then the squares given (then ``full``),
+        returning the statistics.
     """
     specs = list(specs)
     squared = [bool(s) for s in squared] if squared is not None else [False] * len(specs)
     extra = [tf.TensorSpec(s.shape, tf.float32) for s, q in zip(specs, squared, strict=True) if q]
 
     def body(*tensors: tf.Tensor) -> tf.Tensor:
-        given = iter(tensors[len(specs) :])
-        return step_stats(tensors[: len(specs)], [next(given) if q else None for q in squared], xla)
+        given = iter(tensors[len(specs) : len(specs) + len(extra)])
+        squares = [next(given) if q else None for q in squared]
+        if mode == "norm":
+            return norm_stats(tensors[: len(specs)], squares, tensors[-1], xla)
+        return step_stats(tensors[: len(specs)], squares, xla)
 
-    return _cached(_STATS, specs + extra, body, None, (tuple(squared), xla))
+    flag = [tf.TensorSpec([], tf.bool)] if mode == "norm" else []
+    return _cached(_STATS, specs + extra + flag, body, None, (tuple(squared), xla, mode))
+
+
+def _full_function(specs: tuple[tf.TensorSpec, ...], squared: tuple[bool, ...]) -> Callable[..., tf.Tensor]:
+    """:func:`step_stats` of the gradients (then the squares given) as a function that is not inlined."""
+    n = len(squared)
+
+    def body(*tensors: tf.Tensor) -> tf.Tensor:
+        given = iter(tensors[n:])
+        return step_stats(list(tensors[:n]), [next(given) if q else None for q in squared])
+
+    return _cached(_FULL, specs, body, {"_noinline": True}, squared)
 
 
 def _masked_function(specs: tuple[tf.TensorSpec, ...]) -> Callable[..., tf.Tensor]:
@@ -144,6 +219,7 @@ def _masked_function(specs: tuple[tf.TensorSpec, ...]) -> Callable[..., tf.Tenso
 
 _STATS: dict[tuple, Callable[..., tf.Tensor]] = {}
 _MASKED: dict[tuple, Callable[..., tf.Tensor]] = {}
+_FULL: dict[tuple, Callable[..., tf.Tensor]] = {}
 
 
 def _cached(
@@ -211,15 +287,18 @@ class _Reducer:
             return op(op(tf.reshape(x, [rows, size // rows]), self._axis(1)), self._axis(0))
         return op(tf.stack([op(part, self._axis(0)) for part in _slices(x, size)]), self._axis(0))
 
-    def sumsq(self, x: tf.Tensor, size: int) -> tf.Tensor:
-        """Sum of squares of the entries of ``x``, without writing the squares."""
+    def sumsq(self, x: tf.Tensor, size: int, half: bool = False) -> tf.Tensor:
+        """Sum of squares of the entries of ``x`` (half of it with ``half``), without writing the squares."""
         if size <= INLINE_ELEMENTS or self._xla:
-            return 2.0 * tf.nn.l2_loss(x)  # XLA lacks EuclideanNorm and fuses this anyway
-        rows = _rows(size)
-        if rows is not None:
-            norms = tf.math.reduce_euclidean_norm(tf.reshape(x, [rows, size // rows]), self._axis(1))
-            return 2.0 * tf.nn.l2_loss(norms)
-        return 2.0 * tf.add_n([tf.nn.l2_loss(part) for part in _slices(x, size)])
+            halved = tf.nn.l2_loss(x)  # XLA lacks EuclideanNorm and fuses this anyway
+        else:
+            rows = _rows(size)
+            if rows is not None:
+                norms = tf.math.reduce_euclidean_norm(tf.reshape(x, [rows, size // rows]), self._axis(1))
+                halved = tf.nn.l2_loss(norms)
+            else:
+                halved = tf.add_n([tf.nn.l2_loss(part) for part in _slices(x, size)])
+        return halved if half else 2.0 * halved
 
 
 def _rows(size: int) -> int | None:

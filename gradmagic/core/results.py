@@ -111,6 +111,9 @@ class GradientTable:
 
     rows: list[GradientRow]
     title: str = field(default="", repr=False)
+    #: ``None`` when x was given as data; else where x (and y) came from, e.g.
+    #: ``"x, y: the first batch of a tf.data.Dataset"``.
+    source: str | None = field(default=None, repr=False)
 
     def __iter__(self) -> Iterator[GradientRow]:
         return iter(self.rows)
@@ -158,6 +161,8 @@ class GradientTable:
         body = [self._cells(row) for row in self.rows]
         widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(headers)]
         lines = [self.title] if self.title else []
+        if self.source:
+            lines.append(f"({self.source})")
         lines.append("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
         for row, cells in zip(self.rows, body):
             flag = "  <- NaN/Inf" if row.stats is not None and not row.stats.finite else ""
@@ -176,7 +181,8 @@ class GradientTable:
                 css, state = "", "ok"
             cells = "".join(f"<td>{html.escape(c)}</td>" for c in self._cells(row))
             body.append(f'<tr class="gm-{state}" style="{css}">{cells}</tr>')
-        caption = f"<caption style='text-align:left'>{html.escape(self.title)}</caption>" if self.title else ""
+        heading = self.title + (f" ({self.source})" if self.source else "")
+        caption = f"<caption style='text-align:left'>{html.escape(heading)}</caption>" if heading else ""
         return f'<table class="gradmagic">{caption}<thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
 

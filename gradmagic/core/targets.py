@@ -10,15 +10,18 @@ from __future__ import annotations
 import inspect
 import numbers
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
 import keras
 
+from gradmagic.core.cache_keys import KeyBuilder
 from gradmagic.core.loss_trackers import own_compile_loss
 from gradmagic.core.state import restore_in_graph, snapshot_in_graph
+from gradmagic.core.user_code import failed
 from gradmagic.errors import (
+    GradmagicError,
     LayerError,
     LossError,
     NoWeightsError,
@@ -74,6 +77,14 @@ def resolve_layer(model: keras.Model, layer: int | str | keras.Layer) -> tuple[i
     names = [lay.name for lay in layers]
     if isinstance(layer, numbers.Integral) and not isinstance(layer, bool):
         layer = int(layer)  # NumPy integers, e.g. from np.arange
+    if isinstance(layer, keras.Variable):
+        owners = [(i, lay.name) for i, lay in enumerate(layers) if any(w is layer for w in lay.weights)]
+        fix = f"layer={owners[0][1]!r} (index {owners[0][0]})" if owners else "the layer that holds it"
+        raise LayerError(
+            f"Received: layer=<Variable {layer.path!r}>, a weight, not a layer. Expected an index into "
+            f"model.layers, a layer name or a layer object of model '{model_name(model)}'. Fix: pass its "
+            f"layer, {fix}; the result's rows are per weight."
+        )
     if isinstance(layer, bool) or not isinstance(layer, (int, str, keras.Layer)):
         raise LayerError(
             f"Received: layer={layer!r} of type {type(layer).__name__}. Expected an "
@@ -151,7 +162,8 @@ def layer_weights(model: keras.Model, layer: int | str | keras.Layer) -> tuple[i
     return index, lay, weights
 
 
-def _has_custom_compute_loss(model: keras.Model) -> bool:
+def has_custom_compute_loss(model: keras.Model) -> bool:
+    """True when the model overrides ``compute_loss`` (its loss is then its own code)."""
     return getattr(type(model).compute_loss, "__qualname__", "") != "Trainer.compute_loss"
 
 
@@ -169,13 +181,41 @@ class FunctionLoss(keras.losses.Loss):
         self._fn = fn
 
     def call(self, y_true: Any, y_pred: Any) -> Any:
-        return self._fn(y_true, y_pred)
+        value = self._fn(y_true, y_pred)
+        if value is None:
+            raise LossError(
+                f"Received: loss={_callable_name(self._fn)}, which returned None. Expected a tensor of "
+                f"per-sample losses (or one scalar). Fix: end the function with `return ...`."
+            )
+        return value
+
+
+def _callable_name(fn: Any) -> str:
+    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
+
+
+def loss_name(loss: keras.losses.Loss) -> str:
+    """How messages name a loss: the user's function, a Loss subclass, or a Keras loss."""
+    if isinstance(loss, FunctionLoss):
+        return f"the loss function {_callable_name(loss._fn)!r}"
+    return f"the loss {type(loss).__name__} {loss.name!r}"
+
+
+def _shape_of(value: Any) -> str:
+    shape = getattr(value, "shape", None)
+    return str(tuple(shape)) if shape is not None else type(value).__name__
 
 
 def _as_loss_object(loss: Any, model: keras.Model) -> keras.losses.Loss:
     """Turn a loss name, function or object into a ``keras.losses.Loss``."""
     if isinstance(loss, keras.losses.Loss):
         return loss
+    if isinstance(loss, type):
+        raise LossError(
+            f"Received: loss={loss.__name__}, a class, not a loss object. Expected an instance of a "
+            f"keras.losses.Loss, a Keras loss name or a callable f(y_true, y_pred). Fix: call the class, "
+            f"loss={loss.__name__}()."
+        )
     if isinstance(loss, str):
         try:
             resolved = keras.losses.get(loss)
@@ -204,6 +244,46 @@ def _as_loss_object(loss: Any, model: keras.Model) -> keras.losses.Loss:
         f"'{model_name(model)}'. Expected a Keras loss name (e.g. 'mse'), a "
         f"keras.losses.Loss object or a callable f(y_true, y_pred)."
     )
+
+
+def check_loss_argument(model: keras.Model, loss: Any) -> None:
+    """Refuse a bad ``loss=`` (an unknown name, a class, a non-callable) before anything runs.
+
+    Raises:
+        LossError: The loss cannot be used, or none is given and none is compiled.
+    """
+    if loss is None:
+        _check_compiled_loss(model)
+        return
+    leaves = list(loss.values()) if isinstance(loss, dict) else loss if isinstance(loss, (list, tuple)) else [loss]
+    for leaf in leaves:
+        usable = isinstance(leaf, keras.losses.Loss) or (callable(leaf) and not isinstance(leaf, type))
+        if not usable:
+            _as_loss_object(leaf, model)  # resolves a name, or raises the message for what it is
+
+
+def check_loss_structure(model: keras.Model, output_names: list[str], loss: Any) -> None:
+    """Refuse one loss per output that does not match the model's outputs (once they are known).
+
+    Raises:
+        LossError: A dict of losses with unknown output names, or a list of the wrong length.
+    """
+    if not output_names or not isinstance(loss, (dict, list, tuple)):
+        return
+    if isinstance(loss, dict):
+        unknown = [str(k) for k in loss if k not in output_names]
+        if unknown:
+            raise LossError(
+                f"Received: loss as a dict keyed by {quote_list([str(k) for k in loss])}, but model "
+                f"'{model_name(model)}' names its outputs {quote_list(output_names)}; unknown: "
+                f"{quote_list(unknown)}.{did_you_mean(unknown[0], output_names)} Expected one loss per output name."
+            )
+    elif len(loss) != len(output_names):
+        raise LossError(
+            f"Received: loss as a list of {len(loss)} losses, but model '{model_name(model)}' has "
+            f"{len(output_names)} output(s) {quote_list(output_names)}. Expected one loss for all outputs, or "
+            f"one per output in that order."
+        )
 
 
 def _regularization_loss(model: keras.Model, dtype: Any) -> Any:
@@ -249,7 +329,17 @@ def _explicit_loss(model: keras.Model, loss: Any) -> LossFn:
             weight = flat_weight[i] if flat_weight is not None else sample_weight
             # At least float32: a float16 (mixed precision) loss overflows.
             dtype = "float64" if pred.dtype == "float64" else "float32"
-            terms.append(keras.ops.cast(loss_obj(y_true, pred, sample_weight=weight), dtype))
+            try:
+                value = loss_obj(y_true, pred, sample_weight=weight)
+            except GradmagicError:
+                raise
+            except Exception as err:
+                raise failed(
+                    loss_name(loss_obj)[:1].upper() + loss_name(loss_obj)[1:],
+                    err,
+                    f"on y of shape {_shape_of(y_true)} and the output of shape {_shape_of(pred)}",
+                ) from err
+            terms.append(keras.ops.cast(value, dtype))
         total = terms[0] if len(terms) == 1 else keras.ops.sum(keras.ops.stack(terms))
         extra = _regularization_loss(model, total.dtype)
         return total if extra is None else total + extra
@@ -284,6 +374,18 @@ def _aligned(value: Any, names: list[str], count: int) -> list[Any]:
     return [value]
 
 
+def _check_compiled_loss(model: keras.Model) -> None:
+    """Refuse ``loss=None`` for a model with neither a compiled loss nor its own ``compute_loss``."""
+    if not has_custom_compute_loss(model) and getattr(model, "loss", None) is None:
+        raise LossError(
+            f"Model '{model_name(model)}' has no compiled loss and no loss was given, "
+            f"so there is no dLoss to differentiate. Fix: pass loss='mse' (or any Keras "
+            f"loss name, keras.losses.Loss or callable f(y_true, y_pred)), or call "
+            f"model.compile(loss=...) first. For d(output)/d(input), which needs no "
+            f"loss, use input_gradients(model, x)."
+        )
+
+
 def resolve_loss(model: keras.Model, loss: Any = None) -> LossFn:
     """Return the loss function a gradient question uses.
 
@@ -304,17 +406,10 @@ def resolve_loss(model: keras.Model, loss: Any = None) -> LossFn:
     """
     if loss is not None:
         return _explicit_loss(model, loss)
-    if not _has_custom_compute_loss(model) and getattr(model, "loss", None) is None:
-        raise LossError(
-            f"Model '{model_name(model)}' has no compiled loss and no loss was given, "
-            f"so there is no dLoss to differentiate. Fix: pass loss='mse' (or any Keras "
-            f"loss name, keras.losses.Loss or callable f(y_true, y_pred)), or call "
-            f"model.compile(loss=...) first. For d(output)/d(input), which needs no "
-            f"loss, use input_gradients(model, x)."
-        )
+    _check_compiled_loss(model)
     takes_training = _compute_loss_takes_training(model)
 
-    custom = _has_custom_compute_loss(model)
+    custom = has_custom_compute_loss(model)
 
     def run(model: keras.Model, x: Any, y: Any, y_pred: Any, sample_weight: Any, training: bool) -> Any:
         # A compiled loss updates per-output trackers when outputs are nested, and a
@@ -324,10 +419,22 @@ def resolve_loss(model: keras.Model, loss: Any = None) -> LossFn:
         with own_compile_loss(model):
             guarded = list(model.metrics_variables) if custom or keras.tree.is_nested(y_pred) else []
             saved = snapshot_in_graph(guarded)
-            if takes_training:
-                loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training)
-            else:
-                loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight)
+            try:
+                if takes_training:
+                    loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training)
+                else:
+                    loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight)
+            except GradmagicError:
+                raise
+            except Exception as err:
+                compiled = model.loss if isinstance(model.loss, str) else _callable_name(model.loss)
+                who = "The model's own compute_loss" if custom else f"The compiled loss {compiled!r}"
+                raise failed(f"{who} of model '{model_name(model)}'", err, "on y and the model's output") from err
+            if loss is None:
+                raise LossError(
+                    f"Received: a compute_loss of model '{model_name(model)}' that returned None. Expected the "
+                    f"scalar loss. Fix: return it from compute_loss, or pass loss=... explicitly."
+                )
             restore_in_graph(guarded, saved)
         return loss
 
@@ -348,18 +455,23 @@ def output_unit_loss(unit: int) -> LossFn:
     return run
 
 
-def loss_key(loss: Any) -> Any:
-    """Return a hashable cache key that stands for a ``loss=`` argument."""
-    if loss is None or isinstance(loss, str):
-        return loss
-    if isinstance(loss, dict):
-        return ("dict", *tuple((k, loss_key(v)) for k, v in sorted(loss.items())))
-    if isinstance(loss, (list, tuple)):
-        return ("seq", *tuple(loss_key(v) for v in loss))
-    if isinstance(loss, keras.losses.Loss):
-        # By configuration: keras.losses.Huber() written inline each call is the same question.
+def loss_token(builder: KeyBuilder, loss: Any) -> Hashable:
+    """The cache-key part of a ``loss=`` argument (see :mod:`gradmagic.core.cache_keys`).
+
+    A name is keyed with what it resolves to, so a custom loss registered again
+    under the same name is a new question.
+
+    Raises:
+        Uncacheable: The loss holds values that cannot be snapshotted.
+    """
+    if isinstance(loss, str):
         try:
-            return ("loss", type(loss), repr(sorted(loss.get_config().items())))
-        except (NotImplementedError, TypeError):
-            pass
-    return ("obj", id(loss))
+            resolved = keras.losses.get(loss)
+        except (ValueError, TypeError):
+            resolved = None  # unknown: refused with its own message when the question is built
+        return ("name", loss, builder.value(resolved))
+    if isinstance(loss, dict):
+        return ("dict", *((k, loss_token(builder, v)) for k, v in loss.items()))
+    if isinstance(loss, (list, tuple)):
+        return (type(loss).__name__, *(loss_token(builder, v) for v in loss))
+    return builder.value(loss)

@@ -18,6 +18,7 @@ from gradmagic.core.compute import calls_replaced
 from gradmagic.core.op_graph import carries_gradient
 from gradmagic.core.targets import model_name
 from gradmagic.core.trace_errors import diagnose_trace_error
+from gradmagic.core.user_code import with_cause
 from gradmagic.errors import ComputeError, GradmagicError, brief
 
 OWNER_GLUE, OWNER_LOSS = -1, -2  # owners of ops outside any layer: model plumbing, and the loss
@@ -121,6 +122,8 @@ def tracing_error(failed: TracingFailed, model: keras.Model, purpose: str) -> Gr
         model: The model that was traced.
         purpose: Completes "Tracing model 'name' ... failed", e.g. ``"for the gradient check"``.
     """
+    if isinstance(failed.cause, GradmagicError):  # already says which user code failed, with its cause
+        return with_cause(failed.cause)
     return diagnose_trace_error(failed.cause, model, failed.layer_index) or ComputeError(
         f"Tracing model '{model_name(model)}' {purpose} failed: {brief(failed.cause)} The model was left unchanged."
     )

@@ -28,7 +28,6 @@ from gradmagic.magics.line import (
     USAGE,
     check_options,
     check_targets,
-    is_stream,
     one_line,
     option_values,
     parse_line,
@@ -136,7 +135,7 @@ class GradientMagics(Magics):
         model = self._model(args.model)
         x = self._evaluate(args.x, "X")
         # A dataset or generator reaches the core as it is: the core reads x and y from its first batch.
-        check_targets(args, is_stream(x))
+        check_targets(args, _is_stream(x))
         y = None if args.y is None else self._evaluate(args.y, "Y")
         loss = self._loss(args.loss)
         result = _compute(model, x, y, args, loss)
@@ -281,6 +280,13 @@ def unregister(shell: Any) -> None:
 
 
 # --- calling the core ---------------------------------------------------------------------------------------------
+
+
+def _is_stream(x: Any) -> bool:
+    """Whether X is a dataset, PyDataset or generator (the core's test; imported now that X exists)."""
+    import gradmagic.core as core
+
+    return core.is_stream(x)
 
 
 def _compute(model: Any, x: Any, y: Any, args: Any, loss: Any) -> Any:

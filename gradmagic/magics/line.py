@@ -6,7 +6,6 @@ Every problem is an IPython ``UsageError`` that names the token and shows the us
 from __future__ import annotations
 
 import ast
-import collections.abc
 import keyword
 import re
 import warnings
@@ -247,17 +246,6 @@ def _check_report_options(args: Any) -> None:
             f"{names} {'is an option' if one else 'are options'} of the gradient modes (--wrt weights/output/input). "
             f"Drop {'it' if one else 'them'}: {valid}; or drop {flag} to compute gradients."
         )
-
-
-def is_stream(value: Any) -> bool:
-    """A ``tf.data.Dataset``, a ``keras.utils.PyDataset`` or a generator: data that carries its own targets."""
-    if isinstance(value, collections.abc.Iterator):
-        return True
-    # Imported here: X has been evaluated, so TensorFlow is loaded already or not needed at all.
-    import keras
-    import tensorflow as tf
-
-    return isinstance(value, (tf.data.Dataset, keras.utils.PyDataset))
 
 
 def check_targets(args: Any, x_is_stream: bool) -> None:

@@ -21,9 +21,7 @@ from typing import Any
 import ipywidgets as widgets
 import numpy as np
 
-from gradmagic.core import input_gradients, weight_gradients
-from gradmagic.core.inputs import model_spec
-from gradmagic.core.targets import model_name
+from gradmagic.core import input_gradients, model_name, model_spec, rollback_on_failure, weight_gradients
 from gradmagic.errors import GradmagicError, InputError
 from gradmagic.plots import ExplorerFigure, layer_norms
 from gradmagic.widgets import explorer_args
@@ -135,6 +133,25 @@ class Explorer(widgets.VBox):
                 f"Received: clock={explorer_args.describe(clock)}, scheduler={explorer_args.describe(scheduler)}. "
                 f"Expected callables (scheduler may be None). Fix: leave both out."
             )
+        # A failure after the model was built on the way (x, y or a reference that does not fit) leaves an
+        # unbuilt model unbuilt, as every core function does.
+        with rollback_on_failure(model):
+            self._setup(model, x, y, reference, reference_grad, feature_names, points, training, max_sliders)
+            self._show(use_ipympl, clock, scheduler)
+
+    def _setup(
+        self,
+        model: Any,
+        x: Any,
+        y: Any,
+        reference: Callable | None,
+        reference_grad: Callable | None,
+        feature_names: Sequence[str] | None,
+        points: int,
+        training: bool,
+        max_sliders: int,
+    ) -> None:
+        """Read the data and set up the controls (no figure yet); the options are checked already."""
         checked = _single_sample(model, explorer_args.check_x(x))
         if checked is not None and checked.ndim <= 2:
             rows, n_features = (checked.size, 1) if checked.ndim <= 1 else checked.shape
@@ -163,6 +180,9 @@ class Explorer(widgets.VBox):
         self._quiet = False
         self._build_controls(max_sliders)
         self.view: ExplorerView | None = None
+
+    def _show(self, use_ipympl: bool | None, clock: Callable[[], float], scheduler: Scheduler | None) -> None:
+        """Compute the first view, then build the figure and the panel around it."""
         # The first view is computed before any figure exists: a reference that fails leaves nothing behind.
         first = self.compute(self._state())
         labels = [label for label, _, _ in self._bar_layers()]

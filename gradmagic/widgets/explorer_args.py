@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from gradmagic.core import check_flag, is_flag, is_scalar_list, is_stream
 from gradmagic.errors import ComputeError, GradmagicError, InputError, brief, did_you_mean, quote_list
 
 #: The keyword options of ``explore`` besides the data and the references.
@@ -49,27 +50,6 @@ def describe(value: Any, limit: int = 80) -> str:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-def _is_bool(value: Any) -> bool:
-    return isinstance(value, (bool, np.bool_))
-
-
-def _is_stream(value: Any) -> bool:
-    """A ``tf.data.Dataset``, a ``keras.utils.PyDataset``, a generator or another one-pass iterator."""
-    if isinstance(value, collections.abc.Iterator):
-        return True
-    import keras
-    import tensorflow as tf  # already loaded by the core; imported here to keep module import cheap
-
-    return isinstance(value, (tf.data.Dataset, keras.utils.PyDataset))
-
-
-def _scalars(value: Any) -> bool:
-    """True if ``value`` is a (nested) list or tuple whose leaves are scalars, not arrays or dicts."""
-    return all(
-        _scalars(v) if isinstance(v, (list, tuple)) else np.ndim(v) == 0 and not isinstance(v, dict) for v in value
-    )
 
 
 def check_options(
@@ -119,18 +99,14 @@ def check_options(
             f"Received: points={describe(points)}. Expected an int from 2 to {MAX_POINTS}: how many points each "
             f"curve is drawn with. Fix: leave the default (200) or pass e.g. points=50."
         )
-    if not _is_bool(training):
-        raise GradmagicError(
-            f"Received: training={describe(training)} ({type(training).__name__}). Expected True or False "
-            f"(a bool, so that 'False' or 0 cannot switch Dropout on by accident). Fix: training=False."
-        )
+    check_flag("training", training)
     if not _is_int(max_sliders) or max_sliders < 1:
         raise GradmagicError(
             f"Received: max_sliders={describe(max_sliders)}. Expected an int >= 1: with more features than that "
             f"the panel shows one slider and a feature dropdown. Fix: leave the default (6) or pass e.g. "
             f"max_sliders=3."
         )
-    if use_ipympl is not None and not _is_bool(use_ipympl):
+    if use_ipympl is not None and not is_flag(use_ipympl):
         raise GradmagicError(
             f"Received: use_ipympl={describe(use_ipympl)}. Expected True (an interactive ipympl canvas), False "
             f"(PNG images) or None (ipympl when it is installed). Fix: leave it out or pass use_ipympl=False."
@@ -155,7 +131,7 @@ def check_x(x: Any) -> np.ndarray | None:
     """
     if isinstance(x, dict):
         return None
-    if _is_stream(x):
+    if is_stream(x):
         raise InputError(
             f"Received: x as a {type(x).__name__}. The explorer needs the points themselves (slider ranges and "
             f"'reset to sample' read every row), not a stream read once. Expected an array (n, n_features). "
@@ -165,7 +141,7 @@ def check_x(x: Any) -> np.ndarray | None:
         raise InputError(
             f"Received: x={describe(x)} ({type(x).__name__}). Expected an array (n, n_features). {_FIX_DATA}"
         )
-    if isinstance(x, (list, tuple)) and not _scalars(x):
+    if isinstance(x, (list, tuple)) and not is_scalar_list(x):
         return None  # several inputs or a nested structure: the model check says what the model takes
     try:
         data = np.asarray(x)
@@ -212,8 +188,8 @@ def check_y(y: Any, rows: int) -> np.ndarray | None:
     )
     if (
         isinstance(y, (dict, str, bytes, set, frozenset))
-        or _is_stream(y)
-        or (isinstance(y, (list, tuple)) and not _scalars(y))
+        or is_stream(y)
+        or (isinstance(y, (list, tuple)) and not is_scalar_list(y))
     ):
         raise InputError(
             f"Received: y={describe(y)} ({type(y).__name__}). The explorer shows the loss of one output, so "

@@ -36,6 +36,25 @@ class PanelArgumentError(GradmagicError, ValueError):
     """A TrainingPanel argument is invalid."""
 
 
+def _check_arguments(monitor: Any, every: Any, max_layers: Any, log_scale: Any, use_ipympl: Any) -> None:
+    """Refuse what would fail later, inside ``fit``: checked before anything is drawn."""
+    # What the panel uses of a monitor (a GradientMonitor, or a stand-in with its interface).
+    if not callable(getattr(monitor, "add_listener", None)) or not hasattr(monitor, "recorded"):
+        raise PanelArgumentError(
+            f"Received: monitor={monitor!r} ({type(monitor).__name__}). Expected a gm.GradientMonitor, the one "
+            "passed to fit. Fix: monitor = gm.GradientMonitor(); gm.training_panel(monitor); "
+            "model.fit(x, y, callbacks=[monitor])."
+        )
+    for name, value in (("every", every), ("max_layers", max_layers)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise PanelArgumentError(f"Received: {name}={value!r}. Expected a positive int. Fix: pass e.g. {name}=10.")
+    if not isinstance(log_scale, bool) or not (use_ipympl is None or isinstance(use_ipympl, bool)):
+        raise PanelArgumentError(
+            f"Received: log_scale={log_scale!r}, use_ipympl={use_ipympl!r}. Expected True or False (use_ipympl "
+            "also None). Fix: pass a bool, e.g. log_scale=False."
+        )
+
+
 def _ipympl_active() -> bool:
     backend = matplotlib.get_backend().lower()
     return "ipympl" in backend or backend.endswith("widget")
@@ -77,6 +96,7 @@ class TrainingPanel:
         min_interval: float = 0.25,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
+        _check_arguments(monitor, every, max_layers, log_scale, use_ipympl)
         if not 0 < max_fraction <= 1 or min_interval < 0:
             raise PanelArgumentError(
                 f"Received: max_fraction={max_fraction!r}, min_interval={min_interval!r}. Expected "
