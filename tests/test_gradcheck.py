@@ -139,8 +139,9 @@ def test_big_weights_use_random_directions_with_bounded_cost():
     ]
     assert check.passed, check
     # 2 forward passes per direction (3 rows x 8 directions), plus one autodiff pass and one loss
-    # evaluation each of the model and of its float64 copy to compare them.
-    assert int(passes.numpy()) == 2 * 8 * 3 + 3
+    # evaluation each of the model and of its float64 copy to compare them, plus 6 passes that
+    # measure the loss's round-off.
+    assert int(passes.numpy()) == 2 * 8 * 3 + 3 + 6
     wrong = _model(factor=3.0, width=64)
     wrong.set_weights(model.get_weights())
     bad = check_gradients(wrong, X, Y, max_directions=8, seed=3)

@@ -176,8 +176,7 @@ def _judge(autodiff: np.ndarray, diffs: list[_Differences], scale_floor: float, 
     for d in diffs:
         error = autodiff - d.central
         scale = max(float(np.linalg.norm(autodiff)), float(np.linalg.norm(d.central)), scale_floor)
-        roundoff = settings["roundoff"] * max(1.0, abs(d.base)) / d.h
-        beyond = np.maximum(np.abs(error) - roundoff, 0.0)
+        beyond = np.maximum(np.abs(error) - settings["noise"] / d.h, 0.0)
         rel = 0.0 if scale == 0 else float(np.linalg.norm(beyond)) / scale
         judged = _Judged(OK if rel <= settings["tol"] else FAIL, d.h, float(np.max(np.abs(error), initial=0)), rel)
         if best is None or judged.rel_error < best.rel_error:
@@ -190,20 +189,20 @@ def _judge(autodiff: np.ndarray, diffs: list[_Differences], scale_floor: float, 
     # Where the loss is smooth the jump shrinks in proportion to h (10x per step); a kink keeps it,
     # a jump in L itself makes it grow.
     kink = np.zeros(autodiff.shape, bool)
-    eps = settings["roundoff"] / 10  # the jump subtracts three losses close together: a few eps |L| / h
+    noise = settings["noise"]  # the jump adds the round-off of three losses
     for finer, coarser in itertools.pairwise(steps):
-        kink |= (finer.jump > 4 * eps * max(1.0, abs(finer.base)) / finer.h) & (finer.jump > 0.25 * coarser.jump)
+        kink |= (finer.jump > 4 * noise / finer.h) & (finer.jump > 0.25 * coarser.jump)
     # Central differences converge like h^2 where it is smooth: from h to h/10 they move 1/100 of what
     # they moved from 10h to h. Much more means a kink lies between the steps.
     late, early = np.abs(at_h.central - small.central), np.abs(large.central - at_h.central)
-    kink |= late > np.maximum(0.1 * early, 4 * eps * max(1.0, abs(small.base)) / small.h)
+    kink |= late > np.maximum(0.1 * early, 4 * noise / small.h)
     # Along a direction with a kink the loss has no derivative to compare with: at exactly 0, ReLU's
     # gradient is 0 by convention while the one-sided slopes see the unit switch on or stay off, and
     # several such units can pull the difference anywhere between them. Only smooth directions are judged.
     error = autodiff - at_h.central
     unexplained = np.where(kink, 0.0, np.abs(error))
     scale = max(float(np.linalg.norm(autodiff)), float(np.linalg.norm(at_h.central)), scale_floor)
-    beyond = np.maximum(unexplained - settings["roundoff"] * max(1.0, abs(at_h.base)) / at_h.h, 0.0)
+    beyond = np.maximum(unexplained - noise / at_h.h, 0.0)
     rel = 0.0 if scale == 0 else float(np.linalg.norm(beyond)) / scale
     if kink.any() and rel <= settings["tol"]:
         return _Judged(NOT_SMOOTH, at_h.h, float(np.max(np.abs(error), initial=0)), rel)
@@ -236,6 +235,28 @@ def _norm(arrays: list[np.ndarray]) -> float:
     return float(np.sqrt(sum(float(np.sum(np.square(a))) for a in arrays)))
 
 
+def _loss_noise(problem: LossProblem, variables: list, settings: dict) -> float:
+    """How much one loss value is off from round-off alone, measured rather than assumed.
+
+    A deep network's loss can be far from eps-exact (a LayerNorm over values
+    with a large common offset cancels most digits). Along random directions
+    over every weight, ``L(w + sv) + L(w - sv) - 2 L(w)`` is ``s^2 L''`` (below
+    1e-17 for steps of 1e-9) plus round-off: no autodiff in it, so a wrong
+    gradient cannot hide in the allowance. The largest of three is the
+    allowance for one loss value. In float32 such a step is below the weights'
+    resolution and moves nothing: the eps-based floor applies.
+    """
+    if not variables or settings["dtype"] != "float64":
+        return 0.0
+    size = sum(int(np.prod(v.shape)) for v in variables)
+    moved = []
+    for _ in range(3):
+        v = settings["noise_rng"].standard_normal(size)
+        (plus,), (minus,) = _weight_values(problem, variables, 1e-9, (v / np.linalg.norm(v))[None, :])
+        moved.append(abs(plus + minus - 2 * settings["loss"]))
+    return max(moved)
+
+
 def count_rows(original: keras.Model, problem: LossProblem) -> int:
     """How many rows :func:`check_rows` will produce (for a progress bar)."""
     layers = {slot.layer_index for slot in weight_slots(original)}
@@ -249,6 +270,8 @@ def check_rows(original: keras.Model, problem: LossProblem, settings: dict) -> t
     settings.setdefault("progress", lambda: None)
     variables = list(problem.model.trainable_weights)
     flat_w = [_flat(g, v) for g, v in zip(grad_w, variables, strict=True)]
+    floor = settings["roundoff"] * max(1.0, abs(loss))
+    settings["noise"] = max(floor, _loss_noise(problem, variables, settings))
     by_layer: dict[int, list[int]] = {}
     for i, slot in enumerate(weight_slots(original)):
         by_layer.setdefault(slot.layer_index, []).append(i)

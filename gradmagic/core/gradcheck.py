@@ -246,7 +246,8 @@ def check_gradients(
                 "dtype": dtype,
                 "input_names": _input_labels(x_in, spec),
                 "rng": np.random.default_rng(int(seed)),
-                "roundoff": 10 * eps,  # a difference of two losses is good to about 10 eps |L|
+                "roundoff": 10 * eps,  # at least 10 eps |L| per loss value; more where measured so
+                "noise_rng": np.random.default_rng(int(seed) + 1),  # its own stream: directions stay as seeded
                 "progress": Progress(count_rows(model, problem), verbose, "row"),
             }
             value, rows = check_rows(model, problem, settings)
