@@ -10,8 +10,10 @@ What tells a wrong derivative from a hard place to take one:
 - scale: an error counts against the larger of its row's gradient and a
   hundredth of the whole model's, so a weight whose gradient is 1e-8 of the
   others' is not failed for round-off that is negligible for training;
-- round-off: each difference is allowed ``10 eps |L| / h`` (``eps`` of the
-  lowest precision the model computes in);
+- round-off: each difference is allowed the loss's own round-off over ``h``:
+  measured on the float64 copy (a deep network's loss can be far from
+  eps-exact), at least ``10 eps |L|`` (``eps`` of the lowest precision the
+  model computes in);
 - steps: a row that fails at ``h`` is measured again at ``10 h`` and ``h / 10``
   and judged at the step where autodiff agrees best (a step may straddle a
   ReLU kink that a smaller one avoids, or be too small for float32);

@@ -190,7 +190,8 @@ def check_gradients(
     Cost: one backward pass, plus 2 forward passes per direction, i.e.
     ``2 * max_directions * (layers with weights + float inputs)`` forward passes
     whatever the size of the weights, plus 4 more per direction of a row that
-    fails at ``h``; and one trace of the model and of its float64 copy.
+    fails at ``h``, 6 that measure the loss's round-off, one eager pass of the
+    model, and the traces of its float64 copy (loss, and loss with gradients).
 
     Args:
         model: A Keras 3 model. Sequential and Functional models (raw ops such
