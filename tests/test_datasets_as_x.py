@@ -42,6 +42,13 @@ def test_dataset_of_x_y_gives_its_first_batch():
     assert "first batch of a tf.data.Dataset" in repr(result) and "first batch" in result._repr_html_()
 
 
+def test_dataset_needs_no_y_argument_as_in_fit():
+    # weight_gradients(model, ds) is written as fit(ds) is: y defaults to None.
+    model = mlp()
+    data = tf.data.Dataset.from_tensor_slices((X, Y)).batch(4)
+    _assert_matches(gm.weight_gradients(model, data), _tape(model, X[:4], Y[:4]))
+
+
 def test_dataset_with_sample_weights():
     model = mlp()
     data = tf.data.Dataset.from_tensor_slices((X, Y, np.r_[W, W[:2]])).batch(4)

@@ -211,7 +211,7 @@ def leaves_no_trace(function: Callable) -> Callable:
 def weight_gradients(
     model: keras.Model,
     x: Any,
-    y: Any,
+    y: Any = None,
     layer: int | str | keras.Layer | None = None,
     loss: Any = None,
     training: bool = False,

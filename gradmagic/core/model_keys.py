@@ -29,6 +29,8 @@ from gradmagic.errors import GradmagicWarning
 _specs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # model -> the compile Key its compiled loss was last built under.
 _warmed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# layer -> (its attribute names, the public ones _settings compares).
+_public: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def known_spec(model: keras.Model) -> ModelSpec | None:
@@ -91,11 +93,10 @@ def _settings(layer: keras.Layer, builder: KeyBuilder, is_model: bool) -> tuple:
     class's code names: Keras sets others (``predict_function``,
     ``stop_training``) on every ``fit`` or ``predict``, which change no question.
     """
-    read = _names_read(type(layer)) if is_model else None
+    attrs = vars(layer)
     parts = []
-    for name, value in vars(layer).items():
-        if name.startswith("_") or (read is not None and name not in read):
-            continue
+    for name in _public_names(layer, attrs, is_model):
+        value = attrs[name]
         if value is None or type(value) in (bool, int, str):  # the common case, hashed as it is (with its type)
             parts.append((name, type(value).__name__, value))
         elif isinstance(value, _PLAIN):
@@ -103,6 +104,23 @@ def _settings(layer: keras.Layer, builder: KeyBuilder, is_model: bool) -> tuple:
         elif isinstance(value, types.FunctionType):
             parts.append((name, builder.same(value)))
     return tuple(parts)
+
+
+def _public_names(layer: keras.Layer, attrs: dict, is_model: bool) -> tuple[str, ...]:
+    """The names :func:`_settings` compares, re-listed only when the layer's attribute names change.
+
+    Filtering a Keras layer's ~60 attributes by name took most of a small
+    model's per-call key; the tuple of names is a cheap, exact check that the
+    list still holds (an attribute added or removed changes it).
+    """
+    names = tuple(attrs)
+    known = _public.get(layer)
+    if known is not None and known[0] == names:
+        return known[1]
+    read = _names_read(type(layer)) if is_model else None
+    public = tuple(n for n in names if not n.startswith("_") and (read is None or n in read))
+    _public[layer] = (names, public)
+    return public
 
 
 @functools.lru_cache(maxsize=256)  # a class's code does not change
