@@ -173,6 +173,8 @@ def test_nested_model_gradient_check_is_honest_about_precision():
     inputs = keras.Input((3,))
     model = keras.Model(inputs, keras.layers.Dense(1)(inner(inputs)))
     model.compile(loss="mse")
-    with pytest.warns(UserWarning, match="float32"):
-        check = gm.check_gradients(model, X, np.zeros((6, 1), "float32"))
-    assert check.passed, repr(check)
+    check = gm.check_gradients(model, X, np.zeros((6, 1), "float32"))
+    # The nested model is copied too: the whole copy computes in float64, so the agreement is
+    # far below what float32 differences could show (about 1e-3 relative).
+    assert check.passed and check.dtype == "float64" and check.notes == [], repr(check)
+    assert check.max_rel_error < 1e-7

@@ -28,6 +28,7 @@ from gradmagic.core.gradients import check_model, leaves_no_trace, spec_and_inpu
 from gradmagic.core.inputs import prepare_targets
 from gradmagic.core.nonfinite_origin import NonfiniteOrigin, nonfinite_origins, probed_ops
 from gradmagic.core.op_graph import FLOWS, NONE, VERDICTS, ZERO, carries_gradient, diagnose, op_gradient, path_ops
+from gradmagic.core.progress import Progress
 from gradmagic.core.state import preserved_eagerly
 from gradmagic.core.targets import (
     LossFn,
@@ -170,11 +171,13 @@ def _observed(trace: _Trace, calls: list[int], weight_grads: list) -> str:
     if not trace.out_grads:
         return "n/a"
     outs = [g for i in calls for g in trace.out_grads[i] if g is not None]
-    if not any(np.any(g != 0) for g in outs):
-        return "not reached"
     float_in = [(g, t) for i in calls for g, t in zip(trace.in_grads[i], trace.recorder.calls[i].inputs, strict=True)]
     grads = [g for g, t in float_in if carries_gradient(t)] + list(weight_grads)
     present = [g for g in grads if g is not None]
+    # A loss may read a tensor inside the layer rather than its output (Keras's cross-entropy takes
+    # the logits under a final softmax): the gradient then reaches the layer all the same.
+    if not any(np.any(g != 0) for g in outs) and not any(np.any(g != 0) for g in present):
+        return "not reached"
     if not grads:
         return "n/a"
     if any(not np.all(np.isfinite(g)) for g in present):
@@ -283,7 +286,9 @@ def _disconnected(model: keras.Model, trace: _Trace, grads: list | None, weights
 
 
 @leaves_no_trace
-def explain(model: keras.Model, x: Any, y: Any = None, loss: Any = None, training: bool = False) -> Explanation:
+def explain(
+    model: keras.Model, x: Any, y: Any = None, loss: Any = None, training: bool = False, verbose: bool = True
+) -> Explanation:
     """Explain how the gradient flows through every layer, and why a gradient is None.
 
     The model is traced once in a ``tf.function`` with every layer's ``call``
@@ -292,9 +297,9 @@ def explain(model: keras.Model, x: Any, y: Any = None, loss: Any = None, trainin
     ``tf.stop_gradient``, ``tf.numpy_function``/``tf.py_function`` escapes,
     piecewise-constant ops such as ``Round``, ``Floor``, ``Sign``, ``ArgMax``),
     and the graph is walked backwards from each layer's outputs to its inputs and
-    weights. The real gradients at x are computed too: of the loss when y is given
-    (through :func:`gradmagic.weight_gradients`), else of the sum of the model's
-    outputs. The model is left unchanged.
+    weights. The real gradients at x are computed too, in the same traced pass:
+    of the loss when y is given, else of the sum of the model's outputs. The
+    model is left unchanged.
 
     Args:
         model: A Keras 3 model (Sequential, Functional or subclassed).
@@ -302,6 +307,8 @@ def explain(model: keras.Model, x: Any, y: Any = None, loss: Any = None, trainin
         y: Targets. Defaults to ``None``: differentiate the sum of the outputs.
         loss: The loss when y is given. Defaults to ``None``: the compiled loss.
         training: Run layers in training mode. Defaults to ``False``.
+        verbose: Show a progress bar over the layers (``keras.utils.Progbar``)
+            once the analysis has run for more than 2 seconds. Defaults to ``True``.
 
     Returns:
         An :class:`Explanation`: ``.layers`` (a :class:`LayerPath` per entry of
@@ -322,6 +329,7 @@ def explain(model: keras.Model, x: Any, y: Any = None, loss: Any = None, trainin
     """
     check_model(model)
     training = check_flag("training", training)
+    progress = Progress(len(model.layers) + 1, check_flag("verbose", verbose), "layer")
     if y is not None:
         check_loss_argument(model, loss)
     data = first_batch(x, y)
@@ -333,9 +341,10 @@ def explain(model: keras.Model, x: Any, y: Any = None, loss: Any = None, trainin
     if y is not None:  # check y and the loss before tracing, so that their mistakes get their own messages
         y_in, loss_fn = prepare_targets(model, y, batch, spec), resolve_loss(model, loss)
     trace = _run_trace(model, x_in, y_in, loss_fn, training)
+    progress()
     if trace.grad_error is not None:
         notes.append(f"TensorFlow could not compute the gradient, so only the graph was analysed: {trace.grad_error}")
-    if y is not None and trace.grad_error is None:
+    if y is not None and trace.grad_error is None and trace.weight_grads is None:
         try:
             with warnings.catch_warnings():  # NaN/Inf in x or y is reported below, with its origin
                 warnings.simplefilter("ignore", GradmagicWarning)
@@ -349,7 +358,9 @@ def explain(model: keras.Model, x: Any, y: Any = None, loss: Any = None, trainin
     for index, layer in enumerate(model.layers):
         own = [g for s, g in zip(slots, grads, strict=True) if s.layer_index == index] if grads is not None else []
         layers.append(_layer_path(index, layer, trace, weights, own))
+        progress()
     disconnected = _disconnected(model, trace, grads, weights)
+    progress.done()
     origins = []
     if _has_nonfinite(trace, grads):  # a forward pass alone when autodiff itself failed above
         origins = _nonfinite_origins(model, x_in, y_in, loss_fn, training, trace.grad_error is None, notes)

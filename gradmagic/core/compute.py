@@ -312,7 +312,7 @@ def output_function(
     return output_grads
 
 
-def input_function(model: keras.Model, output: int | None, training: bool) -> Callable:
+def input_function(model: keras.Model, output: int | None, training: bool, vectorized: bool = True) -> Callable:
     """Compile ``x -> (flat outputs, [per output: [per input: Jacobian or None]])``.
 
     Per-sample Jacobians come from ``GradientTape.batch_jacobian`` (vectorised
@@ -327,6 +327,9 @@ def input_function(model: keras.Model, output: int | None, training: bool) -> Ca
         output: ``None`` for every output unit; ``k`` for unit ``k`` of the
             flattened, concatenated per-sample outputs.
         training: Run the model in training mode.
+        vectorized: ``batch_jacobian`` with ``pfor`` (the default), or a loop
+            over output units, for ops whose vectorised gradient TensorFlow lacks
+            (grouped convolutions on CPU without oneDNN).
     """
     model_ref = weakref.ref(model)
 
@@ -349,7 +352,10 @@ def input_function(model: keras.Model, output: int | None, training: bool) -> Ca
         if output is not None:
             result = [tape.gradient(targets[0], sources)]
         else:
-            result = [_jacobians(tape, out_2d, out, sources) for out_2d, out in zip(flat, keras.tree.flatten(y_pred))]
+            result = [
+                _jacobians(tape, out_2d, out, sources, vectorized)
+                for out_2d, out in zip(flat, keras.tree.flatten(y_pred))
+            ]
         del tape
         restore_in_graph(guarded, saved)
         return keras.tree.flatten(y_pred), result
@@ -357,7 +363,9 @@ def input_function(model: keras.Model, output: int | None, training: bool) -> Ca
     return input_jacobians
 
 
-def _jacobians(tape: tf.GradientTape, out_2d: tf.Tensor, out: tf.Tensor, sources: list[tf.Tensor]) -> list:
+def _jacobians(
+    tape: tf.GradientTape, out_2d: tf.Tensor, out: tf.Tensor, sources: list[tf.Tensor], vectorized: bool = True
+) -> list:
     """Per-sample Jacobians of one output with respect to every input."""
     units = out_2d.shape[1]
     result = []
@@ -368,7 +376,7 @@ def _jacobians(tape: tf.GradientTape, out_2d: tf.Tensor, out: tf.Tensor, sources
             result.append(None if grad is None else tf.reshape(grad, _jacobian_shape(out, src)))
         return result
     for src in sources:
-        jac = tape.batch_jacobian(out_2d, src)
+        jac = tape.batch_jacobian(out_2d, src, experimental_use_pfor=vectorized)
         result.append(None if jac is None else tf.reshape(jac, _jacobian_shape(out, src)))
     return result
 

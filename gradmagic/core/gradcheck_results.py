@@ -8,6 +8,9 @@ from typing import Any
 
 from gradmagic.core.tables import html_table, text_table
 
+#: A row's status: within tolerance, over it, or at a point where the loss is not differentiable.
+OK, FAIL, NOT_SMOOTH = "ok", "FAIL", "not smooth here"
+
 
 @dataclass(frozen=True)
 class CheckRow:
@@ -20,10 +23,19 @@ class CheckRow:
         size: Number of entries checked.
         directions: How many directions were compared.
         mode: ``"every entry"`` (unit vectors) or ``"random directions"``.
-        max_abs_error: Largest ``|grad . v - (L(w + hv) - L(w - hv)) / 2h|``.
-        rel_error: ``||a - f|| / max(||a||, ||f||)`` over the directions (``a``
-            autodiff, ``f`` finite differences); 0 when both are at round-off level.
-        passed: ``rel_error <= tol``.
+        max_abs_error: Largest ``|grad . v - (L(w + hv) - L(w - hv)) / 2h|`` at ``step``.
+        rel_error: ``||a - f||`` over the directions (``a`` autodiff, ``f``
+            finite differences), less a round-off allowance per difference
+            (and, for a row that is not smooth here, less what the kink
+            explains), divided by the larger of ``||a||``, ``||f||`` and a
+            hundredth of the whole model's gradient seen through as many directions.
+        passed: ``rel_error <= tol``, or a row that is not smooth here.
+        status: ``"ok"``, ``"FAIL"``, or ``"not smooth here"``: the one-sided
+            slopes differ at every step (ReLU at exactly 0, max-pool ties,
+            Masking), so no derivative exists to check and the error is within
+            what that explains.
+        step: The step ``h`` the row was judged at: ``epsilon``, or ``10x`` /
+            ``0.1x`` it when the row failed at ``epsilon`` and agreed better there.
     """
 
     index: int | None
@@ -35,6 +47,8 @@ class CheckRow:
     max_abs_error: float
     rel_error: float
     passed: bool
+    status: str = OK
+    step: float = 0.0
 
 
 _COLUMNS = tuple(f.name for f in fields(CheckRow))
@@ -81,6 +95,11 @@ class GradientCheck:
         """The rows over the tolerance."""
         return [row for row in self.rows if not row.passed]
 
+    @property
+    def not_smooth(self) -> list[CheckRow]:
+        """The rows at a point where the loss is not differentiable (not failures)."""
+        return [row for row in self.rows if row.status == NOT_SMOOTH]
+
     def _advice(self) -> str:
         if self.passed or not self.suspects:
             return ""
@@ -95,6 +114,8 @@ class GradientCheck:
 
     def _title(self) -> str:
         verdict = "PASSED" if self.passed else "FAILED"
+        if self.not_smooth:
+            verdict += f", {len(self.not_smooth)} row(s) not smooth here"
         return (
             f"Gradient check of model '{self.model}': {verdict} (max relative error {self.max_rel_error:.3g}, "
             f"tol {self.tol:g}, {self.dtype}, h = {self.epsilon:g}, loss = {self.loss:.6g})"
@@ -102,7 +123,7 @@ class GradientCheck:
 
     def _cells(self, row: CheckRow) -> list[Any]:
         values = [getattr(row, name) for name in _COLUMNS]
-        return [f"{v:.3g}" if isinstance(v, float) else ("ok" if v is True else "FAIL" if v is False else v)
+        return [f"{v:.3g}" if isinstance(v, float) else ("ok" if v is True else FAIL if v is False else v)
                 for v in values]  # fmt: skip
 
     def _footer(self) -> list[str]:
@@ -114,6 +135,8 @@ class GradientCheck:
 
     def _repr_html_(self) -> str:
         bad = "background:#ffd6d6;color:#900;font-weight:bold"
-        styles = [("ok", "") if r.passed else ("failed", bad) for r in self.rows]
+        rough = "background:#fff1c6;color:#7a5b00"
+        styles = [("ok", "") if r.status == OK else ("failed", bad) if not r.passed else ("rough", rough)
+                  for r in self.rows]  # fmt: skip
         table = html_table(self._title(), _COLUMNS, [self._cells(r) for r in self.rows], styles)
         return table + "".join(f"<p>{html.escape(line)}</p>" for line in self._footer())

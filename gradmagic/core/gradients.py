@@ -9,7 +9,7 @@ the model and the inputs; the model is left exactly as it was.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +52,7 @@ class _Question:
     layer_name: str = ""
     compiled_loss: bool = False
     concrete: dict = field(default_factory=dict)
+    note: str = ""
 
 
 def check_model(model: Any) -> None:
@@ -469,19 +470,75 @@ def input_gradients(
     nonfinite_warning(x=x_in)
     key = question_key(model, "input", output, training)
     question = compute.cached(model, key, lambda: _Question(compute.input_function(model, output, training)))
-    outputs, result = _run(model, key, question, (x_in,), "d(output)/d(input)", x_in)
+    try:
+        outputs, result = _run(model, key, question, (x_in,), "d(output)/d(input)", x_in)
+    except ComputeError as failed:
+        if output is not None:
+            raise
+        question, (outputs, result) = _unvectorized(model, key, x_in, training, failed)
     per_output = [[_numpy(j) for j in per_input] for per_input in result]
     values = [o.numpy() for o in outputs]
     gradients = _input_result(model, spec, x_in, names, per_output, output)
     gradients.values = values[0] if len(values) == 1 else values
     gradients.source = data.source
+    if question.note:
+        gradients.notes.append(question.note)
+        gradients.title += f" ({question.note})"
+    pairs = [(name, jac) for per_input in per_output for name, jac in zip(names, per_input)]
+    cut = sorted({name for name, jac in pairs if jac is None})
+    if cut:  # None is autodiff's answer, not a failure: say what it means and where to look
+        gradients.notes.append(
+            f"input(s) {', '.join(map(repr, cut))} reach no output through differentiable ops, so their "
+            f"Jacobian is None (e.g. a cast to an integer dtype, or an input the outputs do not use); "
+            f"gradmagic.explain(model, x) names the op that cuts the path"
+        )
+    flat = sorted({name for name, jac in pairs if jac is not None and jac.size and not np.any(jac)} - set(cut))
+    if flat:
+        gradients.notes.append(
+            f"the Jacobian of input(s) {', '.join(map(repr, flat))} is exactly 0 at every sample: either the "
+            f"outputs do not change with them here (e.g. inactive ReLUs) or an op such as a cast to an integer "
+            f"dtype cuts the path; gradmagic.explain(model, x) tells which"
+        )
     return gradients
 
 
+def _unvectorized(model: keras.Model, key: Hashable, x: Any, training: bool, failed: ComputeError) -> tuple:
+    """Jacobians one output unit at a time, where the vectorised Jacobian failed; cached under ``key``.
+
+    ``pfor`` rewrites the backward pass for a whole batch of output units at
+    once, which some kernels refuse (grouped convolutions on CPU); one gradient
+    per unit needs only the ops a single backward pass uses.
+    """
+    reason = str(failed).split(" failed: ", 1)[-1].split(". Check that x", 1)[0]
+    note = f"computed one output unit at a time: the vectorised Jacobian failed ({reason[:160]})"
+    question = compute.cached(
+        model, key, lambda: _Question(compute.input_function(model, None, training, vectorized=False), note=note)
+    )
+    return question, _run(model, key, question, (x,), "d(output)/d(input)", x)
+
+
 def _embedding_name(model: keras.Model) -> str:
-    """Name of the model's first Embedding layer, for the integer-input message."""
-    found = [lay.name for lay in model.layers if isinstance(lay, keras.layers.Embedding)]
-    return found[0] if found else "<the Embedding layer>"
+    """Name of the entry of ``model.layers`` that holds the first Embedding, for the integer-input message.
+
+    The Embedding may sit inside a custom layer (a token-and-position
+    embedding): the layer to ask about is then that custom layer.
+    """
+    for lay in model.layers:
+        if _holds_embedding(lay, depth=3):
+            return lay.name
+    called = [lay.name for lay in model.layers if not isinstance(lay, keras.layers.InputLayer)]
+    return called[0] if called else "<the Embedding layer>"
+
+
+def _holds_embedding(layer: Any, depth: int) -> bool:
+    """True if ``layer`` is an Embedding or holds one among its attributes (a few levels down)."""
+    if isinstance(layer, keras.layers.Embedding):
+        return True
+    if depth == 0 or not isinstance(layer, keras.layers.Layer):
+        return False
+    children = list(getattr(layer, "layers", None) or []) if isinstance(layer, keras.Model) else []
+    children += [v for v in vars(layer).values() if isinstance(v, keras.layers.Layer)]
+    return any(_holds_embedding(child, depth - 1) for child in children)
 
 
 def _check_output_index(model: keras.Model, spec: ModelSpec, output: Any) -> int:

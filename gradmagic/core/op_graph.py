@@ -39,6 +39,11 @@ def carries_gradient(tensor: tf.Tensor) -> bool:
     return tensor.dtype.is_floating or tensor.dtype.is_complex
 
 
+def _may_carry(tensor: tf.Tensor) -> bool:
+    """Float and complex tensors, and variants: a TensorList (how RNN loops hold their steps) carries floats."""
+    return carries_gradient(tensor) or tensor.dtype == tf.variant
+
+
 def op_gradient(op: tf.Operation) -> tuple[int, str]:
     """Return ``(level, reason)``: what autodiff passes back through one graph op.
 
@@ -53,7 +58,7 @@ def op_gradient(op: tf.Operation) -> tuple[int, str]:
         return NONE, f"{op.type} is piecewise constant: TensorFlow defines its gradient as None"
     if op.type == "Sign":
         return ZERO, "Sign is piecewise constant: its gradient is defined as zeros"
-    if not any(carries_gradient(t) for t in op.outputs):
+    if not any(_may_carry(t) for t in op.outputs):
         dtype = op.outputs[0].dtype.name
         what = f"cast to {dtype}" if op.type == "Cast" else f"{dtype} output"
         return NONE, f"{what}: integer and bool tensors carry no gradient"
@@ -94,12 +99,12 @@ def _levels(section: Sequence[tf.Operation], sinks: list) -> dict[str, int]:
     Graph ops are created in topological order, so walking them in reverse visits
     every consumer before its producer.
     """
-    level = {t.name: FLOWS for t in sinks if carries_gradient(t)}
+    level = {t.name: FLOWS for t in sinks if _may_carry(t)}
     for op in reversed(section):
-        arriving = max((level.get(t.name, -1) for t in op.outputs if carries_gradient(t)), default=-1)
+        arriving = max((level.get(t.name, -1) for t in op.outputs if _may_carry(t)), default=-1)
         passed = min(arriving, op_gradient(op)[0])
         for t in op.inputs if arriving >= 0 else ():
-            if carries_gradient(t) and passed > level.get(t.name, -1):
+            if _may_carry(t) and passed > level.get(t.name, -1):
                 level[t.name] = passed
     return level
 
@@ -118,7 +123,8 @@ def diagnose(section: Sequence[tf.Operation], sources: list, sinks: list) -> tup
     level = max((levels.get(t.name, NONE) for t in float_sources), default=NONE)
     if level == FLOWS:
         return FLOWS, None, ""
-    blockers = [(op, *op_gradient(op)) for op in path_ops(section, sources, sinks)]
+    # Only paths from float sources: a bool mask or integer ids beside them block nothing.
+    blockers = [(op, *op_gradient(op)) for op in path_ops(section, float_sources, sinks)]
     blockers = [b for b in blockers if b[1] < FLOWS]
     # Blame an op of the kind that decided the level: a Sign for "zero", a Round rather than a Sign for "none".
     blockers = [b for b in blockers if b[1] == level] or blockers

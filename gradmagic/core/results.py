@@ -284,6 +284,9 @@ class InputGradients(GradientTable):
         output: The output unit asked for, or ``None`` for all.
         values: The model's output at x (a list for several outputs): f(x)
             beside f'(x).
+        notes: How it was computed when not the usual way (e.g. one output
+            unit at a time, where the vectorised Jacobian is not supported),
+            and what a ``None`` Jacobian means; shown under the table.
     """
 
     def __init__(self, rows: list[GradientRow], array: Any, output: int | None, title: str = "") -> None:
@@ -291,6 +294,13 @@ class InputGradients(GradientTable):
         self.array = array
         self.output = output
         self.values: Any = None
+        self.notes: list[str] = []
+
+    def __repr__(self) -> str:
+        return "\n".join([super().__repr__(), *(f"Note: {n}" for n in self.notes)])
+
+    def _repr_html_(self) -> str:
+        return super()._repr_html_() + "".join(f"<p><em>Note: {html.escape(n)}</em></p>" for n in self.notes)
 
 
 def rows_for(labels: Sequence[dict[str, Any]], arrays: Sequence[np.ndarray | None]) -> list[GradientRow]:

@@ -17,6 +17,7 @@ from typing import Any
 import keras
 
 from gradmagic.core.cache_keys import KeyBuilder
+from gradmagic.core.loss_trackers import own_compile_loss
 from gradmagic.core.state import restore_in_graph, snapshot_in_graph
 from gradmagic.core.user_code import failed
 from gradmagic.errors import (
@@ -414,25 +415,27 @@ def resolve_loss(model: keras.Model, loss: Any = None) -> LossFn:
         # A compiled loss updates per-output trackers when outputs are nested, and a
         # custom compute_loss may update anything of its own: restore those metrics.
         # A single-output compiled loss writes nothing, so it pays for no guard.
-        guarded = list(model.metrics_variables) if custom or keras.tree.is_nested(y_pred) else []
-        saved = snapshot_in_graph(guarded)
-        try:
-            if takes_training:
-                loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training)
-            else:
-                loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight)
-        except GradmagicError:
-            raise
-        except Exception as err:
-            compiled = model.loss if isinstance(model.loss, str) else _callable_name(model.loss)
-            who = "The model's own compute_loss" if custom else f"The compiled loss {compiled!r}"
-            raise failed(f"{who} of model '{model_name(model)}'", err, "on y and the model's output") from err
-        if loss is None:
-            raise LossError(
-                f"Received: a compute_loss of model '{model_name(model)}' that returned None. Expected the "
-                f"scalar loss. Fix: return it from compute_loss, or pass loss=... explicitly."
-            )
-        restore_in_graph(guarded, saved)
+        # The model's compiled loss would add its per-output trackers to the model: use a copy.
+        with own_compile_loss(model):
+            guarded = list(model.metrics_variables) if custom or keras.tree.is_nested(y_pred) else []
+            saved = snapshot_in_graph(guarded)
+            try:
+                if takes_training:
+                    loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training)
+                else:
+                    loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight)
+            except GradmagicError:
+                raise
+            except Exception as err:
+                compiled = model.loss if isinstance(model.loss, str) else _callable_name(model.loss)
+                who = "The model's own compute_loss" if custom else f"The compiled loss {compiled!r}"
+                raise failed(f"{who} of model '{model_name(model)}'", err, "on y and the model's output") from err
+            if loss is None:
+                raise LossError(
+                    f"Received: a compute_loss of model '{model_name(model)}' that returned None. Expected the "
+                    f"scalar loss. Fix: return it from compute_loss, or pass loss=... explicitly."
+                )
+            restore_in_graph(guarded, saved)
         return loss
 
     return run

@@ -127,3 +127,40 @@ def tracing_error(failed: TracingFailed, model: keras.Model, purpose: str) -> Gr
     return diagnose_trace_error(failed.cause, model, failed.layer_index) or ComputeError(
         f"Tracing model '{model_name(model)}' {purpose} failed: {brief(failed.cause)} The model was left unchanged."
     )
+
+
+def layer_ancestors(recorder: OpRecorder) -> dict[int, set[int]]:
+    """For each called layer (by index), the layers whose outputs reach its inputs, through any ops.
+
+    Read from the traced graph, so raw ops between layers (``inp + h``) and
+    nested models are followed; a layer's weights are not inputs.
+    """
+    producers: dict[str, set[int]] = {}
+    for call in recorder.calls:
+        for tensor in call.outputs:
+            producers.setdefault(tensor.name, set()).add(call.layer_index)
+    direct: dict[str, set[int]] = {}  # tensor name -> nearest layers upstream (memo)
+
+    def nearest(tensor: tf.Tensor) -> set[int]:
+        pending, found, seen = [tensor], set(), set()
+        while pending:
+            t = pending.pop()
+            if t.name in seen:
+                continue
+            seen.add(t.name)
+            if t.name in producers:
+                found |= producers[t.name]
+            elif t.name in direct:
+                found |= direct[t.name]
+            else:
+                pending.extend(t.op.inputs)
+        direct[tensor.name] = found
+        return found
+
+    ancestors: dict[int, set[int]] = {}
+    for call in recorder.calls:  # in call order, which is topological
+        mine = ancestors.setdefault(call.layer_index, set())
+        for tensor in call.inputs:
+            for parent in nearest(tensor) - {call.layer_index}:
+                mine |= {parent} | ancestors.get(parent, set())
+    return ancestors
