@@ -118,7 +118,7 @@ def test_dataset_of_x_alone_needs_targets_from_somewhere():
 def test_check_gradients_and_explain_take_a_dataset():
     model = mlp()
     data = tf.data.Dataset.from_tensor_slices((X, Y)).batch(2)
-    check = gm.check_gradients(model, data, None)
+    check = gm.check_gradients(model, data)  # y comes from the dataset, as in fit(data)
     assert check.passed and any("first batch" in note for note in check.notes)
     explanation = gm.explain(model, data)
     assert any("first batch" in note for note in explanation.notes)

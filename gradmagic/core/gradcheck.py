@@ -146,7 +146,7 @@ def _evaluation_model(
 def check_gradients(
     model: keras.Model,
     x: Any,
-    y: Any,
+    y: Any = None,
     loss: Any = None,
     tol: float = 1e-6,
     epsilon: float | None = None,
