@@ -9,6 +9,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 
 @pytest.fixture(autouse=True)
@@ -51,3 +52,32 @@ def mlp(widths=(3, 4, 2), activation="tanh", name="mlp") -> keras.Sequential:
     model = keras.Sequential(layers, name=name)
     model.compile(optimizer="sgd", loss="mse")
     return model
+
+
+def mse_tape(model: keras.Model, x, y, sample_weight=None) -> tuple[float, list[np.ndarray]]:
+    """The mean squared error and its weight gradients from a hand-written eager tape (the truth)."""
+    with tf.GradientTape() as tape:
+        per_sample = tf.reduce_mean(tf.square(model(x) - y), axis=-1)
+        if sample_weight is not None:
+            per_sample = per_sample * sample_weight
+        loss = tf.reduce_mean(per_sample)
+    return float(loss), [g.numpy() for g in tape.gradient(loss, model.trainable_weights)]
+
+
+def assert_matches_tape(result, expected: tuple[float, list[np.ndarray]]) -> None:
+    """A weight-gradient result against :func:`mse_tape`'s truth."""
+    # gradmagic's compiled graph against an eager tape: tolerances, not exact equality.
+    np.testing.assert_allclose(result.loss, expected[0], rtol=1e-5)
+    for got, want in zip(result.arrays(), expected[1]):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+class Opaque(keras.layers.Layer):
+    """A custom layer holding a Python function: nothing can rebuild it, so no float64 copy is possible."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def call(self, t):
+        return self.fn(t)

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import mlp
+from conftest import assert_matches_tape, mlp, mse_tape
 
 import gradmagic as gm
 from gradmagic.errors import InputError
@@ -17,27 +17,11 @@ Y = RNG.normal(size=(6, 2)).astype("float32")
 W = np.array([1.0, 0.0, 2.0, 1.0], "float32")
 
 
-def _tape(model, x, y, sample_weight=None):
-    with tf.GradientTape() as tape:
-        per_sample = tf.reduce_mean(tf.square(model(x) - y), axis=-1)
-        if sample_weight is not None:
-            per_sample = per_sample * sample_weight
-        loss = tf.reduce_mean(per_sample)
-    return float(loss), [g.numpy() for g in tape.gradient(loss, model.trainable_weights)]
-
-
-def _assert_matches(result, expected):
-    # A compiled graph against an eager tape: tolerances, not exact equality.
-    np.testing.assert_allclose(result.loss, expected[0], rtol=1e-5)
-    for got, want in zip(result.arrays(), expected[1]):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-
-
 def test_dataset_of_x_y_gives_its_first_batch():
     model = mlp()
     data = tf.data.Dataset.from_tensor_slices((X, Y)).batch(4)
     result = gm.weight_gradients(model, data, None)
-    _assert_matches(result, _tape(model, X[:4], Y[:4]))
+    assert_matches_tape(result, mse_tape(model, X[:4], Y[:4]))
     assert result.source == "x, y: the first batch of a tf.data.Dataset"
     assert "first batch of a tf.data.Dataset" in repr(result) and "first batch" in result._repr_html_()
 
@@ -46,13 +30,13 @@ def test_dataset_needs_no_y_argument_as_in_fit():
     # weight_gradients(model, ds) is written as fit(ds) is: y defaults to None.
     model = mlp()
     data = tf.data.Dataset.from_tensor_slices((X, Y)).batch(4)
-    _assert_matches(gm.weight_gradients(model, data), _tape(model, X[:4], Y[:4]))
+    assert_matches_tape(gm.weight_gradients(model, data), mse_tape(model, X[:4], Y[:4]))
 
 
 def test_dataset_with_sample_weights():
     model = mlp()
     data = tf.data.Dataset.from_tensor_slices((X, Y, np.r_[W, W[:2]])).batch(4)
-    _assert_matches(gm.weight_gradients(model, data, None), _tape(model, X[:4], Y[:4], W))
+    assert_matches_tape(gm.weight_gradients(model, data, None), mse_tape(model, X[:4], Y[:4], W))
 
 
 def test_dataset_for_input_gradients_and_output_gradients():
@@ -78,10 +62,10 @@ def test_generator_is_advanced_by_one_batch_and_says_so():
 
     stream = batches()
     first = gm.weight_gradients(model, stream, None)
-    _assert_matches(first, _tape(model, X[:3], Y[:3]))
+    assert_matches_tape(first, mse_tape(model, X[:3], Y[:3]))
     assert "advanced by one batch" in first.source
     second = gm.weight_gradients(model, stream, None)  # the side effect: the next call sees batch 2
-    _assert_matches(second, _tape(model, X[3:], Y[3:]))
+    assert_matches_tape(second, mse_tape(model, X[3:], Y[3:]))
     with pytest.raises(InputError, match=r"a generator with no elements left"):
         gm.weight_gradients(model, stream, None)
 
@@ -96,7 +80,7 @@ def test_py_dataset_batch_zero():
 
     model = mlp()
     result = gm.weight_gradients(model, Batches(), None)
-    _assert_matches(result, _tape(model, X[:3], Y[:3]))
+    assert_matches_tape(result, mse_tape(model, X[:3], Y[:3]))
     assert "batch 0 of a PyDataset" in result.source
 
 

@@ -6,22 +6,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import assert_matches_tape, mse_tape
 
 import gradmagic as gm
 from gradmagic.errors import GradmagicError, ModelBuildError
-
-
-def _tape(model, x, y):
-    with tf.GradientTape() as tape:
-        loss = tf.reduce_mean(tf.square(model(x) - y))
-    return float(loss), [g.numpy() for g in tape.gradient(loss, model.trainable_weights)]
-
-
-def _assert_matches(result, expected):
-    # gradmagic's compiled graph against an eager tape: tolerances, not exact equality.
-    np.testing.assert_allclose(result.loss, expected[0], rtol=1e-5)
-    for got, want in zip(result.arrays(), expected[1]):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_unbuilt_sequential_given_1d_x_stays_unbuilt_and_the_fix_works():
@@ -36,7 +24,7 @@ def test_unbuilt_sequential_given_1d_x_stays_unbuilt_and_the_fix_works():
     # What the message says to do works: x in the shape the model takes.
     x, y = np.ones((1, 3), "float32"), np.zeros((1, 2), "float32")
     result = gm.weight_gradients(model, x, y)
-    _assert_matches(result, _tape(model, x, y))
+    assert_matches_tape(result, mse_tape(model, x, y))
 
 
 class TwoStage(keras.Model):

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import assert_unchanged, fingerprint
+from conftest import Opaque, assert_unchanged, fingerprint
 
 import gradmagic as gm
 from gradmagic.core.gradcheck import check_gradients
@@ -51,17 +51,6 @@ class NoConfig(keras.layers.Layer):
 
     def call(self, t):
         return tf.tanh(t) * self.scale
-
-
-class Opaque(keras.layers.Layer):
-    """A custom layer holding a Python function: nothing can rebuild it, so no float64 copy is possible."""
-
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def call(self, t):
-        return self.fn(t)
 
 
 def _model(factor=1.0, width=4):

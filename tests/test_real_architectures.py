@@ -20,7 +20,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import assert_unchanged, fingerprint
+from conftest import Opaque, assert_unchanged, fingerprint
 
 import gradmagic as gm
 
@@ -558,17 +558,6 @@ def test_an_input_cut_by_a_cast_gets_a_note_not_a_bare_zero():
     assert "exactly 0" in j.notes[0] and "cast to an integer" in repr(j) and "explain" in j._repr_html_()
     e = gm.explain(model, np.array([[1.0, 2.0, 3.0]], "float32"))
     assert e.blocked[0].op == "Cast"  # and explain names the cut, as the note says
-
-
-class Opaque(keras.layers.Layer):
-    """Holds a Python function: nothing can rebuild it, so the check runs on the float32 model itself."""
-
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def call(self, t):
-        return self.fn(t)
 
 
 def test_float32_fallback_on_a_conv_net_says_why_passes_right_and_catches_wrong():
