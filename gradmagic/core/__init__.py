@@ -14,7 +14,7 @@ except ImportError:  # pragma: no cover - depends on the environment
         "that an existing GPU or CPU build is kept."
     ) from None
 
-from gradmagic.core.arguments import check_flag, is_flag
+from gradmagic.core.arguments import check_flag, is_flag, is_int
 from gradmagic.core.autodiff import DisconnectedWeight, Explanation, LayerPath, OpInfo, explain
 from gradmagic.core.batches import is_stream
 from gradmagic.core.compute import clear_cache
@@ -49,6 +49,7 @@ __all__ = [
     "explain",
     "input_gradients",
     "is_flag",
+    "is_int",
     "is_scalar_list",
     "is_stream",
     "model_name",

@@ -14,6 +14,11 @@ def is_flag(value: Any) -> bool:
     return isinstance(value, (bool, np.bool_))
 
 
+def is_int(value: Any) -> bool:
+    """True for an int, Python or NumPy (``np.arange`` gives those), not for a bool, which Python counts as one."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
 def check_flag(name: str, value: Any) -> bool:
     """Return ``value`` as a bool if it is one (Python or NumPy); refuse truthy look-alikes.
 
@@ -35,6 +40,6 @@ def check_seed(value: Any) -> int:
     Raises:
         InputError: ``value`` is not a non-negative int.
     """
-    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and value >= 0:
+    if is_int(value) and value >= 0:
         return int(value)
     raise InputError(f"Received: seed={value!r} of type {type(value).__name__}. Expected an int >= 0, e.g. seed=0.")

@@ -22,7 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from gradmagic.core.arguments import check_flag, check_seed
+from gradmagic.core.arguments import check_flag, check_seed, is_int
 from gradmagic.core.batches import first_batch
 from gradmagic.core.finite_differences import LossProblem, check_rows, count_rows, loss_problem
 from gradmagic.core.float64 import as_float64, float64_default, float64_loss, float64_twin, loss_weights
@@ -89,7 +89,7 @@ def _validate(tol: float, epsilon: float | None, max_directions: int) -> None:
         raise InputError(f"Received: tol={tol!r}. Expected a positive float, e.g. tol=1e-6.")
     if epsilon is not None and (isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon > 0):
         raise InputError(f"Received: epsilon={epsilon!r}. Expected None (automatic) or a positive step, e.g. 1e-5.")
-    if isinstance(max_directions, bool) or not isinstance(max_directions, (int, np.integer)) or max_directions < 1:
+    if not is_int(max_directions) or max_directions < 1:
         raise InputError(f"Received: max_directions={max_directions!r}. Expected a positive int, e.g. 16.")
 
 

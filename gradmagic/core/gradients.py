@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from gradmagic.core import compute, state
-from gradmagic.core.arguments import check_flag
+from gradmagic.core.arguments import check_flag, is_int
 from gradmagic.core.batches import first_batch
 from gradmagic.core.cache_keys import Key
 from gradmagic.core.inputs import ModelSpec, model_spec, nonfinite_warning, prepare_inputs, prepare_targets
@@ -543,7 +543,7 @@ def _holds_embedding(layer: Any, depth: int) -> bool:
 
 def _check_output_index(model: keras.Model, spec: ModelSpec, output: Any) -> int:
     """Validate ``output=`` against the flattened per-sample output; return it non-negative."""
-    if isinstance(output, bool) or not isinstance(output, (int, np.integer)):
+    if not is_int(output):
         raise InputError(f"Received: output={output!r}. Expected None (all output units) or an int index.")
     units = _output_units(spec)
     if units is None:

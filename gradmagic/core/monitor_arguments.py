@@ -8,6 +8,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from gradmagic.core.arguments import is_int
 from gradmagic.errors import GradmagicError
 
 
@@ -25,7 +26,7 @@ def check_count(name: str, value: Any, allow_none: bool = True) -> None:
     """``value`` is a positive int (a real ``int``, not a bool or a float), or None if allowed."""
     if value is None and allow_none:
         return
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+    if not is_int(value) or value < 1:
         expected = "a positive int" + (" or None" if allow_none else "")
         raise _fail(name, value, expected, f"{name}=10")
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from gradmagic.core.arguments import is_int
 from gradmagic.errors import LayerError
 
 #: Label columns kept in ``to_dict()`` but left out of the displayed tables.
@@ -222,7 +223,7 @@ class WeightGradients(GradientTable):
         are found by the model's name.
         """
         index = key
-        if isinstance(key, (int, np.integer)) and not isinstance(key, bool) and key < 0:
+        if is_int(key) and key < 0:
             # model.layers[-k] for 1 <= k <= len(model.layers); -1 is never the model's own weights.
             index = int(key) + self.layer_count if self.layer_count and -self.layer_count <= key else None
         if isinstance(key, str):

@@ -8,7 +8,6 @@ layers without weights keep their place so that indices never shift.
 from __future__ import annotations
 
 import inspect
-import numbers
 import re
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from typing import Any
 
 import keras
 
+from gradmagic.core.arguments import is_int
 from gradmagic.core.cache_keys import KeyBuilder
 from gradmagic.core.loss_trackers import own_compile_loss
 from gradmagic.core.state import restore_in_graph, snapshot_in_graph
@@ -75,7 +75,7 @@ def resolve_layer(model: keras.Model, layer: int | str | keras.Layer) -> tuple[i
     """
     layers = model.layers
     names = [lay.name for lay in layers]
-    if isinstance(layer, numbers.Integral) and not isinstance(layer, bool):
+    if is_int(layer):
         layer = int(layer)  # NumPy integers, e.g. from np.arange
     if isinstance(layer, keras.Variable):
         owners = [(i, lay.name) for i, lay in enumerate(layers) if any(w is layer for w in lay.weights)]

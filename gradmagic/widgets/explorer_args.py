@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from gradmagic.core import check_flag, is_flag, is_scalar_list, is_stream
+from gradmagic.core import check_flag, is_flag, is_int, is_scalar_list, is_stream
 from gradmagic.errors import ComputeError, GradmagicError, InputError, brief, did_you_mean, quote_list
 
 #: The keyword options of ``explore`` besides the data and the references.
@@ -46,10 +46,6 @@ def describe(value: Any, limit: int = 80) -> str:
     except Exception:  # a user object whose repr fails still gets named by its type
         text = f"<{type(value).__name__}>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def check_options(
@@ -94,13 +90,13 @@ def check_options(
             f"(or array, or a DataFrame's columns) with one name per feature, or None. Fix: feature_names=['age', "
             f"'income'] (a single feature: ['x'])."
         )
-    if not _is_int(points) or not 2 <= points <= MAX_POINTS:
+    if not is_int(points) or not 2 <= points <= MAX_POINTS:
         raise GradmagicError(
             f"Received: points={describe(points)}. Expected an int from 2 to {MAX_POINTS}: how many points each "
             f"curve is drawn with. Fix: leave the default (200) or pass e.g. points=50."
         )
     check_flag("training", training)
-    if not _is_int(max_sliders) or max_sliders < 1:
+    if not is_int(max_sliders) or max_sliders < 1:
         raise GradmagicError(
             f"Received: max_sliders={describe(max_sliders)}. Expected an int >= 1: with more features than that "
             f"the panel shows one slider and a feature dropdown. Fix: leave the default (6) or pass e.g. "
@@ -238,7 +234,7 @@ def check_feature_names(feature_names: Any, n_features: int) -> list[str]:
 
 def check_row(row: Any, rows: int) -> None:
     """Refuse a sample index that is not an int in ``[0, rows - 1]``."""
-    if not _is_int(row) or not 0 <= row < rows:
+    if not is_int(row) or not 0 <= row < rows:
         raise GradmagicError(
             f"Received: row={describe(row)}. Expected the index of a row of x, an int from 0 to {rows - 1}. "
             f"Fix: e.g. panel.reset_to_sample(0)."
