@@ -37,7 +37,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from gradmagic.core.monitor import GradientMonitor
+from gradmagic.core.monitor.callback import GradientMonitor
 
 N, BATCH, EPOCHS = 8192, 32, 2
 

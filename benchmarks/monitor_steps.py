@@ -34,7 +34,7 @@ import keras
 import tensorflow as tf
 from monitor import BATCH, _load, _OtherLoad, build, data
 
-from gradmagic.core.monitor import GradientMonitor
+from gradmagic.core.monitor.callback import GradientMonitor
 
 
 def add_one_pass(model: keras.Model) -> None:

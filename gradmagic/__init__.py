@@ -33,8 +33,8 @@ _LAZY = {
     "Explanation": "gradmagic.core",
     "check_gradients": "gradmagic.core",
     "GradientCheck": "gradmagic.core",
-    "GradientMonitor": "gradmagic.core.monitor",
-    "GradientAnomalyError": "gradmagic.core.monitor_anomaly",
+    "GradientMonitor": "gradmagic.core.monitor.callback",
+    "GradientAnomalyError": "gradmagic.core.monitor.anomaly",
     "training_panel": "gradmagic.widgets.training_panel",
     "TrainingPanel": "gradmagic.widgets.training_panel",
     "explore": "gradmagic.widgets.explorer",
@@ -58,8 +58,8 @@ if TYPE_CHECKING:  # pragma: no cover
         output_gradients,
         weight_gradients,
     )
-    from gradmagic.core.monitor import GradientMonitor  # noqa: F401
-    from gradmagic.core.monitor_anomaly import GradientAnomalyError  # noqa: F401
+    from gradmagic.core.monitor.anomaly import GradientAnomalyError  # noqa: F401
+    from gradmagic.core.monitor.callback import GradientMonitor  # noqa: F401
     from gradmagic.widgets.explorer import Explorer, explore  # noqa: F401
     from gradmagic.widgets.training_panel import TrainingPanel, training_panel  # noqa: F401
 

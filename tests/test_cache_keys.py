@@ -19,8 +19,8 @@ import tensorflow as tf
 from conftest import mlp
 
 import gradmagic as gm
-from gradmagic.core import compute
-from gradmagic.core.cache_keys import KeyBuilder
+from gradmagic.core.questions import compute
+from gradmagic.core.questions.cache_keys import KeyBuilder
 from gradmagic.errors import GradmagicWarning
 
 X = np.array([[0.5, -1.0, 2.0], [1.5, 0.25, -0.5], [0.0, 1.0, 1.0]], "float32")

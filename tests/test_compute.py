@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from gradmagic.core import compute
+from gradmagic.core.questions import compute
 
 
 def _two_input_model() -> keras.Model:

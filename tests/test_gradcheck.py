@@ -9,7 +9,7 @@ import tensorflow as tf
 from conftest import Opaque, assert_unchanged, fingerprint
 
 import gradmagic as gm
-from gradmagic.core.gradcheck import check_gradients
+from gradmagic.core.diagnose.gradcheck import check_gradients
 
 RNG = np.random.default_rng(0)
 X = RNG.normal(size=(5, 3)).astype("float32")
@@ -250,7 +250,7 @@ def test_layer_hard_coding_float32_falls_back_with_the_reason():
 
 
 def test_public_names_stay_importable_from_gradcheck():
-    from gradmagic.core import gradcheck, gradcheck_results
+    from gradmagic.core.diagnose import gradcheck, gradcheck_results
 
     assert gradcheck.CheckRow is gradcheck_results.CheckRow
     assert gradcheck.GradientCheck is gradcheck_results.GradientCheck is gm.GradientCheck

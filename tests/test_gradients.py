@@ -338,7 +338,7 @@ def test_unbuilt_sequential_is_built_from_x():
 
 
 def test_repeated_calls_do_not_retrace():
-    from gradmagic.core import compute
+    from gradmagic.core.questions import compute
 
     model = mlp()
     x, y = np.ones((4, 3), "float32"), np.zeros((4, 2), "float32")

@@ -9,7 +9,7 @@ import tensorflow as tf
 from conftest import mlp
 
 import gradmagic as gm
-from gradmagic.core.inputs import model_spec, prepare_inputs, prepare_targets
+from gradmagic.core.questions.inputs import model_spec, prepare_inputs, prepare_targets
 from gradmagic.errors import InputError, LossError, ModelBuildError
 
 

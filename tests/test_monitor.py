@@ -15,9 +15,9 @@ import pytest
 import tensorflow as tf
 from conftest import mlp
 
-from gradmagic.core.monitor import GradientMonitor, MonitorArgumentError
-from gradmagic.core.monitor_anomaly import GradientAnomalyError, NormTracker
-from gradmagic.core.monitor_stats import finish_stats, stats_function, step_stats
+from gradmagic.core.monitor.anomaly import GradientAnomalyError, NormTracker
+from gradmagic.core.monitor.callback import GradientMonitor, MonitorArgumentError
+from gradmagic.core.monitor.stats import finish_stats, stats_function, step_stats
 from gradmagic.errors import GradmagicError
 
 
@@ -632,7 +632,7 @@ _MIRRORED = textwrap.dedent(
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     import keras, numpy as np
-    from gradmagic.core.monitor import GradientMonitor
+    from gradmagic.core.monitor.callback import GradientMonitor
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(64, 3)).astype("float32"), rng.normal(size=(64, 2)).astype("float32")
 
@@ -708,7 +708,7 @@ def test_core_monitor_imports_no_ipython_or_widgets():
     code = (
         "import sys, keras, tensorflow\n"
         "before = set(sys.modules)\n"
-        "import gradmagic.core.monitor\n"
+        "import gradmagic.core.monitor.callback\n"
         "print(any(m.split('.')[0] in ('IPython', 'ipywidgets') for m in set(sys.modules) - before))"
     )
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
@@ -784,7 +784,7 @@ def test_histograms_every_n_steps_match_numpy(jit):
 
 @pytest.mark.parametrize("xla", [False, True])
 def test_histogram_leaves_out_nonfinite_entries(xla):
-    from gradmagic.core.monitor_histograms import HistogramBuffer
+    from gradmagic.core.monitor.histograms import HistogramBuffer
 
     buffer = HistogramBuffer(1, every=1, bins=4, capacity=2, strategy=tf.distribute.get_strategy(), xla=xla)
     grad = tf.constant([np.nan, 1.0, -1.0, 0.5, np.inf, -0.2])

@@ -7,7 +7,7 @@ import pytest
 from conftest import mlp
 
 import gradmagic as gm
-from gradmagic.core.progress import Progress
+from gradmagic.core.diagnose.progress import Progress
 
 
 def test_a_long_run_shows_a_bar_that_reaches_the_total(capsys):

@@ -10,7 +10,7 @@ import pytest
 from conftest import mlp
 
 import gradmagic as gm
-from gradmagic.core.results import GradientRow, GradientStats, WeightGradients
+from gradmagic.core.questions.results import GradientRow, GradientStats, WeightGradients
 
 
 def test_stats_of_a_known_array():

@@ -8,7 +8,7 @@ import pytest
 from conftest import assert_unchanged, fingerprint, mlp
 
 import gradmagic as gm
-from gradmagic.core.targets import resolve_layer, weight_slots
+from gradmagic.core.questions.targets import resolve_layer, weight_slots
 from gradmagic.errors import LayerError, LossError, NoWeightsError
 
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from conftest import mlp
 
-from gradmagic.core.monitor import GradientMonitor
-from gradmagic.core.monitor_capture import BUFFER_COLUMNS
-from gradmagic.core.monitor_history import MonitorHistory
-from gradmagic.core.targets import WeightSlot
+from gradmagic.core.monitor.callback import GradientMonitor
+from gradmagic.core.monitor.capture import BUFFER_COLUMNS
+from gradmagic.core.monitor.history import MonitorHistory
+from gradmagic.core.questions.targets import WeightSlot
 from gradmagic.widgets.figure_view import FigureView
 from gradmagic.widgets.training_panel import PanelArgumentError, TrainingPanel
 

@@ -15,21 +15,21 @@ except ImportError:  # pragma: no cover - depends on the environment
     ) from None
 
 from gradmagic.core.arguments import check_flag, is_flag, is_int
-from gradmagic.core.autodiff import DisconnectedWeight, Explanation, LayerPath, OpInfo, explain
 from gradmagic.core.batches import is_stream
-from gradmagic.core.compute import clear_cache
-from gradmagic.core.gradcheck import CheckRow, GradientCheck, check_gradients
-from gradmagic.core.gradients import input_gradients, output_gradients, weight_gradients
-from gradmagic.core.inputs import is_scalar_list, model_spec
-from gradmagic.core.results import (
+from gradmagic.core.diagnose.explain import DisconnectedWeight, Explanation, LayerPath, OpInfo, explain
+from gradmagic.core.diagnose.gradcheck import CheckRow, GradientCheck, check_gradients
+from gradmagic.core.questions.compute import clear_cache
+from gradmagic.core.questions.gradients import input_gradients, output_gradients, weight_gradients
+from gradmagic.core.questions.inputs import is_scalar_list, model_spec
+from gradmagic.core.questions.results import (
     GradientRow,
     GradientStats,
     InputGradients,
     OutputGradients,
     WeightGradients,
 )
-from gradmagic.core.state import rollback_on_failure
-from gradmagic.core.targets import model_name
+from gradmagic.core.questions.state import rollback_on_failure
+from gradmagic.core.questions.targets import model_name
 
 __all__ = [
     "CheckRow",

@@ -24,8 +24,8 @@ import ipywidgets as widgets
 import matplotlib
 import numpy as np
 
-from gradmagic.core.monitor import GradientMonitor
-from gradmagic.core.monitor_history import MonitorHistory
+from gradmagic.core.monitor.callback import GradientMonitor
+from gradmagic.core.monitor.history import MonitorHistory
 from gradmagic.errors import GradmagicError
 from gradmagic.widgets.figure_view import FigureView
 

@@ -1,9 +1,9 @@
 """GradientMonitor: the gradients the optimizer applies during ``fit``, batch by batch.
 
 No second backward pass: the monitor wraps ``model.optimizer.apply`` for the
-duration of ``fit`` (see :mod:`gradmagic.core.monitor_capture`), so the compiled
+duration of ``fit`` (see :mod:`gradmagic.core.monitor.capture`), so the compiled
 train step itself computes per-weight statistics (a few reductions per weight,
-:mod:`gradmagic.core.monitor_stats`) and writes them into a small ring buffer on
+:mod:`gradmagic.core.monitor.stats`) and writes them into a small ring buffer on
 the device. The callback reads that buffer every ``read_every`` batches and at
 each epoch end, and checks each block of steps vectorized, so most batches cost
 no device-to-host copy and no Python work at all.
@@ -21,8 +21,8 @@ from typing import Any, TextIO
 import keras
 import numpy as np
 
-from gradmagic.core.monitor_anomaly import Anomaly, GradientAnomalyError, NormTracker, find_nonfinite
-from gradmagic.core.monitor_arguments import (
+from gradmagic.core.monitor.anomaly import Anomaly, GradientAnomalyError, NormTracker, find_nonfinite
+from gradmagic.core.monitor.arguments import (
     MonitorArgumentError,
     check_choice,
     check_count,
@@ -30,12 +30,12 @@ from gradmagic.core.monitor_arguments import (
     check_positive,
     check_stream,
 )
-from gradmagic.core.monitor_capture import StatsBuffer
-from gradmagic.core.monitor_functions import TrainFunctions, plain_function
-from gradmagic.core.monitor_histograms import GradientHistogram, histograms_of
-from gradmagic.core.monitor_history import MonitorHistory, MonitorSummary, layer_lines
-from gradmagic.core.monitor_origin import first_origin
-from gradmagic.core.targets import weight_slots
+from gradmagic.core.monitor.capture import StatsBuffer
+from gradmagic.core.monitor.functions import TrainFunctions, plain_function
+from gradmagic.core.monitor.histograms import GradientHistogram, histograms_of
+from gradmagic.core.monitor.history import MonitorHistory, MonitorSummary, layer_lines
+from gradmagic.core.monitor.origin import first_origin
+from gradmagic.core.questions.targets import weight_slots
 from gradmagic.errors import GradmagicError
 
 _ACTIONS = ("warn", "stop", "raise")
@@ -549,6 +549,6 @@ def _plugin_metadata(plugin: str) -> bytes:
 
 
 def _empty_columns() -> tuple[str, ...]:
-    from gradmagic.core.monitor_history import HISTORY_COLUMNS
+    from gradmagic.core.monitor.history import HISTORY_COLUMNS
 
     return HISTORY_COLUMNS

@@ -6,7 +6,7 @@ import html
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from gradmagic.core.tables import html_table, text_table
+from gradmagic.core.display import html_table, text_table
 
 #: A row's status: within tolerance, over it, or at a point where the loss is not differentiable.
 OK, FAIL, NOT_SMOOTH = "ok", "FAIL", "not smooth here"

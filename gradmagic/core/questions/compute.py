@@ -19,11 +19,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from gradmagic.core.cache_keys import Key
-from gradmagic.core.state import restore_in_graph, snapshot_in_graph, state_variables
-from gradmagic.core.targets import LossFn
-from gradmagic.core.trace_errors import describe_layer, diagnose_trace_error
-from gradmagic.core.user_code import failed
+from gradmagic.core.questions.cache_keys import Key
+from gradmagic.core.questions.state import restore_in_graph, snapshot_in_graph, state_variables
+from gradmagic.core.questions.targets import LossFn
+from gradmagic.core.questions.trace_errors import describe_layer, diagnose_trace_error
+from gradmagic.core.questions.user_code import failed
 from gradmagic.errors import GradmagicError
 
 _MAX_FUNCTIONS_PER_MODEL = 32
@@ -35,7 +35,7 @@ def cached(model: keras.Model, key: Key | None, build: Callable[[], Any]) -> Any
     """Return the compiled function for ``key``, building it on first use (LRU per model).
 
     A stored function is reused only while every object its key holds by
-    identity is still alive (see :mod:`gradmagic.core.cache_keys`); ``key=None``
+    identity is still alive (see :mod:`gradmagic.core.questions.cache_keys`); ``key=None``
     (a question that cannot be keyed safely) builds a fresh function every time.
     """
     if key is None:
@@ -208,7 +208,7 @@ def calls_replaced(replacements: Sequence[tuple[keras.Layer, Callable[[Callable]
 def layers_named(model: keras.Model) -> Iterator[None]:
     """While tracing, an exception from a layer's own ``call`` becomes an error that names the layer.
 
-    The layer's exception stays chained (see :mod:`gradmagic.core.user_code`).
+    The layer's exception stays chained (see :mod:`gradmagic.core.questions.user_code`).
     Python control flow or NumPy on a tensor gets its own explanation.
     """
 
@@ -283,7 +283,7 @@ def output_function(
         layer: The layer whose output is differentiated.
         input_position: For an ``InputLayer``, its position among the model's flat
             inputs (its "output" is that input); ``None`` for any other layer.
-        loss_fn: The loss, see :func:`gradmagic.core.targets.resolve_loss`.
+        loss_fn: The loss, see :func:`gradmagic.core.questions.targets.resolve_loss`.
         training: Run the model in training mode.
     """
     model_ref, layer_ref = weakref.ref(model), weakref.ref(layer)

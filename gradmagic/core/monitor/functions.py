@@ -3,7 +3,7 @@
 Keras builds ``model.train_function`` once and reuses its traced graph for every
 ``fit`` until ``compile()`` resets it. The monitor keeps that function (the
 *plain* one) and builds a second, *recording* one (whose step also writes the
-gradient statistics, see :mod:`gradmagic.core.monitor_capture`); ``fit`` with
+gradient statistics, see :mod:`gradmagic.core.monitor.capture`); ``fit`` with
 the monitor runs the recording function, ``fit`` without it the plain one. Each
 is traced the first time it runs and then reused, so repeated short fits pay no
 retracing (and TensorFlow prints no retracing warning).
@@ -16,8 +16,8 @@ from typing import Any
 
 import keras
 
-from gradmagic.core.monitor_bad_step import BadStepCapture
-from gradmagic.core.monitor_capture import ApplyHook, StatsBuffer
+from gradmagic.core.monitor.bad_step import BadStepCapture
+from gradmagic.core.monitor.capture import ApplyHook, StatsBuffer
 
 
 def fit_token(model: keras.Model) -> tuple[Any, Any]:

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from gradmagic.core.monitor_variables import replica_variable, write_row
-from gradmagic.core.targets import WeightSlot
+from gradmagic.core.monitor.variables import replica_variable, write_row
+from gradmagic.core.questions.targets import WeightSlot
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ class HistogramBuffer:
             grads: Dense gradients as applied (loss-scaled under a ``LossScaleOptimizer``).
             columns: Buffer column of each gradient.
             raw: The step's raw statistics of ``grads`` (``[5, len(grads)]``, see
-                :func:`~gradmagic.core.monitor_stats.step_stats`): its NaN/Inf counts.
+                :func:`~gradmagic.core.monitor.stats.step_stats`): its NaN/Inf counts.
             scale: The loss scale ``grads`` carry, or None.
         """
         n = self.counts.shape[1]

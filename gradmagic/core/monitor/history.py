@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from gradmagic.core.monitor_capture import BUFFER_COLUMNS
-from gradmagic.core.targets import WeightSlot
+from gradmagic.core.monitor.capture import BUFFER_COLUMNS
+from gradmagic.core.questions.targets import WeightSlot
 
 #: Columns of ``GradientMonitor.to_dict()``, in order.
 HISTORY_COLUMNS = (
@@ -153,7 +153,7 @@ class MonitorSummary:
     Attributes:
         rows: One dict per layer: layer, steps, last norm, median norm, max norm,
             max |g|, NaN/Inf steps, skipped steps.
-        anomalies: The anomalies found (:class:`~gradmagic.core.monitor_anomaly.Anomaly`).
+        anomalies: The anomalies found (:class:`~gradmagic.core.monitor.anomaly.Anomaly`).
     """
 
     def __init__(self, history: MonitorHistory, anomalies: Sequence[Any]) -> None:

@@ -8,7 +8,6 @@ the model and the inputs; the model is left exactly as it was.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,18 +16,25 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from gradmagic.core import compute, state
 from gradmagic.core.arguments import check_flag, is_int
 from gradmagic.core.batches import first_batch
-from gradmagic.core.cache_keys import Key
-from gradmagic.core.inputs import ModelSpec, model_spec, nonfinite_warning, prepare_inputs, prepare_targets
-from gradmagic.core.model_keys import is_warm, known_spec, mark_warm, question_key, remember_spec
-from gradmagic.core.results import InputGradients, OutputGradients, WeightGradients, rows_for
-from gradmagic.core.state import preserved_eagerly, unbuilt_on_failure
-from gradmagic.core.targets import (
+from gradmagic.core.questions import compute
+from gradmagic.core.questions.cache_keys import Key
+from gradmagic.core.questions.entry import (
+    check_model,
+    leaves_no_trace,
+    own_call,
+    prepare_loss_args,
+    shapes_text,
+    spec_and_inputs,
+)
+from gradmagic.core.questions.inputs import ModelSpec, nonfinite_warning
+from gradmagic.core.questions.model_keys import is_warm, mark_warm, question_key
+from gradmagic.core.questions.results import InputGradients, OutputGradients, WeightGradients, rows_for
+from gradmagic.core.questions.state import preserved_eagerly
+from gradmagic.core.questions.targets import (
     check_loss_argument,
     check_loss_structure,
-    has_custom_compute_loss,
     layer_weights,
     loss_token,
     model_name,
@@ -37,9 +43,9 @@ from gradmagic.core.targets import (
     resolve_loss,
     weight_slots,
 )
-from gradmagic.core.trace_errors import diagnose_trace_error, short_error
-from gradmagic.core.user_code import failed, with_cause
-from gradmagic.errors import ComputeError, GradmagicError, InputError, ModelBuildError, quote_list
+from gradmagic.core.questions.trace_errors import diagnose_trace_error, short_error
+from gradmagic.core.questions.user_code import failed, with_cause
+from gradmagic.errors import ComputeError, GradmagicError, InputError
 
 
 @dataclass
@@ -55,104 +61,6 @@ class _Question:
     note: str = ""
 
 
-def check_model(model: Any) -> None:
-    """Refuse anything but a Keras 3 model, with a message that says why."""
-    if not isinstance(model, keras.Model):
-        raise GradmagicError(
-            f"Received: model of type {type(model).__name__}. Expected a Keras 3 model "
-            f"(keras.Model, keras.Sequential or a subclass). Models from tf_keras / Keras 2 "
-            f"are not supported: rebuild the model with `import keras` (Keras 3)."
-        )
-
-
-def _shapes(x: Any) -> str:
-    leaves = keras.tree.flatten(x)
-    shapes = [tuple(np.shape(leaf)) if not isinstance(leaf, tf.Tensor) else tuple(leaf.shape) for leaf in leaves]
-    return str(shapes[0]) if len(shapes) == 1 else str(shapes)
-
-
-def spec_and_inputs(model: keras.Model, x: Any) -> tuple[ModelSpec, Any, int]:
-    """Build the model from x if needed, then convert x against its declared inputs."""
-    known = known_spec(model)
-    if known is not None:
-        prepared, batch = prepare_inputs(model, x, known)
-        return known, prepared, batch
-    if not model.built:
-        raw, _ = prepare_inputs(model, x, ModelSpec(None, None, None, []))
-        sample = keras.tree.map_structure(lambda t: t[:1], raw)
-        try:
-            with unbuilt_on_failure(model), preserved_eagerly(model), compute.layers_named(model):
-                model(sample, training=False)
-        except GradmagicError as exc:
-            raise with_cause(exc)  # noqa: B904 - the cause is the user's error, re-attached
-        except Exception as exc:
-            error = ModelBuildError(
-                f"Received: x of shape {_shapes(raw)} for model '{model_name(model)}', which is not built, and "
-                f"building it by calling it on one sample of x failed: {short_error(exc).rstrip('.')}. Expected x "
-                f"in the shape the model takes (the model was left unbuilt). Fix: give x in that shape, or build "
-                f"the model first (an Input layer, model.build(shape), or one call on real data)."
-            )
-            raise error from (exc if _own_call(model) else None)  # the user's own call: keep its traceback
-    spec = model_spec(model)
-    remember_spec(model, spec)
-    prepared, batch = prepare_inputs(model, x, spec)
-    return spec, prepared, batch
-
-
-def prepare_loss_args(model: keras.Model, spec: ModelSpec, y: Any, sample_weight: Any, batch: int) -> tuple[Any, Any]:
-    """Convert and check targets and optional sample weights for a batch of ``batch`` samples."""
-    targets = prepare_targets(model, y, batch, spec)
-    weights = None
-    if isinstance(sample_weight, dict) and not isinstance(getattr(model, "output", None), dict):
-        # Keras reads per-output weights of a list-output model by position: order them by output name.
-        missing = [name for name in spec.output_names if name not in sample_weight]
-        if missing or not spec.output_names:
-            raise InputError(
-                f"Received: sample_weight as a dict keyed by {quote_list(sorted(map(str, sample_weight)))}, but "
-                f"model '{model_name(model)}' names its outputs {quote_list(spec.output_names)}. Expected one "
-                f"entry per output name, or a list in output order, or one array for every output."
-            )
-        sample_weight = [sample_weight[name] for name in spec.output_names]
-    if sample_weight is not None:
-        weights = prepare_targets(model, sample_weight, batch, ModelSpec(None, None, None, []), "sample_weight")
-        _check_weight_shapes(model, spec, weights)
-    return targets, weights
-
-
-def _check_weight_shapes(model: keras.Model, spec: ModelSpec, weights: Any) -> None:
-    """Sample weights must broadcast against the per-sample loss: the output's shape without its last axis.
-
-    A model with its own ``compute_loss`` may use them otherwise, so it is not checked.
-    """
-    outputs = spec.outputs or []
-    leaves = keras.tree.flatten(weights)
-    if not outputs or has_custom_compute_loss(model) or len(leaves) not in (1, len(outputs)):
-        return
-    pairs = [(leaves[0], out) for out in outputs] if len(leaves) == 1 else list(zip(leaves, outputs))
-    for weight, out in pairs:
-        per_sample, lead = tuple(weight.shape[1:]), tuple(out.shape[:-1])
-        if per_sample and per_sample[-1] == 1:
-            per_sample = per_sample[:-1]
-        fits = len(per_sample) <= len(lead) and all(
-            e is None or s == e for s, e in zip(per_sample, lead[: len(per_sample)])
-        )
-        if not fits:
-            expected = ", ".join(["batch", *(str(d) for d in lead)])
-            raise InputError(
-                f"Received: sample_weight of shape {tuple(weight.shape)}, but the loss of output {out.name!r} "
-                f"of model '{model_name(model)}' has one value per sample"
-                + (f" and step, shape ({expected})" if lead else "")
-                + ". Expected sample_weight of shape (batch,)"
-                + (f" or ({expected})" if lead else "")
-                + f". Fix: pass one weight per sample, e.g. np.ones({weight.shape[0]})."
-            )
-
-
-def _own_call(model: keras.Model) -> bool:
-    """True when the model's ``call`` is the user's code (a subclassed model), not Keras's."""
-    return not type(model).call.__module__.startswith("keras.")
-
-
 def _run(model: keras.Model, key: Key | None, question: _Question, args: tuple, what: str, x: Any) -> Any:
     """Run a compiled question; turn any failure into one clear GradmagicError."""
     try:
@@ -165,11 +73,11 @@ def _run(model: keras.Model, key: Key | None, question: _Question, args: tuple, 
     except Exception as exc:
         compute.forget(model, key)
         diagnosed = diagnose_trace_error(exc, model, None)
-        if diagnosed is None and _own_call(model) and not isinstance(exc, tf.errors.OpError):
+        if diagnosed is None and own_call(model) and not isinstance(exc, tf.errors.OpError):
             who = f"The call of model '{model_name(model)}' ({type(model).__name__}.call)"
-            raise failed(who, exc, f"on x of shape {_shapes(x)}") from exc
+            raise failed(who, exc, f"on x of shape {shapes_text(x)}") from exc
         raise diagnosed or ComputeError(
-            f"Computing {what} of model '{model_name(model)}' on x of shape {_shapes(x)} "
+            f"Computing {what} of model '{model_name(model)}' on x of shape {shapes_text(x)} "
             f"failed: {short_error(exc).rstrip('.')}. Check that x (and y) are what the model takes; the model "
             f"was left unchanged."
         ) from None
@@ -194,17 +102,6 @@ def _build_compiled_loss(model: keras.Model, question: _Question, args: tuple) -
 
 def _numpy(value: Any) -> Any:
     return None if value is None else value.numpy()
-
-
-def leaves_no_trace(function: Callable) -> Callable:
-    """Make a public function that fails leave an unbuilt model unbuilt (it may build it on the way)."""
-
-    @functools.wraps(function)
-    def guarded(model: Any, *args: Any, **kwargs: Any) -> Any:
-        with state.rollback_on_failure(model):
-            return function(model, *args, **kwargs)
-
-    return guarded
 
 
 @leaves_no_trace

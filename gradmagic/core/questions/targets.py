@@ -16,10 +16,10 @@ from typing import Any
 import keras
 
 from gradmagic.core.arguments import is_int
-from gradmagic.core.cache_keys import KeyBuilder
-from gradmagic.core.loss_trackers import own_compile_loss
-from gradmagic.core.state import restore_in_graph, snapshot_in_graph
-from gradmagic.core.user_code import failed
+from gradmagic.core.questions.cache_keys import KeyBuilder
+from gradmagic.core.questions.loss_trackers import own_compile_loss
+from gradmagic.core.questions.state import restore_in_graph, snapshot_in_graph
+from gradmagic.core.questions.user_code import failed
 from gradmagic.errors import (
     GradmagicError,
     LayerError,
@@ -456,7 +456,7 @@ def output_unit_loss(unit: int) -> LossFn:
 
 
 def loss_token(builder: KeyBuilder, loss: Any) -> Hashable:
-    """The cache-key part of a ``loss=`` argument (see :mod:`gradmagic.core.cache_keys`).
+    """The cache-key part of a ``loss=`` argument (see :mod:`gradmagic.core.questions.cache_keys`).
 
     A name is keyed with what it resolves to, so a custom loss registered again
     under the same name is a new question.

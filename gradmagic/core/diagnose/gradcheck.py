@@ -7,9 +7,9 @@ float32 round-off and the user's model is never touched. When a model cannot be
 copied (a custom layer whose ``get_config`` cannot rebuild it, a layer
 hard-coding float32, a custom ``compute_loss``) the check runs on the model
 itself in float32 with a looser tolerance, restoring every weight it perturbs
-bit for bit. The copy is made in :mod:`~gradmagic.core.float64`, the
-comparison in :mod:`~gradmagic.core.finite_differences`, and the result is a
-:class:`~gradmagic.core.gradcheck_results.GradientCheck`.
+bit for bit. The copy is made in :mod:`~gradmagic.core.diagnose.float64`, the
+comparison in :mod:`~gradmagic.core.diagnose.finite_differences`, and the result is a
+:class:`~gradmagic.core.diagnose.gradcheck_results.GradientCheck`.
 """
 
 from __future__ import annotations
@@ -24,15 +24,15 @@ import tensorflow as tf
 
 from gradmagic.core.arguments import check_flag, check_seed, is_int
 from gradmagic.core.batches import first_batch
-from gradmagic.core.finite_differences import LossProblem, check_rows, count_rows, loss_problem
-from gradmagic.core.float64 import as_float64, float64_default, float64_loss, float64_twin, loss_weights
-from gradmagic.core.gradcheck_results import CheckRow, GradientCheck
-from gradmagic.core.gradients import check_model, leaves_no_trace, prepare_loss_args, spec_and_inputs
-from gradmagic.core.progress import Progress
-from gradmagic.core.state import preserved_eagerly
-from gradmagic.core.targets import check_loss_argument, check_loss_structure, model_name, resolve_loss
-from gradmagic.core.trace_errors import short_error
-from gradmagic.core.tracing import TracingFailed, layer_ancestors, tracing_error
+from gradmagic.core.diagnose.finite_differences import LossProblem, check_rows, count_rows, loss_problem
+from gradmagic.core.diagnose.float64 import as_float64, float64_default, float64_loss, float64_twin, loss_weights
+from gradmagic.core.diagnose.gradcheck_results import CheckRow, GradientCheck
+from gradmagic.core.diagnose.progress import Progress
+from gradmagic.core.diagnose.tracing import TracingFailed, layer_ancestors, tracing_error
+from gradmagic.core.questions.entry import check_model, leaves_no_trace, prepare_loss_args, spec_and_inputs
+from gradmagic.core.questions.state import preserved_eagerly
+from gradmagic.core.questions.targets import check_loss_argument, check_loss_structure, model_name, resolve_loss
+from gradmagic.core.questions.trace_errors import short_error
 from gradmagic.errors import InputError
 
 __all__ = ["CheckRow", "GradientCheck", "check_gradients"]

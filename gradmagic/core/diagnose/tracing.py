@@ -1,6 +1,6 @@
 """Trace a model once in a ``tf.function``, attributing every graph op to the layer whose call created it.
 
-Used by :func:`gradmagic.core.autodiff.explain` (ops and verdicts per layer) and
+Used by :func:`gradmagic.core.diagnose.explain.explain` (ops and verdicts per layer) and
 by the gradient check (the layer that was running when tracing failed).
 """
 
@@ -14,11 +14,11 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from gradmagic.core.compute import calls_replaced
-from gradmagic.core.op_graph import carries_gradient
-from gradmagic.core.targets import model_name
-from gradmagic.core.trace_errors import diagnose_trace_error
-from gradmagic.core.user_code import with_cause
+from gradmagic.core.diagnose.op_graph import carries_gradient
+from gradmagic.core.questions.compute import calls_replaced
+from gradmagic.core.questions.targets import model_name
+from gradmagic.core.questions.trace_errors import diagnose_trace_error
+from gradmagic.core.questions.user_code import with_cause
 from gradmagic.errors import ComputeError, GradmagicError, brief
 
 OWNER_GLUE, OWNER_LOSS = -1, -2  # owners of ops outside any layer: model plumbing, and the loss
@@ -39,7 +39,7 @@ class OpRecorder:
     """Attribute the ops of a traced forward pass to the layers whose calls create them.
 
     Each layer's ``call`` is replaced by an instance attribute for the duration of
-    the trace (see :func:`gradmagic.core.compute.calls_replaced`). Ops go to the
+    the trace (see :func:`gradmagic.core.questions.compute.calls_replaced`). Ops go to the
     innermost running layer, so a layer called inside another keeps its own ops.
     """
 

@@ -2,12 +2,12 @@
 
 :func:`explain` traces the model once in a ``tf.function`` with every layer's
 ``call`` wrapped, so each graph op is attributed to the layer whose call created
-it (:mod:`~gradmagic.core.tracing`). Each op is classified (what does autodiff
+it (:mod:`~gradmagic.core.diagnose.tracing`). Each op is classified (what does autodiff
 pass back through it?) and the graph is walked backwards from a layer's outputs
-to its inputs and weights (:mod:`~gradmagic.core.op_graph`): a structural
+to its inputs and weights (:mod:`~gradmagic.core.diagnose.op_graph`): a structural
 verdict that holds for any data. The same trace computes the real gradients at
 x, which give an observed verdict per layer and the weights whose gradient is
-``None`` or all zero. The result objects live in :mod:`~gradmagic.core.explanation`.
+``None`` or all zero. The result objects live in :mod:`~gradmagic.core.diagnose.explanation`.
 """
 
 from __future__ import annotations
@@ -22,24 +22,20 @@ import tensorflow as tf
 
 from gradmagic.core.arguments import check_flag
 from gradmagic.core.batches import first_batch
-from gradmagic.core.compute import dense_gradients
-from gradmagic.core.explanation import DisconnectedWeight, Explanation, LayerPath, OpInfo
-from gradmagic.core.gradients import check_model, leaves_no_trace, spec_and_inputs, weight_gradients
-from gradmagic.core.inputs import prepare_targets
-from gradmagic.core.nonfinite_origin import NonfiniteOrigin, nonfinite_origins, probed_ops
-from gradmagic.core.op_graph import FLOWS, NONE, VERDICTS, ZERO, carries_gradient, diagnose, op_gradient, path_ops
-from gradmagic.core.progress import Progress
-from gradmagic.core.state import preserved_eagerly
-from gradmagic.core.targets import (
-    LossFn,
-    check_loss_argument,
-    check_loss_structure,
-    model_name,
-    resolve_loss,
-    weight_slots,
+from gradmagic.core.diagnose.explanation import DisconnectedWeight, Explanation, LayerPath, OpInfo
+from gradmagic.core.diagnose.nonfinite_origin import NonfiniteOrigin, nonfinite_origins, probed_ops
+from gradmagic.core.diagnose.op_graph import (
+    FLOWS,
+    NONE,
+    VERDICTS,
+    ZERO,
+    carries_gradient,
+    diagnose,
+    op_gradient,
+    path_ops,
 )
-from gradmagic.core.trace_errors import function_name, short_error
-from gradmagic.core.tracing import (
+from gradmagic.core.diagnose.progress import Progress
+from gradmagic.core.diagnose.tracing import (
     OWNER_GLUE,
     OWNER_LOSS,
     LayerCall,
@@ -48,6 +44,20 @@ from gradmagic.core.tracing import (
     concrete_function,
     tracing_error,
 )
+from gradmagic.core.questions.compute import dense_gradients
+from gradmagic.core.questions.entry import check_model, leaves_no_trace, spec_and_inputs
+from gradmagic.core.questions.gradients import weight_gradients
+from gradmagic.core.questions.inputs import prepare_targets
+from gradmagic.core.questions.state import preserved_eagerly
+from gradmagic.core.questions.targets import (
+    LossFn,
+    check_loss_argument,
+    check_loss_structure,
+    model_name,
+    resolve_loss,
+    weight_slots,
+)
+from gradmagic.core.questions.trace_errors import function_name, short_error
 from gradmagic.errors import ComputeError, GradmagicWarning
 
 __all__ = ["DisconnectedWeight", "Explanation", "LayerPath", "OpInfo", "explain"]
@@ -81,7 +91,7 @@ def _trace(
     """Run the model once in a tf.function, recording ops per layer and (optionally) every gradient.
 
     With ``probe``, every op's floating-point outputs are also checked for NaN/Inf
-    (see :mod:`gradmagic.core.nonfinite_origin`).
+    (see :mod:`gradmagic.core.diagnose.nonfinite_origin`).
     """
     recorder, variables, info = OpRecorder(model.layers), list(model.trainable_weights), {"grad_error": None}
 
@@ -317,7 +327,7 @@ def explain(
         at x, with where the path is cut), ``.nonfinite`` (the ops that make
         NaN/Inf from finite values, with their layer and line of code, found by
         a second traced pass when NaN/Inf is seen; see
-        :mod:`gradmagic.core.nonfinite_origin`), ``to_dict()``, text and HTML tables.
+        :mod:`gradmagic.core.diagnose.nonfinite_origin`), ``to_dict()``, text and HTML tables.
 
     Raises:
         GradmagicError: A bad x, y or loss; or a layer that cannot be traced (a

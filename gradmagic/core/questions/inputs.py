@@ -17,7 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from gradmagic.core.targets import model_name
+from gradmagic.core.questions.targets import model_name
 from gradmagic.errors import GradmagicWarning, InputError, LossError, did_you_mean, quote_list
 
 

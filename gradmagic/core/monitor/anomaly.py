@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gradmagic.core.nonfinite_origin import NonfiniteOrigin
-from gradmagic.core.targets import WeightSlot
+from gradmagic.core.diagnose.nonfinite_origin import NonfiniteOrigin
+from gradmagic.core.questions.targets import WeightSlot
 from gradmagic.errors import GradmagicError
 
 ANOMALY_KINDS = ("nonfinite", "exploding", "vanishing")
@@ -46,7 +46,7 @@ class Anomaly:
         origin: For ``nonfinite`` with ``on_anomaly="stop"``/``"raise"``: the op that made
             NaN/Inf first (forward pass first), found by ``gm.explain``'s NaN/Inf-origin
             pass on the step's batch at the weights before the step
-            (:class:`~gradmagic.core.nonfinite_origin.NonfiniteOrigin`); else None.
+            (:class:`~gradmagic.core.diagnose.nonfinite_origin.NonfiniteOrigin`); else None.
     """
 
     kind: str

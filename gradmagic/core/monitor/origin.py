@@ -8,7 +8,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from gradmagic.core.nonfinite_origin import NonfiniteOrigin
+from gradmagic.core.diagnose.nonfinite_origin import NonfiniteOrigin
 from gradmagic.errors import GradmagicError
 
 
@@ -33,7 +33,7 @@ def first_origin(
     Returns:
         The origin, or None when the pass finds none or cannot run.
     """
-    from gradmagic.core.autodiff import explain  # the diagnosis, loaded only when a step went bad
+    from gradmagic.core.diagnose.explain import explain  # the diagnosis, loaded only when a step went bad
 
     x, y, _ = batch
     variables = list(model.trainable_variables)

@@ -38,10 +38,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from gradmagic.core.compute import dense_gradients, float_leaves
-from gradmagic.core.gradcheck_results import FAIL, NOT_SMOOTH, OK, CheckRow
-from gradmagic.core.targets import model_name, weight_slots
-from gradmagic.core.tracing import OpRecorder, concrete_function
+from gradmagic.core.diagnose.gradcheck_results import FAIL, NOT_SMOOTH, OK, CheckRow
+from gradmagic.core.diagnose.tracing import OpRecorder, concrete_function
+from gradmagic.core.questions.compute import dense_gradients, float_leaves
+from gradmagic.core.questions.targets import model_name, weight_slots
 
 #: An error counts against max(row's gradient, _MODEL_SHARE * the whole model's gradient).
 _MODEL_SHARE = 0.01
@@ -67,7 +67,10 @@ def _flat(grad: Any, like: Any) -> np.ndarray:
 
 
 def loss_problem(model: keras.Model, loss_fn: Any, x: Any, y: Any, sw: Any, training: bool) -> LossProblem:
-    """Trace the loss and its gradients at x; a failed trace raises :class:`~gradmagic.core.tracing.TracingFailed`."""
+    """Trace the loss and its gradients at x.
+
+    A failed trace raises :class:`~gradmagic.core.diagnose.tracing.TracingFailed`.
+    """
     recorder = OpRecorder(model.layers)
     variables = list(model.trainable_weights)
 

@@ -3,12 +3,12 @@
 The monitor replaces ``optimizer.apply`` (an instance attribute, so the class and
 other models are untouched) by a function that, while the train step is traced,
 calls the original ``apply`` with the gradients *unchanged* and adds the
-statistics of :mod:`gradmagic.core.monitor_stats` and one row write into a
+statistics of :mod:`gradmagic.core.monitor.stats` and one row write into a
 buffer variable: with ``stats="norm"`` (and when the bad step is kept, and under
 XLA) built before the update, with ``stats="full"`` after it (to reuse the
 ``g**2`` the optimizer may compute). Training therefore runs the same update ops on the same
 values; the extra ops only read the gradients (or replayed copies of them, see
-:mod:`gradmagic.core.monitor_replay`). Nothing here runs per step in Python: the
+:mod:`gradmagic.core.monitor.replay`). Nothing here runs per step in Python: the
 statistics stay on the device until the host reads the buffer.
 """
 
@@ -21,12 +21,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from gradmagic.core.compute import dense_gradients
-from gradmagic.core.monitor_bad_step import BadStepCapture
-from gradmagic.core.monitor_histograms import HistogramBuffer
-from gradmagic.core.monitor_replay import readable
-from gradmagic.core.monitor_stats import RAW_ROWS, STAT_COLUMNS, finish_stats, stats_function
-from gradmagic.core.monitor_variables import replica_variable, write_row
+from gradmagic.core.monitor.bad_step import BadStepCapture
+from gradmagic.core.monitor.histograms import HistogramBuffer
+from gradmagic.core.monitor.replay import readable
+from gradmagic.core.monitor.stats import RAW_ROWS, STAT_COLUMNS, finish_stats, stats_function
+from gradmagic.core.monitor.variables import replica_variable, write_row
+from gradmagic.core.questions.compute import dense_gradients
 
 #: Columns of one buffer row, per weight.
 BUFFER_COLUMNS = (*STAT_COLUMNS, "skipped", "missing", "full")
@@ -37,9 +37,9 @@ class StatsBuffer:
     """Ring buffer of per-step, per-weight gradient statistics (monitor-owned variables).
 
     Row ``k % capacity`` holds the raw statistics (``[5, weights]``, see
-    :func:`~gradmagic.core.monitor_stats.step_stats`) of the ``k``-th recorded step; the
+    :func:`~gradmagic.core.monitor.stats.step_stats`) of the ``k``-th recorded step; the
     host keeps track of how many rows it has read (see
-    :mod:`gradmagic.core.monitor_variables` for the variables).
+    :mod:`gradmagic.core.monitor.variables` for the variables).
 
     Args:
         paths: ``variable.path`` of each monitored weight, in buffer column order.

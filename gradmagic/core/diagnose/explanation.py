@@ -6,9 +6,9 @@ import html
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from gradmagic.core.nonfinite_origin import NonfiniteOrigin
-from gradmagic.core.op_graph import FLOWS, NONE, VERDICTS, ZERO
-from gradmagic.core.tables import html_table, text_table
+from gradmagic.core.diagnose.nonfinite_origin import NonfiniteOrigin
+from gradmagic.core.diagnose.op_graph import FLOWS, NONE, VERDICTS, ZERO
+from gradmagic.core.display import html_table, text_table
 from gradmagic.errors import LayerError
 
 
@@ -128,7 +128,7 @@ class Explanation:
         notes: Anything that limited the analysis (e.g. autodiff itself failed),
             and where NaN/Inf is made, if anywhere.
         nonfinite: The ops that make NaN/Inf from finite inputs, forward pass first
-            (:class:`~gradmagic.core.nonfinite_origin.NonfiniteOrigin`); empty when
+            (:class:`~gradmagic.core.diagnose.nonfinite_origin.NonfiniteOrigin`); empty when
             every value is finite.
     """
 

@@ -1,11 +1,11 @@
-"""What makes a model's compiled question stale, as cache keys (see :mod:`gradmagic.core.cache_keys`).
+"""What makes a model's compiled question stale, as cache keys (see :mod:`gradmagic.core.questions.cache_keys`).
 
 A question's key holds, besides its own arguments, the model's compile state
 (its loss, by contents and identity; its optimizer and compiled-loss objects),
 its layers and which weights train, all by identity, and the public plain
 settings of the model and its layers (a Dropout ``rate``, a model's own
 ``beta``), by value. The same identities say
-when the declared inputs (:class:`~gradmagic.core.inputs.ModelSpec`) must be
+when the declared inputs (:class:`~gradmagic.core.questions.inputs.ModelSpec`) must be
 read again and when a compiled loss needs its one eager warm-up call.
 """
 
@@ -20,9 +20,9 @@ from typing import Any
 import keras
 import numpy as np
 
-from gradmagic.core.cache_keys import Key, KeyBuilder, Uncacheable, global_names
-from gradmagic.core.inputs import ModelSpec
-from gradmagic.core.targets import loss_token
+from gradmagic.core.questions.cache_keys import Key, KeyBuilder, Uncacheable, global_names
+from gradmagic.core.questions.inputs import ModelSpec
+from gradmagic.core.questions.targets import loss_token
 from gradmagic.errors import GradmagicWarning
 
 # model -> (layers Key, ModelSpec): what the model declares, re-read after add/pop.

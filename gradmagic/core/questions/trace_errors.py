@@ -13,7 +13,7 @@ import re
 import keras
 import tensorflow as tf
 
-from gradmagic.core.targets import model_name
+from gradmagic.core.questions.targets import model_name
 from gradmagic.errors import ComputeError, GradmagicError, brief
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from gradmagic.core.targets import FunctionLoss
+from gradmagic.core.questions.targets import FunctionLoss
 
 
 @contextlib.contextmanager
