@@ -18,6 +18,8 @@ from gradmagic.core.arguments import check_flag, is_flag, is_int
 from gradmagic.core.batches import is_stream
 from gradmagic.core.diagnose.explain import DisconnectedWeight, Explanation, LayerPath, OpInfo, explain
 from gradmagic.core.diagnose.gradcheck import CheckRow, GradientCheck, check_gradients
+from gradmagic.core.questions.attribution import gradcam, integrated_gradients, saliency
+from gradmagic.core.questions.attribution_results import GradCAM, IntegratedGradients, Saliency
 from gradmagic.core.questions.compute import clear_cache
 from gradmagic.core.questions.gradients import input_gradients, output_gradients, weight_gradients
 from gradmagic.core.questions.inputs import is_scalar_list, model_spec
@@ -35,19 +37,24 @@ __all__ = [
     "CheckRow",
     "DisconnectedWeight",
     "Explanation",
+    "GradCAM",
     "GradientCheck",
     "GradientRow",
     "GradientStats",
     "InputGradients",
+    "IntegratedGradients",
     "LayerPath",
     "OpInfo",
     "OutputGradients",
+    "Saliency",
     "WeightGradients",
     "check_flag",
     "check_gradients",
     "clear_cache",
     "explain",
+    "gradcam",
     "input_gradients",
+    "integrated_gradients",
     "is_flag",
     "is_int",
     "is_scalar_list",
@@ -56,5 +63,6 @@ __all__ = [
     "model_spec",
     "output_gradients",
     "rollback_on_failure",
+    "saliency",
     "weight_gradients",
 ]
