@@ -312,7 +312,8 @@ def _check_completeness(result: IntegratedGradients, steps: int, method: str) ->
         return
     worst = int(bad[np.argmax(np.nan_to_num(gaps[bad], nan=np.inf))])
     change = float(result.value_at_x[worst]) - float(result.value_at_baseline[worst])
-    if not np.isfinite(gaps[worst]) or abs(change) < 1e-6 * max(1.0, abs(float(result.value_at_x[worst]))):
+    scale = max(abs(float(result.value_at_x[worst])), abs(float(result.value_at_baseline[worst])))
+    if not np.isfinite(gaps[worst]) or abs(change) <= 1e-6 * scale:  # f(x) = f(b) up to float rounding
         message = (
             f"the output barely changes from the baseline to x at sample {worst} (f(x) - f(baseline) = "
             f"{change:.3g}), so the attributions cannot be checked against it (completeness gap "
@@ -360,8 +361,9 @@ def saliency(
             SmoothGrad's paper finds 0.1 to 0.2 works for images. Defaults to
             0.0: the plain gradient.
         samples: Noisy copies per sample when ``smooth > 0``. Defaults to 25.
-        seed: Seed of the noise (NumPy's generator, one stream per sample, so a
-            sample's noise does not depend on the rest of the batch). Defaults to 0.
+        seed: Seed of the noise: sample i's copies come from NumPy's
+            ``default_rng([seed, i])``, so they do not depend on the batch size.
+            Defaults to 0.
         batch_size: Points (samples times copies) per compiled call. Defaults
             to ``None``: 64.
 
