@@ -33,8 +33,10 @@ from gradmagic.errors import GradmagicWarning, InputError
 #: Quadrature rules for the path integral.
 METHODS = ("trapezoid", "midpoint", "left", "right")
 
-#: Points (samples times path positions or noisy copies) per compiled call, by default.
-DEFAULT_BATCH_SIZE = 64
+#: By default, a compiled call takes as many points (samples times path positions or noisy copies) as fit
+#: in this many input values (4 MB of float32; a model's activations grow with its input), at most 256.
+POINT_BUDGET = 1 << 20
+MAX_POINTS = 256
 
 
 # --- shared checks -------------------------------------------------------------------------------------------------
@@ -63,8 +65,19 @@ def _single_input(model: keras.Model, x: Any, float_only: bool = True) -> tuple[
     return spec, array, data.source
 
 
+def _declared_units(spec: ModelSpec) -> int | None:
+    """Output units per sample, flattened and joined, as the model declares them (None: not declared)."""
+    if not spec.outputs or any(d is None for s in spec.outputs for d in s.shape):
+        return None
+    return int(sum(math.prod(s.shape) for s in spec.outputs))
+
+
 def _check_output(model: keras.Model, spec: ModelSpec, output: Any, units: int | None = None) -> int | None:
-    """Validate ``output=`` (an index into the flattened per-sample output, or None); return it non-negative."""
+    """Validate ``output=`` (an index into the flattened per-sample output, or None).
+
+    Returns it non-negative where the number of units is known (``units``, or
+    declared by the model), as given otherwise.
+    """
     if output is None:
         if spec.outputs is not None and len(spec.outputs) > 1:
             raise InputError(
@@ -78,46 +91,52 @@ def _check_output(model: keras.Model, spec: ModelSpec, output: Any, units: int |
             f"Received: output={output!r} of type {type(output).__name__}. Expected None (the predicted class, "
             f"or the only output unit) or an int index into the flattened per-sample output."
         )
-    if units is None and spec.outputs and all(d is not None for s in spec.outputs for d in s.shape):
-        units = int(sum(math.prod(s.shape) for s in spec.outputs))
-    if units is not None and not -units <= output < units:
+    units = _declared_units(spec) if units is None else units
+    if units is None:
+        return int(output)
+    if not -units <= output < units:
         raise InputError(
             f"Received: output={output}, but model '{model_name(model)}' has {units} output unit(s) per sample. "
             f"Expected an index in [0, {units - 1}] into the flattened per-sample output, or None for the "
             f"predicted class. Fix: e.g. output=0."
         )
-    return None if units is None else int(output) % units
+    return int(output) % units
 
 
-def _check_batch_size(batch_size: Any) -> int:
-    if batch_size is None:
-        return DEFAULT_BATCH_SIZE
-    if is_int(batch_size) and batch_size >= 1:
-        return int(batch_size)
+def _requested_units(model: keras.Model, spec: ModelSpec, output: int | None, x: np.ndarray) -> np.ndarray:
+    """The unit per sample for the compiled functions: ``output``, or -1 for each sample's predicted class.
+
+    A model that declares no outputs (subclassed) runs once on x first, so
+    that ``output`` is checked against its real number of units.
+    """
+    if output is None:
+        return np.full(len(x), -1, np.int32)
+    if _declared_units(spec) is None:
+        key, fn = _compiled(model, "attribution forward", lambda: ac.forward_function(model))
+        units = int(ac.run(model, key, fn, (x,), "the output", x.shape).shape[1])
+        output = _check_output(model, spec, output, units)
+    return np.full(len(x), output, np.int32)
+
+
+def _check_batch_size(batch_size: Any) -> int | None:
+    if batch_size is None or (is_int(batch_size) and batch_size >= 1):
+        return None if batch_size is None else int(batch_size)
     raise InputError(
         f"Received: batch_size={batch_size!r}. Expected an int >= 1, the number of points (samples times "
-        f"path steps or noisy copies) per compiled call, or None for {DEFAULT_BATCH_SIZE}."
+        f"path steps or noisy copies) per compiled call, or None to size it by x (at most {MAX_POINTS})."
     )
+
+
+def _points_per_call(batch_size: int | None, x: np.ndarray) -> int:
+    """``batch_size``, or by default as many points as :data:`POINT_BUDGET` input values hold."""
+    if batch_size is not None:
+        return batch_size
+    return int(max(1, min(MAX_POINTS, POINT_BUDGET // max(1, math.prod(x.shape[1:])))))
 
 
 def _compiled(model: keras.Model, kind: str, build: Any, *parts: Any) -> tuple[Any, ac.Compiled]:
     key = question_key(model, kind, *parts)
     return key, compute.cached(model, key, lambda: ac.Compiled(build()))
-
-
-def _outputs(model: keras.Model, x: np.ndarray) -> np.ndarray:
-    """The flattened per-sample outputs at x, ``(batch, units)``."""
-    key, fn = _compiled(model, "attribution forward", lambda: ac.forward_function(model))
-    return ac.run(model, key, fn, (x,), "the output", x.shape).numpy()
-
-
-def _units(model: keras.Model, spec: ModelSpec, output: Any, at_x: np.ndarray) -> np.ndarray:
-    """The output unit per sample: ``output`` for every sample, or each sample's predicted class."""
-    units = at_x.shape[1]
-    if output is None:
-        # The predicted class of a classifier; for a single unit, that unit.
-        return np.argmax(at_x, axis=1).astype(np.int32)
-    return np.full(len(at_x), _check_output(model, spec, output, units), np.int32)
 
 
 def _chunks(samples: int, points: int, batch_size: int) -> Iterator[tuple[slice, slice]]:
@@ -129,10 +148,10 @@ def _chunks(samples: int, points: int, batch_size: int) -> Iterator[tuple[slice,
             yield slice(s, s + together), slice(p, p + per_sample)
 
 
-def _what(output: Any, units: np.ndarray, at_x: np.ndarray) -> str:
+def _what(spec: ModelSpec, output: int | None, units: np.ndarray) -> str:
     if output is not None:
         return f"output unit {int(units[0])}"
-    return "the predicted class" if at_x.shape[1] > 1 else "the output"
+    return "the output" if _declared_units(spec) == 1 else "the predicted class"
 
 
 # --- integrated gradients ------------------------------------------------------------------------------------------
@@ -223,7 +242,9 @@ def integrated_gradients(
             ``"midpoint"``, ``"left"`` or ``"right"`` (the paper's Riemann sum).
         seed: Seed of the ``"uniform"`` baseline. Defaults to 0.
         batch_size: Points (samples times steps) per compiled call; a path
-            longer than that is split. Defaults to ``None``: 64.
+            longer than that is split. Defaults to ``None``: as many as hold
+            2**20 input values, at most 256 (256 for 32x32x3 images, 37 for
+            96x96x3). Lower it if the model runs out of memory.
         keep_path_gradients: Keep the gradient at every point of the path in
             ``path_gradients`` (``steps`` times x's size). Defaults to False.
 
@@ -251,19 +272,20 @@ def integrated_gradients(
     if not isinstance(keep_path_gradients, (bool, np.bool_)):
         raise InputError(f"Received: keep_path_gradients={keep_path_gradients!r}. Expected True or False.")
     spec, x_arr, source = _single_input(model, x)
+    batch_size = _points_per_call(batch_size, x_arr)
     output = _check_output(model, spec, output)
     base, base_name = make_baseline(x_arr, baseline, seed)
     nonfinite_warning(baseline=base)
-    ends = _outputs(model, np.concatenate([x_arr, base]))
-    at_x, at_base = ends[: len(x_arr)], ends[len(x_arr) :]
-    units = _units(model, spec, output, at_x)
+    requested = _requested_units(model, spec, output, x_arr)
     alphas, weights = path_rule(method, steps)
 
     key, fn = _compiled(
         model, "integrated gradients", lambda: ac.path_function(model, keep_path_gradients), bool(keep_path_gradients)
     )
     attribution = np.zeros_like(x_arr)
-    values = np.zeros((len(x_arr), steps), at_x.dtype)
+    values = np.zeros((len(x_arr), steps), np.float64)
+    units = np.zeros(len(x_arr), np.int32)
+    at_x, at_base = np.zeros(len(x_arr), np.float64), np.zeros(len(x_arr), np.float64)
     grads = np.zeros((len(x_arr), steps, *x_arr.shape[1:]), x_arr.dtype) if keep_path_gradients else None
     for samples, points in _chunks(len(x_arr), steps, batch_size):
         args = (
@@ -271,16 +293,16 @@ def integrated_gradients(
             base[samples],
             alphas[points].astype(x_arr.dtype),
             weights[points].astype(x_arr.dtype),
-            units[samples],
+            requested[samples],
         )
-        parts = ac.run(model, key, fn, args, "integrated gradients", x_arr.shape)
-        values[samples, points] = parts[0].numpy()
-        attribution[samples] += parts[1].numpy()
+        parts = [t.numpy() for t in ac.run(model, key, fn, args, "integrated gradients", x_arr.shape)]
+        values[samples, points] = parts[0]
+        attribution[samples] += parts[1]
+        units[samples], at_x[samples], at_base[samples] = parts[2], parts[3], parts[4]
         if grads is not None:
-            grads[samples, points] = parts[2].numpy()
+            grads[samples, points] = parts[5]
 
-    rows = np.arange(len(x_arr))
-    what = _what(output, units, at_x)
+    what = _what(spec, output, units)
     result = IntegratedGradients(
         array=attribution,
         baseline=base,
@@ -289,8 +311,8 @@ def integrated_gradients(
         path_alphas=alphas,
         path_weights=weights,
         path_outputs=values,
-        value_at_x=at_x[rows, units],
-        value_at_baseline=at_base[rows, units],
+        value_at_x=at_x,
+        value_at_baseline=at_base,
         method=method,
         path_gradients=grads,
         title=(
@@ -365,7 +387,7 @@ def saliency(
             ``default_rng([seed, i])``, so they do not depend on the batch size.
             Defaults to 0.
         batch_size: Points (samples times copies) per compiled call. Defaults
-            to ``None``: 64.
+            to ``None``: sized by x, as for :func:`integrated_gradients`.
 
     Returns:
         A :class:`Saliency`: ``.array`` shaped like x, ``.samples``,
@@ -390,41 +412,53 @@ def saliency(
     seed = check_seed(seed)
     batch_size = _check_batch_size(batch_size)
     spec, x_arr, source = _single_input(model, x)
+    batch_size = _points_per_call(batch_size, x_arr)
     output = _check_output(model, spec, output)
-    at_x = _outputs(model, x_arr)
-    units = _units(model, spec, output, at_x)
+    requested = _requested_units(model, spec, output, x_arr)
 
+    key, fn = _compiled(model, "saliency", lambda: ac.noise_function(model))
+    units = np.zeros(len(x_arr), np.int32)
+    at_x = np.zeros(len(x_arr), np.float64)
     draws = int(samples) if smooth > 0 else 1
-    axes = tuple(range(1, x_arr.ndim))
+    values = np.zeros((len(x_arr), draws), np.float64)
     if smooth > 0:
-        spread = (np.max(x_arr, axis=axes) - np.min(x_arr, axis=axes)).astype(np.float64)
-        std = smooth * spread
+        axes = tuple(range(1, x_arr.ndim))
+        std = smooth * (np.max(x_arr, axis=axes) - np.min(x_arr, axis=axes)).astype(np.float64)
         noise = np.stack(
             [
                 np.random.default_rng([seed, i]).standard_normal((draws, *x_arr.shape[1:])) * std[i]
                 for i in range(len(x_arr))
             ]
         ).astype(x_arr.dtype)
-    else:
+        summed = np.zeros(x_arr.shape, np.float64)
+        for rows, copies in _chunks(len(x_arr), draws, batch_size):
+            flat = noise[rows, copies].reshape(-1, *x_arr.shape[1:])
+            got = [
+                t.numpy()
+                for t in ac.run(model, key, fn, (x_arr[rows], flat, requested[rows]), "SmoothGrad", x_arr.shape)
+            ]
+            values[rows, copies], units[rows], at_x[rows] = got[0], got[3], got[4]
+            summed[rows] += got[1]
+        array = (summed / draws).astype(x_arr.dtype)
+    else:  # no noisy copies: the gradient at x itself
         std = np.zeros(len(x_arr))
-        noise = np.zeros((len(x_arr), 1, *x_arr.shape[1:]), x_arr.dtype)
+        array = np.zeros_like(x_arr)
+        none = np.zeros((0, *x_arr.shape[1:]), x_arr.dtype)
+        for start in range(0, len(x_arr), batch_size):
+            rows = slice(start, start + batch_size)
+            got = [
+                t.numpy()
+                for t in ac.run(model, key, fn, (x_arr[rows], none, requested[rows]), "the saliency map", x_arr.shape)
+            ]
+            array[rows], units[rows], at_x[rows] = got[2], got[3], got[4]
+        values[:, 0] = at_x
 
-    key, fn = _compiled(model, "saliency", lambda: ac.noise_function(model))
-    summed = np.zeros(x_arr.shape, np.float64)
-    values = np.zeros((len(x_arr), draws), at_x.dtype)
-    for rows, copies in _chunks(len(x_arr), draws, batch_size):
-        part = noise[rows, copies]
-        flat = part.reshape(-1, *x_arr.shape[1:])
-        got = ac.run(model, key, fn, (x_arr[rows], flat, units[rows]), "the saliency map", x_arr.shape)
-        values[rows, copies] = got[0].numpy()
-        summed[rows] += got[1].numpy()
-
-    what = _what(output, units, at_x)
+    what = _what(spec, output, units)
     kind = f"SmoothGrad ({draws} noisy copies, noise {smooth:g} of the range)" if smooth > 0 else "Saliency"
     result = Saliency(
-        array=(summed / draws).astype(x_arr.dtype),
+        array=array,
         output=units,
-        value_at_x=at_x[np.arange(len(x_arr)), units],
+        value_at_x=at_x,
         samples=draws,
         smooth=smooth,
         noise_std=std,
@@ -502,11 +536,10 @@ def gradcam(model: keras.Model, x: Any, layer: int | str | keras.Layer, output: 
         )
     _check_spatial(model, index, lay, _declared_rank(lay))
     output = _check_output(model, spec, output)
-    at_x = _outputs(model, x_arr)
-    units = _units(model, spec, output, at_x)
+    requested = _requested_units(model, spec, output, x_arr)
 
     key, fn = _compiled(model, "gradcam", lambda: ac.layer_function(model, lay), lambda b: b.same(lay))
-    values, outputs, grads = ac.run(model, key, fn, (x_arr, units), "Grad-CAM", x_arr.shape)
+    values, units, outputs, grads = ac.run(model, key, fn, (x_arr, requested), "Grad-CAM", x_arr.shape)
     if not outputs:
         compute.forget(model, key)
         raise InputError(
@@ -520,13 +553,13 @@ def gradcam(model: keras.Model, x: Any, layer: int | str | keras.Layer, output: 
     cam = np.maximum(np.einsum("b...c,bc->b...", activations.astype(np.float64), weights), 0.0)
 
     map_rank = activations.ndim - 2
-    what = _what(output, units, at_x)
+    what = _what(spec, output, units.numpy())
     result = GradCAM(
         array=cam.astype(activations.dtype),
         weights=weights.astype(activations.dtype),
         activations=activations,
         gradients=gradients,
-        output=units,
+        output=units.numpy(),
         value_at_x=values.numpy(),
         layer_index=index,
         layer_name=lay.name,

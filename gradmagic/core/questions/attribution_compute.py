@@ -62,22 +62,17 @@ def flat_outputs(y_pred: Any) -> tf.Tensor:
     return tf.concat([tf.cast(t, common) for t in flat], axis=1)
 
 
-def _unit_gradients(model: keras.Model, points: tf.Tensor, units: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor | None]:
-    """Output unit ``units[i]`` at ``points[i]`` and its gradient with respect to ``points[i]``, for every i.
+def chosen_units(units: tf.Tensor, at_x: tf.Tensor) -> tf.Tensor:
+    """``units``, with -1 replaced by each sample's predicted class (argmax of its output at x)."""
+    return tf.where(units < 0, tf.argmax(at_x, axis=1, output_type=tf.int32), units)
 
-    Samples do not interact in inference mode, so the gradient of the sum over
-    the batch is every point's own gradient, from one backward pass.
-    """
-    with tf.GradientTape() as tape:
-        tape.watch(points)
-        with compute.layers_named(model):
-            y_pred = model(points, training=False)
-        values = tf.gather(flat_outputs(y_pred), units, axis=1, batch_dims=1)
-    return values, tape.gradient(values, points)
+
+def _rows(t: tf.Tensor, units: tf.Tensor) -> tf.Tensor:
+    return tf.gather(t, units, axis=1, batch_dims=1)
 
 
 def forward_function(model: keras.Model) -> Callable:
-    """Compile ``x -> (batch, units)``: the flattened outputs (for the predicted class and f at the end points)."""
+    """Compile ``x -> (batch, units)``: the flattened outputs (to check ``output=`` where the model declares none)."""
     model_ref = weakref.ref(model)
 
     @tf.function
@@ -101,14 +96,38 @@ def _lifted(t: tf.Tensor, rank: int) -> tf.Tensor:
     return tf.reshape(t, tf.concat([tf.shape(t), tf.ones([rank - 1], tf.int32)], 0))
 
 
+def _points_and_ends(model: keras.Model, points: tf.Tensor, ends: tf.Tensor, units: tf.Tensor, per_sample: Any) -> Any:
+    """One model call on ``points`` (``per_sample`` per sample, sample-major) followed by ``ends``.
+
+    ``ends`` starts with x itself (one row per sample), which fixes each
+    sample's unit (``units``, or the predicted class for -1). Returns the unit
+    at every point, its gradient with respect to the points (``None`` if the
+    output does not depend on them), the units and the flat outputs at ``ends``.
+    Samples do not interact in inference mode, so the gradient of the sum over
+    the batch is every point's own gradient, from one backward pass; the end
+    rows share the forward pass and take no gradient.
+    """
+    count = tf.shape(points)[0]
+    with tf.GradientTape() as tape:
+        tape.watch(points)
+        with compute.layers_named(model):
+            outputs = flat_outputs(model(tf.concat([points, ends], 0), training=False))
+        at_points, at_ends = outputs[:count], outputs[count:]
+        chosen = chosen_units(units, at_ends[: tf.shape(units)[0]])
+        values = _rows(at_points, tf.repeat(chosen, per_sample))
+    return values, tape.gradient(values, points), chosen, at_ends
+
+
 def path_function(model: keras.Model, keep_gradients: bool) -> Callable:
     """Compile integrated gradients over one stretch of the path, for a batch of samples.
 
-    ``(x, baseline, alphas, weights, units) -> (values (batch, k), attribution, [gradients])``:
-    the points ``baseline + alpha * (x - baseline)`` for the ``k`` alphas, output
-    unit ``units[i]`` at each, and ``(x - baseline) * sum_j weights[j] * grad_j``
-    (this stretch's share of the integral). With ``keep_gradients``, the
-    gradients at every point too, ``(batch, k, *sample)``.
+    ``(x, baseline, alphas, weights, units) -> (values (batch, k), attribution,
+    units, f(x), f(baseline), [gradients])``: the points ``baseline + alpha *
+    (x - baseline)`` for the ``k`` alphas, output unit ``units[i]`` (-1: the
+    predicted class) at each, and ``(x - baseline) * sum_j weights[j] * grad_j``
+    (this stretch's share of the integral). x and the baseline run in the same
+    batch, for f at both ends. With ``keep_gradients``, the gradients at every
+    point too, ``(batch, k, *sample)``.
     """
     model_ref = weakref.ref(model)
 
@@ -123,26 +142,32 @@ def path_function(model: keras.Model, keep_gradients: bool) -> Callable:
         delta = x - baseline
         points = baseline[:, None] + alpha * delta[:, None]  # (batch, k, *sample)
         flat = tf.reshape(points, tf.concat([[batch * steps], tf.shape(x)[1:]], 0))
-        values, grads = _unit_gradients(model, flat, tf.repeat(units, steps))
+        values, grads, chosen, ends = _points_and_ends(model, flat, tf.concat([x, baseline], 0), units, steps)
         restore_in_graph(guarded, saved)
         if grads is None:  # the output does not depend on x: every attribution is 0
             grads = tf.zeros_like(flat)
         grads = tf.reshape(grads, tf.shape(points))
         weight = _lifted(tf.cast(weights, x.dtype)[None, :], rank)
         attribution = delta * tf.reduce_sum(weight * grads, axis=1)
-        values = tf.reshape(values, [batch, steps])
-        return (values, attribution, grads) if keep_gradients else (values, attribution)
+        parts = (
+            tf.reshape(values, [batch, steps]),
+            attribution,
+            chosen,
+            _rows(ends[:batch], chosen),
+            _rows(ends[batch:], chosen),
+        )
+        return (*parts, grads) if keep_gradients else parts
 
     return integrated
 
 
 def noise_function(model: keras.Model) -> Callable:
-    """Compile SmoothGrad's sum of gradients over noisy copies, for a batch of samples.
+    """Compile SmoothGrad's sum of gradients over noisy copies, and the plain gradient, for a batch of samples.
 
-    ``(x, noise, units) -> (values (batch, n), summed gradients (batch, *sample))``
-    where ``noise`` holds ``n`` draws per sample, sample-major, as
-    ``(batch * n, *sample)`` (so its leading axis stays free). Zero noise with
-    ``n = 1`` gives the plain gradient.
+    ``(x, noise, units) -> (values (batch, n), summed gradients, gradient at x,
+    units, f(x))`` where ``noise`` holds ``n`` draws per sample, sample-major,
+    as ``(batch * n, *sample)`` (so its leading axis stays free). ``n = 0``
+    gives the plain gradient alone.
     """
     model_ref = weakref.ref(model)
 
@@ -154,22 +179,29 @@ def noise_function(model: keras.Model) -> Callable:
         batch = tf.shape(x)[0]
         draws = tf.shape(noise)[0] // batch
         per_sample = tf.reshape(noise, tf.concat([[batch, draws], tf.shape(x)[1:]], 0))
-        points = tf.reshape(x[:, None] + per_sample, tf.shape(noise))
-        values, grads = _unit_gradients(model, points, tf.repeat(units, draws))
+        points = tf.concat([tf.reshape(x[:, None] + per_sample, tf.shape(noise)), x], 0)
+        with tf.GradientTape() as tape:
+            tape.watch(points)
+            with compute.layers_named(model):
+                outputs = flat_outputs(model(points, training=False))
+            count = batch * draws
+            chosen = chosen_units(units, outputs[count:])
+            values = _rows(outputs, tf.concat([tf.repeat(chosen, draws), chosen], 0))
+        grads = tape.gradient(values, points)
         restore_in_graph(guarded, saved)
         if grads is None:
             grads = tf.zeros_like(points)
-        summed = tf.reduce_sum(tf.reshape(grads, tf.shape(per_sample)), axis=1)
-        return tf.reshape(values, [batch, draws]), summed
+        summed = tf.reduce_sum(tf.reshape(grads[:count], tf.shape(per_sample)), axis=1)
+        return tf.reshape(values[:count], [batch, draws]), summed, grads[count:], chosen, values[count:]
 
     return smoothed
 
 
 def layer_function(model: keras.Model, layer: keras.Layer) -> Callable:
-    """Compile Grad-CAM's ingredients: ``(x, units) -> (values, [layer outputs], [d unit / d layer output])``.
+    """Compile Grad-CAM's ingredients: ``(x, units) -> (values, units, [layer outputs], [d unit / d layer output])``.
 
     The layer's outputs of every call are recorded (a shared layer runs more
-    than once); the gradient is of output unit ``units[i]`` of sample i.
+    than once); the gradient is of output unit ``units[i]`` of sample i (-1: its predicted class).
     """
     model_ref, layer_ref = weakref.ref(model), weakref.ref(layer)
 
@@ -181,11 +213,13 @@ def layer_function(model: keras.Model, layer: keras.Layer) -> Callable:
         with tf.GradientTape() as tape:
             with compute.layers_named(model), compute.capture_calls(layer_ref(), tape) as calls:
                 y_pred = model(x, training=False)
-            values = tf.gather(flat_outputs(y_pred), units, axis=1, batch_dims=1)
+            flat = flat_outputs(y_pred)
+            chosen = chosen_units(units, flat)
+            values = _rows(flat, chosen)
         outputs = [keras.tree.flatten(call)[0] for call in calls]
         grads = tape.gradient(values, outputs)
         restore_in_graph(guarded, saved)
         grads = [tf.zeros_like(o) if g is None else g for o, g in zip(outputs, grads)]
-        return values, outputs, grads
+        return values, chosen, outputs, grads
 
     return layer_grads
