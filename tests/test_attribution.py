@@ -246,3 +246,29 @@ def test_the_model_is_left_bit_identical():
     gm.integrated_gradients(model, x, steps=5, baseline="uniform")
     gm.saliency(model, x, smooth=0.2, samples=5)
     assert_unchanged(model, before)
+
+
+class Quadratic(keras.Model):
+    """A subclassed model (no declared outputs): f(x) = [sum(x**2), sum(x)]."""
+
+    def call(self, x):
+        return keras.ops.stack([keras.ops.sum(x**2, axis=-1), keras.ops.sum(x, axis=-1)], axis=-1)
+
+
+def test_a_subclassed_model_is_checked_against_its_real_outputs():
+    model = Quadratic()
+    x = np.array([[1.0, -2.0, 0.5]], "float32")
+    a = gm.integrated_gradients(model, x, output=0, steps=3)
+    np.testing.assert_allclose(a.array, x**2, rtol=1e-6)  # trapezoid is exact for a linear integrand
+    np.testing.assert_allclose(gm.saliency(model, x, output=-1).array, np.ones_like(x))  # -1: the last unit
+    with pytest.raises(gm.GradmagicError, match=r"Received: output=2.*2 output unit"):
+        gm.saliency(model, x, output=2)
+
+
+def test_x_from_a_dataset_is_its_first_batch():
+    x = np.arange(12, dtype="float32").reshape(6, 2) / 10
+    model = power_sum(2, features=2)
+    ds = tf.data.Dataset.from_tensor_slices((x, np.zeros(6, "float32"))).batch(4)
+    a = gm.integrated_gradients(model, ds, steps=2)
+    np.testing.assert_allclose(a.array, x[:4] ** 2, rtol=1e-6)
+    assert any("first batch" in n for n in a.notes)
