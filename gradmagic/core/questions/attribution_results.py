@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from gradmagic.core.display import html_table, text_table
+from gradmagic.core.questions.heatmap import as_maps, strip
 
 #: Relative completeness gap above which integrated gradients warns.
 GAP_TOLERANCE = 0.05
@@ -53,7 +54,11 @@ class _PerSample:
             for flag in self._flagged()
         ]
         notes = "".join(f"<p><em>Note: {html.escape(n)}</em></p>" for n in self.notes)
-        return html_table(self.title, headers, rows, styles) + notes
+        return html_table(self.title, headers, rows, styles) + notes + self._maps_html()
+
+    def _maps_html(self) -> str:
+        """Inline heat maps of the result's maps, where they are 2-D per sample."""
+        return ""
 
 
 @dataclass(repr=False)
@@ -136,6 +141,9 @@ class IntegratedGradients(_PerSample):
     def _flagged(self) -> list[bool]:
         return [bool(g > GAP_TOLERANCE) for g in self.relative_gap]
 
+    def _maps_html(self) -> str:
+        return strip(as_maps(self.array), signed=True, label="Attributions (summed over channels)")
+
 
 @dataclass(repr=False)
 class Saliency(_PerSample):
@@ -177,6 +185,9 @@ class Saliency(_PerSample):
             "norm": [float(np.sqrt(np.dot(r, r))) for r in flat],
             "max_abs": [float(np.max(np.abs(r))) if r.size else 0.0 for r in flat],
         }
+
+    def _maps_html(self) -> str:
+        return strip(as_maps(self.array), signed=True, label="Gradient (summed over channels)")
 
 
 @dataclass(repr=False)
@@ -241,3 +252,7 @@ class GradCAM(_PerSample):
             "map_mean": [float(r.mean()) if r.size else 0.0 for r in flat],
             "positive": [float(np.mean(r > 0)) if r.size else 0.0 for r in flat],
         }
+
+    def _maps_html(self) -> str:
+        maps = self.array_at_input if self.array.ndim == 3 and len(self.input_spatial_shape) == 2 else self.array
+        return strip(maps if maps.ndim == 3 else None, signed=False, label=f"Grad-CAM at layer '{self.layer_name}'")
