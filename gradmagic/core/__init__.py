@@ -18,11 +18,12 @@ from gradmagic.core.arguments import check_flag, is_flag, is_int
 from gradmagic.core.batches import is_stream
 from gradmagic.core.diagnose.explain import DisconnectedWeight, Explanation, LayerPath, OpInfo, explain
 from gradmagic.core.diagnose.gradcheck import CheckRow, GradientCheck, check_gradients
-from gradmagic.core.questions.attribution import gradcam, integrated_gradients, saliency
 from gradmagic.core.questions.attribution_results import GradCAM, IntegratedGradients, Saliency
 from gradmagic.core.questions.compute import clear_cache
+from gradmagic.core.questions.gradcam import gradcam
 from gradmagic.core.questions.gradients import input_gradients, output_gradients, weight_gradients
 from gradmagic.core.questions.inputs import is_scalar_list, model_spec
+from gradmagic.core.questions.integrated import integrated_gradients
 from gradmagic.core.questions.results import (
     GradientRow,
     GradientStats,
@@ -30,6 +31,7 @@ from gradmagic.core.questions.results import (
     OutputGradients,
     WeightGradients,
 )
+from gradmagic.core.questions.saliency import saliency
 from gradmagic.core.questions.state import rollback_on_failure
 from gradmagic.core.questions.targets import model_name
 
