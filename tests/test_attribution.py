@@ -140,6 +140,9 @@ def test_smoothgrad_of_a_linear_model_is_its_gradient():
     np.testing.assert_allclose(plain.array, np.broadcast_to(w[:, 1], x.shape), rtol=1e-6)
     np.testing.assert_allclose(smooth.array, plain.array, rtol=1e-5)
     assert smooth.samples == 16 and smooth.sample_outputs.shape == (3, 16)
+    # Every copy has the same gradient: the mean is certain (up to float32 rounding of the squares).
+    np.testing.assert_allclose(smooth.relative_error, 0.0, atol=1e-3)
+    np.testing.assert_allclose(smooth.gradient_at_x, plain.array, rtol=1e-6)
 
 
 def test_smoothgrad_noise_is_the_documented_gaussian():
@@ -152,6 +155,10 @@ def test_smoothgrad_noise_is_the_documented_gaussian():
         noise = np.random.default_rng([7, i]).standard_normal((12, 5)) * s.noise_std[i]
         # d/dx sum(x**2) = 2 x, so the mean over noisy copies is 2 (x + mean noise).
         np.testing.assert_allclose(s.array[i], 2 * (x[i] + noise.mean(axis=0)), rtol=1e-4, atol=1e-5)
+        # The gradients 2 (x + noise) vary as 2 * noise does: the standard error of their mean, by hand.
+        variance = (2 * noise).var(axis=0, ddof=1)
+        np.testing.assert_allclose(s.standard_error[i], np.sqrt(variance.sum() / 12), rtol=1e-3)
+    np.testing.assert_allclose(s.gradient_at_x, 2 * x, rtol=1e-6)
     # Sample i's noise depends on (seed, i) only, not on the batch size.
     alone = gm.saliency(model, x[:1], smooth=0.2, samples=12, seed=7)
     np.testing.assert_allclose(alone.array[0], s.array[0], rtol=1e-6)
@@ -272,3 +279,13 @@ def test_x_from_a_dataset_is_its_first_batch():
     a = gm.integrated_gradients(model, ds, steps=2)
     np.testing.assert_allclose(a.array, x[:4] ** 2, rtol=1e-6)
     assert any("first batch" in n for n in a.notes)
+
+
+def test_an_unsettled_smoothgrad_map_says_how_many_copies_to_try():
+    model = power_sum(2, features=3)
+    x = np.array([[0.1, -0.1, 0.05]], "float32")
+    s = gm.saliency(model, x, smooth=1.0, samples=4)  # noise far larger than x: the mean is rough
+    rel = float(s.relative_error[0])
+    assert rel > 0.1 and s.to_dict()["relative_error"] == [rel]
+    expected = int(np.ceil(4 * (rel / 0.1) ** 2 / 10) * 10)  # the standard error falls as 1/sqrt(samples)
+    assert f"samples={expected}" in s.notes[-1] and "gm-ok" not in s._repr_html_()

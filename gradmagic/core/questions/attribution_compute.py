@@ -164,8 +164,8 @@ def path_function(model: keras.Model, keep_gradients: bool) -> Callable:
 def noise_function(model: keras.Model) -> Callable:
     """Compile SmoothGrad's sum of gradients over noisy copies, and the plain gradient, for a batch of samples.
 
-    ``(x, noise, units) -> (values (batch, n), summed gradients, gradient at x,
-    units, f(x))`` where ``noise`` holds ``n`` draws per sample, sample-major,
+    ``(x, noise, units) -> (values (batch, n), summed gradients, summed squared
+    gradients, gradient at x, units, f(x))`` where ``noise`` holds ``n`` draws per sample, sample-major,
     as ``(batch * n, *sample)`` (so its leading axis stays free). ``n = 0``
     gives the plain gradient alone.
     """
@@ -191,8 +191,9 @@ def noise_function(model: keras.Model) -> Callable:
         restore_in_graph(guarded, saved)
         if grads is None:
             grads = tf.zeros_like(points)
-        summed = tf.reduce_sum(tf.reshape(grads[:count], tf.shape(per_sample)), axis=1)
-        return tf.reshape(values[:count], [batch, draws]), summed, grads[count:], chosen, values[count:]
+        per_copy = tf.reshape(grads[:count], tf.shape(per_sample))
+        summed, squares = tf.reduce_sum(per_copy, axis=1), tf.reduce_sum(tf.square(per_copy), axis=1)
+        return tf.reshape(values[:count], [batch, draws]), summed, squares, grads[count:], chosen, values[count:]
 
     return smoothed
 

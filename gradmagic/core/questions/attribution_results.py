@@ -19,6 +19,9 @@ from gradmagic.core.questions.heatmap import as_maps, strip
 #: Relative completeness gap above which integrated gradients warns.
 GAP_TOLERANCE = 0.05
 
+#: Relative standard error of a SmoothGrad map above which the result notes it.
+RELATIVE_ERROR_NOTE = 0.1
+
 
 def _fmt(value: float) -> str:
     return f"{value:.4g}"
@@ -160,6 +163,9 @@ class Saliency(_PerSample):
             (``smooth * (max(x_i) - min(x_i))``; 0 for the plain gradient).
         sample_outputs: The output unit at every noisy copy, ``(batch, samples)``.
         seed: The seed of the noise.
+        gradient_at_x: The plain gradient at x (the same as ``array`` without noise).
+        standard_error: Per sample, the L2 norm of the standard error of the
+            mean map over the copies (0 without noise, NaN for one copy).
     """
 
     array: np.ndarray
@@ -170,11 +176,20 @@ class Saliency(_PerSample):
     noise_std: np.ndarray
     sample_outputs: np.ndarray
     seed: int
+    gradient_at_x: np.ndarray
+    standard_error: np.ndarray
     title: str = ""
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def relative_error(self) -> np.ndarray:
+        """Per sample, ``standard_error`` over the map's L2 norm: how settled the SmoothGrad mean is."""
+        norm = np.sqrt(np.square(self.array.reshape(len(self.array), -1).astype(np.float64)).sum(axis=1))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(self.standard_error == 0, 0.0, self.standard_error / norm)
+
     def to_dict(self) -> dict[str, list]:
-        """One row per sample: output unit, f(x), the noise and the size of the map."""
+        """One row per sample: output unit, f(x), the noise, the size of the map and its relative error."""
         flat = self.array.reshape(len(self.array), -1).astype(np.float64)
         return {
             "sample": list(range(len(self.array))),
@@ -184,7 +199,11 @@ class Saliency(_PerSample):
             "noise_std": [float(v) for v in self.noise_std],
             "norm": [float(np.sqrt(np.dot(r, r))) for r in flat],
             "max_abs": [float(np.max(np.abs(r))) if r.size else 0.0 for r in flat],
+            "relative_error": [float(v) for v in self.relative_error],
         }
+
+    def _flagged(self) -> list[bool]:
+        return [bool(e > RELATIVE_ERROR_NOTE) for e in self.relative_error]
 
     def _maps_html(self) -> str:
         return strip(as_maps(self.array), signed=True, label="Gradient (summed over channels)")

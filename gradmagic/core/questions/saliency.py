@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import keras
@@ -19,7 +20,7 @@ from gradmagic.core.questions.attribution_args import (
     single_input,
     what_is_explained,
 )
-from gradmagic.core.questions.attribution_results import Saliency
+from gradmagic.core.questions.attribution_results import RELATIVE_ERROR_NOTE, Saliency
 from gradmagic.core.questions.entry import leaves_no_trace
 from gradmagic.core.questions.targets import model_name
 from gradmagic.errors import InputError
@@ -61,7 +62,10 @@ def saliency(
 
     Returns:
         A :class:`Saliency`: ``.array`` shaped like x, ``.samples``,
-        ``.noise_std`` per sample, ``to_dict()`` and a table.
+        ``.noise_std`` per sample, its own check ``.relative_error`` (the
+        standard error of the mean map over the copies, relative to its norm;
+        a note suggests more copies above 10%), ``.gradient_at_x`` (the plain
+        gradient, computed alongside), ``to_dict()`` and a table.
 
     Raises:
         InputError: A bad ``output``, ``smooth``, ``samples``, ``seed`` or
@@ -91,6 +95,7 @@ def saliency(
     at_x = np.zeros(len(x_arr), np.float64)
     draws = int(samples) if smooth > 0 else 1
     values = np.zeros((len(x_arr), draws), np.float64)
+    plain = np.zeros_like(x_arr)
     if smooth > 0:
         axes = tuple(range(1, x_arr.ndim))
         std = smooth * (np.max(x_arr, axis=axes) - np.min(x_arr, axis=axes)).astype(np.float64)
@@ -100,19 +105,21 @@ def saliency(
                 for i in range(len(x_arr))
             ]
         ).astype(x_arr.dtype)
-        summed = np.zeros(x_arr.shape, np.float64)
+        summed, squares = np.zeros(x_arr.shape, np.float64), np.zeros(x_arr.shape, np.float64)
         for rows, copies in chunks(len(x_arr), draws, batch_size):
             flat = noise[rows, copies].reshape(-1, *x_arr.shape[1:])
             got = [
                 t.numpy()
                 for t in ac.run(model, key, fn, (x_arr[rows], flat, requested[rows]), "SmoothGrad", x_arr.shape)
             ]
-            values[rows, copies], units[rows], at_x[rows] = got[0], got[3], got[4]
+            values[rows, copies], units[rows], at_x[rows] = got[0], got[4], got[5]
             summed[rows] += got[1]
+            squares[rows] += got[2]
+            plain[rows] = got[3]
         array = (summed / draws).astype(x_arr.dtype)
+        error = _standard_error(summed, squares, draws)
     else:  # no noisy copies: the gradient at x itself
         std = np.zeros(len(x_arr))
-        array = np.zeros_like(x_arr)
         none = np.zeros((0, *x_arr.shape[1:]), x_arr.dtype)
         for start in range(0, len(x_arr), batch_size):
             rows = slice(start, start + batch_size)
@@ -120,7 +127,9 @@ def saliency(
                 t.numpy()
                 for t in ac.run(model, key, fn, (x_arr[rows], none, requested[rows]), "the saliency map", x_arr.shape)
             ]
-            array[rows], units[rows], at_x[rows] = got[2], got[3], got[4]
+            plain[rows], units[rows], at_x[rows] = got[3], got[4], got[5]
+        array = plain
+        error = np.zeros(len(x_arr))
         values[:, 0] = at_x
 
     what = what_is_explained(spec, output, units)
@@ -134,8 +143,34 @@ def saliency(
         noise_std=std,
         sample_outputs=values,
         seed=seed,
+        gradient_at_x=plain,
+        standard_error=error,
         title=f"{kind}: d({what})/dx of model '{model_name(model)}'",
     )
     if source:
         result.notes.append(f"x: {source}")
+    _check_samples(result)
     return result
+
+
+def _standard_error(summed: np.ndarray, squares: np.ndarray, draws: int) -> np.ndarray:
+    """Per sample, the L2 norm of the standard error of the mean gradient map (NaN for a single copy)."""
+    if draws < 2:
+        return np.full(len(summed), np.nan)
+    mean = summed / draws
+    variance = np.maximum(squares / draws - mean**2, 0.0) * draws / (draws - 1)  # unbiased, per entry
+    return np.sqrt(variance.reshape(len(summed), -1).sum(axis=1) / draws)
+
+
+def _check_samples(result: Saliency) -> None:
+    """Note samples whose SmoothGrad map is uncertain by more than 10% (of its norm), with a copy count to try."""
+    relative = result.relative_error
+    bad = np.flatnonzero(relative > RELATIVE_ERROR_NOTE)
+    if bad.size:
+        worst = float(np.max(relative[bad]))
+        suggestion = int(math.ceil(result.samples * (worst / RELATIVE_ERROR_NOTE) ** 2 / 10) * 10)
+        result.notes.append(
+            f"the mean over {result.samples} noisy copies is uncertain by up to {worst:.0%} of the map's norm "
+            f"(standard error; {bad.size} sample(s) above {RELATIVE_ERROR_NOTE:.0%}): for a steadier map try "
+            f"samples={suggestion}"
+        )
