@@ -101,7 +101,7 @@ def _trace(
         info["probed"], flags = probed_ops(recorder.graph.get_operations())
         return flags
 
-    @tf.function
+    @tf.function(autograph=False)  # as in Keras's own train step; AutoGraph only adds tracing time
     def run(x: Any, y: Any) -> Any:
         with tf.GradientTape() as tape:
             with recorder.recording(tape):
