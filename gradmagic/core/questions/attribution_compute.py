@@ -75,7 +75,7 @@ def forward_function(model: keras.Model) -> Callable:
     """Compile ``x -> (batch, units)``: the flattened outputs (to check ``output=`` where the model declares none)."""
     model_ref = weakref.ref(model)
 
-    @tf.function
+    @tf.function(autograph=False)  # as in Keras's own train step; AutoGraph only adds tracing time
     def forward(x: tf.Tensor) -> tf.Tensor:
         model = model_ref()
         guarded = state_variables(model)
@@ -131,7 +131,7 @@ def path_function(model: keras.Model, keep_gradients: bool) -> Callable:
     """
     model_ref = weakref.ref(model)
 
-    @tf.function
+    @tf.function(autograph=False)  # as in Keras's own train step; AutoGraph only adds tracing time
     def integrated(x: tf.Tensor, baseline: tf.Tensor, alphas: tf.Tensor, weights: tf.Tensor, units: tf.Tensor) -> Any:
         model = model_ref()
         guarded = state_variables(model)
@@ -171,7 +171,7 @@ def noise_function(model: keras.Model) -> Callable:
     """
     model_ref = weakref.ref(model)
 
-    @tf.function
+    @tf.function(autograph=False)  # as in Keras's own train step; AutoGraph only adds tracing time
     def smoothed(x: tf.Tensor, noise: tf.Tensor, units: tf.Tensor) -> Any:
         model = model_ref()
         guarded = state_variables(model)
@@ -206,7 +206,7 @@ def layer_function(model: keras.Model, layer: keras.Layer) -> Callable:
     """
     model_ref, layer_ref = weakref.ref(model), weakref.ref(layer)
 
-    @tf.function
+    @tf.function(autograph=False)  # as in Keras's own train step; AutoGraph only adds tracing time
     def layer_grads(x: tf.Tensor, units: tf.Tensor) -> Any:
         model = model_ref()
         guarded = state_variables(model)
