@@ -54,6 +54,12 @@ def test_sum_of_squares_gives_x_squared_and_saliency_2x():
         a = gm.integrated_gradients(model, x, steps=200, method=method)
         np.testing.assert_allclose(a.array, x**2, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(a.relative_gap, 0.0, atol=1e-5)
+    # Up to a: integral_0^a 2 t x dt * x = a**2 x**2, exact for the trapezoid rule too.
+    a = gm.integrated_gradients(model, x, steps=11, keep_path_gradients=True)
+    alphas = a.accumulated_alphas.reshape(1, -1, 1)
+    np.testing.assert_allclose(a.accumulated(), alphas**2 * (x**2)[:, None], rtol=1e-5, atol=1e-6)
+    with pytest.raises(gm.GradmagicError, match="keep_path_gradients=True"):
+        gm.integrated_gradients(model, x, steps=11).accumulated()
     s = gm.saliency(model, x)
     np.testing.assert_allclose(s.array, 2 * x, rtol=1e-6)
     assert s.samples == 1 and np.all(s.noise_std == 0)
@@ -85,6 +91,8 @@ def test_left_riemann_sum_matches_a_hand_written_tape_on_the_same_path():
         total += grad / steps
     np.testing.assert_allclose(a.array, (x - baseline) * total, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(a.baseline, np.broadcast_to(baseline, x.shape))
+    np.testing.assert_allclose(a.accumulated()[:, -1], a.array, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(a.accumulated_alphas, (np.arange(steps) + 1) / steps)
 
 
 def test_trapezoid_path_runs_from_the_baseline_to_x():

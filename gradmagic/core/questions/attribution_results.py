@@ -15,6 +15,7 @@ import numpy as np
 
 from gradmagic.core.display import html_table, text_table
 from gradmagic.core.questions.heatmap import as_maps, strip
+from gradmagic.errors import GradmagicError
 
 #: Relative completeness gap above which integrated gradients warns.
 GAP_TOLERANCE = 0.05
@@ -81,6 +82,7 @@ class IntegratedGradients(_PerSample):
         path_outputs: The output unit at every position, ``(batch, steps)``.
         path_gradients: The gradient at every position, ``(batch, steps, *x.shape[1:])``,
             if asked for with ``keep_path_gradients=True``; else ``None``.
+        x: The inputs explained.
         value_at_x, value_at_baseline: f(x) and f(baseline), per sample.
         method: The quadrature rule (``"trapezoid"``, ``"midpoint"``, ``"left"``, ``"right"``).
         notes: Anything the numbers need said beside them.
@@ -96,6 +98,7 @@ class IntegratedGradients(_PerSample):
     value_at_x: np.ndarray
     value_at_baseline: np.ndarray
     method: str
+    x: np.ndarray | None = None
     path_gradients: np.ndarray | None = None
     title: str = ""
     notes: list[str] = field(default_factory=list)
@@ -104,6 +107,39 @@ class IntegratedGradients(_PerSample):
     def steps(self) -> int:
         """The number of points on the path where the gradient was taken."""
         return len(self.path_alphas)
+
+    @property
+    def accumulated_alphas(self) -> np.ndarray:
+        """Where on the path each entry of :meth:`accumulated` ends (trapezoid: the positions; else interval ends)."""
+        if self.method == "trapezoid":
+            return self.path_alphas
+        return np.arange(1, self.steps + 1) / self.steps
+
+    def accumulated(self) -> np.ndarray:
+        """The attributions integrated from the baseline up to each position: ``(batch, steps, *x.shape[1:])``.
+
+        Entry ``[:, k]`` is ``(x - baseline) * integral_0^a df/dx da`` with ``a =
+        accumulated_alphas[k]``, by the same rule as :attr:`array` (which is entry
+        ``[:, -1]``); the path's attribution as it builds up, for a slider over a.
+
+        Raises:
+            GradmagicError: The result was computed without ``keep_path_gradients=True``.
+        """
+        if self.path_gradients is None or self.x is None:
+            raise GradmagicError(
+                "Received: accumulated() on a result computed without the gradients along the path. Expected "
+                "a result of integrated_gradients(..., keep_path_gradients=True). Fix: compute it again with "
+                "keep_path_gradients=True (it keeps steps times x's size in memory)."
+            )
+        grads = self.path_gradients.astype(np.float64)
+        if self.method == "trapezoid":
+            pieces = (grads[:, 1:] + grads[:, :-1]) * (self.path_alphas[1] - self.path_alphas[0]) / 2
+            integral = np.concatenate([np.zeros_like(grads[:, :1]), np.cumsum(pieces, axis=1)], axis=1)
+        else:
+            weights = self.path_weights.reshape(1, -1, *([1] * (grads.ndim - 2)))
+            integral = np.cumsum(grads * weights, axis=1)
+        delta = (self.x.astype(np.float64) - self.baseline)[:, None]
+        return (delta * integral).astype(self.array.dtype)
 
     @functools.cached_property
     def attribution_sum(self) -> np.ndarray:

@@ -125,7 +125,8 @@ def integrated_gradients(
             2**20 input values, at most 256 (256 for 32x32x3 images, 37 for
             96x96x3). Lower it if the model runs out of memory.
         keep_path_gradients: Keep the gradient at every point of the path in
-            ``path_gradients`` (``steps`` times x's size). Defaults to False.
+            ``path_gradients`` (``steps`` times x's size), which
+            ``accumulated()`` integrates up to every point. Defaults to False.
 
     Returns:
         An :class:`IntegratedGradients`: ``.array`` (shaped like x),
@@ -193,6 +194,7 @@ def integrated_gradients(
         value_at_x=at_x,
         value_at_baseline=at_base,
         method=method,
+        x=x_arr,
         path_gradients=grads,
         title=(
             f"Integrated gradients of {what} of model '{model_name(model)}' "
