@@ -32,6 +32,7 @@ def test_strip_shows_at_most_the_first_samples_and_skips_other_shapes():
     html = strip(np.random.default_rng(1).normal(size=(10, 4, 6)), signed=True, label="maps")
     assert html.count("<img") == MAX_SAMPLES and f"first {MAX_SAMPLES} of 10" in html
     assert strip(None, signed=True, label="maps") == ""
+    assert "&lt;b&gt;" in strip(np.ones((1, 2, 2)), signed=False, label="<b>")  # a layer name is text, not markup
 
 
 def test_results_of_image_models_render_their_maps():

@@ -9,6 +9,7 @@ largest absolute value.
 from __future__ import annotations
 
 import base64
+import html
 import struct
 import zlib
 
@@ -76,4 +77,5 @@ def strip(maps: np.ndarray | None, signed: bool, label: str) -> str:
         )
     more = f" (first {MAX_SAMPLES} of {len(maps)})" if len(maps) > MAX_SAMPLES else ""
     key = "red: raises the output, blue: lowers it" if signed else "red: where the output looks"
-    return f'<div class="gradmagic-maps"><div>{label}{more} &mdash; {key}</div>{"".join(images)}</div>'
+    caption = html.escape(f"{label}{more}: {key}")
+    return f'<div class="gradmagic-maps"><div>{caption}</div>{"".join(images)}</div>'
