@@ -136,3 +136,18 @@ def test_mobilenetv2_runs_all_three_and_stays_bit_identical():
     g = gm.gradcam(model, x, "block_6_expand_relu")
     np.testing.assert_allclose(g.array, tape_gradcam(model, "block_6_expand_relu", x, predicted), rtol=1e-3, atol=1e-6)
     assert g.array_at_input.shape == (2, 32, 32)
+
+
+def test_gradcam_at_a_nested_base_model_as_in_transfer_learning():
+    base = keras.Sequential([keras.Input((8, 8, 2)), keras.layers.Conv2D(3, 3, activation="relu")], name="base")
+    pool, head = keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(2)
+    model = keras.Sequential([keras.Input((8, 8, 2)), base, pool, head])
+    x = np.random.default_rng(6).normal(size=(2, 8, 8, 2)).astype("float32")
+    g = gm.gradcam(model, x, "base", output=1)
+    with tf.GradientTape() as tape:
+        a = base(x)
+        y = head(pool(a))[:, 1]
+    grads = tape.gradient(y, a).numpy()
+    want = np.maximum((a.numpy() * grads.mean(axis=(1, 2))[:, None, None, :]).sum(-1), 0)
+    # Compiled graph vs eager tape: float32 rounding.
+    np.testing.assert_allclose(g.array, want, rtol=1e-4, atol=1e-6)
