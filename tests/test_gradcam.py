@@ -114,9 +114,9 @@ def test_mobilenetv2_runs_all_three_and_stays_bit_identical():
     before = fingerprint(model)
     a = gm.integrated_gradients(model, x, steps=64, baseline="blur")
     s = gm.saliency(model, x, smooth=0.1, samples=8)
-    g = gm.gradcam(model, x, "out_relu")
+    g = gm.gradcam(model, x, "block_6_expand_relu")
     assert_unchanged(model, before)
-    assert a.array.shape == s.array.shape == x.shape and g.array.shape == (2, 1, 1)
+    assert a.array.shape == s.array.shape == x.shape and g.array.shape == (2, 4, 4)
     predicted = np.argmax(model(x).numpy(), axis=1)
     assert a.output.tolist() == s.output.tolist() == predicted.tolist()
     assert np.all(np.isfinite(a.array)) and np.all(np.isfinite(s.array))
@@ -133,7 +133,6 @@ def test_mobilenetv2_runs_all_three_and_stays_bit_identical():
         y = tf.gather(model(xt), predicted, axis=1, batch_dims=1)
     # Compiled graph vs eager tape through 50 layers: float32 rounding.
     np.testing.assert_allclose(plain.array, tape.gradient(y, xt).numpy(), rtol=1e-3, atol=1e-6)
-    g = gm.gradcam(model, x, "block_6_expand_relu")
     np.testing.assert_allclose(g.array, tape_gradcam(model, "block_6_expand_relu", x, predicted), rtol=1e-3, atol=1e-6)
     assert g.array_at_input.shape == (2, 32, 32)
 
