@@ -297,3 +297,24 @@ def test_an_unsettled_smoothgrad_map_says_how_many_copies_to_try():
     assert rel > 0.1 and s.to_dict()["relative_error"] == [rel]
     expected = int(np.ceil(4 * (rel / 0.1) ** 2 / 10) * 10)  # the standard error falls as 1/sqrt(samples)
     assert f"samples={expected}" in s.notes[-1] and "gm-ok" not in s._repr_html_()
+
+
+def test_a_bias_free_relu_net_from_zeros_loses_exactly_the_trapezoids_first_half_step():
+    # f(a x) = a f(x) for a > 0, so the gradient along the path is constant on (0, 1]; at a = 0 exactly every
+    # ReLU sits at 0, where TensorFlow's derivative is 0. The midpoint rule never evaluates there.
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(8, activation="relu", use_bias=False),
+            keras.layers.Dense(1, use_bias=False),
+        ]
+    )
+    x = np.random.default_rng(13).normal(size=(3, 4)).astype("float32")
+    change = model(x).numpy()[:, 0]
+    midpoint = gm.integrated_gradients(model, x, steps=3, method="midpoint")
+    np.testing.assert_allclose(midpoint.attribution_sum, change, rtol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GradmagicWarning)  # 1/18 is above 5%: the warning is the point elsewhere
+        trapezoid = gm.integrated_gradients(model, x, steps=10)
+    np.testing.assert_allclose(trapezoid.attribution_sum, change * (1 - 1 / 18), rtol=1e-5)
+    np.testing.assert_allclose(trapezoid.relative_gap, 1 / 18, rtol=1e-4)

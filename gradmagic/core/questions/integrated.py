@@ -119,6 +119,11 @@ def integrated_gradients(
         method: Quadrature rule: ``"trapezoid"`` (the default; both ends
             included, so ``path_outputs`` runs from f(baseline) to f(x)),
             ``"midpoint"``, ``"left"`` or ``"right"`` (the paper's Riemann sum).
+            From a zeros baseline, a ReLU network's gradient at the baseline
+            itself can be 0 (every unit at 0, where ReLU's derivative is taken
+            as 0) although it is not just beside it: the trapezoid rule then
+            misses its first half-step, 1 / (2 (steps - 1)) of the integral on
+            a bias-free net; ``"midpoint"`` never evaluates the ends.
         seed: Seed of the ``"uniform"`` baseline. Defaults to 0.
         batch_size: Points (samples times steps) per compiled call; a path
             longer than that is split. Defaults to ``None``: as many as hold
