@@ -318,3 +318,8 @@ def test_a_bias_free_relu_net_from_zeros_loses_exactly_the_trapezoids_first_half
         trapezoid = gm.integrated_gradients(model, x, steps=10)
     np.testing.assert_allclose(trapezoid.attribution_sum, change * (1 - 1 / 18), rtol=1e-5)
     np.testing.assert_allclose(trapezoid.relative_gap, 1 / 18, rtol=1e-4)
+    # The gap falls as 1/steps here, not 1/steps**2: the suggested step count still closes it.
+    with pytest.warns(GradmagicWarning, match=r"try steps=(\d+)") as caught:
+        gm.integrated_gradients(model, x, steps=2)
+    suggested = int(str(caught[0].message).split("try steps=")[1].split(".")[0])
+    assert gm.integrated_gradients(model, x, steps=suggested).complete
