@@ -18,6 +18,7 @@ from gradmagic.core.arguments import check_flag, is_flag, is_int
 from gradmagic.core.batches import is_stream
 from gradmagic.core.diagnose.explain import DisconnectedWeight, Explanation, LayerPath, OpInfo, explain
 from gradmagic.core.diagnose.gradcheck import CheckRow, GradientCheck, check_gradients
+from gradmagic.core.display import html_table, text_table
 from gradmagic.core.questions.compute import clear_cache
 from gradmagic.core.questions.gradients import input_gradients, output_gradients, weight_gradients
 from gradmagic.core.questions.inputs import is_scalar_list, model_spec
@@ -47,6 +48,7 @@ __all__ = [
     "check_gradients",
     "clear_cache",
     "explain",
+    "html_table",
     "input_gradients",
     "is_flag",
     "is_int",
@@ -56,5 +58,6 @@ __all__ = [
     "model_spec",
     "output_gradients",
     "rollback_on_failure",
+    "text_table",
     "weight_gradients",
 ]

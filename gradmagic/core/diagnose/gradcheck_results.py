@@ -134,9 +134,6 @@ class GradientCheck:
         return "\n".join([table, *self._footer()])
 
     def _repr_html_(self) -> str:
-        bad = "background:#ffd6d6;color:#900;font-weight:bold"
-        rough = "background:#fff1c6;color:#7a5b00"
-        styles = [("ok", "") if r.status == OK else ("failed", bad) if not r.passed else ("rough", rough)
-                  for r in self.rows]  # fmt: skip
-        table = html_table(self._title(), _COLUMNS, [self._cells(r) for r in self.rows], styles)
+        states = ["ok" if r.status == OK else "failed" if not r.passed else "rough" for r in self.rows]
+        table = html_table(self._title(), _COLUMNS, [self._cells(r) for r in self.rows], states)
         return table + "".join(f"<p>{html.escape(line)}</p>" for line in self._footer())
