@@ -19,6 +19,8 @@ from gradmagic.core.batches import is_stream
 from gradmagic.core.diagnose.explain import DisconnectedWeight, Explanation, LayerPath, OpInfo, explain
 from gradmagic.core.diagnose.gradcheck import CheckRow, GradientCheck, check_gradients
 from gradmagic.core.display import html_table, text_table
+from gradmagic.core.monitor.callback import GradientMonitor
+from gradmagic.core.monitor.history import MonitorHistory, MonitorSummary
 from gradmagic.core.questions.compute import clear_cache
 from gradmagic.core.questions.gradients import input_gradients, output_gradients, weight_gradients
 from gradmagic.core.questions.inputs import is_scalar_list, model_spec
@@ -37,10 +39,13 @@ __all__ = [
     "DisconnectedWeight",
     "Explanation",
     "GradientCheck",
+    "GradientMonitor",
     "GradientRow",
     "GradientStats",
     "InputGradients",
     "LayerPath",
+    "MonitorHistory",
+    "MonitorSummary",
     "OpInfo",
     "OutputGradients",
     "WeightGradients",

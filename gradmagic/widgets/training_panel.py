@@ -24,16 +24,11 @@ import ipywidgets as widgets
 import matplotlib
 import numpy as np
 
-from gradmagic.core.monitor.callback import GradientMonitor
-from gradmagic.core.monitor.history import MonitorHistory
-from gradmagic.errors import GradmagicError
+from gradmagic.core import GradientMonitor, MonitorHistory
+from gradmagic.errors import PanelArgumentError
 from gradmagic.widgets.figure_view import FigureView
 
 _NO_FIT = object()  # differs from any monitor.params, so the first read opens a budget window
-
-
-class PanelArgumentError(GradmagicError, ValueError):
-    """A TrainingPanel argument is invalid."""
 
 
 def _check_arguments(monitor: Any, every: Any, max_layers: Any, log_scale: Any, use_ipympl: Any) -> None:
