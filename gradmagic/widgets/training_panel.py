@@ -14,6 +14,7 @@ time-budgeted the way progress bars throttle theirs: at most one per
 
 from __future__ import annotations
 
+import html
 import math
 import time
 import traceback
@@ -181,7 +182,8 @@ class TrainingPanel:
             self._update(recorded)
             self.status.value = ""
         except Exception:  # shown in the panel, not swallowed: training must go on
-            self.status.value = f"<pre style='color:#900'>{traceback.format_exc(limit=3)}</pre>"
+            # Escaped: a traceback holds text like "<lambda>" that HTML would swallow.
+            self.status.value = f"<pre style='color:#900'>{html.escape(traceback.format_exc(limit=3))}</pre>"
         self._last = self._clock()
         seconds = self._last - start
         self._spent += seconds
