@@ -255,9 +255,9 @@ def test_apply_restored_after_fit_and_when_fit_raises():
         model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[monitor, Boom()])
     assert "apply" not in vars(optimizer)
     # The next fit without the monitor must not keep recording into its buffer.
-    recorded = int(monitor._buffer.count.numpy())
+    recorded = int(monitor._functions.buffer.count.numpy())
     model.fit(x, y, batch_size=8, epochs=1, verbose=0)
-    assert int(monitor._buffer.count.numpy()) == recorded
+    assert int(monitor._functions.buffer.count.numpy()) == recorded
 
 
 def test_two_monitors_in_one_fit_fail_before_training():
@@ -286,13 +286,13 @@ def test_fit_after_a_keyboard_interrupt_records_with_another_monitor():
     interrupted = GradientMonitor()
     with pytest.raises(KeyboardInterrupt):
         model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[interrupted, Interrupt()])
-    recorded = int(interrupted._buffer.count.numpy())
+    recorded = int(interrupted._functions.buffer.count.numpy())
     assert recorded == 2 and "apply" not in vars(model.optimizer)
     monitor = GradientMonitor()  # not taken for a second monitor of the interrupted fit
     model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[monitor])
     # 2 steps before the interrupt, then 4: the new monitor records steps 2..5, the old one nothing more.
     assert sorted(set(monitor.to_dict()["step"])) == [2, 3, 4, 5]
-    assert int(interrupted._buffer.count.numpy()) == recorded
+    assert int(interrupted._functions.buffer.count.numpy()) == recorded
 
 
 def _division_model():
@@ -396,13 +396,13 @@ def test_repeated_fits_reuse_the_traced_train_functions():
         assert len(monitor.to_dict()["step"]) == 7 * 4 * len(model.trainable_variables)
         assert monitor.to_dict()["step"][-1] == 7 * 4 - 1
         # Without the monitor: the plain function, traced once (it never ran before), then reused.
-        recorded = int(monitor._buffer.count.numpy())
+        recorded = int(monitor._functions.buffer.count.numpy())
         for _ in range(3):
             model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
-        assert model.traces == traced + 1 and int(monitor._buffer.count.numpy()) == recorded
+        assert model.traces == traced + 1 and int(monitor._functions.buffer.count.numpy()) == recorded
         # And back with the monitor: still no new trace.
         model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
-        assert model.traces == traced + 1 and int(monitor._buffer.count.numpy()) == recorded + 4
+        assert model.traces == traced + 1 and int(monitor._functions.buffer.count.numpy()) == recorded + 4
     finally:
         tf.get_logger().removeHandler(records)
     assert not [m for m in records.messages if "retracing" in m]
