@@ -7,11 +7,7 @@ import warnings
 import numpy as np
 import pytest
 from conftest import mlp
-from monitor_helpers import (
-    division_data,
-    division_model,
-    sample_data,
-)
+from monitor_helpers import division_data, division_model, sample_data
 
 from gradmagic.core.monitor.anomaly import GradientAnomalyError, NormTracker
 from gradmagic.core.monitor.callback import GradientMonitor

@@ -66,3 +66,29 @@ def test_good_arguments_are_accepted():
         stream=sys.stderr,
     )
     assert (monitor.print_every, monitor.on_anomaly, monitor.stats, monitor.full_every) == (5, "stop", "full", 3)
+
+
+def test_argument_checks_accept_exactly_their_domain():
+    import io
+    import re
+
+    from gradmagic.core.monitor.arguments import check_choice, check_count, check_positive, check_stream
+
+    check_count("n", None)
+    check_count("n", 1)
+    for bad in (0, -2, True, 1.0, "3"):
+        with pytest.raises(MonitorArgumentError, match=re.escape(f"Received: n={bad!r} ({type(bad).__name__})")):
+            check_count("n", bad)
+    with pytest.raises(MonitorArgumentError, match=re.escape("Expected a positive int. Fix: pass e.g. n=10.")):
+        check_count("n", None, allow_none=False)
+    check_positive("f", 0.0, allow_zero=True)
+    check_positive("f", 1e-30)
+    for bad in (0.0, -1e-30, float("inf"), False):
+        with pytest.raises(MonitorArgumentError, match="Received: f="):
+            check_positive("f", bad)
+    check_choice("mode", "b", ("a", "b"))
+    with pytest.raises(MonitorArgumentError, match=re.escape("Expected one of 'a', 'b'. Fix: pass e.g. mode='a'.")):
+        check_choice("mode", "c", ("a", "b"))
+    check_stream(io.StringIO())
+    with pytest.raises(MonitorArgumentError, match="Received: stream="):
+        check_stream(object())

@@ -5,9 +5,8 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-from monitor_helpers import (
-    division_data,
-)
+import tensorflow as tf
+from monitor_helpers import division_data
 
 from gradmagic.core.monitor.anomaly import GradientAnomalyError
 from gradmagic.core.monitor.callback import GradientMonitor
@@ -103,3 +102,49 @@ def test_forward_division_pinned_when_run_eagerly():
         model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
     assert (info.value.anomaly.layer, info.value.anomaly.origin.op_type) == ("divide", "RealDiv")
     np.testing.assert_array_equal(monitor.bad_batch[0], x[16:24])
+
+
+def test_bad_step_capture_keeps_the_first_bad_step_and_the_weights_before_it():
+    from gradmagic.core.monitor.bad_step import BadStepCapture
+
+    weights = [tf.Variable([1.0, 2.0]), tf.Variable([[3.0]])]
+    capture = BadStepCapture(weights)
+    spec = tf.TensorSpec([2, 2], tf.float32)
+
+    @tf.function(input_signature=[spec, spec, tf.TensorSpec([], tf.bool), tf.TensorSpec([], tf.int64)])
+    def step(x, y, finite, count):
+        capture.data = (x, y)
+        capture.record(finite, count)
+        for variable in weights:  # the "update" that follows, as the optimizer's would
+            variable.assign_add(tf.ones_like(variable))
+
+    x0 = np.array([[1.0, 2.0], [3.0, 4.0]], "float32")
+    step(x0, -x0, True, 4)
+    assert capture.read() is None  # a finite step copies nothing
+    step(x0 + 10, -x0 - 10, False, 5)  # the first bad step: weights were [2, 3] and [[4]] before it
+    step(x0 + 20, -x0 - 20, False, 6)  # a later bad step does not overwrite the first
+    count, (x, y, sample_weight), kept = capture.read()
+    assert count == 5 and sample_weight is None
+    np.testing.assert_array_equal(x, x0 + 10)
+    np.testing.assert_array_equal(y, -x0 - 10)
+    np.testing.assert_array_equal(kept[0], [2.0, 3.0])
+    np.testing.assert_array_equal(kept[1], [[4.0]])
+    capture.reset()
+    assert capture.read() is None
+
+
+def test_first_origin_names_the_forward_division_and_puts_the_weights_back():
+    from gradmagic.core.monitor.origin import first_origin
+
+    model = _forward_division_model()
+    at_step = [w.numpy().copy() for w in model.trainable_variables]
+    now = [w + 1.0 for w in at_step]
+    for variable, value in zip(model.trainable_variables, now, strict=True):
+        variable.assign(value)
+    x = np.array([[1.0, 2.0, 3.0], [0.0, 1.0, 1.0]], "float32")  # row 1 divides by zero
+    y = np.zeros((2, 1), "float32")
+    origin = first_origin(model, (x, y, None), at_step)
+    assert (origin.op_type, origin.layer, origin.backward) == ("RealDiv", "divide", False)
+    for variable, value in zip(model.trainable_variables, now, strict=True):
+        np.testing.assert_array_equal(variable.numpy(), value)
+    assert first_origin(model, (x[:1], y[:1], None), at_step) is None  # a finite batch has no origin

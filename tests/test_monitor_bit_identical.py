@@ -6,11 +6,7 @@ import keras
 import numpy as np
 import pytest
 from conftest import mlp
-from monitor_helpers import (
-    conv_bn_dropout,
-    fit_bytes,
-    sample_data,
-)
+from monitor_helpers import conv_bn_dropout, fit_bytes, sample_data
 
 from gradmagic.core.monitor.callback import GradientMonitor
 

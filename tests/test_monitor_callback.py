@@ -9,9 +9,7 @@ import sys
 import keras
 import pytest
 from conftest import mlp
-from monitor_helpers import (
-    sample_data,
-)
+from monitor_helpers import sample_data
 
 from gradmagic.core.monitor.callback import GradientMonitor, MonitorArgumentError
 

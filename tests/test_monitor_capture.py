@@ -13,11 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import mlp
-from monitor_helpers import (
-    WeightsBefore,
-    sample_data,
-    tape_gradients,
-)
+from monitor_helpers import WeightsBefore, sample_data, tape_gradients
 
 from gradmagic.core.monitor.callback import GradientMonitor
 
@@ -180,3 +176,36 @@ def test_mirrored_strategy_matches_single_device():
     for m, s in zip(mirrored["histograms"], single["histograms"], strict=True):
         np.testing.assert_allclose(m[1], s[1], rtol=1e-5)
         assert np.abs(np.subtract(m[2], s[2])).sum() <= 1
+
+
+def test_stats_buffer_rows_put_each_statistic_in_its_named_column():
+    from gradmagic.core.monitor.capture import StatsBuffer
+    from gradmagic.core.monitor.columns import BUFFER_COLUMNS, column
+
+    rng = np.random.default_rng(4)
+    variables = [tf.Variable(np.zeros(s, "float32"), name=n) for n, s in (("a", (3, 2)), ("b", (4,)), ("c", (5,)))]
+    buffer = StatsBuffer([v.name for v in variables], capacity=4, mode="full")
+    grads = [rng.normal(size=v.shape).astype("float32") for v in variables]
+    grads[2][1] = np.inf
+
+    @tf.function(autograph=False)
+    def step(a, c):
+        buffer.record([a, None, c], variables)  # "b" gets no gradient
+
+    step(grads[0], grads[2])
+    count, rows = buffer.read(0)
+    assert count == 1 and rows.shape == (1, 3, len(BUFFER_COLUMNS))
+    # The truth from NumPy: the finite entries' statistics, NaN/Inf counts, and the flags.
+    finite = grads[2][np.isfinite(grads[2])]
+    np.testing.assert_allclose(
+        column(rows, "norm")[0, [0, 2]], [np.linalg.norm(grads[0]), np.linalg.norm(finite)], rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        column(rows, "max_abs")[0, [0, 2]], [np.abs(grads[0]).max(), np.abs(finite).max()], rtol=1e-6
+    )
+    np.testing.assert_allclose(column(rows, "mean")[0, [0, 2]], [grads[0].mean(), finite.mean()], rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(column(rows, "nan")[0], [0, 0, 0])
+    np.testing.assert_array_equal(column(rows, "inf")[0], [0, 0, 1])
+    np.testing.assert_array_equal(column(rows, "missing")[0], [0, 1, 0])
+    np.testing.assert_array_equal(column(rows, "full")[0], [1, 1, 1])
+    np.testing.assert_array_equal(column(rows, "skipped")[0], [0, 0, 0])  # only a LossScaleOptimizer skips

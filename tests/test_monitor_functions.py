@@ -9,9 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import mlp
-from monitor_helpers import (
-    sample_data,
-)
+from monitor_helpers import sample_data
 
 from gradmagic.core.monitor.callback import GradientMonitor, MonitorArgumentError
 
@@ -133,3 +131,39 @@ def test_recompile_gets_a_new_recording_function():
     for got, want in zip(model.get_weights(), before, strict=True):
         np.testing.assert_array_equal(got, want)
     assert len(monitor.to_dict()["step"]) == 4 * len(model.trainable_variables)
+
+
+def test_fit_token_is_new_in_every_fit_and_fixed_within_one():
+    from gradmagic.core.monitor.functions import fit_token
+
+    model, (x, y) = mlp(), sample_data(16)
+    tokens = []
+
+    class Probe(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            tokens.append(fit_token(self.model))
+
+    for _ in range(2):
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[Probe()])
+    (first, second), (third, fourth) = tokens[:2], tokens[2:]
+    assert first[0] is second[0] and first[1] is second[1]
+    assert third[0] is fourth[0] and third[0] is not first[0]
+
+
+def test_plain_function_is_the_train_function_keras_made():
+    from gradmagic.core.monitor.functions import plain_function
+
+    model, (x, y) = mlp(), sample_data(16)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    made_by_keras = model.train_function
+    seen = []
+
+    class Probe(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            seen.append((model.train_function, plain_function(model)))
+
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[GradientMonitor(), Probe()])
+    running, plain = seen[0]
+    assert running is not made_by_keras and getattr(running, "gradmagic_functions", None) is not None
+    assert plain is made_by_keras
+    assert model.train_function is made_by_keras and plain_function(model) is made_by_keras

@@ -7,11 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import mlp
-from monitor_helpers import (
-    WeightsBefore,
-    sample_data,
-    tape_gradients,
-)
+from monitor_helpers import WeightsBefore, sample_data, tape_gradients
 
 from gradmagic.core.monitor.callback import GradientMonitor
 from gradmagic.core.monitor.stats import step_stats

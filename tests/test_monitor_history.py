@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import mlp
-from monitor_helpers import (
-    sample_data,
-)
+from monitor_helpers import sample_data
 
 from gradmagic.core.monitor.callback import GradientMonitor
 

@@ -56,3 +56,22 @@ def test_step_stats_exact_where_squares_leave_float32(magnitude, jit):
         squares = [np.square(g) for g in grads]  # what the optimizer computes: Inf or 0
     got = with_squares(*grads, *squares).numpy()
     np.testing.assert_allclose(finish_stats(got, [g.size for g in grads]), want, rtol=2e-6)
+
+
+def test_norm_stats_measure_the_norm_only_unless_asked_or_not_finite():
+    from gradmagic.core.monitor.stats import norm_stats
+
+    rng = np.random.default_rng(3)
+    grads = [rng.normal(size=(70, 1000)).astype("float32"), rng.normal(size=(3, 4)).astype("float32")]
+    sizes = [g.size for g in grads]
+    run = tf.function(lambda full, *g: norm_stats(g, None, full))
+    quick = finish_stats(run(tf.constant(False), *grads).numpy(), sizes)
+    # Norm only: the norm against NumPy; max |g| and mean are 0 (not measured), the counts exactly 0.
+    np.testing.assert_allclose(quick[:, 0], [np.linalg.norm(g.astype("float64")) for g in grads], rtol=2e-6)
+    np.testing.assert_array_equal(quick[:, 1:], 0.0)
+    full = finish_stats(run(tf.constant(True), *grads).numpy(), sizes)
+    np.testing.assert_allclose(full, [_numpy_stats(g) for g in grads], rtol=2e-6, atol=1e-6)
+    spoiled = [grads[0], grads[1].copy()]
+    spoiled[1][0, 0] = np.nan  # a NaN makes every statistic of the step measured, counts included
+    got = finish_stats(run(tf.constant(False), *spoiled).numpy(), sizes)
+    np.testing.assert_allclose(got, [_numpy_stats(g) for g in spoiled], rtol=2e-6, atol=1e-6, equal_nan=True)

@@ -5,9 +5,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 from conftest import mlp
-from monitor_helpers import (
-    sample_data,
-)
+from monitor_helpers import sample_data
 
 from gradmagic.core.monitor.callback import GradientMonitor
 
