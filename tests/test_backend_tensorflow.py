@@ -114,4 +114,23 @@ def test_build_optimizer_as_apply_does_names_and_values_as_apply_would():
     assert [v.path.split("/", 1)[1] for v in by_apply.variables] == [n.split("/", 1)[1] for n in names_here]
 
 
+def test_fit_token_is_new_in_every_fit_and_fixed_within_one():
+    from gradmagic.core.backends.tensorflow import fit_token
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(optimizer="sgd", loss="mse")
+    x, y = np.ones((16, 3), "float32"), np.zeros((16, 2), "float32")
+    tokens = []
+
+    class Probe(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            tokens.append(fit_token(self.model))
+
+    for _ in range(2):
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[Probe()])
+    (first, second), (third, fourth) = tokens[:2], tokens[2:]
+    assert first[0] is second[0] and first[1] is second[1]
+    assert third[0] is fourth[0] and third[0] is not first[0]
+
+
 # --- The diagnosis (core/diagnose) -------------------------------------------

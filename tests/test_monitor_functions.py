@@ -133,23 +133,6 @@ def test_recompile_gets_a_new_recording_function():
     assert len(monitor.to_dict()["step"]) == 4 * len(model.trainable_variables)
 
 
-def test_fit_token_is_new_in_every_fit_and_fixed_within_one():
-    from gradmagic.core.monitor.functions import fit_token
-
-    model, (x, y) = mlp(), sample_data(16)
-    tokens = []
-
-    class Probe(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch, logs=None):
-            tokens.append(fit_token(self.model))
-
-    for _ in range(2):
-        model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[Probe()])
-    (first, second), (third, fourth) = tokens[:2], tokens[2:]
-    assert first[0] is second[0] and first[1] is second[1]
-    assert third[0] is fourth[0] and third[0] is not first[0]
-
-
 def test_plain_function_is_the_train_function_keras_made():
     from gradmagic.core.monitor.functions import plain_function
 

@@ -81,8 +81,9 @@ def _no_inline_supported() -> bool:
     # The attribute is checked when a function is traced, not when it is made: a
     # refused one would otherwise fail inside the first fit, not here.
     try:
-        probe = tf.function(lambda: tf.constant(0), autograph=False, experimental_attributes=_NO_INLINE)
-        probe.get_concrete_function()
+        with tf.init_scope():  # outside any function being traced, which the probe must not join
+            probe = tf.function(lambda: tf.constant(0), autograph=False, experimental_attributes=_NO_INLINE)
+            probe.get_concrete_function()
     except (ValueError, TypeError):
         return False
     return True
@@ -164,6 +165,27 @@ def build_optimizer_as_apply_does(optimizer: Any, variables: Sequence[Any]) -> N
     with scope:
         optimizer.build(list(variables))
     optimizer.built = True
+
+
+def fit_token(model: Any) -> tuple[Any, Any]:
+    """Objects that are new in every ``fit``: its ``History`` and that one's epoch list.
+
+    Public API missing: Keras tells callbacks nothing that identifies the ``fit``
+    being run. Its ``CallbackList`` sets ``model.history`` to that ``fit``'s
+    ``History`` before any callback runs, and ``History.on_train_begin`` (which may
+    run after the monitor's) gives it a new ``epoch`` list, so the pair, taken at
+    the first step, identifies the current ``fit``.
+
+    Falls back to ``(None, None)`` parts where Keras sets neither: every ``fit``
+    then looks alike, and the monitor can no longer tell a ``fit`` without it from
+    the one it attached to (a later ``fit`` without the monitor, after one that died
+    before ``on_train_end``, would record into its buffer).
+
+    Args:
+        model: The model being fit.
+    """
+    history = getattr(model, "history", None)
+    return history, getattr(history, "epoch", None)
 
 
 # --- The diagnosis (core/diagnose) -------------------------------------------

@@ -218,12 +218,9 @@ def _masked_function(specs: tuple[tf.TensorSpec, ...]) -> Callable[..., tf.Tenso
     return _cached(_MASKED, specs, lambda *grads: _masked_stats(list(grads)), True, None)
 
 
-# The traced statistics functions, per process. Policy: keyed by the gradients'
-# signature (shapes, dtypes) and the variant's flags, never by a model, so they hold
-# no model alive and any model with the same gradient shapes reuses them (the point:
-# Python tracing once per process, not per fit); at most _CACHE_SIZE entries each,
-# the oldest dropped first. _STATS: stats_function's (inlined into the train step);
-# _FULL and _MASKED: the not-inlined branches of norm_stats and step_stats.
+# The traced statistics functions, one cache per variant (policy: see _cached).
+# _STATS: stats_function's (inlined into the train step); _FULL and _MASKED: the
+# not-inlined branches of norm_stats and step_stats.
 _STATS: dict[tuple, Callable[..., tf.Tensor]] = {}
 _MASKED: dict[tuple, Callable[..., tf.Tensor]] = {}
 _FULL: dict[tuple, Callable[..., tf.Tensor]] = {}
@@ -232,7 +229,16 @@ _FULL: dict[tuple, Callable[..., tf.Tensor]] = {}
 def _cached(
     cache: dict, specs: Sequence[tf.TensorSpec], body: Callable, not_inlined: bool, flags: object
 ) -> Callable[..., tf.Tensor]:
-    """The ``tf.function`` of ``body`` for ``specs`` and ``flags`` from ``cache``, made on a miss (see above)."""
+    """The ``tf.function`` of ``body`` for ``specs`` and ``flags`` from ``cache``, made on a miss.
+
+    Cache policy (``_STATS``, ``_FULL``, ``_MASKED``): one entry per gradient
+    signature (shapes, dtypes) and variant flags, for the whole process. Keys hold
+    no model, variable or tensor, so a cache keeps no model alive, and every model
+    whose gradients have the same shapes reuses the traced function (Python tracing
+    is paid once per process, not per ``fit``). At most ``_CACHE_SIZE`` entries per
+    cache; when full, the oldest entry is dropped (first in, first out). Nothing is
+    ever invalidated: an entry depends on nothing but its key.
+    """
     specs = tuple(specs)
     key = (tuple((None if s.shape.rank is None else tuple(s.shape.as_list()), s.dtype.name) for s in specs), flags)
     function = cache.get(key)
