@@ -88,3 +88,21 @@ def test_norm_tracker_checks_a_block_as_step_by_step():
     stepwise = [(t, *found) for t in range(len(norms)) for found in one.check(norms[t])]
     blockwise = block.check_steps(norms[:7]) + [(t + 7, *f) for t, *f in block.check_steps(norms[7:])]
     assert stepwise == blockwise and ("exploding", 1) in {(k, w) for _, k, w, _ in stepwise}
+
+
+def test_find_nonfinite_blames_the_single_layer_between_finite_and_not():
+    from gradmagic.core.monitor.anomaly import find_nonfinite
+    from gradmagic.core.monitor.columns import BUFFER_COLUMNS, column_index
+    from gradmagic.core.questions.targets import WeightSlot
+
+    # Layers: 0 d1 (weights), 1 divide (Lambda), 2 out (weights); backward order: out, divide, d1.
+    slots = [WeightSlot(0, "d1", "d1/kernel", "kernel", (3, 4)), WeightSlot(2, "out", "out/kernel", "kernel", (4, 1))]
+    names, types = ["d1", "divide", "out"], ["Dense", "Lambda", "Dense"]
+    stats = np.zeros((2, len(BUFFER_COLUMNS)), np.float32)
+    assert find_nonfinite(stats, slots, names, types) is None
+    stats[0, column_index("nan")] = 3  # d1's gradient is NaN, out's (nearer the output) finite
+    row, index, layer, suspects, _ = find_nonfinite(stats, slots, names, types)
+    assert (row, index, layer, suspects) == (0, 1, "divide", ("divide",))
+    stats[1, column_index("inf")] = 1  # every gradient non-finite: no layer in between to blame
+    row, index, layer, suspects, why = find_nonfinite(stats, slots, names, types)
+    assert (row, index, layer, suspects) == (1, 2, "out", ()) and "every weight gradient" in why
