@@ -39,8 +39,8 @@ _LAZY = {
     "IntegratedGradients": "gradmagic.core",
     "Saliency": "gradmagic.core",
     "GradCAM": "gradmagic.core",
-    "GradientMonitor": "gradmagic.core.monitor.callback",
-    "GradientAnomalyError": "gradmagic.core.monitor.anomaly",
+    "GradientMonitor": "gradmagic.core",
+    "GradientAnomalyError": "gradmagic.errors",
     "training_panel": "gradmagic.widgets.training_panel",
     "TrainingPanel": "gradmagic.widgets.training_panel",
     "explore": "gradmagic.widgets.explorer",
@@ -54,6 +54,7 @@ if TYPE_CHECKING:  # pragma: no cover
         Explanation,
         GradCAM,
         GradientCheck,
+        GradientMonitor,
         GradientStats,
         InputGradients,
         IntegratedGradients,
@@ -70,8 +71,7 @@ if TYPE_CHECKING:  # pragma: no cover
         saliency,
         weight_gradients,
     )
-    from gradmagic.core.monitor.anomaly import GradientAnomalyError  # noqa: F401
-    from gradmagic.core.monitor.callback import GradientMonitor  # noqa: F401
+    from gradmagic.errors import GradientAnomalyError  # noqa: F401
     from gradmagic.widgets.explorer import Explorer, explore  # noqa: F401
     from gradmagic.widgets.training_panel import TrainingPanel, training_panel  # noqa: F401
 

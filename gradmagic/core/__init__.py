@@ -18,6 +18,9 @@ from gradmagic.core.arguments import check_flag, is_flag, is_int
 from gradmagic.core.batches import is_stream
 from gradmagic.core.diagnose.explain import DisconnectedWeight, Explanation, LayerPath, OpInfo, explain
 from gradmagic.core.diagnose.gradcheck import CheckRow, GradientCheck, check_gradients
+from gradmagic.core.display import html_table, text_table
+from gradmagic.core.monitor.callback import GradientMonitor
+from gradmagic.core.monitor.history import MonitorHistory, MonitorSummary
 from gradmagic.core.questions.attribution_results import GradCAM, IntegratedGradients, Saliency
 from gradmagic.core.questions.compute import clear_cache
 from gradmagic.core.questions.gradcam import gradcam
@@ -41,11 +44,14 @@ __all__ = [
     "Explanation",
     "GradCAM",
     "GradientCheck",
+    "GradientMonitor",
     "GradientRow",
     "GradientStats",
     "InputGradients",
     "IntegratedGradients",
     "LayerPath",
+    "MonitorHistory",
+    "MonitorSummary",
     "OpInfo",
     "OutputGradients",
     "Saliency",
@@ -55,6 +61,7 @@ __all__ = [
     "clear_cache",
     "explain",
     "gradcam",
+    "html_table",
     "input_gradients",
     "integrated_gradients",
     "is_flag",
@@ -66,5 +73,6 @@ __all__ = [
     "output_gradients",
     "rollback_on_failure",
     "saliency",
+    "text_table",
     "weight_gradients",
 ]
