@@ -88,8 +88,9 @@ def _settings(layer: keras.Layer, builder: KeyBuilder, is_model: bool) -> tuple:
     A layer's ``call`` reads its ``rate`` or ``activation``, and a subclassed
     model's ``call`` or ``compute_loss`` its hyperparameters, as Python values:
     changed in place, the traced graph would still use the old ones. Private
-    attributes are Keras's own bookkeeping. Functions count by identity
-    (``layer.activation = ...``). A model counts only the attributes its own
+    attributes are Keras's own bookkeeping. Callables (``layer.activation =
+    ...``: a function, a partial, a user's callable object) count by identity
+    and the values their code reads. A model counts only the attributes its own
     class's code names: Keras sets others (``predict_function``,
     ``stop_training``) on every ``fit`` or ``predict``, which change no question.
     """
@@ -101,9 +102,39 @@ def _settings(layer: keras.Layer, builder: KeyBuilder, is_model: bool) -> tuple:
             parts.append((name, type(value).__name__, value))
         elif isinstance(value, _PLAIN):
             parts.append((name, builder.value(value)))
-        elif isinstance(value, types.FunctionType):
-            parts.append((name, builder.same(value)))
+        elif isinstance(value, _CALLABLES) or _is_user_callable(value):
+            parts.append((name, _callable_token(builder, value)))
     return tuple(parts)
+
+
+#: Callable settings a layer's ``call`` runs (an activation given as a function, a partial, a method).
+_CALLABLES = (types.FunctionType, types.MethodType, functools.partial)
+
+
+def _is_user_callable(value: Any) -> bool:
+    """An instance of a user's class with ``__call__`` (Keras's own layers and classes are keyed elsewhere)."""
+    cls = type(value)
+    return callable(value) and cls.__module__.split(".", 1)[0] not in _LIBRARIES and not isinstance(value, type)
+
+
+#: Packages whose callable objects on a layer (initializers, layers) are not user settings of its ``call``.
+_LIBRARIES = ("keras", "tensorflow", "numpy", "builtins")
+
+
+def _callable_token(builder: KeyBuilder, value: Any) -> Any:
+    """A callable setting by identity and what its code reads (see :meth:`KeyBuilder.value`).
+
+    Identity alone misses a callable object changed in place (``act.k = 3``),
+    and callables other than plain functions were not keyed at all.
+    Where the snapshot is refused (a large array in a closure), identity is
+    what is left: :func:`gradmagic.clear_cache` covers changes inside it.
+    """
+    if isinstance(value, types.FunctionType) and (value.__module__ or "").split(".", 1)[0] in _LIBRARIES:
+        return builder.same(value)  # Keras's own activations: library code, the common case kept cheap
+    try:
+        return builder.value(value)
+    except Uncacheable:
+        return builder.same(value)
 
 
 def _public_names(layer: keras.Layer, attrs: dict, is_model: bool) -> tuple[str, ...]:
