@@ -23,6 +23,7 @@ from gradmagic.core.questions.attribution_args import (
     points_per_call,
     requested_units,
     single_input,
+    warn_disconnected,
     what_is_explained,
 )
 from gradmagic.core.questions.attribution_results import GAP_TOLERANCE, IntegratedGradients
@@ -146,7 +147,8 @@ def integrated_gradients(
 
     Warns:
         GradmagicWarning: A sample's relative completeness gap is above 5%; the
-            message names a step count to try.
+            message names a step count to try. Or the output has no gradient
+            path from x (every attribution is 0, whatever ``steps``).
 
     Example:
         >>> a = gradmagic.integrated_gradients(model, images, baseline="blur", steps=64)
@@ -172,6 +174,7 @@ def integrated_gradients(
     units = np.zeros(len(x_arr), np.int32)
     at_x, at_base = np.zeros(len(x_arr), np.float64), np.zeros(len(x_arr), np.float64)
     grads = np.zeros((len(x_arr), steps, *x_arr.shape[1:]), x_arr.dtype) if keep_path_gradients else None
+    connected = True
     for samples, points in chunks(len(x_arr), steps, batch_size):
         args = (
             x_arr[samples],
@@ -183,9 +186,9 @@ def integrated_gradients(
         parts = [t.numpy() for t in ac.run(model, key, fn, args, "integrated gradients", x_arr.shape)]
         values[samples, points] = parts[0]
         attribution[samples] += parts[1]
-        units[samples], at_x[samples], at_base[samples] = parts[2], parts[3], parts[4]
+        units[samples], at_x[samples], at_base[samples], connected = parts[2], parts[3], parts[4], bool(parts[5])
         if grads is not None:
-            grads[samples, points] = parts[5]
+            grads[samples, points] = parts[6]
 
     what = what_is_explained(spec, output, units)
     result = IntegratedGradients(
@@ -208,7 +211,10 @@ def integrated_gradients(
     )
     if source:
         result.notes.append(f"x: {source}")
-    _check_completeness(result, steps)
+    if connected:
+        _check_completeness(result, steps)
+    else:  # the gap is then f(x) - f(baseline) itself, and no step count changes it
+        warn_disconnected(result, "Integrated gradients")
     return result
 
 
