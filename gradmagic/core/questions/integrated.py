@@ -13,7 +13,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from gradmagic.core.arguments import is_int
+from gradmagic.core.arguments import check_seed, is_int
 from gradmagic.core.questions import attribution_compute as ac
 from gradmagic.core.questions.attribution_args import (
     check_batch_size,
@@ -155,6 +155,7 @@ def integrated_gradients(
         >>> a.array.shape == images.shape, a.relative_gap
     """
     method, steps = _check_path(method, steps)
+    seed = check_seed(seed)  # whatever the baseline: a bad seed is a mistake even where it is not used
     batch_size = check_batch_size(batch_size)
     if not isinstance(keep_path_gradients, (bool, np.bool_)):
         raise InputError(f"Received: keep_path_gradients={keep_path_gradients!r}. Expected True or False.")

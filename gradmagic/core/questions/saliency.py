@@ -79,9 +79,10 @@ def saliency(
         >>> s = gradmagic.saliency(model, images, smooth=0.15, samples=32)
         >>> s.array.shape == images.shape
     """
-    if isinstance(smooth, bool) or not isinstance(smooth, (int, float, np.integer, np.floating)) or not smooth >= 0:
+    is_number = not isinstance(smooth, bool) and isinstance(smooth, (int, float, np.integer, np.floating))
+    if not is_number or not 0 <= smooth < math.inf:
         raise InputError(
-            f"Received: smooth={smooth!r}. Expected a number >= 0: the SmoothGrad noise as a fraction of each "
+            f"Received: smooth={smooth!r}. Expected a finite number >= 0: the SmoothGrad noise as a fraction of each "
             f"sample's value range (0 for the plain gradient). Fix: e.g. smooth=0.15."
         )
     smooth = float(smooth)
