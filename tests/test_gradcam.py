@@ -167,3 +167,11 @@ def test_a_layer_with_no_gradient_path_to_the_output_is_named_in_a_warning():
         g = gm.gradcam(model, x, "conv", output=0)
     np.testing.assert_array_equal(g.array, 0.0)
     assert any("no gradient path" in n for n in g.notes)
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (-1, 4), "ab", 7, (5,), (5, 5, 5), (2.5, 3)])
+def test_a_bad_size_to_resize_to_is_refused_in_the_house_form(shape):
+    model = conv_net()
+    g = gm.gradcam(model, np.random.default_rng(8).normal(size=(1, 8, 8, 2)).astype("float32"), "c2")
+    with pytest.raises(gm.GradmagicError, match=r"Received: shape=.*Expected 2 positive int"):
+        g.upsampled(shape)
