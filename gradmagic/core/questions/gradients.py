@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from gradmagic.core.arguments import check_flag, is_int
+from gradmagic.core.backends.tensorflow import attribute_layers
 from gradmagic.core.batches import first_batch
 from gradmagic.core.questions import compute
 from gradmagic.core.questions.cache_keys import Key
@@ -434,7 +435,7 @@ def _holds_embedding(layer: Any, depth: int) -> bool:
     if depth == 0 or not isinstance(layer, keras.layers.Layer):
         return False
     children = list(getattr(layer, "layers", None) or []) if isinstance(layer, keras.Model) else []
-    children += [v for v in vars(layer).values() if isinstance(v, keras.layers.Layer)]
+    children += attribute_layers(layer)
     return any(_holds_embedding(child, depth - 1) for child in children)
 
 

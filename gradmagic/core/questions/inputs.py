@@ -88,6 +88,18 @@ def _shape_text(shape: tuple[int | None, ...]) -> str:
     )
 
 
+def _ragged(value: Any) -> bool:
+    """True for nested lists whose rows differ in length (or mix rows and numbers) at some depth.
+
+    Read from the structure itself rather than from NumPy's error text, which
+    changes between releases.
+    """
+    if not isinstance(value, (list, tuple)):
+        return False
+    lengths = {len(v) if isinstance(v, (list, tuple, np.ndarray)) else None for v in value}
+    return len(lengths) > 1 or any(_ragged(v) for v in value)
+
+
 def _leaf(value: Any, dtype: str | None, what: str = "x") -> Any:
     """Convert one array-like to an ndarray or keep a tensor, casting to a float ``dtype``.
 
@@ -123,7 +135,7 @@ def _leaf(value: Any, dtype: str | None, what: str = "x") -> Any:
     try:
         array = np.asarray(value)
     except (ValueError, TypeError) as exc:
-        ragged = "inhomogeneous" in str(exc)
+        ragged = _ragged(value)
         raise InputError(
             f"Received: {what} as {'nested lists of different lengths (ragged)' if ragged else type(value).__name__}"
             f", which is not a rectangular array ({exc}). Expected a NumPy array, nested lists of numbers of equal "

@@ -20,6 +20,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from gradmagic.core.backends.tensorflow import compiled_loss, instance_settings
 from gradmagic.core.questions.cache_keys import Key, KeyBuilder, Uncacheable, global_names
 from gradmagic.core.questions.inputs import ModelSpec
 from gradmagic.core.questions.targets import loss_token
@@ -93,7 +94,7 @@ def _settings(layer: keras.Layer, builder: KeyBuilder, is_model: bool) -> tuple:
     class's code names: Keras sets others (``predict_function``,
     ``stop_training``) on every ``fit`` or ``predict``, which change no question.
     """
-    attrs = vars(layer)
+    attrs = instance_settings(layer)
     parts = []
     for name in _public_names(layer, attrs, is_model):
         value = attrs[name]
@@ -185,12 +186,13 @@ def _compile_token(model: keras.Model, builder: KeyBuilder) -> tuple:
     """What changes when the model is re-compiled (the traced loss is then stale).
 
     ``compile`` builds a new compiled-loss object each time (also when only
-    ``loss_weights`` change); Keras has no public handle on it, hence the getattr.
+    ``loss_weights`` change); Keras has no public handle on it (see
+    :func:`~gradmagic.core.backends.tensorflow.compiled_loss`).
 
     Raises:
         Uncacheable: The compiled loss holds values that cannot be snapshotted.
     """
-    optimizer, compiled = getattr(model, "optimizer", None), getattr(model, "_compile_loss", None)
+    optimizer, compiled = getattr(model, "optimizer", None), compiled_loss(model)
     return (
         loss_token(builder, getattr(model, "loss", None)),
         None if optimizer is None else builder.same(optimizer),

@@ -164,7 +164,8 @@ def layer_weights(model: keras.Model, layer: int | str | keras.Layer) -> tuple[i
 
 def has_custom_compute_loss(model: keras.Model) -> bool:
     """True when the model overrides ``compute_loss`` (its loss is then its own code)."""
-    return getattr(type(model).compute_loss, "__qualname__", "") != "Trainer.compute_loss"
+    # keras.Model's own method is Keras's compiled-loss path; anything else is the user's (or a Keras subclass's).
+    return getattr(type(model), "compute_loss", None) is not keras.Model.compute_loss
 
 
 def _compute_loss_takes_training(model: keras.Model) -> bool:
@@ -178,13 +179,13 @@ class FunctionLoss(keras.losses.Loss):
         # The name becomes a TensorFlow name scope: "<lambda>" is not a valid one.
         name = re.sub(r"[^A-Za-z0-9_.]", "_", getattr(fn, "__name__", "loss")).strip("_") or "loss"
         super().__init__(name=name, dtype=dtype)
-        self._fn = fn
+        self.function = fn
 
     def call(self, y_true: Any, y_pred: Any) -> Any:
-        value = self._fn(y_true, y_pred)
+        value = self.function(y_true, y_pred)
         if value is None:
             raise LossError(
-                f"Received: loss={_callable_name(self._fn)}, which returned None. Expected a tensor of "
+                f"Received: loss={_callable_name(self.function)}, which returned None. Expected a tensor of "
                 f"per-sample losses (or one scalar). Fix: end the function with `return ...`."
             )
         return value
@@ -197,7 +198,7 @@ def _callable_name(fn: Any) -> str:
 def loss_name(loss: keras.losses.Loss) -> str:
     """How messages name a loss: the user's function, a Loss subclass, or a Keras loss."""
     if isinstance(loss, FunctionLoss):
-        return f"the loss function {_callable_name(loss._fn)!r}"
+        return f"the loss function {_callable_name(loss.function)!r}"
     return f"the loss {type(loss).__name__} {loss.name!r}"
 
 
