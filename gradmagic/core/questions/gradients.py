@@ -60,13 +60,18 @@ class _Question:
     compiled_loss: bool = False
     concrete: dict = field(default_factory=dict)
     note: str = ""
+    warm: bool = False  # the compiled loss was built under this question's compile state
 
 
 def _run(model: keras.Model, key: Key | None, question: _Question, args: tuple, what: str, x: Any) -> Any:
     """Run a compiled question; turn any failure into one clear GradmagicError."""
     try:
-        if question.compiled_loss and not is_warm(model):
-            _build_compiled_loss(model, question, args)
+        if question.compiled_loss and not question.warm:
+            if not is_warm(model):
+                _build_compiled_loss(model, question, args)
+            # The question's key holds the compile state (the compiled-loss object by identity), so once
+            # warm under it, it stays warm: later calls skip re-keying the compile state.
+            question.warm = key is not None
         return compute.call_compiled(question.fn, question.concrete, args)
     except GradmagicError as exc:
         compute.forget(model, key)
