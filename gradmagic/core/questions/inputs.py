@@ -204,7 +204,7 @@ def nonfinite_warning(**parts: Any) -> None:
     found = []
     for what, value in parts.items():
         nan = inf = 0
-        for leaf in keras.tree.flatten(value):
+        for leaf in (value,) if isinstance(value, np.ndarray) else keras.tree.flatten(value):
             if isinstance(leaf, tf.Tensor):
                 if not leaf.dtype.is_floating:
                     continue
