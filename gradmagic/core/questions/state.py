@@ -18,6 +18,7 @@ import keras
 import tensorflow as tf
 
 from gradmagic.core.backends.tensorflow import python_state, restore_python_state
+from gradmagic.core.snapshots import values_restored
 
 
 def state_variables(model: keras.Model) -> list[keras.Variable]:
@@ -49,14 +50,13 @@ def preserved_eagerly(model: keras.Model) -> Iterator[None]:
     first use) are metrics; they are reset so they read as freshly created.
     """
     variables = list(model.variables) + list(getattr(model, "metrics_variables", []))
-    before = {id(var): (var, var.numpy()) for var in variables}
+    known = {id(var) for var in variables}
     try:
-        yield
+        with values_restored(variables):
+            yield
     finally:
-        for var, value in before.values():
-            var.assign(value)
         for metric in getattr(model, "metrics", []):
-            if any(id(var) not in before for var in metric.variables):
+            if any(id(var) not in known for var in metric.variables):
                 metric.reset_state()
 
 
