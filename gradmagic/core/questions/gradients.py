@@ -31,6 +31,7 @@ from gradmagic.core.questions.entry import (
 )
 from gradmagic.core.questions.inputs import ModelSpec, nonfinite_warning
 from gradmagic.core.questions.model_keys import is_warm, mark_warm, question_key
+from gradmagic.core.questions.naming import input_labels, output_labels
 from gradmagic.core.questions.results import InputGradients, OutputGradients, WeightGradients, rows_for
 from gradmagic.core.questions.state import preserved_eagerly
 from gradmagic.core.questions.targets import (
@@ -357,7 +358,7 @@ def input_gradients(
     data = first_batch(x, takes_y=False)
     spec, x_in, _ = spec_and_inputs(model, data.x)
     leaves = keras.tree.flatten(x_in)
-    names = _input_names(spec, x_in)
+    names = input_labels(None if spec.inputs is None else [s.name for s in spec.inputs], x_in)
     for name, leaf in zip(names, leaves):
         if not tf.as_dtype(leaf.dtype).is_floating:
             raise InputError(
@@ -460,15 +461,6 @@ def _check_output_index(model: keras.Model, spec: ModelSpec, output: Any) -> int
     return int(output) % units
 
 
-def _input_names(spec: ModelSpec, x_in: Any) -> list[str]:
-    leaves = keras.tree.flatten(x_in)
-    if spec.inputs is not None and len(spec.inputs) == len(leaves):
-        return [s.name for s in spec.inputs]
-    if isinstance(x_in, dict):
-        return sorted(x_in)
-    return ["x"] if len(leaves) == 1 else [f"x[{i}]" for i in range(len(leaves))]
-
-
 def _output_units(spec: ModelSpec) -> int | None:
     if not spec.outputs or any(d is None for s in spec.outputs for d in s.shape):
         return None
@@ -478,11 +470,7 @@ def _output_units(spec: ModelSpec) -> int | None:
 def _input_result(
     model: keras.Model, spec: ModelSpec, x_in: Any, names: list[str], per_output: list[list], output: int | None
 ) -> InputGradients:
-    out_names = (
-        spec.output_names
-        if len(spec.output_names) == len(per_output)
-        else [f"output {i}" for i in range(len(per_output))]
-    )
+    out_names = output_labels(spec.output_names, len(per_output))
     if output is not None:
         out_names = [f"unit {output}"]
     labels, arrays = [], []

@@ -17,6 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from gradmagic.core.questions.naming import declared_input_names, output_names
 from gradmagic.core.questions.targets import model_name
 from gradmagic.errors import GradmagicWarning, InputError, LossError, did_you_mean, quote_list
 
@@ -58,22 +59,14 @@ def model_spec(model: keras.Model) -> ModelSpec:
         structure = model.input  # Functional: the list/dict the model was built with
     except (AttributeError, ValueError):
         structure = flat_inputs[0] if len(flat_inputs) == 1 else flat_inputs  # Sequential
-    # Name inputs after their InputLayer (the tensor's own name is automatic).
-    input_names = {id(lay.output): lay.name for lay in model.layers if isinstance(lay, keras.layers.InputLayer)}
     specs = _specs(flat_inputs)
     if specs:
-        fallback = ["x"] if len(specs) == 1 else [f"x[{i}]" for i in range(len(specs))]
-        specs = [
-            TensorSpec(input_names.get(id(t), auto), s.shape, s.dtype)
-            for t, s, auto in zip(flat_inputs, specs, fallback)
-        ]
+        # Named after their InputLayer: the tensor's own name is automatic.
+        specs = [TensorSpec(n, s.shape, s.dtype) for n, s in zip(declared_input_names(model, flat_inputs), specs)]
     output_structure = getattr(model, "output", None) if not isinstance(model, keras.Sequential) else None
     if isinstance(output_structure, dict):
-        # Dict outputs are addressed (and flattened) by their keys.
-        flat_outputs = keras.tree.flatten(output_structure)
-        names = [str(k) for k in sorted(output_structure)]
-    else:
-        names = list(getattr(model, "output_names", None) or [])
+        flat_outputs = keras.tree.flatten(output_structure)  # dict outputs are addressed by their keys
+    names = output_names(model, output_structure)
     if len(names) != len(flat_outputs):
         names = [model.layers[-1].name] if len(flat_outputs) == 1 and model.layers else []
     outputs = _specs(flat_outputs)

@@ -18,6 +18,7 @@ import keras
 from gradmagic.core.arguments import is_int
 from gradmagic.core.questions.cache_keys import KeyBuilder
 from gradmagic.core.questions.loss_trackers import own_compile_loss
+from gradmagic.core.questions.naming import output_names
 from gradmagic.core.questions.state import restore_in_graph, snapshot_in_graph
 from gradmagic.core.questions.user_code import failed
 from gradmagic.errors import (
@@ -354,10 +355,7 @@ def output_keys(model: keras.Model, y_pred: Any = None) -> list[str]:
     A model whose outputs are a dict is addressed by its keys; otherwise by
     ``model.output_names`` (the output layers' names).
     """
-    structure = y_pred if y_pred is not None else getattr(model, "output", None)
-    if isinstance(structure, dict):
-        return [str(k) for k in sorted(structure)]
-    return [str(n) for n in (getattr(model, "output_names", None) or [])]
+    return output_names(model, y_pred if y_pred is not None else getattr(model, "output", None))
 
 
 def _aligned(value: Any, names: list[str], count: int) -> list[Any]:
