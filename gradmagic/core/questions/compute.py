@@ -9,7 +9,6 @@ reach the model through weak references: caching never keeps a model alive.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import weakref
 from collections.abc import Callable, Hashable, Iterator
@@ -21,6 +20,7 @@ import tensorflow as tf
 
 from gradmagic.core.backends.tensorflow import calls_replaced, flat_caller
 from gradmagic.core.questions.cache_keys import Key
+from gradmagic.core.questions.caches import WeakCache
 from gradmagic.core.questions.state import restore_in_graph, snapshot_in_graph, state_variables
 from gradmagic.core.questions.targets import LossFn
 from gradmagic.core.questions.trace_errors import describe_layer, diagnose_trace_error
@@ -29,7 +29,8 @@ from gradmagic.errors import GradmagicError
 
 _MAX_FUNCTIONS_PER_MODEL = 32
 
-_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# model -> question token -> (compiled function, its stored Key): weak per model, LRU-bounded per model.
+_cache = WeakCache(size=_MAX_FUNCTIONS_PER_MODEL)
 
 
 def cached(model: keras.Model, key: Key | None, build: Callable[[], Any]) -> Any:
@@ -41,24 +42,16 @@ def cached(model: keras.Model, key: Key | None, build: Callable[[], Any]) -> Any
     """
     if key is None:
         return build()
-    functions = _cache.get(model)
-    if functions is None:
-        functions = _cache[model] = collections.OrderedDict()
-    entry = functions.get(key.token)
+    entry = _cache.lookup(model, key.token)
     if entry is None or not entry[1].alive():
-        entry = functions[key.token] = (build(), key.stored())
-        if len(functions) > _MAX_FUNCTIONS_PER_MODEL:
-            functions.popitem(last=False)
-    else:
-        functions.move_to_end(key.token)
+        entry = _cache.store(model, (build(), key.stored()), key.token)
     return entry[0]
 
 
 def forget(model: keras.Model, key: Key | None) -> None:
     """Drop one cached function (e.g. after its first call failed)."""
-    functions = _cache.get(model)
-    if functions is not None and key is not None:
-        functions.pop(key.token, None)
+    if key is not None:
+        _cache.drop(model, key.token)
 
 
 def clear_cache(model: keras.Model | None = None) -> None:
@@ -80,7 +73,7 @@ def clear_cache(model: keras.Model | None = None) -> None:
     if model is None:
         _cache.clear()
     elif isinstance(model, keras.Model):
-        _cache.pop(model, None)
+        _cache.clear(model)
     else:
         raise GradmagicError(
             f"Received: model={model!r} of type {type(model).__name__}. Expected a Keras model, or None to "

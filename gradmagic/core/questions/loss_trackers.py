@@ -11,15 +11,15 @@ of it - the same losses, weights and output names - that it keeps per model.
 from __future__ import annotations
 
 import contextlib
-import weakref
 from collections.abc import Iterator
 
 import keras
 
 from gradmagic.core.backends.tensorflow import compiled_loss, compiled_loss_replaced, fresh_compiled_loss
+from gradmagic.core.questions.caches import WeakCache
 
 # model -> (the model's compiled-loss object, gradmagic's unbuilt-at-first copy of it)
-_copies: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_copies = WeakCache()
 
 
 @contextlib.contextmanager
@@ -29,12 +29,12 @@ def own_compile_loss(model: keras.Model) -> Iterator[None]:
     if compiled is None or getattr(compiled, "built", True):
         yield
         return
-    known = _copies.get(model)
+    known = _copies.lookup(model)
     if known is None or known[0] is not compiled:  # compile() made a new one
         copy = fresh_compiled_loss(compiled)
         if copy is None:
             yield
             return
-        known = _copies[model] = (compiled, copy)
+        known = _copies.store(model, (compiled, copy))
     with compiled_loss_replaced(model, known[1]):
         yield

@@ -11,11 +11,9 @@ read again and when a compiled loss needs its one eager warm-up call.
 
 from __future__ import annotations
 
-import functools
 import operator
 import types
 import warnings
-import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -24,21 +22,24 @@ import numpy as np
 
 from gradmagic.core.backends.tensorflow import compiled_loss, instance_settings
 from gradmagic.core.questions.cache_keys import Key, KeyBuilder, Uncacheable, global_names
+from gradmagic.core.questions.caches import WeakCache
 from gradmagic.core.questions.inputs import ModelSpec
 from gradmagic.core.questions.targets import loss_token
 from gradmagic.errors import GradmagicWarning
 
 # model -> (layers Key, ModelSpec): what the model declares, re-read after add/pop.
-_specs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_specs = WeakCache()
 # model -> the compile Key its compiled loss was last built under.
-_warmed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_warmed = WeakCache()
 # layer -> how _settings reads it (a _Layout): which public values, keyed how.
-_layouts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_layouts = WeakCache()
+# model class -> the attribute names its own methods may read (a class's code does not change).
+_read_by_class = WeakCache()
 
 
 def known_spec(model: keras.Model) -> ModelSpec | None:
     """The model's declared inputs and outputs as last read, if its layers are still the same and built."""
-    known = _specs.get(model)
+    known = _specs.lookup(model)
     if known is None or not model.built or not _same(known[0], _layers_key(model)):
         return None
     return known[1]
@@ -46,13 +47,13 @@ def known_spec(model: keras.Model) -> ModelSpec | None:
 
 def remember_spec(model: keras.Model, spec: ModelSpec) -> None:
     """Keep ``spec`` for :func:`known_spec` until the model's layers change."""
-    _specs[model] = (_layers_key(model).stored(), spec)
+    _specs.store(model, (_layers_key(model).stored(), spec))
 
 
 def mark_warm(model: keras.Model) -> None:
     """Record that the compiled loss was built under the model's current compile state."""
     key = _compile_key(model)
-    _warmed[model] = None if key is None else key.stored()
+    _warmed.store(model, None if key is None else key.stored())
 
 
 def _layers_key(model: keras.Model) -> Key:
@@ -118,7 +119,7 @@ def _settings(layer: keras.Layer, builder: KeyBuilder, is_model: bool) -> tuple:
     ``stop_training``) on every ``fit`` or ``predict``, which change no question.
     """
     attrs = instance_settings(layer)
-    layout = _layouts.get(layer)
+    layout = _layouts.lookup(layer)
     names = tuple(attrs)
     if layout is None or layout.names != names:
         layout = _new_layout(layer, attrs, names, is_model)
@@ -150,7 +151,7 @@ def _new_layout(layer: keras.Layer, attrs: dict, names: tuple[str, ...], is_mode
         tuple(public[i] for i in functions),
     )
     layout = _Layout(names, public, read, kinds, _getter(simple), valued, _getter(functions), shape)
-    _layouts[layer] = layout
+    _layouts.store(layer, layout)
     return layout
 
 
@@ -164,9 +165,11 @@ def _getter(keys: tuple) -> Callable[[Any], tuple]:
     return operator.itemgetter(*keys)
 
 
-@functools.lru_cache(maxsize=256)  # a class's code does not change
 def _names_read(cls: type) -> frozenset[str]:
     """The attribute names the methods of a user's model class (not Keras's) may read."""
+    known = _read_by_class.lookup(cls)
+    if known is not None:
+        return known
     names: set[str] = set()
     for klass in cls.__mro__:
         if klass.__module__.split(".", 1)[0] in ("keras", "tensorflow", "builtins", "abc"):
@@ -175,7 +178,7 @@ def _names_read(cls: type) -> frozenset[str]:
             code = getattr(attr, "__code__", None)
             if code is not None:
                 names.update(global_names(code))
-    return frozenset(names)
+    return _read_by_class.store(cls, frozenset(names))
 
 
 def _all_layers(model: keras.Model, layers: list[keras.Layer] | None = None) -> list[keras.Layer]:
@@ -218,7 +221,7 @@ def _compile_key(model: keras.Model) -> Key | None:
 
 def is_warm(model: keras.Model) -> bool:
     """True when the model's compiled loss was built (eagerly, once) under its current compile state."""
-    known, now = _warmed.get(model), _compile_key(model)
+    known, now = _warmed.lookup(model), _compile_key(model)
     return known is not None and now is not None and _same(known, now)
 
 
