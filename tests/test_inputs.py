@@ -107,3 +107,9 @@ def test_output_index_out_of_range():
 def test_not_a_keras_model():
     with pytest.raises(gm.GradmagicError, match="Expected a Keras 3 model"):
         gm.input_gradients(object(), np.ones((1, 3)))
+
+
+@pytest.mark.parametrize("x", [[[1.0, 2.0], [3.0]], [[1.0, 2.0], 3.0], [[[1.0], [2.0]], [[1.0], [2.0, 3.0]]]])
+def test_ragged_nested_lists_are_named_as_ragged(x):
+    with pytest.raises(InputError, match="nested lists of different lengths"):
+        gm.input_gradients(mlp((2, 3, 1)), x)
