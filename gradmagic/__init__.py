@@ -33,8 +33,8 @@ _LAZY = {
     "Explanation": "gradmagic.core",
     "check_gradients": "gradmagic.core",
     "GradientCheck": "gradmagic.core",
-    "GradientMonitor": "gradmagic.core.monitor.callback",
-    "GradientAnomalyError": "gradmagic.core.monitor.anomaly",
+    "GradientMonitor": "gradmagic.core",
+    "GradientAnomalyError": "gradmagic.errors",
     "training_panel": "gradmagic.widgets.training_panel",
     "TrainingPanel": "gradmagic.widgets.training_panel",
     "explore": "gradmagic.widgets.explorer",
@@ -47,6 +47,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from gradmagic.core import (  # noqa: F401
         Explanation,
         GradientCheck,
+        GradientMonitor,
         GradientStats,
         InputGradients,
         OutputGradients,
@@ -58,8 +59,7 @@ if TYPE_CHECKING:  # pragma: no cover
         output_gradients,
         weight_gradients,
     )
-    from gradmagic.core.monitor.anomaly import GradientAnomalyError  # noqa: F401
-    from gradmagic.core.monitor.callback import GradientMonitor  # noqa: F401
+    from gradmagic.errors import GradientAnomalyError  # noqa: F401
     from gradmagic.widgets.explorer import Explorer, explore  # noqa: F401
     from gradmagic.widgets.training_panel import TrainingPanel, training_panel  # noqa: F401
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from gradmagic.core.backends import tensorflow as tf_door
+from gradmagic.core.backends import tensorflow as door
 
 # --- The gradient questions (core/questions) ---------------------------------
 
@@ -29,21 +29,21 @@ def _mse(y, pred):
 
 def test_compiled_loss_is_what_compile_made_and_none_before():
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    assert tf_door.compiled_loss(model) is None
+    assert door.compiled_loss(model) is None
     model.compile(optimizer="sgd", loss="mse")
-    first = tf_door.compiled_loss(model)
+    first = door.compiled_loss(model)
     x, y = np.ones((4, 3), "float32"), np.zeros((4, 2), "float32")
     pred = model(x)
     # The object compute_loss runs: its value is the mean squared error computed by hand.
     np.testing.assert_allclose(float(first(y, pred)), _mse(y, pred), rtol=1e-6)
     model.compile(optimizer="sgd", loss="mse")
-    assert tf_door.compiled_loss(model) is not first  # a re-compile makes a new one (cache keys rely on it)
+    assert door.compiled_loss(model) is not first  # a re-compile makes a new one (cache keys rely on it)
 
 
 def test_fresh_compiled_loss_is_an_unbuilt_twin_with_the_same_losses_and_weights():
     model = _two_outputs(loss_weights=[1.0, 0.5])
-    compiled = tf_door.compiled_loss(model)
-    twin = tf_door.fresh_compiled_loss(compiled)
+    compiled = door.compiled_loss(model)
+    twin = door.fresh_compiled_loss(compiled)
     assert twin is not None and twin is not compiled and type(twin) is type(compiled)
     assert not twin.built
     x = np.linspace(-1, 1, 12, dtype="float32").reshape(4, 3)
@@ -56,18 +56,18 @@ def test_fresh_compiled_loss_is_an_unbuilt_twin_with_the_same_losses_and_weights
 def test_compiled_loss_replaced_is_what_compute_loss_runs_inside_the_block_only():
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     model.compile(optimizer="sgd", loss="mse")
-    original = tf_door.compiled_loss(model)
+    original = door.compiled_loss(model)
     other = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     other.compile(optimizer="sgd", loss="mae")
     x, y = np.ones((4, 3), "float32"), np.zeros((4, 2), "float32")
     pred = model(x)
-    with tf_door.compiled_loss_replaced(model, tf_door.compiled_loss(other)):
+    with door.compiled_loss_replaced(model, door.compiled_loss(other)):
         inside = float(model.compute_loss(x=x, y=y, y_pred=pred))
     np.testing.assert_allclose(inside, float(np.mean(np.abs(pred.numpy()))), rtol=1e-6)
-    assert tf_door.compiled_loss(model) is original
-    with pytest.raises(RuntimeError), tf_door.compiled_loss_replaced(model, tf_door.compiled_loss(other)):
+    assert door.compiled_loss(model) is original
+    with pytest.raises(RuntimeError), door.compiled_loss_replaced(model, door.compiled_loss(other)):
         raise RuntimeError("restored even when the block raises")
-    assert tf_door.compiled_loss(model) is original
+    assert door.compiled_loss(model) is original
     np.testing.assert_allclose(float(model.compute_loss(x=x, y=y, y_pred=pred)), _mse(y, pred), rtol=1e-6)
 
 
@@ -82,7 +82,7 @@ def test_flat_caller_takes_the_fast_path_and_gives_the_structured_call_values():
     tensors = ([tf.constant([[1.0, 2.0]]), tf.constant([[0.5, 0.25]])], tf.constant([1.0]), None)
     specs = ([tf.TensorSpec((None, 2)), tf.TensorSpec((None, 2))], tf.TensorSpec((None,)), None)
     concrete = f.get_concrete_function(*specs)
-    call = tf_door.flat_caller(concrete, tensors)
+    call = door.flat_caller(concrete, tensors)
     # The flat entry point exists in this TensorFlow: not the structured fallback.
     assert call.__name__ == "call_flat_tensors"
     other = (
@@ -111,7 +111,7 @@ def test_calls_replaced_sees_every_call_of_the_layer_and_restores_it():
 
         return call
 
-    with tf_door.calls_replaced([(dense, doubled)]):
+    with door.calls_replaced([(dense, doubled)]):
         np.testing.assert_allclose(functional(x).numpy(), [[6.0, 6.0]])
         np.testing.assert_allclose(tf.function(lambda t: sequential(t))(x).numpy(), [[6.0, 6.0]])
     assert len(seen) == 2
@@ -123,10 +123,10 @@ def test_calls_replaced_sees_every_call_of_the_layer_and_restores_it():
 def test_instance_settings_are_the_layers_live_public_settings():
     dropout = keras.layers.Dropout(0.3)
     dense = keras.layers.Dense(2, activation="relu")
-    assert tf_door.instance_settings(dropout)["rate"] == 0.3
+    assert door.instance_settings(dropout)["rate"] == 0.3
     dropout.rate = 0.5
-    assert tf_door.instance_settings(dropout)["rate"] == 0.5
-    assert tf_door.instance_settings(dense)["activation"] is dense.activation
+    assert door.instance_settings(dropout)["rate"] == 0.5
+    assert door.instance_settings(dense)["activation"] is dense.activation
 
 
 def test_attribute_layers_finds_the_layers_a_custom_layer_holds():
@@ -140,17 +140,17 @@ def test_attribute_layers_finds_the_layers_a_custom_layer_holds():
             return self.scale(self.tokens(t))
 
     layer = TokenAndPosition()
-    found = tf_door.attribute_layers(layer)
+    found = door.attribute_layers(layer)
     assert layer.tokens in found and layer.scale in found
-    assert tf_door.attribute_layers(keras.layers.Dense(2)) == []
+    assert door.attribute_layers(keras.layers.Dense(2)) == []
 
 
 def test_python_state_undoes_building_a_model():
     model = keras.Sequential([keras.layers.Dense(3), keras.layers.Dense(1)])
-    saved = tf_door.python_state(model)
+    saved = door.python_state(model)
     model(np.ones((2, 5), "float32"))  # builds every layer for 5 features
     assert model.built and len(model.weights) == 4
-    tf_door.restore_python_state(saved)
+    door.restore_python_state(saved)
     assert not model.built and model.weights == [] and not any(layer.built for layer in model.layers)
     # Unbuilt again: the model takes another input width, as if never called.
     assert model(np.ones((2, 7), "float32")).shape == (2, 1)
@@ -171,12 +171,12 @@ def test_error_message_strips_what_tensorflow_and_keras_wrap_around_it():
 
     traced = _raised(lambda: tf.function(raises)(tf.constant(1.0)))
     assert str(traced).lstrip().startswith("in user code:")
-    assert tf_door.error_message(traced) == "ValueError: the user's own message"
+    assert door.error_message(traced) == "ValueError: the user's own message"
 
     reshape = tf.function(lambda t: tf.reshape(t, (2, 2)), input_signature=[tf.TensorSpec(None)])
     run_time = _raised(lambda: reshape(tf.constant([1.0, 2.0, 3.0])))
     assert isinstance(run_time, tf.errors.OpError)
-    text = tf_door.error_message(run_time)
+    text = door.error_message(run_time)
     assert "Input to reshape is a tensor with 3 values" in text
     assert "Detected at node" not in text and "Graph execution error" not in text
 
@@ -186,23 +186,106 @@ def test_error_message_strips_what_tensorflow_and_keras_wrap_around_it():
 
     keras_error = _raised(lambda: keras.Sequential([keras.Input((2,)), Fails()]))
     assert "\x1b[1m" in str(keras_error)  # Keras still highlights the layer's own message
-    highlighted = tf_door.error_message(keras_error)
+    highlighted = door.error_message(keras_error)
     assert "inside the layer" in highlighted and "Arguments received" not in highlighted
-    assert tf_door.error_message(ValueError("plain")) == "plain"
+    assert door.error_message(ValueError("plain")) == "plain"
 
 
 def test_tracing_mistakes_are_recognised_from_tensorflows_real_errors():
     control_flow = _raised(lambda: tf.function(lambda t: bool(t > 0), autograph=False)(tf.constant(1.0)))
     numpy_call = _raised(lambda: tf.function(lambda t: np.round(t), autograph=False)(tf.constant(1.0)))
-    assert tf_door.is_python_control_flow_error(control_flow)
-    assert not tf_door.is_numpy_on_symbolic_error(control_flow)
-    assert tf_door.is_numpy_on_symbolic_error(numpy_call)
-    assert not tf_door.is_python_control_flow_error(numpy_call)
+    assert door.is_python_control_flow_error(control_flow)
+    assert not door.is_numpy_on_symbolic_error(control_flow)
+    assert door.is_numpy_on_symbolic_error(numpy_call)
+    assert not door.is_python_control_flow_error(numpy_call)
     other = ValueError("shapes (2,) and (3,) are incompatible")
-    assert not tf_door.is_python_control_flow_error(other) and not tf_door.is_numpy_on_symbolic_error(other)
+    assert not door.is_python_control_flow_error(other) and not door.is_numpy_on_symbolic_error(other)
 
 
 # --- The training monitor (core/monitor) -------------------------------------
 
 
 # --- The diagnosis (core/diagnose) -------------------------------------------
+
+
+def _traced_ops(fn, *args) -> list:
+    """The ops of one trace of ``fn`` (a plain TensorFlow function of tensors)."""
+    graph = tf.function(fn).get_concrete_function(*args).graph
+    return graph.get_operations()
+
+
+def _op_of_type(ops: list, op_type: str):
+    (op,) = [op for op in ops if op.type == op_type]
+    return op
+
+
+def test_registered_gradient_finds_matmuls_and_knows_stop_gradient_and_unique():
+    ops = _traced_ops(lambda a: tf.unique(tf.reshape(tf.stop_gradient(a) @ a, [-1])).y, tf.ones((2, 2)))
+    assert callable(door.registered_gradient(_op_of_type(ops, "MatMul")))
+    assert door.registered_gradient(_op_of_type(ops, "StopGradient")) is None  # tf.no_gradient
+    with pytest.raises(LookupError):  # no gradient registered at all
+        door.registered_gradient(_op_of_type(ops, "Unique"))
+
+
+def test_is_custom_gradient_recognises_tf_custom_gradient_only():
+    @tf.custom_gradient
+    def square(t):
+        return t * t, lambda upstream: upstream * 2.0 * t
+
+    ops = _traced_ops(lambda a: tf.identity(square(a)), tf.ones((2,)))
+    assert door.is_custom_gradient(_op_of_type(ops, "IdentityN"))  # the op tf.custom_gradient creates
+    others = [op for op in ops if op.type != "IdentityN"]
+    assert {"Mul", "Identity"} <= {op.type for op in others}
+    assert not any(door.is_custom_gradient(op) for op in others)
+
+
+def test_differentiated_scope_leads_from_a_gradient_op_back_to_its_forward_op():
+    def f(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            with tf.name_scope("a"):
+                root = tf.sqrt(x, name="b")
+            loss = tf.reduce_sum(root)
+        return tape.gradient(loss, x)
+
+    ops = _traced_ops(f, tf.constant([0.0, 4.0]))
+    forward, backward = _op_of_type(ops, "Sqrt"), _op_of_type(ops, "SqrtGrad")
+    assert forward.name == "a/b"
+    scope = door.differentiated_scope(backward.name)
+    assert scope is not None and (forward.name == scope or forward.name.startswith(scope + "/"))
+    assert forward.outputs[0].name in {t.name for t in backward.inputs}  # and it reads that op's output
+    assert door.differentiated_scope(forward.name) is None  # a forward op differentiates nothing
+    # At 0 the square root's derivative is infinite: the NaN/Inf of the gradient is made in that op.
+    assert np.isinf(tf.function(f)(tf.constant([0.0, 4.0])).numpy()[0])
+
+
+def test_lambda_output_shape_is_the_argument_as_given():
+    def shape_of(input_shape):
+        return input_shape
+
+    by_function = keras.layers.Lambda(tf.sin, output_shape=shape_of)
+    assert door.lambda_output_shape(by_function) is shape_of
+    assert isinstance(by_function.get_config()["output_shape"], dict)  # why the door is needed
+    assert door.lambda_output_shape(keras.layers.Lambda(tf.sin, output_shape=(3,))) == (3,)
+    assert door.lambda_output_shape(keras.layers.Lambda(tf.sin)) is None
+
+
+def test_variable_placeholders_are_what_the_variables_reads_consume():
+    dense = keras.layers.Dense(2)
+    dense.build((None, 3))
+    found = {}
+
+    @tf.function
+    def f(x):
+        graph = tf.compat.v1.get_default_graph()
+        out = dense(x)
+        found.update(door.variable_placeholders(graph, dense.weights))
+        return out
+
+    f(tf.ones((1, 3)))
+    assert set(found) == {id(dense.kernel), id(dense.bias)}
+    for variable in (dense.kernel, dense.bias):
+        (placeholder,) = found[id(variable)]
+        # The captured handle is read once, by the op that gives the variable's value to the layer.
+        assert placeholder.dtype == tf.resource
+        assert [op.type for op in placeholder.consumers()] == ["ReadVariableOp"]

@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import mlp
+from conftest import assert_unchanged, fingerprint, mlp
 
 import gradmagic as gm
 from gradmagic.core.questions import compute
@@ -351,3 +351,74 @@ def test_same_all_keys_objects_by_identity_in_order():
     del a, builder
     gc.collect()
     assert not key.alive()
+
+
+# --- inline losses, loss weights, frozen layers and swapped layers in every question ---
+
+X6 = np.random.default_rng(7).normal(size=(6, 3)).astype("float32")
+
+
+def _two_outputs(dict_outputs: bool = False) -> keras.Model:
+    inputs = keras.Input((3,), name="inp")
+    second = keras.layers.Dense(2, name="second")(inputs)  # created first, named later in the alphabet
+    first = keras.layers.Dense(1, name="first")(inputs)
+    outputs = {"z": second, "a": first} if dict_outputs else [second, first]
+    return keras.Model(inputs, outputs)
+
+
+def _numpy_mse(y_true, y_pred, weight=None):
+    per_sample = np.mean((y_pred - y_true) ** 2, axis=-1)
+    return float(np.mean(per_sample if weight is None else per_sample * weight))
+
+
+def test_a_lambda_loss_is_right_and_an_inline_loss_object_is_traced_once():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    y = np.zeros((6, 1), "float32")
+    r = gm.weight_gradients(model, X6, y, loss=lambda t, p: keras.ops.mean((p - t) ** 2, axis=-1))
+    assert r.loss == pytest.approx(_numpy_mse(y, model(X6).numpy()), rel=1e-5)
+    for _ in range(3):  # an inline Loss object each call is the same question, traced once
+        gm.weight_gradients(model, X6, y, loss=keras.losses.Huber(delta=0.5))
+    assert len(_questions(model)) == 2
+
+
+def test_recompiling_with_other_loss_weights_is_seen():
+    model = _two_outputs()
+    optimizer = keras.optimizers.SGD()
+    y = [np.ones((6, 2), "f4"), np.ones((6, 1), "f4")]
+    model.compile(optimizer=optimizer, loss=["mse", "mse"], loss_weights=[1.0, 1.0])
+    both = gm.weight_gradients(model, X6, y).loss
+    model.compile(optimizer=optimizer, loss=["mse", "mse"], loss_weights=[1.0, 0.0])
+    first_only = gm.weight_gradients(model, X6, y).loss
+    assert first_only == pytest.approx(_numpy_mse(y[0], model(X6)[0].numpy()), rel=1e-5) and first_only < both
+
+
+def test_freezing_batchnorm_is_seen_by_output_and_input_questions():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), keras.layers.BatchNormalization(name="bn")])
+    model.compile(loss="mse")
+    y = np.zeros((6, 4), "float32")
+    before = gm.output_gradients(model, X6, y, layer=0, training=True).loss
+    model.get_layer("bn").trainable = False  # Keras 3 then runs BN in inference mode
+    frozen = gm.output_gradients(model, X6, y, layer=0, training=True).loss
+    assert frozen == pytest.approx(float(model.compute_loss(x=X6, y=y, y_pred=model(X6, training=True))), rel=1e-5)
+    assert frozen != pytest.approx(before)
+    jac = gm.input_gradients(model, X6[:1], training=True).array
+    with tf.GradientTape() as tape:
+        point = tf.constant(X6[:1])
+        tape.watch(point)
+        out = model(point, training=True)
+    np.testing.assert_allclose(jac[0], tape.jacobian(out, point).numpy()[0, :, 0, :], rtol=1e-5)
+
+
+def test_sequential_pop_and_add_are_seen():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="d1"), keras.layers.Dense(2, name="d2")])
+    model.compile(loss="mse")
+    gm.weight_gradients(model, X6, np.zeros((6, 2)))
+    model.pop()
+    model.add(keras.layers.Dense(5, name="d3"))
+    before = fingerprint(model)
+    o = gm.output_gradients(model, X6, np.zeros((6, 5)), layer=1)
+    assert o.layer_name == "d3" and o.array.shape == (6, 5)
+    kernel = model.get_layer("d3").kernel.numpy()
+    expected = (model.layers[0].kernel.numpy() @ kernel).T
+    np.testing.assert_allclose(gm.input_gradients(model, X6[:1]).array[0], expected, rtol=1e-5)
+    assert_unchanged(model, before)

@@ -1,4 +1,4 @@
-"""explain() names the op that makes NaN/Inf: checked against TensorFlow's own check_numerics."""
+"""Where NaN/Inf is made: probing a traced pass op by op, and explain() naming that op (against check_numerics)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import tensorflow as tf
 from conftest import assert_unchanged, fingerprint
 
 import gradmagic as gm
+from gradmagic.core.diagnose.nonfinite_origin import nonfinite_origins, probed_ops
 
 X = np.array([[1.0, 2.0], [0.0, 1.0], [3.0, 0.5]], "float32")  # the first column is 0 in sample 2
 Y = np.zeros((3, 1), "float32")
@@ -156,3 +157,44 @@ def test_a_deliberate_infinite_constant_is_not_an_origin():
     assert origins and all(o.op_type != "Const" for o in origins)
     assert origins[0].op_type == "RealDiv" and origins[0].layer == "suspect"
     assert origins[0].source.startswith(f"test_nonfinite_origin.py:{_line_of(_masked_then_divided, 'weights / (')}")
+
+
+def _probed_pass(x: tf.Tensor):
+    """sqrt and log of x under name scope 'a', differentiated; every op probed. Returns origins and the gradient."""
+    graph_info = {}
+
+    @tf.function
+    def run(x):
+        graph = tf.compat.v1.get_default_graph()
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            with tf.name_scope("a"):
+                root = tf.sqrt(x, name="b")
+                logged = tf.math.log(x + 1.0, name="c")
+            loss = tf.reduce_sum(root) + tf.reduce_sum(logged)
+        graph_info["forward"] = list(graph.get_operations())
+        grad = tape.gradient(loss, x)
+        graph_info["probed"], flags = probed_ops(graph.get_operations())
+        return grad, flags
+
+    grad, flags = run(x)
+    forward = graph_info["forward"]
+    # Each forward op "owns" itself, so an origin's layer names the forward op it was traced back to.
+    owners = [(i, op.name) for i, op in enumerate(forward)]
+    return nonfinite_origins(graph_info["probed"], flags.numpy(), forward, owners), grad.numpy()
+
+
+def test_a_nan_made_in_the_gradient_of_op_a_b_is_traced_back_to_a_b_and_its_line():
+    origins, grad = _probed_pass(tf.constant([0.0, 4.0]))
+    assert np.isinf(grad[0]) and np.isfinite(grad[1])  # TensorFlow's own gradient: sqrt'(0) is infinite
+    (origin,) = origins  # sqrt(0) = 0 and log(1) = 0: the forward pass is finite
+    assert (origin.op_type, origin.backward, origin.layer) == ("SqrtGrad", True, "a/b")
+    line = _line_of(_probed_pass, 'tf.sqrt(x, name="b")')
+    assert origin.source.startswith(f"test_nonfinite_origin.py:{line} (run): root = tf.sqrt")
+
+
+def test_an_infinity_made_in_the_forward_pass_is_its_first_origin():
+    origins, _ = _probed_pass(tf.constant([4.0, -1.0]))  # log(0) = -inf, sqrt(-1) = NaN
+    forward = [o for o in origins if not o.backward]
+    assert {(o.op_type, o.layer) for o in forward} == {("Sqrt", "a/b"), ("Log", "a/c")}
+    assert all(o.layer_index is not None for o in origins if o.backward)

@@ -18,6 +18,9 @@ from gradmagic.core.arguments import check_flag, is_flag, is_int
 from gradmagic.core.batches import is_stream
 from gradmagic.core.diagnose.explain import DisconnectedWeight, Explanation, LayerPath, OpInfo, explain
 from gradmagic.core.diagnose.gradcheck import CheckRow, GradientCheck, check_gradients
+from gradmagic.core.display import html_table, text_table
+from gradmagic.core.monitor.callback import GradientMonitor
+from gradmagic.core.monitor.history import MonitorHistory, MonitorSummary
 from gradmagic.core.questions.compute import clear_cache
 from gradmagic.core.questions.gradients import input_gradients, output_gradients, weight_gradients
 from gradmagic.core.questions.inputs import is_scalar_list, model_spec
@@ -36,10 +39,13 @@ __all__ = [
     "DisconnectedWeight",
     "Explanation",
     "GradientCheck",
+    "GradientMonitor",
     "GradientRow",
     "GradientStats",
     "InputGradients",
     "LayerPath",
+    "MonitorHistory",
+    "MonitorSummary",
     "OpInfo",
     "OutputGradients",
     "WeightGradients",
@@ -47,6 +53,7 @@ __all__ = [
     "check_gradients",
     "clear_cache",
     "explain",
+    "html_table",
     "input_gradients",
     "is_flag",
     "is_int",
@@ -56,5 +63,6 @@ __all__ = [
     "model_spec",
     "output_gradients",
     "rollback_on_failure",
+    "text_table",
     "weight_gradients",
 ]

@@ -21,12 +21,14 @@ import numpy as np
 import tensorflow as tf
 
 from gradmagic.core.arguments import check_flag
+from gradmagic.core.backends.tensorflow import MissingInternal, variable_placeholders
 from gradmagic.core.batches import first_batch
 from gradmagic.core.diagnose.explanation import DisconnectedWeight, Explanation, LayerPath, OpInfo
 from gradmagic.core.diagnose.nonfinite_origin import NonfiniteOrigin, nonfinite_origins, probed_ops
 from gradmagic.core.diagnose.op_graph import (
     FLOWS,
     NONE,
+    UNCHECKED,
     VERDICTS,
     ZERO,
     carries_gradient,
@@ -101,7 +103,7 @@ def _trace(
         info["probed"], flags = probed_ops(recorder.graph.get_operations())
         return flags
 
-    @tf.function
+    @tf.function(autograph=False)  # as in Keras's own train step; AutoGraph only adds tracing time
     def run(x: Any, y: Any) -> Any:
         with tf.GradientTape() as tape:
             with recorder.recording(tape):
@@ -166,15 +168,23 @@ def _group_ops(ops: list[tf.Operation], on_path: set[str]) -> list[OpInfo]:
     return [OpInfo(t, n, VERDICTS[lv], why, path) for t, (n, (path, _), lv, why) in groups.items()]
 
 
-def _weight_sources(recorder: OpRecorder, variables: list) -> dict[int, list[tf.Tensor]]:
-    """For each variable (by id), the tensors its reads produce in the traced graph."""
-    by_handle = {id(v.value.handle): id(v) for v in variables if hasattr(v.value, "handle")}
-    found: dict[int, list[tf.Tensor]] = {}
-    for external, internal in recorder.graph.captures:
-        if id(external) in by_handle:
-            reads = [t for op in internal.consumers() for t in op.outputs]
-            found.setdefault(by_handle[id(external)], []).extend(reads)
-    return found
+def _weight_sources(recorder: OpRecorder, variables: list, notes: list[str]) -> dict[int, list[tf.Tensor]]:
+    """For each variable (by id), the tensors its reads produce in the traced graph (none if that is unknown)."""
+    try:
+        placeholders = variable_placeholders(recorder.graph, variables)
+    except MissingInternal as missing:  # the verdicts on inputs still stand; say what is lost
+        notes.append(f"{missing}.")
+        return {}
+    return {
+        key: [t for internal in found for op in internal.consumers() for t in op.outputs]
+        for key, found in placeholders.items()
+    }
+
+
+def _unchecked_notes(layers: list[LayerPath]) -> list[str]:
+    """What the installed TensorFlow could not tell about some ops, once each."""
+    reasons = {info.reason for record in layers for info in record.ops if info.reason.startswith(UNCHECKED)}
+    return [f"{reason.removeprefix(UNCHECKED)}." for reason in sorted(reasons)]
 
 
 def _observed(trace: _Trace, calls: list[int], weight_grads: list) -> str:
@@ -362,7 +372,7 @@ def explain(
         except ComputeError as exc:
             notes.append(f"computing dLoss/dW failed: {exc}")
     grads = grads if grads is not None else trace.weight_grads
-    weights = _weight_sources(trace.recorder, model.trainable_weights)
+    weights = _weight_sources(trace.recorder, model.trainable_weights, notes)
     slots = weight_slots(model)
     layers = []
     for index, layer in enumerate(model.layers):
@@ -371,6 +381,7 @@ def explain(
         progress()
     disconnected = _disconnected(model, trace, grads, weights)
     progress.done()
+    notes.extend(_unchecked_notes(layers))
     origins = []
     if _has_nonfinite(trace, grads):  # a forward pass alone when autodiff itself failed above
         origins = _nonfinite_origins(model, x_in, y_in, loss_fn, training, trace.grad_error is None, notes)

@@ -74,12 +74,12 @@ def loss_problem(model: keras.Model, loss_fn: Any, x: Any, y: Any, sw: Any, trai
     recorder = OpRecorder(model.layers)
     variables = list(model.trainable_weights)
 
-    @tf.function
+    @tf.function(autograph=False)  # as in Keras's own train step; AutoGraph only adds tracing time
     def loss_at(x: Any) -> Any:
         with recorder.recording():
             return loss_fn(model, x, y, model(x, training=training), sw, training)
 
-    @tf.function
+    @tf.function(autograph=False)  # as in Keras's own train step; AutoGraph only adds tracing time
     def grads_at(x: Any) -> Any:
         sources = float_leaves(x)
         with tf.GradientTape() as tape:

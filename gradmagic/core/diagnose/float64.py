@@ -16,6 +16,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from gradmagic.core.backends.tensorflow import lambda_output_shape
 from gradmagic.core.questions.targets import FunctionLoss
 
 
@@ -42,8 +43,8 @@ def _float64_layer(layer: Any) -> Any:
         # get_config stores a lambda as bytecode that safe mode refuses to load: reuse the function itself.
         config = layer.get_config()
         shape = config.get("output_shape")
-        if isinstance(shape, dict):  # a serialized shape function; Lambda has no public accessor for it
-            shape = getattr(layer, "_output_shape", None)
+        if isinstance(shape, dict):  # a serialized shape function: the function itself serves the copy
+            shape = lambda_output_shape(layer)
         return keras.layers.Lambda(
             layer.function, output_shape=shape, mask=layer.mask, arguments=layer.arguments, name=layer.name,
             dtype="float64",

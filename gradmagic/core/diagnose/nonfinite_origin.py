@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
-_GRADIENT_SCOPE = "gradient_tape/"
+from gradmagic.core.backends.tensorflow import differentiated_scope
+
 _LIBRARIES = tuple(f"{os.sep}{name}{os.sep}" for name in ("tensorflow", "keras", "tf_keras"))
 _OWN = f"{os.sep}gradmagic{os.sep}"
 _UNKNOWN = (None, "unknown")
@@ -123,16 +124,19 @@ class _ForwardOps:
     def differentiated_by(self, op: tf.Operation) -> int | None:
         """The forward op that ``op`` (a gradient op) belongs to, or None.
 
-        TensorFlow puts the gradient of op ``a/b/c`` under ``gradient_tape/a/b/c/``
-        or ``gradient_tape/a/b/``. Take the op named by the longest such scope; in
-        a scope that only holds forward ops, the one whose output the gradient op
-        reads (e.g. ``SqrtGrad`` reads the ``Sqrt`` it differentiates), else the
-        one with NaN/Inf. A gradient op outside ``gradient_tape/`` (a sum of the
-        gradients of a tensor used twice) is not attributed.
+        TensorFlow puts the gradient of op ``a/b/c`` in a scope named after
+        ``a/b/c`` or ``a/b`` (see
+        :func:`~gradmagic.core.backends.tensorflow.differentiated_scope`). Take
+        the op named by the longest such scope; in a scope that only holds
+        forward ops, the one whose output the gradient op reads (e.g.
+        ``SqrtGrad`` reads the ``Sqrt`` it differentiates), else the one with
+        NaN/Inf. A gradient op outside the tape's scope (a sum of the gradients
+        of a tensor used twice) is not attributed.
         """
-        if not op.name.startswith(_GRADIENT_SCOPE):
+        scope = differentiated_scope(op.name)
+        if scope is None:
             return None
-        parts = op.name.removeprefix(_GRADIENT_SCOPE).split("/")[:-1]
+        parts = scope.split("/")
         for end in range(len(parts), 0, -1):
             scope = "/".join(parts[:end])
             if scope in self.index:

@@ -12,13 +12,13 @@ from collections.abc import Sequence
 
 import tensorflow as tf
 
-# No public TensorFlow API answers "is a gradient registered for this op?";
-# ``get_gradient_function`` is what ``tf.GradientTape`` itself consults.
-from tensorflow.python.framework.ops import get_gradient_function
+from gradmagic.core.backends.tensorflow import MissingInternal, is_custom_gradient, registered_gradient
 
 #: Gradient levels, ordered: a path is as good as its worst op.
 NONE, ZERO, FLOWS = 0, 1, 2
 VERDICTS = {NONE: "no gradient", ZERO: "zero gradient", FLOWS: "flows"}
+#: Starts the reason of an op that could not be classified (this TensorFlow lacks what tells).
+UNCHECKED = "not checked: "
 
 _PIECEWISE_CONSTANT = {"Round", "Rint", "Floor", "Ceil", "FloorDiv", "TruncateDiv", "ArgMax", "ArgMin"}
 _NUMPY = "tf.numpy_function runs Python/NumPy, which TensorFlow cannot differentiate"
@@ -62,19 +62,17 @@ def op_gradient(op: tf.Operation) -> tuple[int, str]:
         dtype = op.outputs[0].dtype.name
         what = f"cast to {dtype}" if op.type == "Cast" else f"{dtype} output"
         return NONE, f"{what}: integer and bool tensors carry no gradient"
-    try:
-        function = get_gradient_function(op)
-    except LookupError:
-        return NONE, f"no gradient is registered for op type {op.type}"
-    if function is None:
-        return NONE, f"{op.type} is registered as not differentiable"
     if op.type == "Cast" and not carries_gradient(op.inputs[0]):
         return NONE, f"cast from {op.inputs[0].dtype.name}: integer and bool tensors carry no gradient"
     try:
-        op.get_attr("_gradient_op_type")  # set by tf.custom_gradient
-        return FLOWS, "custom gradient"
-    except ValueError:
-        return FLOWS, ""
+        function = registered_gradient(op)
+    except LookupError:
+        return NONE, f"no gradient is registered for op type {op.type}"
+    except MissingInternal as missing:  # a TensorFlow that no longer tells: assume the gradient flows, and say so
+        return FLOWS, f"{UNCHECKED}{missing}"
+    if function is None:
+        return NONE, f"{op.type} is registered as not differentiable"
+    return FLOWS, "custom gradient" if is_custom_gradient(op) else ""
 
 
 def path_ops(section: Sequence[tf.Operation], sources: list, sinks: list) -> list[tf.Operation]:

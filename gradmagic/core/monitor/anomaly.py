@@ -13,17 +13,9 @@ import numpy as np
 
 from gradmagic.core.diagnose.nonfinite_origin import NonfiniteOrigin
 from gradmagic.core.questions.targets import WeightSlot
-from gradmagic.errors import GradmagicError
+from gradmagic.errors import GradientAnomalyError  # noqa: F401 - still importable from here
 
 ANOMALY_KINDS = ("nonfinite", "exploding", "vanishing")
-
-
-class GradientAnomalyError(GradmagicError, RuntimeError):
-    """Raised by ``GradientMonitor(on_anomaly="raise")``; ``.anomaly`` says where and what."""
-
-    def __init__(self, message: str, anomaly: Anomaly) -> None:
-        super().__init__(message)
-        self.anomaly = anomaly
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from gradmagic.core.display import html_table, text_table
 from gradmagic.core.monitor.capture import BUFFER_COLUMNS
 from gradmagic.core.questions.targets import WeightSlot
 
@@ -184,29 +185,18 @@ class MonitorSummary:
     def _cells(self, row: dict[str, Any]) -> list[str]:
         return [f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()]
 
+    def _headers(self) -> list[str]:
+        return list(self.rows[0]) if self.rows else ["layer"]
+
     def __repr__(self) -> str:
-        headers = list(self.rows[0]) if self.rows else ["layer"]
-        body = [self._cells(r) for r in self.rows]
-        widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(headers)]
-        lines = ["GradientMonitor summary"]
-        lines.append("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=False)).rstrip())
-        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in body]
+        lines = [text_table("GradientMonitor summary", self._headers(), [self._cells(r) for r in self.rows])]
         lines += [f"anomaly: {a.message}" for a in self.anomalies[:10]]
         if len(self.anomalies) > 10:
             lines.append(f"... and {len(self.anomalies) - 10} more anomalies")
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
-        headers = list(self.rows[0]) if self.rows else ["layer"]
-        head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-        body = []
-        for row in self.rows:
-            css = ' style="background:#ffd6d6;color:#900"' if row["NaN/Inf steps"] else ""
-            cells = "".join(f"<td>{html.escape(c)}</td>" for c in self._cells(row))
-            body.append(f"<tr{css}>{cells}</tr>")
+        states = ["nonfinite" if row["NaN/Inf steps"] else "ok" for row in self.rows]
+        table = html_table("GradientMonitor summary", self._headers(), [self._cells(r) for r in self.rows], states)
         notes = "".join(f"<li>{html.escape(a.message)}</li>" for a in self.anomalies[:10])
-        notes_html = f"<ul>{notes}</ul>" if notes else ""
-        return (
-            f'<table class="gradmagic"><caption style="text-align:left">GradientMonitor summary</caption>'
-            f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>{notes_html}"
-        )
+        return table + (f"<ul>{notes}</ul>" if notes else "")

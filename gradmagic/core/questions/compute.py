@@ -194,7 +194,7 @@ def weight_function(model: keras.Model, variables: list, loss_fn: LossFn, traini
     """Compile ``(x, y, sample_weight) -> (loss, [dLoss/dW or None])``."""
     model_ref = weakref.ref(model)
 
-    @tf.function
+    @tf.function(autograph=False)  # as in Keras's own train step; AutoGraph only adds tracing time
     def weight_grads(x: Any, y: Any, sample_weight: Any) -> tuple[Any, list]:
         model = model_ref()
         guarded = state_variables(model)
@@ -225,7 +225,7 @@ def output_function(
     """
     model_ref, layer_ref = weakref.ref(model), weakref.ref(layer)
 
-    @tf.function
+    @tf.function(autograph=False)  # as in Keras's own train step; AutoGraph only adds tracing time
     def output_grads(x: Any, y: Any, sample_weight: Any) -> tuple[Any, list, list]:
         model = model_ref()
         guarded = state_variables(model)
@@ -270,7 +270,7 @@ def input_function(model: keras.Model, output: int | None, training: bool, vecto
     """
     model_ref = weakref.ref(model)
 
-    @tf.function
+    @tf.function(autograph=False)  # as in Keras's own train step; AutoGraph only adds tracing time
     def input_jacobians(x: Any) -> tuple[list, list[list]]:
         model = model_ref()
         guarded = state_variables(model)

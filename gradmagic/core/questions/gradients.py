@@ -8,6 +8,7 @@ the model and the inputs; the model is left exactly as it was.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,7 @@ from gradmagic.core.questions.state import preserved_eagerly
 from gradmagic.core.questions.targets import (
     check_loss_argument,
     check_loss_structure,
+    has_custom_compute_loss,
     layer_weights,
     loss_token,
     model_name,
@@ -94,17 +96,31 @@ def _build_compiled_loss(model: keras.Model, question: _Question, args: tuple) -
     """Let a compiled loss build itself once, eagerly on one sample, with all state restored.
 
     Keras builds a compiled loss (and its per-output trackers) on first use;
-    doing that here keeps variable creation out of the traced function. A
-    failure here is left for the traced run to report, where it reads as it
-    would in ``fit``.
+    doing that here keeps variable creation out of the traced function. Zeros
+    shaped like the model's declared outputs stand in for its predictions, so
+    no eager forward and backward pass is paid (for a recurrent model that is
+    most of a first call); a model that declares no outputs, or computes its
+    own loss, runs the question once on one sample instead. A failure here is
+    left for the traced run to report, where it reads as it would in ``fit``.
     """
     one = keras.tree.map_structure(lambda t: None if t is None else tf.convert_to_tensor(t[:1]), args)
-    try:
-        with preserved_eagerly(model):
-            question.fn.python_function(*one)
-    except Exception:
-        pass  # the traced run right after reports it, as fit would
+    with preserved_eagerly(model):
+        try:
+            x, y, sample_weight = one
+            y_pred = _zero_outputs(model)
+            resolve_loss(model)(model, x, y, y_pred, sample_weight, False)
+        except Exception:
+            # The traced run right after reports any failure, as fit would.
+            with contextlib.suppress(Exception):
+                question.fn.python_function(*one)
     mark_warm(model)
+
+
+def _zero_outputs(model: keras.Model) -> Any:
+    """One sample of zeros shaped like the model's declared outputs (raises if it declares none)."""
+    if has_custom_compute_loss(model):
+        raise TypeError("a custom compute_loss may need real predictions")
+    return keras.tree.map_structure(lambda t: tf.zeros((1, *t.shape[1:]), t.dtype), model.output)
 
 
 def _numpy(value: Any) -> Any:

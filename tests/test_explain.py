@@ -296,13 +296,13 @@ def test_cut_in_the_loss_or_in_the_models_own_call():
     assert "cut in the call of model 'floored' itself by op Floor" in repr(e)
 
 
-def test_public_names_stay_importable_from_autodiff():
-    from gradmagic.core.diagnose import explain as autodiff
+def test_public_names_stay_importable_from_the_explain_module():
+    from gradmagic.core.diagnose import explain as module
     from gradmagic.core.diagnose import explanation
 
     for name in ("Explanation", "LayerPath", "OpInfo", "DisconnectedWeight"):
-        assert getattr(autodiff, name) is getattr(explanation, name)
-    assert autodiff.explain is gm.explain and autodiff.Explanation is gm.Explanation
+        assert getattr(module, name) is getattr(explanation, name)
+    assert module.explain is gm.explain and module.Explanation is gm.Explanation
 
 
 def test_nan_from_an_unpicked_where_branch_is_pinned_on_its_layer():
