@@ -21,9 +21,12 @@ from gradmagic.core.diagnose.gradcheck import CheckRow, GradientCheck, check_gra
 from gradmagic.core.display import html_table, text_table
 from gradmagic.core.monitor.callback import GradientMonitor
 from gradmagic.core.monitor.history import MonitorHistory, MonitorSummary
+from gradmagic.core.questions.attribution_results import GradCAM, IntegratedGradients, Saliency
 from gradmagic.core.questions.compute import clear_cache
+from gradmagic.core.questions.gradcam import gradcam
 from gradmagic.core.questions.gradients import input_gradients, output_gradients, weight_gradients
 from gradmagic.core.questions.inputs import is_scalar_list, model_spec
+from gradmagic.core.questions.integrated import integrated_gradients
 from gradmagic.core.questions.results import (
     GradientRow,
     GradientStats,
@@ -31,6 +34,7 @@ from gradmagic.core.questions.results import (
     OutputGradients,
     WeightGradients,
 )
+from gradmagic.core.questions.saliency import saliency
 from gradmagic.core.questions.state import rollback_on_failure
 from gradmagic.core.questions.targets import model_name
 
@@ -38,23 +42,28 @@ __all__ = [
     "CheckRow",
     "DisconnectedWeight",
     "Explanation",
+    "GradCAM",
     "GradientCheck",
     "GradientMonitor",
     "GradientRow",
     "GradientStats",
     "InputGradients",
+    "IntegratedGradients",
     "LayerPath",
     "MonitorHistory",
     "MonitorSummary",
     "OpInfo",
     "OutputGradients",
+    "Saliency",
     "WeightGradients",
     "check_flag",
     "check_gradients",
     "clear_cache",
     "explain",
+    "gradcam",
     "html_table",
     "input_gradients",
+    "integrated_gradients",
     "is_flag",
     "is_int",
     "is_scalar_list",
@@ -63,6 +72,7 @@ __all__ = [
     "model_spec",
     "output_gradients",
     "rollback_on_failure",
+    "saliency",
     "text_table",
     "weight_gradients",
 ]
