@@ -6,6 +6,9 @@ first, with the function's name, rather than deep inside a gradient call.
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
@@ -200,6 +203,23 @@ def test_tracing_mistakes_are_recognised_from_tensorflows_real_errors():
     assert not door.is_python_control_flow_error(numpy_call)
     other = ValueError("shapes (2,) and (3,) are incompatible")
     assert not door.is_python_control_flow_error(other) and not door.is_numpy_on_symbolic_error(other)
+
+
+def _section(text: str, title: str) -> str:
+    """The lines of one ``# --- title ---`` section of a file."""
+    start = text.index(f"# --- {title}")
+    end = text.find("\n# --- ", start + 1)
+    return text[start : None if end < 0 else end]
+
+
+def test_every_door_function_of_the_questions_has_a_canary_here():
+    # A door function without a canary would let an upgrade break the questions silently.
+    door_source = Path(door.__file__).read_text()
+    this_source = Path(__file__).read_text()
+    functions = re.findall(r"^def ([a-z]\w*)\(", _section(door_source, "The gradient questions"), re.M)
+    assert len(functions) >= 10  # the scan finds the section's functions
+    tested = _section(this_source, "The gradient questions")
+    assert [name for name in functions if f"door.{name}(" not in tested] == []
 
 
 # --- The training monitor (core/monitor) -------------------------------------
