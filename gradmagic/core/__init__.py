@@ -15,6 +15,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     ) from None
 
 from gradmagic.core.arguments import check_flag, is_flag, is_int
+from gradmagic.core.backends import check_backend
 from gradmagic.core.batches import is_stream
 from gradmagic.core.diagnose.explain import DisconnectedWeight, Explanation, LayerPath, OpInfo, explain
 from gradmagic.core.diagnose.gradcheck import CheckRow, GradientCheck, check_gradients
@@ -76,3 +77,5 @@ __all__ = [
     "text_table",
     "weight_gradients",
 ]
+
+check_backend()  # refuse at import a Keras backend gradmagic cannot compute on, before any call fails inside
