@@ -22,6 +22,7 @@ from gradmagic.core.diagnose.gradcheck import CheckRow, GradientCheck, check_gra
 from gradmagic.core.display import html_table, text_table
 from gradmagic.core.monitor.callback import GradientMonitor
 from gradmagic.core.monitor.history import MonitorHistory, MonitorSummary
+from gradmagic.core.norms import combined_norm
 from gradmagic.core.questions.attribution_results import GradCAM, IntegratedGradients, Saliency
 from gradmagic.core.questions.compute import clear_cache
 from gradmagic.core.questions.gradcam import gradcam
@@ -60,6 +61,7 @@ __all__ = [
     "check_flag",
     "check_gradients",
     "clear_cache",
+    "combined_norm",
     "explain",
     "gradcam",
     "html_table",
