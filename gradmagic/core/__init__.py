@@ -29,6 +29,7 @@ from gradmagic.core.questions.gradcam import gradcam
 from gradmagic.core.questions.gradients import input_gradients, output_gradients, weight_gradients
 from gradmagic.core.questions.inputs import is_scalar_list, model_spec
 from gradmagic.core.questions.integrated import integrated_gradients
+from gradmagic.core.questions.naming import output_labels
 from gradmagic.core.questions.results import (
     GradientRow,
     GradientStats,
@@ -74,6 +75,7 @@ __all__ = [
     "model_name",
     "model_spec",
     "output_gradients",
+    "output_labels",
     "rollback_on_failure",
     "saliency",
     "text_table",
