@@ -22,12 +22,14 @@ from gradmagic.core.diagnose.gradcheck import CheckRow, GradientCheck, check_gra
 from gradmagic.core.display import html_table, text_table
 from gradmagic.core.monitor.callback import GradientMonitor
 from gradmagic.core.monitor.history import MonitorHistory, MonitorSummary
+from gradmagic.core.norms import combined_norm
 from gradmagic.core.questions.attribution_results import GradCAM, IntegratedGradients, Saliency
 from gradmagic.core.questions.compute import clear_cache
 from gradmagic.core.questions.gradcam import gradcam
 from gradmagic.core.questions.gradients import input_gradients, output_gradients, weight_gradients
 from gradmagic.core.questions.inputs import is_scalar_list, model_spec
 from gradmagic.core.questions.integrated import integrated_gradients
+from gradmagic.core.questions.naming import output_labels
 from gradmagic.core.questions.results import (
     GradientRow,
     GradientStats,
@@ -60,6 +62,7 @@ __all__ = [
     "check_flag",
     "check_gradients",
     "clear_cache",
+    "combined_norm",
     "explain",
     "gradcam",
     "html_table",
@@ -72,6 +75,7 @@ __all__ = [
     "model_name",
     "model_spec",
     "output_gradients",
+    "output_labels",
     "rollback_on_failure",
     "saliency",
     "text_table",
