@@ -17,9 +17,9 @@ import tensorflow as tf
 from gradmagic.core.diagnose.op_graph import carries_gradient
 from gradmagic.core.questions.compute import calls_replaced
 from gradmagic.core.questions.targets import model_name
-from gradmagic.core.questions.trace_errors import diagnose_trace_error
+from gradmagic.core.questions.trace_errors import describe_layer, diagnose_trace_error, short_error
 from gradmagic.core.questions.user_code import with_cause
-from gradmagic.errors import ComputeError, GradmagicError, brief
+from gradmagic.errors import ComputeError, GradmagicError
 
 OWNER_GLUE, OWNER_LOSS = -1, -2  # owners of ops outside any layer: model plumbing, and the loss
 
@@ -124,9 +124,31 @@ def tracing_error(failed: TracingFailed, model: keras.Model, purpose: str) -> Gr
     """
     if isinstance(failed.cause, GradmagicError):  # already says which user code failed, with its cause
         return with_cause(failed.cause)
-    return diagnose_trace_error(failed.cause, model, failed.layer_index) or ComputeError(
-        f"Tracing model '{model_name(model)}' {purpose} failed: {brief(failed.cause)} The model was left unchanged."
+    diagnosed = diagnose_trace_error(failed.cause, model, failed.layer_index)
+    if diagnosed is not None:
+        return diagnosed
+    said = _error_itself(failed.cause).rstrip(".")
+    where = ""
+    if failed.layer_index is not None:
+        where = " in l" + describe_layer(model, failed.layer_index).split(" of model ")[0][1:]
+    return ComputeError(
+        f"Tracing model '{model_name(model)}' {purpose} failed{where}: {said}. Fix that layer (or what feeds it) "
+        f"so that it runs on x. The model was left unchanged."
     )
+
+
+def _error_itself(exc: BaseException) -> str:
+    """The error a failed trace carries, in one line: not the traceback text or argument dump around it.
+
+    Keras wraps an error raised in a layer in its own text (the message in bold,
+    then the layer's arguments); inside that, an error raised in a
+    ``tf.function`` the layer calls starts with TensorFlow's "in user code:"
+    frames. Both wrappings are peeled off, in that order.
+    """
+    text = str(exc)
+    if "\x1b[1m" in text:
+        text = text.split("\x1b[1m", 1)[1].split("\x1b[0m", 1)[0]
+    return short_error(ValueError(text), limit=300)
 
 
 def layer_ancestors(recorder: OpRecorder) -> dict[int, set[int]]:
