@@ -44,12 +44,12 @@ from gradmagic.core.diagnose.tracing import (
     OpRecorder,
     TracingFailed,
     concrete_function,
+    refuse_array_loss,
     tracing_error,
 )
 from gradmagic.core.questions.compute import dense_gradients
-from gradmagic.core.questions.entry import check_model, leaves_no_trace, spec_and_inputs
+from gradmagic.core.questions.entry import check_model, leaves_no_trace, prepare_loss_args, spec_and_inputs
 from gradmagic.core.questions.gradients import weight_gradients
-from gradmagic.core.questions.inputs import prepare_targets
 from gradmagic.core.questions.state import preserved_eagerly
 from gradmagic.core.questions.targets import (
     LossFn,
@@ -60,7 +60,7 @@ from gradmagic.core.questions.targets import (
     weight_slots,
 )
 from gradmagic.core.questions.trace_errors import function_name, short_error
-from gradmagic.errors import ComputeError, GradmagicWarning
+from gradmagic.errors import ComputeError, GradmagicWarning, InputError
 
 __all__ = ["DisconnectedWeight", "Explanation", "LayerPath", "OpInfo", "explain"]
 
@@ -88,7 +88,14 @@ def _sum_of_outputs(y_pred: Any) -> tf.Tensor | None:
 
 
 def _trace(
-    model: keras.Model, x: Any, y: Any, loss_fn: LossFn | None, training: bool, gradients: bool, probe: bool = False
+    model: keras.Model,
+    x: Any,
+    y: Any,
+    sw: Any,
+    loss_fn: LossFn | None,
+    training: bool,
+    gradients: bool,
+    probe: bool = False,
 ) -> _Trace:
     """Run the model once in a tf.function, recording ops per layer and (optionally) every gradient.
 
@@ -104,12 +111,12 @@ def _trace(
         return flags
 
     @tf.function(autograph=False)  # as in Keras's own train step; AutoGraph only adds tracing time
-    def run(x: Any, y: Any) -> Any:
+    def run(x: Any, y: Any, sw: Any) -> Any:
         with tf.GradientTape() as tape:
             with recorder.recording(tape):
                 y_pred = model(x, training=training)
             recorder.flush(OWNER_GLUE)
-            target = _sum_of_outputs(y_pred) if loss_fn is None else loss_fn(model, x, y, y_pred, None, training)
+            target = _sum_of_outputs(y_pred) if loss_fn is None else loss_fn(model, x, y, y_pred, sw, training)
         info["forward_end"], info["target"] = recorder.flush(OWNER_LOSS), target
         grads = None
         if target is not None and gradients:
@@ -120,9 +127,9 @@ def _trace(
                 info["grad_error"] = short_error(exc)
         return target, grads, probed()
 
-    concrete = concrete_function(run, recorder, x, y)
+    concrete = concrete_function(run, recorder, x, y, sw)
     with preserved_eagerly(model):
-        value, grads, finite = concrete(x, y)
+        value, grads, finite = concrete(x, y, sw)
     in_grads, out_grads, weight_grads = _numpy(grads) if grads is not None else ([], [], None)
     value = None if value is None else float(value)
     trace = _Trace(
@@ -137,13 +144,13 @@ def _numpy(nested: Any) -> Any:
     return keras.tree.map_structure(lambda t: None if t is None else np.asarray(t), nested)
 
 
-def _run_trace(model: keras.Model, x: Any, y: Any, loss_fn: LossFn | None, training: bool) -> _Trace:
+def _run_trace(model: keras.Model, x: Any, y: Any, sw: Any, loss_fn: LossFn | None, training: bool) -> _Trace:
     """Trace with gradients; if they fail at run time, trace the forward pass alone and say why."""
     try:
         try:
-            return _trace(model, x, y, loss_fn, training, gradients=True)
+            return _trace(model, x, y, sw, loss_fn, training, gradients=True)
         except tf.errors.OpError as exc:  # e.g. the gradient of a tf.py_function whose body is NumPy
-            trace = _trace(model, x, y, loss_fn, training, gradients=False)
+            trace = _trace(model, x, y, sw, loss_fn, training, gradients=False)
             trace.grad_error = short_error(exc)
             return trace
     except TracingFailed as failed:
@@ -263,11 +270,18 @@ def _has_nonfinite(trace: _Trace, grads: list | None) -> bool:
 
 
 def _nonfinite_origins(
-    model: keras.Model, x: Any, y: Any, loss_fn: LossFn | None, training: bool, gradients: bool, notes: list[str]
+    model: keras.Model,
+    x: Any,
+    y: Any,
+    sw: Any,
+    loss_fn: LossFn | None,
+    training: bool,
+    gradients: bool,
+    notes: list[str],
 ) -> list[NonfiniteOrigin]:
     """Trace again with every op probed, and name the ops that made NaN/Inf from finite inputs."""
     try:
-        trace = _trace(model, x, y, loss_fn, training, gradients=gradients, probe=True)
+        trace = _trace(model, x, y, sw, loss_fn, training, gradients=gradients, probe=True)
     except (TracingFailed, tf.errors.OpError) as exc:  # the first trace ran, so this is rare
         notes.append(f"NaN/Inf was seen, but probing every op to find where it is made failed: {short_error(exc)}")
         return []
@@ -307,7 +321,13 @@ def _disconnected(model: keras.Model, trace: _Trace, grads: list | None, weights
 
 @leaves_no_trace
 def explain(
-    model: keras.Model, x: Any, y: Any = None, loss: Any = None, training: bool = False, verbose: bool = True
+    model: keras.Model,
+    x: Any,
+    y: Any = None,
+    loss: Any = None,
+    training: bool = False,
+    verbose: bool = True,
+    sample_weight: Any = None,
 ) -> Explanation:
     """Explain how the gradient flows through every layer, and why a gradient is None.
 
@@ -329,6 +349,11 @@ def explain(
         training: Run layers in training mode. Defaults to ``False``.
         verbose: Show a progress bar over the layers (``keras.utils.Progbar``)
             once the analysis has run for more than 2 seconds. Defaults to ``True``.
+        sample_weight: Per-sample weights of the loss (needs y), as ``fit`` takes
+            them. Defaults to ``None``. To look again at the step a
+            :class:`gradmagic.GradientMonitor` flagged:
+            ``x, y, sw = monitor.bad_batch`` then
+            ``gradmagic.explain(model, x, y, sample_weight=sw)``.
 
     Returns:
         An :class:`Explanation`: ``.layers`` (a :class:`LayerPath` per entry of
@@ -350,17 +375,24 @@ def explain(
     check_model(model)
     training = check_flag("training", training)
     progress = Progress(len(model.layers) + 1, check_flag("verbose", verbose), "layer")
+    refuse_array_loss(loss, "explain")
     if y is not None:
         check_loss_argument(model, loss)
-    data = first_batch(x, y)
-    x, y = data.x, data.y
+    data = first_batch(x, y, sample_weight)
+    x, y, sample_weight = data.x, data.y, data.sample_weight
+    if y is None and sample_weight is not None:
+        raise InputError(
+            "Received: sample_weight without y. Expected y too: sample weights weigh the loss, and without y "
+            "explain differentiates the sum of the outputs. Fix: pass y (and the loss), or drop sample_weight."
+        )
     spec, x_in, batch = spec_and_inputs(model, x)
-    notes, grads, loss_fn, y_in = [data.source] if data.source else [], None, None, None
+    notes, grads, loss_fn, y_in, sw_in = [data.source] if data.source else [], None, None, None, None
     if y is not None:
         check_loss_structure(model, spec.output_names, loss)
     if y is not None:  # check y and the loss before tracing, so that their mistakes get their own messages
-        y_in, loss_fn = prepare_targets(model, y, batch, spec), resolve_loss(model, loss)
-    trace = _run_trace(model, x_in, y_in, loss_fn, training)
+        y_in, sw_in = prepare_loss_args(model, spec, y, sample_weight, batch)
+        loss_fn = resolve_loss(model, loss)
+    trace = _run_trace(model, x_in, y_in, sw_in, loss_fn, training)
     progress()
     if trace.grad_error is not None:
         notes.append(f"TensorFlow could not compute the gradient, so only the graph was analysed: {trace.grad_error}")
@@ -368,7 +400,9 @@ def explain(
         try:
             with warnings.catch_warnings():  # NaN/Inf in x or y is reported below, with its origin
                 warnings.simplefilter("ignore", GradmagicWarning)
-                grads = weight_gradients(model, x, y, loss=loss, training=training).arrays()
+                grads = weight_gradients(
+                    model, x, y, loss=loss, training=training, sample_weight=sample_weight
+                ).arrays()
         except ComputeError as exc:
             notes.append(f"computing dLoss/dW failed: {exc}")
     grads = grads if grads is not None else trace.weight_grads
@@ -384,7 +418,7 @@ def explain(
     notes.extend(_unchecked_notes(layers))
     origins = []
     if _has_nonfinite(trace, grads):  # a forward pass alone when autodiff itself failed above
-        origins = _nonfinite_origins(model, x_in, y_in, loss_fn, training, trace.grad_error is None, notes)
+        origins = _nonfinite_origins(model, x_in, y_in, sw_in, loss_fn, training, trace.grad_error is None, notes)
     for backward in (False, True):  # the first op that makes NaN/Inf in each pass
         first = next((o for o in origins if o.backward == backward), None)
         if first is not None:

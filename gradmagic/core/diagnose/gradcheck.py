@@ -28,7 +28,7 @@ from gradmagic.core.diagnose.finite_differences import LossProblem, check_rows, 
 from gradmagic.core.diagnose.float64 import as_float64, float64_default, float64_loss, float64_twin, loss_weights
 from gradmagic.core.diagnose.gradcheck_results import CheckRow, GradientCheck
 from gradmagic.core.diagnose.progress import Progress
-from gradmagic.core.diagnose.tracing import TracingFailed, layer_ancestors, tracing_error
+from gradmagic.core.diagnose.tracing import TracingFailed, layer_ancestors, refuse_array_loss, tracing_error
 from gradmagic.core.questions.entry import check_model, leaves_no_trace, prepare_loss_args, spec_and_inputs
 from gradmagic.core.questions.state import preserved_eagerly
 from gradmagic.core.questions.targets import check_loss_argument, check_loss_structure, model_name, resolve_loss
@@ -207,7 +207,9 @@ def check_gradients(
         max_directions: Directions per row. Defaults to 16.
         seed: Seed of the random directions. Defaults to 0.
         training: Run layers in training mode. Defaults to ``False``.
-        sample_weight: Optional per-sample weights of the loss.
+        sample_weight: Optional per-sample weights of the loss. For the step a
+            :class:`gradmagic.GradientMonitor` flagged: ``x, y, sw = monitor.bad_batch``
+            then ``gradmagic.check_gradients(model, x, y, sample_weight=sw)``.
         verbose: Show a progress bar (``keras.utils.Progbar``) once the check
             has run for more than 2 seconds. Defaults to ``True``.
 
@@ -224,6 +226,7 @@ def check_gradients(
         >>> c.passed, c.max_rel_error
     """
     check_model(model)
+    refuse_array_loss(loss, "check_gradients")
     _validate(tol, epsilon, max_directions)
     seed, training, verbose = check_seed(seed), check_flag("training", training), check_flag("verbose", verbose)
     check_loss_argument(model, loss)
