@@ -13,7 +13,7 @@ x, which give an observed verdict per layer and the weights whose gradient is
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import keras
@@ -33,6 +33,7 @@ from gradmagic.core.diagnose.op_graph import (
     ZERO,
     carries_gradient,
     diagnose,
+    gradient_levels,
     op_gradient,
     path_ops,
 )
@@ -45,6 +46,7 @@ from gradmagic.core.diagnose.tracing import (
     TracingFailed,
     concrete_function,
     refuse_array_loss,
+    run_once,
     tracing_error,
 )
 from gradmagic.core.questions.compute import dense_gradients
@@ -80,6 +82,19 @@ class _Trace:
     grad_error: str | None = None
     probed: list | None = None  # with probe=True: the ops checked for NaN/Inf, and their flags
     finite: np.ndarray | None = None
+    ops: list = field(default_factory=list)  # every op of the traced graph, in creation order
+
+    def __post_init__(self) -> None:
+        # Read once: the per-layer analysis slices and indexes these instead of listing the graph per layer.
+        self.ops = self.recorder.graph.get_operations()
+        self.forward = self.ops[: self.forward_end]
+        self.position = {op.name: i for i, op in enumerate(self.ops)}
+        self.by_owner: dict[int, list] = {}
+        for op, owner in zip(self.forward, self.recorder.owner, strict=False):
+            self.by_owner.setdefault(owner, []).append(op)
+        self.calls_of: dict[int, list[int]] = {}
+        for i, call in enumerate(self.recorder.calls):
+            self.calls_of.setdefault(call.layer_index, []).append(i)
 
 
 def _sum_of_outputs(y_pred: Any) -> tf.Tensor | None:
@@ -128,7 +143,7 @@ def _trace(
         return target, grads, probed()
 
     concrete = concrete_function(run, recorder, x, y, sw)
-    with preserved_eagerly(model):
+    with preserved_eagerly(model), run_once():
         value, grads, finite = concrete(x, y, sw)
     in_grads, out_grads, weight_grads = _numpy(grads) if grads is not None else ([], [], None)
     value = None if value is None else float(value)
@@ -219,7 +234,7 @@ def _observed(trace: _Trace, calls: list[int], weight_grads: list) -> str:
 
 def _judge_calls(layer: keras.Layer, calls: list[LayerCall], trace: _Trace, weights: dict) -> tuple[tuple, set[str]]:
     """The worst ``(level, op, reason)`` over a layer's calls (a shared layer runs several) and its on-path ops."""
-    ops = trace.recorder.graph.get_operations()
+    ops = trace.ops
     worst: tuple = (FLOWS + 1, None, "")
     on_path: set[str] = set()
     for call in calls:
@@ -233,15 +248,14 @@ def _judge_calls(layer: keras.Layer, calls: list[LayerCall], trace: _Trace, weig
 
 def _layer_path(index: int, layer: keras.Layer, trace: _Trace, weights: dict, grads: list) -> LayerPath:
     recorder = trace.recorder
-    calls = [i for i, c in enumerate(recorder.calls) if c.layer_index == index]
+    calls = trace.calls_of.get(index, [])
     function = function_name(layer) if isinstance(layer, keras.layers.Lambda) else None
     record = LayerPath(index, layer.name, type(layer).__name__, function, len(calls), [], "not called")
     if not calls:
         record.verdict = "input" if isinstance(layer, keras.layers.InputLayer) else "not called"
         return record
     (level, op, reason), on_path = _judge_calls(layer, [recorder.calls[i] for i in calls], trace, weights)
-    ops = recorder.graph.get_operations()[: trace.forward_end]
-    record.ops = _group_ops([o for i, o in enumerate(ops) if recorder.owner[i] == index], on_path)
+    record.ops = _group_ops(trace.by_owner.get(index, []), on_path)
     record.verdict, record.reason, record.observed = VERDICTS[level], reason, _observed(trace, calls, grads)
     record.op, record.op_name = (op.type, op.name) if op is not None else (None, None)
     if record.op == "EagerPyFunc" and record.observed == VERDICTS[FLOWS]:
@@ -255,7 +269,7 @@ def _layer_path(index: int, layer: keras.Layer, trace: _Trace, weights: dict, gr
 
 def _cut_owner(model: keras.Model, trace: _Trace, op: tf.Operation) -> tuple[int | None, str]:
     """``(index, layer name)`` of the layer whose call created ``op``; ``(None, "loss")`` or the model's name."""
-    return _owner(model, trace.recorder.owner[[o.name for o in trace.recorder.graph.get_operations()].index(op.name)])
+    return _owner(model, trace.recorder.owner[trace.position[op.name]])
 
 
 def _owner(model: keras.Model, owner: int) -> tuple[int | None, str]:
@@ -285,9 +299,8 @@ def _nonfinite_origins(
     except (TracingFailed, tf.errors.OpError) as exc:  # the first trace ran, so this is rare
         notes.append(f"NaN/Inf was seen, but probing every op to find where it is made failed: {short_error(exc)}")
         return []
-    forward = trace.recorder.graph.get_operations()[: trace.forward_end]
     owners = [_owner(model, owner) for owner in trace.recorder.owner[: trace.forward_end]]
-    return nonfinite_origins(trace.probed, trace.finite, forward, owners)
+    return nonfinite_origins(trace.probed, trace.finite, trace.forward, owners)
 
 
 _DATA_ZERO = (
@@ -298,13 +311,14 @@ _DATA_ZERO = (
 
 def _disconnected(model: keras.Model, trace: _Trace, grads: list | None, weights: dict) -> list[DisconnectedWeight]:
     """Weights with a None or all-zero gradient (from the graph alone when ``grads`` is None)."""
-    section, sinks = trace.recorder.graph.get_operations()[: trace.forward_end], [trace.target]
+    section, sinks = trace.forward, [trace.target]
+    levels = gradient_levels(section, sinks) if trace.target is not None else None
     found = []
     for i, (slot, var) in enumerate(zip(weight_slots(model), model.trainable_weights, strict=True)):
         grad, sources = None if grads is None else grads[i], weights.get(id(var), [])
         if grad is not None and np.any(grad != 0):
             continue
-        level, op, reason = diagnose(section, sources, sinks) if trace.target is not None else (NONE, None, "")
+        level, op, reason = diagnose(section, sources, sinks, levels) if trace.target is not None else (NONE, None, "")
         if grads is None:  # no numbers (autodiff failed): report what the graph alone proves
             if level == FLOWS:
                 continue
