@@ -33,8 +33,14 @@ _LAZY = {
     "Explanation": "gradmagic.core",
     "check_gradients": "gradmagic.core",
     "GradientCheck": "gradmagic.core",
-    "GradientMonitor": "gradmagic.core.monitor.callback",
-    "GradientAnomalyError": "gradmagic.core.monitor.anomaly",
+    "integrated_gradients": "gradmagic.core",
+    "saliency": "gradmagic.core",
+    "gradcam": "gradmagic.core",
+    "IntegratedGradients": "gradmagic.core",
+    "Saliency": "gradmagic.core",
+    "GradCAM": "gradmagic.core",
+    "GradientMonitor": "gradmagic.core",
+    "GradientAnomalyError": "gradmagic.errors",
     "training_panel": "gradmagic.widgets.training_panel",
     "TrainingPanel": "gradmagic.widgets.training_panel",
     "explore": "gradmagic.widgets.explorer",
@@ -46,20 +52,26 @@ __all__ = ["GradmagicError", "__version__", *_LAZY]
 if TYPE_CHECKING:  # pragma: no cover
     from gradmagic.core import (  # noqa: F401
         Explanation,
+        GradCAM,
         GradientCheck,
+        GradientMonitor,
         GradientStats,
         InputGradients,
+        IntegratedGradients,
         OutputGradients,
+        Saliency,
         WeightGradients,
         check_gradients,
         clear_cache,
         explain,
+        gradcam,
         input_gradients,
+        integrated_gradients,
         output_gradients,
+        saliency,
         weight_gradients,
     )
-    from gradmagic.core.monitor.anomaly import GradientAnomalyError  # noqa: F401
-    from gradmagic.core.monitor.callback import GradientMonitor  # noqa: F401
+    from gradmagic.errors import GradientAnomalyError  # noqa: F401
     from gradmagic.widgets.explorer import Explorer, explore  # noqa: F401
     from gradmagic.widgets.training_panel import TrainingPanel, training_panel  # noqa: F401
 

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover - for the annotation only; errors never imports the core
+    from gradmagic.core.monitor.anomaly import Anomaly
 
 
 class GradmagicError(Exception):
@@ -55,6 +59,22 @@ class UserCodeError(ComputeError):
     """
 
     original: BaseException | None = None
+
+
+class MonitorArgumentError(GradmagicError, ValueError):
+    """A GradientMonitor argument is invalid, or the model cannot be monitored."""
+
+
+class GradientAnomalyError(GradmagicError, RuntimeError):
+    """Raised by ``GradientMonitor(on_anomaly="raise")``; ``.anomaly`` says where and what."""
+
+    def __init__(self, message: str, anomaly: Anomaly) -> None:
+        super().__init__(message)
+        self.anomaly = anomaly
+
+
+class PanelArgumentError(GradmagicError, ValueError):
+    """A TrainingPanel argument is invalid."""
 
 
 class GradmagicWarning(UserWarning):

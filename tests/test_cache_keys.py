@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import mlp
+from conftest import assert_unchanged, fingerprint, mlp
 
 import gradmagic as gm
 from gradmagic.core.questions import compute
@@ -302,3 +302,123 @@ def test_predict_and_fit_between_questions_reuse_the_function():
     model.fit(X, Y, epochs=1, verbose=0)
     _assert_matches(gm.weight_gradients(model, X, Y), _tape(model, _mse))
     assert len(_questions(model)) == 1
+
+
+class Scale(keras.layers.Layer):
+    """Multiplies by ``self.factor`` when it has one (a number, or a one-element list)."""
+
+    def call(self, t):
+        factor = getattr(self, "factor", 1.0)
+        return t * (factor[0] if isinstance(factor, list) else factor)
+
+
+def _scaled_model():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2), Scale()])
+    model.compile(loss="mse")
+    return model
+
+
+def _tape_with(dense, factor):
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(_mse(tf.constant(Y), dense(X) * factor))
+    return float(loss), [g.numpy() for g in tape.gradient(loss, dense.trainable_weights)]
+
+
+def test_a_setting_added_to_a_layer_after_the_first_call_is_seen():
+    model = _scaled_model()
+    _assert_matches(gm.weight_gradients(model, X, Y), _tape_with(model.layers[0], 1.0))
+    model.layers[1].factor = 3.0  # a new attribute: the layer's list of names changes
+    _assert_matches(gm.weight_gradients(model, X, Y), _tape_with(model.layers[0], 3.0))
+
+
+def test_a_setting_that_turns_from_a_list_into_a_number_is_seen():
+    model = _scaled_model()
+    model.layers[1].factor = [2.0]  # a list is not compared (documented), but what it turns into is
+    _assert_matches(gm.weight_gradients(model, X, Y), _tape_with(model.layers[0], 2.0))
+    model.layers[1].factor = 5.0  # same name, another type
+    _assert_matches(gm.weight_gradients(model, X, Y), _tape_with(model.layers[0], 5.0))
+    model.layers[1].factor = 5  # an int equal to the float: the type is part of the key
+    gm.weight_gradients(model, X, Y)
+    assert len(_questions(model)) == 3
+
+
+def test_same_all_keys_objects_by_identity_in_order():
+    a, b = Scaled(1.0), Scaled(1.0)
+    builder = KeyBuilder()
+    assert builder.same_all([a, b]) != builder.same_all([b, a])
+    assert builder.same_all([a, b]) == KeyBuilder().same_all([a, b])
+    key = builder.key(builder.same_all([a])).stored()
+    del a, builder
+    gc.collect()
+    assert not key.alive()
+
+
+# --- inline losses, loss weights, frozen layers and swapped layers in every question ---
+
+X6 = np.random.default_rng(7).normal(size=(6, 3)).astype("float32")
+
+
+def _two_outputs(dict_outputs: bool = False) -> keras.Model:
+    inputs = keras.Input((3,), name="inp")
+    second = keras.layers.Dense(2, name="second")(inputs)  # created first, named later in the alphabet
+    first = keras.layers.Dense(1, name="first")(inputs)
+    outputs = {"z": second, "a": first} if dict_outputs else [second, first]
+    return keras.Model(inputs, outputs)
+
+
+def _numpy_mse(y_true, y_pred, weight=None):
+    per_sample = np.mean((y_pred - y_true) ** 2, axis=-1)
+    return float(np.mean(per_sample if weight is None else per_sample * weight))
+
+
+def test_a_lambda_loss_is_right_and_an_inline_loss_object_is_traced_once():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    y = np.zeros((6, 1), "float32")
+    r = gm.weight_gradients(model, X6, y, loss=lambda t, p: keras.ops.mean((p - t) ** 2, axis=-1))
+    assert r.loss == pytest.approx(_numpy_mse(y, model(X6).numpy()), rel=1e-5)
+    for _ in range(3):  # an inline Loss object each call is the same question, traced once
+        gm.weight_gradients(model, X6, y, loss=keras.losses.Huber(delta=0.5))
+    assert len(_questions(model)) == 2
+
+
+def test_recompiling_with_other_loss_weights_is_seen():
+    model = _two_outputs()
+    optimizer = keras.optimizers.SGD()
+    y = [np.ones((6, 2), "f4"), np.ones((6, 1), "f4")]
+    model.compile(optimizer=optimizer, loss=["mse", "mse"], loss_weights=[1.0, 1.0])
+    both = gm.weight_gradients(model, X6, y).loss
+    model.compile(optimizer=optimizer, loss=["mse", "mse"], loss_weights=[1.0, 0.0])
+    first_only = gm.weight_gradients(model, X6, y).loss
+    assert first_only == pytest.approx(_numpy_mse(y[0], model(X6)[0].numpy()), rel=1e-5) and first_only < both
+
+
+def test_freezing_batchnorm_is_seen_by_output_and_input_questions():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4), keras.layers.BatchNormalization(name="bn")])
+    model.compile(loss="mse")
+    y = np.zeros((6, 4), "float32")
+    before = gm.output_gradients(model, X6, y, layer=0, training=True).loss
+    model.get_layer("bn").trainable = False  # Keras 3 then runs BN in inference mode
+    frozen = gm.output_gradients(model, X6, y, layer=0, training=True).loss
+    assert frozen == pytest.approx(float(model.compute_loss(x=X6, y=y, y_pred=model(X6, training=True))), rel=1e-5)
+    assert frozen != pytest.approx(before)
+    jac = gm.input_gradients(model, X6[:1], training=True).array
+    with tf.GradientTape() as tape:
+        point = tf.constant(X6[:1])
+        tape.watch(point)
+        out = model(point, training=True)
+    np.testing.assert_allclose(jac[0], tape.jacobian(out, point).numpy()[0, :, 0, :], rtol=1e-5)
+
+
+def test_sequential_pop_and_add_are_seen():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="d1"), keras.layers.Dense(2, name="d2")])
+    model.compile(loss="mse")
+    gm.weight_gradients(model, X6, np.zeros((6, 2)))
+    model.pop()
+    model.add(keras.layers.Dense(5, name="d3"))
+    before = fingerprint(model)
+    o = gm.output_gradients(model, X6, np.zeros((6, 5)), layer=1)
+    assert o.layer_name == "d3" and o.array.shape == (6, 5)
+    kernel = model.get_layer("d3").kernel.numpy()
+    expected = (model.layers[0].kernel.numpy() @ kernel).T
+    np.testing.assert_allclose(gm.input_gradients(model, X6[:1]).array[0], expected, rtol=1e-5)
+    assert_unchanged(model, before)

@@ -10,7 +10,6 @@ from conftest import assert_unchanged, fingerprint
 
 import gradmagic as gm
 from gradmagic import examples
-from gradmagic.widgets.coalesce import LatestWins
 from gradmagic.widgets.explorer import Explorer, compute_view
 
 
@@ -137,29 +136,6 @@ def test_reference_errors_show_in_the_panel(fitted):
     panel.set_point([2.0])
     assert "ValueError: reference broke" in panel.error.value
     assert panel.view.point[0] != pytest.approx(2.0)  # the last good view stays
-
-
-def test_latest_value_wins_with_an_injected_clock_and_scheduler():
-    now = [0.0]
-    scheduled = []
-    rendered = []
-    coalescer = LatestWins(
-        rendered.append, interval=0.05, clock=lambda: now[0], scheduler=lambda d, f: scheduled.append((d, f))
-    )
-    for value in range(10):  # ten slider events before the kernel is free
-        coalescer.submit(value)
-    assert len(scheduled) == 1 and rendered == []
-    delay, fire = scheduled.pop()
-    assert delay == 0.0
-    fire()
-    assert rendered == [9]
-    now[0] = 0.01  # within the interval: the next render waits for the rest of it
-    coalescer.submit(10)
-    coalescer.submit(11)
-    ((delay, fire),) = scheduled
-    assert delay == pytest.approx(0.04)
-    fire()
-    assert rendered == [9, 11] and coalescer.renders == 2
 
 
 def test_panel_events_are_coalesced(fitted):

@@ -390,3 +390,40 @@ def test_freezing_a_layer_is_seen_by_the_next_call():
     model.layers[0].trainable = False
     r = gm.weight_gradients(model, x, y)
     assert r.paths == [v.path for v in model.trainable_weights] and len(r.arrays()) == 2
+
+
+# --- loss precision and gradient types ---
+
+X6 = np.random.default_rng(7).normal(size=(6, 3)).astype("float32")
+
+
+def test_mixed_precision_losses_are_not_rounded_or_overflowed():
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        inputs = keras.Input((3,))
+        hidden = keras.layers.Dense(4)(inputs)
+        model = keras.Model(inputs, keras.layers.Dense(1, dtype="float32")(hidden))
+        model.compile(loss="mse")
+    finally:
+        keras.config.set_dtype_policy(previous)
+    y = np.full((6, 1), 300.123, "float32")  # large, with digits float16 cannot hold
+    pred = model(X6)
+    keras_loss = float(model.compute_loss(x=X6, y=y, y_pred=pred))
+    assert gm.weight_gradients(model, X6, y).loss == pytest.approx(keras_loss, rel=1e-6)
+    explicit = gm.weight_gradients(model, X6, y, loss="mse")
+    assert np.isfinite(explicit.loss) and explicit.loss == pytest.approx(keras_loss, rel=1e-6)
+
+
+def test_embedding_weight_gradients_are_dense_arrays():
+    model = keras.Sequential(
+        [keras.Input((4,), dtype="int32"), keras.layers.Embedding(10, 3), keras.layers.Flatten(), keras.layers.Dense(1)]
+    )
+    model.compile(loss="mse")
+    ids, y = np.array([[1, 2, 3, 1], [4, 4, 0, 9]]), np.zeros((2, 1), "float32")
+    with tf.GradientTape() as tape:
+        loss = model.compute_loss(x=ids, y=y, y_pred=model(ids))
+    expected = tf.convert_to_tensor(tape.gradient(loss, model.trainable_weights[0])).numpy()
+    table = gm.weight_gradients(model, ids, y).arrays()[0]
+    np.testing.assert_allclose(table, expected, rtol=1e-6)
+    assert table.shape == (10, 3) and not table[5:9].any()  # rows never looked up get exactly 0

@@ -107,3 +107,82 @@ def test_output_index_out_of_range():
 def test_not_a_keras_model():
     with pytest.raises(gm.GradmagicError, match="Expected a Keras 3 model"):
         gm.input_gradients(object(), np.ones((1, 3)))
+
+
+@pytest.mark.parametrize("x", [[[1.0, 2.0], [3.0]], [[1.0, 2.0], 3.0], [[[1.0], [2.0]], [[1.0], [2.0, 3.0]]]])
+def test_ragged_nested_lists_are_named_as_ragged(x):
+    with pytest.raises(InputError, match="nested lists of different lengths"):
+        gm.input_gradients(mlp((2, 3, 1)), x)
+
+
+# --- several inputs and outputs: targets, weights and losses follow the model's names and structure ---
+
+X6 = np.random.default_rng(7).normal(size=(6, 3)).astype("float32")
+
+
+def _two_outputs(dict_outputs: bool = False) -> keras.Model:
+    inputs = keras.Input((3,), name="inp")
+    second = keras.layers.Dense(2, name="second")(inputs)  # created first, named later in the alphabet
+    first = keras.layers.Dense(1, name="first")(inputs)
+    outputs = {"z": second, "a": first} if dict_outputs else [second, first]
+    return keras.Model(inputs, outputs)
+
+
+def _numpy_mse(y_true, y_pred, weight=None):
+    per_sample = np.mean((y_pred - y_true) ** 2, axis=-1)
+    return float(np.mean(per_sample if weight is None else per_sample * weight))
+
+
+def test_dict_targets_and_weights_follow_output_names_not_sorted_keys():
+    model = _two_outputs()
+    rng = np.random.default_rng(8)
+    y_second, y_first = rng.normal(size=(6, 2)).astype("f4"), rng.normal(size=(6, 1)).astype("f4")
+    w_second, w_first = np.linspace(0, 1, 6).astype("f4"), np.full(6, 3.0, "f4")
+    pred_second, pred_first = (t.numpy() for t in model(X6))
+    expected = _numpy_mse(y_second, pred_second, w_second) + _numpy_mse(y_first, pred_first, w_first)
+    r = gm.weight_gradients(
+        model,
+        X6,
+        {"first": y_first, "second": y_second},
+        loss="mse",
+        sample_weight={"first": w_first, "second": w_second},
+    )
+    assert r.loss == pytest.approx(expected, rel=1e-5)
+    model.compile(loss=["mse", "mse"])
+    compiled = gm.weight_gradients(model, X6, [y_second, y_first], sample_weight={"first": w_first, "second": w_second})
+    assert compiled.loss == pytest.approx(expected, rel=1e-5)
+
+
+def test_dict_output_models_are_addressed_by_their_keys():
+    model = _two_outputs(dict_outputs=True)
+    out = model(X6)
+    y = {"z": np.zeros((6, 2), "f4"), "a": np.ones((6, 1), "f4")}
+    r = gm.weight_gradients(model, X6, y, loss={"z": "mse", "a": "mae"})
+    expected = _numpy_mse(y["z"], out["z"].numpy()) + float(np.mean(np.abs(out["a"].numpy() - 1.0)))
+    assert r.loss == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(
+        gm.GradmagicError, match=r"y\['a'\] of shape \(6, 2\), but the model's output 'a' .*\(batch, 1\)"
+    ):
+        gm.weight_gradients(model, X6, {"z": np.zeros((6, 1)), "a": np.zeros((6, 2))}, loss="mse")
+
+
+def test_list_and_tuple_inputs_and_flat_and_column_labels_agree():
+    class Two(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(1)
+
+        def call(self, inputs):
+            return self.dense(keras.ops.concatenate(list(inputs), axis=-1))
+
+    model = Two()
+    u, v = X6[:, :1], X6[:, 1:]
+    as_list = gm.input_gradients(model, [u, v]).array
+    as_tuple = gm.input_gradients(model, (u, v)).array
+    np.testing.assert_allclose(as_list[0], as_tuple[0], rtol=1e-6)  # maybe two compiled graphs: a tolerance
+    sparse = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4)])
+    sparse.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    labels = np.array([0, 1, 2, 3, 0, 1])
+    flat = gm.weight_gradients(sparse, X6, labels).loss
+    column = gm.weight_gradients(sparse, X6, labels[:, None]).loss
+    assert flat == pytest.approx(column, rel=1e-5)  # two label shapes, two compiled graphs: float32 rounding

@@ -221,3 +221,15 @@ def test_not_a_monitor_is_refused_clearly(monitor):
 def test_bad_panel_arguments_are_refused(name, value):
     with pytest.raises(PanelArgumentError, match=rf"Received: .*{name}="):
         TrainingPanel(GradientMonitor(), **{"use_ipympl": False, name: value})
+
+
+def test_a_failed_redraw_is_shown_escaped_in_the_panel(monkeypatch):
+    clock, monitor = FakeClock(), FakeMonitor()
+    panel = TrainingPanel(monitor, every=1, use_ipympl=False, max_fraction=1.0, min_interval=0.0, clock=clock)
+
+    def broken(view, background_changed: bool) -> None:
+        raise ValueError("in <lambda>: x & y")
+
+    monkeypatch.setattr(FigureView, "show", broken)
+    monitor.read()  # training goes on; the error is shown, never swallowed
+    assert "ValueError: in &lt;lambda&gt;: x &amp; y" in panel.status.value

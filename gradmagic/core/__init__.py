@@ -15,12 +15,19 @@ except ImportError:  # pragma: no cover - depends on the environment
     ) from None
 
 from gradmagic.core.arguments import check_flag, is_flag, is_int
+from gradmagic.core.backends import check_backend
 from gradmagic.core.batches import is_stream
 from gradmagic.core.diagnose.explain import DisconnectedWeight, Explanation, LayerPath, OpInfo, explain
 from gradmagic.core.diagnose.gradcheck import CheckRow, GradientCheck, check_gradients
+from gradmagic.core.display import html_table, text_table
+from gradmagic.core.monitor.callback import GradientMonitor
+from gradmagic.core.monitor.history import MonitorHistory, MonitorSummary
+from gradmagic.core.questions.attribution_results import GradCAM, IntegratedGradients, Saliency
 from gradmagic.core.questions.compute import clear_cache
+from gradmagic.core.questions.gradcam import gradcam
 from gradmagic.core.questions.gradients import input_gradients, output_gradients, weight_gradients
 from gradmagic.core.questions.inputs import is_scalar_list, model_spec
+from gradmagic.core.questions.integrated import integrated_gradients
 from gradmagic.core.questions.results import (
     GradientRow,
     GradientStats,
@@ -28,6 +35,7 @@ from gradmagic.core.questions.results import (
     OutputGradients,
     WeightGradients,
 )
+from gradmagic.core.questions.saliency import saliency
 from gradmagic.core.questions.state import rollback_on_failure
 from gradmagic.core.questions.targets import model_name
 
@@ -35,19 +43,28 @@ __all__ = [
     "CheckRow",
     "DisconnectedWeight",
     "Explanation",
+    "GradCAM",
     "GradientCheck",
+    "GradientMonitor",
     "GradientRow",
     "GradientStats",
     "InputGradients",
+    "IntegratedGradients",
     "LayerPath",
+    "MonitorHistory",
+    "MonitorSummary",
     "OpInfo",
     "OutputGradients",
+    "Saliency",
     "WeightGradients",
     "check_flag",
     "check_gradients",
     "clear_cache",
     "explain",
+    "gradcam",
+    "html_table",
     "input_gradients",
+    "integrated_gradients",
     "is_flag",
     "is_int",
     "is_scalar_list",
@@ -56,5 +73,9 @@ __all__ = [
     "model_spec",
     "output_gradients",
     "rollback_on_failure",
+    "saliency",
+    "text_table",
     "weight_gradients",
 ]
+
+check_backend()  # refuse at import a Keras backend gradmagic cannot compute on, before any call fails inside

@@ -162,11 +162,11 @@ def format_layer_summary(model: Any, rows: list[dict[str, Any]], token: str = "m
         header += "\n(not built yet: weights and shapes show once it has run on data; %gradients builds it from X)"
     if not rows:
         return header + "\n(no layers)"
+    # Imported here: the magics load without TensorFlow, and a model to list means it is loaded already.
+    from gradmagic.core import text_table
+
     columns = list(rows[0])
-    cells = [[str(row[c]) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    lines = [header, "  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    lines = [text_table(header, columns, [[row[c] for c in columns] for row in rows])]
     with_weights = [row for row in rows if row["trainable weights"]]
     example = with_weights[-1]["index"] if with_weights else rows[-1]["index"]
     examples = [

@@ -14,6 +14,7 @@ time-budgeted the way progress bars throttle theirs: at most one per
 
 from __future__ import annotations
 
+import html
 import math
 import time
 import traceback
@@ -24,16 +25,11 @@ import ipywidgets as widgets
 import matplotlib
 import numpy as np
 
-from gradmagic.core.monitor.callback import GradientMonitor
-from gradmagic.core.monitor.history import MonitorHistory
-from gradmagic.errors import GradmagicError
+from gradmagic.core import GradientMonitor, MonitorHistory
+from gradmagic.errors import PanelArgumentError
 from gradmagic.widgets.figure_view import FigureView
 
 _NO_FIT = object()  # differs from any monitor.params, so the first read opens a budget window
-
-
-class PanelArgumentError(GradmagicError, ValueError):
-    """A TrainingPanel argument is invalid."""
 
 
 def _check_arguments(monitor: Any, every: Any, max_layers: Any, log_scale: Any, use_ipympl: Any) -> None:
@@ -186,7 +182,8 @@ class TrainingPanel:
             self._update(recorded)
             self.status.value = ""
         except Exception:  # shown in the panel, not swallowed: training must go on
-            self.status.value = f"<pre style='color:#900'>{traceback.format_exc(limit=3)}</pre>"
+            # Escaped: a traceback holds text like "<lambda>" that HTML would swallow.
+            self.status.value = f"<pre style='color:#900'>{html.escape(traceback.format_exc(limit=3))}</pre>"
         self._last = self._clock()
         seconds = self._last - start
         self._spent += seconds

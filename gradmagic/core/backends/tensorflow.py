@@ -11,14 +11,443 @@ by name.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import re
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import keras
 import tensorflow as tf
 
 # --- The gradient questions (core/questions) ---------------------------------
 
+# Keras's compiled-loss object lives in this private model attribute.
+_COMPILE_LOSS = "_compile_loss"
+
+
+def compiled_loss(model: Any) -> Any | None:
+    """The model's compiled-loss object, or ``None`` before ``compile`` (or if Keras moved it).
+
+    Public API missing: ``model.compute_loss`` runs Keras's compiled-loss object
+    (``CompileLoss``), but Keras offers no handle on it, and ``compile`` makes a
+    new one each time (also when only ``loss_weights`` change). Falls back to
+    ``None``: cache keys then see ``model.loss`` and the optimizer only (a
+    re-compile that changes nothing but ``loss_weights`` and keeps the optimizer
+    object would go unseen, which is why the canary test checks this function
+    first), and the model's own object computes the loss (its per-output
+    trackers then count among the model's metric variables).
+    """
+    return getattr(model, _COMPILE_LOSS, None)
+
+
+def fresh_compiled_loss(compiled: Any) -> Any | None:
+    """An unbuilt compiled loss with the configuration of ``compiled`` (losses, weights, output names).
+
+    Public API missing: ``CompileLoss`` is built from ``compile``'s arguments,
+    which it keeps only in private attributes. Falls back to ``None`` (the
+    caller then uses the model's own object).
+    """
+    try:
+        return type(compiled)(
+            compiled._user_loss,
+            compiled._user_loss_weights,
+            reduction=compiled.reduction,
+            output_names=compiled.output_names,
+        )
+    except Exception:  # another Keras version: no copy
+        return None
+
+
+@contextlib.contextmanager
+def compiled_loss_replaced(model: Any, replacement: Any) -> Iterator[None]:
+    """Within the block, ``model.compute_loss`` runs ``replacement`` as the compiled loss.
+
+    Public API missing: no way to run ``compute_loss`` with another compiled
+    loss. ``object.__setattr__`` keeps Keras's attribute tracking from adopting
+    ``replacement`` (its variables would join the model's). No fallback is
+    needed: the attribute is restored whatever the block does.
+    """
+    original = getattr(model, _COMPILE_LOSS)
+    object.__setattr__(model, _COMPILE_LOSS, replacement)
+    try:
+        yield
+    finally:
+        object.__setattr__(model, _COMPILE_LOSS, original)
+
+
+def flat_caller(concrete_fn: Any, tensors: Any) -> Callable[[Any], Any]:
+    """A fast way to call ``concrete_fn`` with arguments structured like ``tensors``.
+
+    Public API missing: a ``ConcreteFunction`` re-binds its structured signature
+    on every call (~70 us, a sixth of a small model's whole call); its
+    ``inference_fn`` (an ``AtomicFunction``) takes the flat tensors plus the
+    captures instead, through ``call_preflattened``. The flat order is checked
+    once against TensorFlow's own unpacking (``function_type``). Falls back to
+    the structured call if the order differs or this TensorFlow lacks either.
+    Gradients of the call itself are not recorded: callers read the results as
+    NumPy.
+    """
+    structured = lambda ts: concrete_fn(*ts)  # noqa: E731
+    atomic = getattr(concrete_fn, "inference_fn", None)
+    function_type = getattr(concrete_fn, "function_type", None)
+    if not hasattr(atomic, "call_preflattened") or function_type is None:
+        return structured
+    try:
+        expected = function_type.unpack_inputs(function_type.bind(*tensors))
+    except Exception:
+        return structured
+    leaves = [t for t in keras.tree.flatten(tensors) if t is not None]
+    if len(leaves) != len(expected) or any(a is not b for a, b in zip(leaves, expected)):
+        return structured
+
+    def call_flat_tensors(ts: Any) -> Any:
+        return atomic.call_preflattened(
+            [*(t for t in keras.tree.flatten(ts) if t is not None), *concrete_fn.captured_inputs]
+        )
+
+    return call_flat_tensors
+
+
+@contextlib.contextmanager
+def calls_replaced(replacements: Sequence[tuple[Any, Callable[[Callable], Callable]]]) -> Iterator[None]:
+    """Give layers a wrapped ``call`` for the duration of a trace; restore them afterwards.
+
+    Public API missing: Keras has no hook around one layer's ``call`` inside a
+    model. ``Layer.__call__`` looks ``self.call`` up on the instance, so an
+    instance attribute sees every call, in Sequential, Functional and subclassed
+    models alike; ``object.__setattr__`` keeps Keras's attribute tracking out of
+    it, and the attribute is removed afterwards. No fallback: if Keras stopped
+    looking ``call`` up on the instance, the wrappers would not run (errors would
+    no longer name their layer) and the canary test fails.
+
+    Args:
+        replacements: ``(layer, wrap)`` pairs; ``wrap(original_call)`` returns the
+            function to use instead.
+    """
+    installed = []
+    try:
+        for layer, wrap in replacements:
+            installed.append((layer, "call" in vars(layer), layer.call))
+            object.__setattr__(layer, "call", wrap(layer.call))
+        yield
+    finally:
+        for layer, had_own, original in reversed(installed):
+            if had_own:
+                object.__setattr__(layer, "call", original)
+            else:
+                object.__delattr__(layer, "call")
+
+
+def instance_settings(layer: Any) -> dict[str, Any]:
+    """The layer's own attributes as they are now (the live dict: read it, never write it).
+
+    Public API missing: a layer's current settings (``rate``, ``activation``, a
+    model's own hyperparameters, also those set after construction) have no
+    public view; ``get_config`` is per class, slow and misses attributes set
+    later. Keras keeps them as plain instance attributes. Falls back to an empty
+    dict for an object without ``__dict__`` (nothing is then compared).
+    """
+    return getattr(layer, "__dict__", None) or {}
+
+
+def attribute_layers(layer: Any) -> list[Any]:
+    """The layers a layer holds directly as its attributes (a custom layer's sublayers).
+
+    Public API missing: ``Model.layers`` lists a model's layers, but a plain
+    ``Layer`` has no public list of the layers it owns. Falls back to none for
+    an object without ``__dict__``.
+    """
+    return [v for v in instance_settings(layer).values() if isinstance(v, keras.layers.Layer)]
+
+
+def python_state(model: Any) -> list[tuple]:
+    """A shallow copy of the Python state of every layer reachable from ``model``, for :func:`restore_python_state`.
+
+    Public API missing: Keras cannot un-build a model. Building a model by
+    calling it changes the layers themselves (a Sequential model prepends an
+    ``InputLayer``, a layer keeps weights of the shape it saw), so each reachable
+    layer and its private attribute tracker (``_tracker``) keep a copy of their
+    attributes, and of the lists, dicts and sets among them, which Keras changes
+    in place. Falls back to copying the layers only if the tracker moves.
+    """
+    return [_object_state(obj) for obj in _layers_and_trackers(model)]
+
+
+def restore_python_state(saved: list[tuple]) -> None:
+    """Put back what :func:`python_state` copied, into the very same objects."""
+    for state in saved:
+        _restore(*state)
+
+
+def _layers_and_trackers(model: Any) -> list:
+    found: list = []
+    seen: set[int] = set()
+    stack: list = [model]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        found.append(obj)
+        tracker = vars(obj).get("_tracker")
+        if tracker is not None and hasattr(tracker, "__dict__"):
+            found.append(tracker)
+        for value in vars(obj).values():
+            items = (
+                value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else [value]
+            )
+            stack.extend(v for v in items if isinstance(v, keras.Layer))
+    return found
+
+
+def _object_state(obj: object) -> tuple:
+    attributes = dict(vars(obj))
+    # By type, not isinstance: TensorFlow's tracking proxies pass isinstance checks for dict and list.
+    contents = {name: _copy(v) for name, v in attributes.items() if issubclass(type(v), (list, dict, set))}
+    # Sets inside a dict change in place too (the tracker's ids per store).
+    inner = {
+        name: {k: set(s) for k, s in v.items() if issubclass(type(s), set)}
+        for name, v in attributes.items()
+        if issubclass(type(v), dict)
+    }
+    return obj, attributes, contents, inner
+
+
+def _copy(value: list | dict | set) -> list | dict | set:
+    if isinstance(value, dict):
+        return dict(value)
+    return set(value) if isinstance(value, set) else list(value)
+
+
+def _restore(obj: object, attributes: dict, contents: dict, inner: dict) -> None:
+    state = vars(obj)
+    state.clear()
+    state.update(attributes)  # the very objects, so that references held elsewhere stay valid
+    for name, saved in contents.items():
+        value = attributes[name]
+        # The base types' methods: Keras's tracked containers would track (and lock) on their own.
+        if issubclass(type(value), dict):
+            dict.clear(value)
+            dict.update(value, saved)
+        elif issubclass(type(value), set):
+            set.clear(value)
+            set.update(value, saved)
+        else:
+            list.__setitem__(value, slice(None), saved)
+    for name, sets in inner.items():
+        for key, ids in sets.items():
+            set.clear(attributes[name][key])
+            set.update(attributes[name][key], ids)
+
+
+def error_message(exc: BaseException) -> str:
+    """The error's own message, without the traceback TensorFlow or Keras put inside it.
+
+    Public API missing: neither library separates an error's message from the
+    context it adds. Keras highlights (in ANSI bold) the message of an error
+    raised inside a layer; an error raised while tracing lists the user's frames
+    first ("in user code:") and the error last; a TensorFlow run-time error
+    (``tf.errors.OpError``) carries the graph's node names and Python traceback.
+    Falls back to ``str(exc)`` when none of those forms is recognised.
+    """
+    text = str(exc)
+    if "\x1b[1m" in text:
+        return text.split("\x1b[1m", 1)[1].split("\x1b[0m", 1)[0]
+    if text.lstrip().startswith("in user code:"):
+        raised = [line.strip() for line in text.splitlines() if re.match(r"\s*\w+(Error|Exception): ", line)]
+        return raised[-1] if raised else text.strip().splitlines()[-1].strip()
+    if isinstance(exc, tf.errors.OpError):
+        skip = ("Graph execution error", "Detected at node", "[[")
+        lines = [line.strip() for line in exc.message.splitlines() if line.strip() and not line.startswith(" ")]
+        return " ".join(line for line in lines if not line.startswith(skip)) or exc.message
+    return text
+
+
+def is_python_control_flow_error(exc: BaseException) -> bool:
+    """True when tracing failed because Python control flow met a symbolic tensor (``if t:``, ``for v in t``).
+
+    Public API missing: only ``tf.errors.OperatorNotAllowedInGraphError`` is a
+    type of its own; the same mistake inside Keras or NumPy code is recognised
+    by TensorFlow's and NumPy's wording. Falls back to ``False`` (the caller
+    then reports the error as it is).
+    """
+    text = str(exc)
+    return isinstance(exc, tf.errors.OperatorNotAllowedInGraphError) or any(
+        s in text for s in ("as a Python `bool`", "truth value of an array", "iterating over `tf.Tensor`")
+    )
+
+
+def is_numpy_on_symbolic_error(exc: BaseException) -> bool:
+    """True when tracing failed because NumPy was called on a symbolic tensor (``np.round(t)``).
+
+    Public API missing: TensorFlow raises a plain ``NotImplementedError`` or
+    ``TypeError``, recognised by its wording. Falls back to ``False``.
+    """
+    text = str(exc)
+    return "Cannot convert a symbolic" in text or "to a numpy array" in text
+
 
 # --- The training monitor (core/monitor) -------------------------------------
+
+
+def summary_metadata(plugin: str) -> bytes | None:
+    """The serialized ``SummaryMetadata`` that files a ``tf.summary.write`` under a TensorBoard plugin.
+
+    Public API missing: ``tf.summary.scalar`` and ``tf.summary.histogram`` set this
+    themselves but need the ``tensorboard`` package; ``tf.summary.write`` takes the
+    metadata as bytes and TensorFlow offers no builder for it other than the protobuf
+    class ``tf.compat.v1.SummaryMetadata`` (what Keras's own TensorBoard callback uses).
+
+    Falls back to None (``tf.summary.write`` then writes the tensor without a plugin,
+    which TensorBoard keeps but does not plot) when that class is gone.
+
+    Args:
+        plugin: The plugin's name, e.g. ``"scalars"`` or ``"histograms"``.
+    """
+    metadata_class = getattr(tf.compat.v1, "SummaryMetadata", None)
+    if metadata_class is None:
+        return None
+    metadata = metadata_class()
+    metadata.plugin_data.plugin_name = plugin
+    return metadata.SerializeToString()
+
+
+#: The function attribute that makes TensorFlow call a function as one node instead of inlining it.
+_NO_INLINE = {"_noinline": True}
+
+
+def not_inlined_function(body: Callable[..., Any], input_signature: Sequence[Any]) -> Callable[..., Any]:
+    """``tf.function(body)`` that a caller's graph runs as one call node, never inlined into it.
+
+    Public API missing: ``tf.function`` has no public option for this; the runtime
+    reads the function attribute ``_noinline``, which ``experimental_attributes``
+    accepts. The monitor needs it twice: a branch that most steps skip costs one
+    skipped node instead of dozens, and a replayed copy of a gradient stays apart
+    from the original (inlined, TensorFlow's graph optimizer merges them again).
+
+    Falls back to an ordinary (inlined) ``tf.function`` when this TensorFlow refuses
+    the attribute: results are the same, skipped branches cost a little more, and a
+    replayed gradient may be merged back into the original (see
+    :func:`op_copier`'s fallback for what that costs).
+
+    Args:
+        body: The Python function (traced without autograph).
+        input_signature: One ``tf.TensorSpec`` per argument.
+    """
+    attributes = _NO_INLINE if _no_inline_supported() else None
+    return tf.function(body, input_signature=input_signature, autograph=False, experimental_attributes=attributes)
+
+
+@functools.cache
+def _no_inline_supported() -> bool:
+    """Whether ``tf.function`` accepts the ``_noinline`` attribute (checked once, by tracing a trivial function)."""
+    # The attribute is checked when a function is traced, not when it is made: a
+    # refused one would otherwise fail inside the first fit, not here.
+    try:
+        with tf.init_scope():  # outside any function being traced, which the probe must not join
+            probe = tf.function(lambda: tf.constant(0), autograph=False, experimental_attributes=_NO_INLINE)
+            probe.get_concrete_function()
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+def op_copier() -> Callable[[Any, Sequence[Any]], Any] | None:
+    """A function that adds, to the graph being traced, a copy of an op applied to other inputs.
+
+    ``copy(op, inputs)`` returns the first output of a new op of ``op.type`` with
+    ``op``'s attributes (its private ``_``-prefixed ones left out), the same output
+    dtype and ``inputs`` as its inputs.
+
+    Public API missing: TensorFlow has no public "run this ``tf.Operation`` again on
+    other tensors"; ``tf.Graph.create_op`` (kept for graph-mode code, deprecated in
+    parts) with the attributes read from ``op.node_def`` does it.
+
+    Falls back to None when either is gone: the monitor then reads each gradient
+    itself instead of a replayed copy. The statistics stay right; only on graphs where
+    TensorFlow's optimizer rewrites a gradient's single consumer (an SGD update of a
+    BatchNormalization gamma) may the trained weights then differ from training
+    without the monitor by an ulp.
+    """
+    if not hasattr(tf.Graph, "create_op") or not hasattr(tf.Operation, "node_def"):
+        return None
+
+    def copy(op: Any, inputs: Sequence[Any]) -> Any:
+        attrs = {name: value for name, value in op.node_def.attr.items() if not name.startswith("_")}
+        graph = tf.compat.v1.get_default_graph()
+        return graph.create_op(op.type, list(inputs), [op.outputs[0].dtype], attrs=attrs).outputs[0]
+
+    return copy
+
+
+def optimizer_variables(optimizer: Any) -> list[Any]:
+    """The variables a Keras optimizer updates when ``apply(grads)`` gets no variables.
+
+    Public API missing: Keras optimizers keep the variables they were built for in
+    the private ``_trainable_variables`` (an inner optimizer's, for a
+    ``LossScaleOptimizer``), and ``apply`` falls back to them; there is no public
+    accessor.
+
+    Falls back to an empty list when the attribute is gone: the monitor then records
+    such a step with every weight marked missing. (Keras's own train step always
+    passes the variables, so ``fit`` does not take this path.)
+
+    Args:
+        optimizer: A Keras optimizer (or ``LossScaleOptimizer``).
+    """
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    return list(getattr(inner, "_trainable_variables", None) or [])
+
+
+def build_optimizer_as_apply_does(optimizer: Any, variables: Sequence[Any]) -> None:
+    """Build an unbuilt optimizer for ``variables`` exactly as its first ``apply`` would.
+
+    Public API missing: a ``LossScaleOptimizer`` creates its ``dynamic_scale``
+    variable in ``build``, and the monitor must read that variable before calling
+    ``apply``; Keras has no public "build as apply does". This repeats the sequence at
+    the top of Keras 3's ``LossScaleOptimizer.apply``: ``build`` inside
+    ``keras.name_scope(optimizer.name, caller=optimizer)``, then ``built = True``
+    (so variables get the same names and ``apply`` builds nothing twice).
+
+    Falls back, when ``keras.name_scope`` no longer takes ``caller``, to building in
+    the plain name scope (the optimizer's variables may then be named differently
+    from a plain ``fit``'s; values and updates are the same).
+
+    Args:
+        optimizer: The optimizer, not yet built.
+        variables: The trainable variables it will update.
+    """
+    import keras
+
+    try:
+        scope = keras.name_scope(optimizer.name, caller=optimizer)
+    except TypeError:
+        scope = keras.name_scope(optimizer.name)
+    with scope:
+        optimizer.build(list(variables))
+    optimizer.built = True
+
+
+def fit_token(model: Any) -> tuple[Any, Any]:
+    """Objects that are new in every ``fit``: its ``History`` and that one's epoch list.
+
+    Public API missing: Keras tells callbacks nothing that identifies the ``fit``
+    being run. Its ``CallbackList`` sets ``model.history`` to that ``fit``'s
+    ``History`` before any callback runs, and ``History.on_train_begin`` (which may
+    run after the monitor's) gives it a new ``epoch`` list, so the pair, taken at
+    the first step, identifies the current ``fit``.
+
+    Falls back to ``(None, None)`` parts where Keras sets neither: every ``fit``
+    then looks alike, and the monitor can no longer tell a ``fit`` without it from
+    the one it attached to (a later ``fit`` without the monitor, after one that died
+    before ``on_train_end``, would record into its buffer).
+
+    Args:
+        model: The model being fit.
+    """
+    history = getattr(model, "history", None)
+    return history, getattr(history, "epoch", None)
 
 
 # --- The diagnosis (core/diagnose) -------------------------------------------

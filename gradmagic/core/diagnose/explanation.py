@@ -8,7 +8,7 @@ from typing import Any
 
 from gradmagic.core.diagnose.nonfinite_origin import NonfiniteOrigin
 from gradmagic.core.diagnose.op_graph import FLOWS, NONE, VERDICTS, ZERO
-from gradmagic.core.display import html_table, text_table
+from gradmagic.core.display import html_notes, html_table, row_state, text_notes, text_table
 from gradmagic.errors import LayerError
 
 
@@ -112,7 +112,6 @@ class DisconnectedWeight:
 
 
 _COLUMNS = ("index", "layer", "type", "function", "ops", "verdict", "op", "reason", "observed")
-_STYLES = {"no gradient": "background:#ffd6d6;color:#900", "zero gradient": "background:#fff1c6;color:#7a5b00"}
 
 
 @dataclass(eq=False)
@@ -177,12 +176,12 @@ class Explanation:
         if self.disconnected:
             lines += ["Disconnected weights (gradient None or all zero at x):"]
             lines += [f"  {d.describe()}" for d in self.disconnected]
-        return "\n".join(lines + [f"Note: {n}" for n in self.notes])
+        return "\n".join(lines + text_notes(self.notes))
 
     def _repr_html_(self) -> str:
-        styles = [(r.verdict.replace(" ", "-"), _STYLES.get(r.verdict, "")) for r in self.layers]
-        parts = [html_table(self._title(), _COLUMNS, [self._row(r) for r in self.layers], styles)]
+        states = [row_state(r.verdict) for r in self.layers]
+        parts = [html_table(self._title(), _COLUMNS, [self._row(r) for r in self.layers], states)]
         if self.disconnected:
             items = "".join(f"<li>{html.escape(d.describe())}</li>" for d in self.disconnected)
             parts.append(f"<p>Disconnected weights (gradient None or all zero at x):</p><ul>{items}</ul>")
-        return "".join(parts + [f"<p><em>Note: {html.escape(n)}</em></p>" for n in self.notes])
+        return "".join(parts) + html_notes(self.notes)

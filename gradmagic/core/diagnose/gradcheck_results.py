@@ -6,7 +6,7 @@ import html
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from gradmagic.core.display import html_table, text_table
+from gradmagic.core.display import html_table, text_notes, text_table
 
 #: A row's status: within tolerance, over it, or at a point where the loss is not differentiable.
 OK, FAIL, NOT_SMOOTH = "ok", "FAIL", "not smooth here"
@@ -127,16 +127,13 @@ class GradientCheck:
                 for v in values]  # fmt: skip
 
     def _footer(self) -> list[str]:
-        return [self._advice()] * bool(self._advice()) + [f"Note: {n}" for n in self.notes]
+        return [self._advice()] * bool(self._advice()) + text_notes(self.notes)
 
     def __repr__(self) -> str:
         table = text_table(self._title(), _COLUMNS, [self._cells(r) for r in self.rows])
         return "\n".join([table, *self._footer()])
 
     def _repr_html_(self) -> str:
-        bad = "background:#ffd6d6;color:#900;font-weight:bold"
-        rough = "background:#fff1c6;color:#7a5b00"
-        styles = [("ok", "") if r.status == OK else ("failed", bad) if not r.passed else ("rough", rough)
-                  for r in self.rows]  # fmt: skip
-        table = html_table(self._title(), _COLUMNS, [self._cells(r) for r in self.rows], styles)
+        states = ["ok" if r.status == OK else "failed" if not r.passed else "rough" for r in self.rows]
+        table = html_table(self._title(), _COLUMNS, [self._cells(r) for r in self.rows], states)
         return table + "".join(f"<p>{html.escape(line)}</p>" for line in self._footer())

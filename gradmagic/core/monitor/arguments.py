@@ -9,11 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from gradmagic.core.arguments import is_int
-from gradmagic.errors import GradmagicError
-
-
-class MonitorArgumentError(GradmagicError, ValueError):
-    """A GradientMonitor argument is invalid, or the model cannot be monitored."""
+from gradmagic.errors import MonitorArgumentError
 
 
 def _fail(name: str, value: Any, expected: str, example: str) -> MonitorArgumentError:

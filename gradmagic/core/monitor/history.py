@@ -14,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from gradmagic.core.monitor.capture import BUFFER_COLUMNS
+from gradmagic.core.display import html_table, text_table
+from gradmagic.core.monitor.columns import column, column_index
 from gradmagic.core.questions.targets import WeightSlot
 
 #: Columns of ``GradientMonitor.to_dict()``, in order.
@@ -40,7 +41,7 @@ class _Block:
     steps: np.ndarray  # [n] global optimizer step of each row
     epochs: np.ndarray  # [n]
     batches: np.ndarray  # [n]
-    stats: np.ndarray  # [n, weights, len(BUFFER_COLUMNS)]
+    stats: np.ndarray  # [n, weights, BUFFER_COLUMNS]
 
 
 class MonitorHistory:
@@ -68,8 +69,8 @@ class MonitorHistory:
         return np.concatenate([b.steps for b in self._blocks]) if self._blocks else np.zeros(0, np.int64)
 
     def stat(self, column: str) -> np.ndarray:
-        """One statistic as a ``[steps, weights]`` array (``column`` in BUFFER_COLUMNS)."""
-        k = BUFFER_COLUMNS.index(column)
+        """One statistic as a ``[steps, weights]`` array (``column`` in ``BUFFER_COLUMNS``)."""
+        k = column_index(column)
         if not self._blocks:
             return np.zeros((0, len(self.slots)))
         return np.concatenate([b.stats[:, :, k] for b in self._blocks]).astype(np.float64)
@@ -123,12 +124,13 @@ def layer_lines(epoch: int, batch: int, step: int, slots: Sequence[WeightSlot], 
     lines: list[str] = []
     for name in dict.fromkeys(s.layer_name for s in slots):
         rows = [i for i, s in enumerate(slots) if s.layer_name == name]
-        norm, max_abs = _combine(stats[rows, 0], stats[rows, 1])
-        bad = int(stats[rows, 3].sum() + stats[rows, 4].sum())
+        layer = stats[rows]
+        norm, max_abs = _combine(column(layer, "norm"), column(layer, "max_abs"))
+        bad = int(column(layer, "nan").sum() + column(layer, "inf").sum())
         flag = f"  NaN/Inf x{bad}" if bad else ""
-        skip = "  (step skipped)" if stats[rows[0], 5] > 0 else ""
+        skip = "  (step skipped)" if column(layer, "skipped")[0] > 0 else ""
         head = f"epoch {epoch + 1} batch {batch + 1:>4} | {name:<{width}}"
-        peak = f"{max_abs:.3e}" if stats[rows[0], 7] > 0 else "-"  # "-": not measured at this step
+        peak = f"{max_abs:.3e}" if column(layer, "full")[0] > 0 else "-"  # "-": not measured at this step
         lines.append(f"{head}  norm {norm:.3e}  max|g| {peak}{flag}{skip}")
     return lines
 
@@ -184,29 +186,18 @@ class MonitorSummary:
     def _cells(self, row: dict[str, Any]) -> list[str]:
         return [f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()]
 
+    def _headers(self) -> list[str]:
+        return list(self.rows[0]) if self.rows else ["layer"]
+
     def __repr__(self) -> str:
-        headers = list(self.rows[0]) if self.rows else ["layer"]
-        body = [self._cells(r) for r in self.rows]
-        widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(headers)]
-        lines = ["GradientMonitor summary"]
-        lines.append("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=False)).rstrip())
-        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in body]
+        lines = [text_table("GradientMonitor summary", self._headers(), [self._cells(r) for r in self.rows])]
         lines += [f"anomaly: {a.message}" for a in self.anomalies[:10]]
         if len(self.anomalies) > 10:
             lines.append(f"... and {len(self.anomalies) - 10} more anomalies")
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
-        headers = list(self.rows[0]) if self.rows else ["layer"]
-        head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-        body = []
-        for row in self.rows:
-            css = ' style="background:#ffd6d6;color:#900"' if row["NaN/Inf steps"] else ""
-            cells = "".join(f"<td>{html.escape(c)}</td>" for c in self._cells(row))
-            body.append(f"<tr{css}>{cells}</tr>")
+        states = ["nonfinite" if row["NaN/Inf steps"] else "ok" for row in self.rows]
+        table = html_table("GradientMonitor summary", self._headers(), [self._cells(r) for r in self.rows], states)
         notes = "".join(f"<li>{html.escape(a.message)}</li>" for a in self.anomalies[:10])
-        notes_html = f"<ul>{notes}</ul>" if notes else ""
-        return (
-            f'<table class="gradmagic"><caption style="text-align:left">GradientMonitor summary</caption>'
-            f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>{notes_html}"
-        )
+        return table + (f"<ul>{notes}</ul>" if notes else "")

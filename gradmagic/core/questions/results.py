@@ -9,7 +9,6 @@ single NaN does not hide the size of everything else.
 from __future__ import annotations
 
 import functools
-import html
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from gradmagic.core.arguments import is_int
+from gradmagic.core.display import html_notes, html_table, text_notes, text_table
 from gradmagic.errors import LayerError
 
 #: Label columns kept in ``to_dict()`` but left out of the displayed tables.
@@ -158,33 +158,15 @@ class GradientTable:
         return [*labels, "norm", "max |g|", "mean", "std", "min", "max", "NaN", "Inf", "zeros"]
 
     def __repr__(self) -> str:
-        headers = self._headers()
-        body = [self._cells(row) for row in self.rows]
-        widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(headers)]
-        lines = [self.title] if self.title else []
-        if self.source:
-            lines.append(f"({self.source})")
-        lines.append("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
-        for row, cells in zip(self.rows, body):
-            flag = "  <- NaN/Inf" if row.stats is not None and not row.stats.finite else ""
-            lines.append("  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip() + flag)
-        return "\n".join(lines)
+        heading = "\n".join(line for line in (self.title, f"({self.source})" if self.source else "") if line)
+        flags = ["  <- NaN/Inf" if row.stats is not None and not row.stats.finite else "" for row in self.rows]
+        return text_table(heading, self._headers(), [self._cells(row) for row in self.rows], flags)
 
     def _repr_html_(self) -> str:
-        head = "".join(f"<th>{html.escape(h)}</th>" for h in self._headers())
-        body = []
-        for row in self.rows:
-            if row.disconnected:
-                css, state = "background:#eeeeee;color:#666;font-style:italic", "disconnected"
-            elif not row.stats.finite:
-                css, state = "background:#ffd6d6;color:#900;font-weight:bold", "nonfinite"
-            else:
-                css, state = "", "ok"
-            cells = "".join(f"<td>{html.escape(c)}</td>" for c in self._cells(row))
-            body.append(f'<tr class="gm-{state}" style="{css}">{cells}</tr>')
+        states = ["disconnected" if row.disconnected else "nonfinite" if not row.stats.finite else "ok"
+                  for row in self.rows]  # fmt: skip
         heading = self.title + (f" ({self.source})" if self.source else "")
-        caption = f"<caption style='text-align:left'>{html.escape(heading)}</caption>" if heading else ""
-        return f'<table class="gradmagic">{caption}<thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+        return html_table(heading, self._headers(), [self._cells(row) for row in self.rows], states)
 
 
 def _label_text(value: Any) -> str:
@@ -298,10 +280,10 @@ class InputGradients(GradientTable):
         self.notes: list[str] = []
 
     def __repr__(self) -> str:
-        return "\n".join([super().__repr__(), *(f"Note: {n}" for n in self.notes)])
+        return "\n".join([super().__repr__(), *text_notes(self.notes)])
 
     def _repr_html_(self) -> str:
-        return super()._repr_html_() + "".join(f"<p><em>Note: {html.escape(n)}</em></p>" for n in self.notes)
+        return super()._repr_html_() + html_notes(self.notes)
 
 
 def rows_for(labels: Sequence[dict[str, Any]], arrays: Sequence[np.ndarray | None]) -> list[GradientRow]:
