@@ -363,7 +363,7 @@ def test_a_setting_added_to_a_layer_after_the_first_call_is_seen():
 
 def test_a_setting_that_turns_from_a_list_into_a_number_is_seen():
     model = _scaled_model()
-    model.layers[1].factor = [2.0]  # a list is not compared (documented), but what it turns into is
+    model.layers[1].factor = [2.0]  # a list, keyed by its contents
     _assert_matches(gm.weight_gradients(model, X, Y), _tape_with(model.layers[0], 2.0))
     model.layers[1].factor = 5.0  # same name, another type
     _assert_matches(gm.weight_gradients(model, X, Y), _tape_with(model.layers[0], 5.0))
@@ -452,3 +452,75 @@ def test_sequential_pop_and_add_are_seen():
     expected = (model.layers[0].kernel.numpy() @ kernel).T
     np.testing.assert_allclose(gm.input_gradients(model, X6[:1]).array[0], expected, rtol=1e-5)
     assert_unchanged(model, before)
+
+
+class Coefficients(keras.layers.Layer):
+    """Multiplies by an array and by the first entry of a list, both plain public settings."""
+
+    def __init__(self, coef, factors):
+        super().__init__()
+        self.coef, self.factors = coef, factors
+
+    def call(self, t):
+        return t * self.coef * self.factors[0]
+
+
+def _tape_with_regularization(model, training=False):
+    """Like ``_tape``, plus the regularization losses ``model.losses`` reports now."""
+    with tf.GradientTape() as tape:
+        pred = model(X, training=training)
+        loss = tf.reduce_mean(_mse(tf.constant(Y), pred)) + tf.add_n([tf.constant(0.0), *model.losses])
+    return float(loss), [g.numpy() for g in tape.gradient(loss, model.trainable_weights)]
+
+
+def test_an_array_or_a_list_setting_replaced_or_changed_in_place_is_seen():
+    layer = Coefficients(np.array([1.0, 2.0], "float32"), [1.0])
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2), layer])
+    gm.weight_gradients(model, X, Y, loss="mse")
+    layer.coef = np.array([3.0, -1.0], "float32")  # another array, same type
+    _assert_matches(gm.weight_gradients(model, X, Y, loss="mse"), _tape_with_regularization(model))
+    layer.coef[0] = 0.5  # the same array, changed in place
+    _assert_matches(gm.weight_gradients(model, X, Y, loss="mse"), _tape_with_regularization(model))
+    layer.factors[0] = 4.0  # the same list, changed in place
+    _assert_matches(gm.weight_gradients(model, X, Y, loss="mse"), _tape_with_regularization(model))
+
+
+def test_a_regularizer_factor_changed_in_place_is_seen():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, kernel_regularizer=keras.regularizers.L2(0.01))])
+    gm.weight_gradients(model, X, Y, loss="mse")
+    model.layers[0].kernel_regularizer.l2 = 0.5  # the object the kernel's regularization loss calls
+    _assert_matches(gm.weight_gradients(model, X, Y, loss="mse"), _tape_with_regularization(model))
+
+
+def test_an_activation_layer_held_by_a_layer_and_changed_in_place_is_seen():
+    dense = keras.layers.Dense(2, activation=keras.layers.LeakyReLU(negative_slope=0.1))
+    model = keras.Sequential([keras.Input((3,)), dense])
+    x = -np.abs(X)  # negative inputs and a negative-only kernel: the leaky side is what is differentiated
+    dense.kernel.assign(np.abs(dense.kernel.numpy()))
+    gm.weight_gradients(model, x, Y, loss="mse")
+    dense.activation.negative_slope = 0.7
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(_mse(tf.constant(Y), model(x)))
+    expected = float(loss), [g.numpy() for g in tape.gradient(loss, model.trainable_weights)]
+    _assert_matches(gm.weight_gradients(model, x, Y, loss="mse"), expected)
+
+
+class Gained(keras.Model):
+    """Reads an optional setting by its name as a string (``getattr(self, "gain", ...)``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dense = keras.layers.Dense(2)
+        self.offsets = [0.0]
+
+    def call(self, t):
+        return self.dense(t) * getattr(self, "gain", 1.0) + self.offsets[0]
+
+
+def test_a_models_setting_read_through_getattr_or_changed_in_place_in_a_list_is_seen():
+    model = Gained()
+    gm.weight_gradients(model, X, Y, loss="mse")
+    model.gain = 3.0  # added after the first call, read by getattr with a string
+    _assert_matches(gm.weight_gradients(model, X, Y, loss="mse"), _tape(model, _mse))
+    model.offsets[0] = 2.0  # a list the model's code reads, changed in place
+    _assert_matches(gm.weight_gradients(model, X, Y, loss="mse"), _tape(model, _mse))

@@ -25,10 +25,11 @@ risky (:class:`Uncacheable`): arrays above 1 MB, containers of more than 256
 entries, objects without ``__dict__`` that are neither plain values nor
 identity-keyed kinds, and chains deeper than the limit. Such a question is
 traced on every call. The model's side (:mod:`gradmagic.core.questions.model_keys`)
-adds the public plain settings of the model and its layers. Not seen at all:
-state reached through the attributes of modules, a layer's private or
-non-plain attributes, or layers nested inside a layer that is not a model;
-call :func:`gradmagic.clear_cache` after changing those.
+adds the public settings of the model and its layers (and of layers a layer
+holds). Not seen at all: state reached through the attributes of modules, a
+layer's private attributes, changes inside a setting the snapshot refuses (it
+is then keyed by identity), or layers held in a container by a layer that is
+not a model; call :func:`gradmagic.clear_cache` after changing those.
 """
 
 from __future__ import annotations

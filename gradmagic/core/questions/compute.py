@@ -58,11 +58,11 @@ def clear_cache(model: keras.Model | None = None) -> None:
     """Drop the compiled functions of one model, or of all models.
 
     Gradmagic sees a new loss, ``compile()``, frozen layers, added or removed
-    layers, changed values inside a loss and changed public plain settings of
+    layers, changed values inside a loss and changed public settings of
     the model and its layers (``layer.rate``, ``layer.activation``, a model's
     ``self.beta``) by itself. Call this after changing a model in place in a way
-    it cannot see: replacing a layer's ``call`` or a private or non-plain
-    attribute it reads.
+    it cannot see: replacing a layer's ``call``, a private attribute it
+    reads, or the contents of an array above 1 MB.
 
     Args:
         model: The model whose functions to drop. Defaults to ``None``: every model.

@@ -2,9 +2,9 @@
 
 A question's key holds, besides its own arguments, the model's compile state
 (its loss, by contents and identity; its optimizer and compiled-loss objects),
-its layers and which weights train, all by identity, and the public plain
-settings of the model and its layers (a Dropout ``rate``, a model's own
-``beta``), by value. The same identities say
+its layers and which weights train, all by identity, and the public
+settings of the model and its layers (a Dropout ``rate``, a regularizer's
+factor, a model's own ``beta``), by value. The same identities say
 when the declared inputs (:class:`~gradmagic.core.questions.inputs.ModelSpec`) must be
 read again and when a compiled loss needs its one eager warm-up call.
 """
@@ -106,11 +106,13 @@ class _Layout(NamedTuple):
     valued: tuple[int, ...]  # positions of the other plain values (float, NumPy scalars...): keyed by contents
     functions: Callable[[tuple], tuple]  # the functions among them: keyed by identity
     callables: tuple[int, ...]  # positions of other callables (a partial, a user's object): identity and contents
+    others: tuple[int, ...]  # positions of other values (arrays, lists, a regularizer): keyed by contents
+    layers: tuple[int, ...]  # positions of layers a plain layer holds (an activation layer): their own settings
     shape: tuple  # the names and types the parts stand for
 
 
-def _settings(layer: keras.Layer, builder: KeyBuilder, is_model: bool) -> tuple:
-    """A layer's public plain settings, which a trace bakes in: ``rate``, ``momentum``, a model's own ``beta``.
+def _settings(layer: keras.Layer, builder: KeyBuilder, is_model: bool, depth: int = 3) -> tuple:
+    """A layer's public settings, which a trace bakes in: ``rate``, ``momentum``, a model's own ``beta``.
 
     A layer's ``call`` reads its ``rate`` or ``activation``, and a subclassed
     model's ``call`` or ``compute_loss`` its hyperparameters, as Python values:
@@ -118,7 +120,10 @@ def _settings(layer: keras.Layer, builder: KeyBuilder, is_model: bool) -> tuple:
     attributes are Keras's own bookkeeping. Functions count by identity
     (``layer.activation = ...``); other callables (a ``functools.partial``, a
     user's object with ``__call__``) by identity and the values their code reads,
-    so one changed in place is seen too. A model counts only the attributes its own
+    so one changed in place is seen too. Other values (an array, a list, a
+    regularizer whose factor the regularization loss bakes in) count by contents,
+    and a layer held by a plain layer (an activation layer) by its own settings,
+    ``depth`` levels down. A model counts only the attributes its own
     class's code names: Keras sets others (``predict_function``,
     ``stop_training``) on every ``fit`` or ``predict``, which change no question.
     """
@@ -131,12 +136,17 @@ def _settings(layer: keras.Layer, builder: KeyBuilder, is_model: bool) -> tuple:
     if tuple(map(type, values)) != layout.types:
         layout = _new_layout(layer, attrs, names, is_model)
         values = layout.read(attrs)
+    # Most layers hold only plain values and functions: the other groups are skipped when empty.
     return (
         layout.shape,
         layout.simple(values),
-        tuple(builder.value(values[i]) for i in layout.valued),
+        tuple(builder.value(values[i]) for i in layout.valued) if layout.valued else (),
         builder.same_all(layout.functions(values)),
-        tuple(_callable_token(builder, values[i]) for i in layout.callables),
+        tuple(_callable_token(builder, values[i]) for i in layout.callables) if layout.callables else (),
+        tuple(_callable_token(builder, values[i]) for i in layout.others) if layout.others else (),
+        tuple(_settings(values[i], builder, isinstance(values[i], keras.Model), depth - 1) for i in layout.layers)
+        if layout.layers and depth > 0
+        else (),
     )
 
 
@@ -151,16 +161,34 @@ def _new_layout(layer: keras.Layer, attrs: dict, names: tuple[str, ...], is_mode
     valued = tuple(i for i, v in enumerate(values) if type(v) not in _SIMPLE and isinstance(v, _PLAIN))
     functions = tuple(i for i, v in enumerate(values) if isinstance(v, types.FunctionType))
     callables = tuple(i for i, v in enumerate(values) if _is_other_callable(v))
+    grouped = {*simple, *valued, *functions, *callables}
+    # A model's layers are keyed as model.layers; a plain layer's sublayers only here.
+    layers = () if is_model else tuple(i for i, v in enumerate(values) if isinstance(v, keras.Layer))
+    others = tuple(
+        i
+        for i, v in enumerate(values)
+        if i not in grouped and not isinstance(v, (*_RUN_TIME, keras.Layer)) and public[i] not in _BOOKKEEPING
+    )
     shape = (
         tuple((public[i], kinds[i].__name__) for i in simple),
         tuple(public[i] for i in valued),
         tuple(public[i] for i in functions),
         tuple(public[i] for i in callables),
+        tuple(public[i] for i in others),
+        tuple(public[i] for i in layers),
     )
-    layout = _Layout(names, public, read, kinds, _getter(simple), valued, _getter(functions), callables, shape)
+    layout = _Layout(
+        names, public, read, kinds, _getter(simple), valued, _getter(functions), callables, others, layers, shape
+    )
     _layouts.store(layer, layout)
     return layout
 
+
+#: Values a trace reads when it runs (variables, a seed generator's state) or never (an initializer): not keyed.
+_RUN_TIME = (keras.Variable, keras.initializers.Initializer, keras.random.SeedGenerator)
+
+#: Public attributes Keras derives from a layer's class, never a setting (the ``call`` signature's names).
+_BOOKKEEPING = frozenset({"call_signature_parameters"})
 
 #: Packages whose callable objects on a layer (initializers, sub-layers) are not user settings of its ``call``.
 _LIBRARIES = ("keras", "tensorflow", "numpy", "builtins")
@@ -209,7 +237,19 @@ def _names_read(cls: type) -> frozenset[str]:
             code = getattr(attr, "__code__", None)
             if code is not None:
                 names.update(global_names(code))
+                names.update(_strings(code))  # getattr(self, "gain", 1.0) names "gain" only as a string
     return _read_by_class.store(cls, frozenset(names))
+
+
+def _strings(code: types.CodeType) -> set[str]:
+    """The string constants of a code object and of the code nested in it."""
+    found = set()
+    for const in code.co_consts:
+        if isinstance(const, str):
+            found.add(const)
+        elif isinstance(const, types.CodeType):
+            found |= _strings(const)
+    return found
 
 
 def _all_layers(model: keras.Model, layers: list[keras.Layer] | None = None) -> list[keras.Layer]:
