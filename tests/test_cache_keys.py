@@ -20,6 +20,7 @@ import tensorflow as tf
 from conftest import assert_unchanged, fingerprint, mlp
 
 import gradmagic as gm
+from gradmagic.core.backends import tensorflow as door
 from gradmagic.core.questions import compute
 from gradmagic.core.questions.cache_keys import KeyBuilder
 from gradmagic.errors import GradmagicWarning
@@ -524,3 +525,14 @@ def test_a_models_setting_read_through_getattr_or_changed_in_place_in_a_list_is_
     _assert_matches(gm.weight_gradients(model, X, Y, loss="mse"), _tape(model, _mse))
     model.offsets[0] = 2.0  # a list the model's code reads, changed in place
     _assert_matches(gm.weight_gradients(model, X, Y, loss="mse"), _tape(model, _mse))
+
+
+def test_recompiling_with_other_loss_weights_is_seen_without_keras_compiled_loss_object(monkeypatch):
+    # As if a Keras release moved its compiled-loss object: the door then finds none.
+    monkeypatch.setattr(door, "_COMPILE_LOSS", "_compile_loss_moved_away")
+    model = mlp()
+    optimizer = model.optimizer
+    gm.weight_gradients(model, X, Y)
+    model.compile(optimizer=optimizer, loss="mse", loss_weights=[3.0])  # same loss, same optimizer object
+    loss, grads = _tape(model, _mse)
+    _assert_matches(gm.weight_gradients(model, X, Y), (3.0 * loss, [3.0 * g for g in grads]))

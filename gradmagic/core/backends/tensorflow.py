@@ -32,11 +32,10 @@ def compiled_loss(model: Any) -> Any | None:
     Public API missing: ``model.compute_loss`` runs Keras's compiled-loss object
     (``CompileLoss``), but Keras offers no handle on it, and ``compile`` makes a
     new one each time (also when only ``loss_weights`` change). Falls back to
-    ``None``: cache keys then see ``model.loss`` and the optimizer only (a
-    re-compile that changes nothing but ``loss_weights`` and keeps the optimizer
-    object would go unseen, which is why the canary test checks this function
-    first), and the model's own object computes the loss (its per-output
-    trackers then count among the model's metric variables).
+    ``None``: cache keys then see ``model.loss``, the optimizer and the
+    ``loss_weights`` of the public ``get_compile_config()`` instead, and the
+    model's own object computes the loss (its per-output trackers then count
+    among the model's metric variables).
     """
     return getattr(model, _COMPILE_LOSS, None)
 

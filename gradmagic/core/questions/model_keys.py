@@ -15,7 +15,7 @@ import functools
 import operator
 import types
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any, NamedTuple
 
 import keras
@@ -310,5 +310,24 @@ def _compile_token(model: keras.Model, builder: KeyBuilder) -> tuple:
     return (
         loss_token(builder, getattr(model, "loss", None)),
         None if optimizer is None else builder.same(optimizer),
-        None if compiled is None else builder.same(compiled),
+        _loss_weights_token(model, builder) if compiled is None else builder.same(compiled),
     )
+
+
+def _loss_weights_token(model: keras.Model, builder: KeyBuilder) -> Hashable:
+    """Without Keras's compiled-loss object, the one thing ``compile`` changes besides the loss: ``loss_weights``.
+
+    Read from the public compile configuration, by value, so that a Keras
+    release which moves the compiled loss makes a re-compile with other weights
+    (and the same optimizer object) a new question instead of a stale one.
+
+    Raises:
+        Uncacheable: Keras cannot serialize the compile configuration.
+    """
+    if not getattr(model, "compiled", False):
+        return None
+    try:
+        config = model.get_compile_config() or {}
+    except Exception as err:
+        raise Uncacheable("a compile configuration Keras cannot serialize") from err
+    return ("loss_weights", builder.value(config.get("loss_weights")))
