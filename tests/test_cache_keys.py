@@ -536,3 +536,34 @@ def test_recompiling_with_other_loss_weights_is_seen_without_keras_compiled_loss
     model.compile(optimizer=optimizer, loss="mse", loss_weights=[3.0])  # same loss, same optimizer object
     loss, grads = _tape(model, _mse)
     _assert_matches(gm.weight_gradients(model, X, Y), (3.0 * loss, [3.0 * g for g in grads]))
+
+
+_SLOPE = 0.1  # read as a global by _leaky
+
+
+def _leaky(t):
+    return tf.maximum(t, _SLOPE * t)
+
+
+def _scaled_by(factors):
+    def scaled(t):
+        return t * factors[0]
+
+    return scaled
+
+
+def test_an_activation_functions_global_or_closure_changed_between_calls_is_seen():
+    global _SLOPE
+    model = mlp()
+    model.layers[0].activation = _leaky
+    gm.weight_gradients(model, X, Y)
+    _SLOPE = 0.9
+    try:
+        _assert_matches(gm.weight_gradients(model, X, Y), _tape(model, _mse))
+    finally:
+        _SLOPE = 0.1
+    factors = [1.0]
+    model.layers[0].activation = _scaled_by(factors)
+    gm.weight_gradients(model, X, Y)
+    factors[0] = 3.0  # the same function object; what its closure holds changed
+    _assert_matches(gm.weight_gradients(model, X, Y), _tape(model, _mse))

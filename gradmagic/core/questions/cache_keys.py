@@ -190,7 +190,7 @@ class KeyBuilder:
         if state is None:
             raise Uncacheable(f"an object of type {type(value).__name__} without __dict__")
         cls = type(value)
-        builtin = _is_library(cls.__module__)
+        builtin = is_library(cls.__module__)
         # Keras's own classes compute from their attributes alone; a user's class is also itself.
         who = () if builtin else (self.same(value), self._class(cls, depth, seen))
         return ("obj", self.same(cls), *who, token(dict(state), depth, seen))
@@ -198,7 +198,7 @@ class KeyBuilder:
     def _function(self, fn: types.FunctionType, depth: int, seen: set[int]) -> Hashable:
         """Identity, plus what the code reads at trace time: cells, defaults, named globals."""
         token, code = self._token, fn.__code__
-        if _is_library(getattr(fn, "__module__", None) or ""):
+        if is_library(getattr(fn, "__module__", None) or ""):
             return ("fn", self.same(fn), self.same(code))  # Keras's own losses: library code, not user state
         cells = tuple(token(_cell(c), depth, seen) for c in (fn.__closure__ or ()))
         defaults = token((fn.__defaults__, fn.__kwdefaults__), depth, seen)
@@ -210,7 +210,7 @@ class KeyBuilder:
         """The plain values and methods a user class defines (class constants are read as ``self.X``)."""
         parts = []
         for klass in cls.__mro__:
-            if _is_library(klass.__module__) or klass.__module__ in ("builtins", "abc"):
+            if is_library(klass.__module__) or klass.__module__ in ("builtins", "abc"):
                 continue
             for name, attr in vars(klass).items():
                 if name.startswith("__") or isinstance(attr, (property, staticmethod, classmethod)):
@@ -219,7 +219,8 @@ class KeyBuilder:
         return ("class", *parts)
 
 
-def _is_library(module: str) -> bool:
+def is_library(module: str) -> bool:
+    """True for a module of Keras, TensorFlow or NumPy (library code, not user state)."""
     return module.split(".", 1)[0] in ("keras", "tensorflow", "numpy")
 
 

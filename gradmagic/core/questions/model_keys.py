@@ -22,7 +22,7 @@ import keras
 import numpy as np
 
 from gradmagic.core.backends.tensorflow import compiled_loss, instance_settings
-from gradmagic.core.questions.cache_keys import Key, KeyBuilder, Uncacheable, global_names
+from gradmagic.core.questions.cache_keys import Key, KeyBuilder, Uncacheable, global_names, is_library
 from gradmagic.core.questions.caches import WeakCache
 from gradmagic.core.questions.inputs import ModelSpec
 from gradmagic.core.questions.targets import loss_token
@@ -119,7 +119,7 @@ def _settings(layer: keras.Layer, builder: KeyBuilder, is_model: bool, depth: in
     changed in place, the traced graph would still use the old ones. Private
     attributes are Keras's own bookkeeping. Functions count by identity
     (``layer.activation = ...``); other callables (a ``functools.partial``, a
-    user's object with ``__call__``) by identity and the values their code reads,
+    user's object with ``__call__``) and a user's function by identity and the values their code reads,
     so one changed in place is seen too. Other values (an array, a list, a
     regularizer whose factor the regularization loss bakes in) count by contents,
     and a layer held by a plain layer (an activation layer) by its own settings,
@@ -136,12 +136,17 @@ def _settings(layer: keras.Layer, builder: KeyBuilder, is_model: bool, depth: in
     if tuple(map(type, values)) != layout.types:
         layout = _new_layout(layer, attrs, names, is_model)
         values = layout.read(attrs)
+    functions = layout.functions(values)
     # Most layers hold only plain values and functions: the other groups are skipped when empty.
     return (
         layout.shape,
         layout.simple(values),
         tuple(builder.value(values[i]) for i in layout.valued) if layout.valued else (),
-        builder.same_all(layout.functions(values)),
+        builder.same_all(functions),
+        # A user's function also by what its code reads (globals, closure); Keras's own by identity alone.
+        tuple(_callable_token(builder, f) for f in functions if not is_library(f.__module__ or ""))
+        if functions
+        else (),
         tuple(_callable_token(builder, values[i]) for i in layout.callables) if layout.callables else (),
         tuple(_callable_token(builder, values[i]) for i in layout.others) if layout.others else (),
         tuple(_settings(values[i], builder, isinstance(values[i], keras.Model), depth - 1) for i in layout.layers)
