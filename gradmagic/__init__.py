@@ -25,6 +25,7 @@ _LAZY = {
     "output_gradients": "gradmagic.core",
     "input_gradients": "gradmagic.core",
     "clear_cache": "gradmagic.core",
+    "token_gradients": "gradmagic.core",
     "WeightGradients": "gradmagic.core",
     "OutputGradients": "gradmagic.core",
     "InputGradients": "gradmagic.core",
@@ -57,6 +58,7 @@ if TYPE_CHECKING:  # pragma: no cover
         explain,
         input_gradients,
         output_gradients,
+        token_gradients,
         weight_gradients,
     )
     from gradmagic.errors import GradientAnomalyError  # noqa: F401

@@ -33,6 +33,7 @@ from gradmagic.core.questions.results import (
 )
 from gradmagic.core.questions.state import rollback_on_failure
 from gradmagic.core.questions.targets import model_name
+from gradmagic.core.questions.token_gradients import TokenGradients, embedding_layer, input_kind, token_gradients
 
 __all__ = [
     "CheckRow",
@@ -48,13 +49,16 @@ __all__ = [
     "MonitorSummary",
     "OpInfo",
     "OutputGradients",
+    "TokenGradients",
     "WeightGradients",
     "check_flag",
     "check_gradients",
     "clear_cache",
+    "embedding_layer",
     "explain",
     "html_table",
     "input_gradients",
+    "input_kind",
     "is_flag",
     "is_int",
     "is_scalar_list",
@@ -64,5 +68,6 @@ __all__ = [
     "output_gradients",
     "rollback_on_failure",
     "text_table",
+    "token_gradients",
     "weight_gradients",
 ]

@@ -21,13 +21,14 @@ from typing import Any
 import ipywidgets as widgets
 import numpy as np
 
-from gradmagic.core import input_gradients, model_name, model_spec, rollback_on_failure, weight_gradients
+from gradmagic.core import input_gradients, input_kind, model_name, model_spec, rollback_on_failure, weight_gradients
 from gradmagic.errors import GradmagicError, InputError
 from gradmagic.plots import ExplorerFigure, layer_norms
 from gradmagic.widgets import explorer_args
 from gradmagic.widgets.coalesce import LatestWins, Scheduler
 from gradmagic.widgets.explorer_view import ExplorerView, compute_view
 from gradmagic.widgets.figure_view import FigureView
+from gradmagic.widgets.view_args import check_labels, check_samples, check_steps, choose_view
 
 __all__ = ["Explorer", "ExplorerView", "compute_view", "explore"]
 
@@ -61,8 +62,9 @@ def _flat_features(model: Any, x: Any, data: np.ndarray | None) -> np.ndarray:
     raise InputError(
         f"Received: {received} for model '{model_name(model)}'{takes}. Expected a model whose single input is a "
         f"flat float vector and x of shape (n, n_features): the explorer moves one input point with a slider per "
-        f"feature. Fix: explore a model on flat features, or use gradmagic.input_gradients(model, x) "
-        f"for d(output)/d(input) of images, sequences or several inputs."
+        f"feature. Fix: explore a model on flat features; for images (H, W, C), sequences (T, F) or token ids, "
+        f"build the model on a keras.Input of that shape so the explorer opens its image or sequence view; for "
+        f"several inputs use gradmagic.input_gradients(model, x)."
     )
 
 
@@ -412,23 +414,47 @@ def explore(
     reference: Callable | None = None,
     reference_grad: Callable | None = None,
     *,
+    view: str | None = None,
+    labels: Sequence[str] | None = None,
+    steps: int = 32,
+    baseline: Any = None,
     feature_names: Sequence[str] | None = None,
     points: int = 200,
     training: bool = False,
     max_sliders: int = 6,
     use_ipympl: bool | None = None,
     **unknown: Any,
-) -> Explorer:
+) -> widgets.VBox:
     """Open the gradient explorer: sliders move the input point, the plots follow.
 
+    The view follows the model's declared input: a flat float vector gets one
+    slider per feature (the *vector* view, or with ``view="plane"`` the output
+    over two features with the gradient field as arrows); a float sequence
+    (T, F) or token ids read by an Embedding get the *sequence* view
+    (per-position gradient norms and gradient x input); an image (H, W, C) gets
+    the *image* view (a slider along the integrated-gradients path from a
+    baseline to the image, SmoothGrad noise, the attribution built up so far).
+
     Args:
-        model: A Keras model whose single input is a flat float vector
-            (batch, n_features): Sequential, Functional or subclassed.
+        model: A Keras model with a single input: a flat float vector
+            (batch, n_features) (Sequential, Functional or subclassed), or a
+            declared (keras.Input) sequence, token ids or image.
         x: Data (n, n_features) or (n,) for one feature: slider ranges come from
             it (padded by 10%), and "reset to sample" picks one of its rows. A
             single sample (n_features,) of a model that declares its inputs is one row.
-        y: Optional targets, one per row of x. With them the bars show dLoss/dW
+            For the sequence and image views: the samples to choose from.
+        y: Optional targets, one per row of x (vector view). With them the bars show dLoss/dW
             at the point (target: the chosen sample's); without, d(output)/dW.
+        view: ``"vector"``, ``"plane"``, ``"sequence"`` or ``"image"``.
+            Defaults to None: chosen from the model's input (a flat vector gets
+            ``"vector"``; ask for ``"plane"``).
+        labels: Sequence view: one label per position (e.g. the tokens), or
+            one such list per sample. Defaults to the position numbers.
+        steps: Image view: points on the path from the baseline to the image,
+            from 2 to 512. Defaults to 32.
+        baseline: Image view: where the path starts, as for
+            :func:`gradmagic.integrated_gradients` (``None``: zeros, ``"blur"``,
+            ``"uniform"`` or an array). Defaults to None.
         reference: Optional ``f(points) -> values`` drawn dashed beside the model
             (called with an (n, n_features) array), e.g. the analytic curve.
         reference_grad: Optional analytic derivative along the chosen feature
@@ -461,6 +487,19 @@ def explore(
         ...            reference_grad=lambda p: 2 * (p - 5) / 25)
     """
     explorer_args.check_unknown(unknown)
+    chosen = choose_view(model, view)
+    if chosen != "vector":
+        # The other views' own options first, before anything runs.
+        explorer_args.check_options(model, reference, reference_grad, feature_names, points, training, max_sliders,
+                                    use_ipympl)  # fmt: skip
+        if reference is not None or reference_grad is not None or y is not None:
+            raise GradmagicError(
+                f"Received: {'y' if y is not None else 'reference'}=... with view={chosen!r}. Expected them only for "
+                f"the vector view (curves along one feature, dLoss/dW bars). Fix: drop them, e.g. "
+                f"gm.explore(model, x, view={chosen!r})."
+            )
+        with rollback_on_failure(model):
+            return _open_view(chosen, model, x, labels, steps, baseline, feature_names, training, use_ipympl)
     return Explorer(
         model,
         x,
@@ -473,3 +512,33 @@ def explore(
         max_sliders=max_sliders,
         use_ipympl=use_ipympl,
     )
+
+
+def _open_view(
+    kind: str, model: Any, x: Any, labels: Any, steps: Any, baseline: Any, feature_names: Any, training: bool,
+    use_ipympl: bool | None,
+) -> widgets.VBox:  # fmt: skip
+    """Check the data for the plane, sequence or image view and open it."""
+    if kind == "plane":
+        from gradmagic.widgets.plane import PlaneExplorer
+
+        checked = _single_sample(model, explorer_args.check_x(x))
+        data = _flat_features(model, x, checked)
+        if data.shape[1] < 2:
+            raise InputError(
+                f"Received: x with {data.shape[1]} feature for view='plane'. Expected two features or more: the "
+                f"plane view shows the output over two of them. Fix: leave view out for one feature."
+            )
+        names = explorer_args.check_feature_names(feature_names, data.shape[1])
+        return PlaneExplorer(model, data, names, training=training, use_ipympl=use_ipympl)
+    data = check_samples(model, x, kind)
+    if kind == "sequence":
+        from gradmagic.widgets.sequence import SequenceExplorer
+
+        tokens = input_kind(model) == "tokens"
+        return SequenceExplorer(
+            model, data, tokens, check_labels(labels, len(data), data.shape[1]), training, use_ipympl
+        )
+    from gradmagic.widgets.image import ImageExplorer
+
+    return ImageExplorer(model, data, check_steps(steps), baseline, use_ipympl=use_ipympl)

@@ -1,0 +1,170 @@
+"""What kind of input a model takes, and d(output)/d(embedding output) for token models.
+
+The explorer picks its view from :func:`input_kind`. Token ids have no
+derivative (an Embedding looks them up), so for a token model the question is
+asked one step later: :func:`token_gradients` differentiates one output unit
+with respect to the output of the model's Embedding layer, per sample, in one
+compiled and cached call.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from gradmagic.core.questions import compute
+from gradmagic.core.questions.entry import leaves_no_trace, spec_and_inputs
+from gradmagic.core.questions.inputs import model_spec
+from gradmagic.core.questions.model_keys import question_key
+from gradmagic.core.questions.state import restore_in_graph, snapshot_in_graph, state_variables
+from gradmagic.core.questions.targets import model_name
+from gradmagic.errors import ComputeError, GradmagicError, InputError
+
+#: The kinds of single input the explorer has a view for.
+KINDS = ("vector", "sequence", "tokens", "image", "undeclared")
+
+
+def embedding_layer(model: keras.Model) -> keras.layers.Embedding | None:
+    """The first ``keras.layers.Embedding`` among the model's layers (nested models included), or None."""
+    for lay in model.layers:
+        if isinstance(lay, keras.layers.Embedding):
+            return lay
+        if isinstance(lay, keras.Model) and (inner := embedding_layer(lay)) is not None:
+            return inner
+    return None
+
+
+def input_kind(model: keras.Model) -> str | None:
+    """Name the kind of the model's single declared input: ``"vector"``, ``"sequence"``, ``"tokens"`` or ``"image"``.
+
+    Read from the model's declared input only (per sample: ``(F,)`` floats is a
+    vector, ``(T,)`` read by an Embedding is tokens, ``(T, F)`` floats a
+    sequence, ``(H, W, C)`` floats an image); no TensorFlow call runs.
+
+    Args:
+        model: A Keras model.
+
+    Returns:
+        The kind; ``"undeclared"`` for a model that declares no input (subclassed,
+        or not built yet); None for several inputs or a shape no view serves.
+    """
+    spec = model_spec(model)
+    if spec.inputs is None:
+        return "undeclared"
+    if len(spec.inputs) != 1:
+        return None
+    rank, is_float = len(spec.inputs[0].shape), "float" in spec.inputs[0].dtype
+    if rank == 1 and embedding_layer(model) is not None:
+        return "tokens"
+    if not is_float:
+        return None
+    return {1: "vector", 2: "sequence", 3: "image"}.get(rank)
+
+
+@dataclass
+class TokenGradients:
+    """d(one output unit)/d(Embedding output) for a batch of token sequences.
+
+    Attributes:
+        embeddings: The Embedding layer's output, ``(batch, T, D)``.
+        array: The gradient of the output unit with respect to it, same shape.
+        values: The output unit, ``(batch,)``.
+        layer_name: The Embedding layer differentiated at.
+        output: The output unit (index into the flattened per-sample output).
+    """
+
+    embeddings: np.ndarray
+    array: np.ndarray
+    values: np.ndarray
+    layer_name: str
+    output: int
+
+
+def _function(model: keras.Model, layer: keras.Layer, output: int) -> Any:
+    model_ref, layer_ref = weakref.ref(model), weakref.ref(layer)
+
+    @tf.function(autograph=False)
+    def token_grads(x: Any) -> tuple:
+        model = model_ref()
+        guarded = state_variables(model)
+        saved = snapshot_in_graph(guarded)
+        with tf.GradientTape() as tape, compute.capture_calls(layer_ref(), tape) as calls:
+            y_pred = model(x, training=False)
+            flat = tf.concat([tf.reshape(t, (tf.shape(t)[0], -1)) for t in keras.tree.flatten(y_pred)], axis=1)
+            unit = flat[:, output]
+            # Samples are independent at training=False: the gradient of the sum is each sample's own.
+            total = tf.reduce_sum(unit)
+        if not calls:
+            raise InputError("The Embedding layer was not called when the model ran on x.")
+        embedded = keras.tree.flatten(calls[0])[0]
+        grads = tape.gradient(total, embedded)
+        restore_in_graph(guarded, saved)
+        return embedded, grads if grads is not None else tf.zeros_like(embedded), unit
+
+    return token_grads
+
+
+@leaves_no_trace
+def token_gradients(model: keras.Model, x: Any, output: int = 0) -> TokenGradients:
+    """d(output unit)/d(Embedding output) per sample, for a model that reads token ids through an Embedding.
+
+    Args:
+        model: A Keras model whose single input is token ids (batch, T) read by
+            a ``keras.layers.Embedding``.
+        x: Token ids, (batch, T).
+        output: The output unit, an index into the flattened per-sample output.
+            Defaults to 0.
+
+    Returns:
+        A :class:`TokenGradients`: the embeddings, their gradient and the output unit's values.
+
+    Raises:
+        InputError: The model has no Embedding layer, or ``output`` is out of range.
+        GradmagicError: The model fails on x (the model is left unchanged).
+
+    Example:
+        >>> t = gradmagic.token_gradients(model, ids, output=1)
+        >>> (t.array * t.embeddings).sum(-1)  # gradient x input per position
+    """
+    layer = embedding_layer(model)
+    if layer is None:
+        raise InputError(
+            f"Received: model '{model_name(model)}', which has no keras.layers.Embedding. Expected a model that "
+            f"reads token ids through an Embedding. Fix: use gradmagic.input_gradients(model, x) for float inputs."
+        )
+    _, x_in, _ = spec_and_inputs(model, x)
+    outputs = model_spec(model).outputs
+    units = (
+        sum(int(np.prod(s.shape)) for s in outputs) if outputs and all(None not in s.shape for s in outputs) else None
+    )
+    if (
+        isinstance(output, bool)
+        or not isinstance(output, (int, np.integer))
+        or output < 0
+        or (units is not None and output >= units)
+    ):
+        limit = f"from 0 to {units - 1}" if units else ">= 0"
+        raise InputError(
+            f"Received: output={output!r}. Expected an int {limit}: the unit of the flattened per-sample output. "
+            f"Fix: e.g. output=0."
+        )
+    key = question_key(model, "tokens", lambda b: b.same(layer), int(output))
+    fn = compute.cached(model, key, lambda: _function(model, layer, int(output)))
+    try:
+        embedded, grads, values = fn(x_in)
+    except GradmagicError:
+        compute.forget(model, key)
+        raise
+    except Exception as exc:
+        compute.forget(model, key)
+        raise ComputeError(
+            f"Computing d(output {output})/d(output of '{layer.name}') of model '{model_name(model)}' failed: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}. Check that x holds token "
+            f"ids the model takes; the model was left unchanged."
+        ) from None
+    return TokenGradients(embedded.numpy(), grads.numpy(), values.numpy(), layer.name, int(output))
