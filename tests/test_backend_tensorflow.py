@@ -19,6 +19,123 @@ from gradmagic.core.backends import tensorflow as door
 # --- The training monitor (core/monitor) -------------------------------------
 
 
+def test_summary_metadata_names_the_plugin_tensorboard_reads(tmp_path):
+    from gradmagic.core.backends.tensorflow import summary_metadata
+
+    for plugin in ("scalars", "histograms"):
+        data = summary_metadata(plugin)
+        assert tf.compat.v1.SummaryMetadata.FromString(data).plugin_data.plugin_name == plugin
+    # Written with tf.summary.write and read back from the events file, as TensorBoard reads it.
+    writer = tf.summary.create_file_writer(str(tmp_path))
+    with writer.as_default():
+        tf.summary.write("probe", tf.constant(2.5), step=3, metadata=summary_metadata("scalars"))
+    writer.flush()
+    (events,) = tmp_path.glob("events.out.tfevents.*")
+    found = [
+        (e.step, v.metadata.plugin_data.plugin_name, float(tf.make_ndarray(v.tensor)))
+        for e in tf.compat.v1.train.summary_iterator(str(events))
+        for v in e.summary.value
+    ]
+    assert found == [(3, "scalars", 2.5)]
+
+
+def test_not_inlined_function_is_called_as_one_node_and_computes_its_body():
+    from gradmagic.core.backends.tensorflow import not_inlined_function
+
+    spec = tf.TensorSpec([3], tf.float32)
+    inner = not_inlined_function(lambda t: tf.reduce_sum(t * t), [spec])
+    # The attribute TensorFlow's runtime reads to keep the call instead of inlining it.
+    assert inner.get_concrete_function().function_def.attr["_noinline"].b is True
+    outer = tf.function(lambda t: inner(t) + 1.0, input_signature=[spec])
+    x = np.array([1.0, -2.0, 0.5], "float32")
+    # Two graphs (the call and NumPy): a tolerance, not equality.
+    np.testing.assert_allclose(outer(x).numpy(), np.sum(x * x) + 1.0, rtol=1e-6)
+    call_types = [op.type for op in outer.get_concrete_function().graph.get_operations()]
+    assert "PartitionedCall" in call_types or "StatefulPartitionedCall" in call_types
+
+
+def test_op_copier_replays_ops_with_their_attributes():
+    from gradmagic.core.backends.tensorflow import op_copier
+
+    copy = op_copier()
+    assert copy is not None
+    specs = [tf.TensorSpec([4], tf.float32)] * 3
+
+    @tf.function(input_signature=specs, autograph=False)
+    def original_and_copy(a, b, c):
+        mul = a * b
+        total = mul + c
+        cast = tf.cast(total, tf.float64)  # an op whose attribute (DstT) must be carried over
+        copied_mul = copy(mul.op, [a, b])
+        copied_total = copy(total.op, [copied_mul, c])
+        copied_cast = copy(cast.op, [copied_total])
+        assert copied_cast.op.type == "Cast" and copied_cast.dtype == tf.float64
+        assert copied_cast.op.name != cast.op.name  # a new op, not the same one
+        return cast, copied_cast
+
+    rng = np.random.default_rng(0)
+    a, b, c = (rng.normal(size=4).astype("float32") for _ in range(3))
+    got, copied = (t.numpy() for t in original_and_copy(a, b, c))
+    # The same kernels on the same values; grappler may still fuse either differently: a tolerance.
+    np.testing.assert_allclose(copied, got, rtol=1e-7)
+    np.testing.assert_allclose(copied, a.astype("float64") * b + c, rtol=1e-6)
+
+
+def test_optimizer_variables_are_the_ones_it_was_built_for():
+    from gradmagic.core.backends.tensorflow import optimizer_variables
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    optimizer = keras.optimizers.Adam(0.1)
+    assert optimizer_variables(optimizer) == []
+    optimizer.build(model.trainable_variables)
+    assert [id(v) for v in optimizer_variables(optimizer)] == [id(v) for v in model.trainable_variables]
+    scaled = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1))
+    scaled.build(model.trainable_variables)
+    assert [id(v) for v in optimizer_variables(scaled)] == [id(v) for v in model.trainable_variables]
+
+
+def test_build_optimizer_as_apply_does_names_and_values_as_apply_would():
+    from gradmagic.core.backends.tensorflow import build_optimizer_as_apply_does
+
+    def make():
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        return model, keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1), initial_scale=8.0)
+
+    model, built_here = make()
+    build_optimizer_as_apply_does(built_here, model.trainable_variables)
+    assert built_here.built and float(built_here.dynamic_scale.numpy()) == 8.0
+    names_here = [v.path for v in built_here.variables]
+    before = [v.numpy() for v in model.trainable_variables]
+    built_here.apply([tf.ones_like(v) for v in model.trainable_variables], model.trainable_variables)
+    assert [v.path for v in built_here.variables] == names_here  # apply built nothing twice
+    # Hand-computed: SGD(0.1) on unit gradients unscaled by 8 moves every weight by 0.1 / 8.
+    for start, variable in zip(before, model.trainable_variables, strict=True):
+        np.testing.assert_allclose(start - variable.numpy(), 0.1 / 8, rtol=1e-5)
+    # The truth for the names: the same optimizer built by its own first apply().
+    other, by_apply = make()
+    by_apply.apply([tf.ones_like(v) for v in other.trainable_variables], other.trainable_variables)
+    assert [v.path.split("/", 1)[1] for v in by_apply.variables] == [n.split("/", 1)[1] for n in names_here]
+
+
+def test_fit_token_is_new_in_every_fit_and_fixed_within_one():
+    from gradmagic.core.backends.tensorflow import fit_token
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(optimizer="sgd", loss="mse")
+    x, y = np.ones((16, 3), "float32"), np.zeros((16, 2), "float32")
+    tokens = []
+
+    class Probe(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            tokens.append(fit_token(self.model))
+
+    for _ in range(2):
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[Probe()])
+    (first, second), (third, fourth) = tokens[:2], tokens[2:]
+    assert first[0] is second[0] and first[1] is second[1]
+    assert third[0] is fourth[0] and third[0] is not first[0]
+
+
 # --- The diagnosis (core/diagnose) -------------------------------------------
 
 

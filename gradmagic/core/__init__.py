@@ -21,9 +21,12 @@ from gradmagic.core.diagnose.gradcheck import CheckRow, GradientCheck, check_gra
 from gradmagic.core.display import html_table, text_table
 from gradmagic.core.monitor.callback import GradientMonitor
 from gradmagic.core.monitor.history import MonitorHistory, MonitorSummary
+from gradmagic.core.questions.attribution_results import GradCAM, IntegratedGradients, Saliency
 from gradmagic.core.questions.compute import clear_cache
+from gradmagic.core.questions.gradcam import gradcam
 from gradmagic.core.questions.gradients import input_gradients, output_gradients, weight_gradients
 from gradmagic.core.questions.inputs import is_scalar_list, model_spec
+from gradmagic.core.questions.integrated import integrated_gradients
 from gradmagic.core.questions.results import (
     GradientRow,
     GradientStats,
@@ -31,6 +34,7 @@ from gradmagic.core.questions.results import (
     OutputGradients,
     WeightGradients,
 )
+from gradmagic.core.questions.saliency import saliency
 from gradmagic.core.questions.state import rollback_on_failure
 from gradmagic.core.questions.targets import model_name
 from gradmagic.core.questions.token_gradients import TokenGradients, embedding_layer, input_kind, token_gradients
@@ -39,16 +43,19 @@ __all__ = [
     "CheckRow",
     "DisconnectedWeight",
     "Explanation",
+    "GradCAM",
     "GradientCheck",
     "GradientMonitor",
     "GradientRow",
     "GradientStats",
     "InputGradients",
+    "IntegratedGradients",
     "LayerPath",
     "MonitorHistory",
     "MonitorSummary",
     "OpInfo",
     "OutputGradients",
+    "Saliency",
     "TokenGradients",
     "WeightGradients",
     "check_flag",
@@ -56,9 +63,11 @@ __all__ = [
     "clear_cache",
     "embedding_layer",
     "explain",
+    "gradcam",
     "html_table",
     "input_gradients",
     "input_kind",
+    "integrated_gradients",
     "is_flag",
     "is_int",
     "is_scalar_list",
@@ -67,6 +76,7 @@ __all__ = [
     "model_spec",
     "output_gradients",
     "rollback_on_failure",
+    "saliency",
     "text_table",
     "token_gradients",
     "weight_gradients",

@@ -11,6 +11,8 @@ by name.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import tensorflow as tf
@@ -19,6 +21,165 @@ import tensorflow as tf
 
 
 # --- The training monitor (core/monitor) -------------------------------------
+
+
+def summary_metadata(plugin: str) -> bytes | None:
+    """The serialized ``SummaryMetadata`` that files a ``tf.summary.write`` under a TensorBoard plugin.
+
+    Public API missing: ``tf.summary.scalar`` and ``tf.summary.histogram`` set this
+    themselves but need the ``tensorboard`` package; ``tf.summary.write`` takes the
+    metadata as bytes and TensorFlow offers no builder for it other than the protobuf
+    class ``tf.compat.v1.SummaryMetadata`` (what Keras's own TensorBoard callback uses).
+
+    Falls back to None (``tf.summary.write`` then writes the tensor without a plugin,
+    which TensorBoard keeps but does not plot) when that class is gone.
+
+    Args:
+        plugin: The plugin's name, e.g. ``"scalars"`` or ``"histograms"``.
+    """
+    metadata_class = getattr(tf.compat.v1, "SummaryMetadata", None)
+    if metadata_class is None:
+        return None
+    metadata = metadata_class()
+    metadata.plugin_data.plugin_name = plugin
+    return metadata.SerializeToString()
+
+
+#: The function attribute that makes TensorFlow call a function as one node instead of inlining it.
+_NO_INLINE = {"_noinline": True}
+
+
+def not_inlined_function(body: Callable[..., Any], input_signature: Sequence[Any]) -> Callable[..., Any]:
+    """``tf.function(body)`` that a caller's graph runs as one call node, never inlined into it.
+
+    Public API missing: ``tf.function`` has no public option for this; the runtime
+    reads the function attribute ``_noinline``, which ``experimental_attributes``
+    accepts. The monitor needs it twice: a branch that most steps skip costs one
+    skipped node instead of dozens, and a replayed copy of a gradient stays apart
+    from the original (inlined, TensorFlow's graph optimizer merges them again).
+
+    Falls back to an ordinary (inlined) ``tf.function`` when this TensorFlow refuses
+    the attribute: results are the same, skipped branches cost a little more, and a
+    replayed gradient may be merged back into the original (see
+    :func:`op_copier`'s fallback for what that costs).
+
+    Args:
+        body: The Python function (traced without autograph).
+        input_signature: One ``tf.TensorSpec`` per argument.
+    """
+    attributes = _NO_INLINE if _no_inline_supported() else None
+    return tf.function(body, input_signature=input_signature, autograph=False, experimental_attributes=attributes)
+
+
+@functools.cache
+def _no_inline_supported() -> bool:
+    """Whether ``tf.function`` accepts the ``_noinline`` attribute (checked once, by tracing a trivial function)."""
+    # The attribute is checked when a function is traced, not when it is made: a
+    # refused one would otherwise fail inside the first fit, not here.
+    try:
+        with tf.init_scope():  # outside any function being traced, which the probe must not join
+            probe = tf.function(lambda: tf.constant(0), autograph=False, experimental_attributes=_NO_INLINE)
+            probe.get_concrete_function()
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+def op_copier() -> Callable[[Any, Sequence[Any]], Any] | None:
+    """A function that adds, to the graph being traced, a copy of an op applied to other inputs.
+
+    ``copy(op, inputs)`` returns the first output of a new op of ``op.type`` with
+    ``op``'s attributes (its private ``_``-prefixed ones left out), the same output
+    dtype and ``inputs`` as its inputs.
+
+    Public API missing: TensorFlow has no public "run this ``tf.Operation`` again on
+    other tensors"; ``tf.Graph.create_op`` (kept for graph-mode code, deprecated in
+    parts) with the attributes read from ``op.node_def`` does it.
+
+    Falls back to None when either is gone: the monitor then reads each gradient
+    itself instead of a replayed copy. The statistics stay right; only on graphs where
+    TensorFlow's optimizer rewrites a gradient's single consumer (an SGD update of a
+    BatchNormalization gamma) may the trained weights then differ from training
+    without the monitor by an ulp.
+    """
+    if not hasattr(tf.Graph, "create_op") or not hasattr(tf.Operation, "node_def"):
+        return None
+
+    def copy(op: Any, inputs: Sequence[Any]) -> Any:
+        attrs = {name: value for name, value in op.node_def.attr.items() if not name.startswith("_")}
+        graph = tf.compat.v1.get_default_graph()
+        return graph.create_op(op.type, list(inputs), [op.outputs[0].dtype], attrs=attrs).outputs[0]
+
+    return copy
+
+
+def optimizer_variables(optimizer: Any) -> list[Any]:
+    """The variables a Keras optimizer updates when ``apply(grads)`` gets no variables.
+
+    Public API missing: Keras optimizers keep the variables they were built for in
+    the private ``_trainable_variables`` (an inner optimizer's, for a
+    ``LossScaleOptimizer``), and ``apply`` falls back to them; there is no public
+    accessor.
+
+    Falls back to an empty list when the attribute is gone: the monitor then records
+    such a step with every weight marked missing. (Keras's own train step always
+    passes the variables, so ``fit`` does not take this path.)
+
+    Args:
+        optimizer: A Keras optimizer (or ``LossScaleOptimizer``).
+    """
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    return list(getattr(inner, "_trainable_variables", None) or [])
+
+
+def build_optimizer_as_apply_does(optimizer: Any, variables: Sequence[Any]) -> None:
+    """Build an unbuilt optimizer for ``variables`` exactly as its first ``apply`` would.
+
+    Public API missing: a ``LossScaleOptimizer`` creates its ``dynamic_scale``
+    variable in ``build``, and the monitor must read that variable before calling
+    ``apply``; Keras has no public "build as apply does". This repeats the sequence at
+    the top of Keras 3's ``LossScaleOptimizer.apply``: ``build`` inside
+    ``keras.name_scope(optimizer.name, caller=optimizer)``, then ``built = True``
+    (so variables get the same names and ``apply`` builds nothing twice).
+
+    Falls back, when ``keras.name_scope`` no longer takes ``caller``, to building in
+    the plain name scope (the optimizer's variables may then be named differently
+    from a plain ``fit``'s; values and updates are the same).
+
+    Args:
+        optimizer: The optimizer, not yet built.
+        variables: The trainable variables it will update.
+    """
+    import keras
+
+    try:
+        scope = keras.name_scope(optimizer.name, caller=optimizer)
+    except TypeError:
+        scope = keras.name_scope(optimizer.name)
+    with scope:
+        optimizer.build(list(variables))
+    optimizer.built = True
+
+
+def fit_token(model: Any) -> tuple[Any, Any]:
+    """Objects that are new in every ``fit``: its ``History`` and that one's epoch list.
+
+    Public API missing: Keras tells callbacks nothing that identifies the ``fit``
+    being run. Its ``CallbackList`` sets ``model.history`` to that ``fit``'s
+    ``History`` before any callback runs, and ``History.on_train_begin`` (which may
+    run after the monitor's) gives it a new ``epoch`` list, so the pair, taken at
+    the first step, identifies the current ``fit``.
+
+    Falls back to ``(None, None)`` parts where Keras sets neither: every ``fit``
+    then looks alike, and the monitor can no longer tell a ``fit`` without it from
+    the one it attached to (a later ``fit`` without the monitor, after one that died
+    before ``on_train_end``, would record into its buffer).
+
+    Args:
+        model: The model being fit.
+    """
+    history = getattr(model, "history", None)
+    return history, getattr(history, "epoch", None)
 
 
 # --- The diagnosis (core/diagnose) -------------------------------------------

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gradmagic.core.diagnose.nonfinite_origin import NonfiniteOrigin
+from gradmagic.core.monitor.columns import column
 from gradmagic.core.questions.targets import WeightSlot
 from gradmagic.errors import GradientAnomalyError  # noqa: F401 - still importable from here
 
@@ -75,7 +76,7 @@ def find_nonfinite(
         ``None`` when every gradient is finite, else ``(weight_row, layer_index,
         layer_name, suspects, explanation)``.
     """
-    bad = (stats[:, 3] + stats[:, 4]) > 0
+    bad = (column(stats, "nan") + column(stats, "inf")) > 0
     if not bad.any():
         return None
     order = sorted(range(len(slots)), key=lambda i: slots[i].layer_index, reverse=True)

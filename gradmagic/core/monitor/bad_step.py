@@ -21,6 +21,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from gradmagic.core.backends import tensorflow as backend
+
 
 class BadStepCapture:
     """Device copies of the first non-finite step's batch and pre-step weights.
@@ -78,8 +80,7 @@ class BadStepCapture:
             return
         specs = [tf.TensorSpec(t.shape, t.dtype) for t in flat] + [tf.TensorSpec([], tf.int64)]
         # Not inlined: a step that copies nothing skips one node, not one per weight.
-        attributes = {"_noinline": True}
-        function = tf.function(copy, input_signature=specs, autograph=False, experimental_attributes=attributes)
+        function = backend.not_inlined_function(copy, specs)
         take = tf.logical_and(tf.logical_not(finite), tf.logical_not(self.captured))
         tf.cond(take, lambda: function(*flat, count), lambda: tf.constant(False))
 

@@ -21,6 +21,7 @@ from typing import Any, TextIO
 import keras
 import numpy as np
 
+from gradmagic.core.backends import tensorflow as backend
 from gradmagic.core.monitor.anomaly import Anomaly, GradientAnomalyError, NormTracker, find_nonfinite
 from gradmagic.core.monitor.arguments import (
     MonitorArgumentError,
@@ -31,10 +32,12 @@ from gradmagic.core.monitor.arguments import (
     check_stream,
 )
 from gradmagic.core.monitor.capture import StatsBuffer
+from gradmagic.core.monitor.columns import column
 from gradmagic.core.monitor.functions import TrainFunctions, plain_function
 from gradmagic.core.monitor.histograms import GradientHistogram, histograms_of
 from gradmagic.core.monitor.history import MonitorHistory, MonitorSummary, layer_lines
 from gradmagic.core.monitor.origin import first_origin
+from gradmagic.core.monitor.session import FitSession
 from gradmagic.core.questions.targets import weight_slots
 from gradmagic.errors import GradmagicError
 
@@ -158,6 +161,9 @@ class GradientMonitor(keras.callbacks.Callback):
         self.last_good_step: int | None = None
         self.skipped_steps: list[int] = []
         self._history: MonitorHistory | None = None
+        self._tracker: NormTracker | None = None  # lives with the history: one running window per run of weights
+        self._writer: Any = None  # made at the first fit with log_dir: one events file for all fits
+        self._session: FitSession | None = None  # exists from on_train_begin to on_train_end
         self._listeners: list[Callable[[GradientMonitor], None]] = []
         self._end_listeners: list[Callable[[], None]] = []
         self._functions: TrainFunctions | None = None
@@ -251,43 +257,47 @@ class GradientMonitor(keras.callbacks.Callback):
                 "monitor, e.g. fit(..., callbacks=[monitor]); a second consumer of its records can use "
                 "monitor.add_listener(...)."
             )
-        self._slots = weight_slots(model)
-        self._layer_names = [layer.name for layer in model.layers]
-        self._layer_types = [type(layer).__name__ for layer in model.layers]
-        if self._history is None or [s.path for s in self._history.slots] != [s.path for s in self._slots]:
-            self._history = MonitorHistory(self._slots)
+        slots = weight_slots(model)
+        if self._history is None or [s.path for s in self._history.slots] != [s.path for s in slots]:
+            self._history = MonitorHistory(slots)
             self._tracker = NormTracker(
-                len(self._slots),
+                len(slots),
                 self.window,
                 self.thresholds["factor"],
                 self.thresholds["explode"],
                 self.thresholds["vanish"],
             )
-        self._functions = self._train_functions(model)
-        self._buffer = self._functions.buffer
-        self._base_step = int(model.optimizer.iterations.numpy())
+        self._functions = self._train_functions(model, slots)
+        buffer = self._functions.buffer
         # The buffer (and its step count) lives as long as the traced function that writes it.
-        self._read = self._epoch_first = self._count0 = int(self._buffer.count.numpy())
-        self._last_read_batch = 0
-        self._epoch = 0
-        if getattr(self, "_writer", None) is None:
-            self._writer = _summary_writer(self.log_dir)  # one events file for all fits
+        count = int(buffer.count.numpy())
+        self._session = FitSession(
+            slots=slots,
+            layer_names=[layer.name for layer in model.layers],
+            layer_types=[type(layer).__name__ for layer in model.layers],
+            buffer=buffer,
+            base_step=int(model.optimizer.iterations.numpy()),
+            first_count=count,
+            read=count,
+            epoch_first=count,
+        )
+        if self._writer is None:
+            self._writer = _summary_writer(self.log_dir)
         if self.stats == "norm":
-            self._buffer.schedule(self._read, self.full_every)  # again at each epoch's start
+            buffer.schedule(count, self.full_every)  # again at each epoch's start
         if self._functions.capture is not None:
             self._functions.capture.reset()  # each fit keeps its own first bad step
         self._bad_batch = self._bad_weights = None
         self._functions.attach(model)
         if self.on_anomaly == "stop":
-            self._keep_good(self._base_step)
+            self._keep_good(self._session.base_step)
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        self._epoch = epoch
-        self._epoch_first = self._read
-        self._last_read_batch = 0
+        session = self._session
+        session.begin_epoch(epoch)
         if self.stats == "norm":
             # Full statistics at the batches where the host reads (or every full_every).
-            self._buffer.schedule(self._epoch_first, self.full_every)
+            session.buffer.schedule(session.epoch_first, self.full_every)
 
     @property
     def full_every(self) -> int:
@@ -298,8 +308,9 @@ class GradientMonitor(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         with self._lock:
-            if batch + 1 - self._last_read_batch >= self.read_every:
-                self._last_read_batch = batch + 1
+            session = self._session
+            if session is not None and batch + 1 - session.last_read_batch >= self.read_every:
+                session.last_read_batch = batch + 1
                 self._flush()
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
@@ -311,6 +322,7 @@ class GradientMonitor(keras.callbacks.Callback):
             self._flush(act=False)
         finally:
             self.detach()
+            self._session = None
             for on_end in self._end_listeners:
                 on_end()
 
@@ -318,11 +330,11 @@ class GradientMonitor(keras.callbacks.Callback):
         """Undo the wrapping of ``optimizer.apply`` now (done automatically after ``fit``)."""
         if self._functions is not None:
             self._functions.detach()
-        if getattr(self, "_writer", None) is not None:
+        if self._writer is not None:
             self._writer.flush()
 
     # ----------------------------------------------------------------- helpers
-    def _train_functions(self, model: keras.Model) -> TrainFunctions:
+    def _train_functions(self, model: keras.Model, slots: list[Any]) -> TrainFunctions:
         """The plain and recording train functions of ``model``, reused while they still fit it.
 
         Keras keeps ``model.train_function`` (and its traced graph) until ``compile()``;
@@ -333,7 +345,7 @@ class GradientMonitor(keras.callbacks.Callback):
         plain = plain_function(model)
         steps_per_execution = int(getattr(model, "steps_per_execution", 1) or 1)
         capacity = max(64, 2 * (self.read_every + steps_per_execution))
-        paths = [s.path for s in self._slots]
+        paths = [s.path for s in slots]
         functions = self._functions
         if (
             functions is not None
@@ -355,19 +367,19 @@ class GradientMonitor(keras.callbacks.Callback):
         return TrainFunctions(model, plain, buffer, keep_bad_step=keep)
 
     def _flush(self, act: bool = True) -> None:
-        if self._history is None or getattr(self, "_buffer", None) is None:
+        session = self._session
+        if self._history is None or session is None:
             return
-        count, rows = self._buffer.read(self._read)
-        lost = count - self._read - len(rows)
+        count, rows = session.buffer.read(session.read)
+        lost = count - session.read - len(rows)
         if lost > 0:
             warnings.warn(f"GradientMonitor lost {lost} steps (buffer wrapped); lower read_every.", stacklevel=2)
         index = np.arange(count - len(rows), count)
-        self._read = count
+        session.read = count
         if not len(rows):
             return
-        steps = self._base_step + index - self._count0
-        batches = index - self._epoch_first
-        self._history.append(steps, np.full(len(index), self._epoch), batches, rows)
+        steps, batches = session.steps(index), session.batches(index)
+        self._history.append(steps, np.full(len(index), session.epoch), batches, rows)
         found = self._inspect(steps, batches, rows)
         new_histograms = self._read_histograms(int(index[0]), count)
         self._write_summaries(steps, rows, new_histograms)
@@ -380,28 +392,30 @@ class GradientMonitor(keras.callbacks.Callback):
 
     def _inspect(self, steps: np.ndarray, batches: np.ndarray, rows: np.ndarray) -> list[Anomaly]:
         """Print and check a block of steps (``rows``: ``[steps, weights, columns]``), vectorized."""
+        session = self._session
         if self.print_every:
             out = self.stream or sys.stdout
             for k in np.flatnonzero((batches + 1) % self.print_every == 0):
-                lines = layer_lines(self._epoch, int(batches[k]), int(steps[k]), self._slots, rows[k])
+                lines = layer_lines(session.epoch, int(batches[k]), int(steps[k]), session.slots, rows[k])
                 print("\n".join(lines), file=out)
         # A LossScaleOptimizer skips steps with non-finite scaled gradients on purpose
         # (the loss scale drops and training goes on): not anomalies.
-        skipped = rows[:, 0, 5] > 0
+        skipped = column(rows, "skipped")[:, 0] > 0
         self.skipped_steps += [int(step) for step in steps[skipped]]
         checked = np.flatnonzero(~skipped)
         per_step: dict[int, list[Anomaly]] = {}
-        for k in checked[(rows[checked, :, 3] + rows[checked, :, 4] > 0).any(axis=1)]:
+        nonfinite = column(rows[checked], "nan") + column(rows[checked], "inf") > 0
+        for k in checked[nonfinite.any(axis=1)]:
             per_step[int(k)] = [self._nonfinite(int(steps[k]), int(batches[k]), rows[k])]
-        for j, kind, row, norm in self._tracker.check_steps(rows[checked, :, 0]):
+        for j, kind, row, norm in self._tracker.check_steps(column(rows[checked], "norm")):
             k = int(checked[j])
-            step, batch, slot = int(steps[k]), int(batches[k]), self._slots[row]
+            step, batch, slot = int(steps[k]), int(batches[k]), session.slots[row]
             message = (
                 f"{kind.capitalize()} gradient at layer {slot.layer_name!r} (index {slot.layer_index}), weight "
-                f"{slot.path!r}, epoch {self._epoch + 1}, batch {batch + 1} (step {step}): norm {norm:.3e}."
+                f"{slot.path!r}, epoch {session.epoch + 1}, batch {batch + 1} (step {step}): norm {norm:.3e}."
             )
             anomaly = Anomaly(
-                kind, step, self._epoch, batch, slot.layer_name, slot.layer_index, slot.path, norm, message
+                kind, step, session.epoch, batch, slot.layer_name, slot.layer_index, slot.path, norm, message
             )
             per_step.setdefault(k, []).append(anomaly)
         return [a for k in sorted(per_step) for a in per_step[k]]
@@ -409,10 +423,14 @@ class GradientMonitor(keras.callbacks.Callback):
     def _nonfinite(self, step: int, batch: int, stats: np.ndarray) -> Anomaly:
         """The anomaly of a step whose statistics hold NaN/Inf counts, located by ``find_nonfinite``
         and, where the step's batch was kept, by the op that made NaN/Inf first."""
-        row, index, layer, suspects, why = find_nonfinite(stats, self._slots, self._layer_names, self._layer_types)
-        weight, value = self._slots[row].path, float(stats[row, 3] + stats[row, 4])
-        counts = f"weight {weight!r} has {int(stats[row, 3])} NaN and {int(stats[row, 4])} Inf gradient entries"
-        where = f"at epoch {self._epoch + 1}, batch {batch + 1} (step {step})"
+        session = self._session
+        row, index, layer, suspects, why = find_nonfinite(
+            stats, session.slots, session.layer_names, session.layer_types
+        )
+        nan, inf = int(column(stats, "nan")[row]), int(column(stats, "inf")[row])
+        weight, value = session.slots[row].path, float(nan + inf)
+        counts = f"weight {weight!r} has {nan} NaN and {inf} Inf gradient entries"
+        where = f"at epoch {session.epoch + 1}, batch {batch + 1} (step {step})"
         origin = self._origin(step)
         if origin is not None:
             if origin.layer_index is not None:
@@ -432,7 +450,7 @@ class GradientMonitor(keras.callbacks.Callback):
                     else "."
                 )
             )
-        return Anomaly("nonfinite", step, self._epoch, batch, layer, index, weight, value, message, suspects, origin)
+        return Anomaly("nonfinite", step, session.epoch, batch, layer, index, weight, value, message, suspects, origin)
 
     @property
     def bad_batch(self) -> tuple[Any, Any, Any] | None:
@@ -457,7 +475,7 @@ class GradientMonitor(keras.callbacks.Callback):
         if capture is None or self._bad_batch is not None:
             return None  # not kept in this mode, or a later step of a run that already has its first
         kept = capture.read()
-        if kept is None or self._base_step + kept[0] - self._count0 != step:
+        if kept is None or int(self._session.steps(kept[0])) != step:
             return None
         _, self._bad_batch, self._bad_weights = kept
         return first_origin(self.model, self._bad_batch, self._bad_weights)
@@ -492,19 +510,20 @@ class GradientMonitor(keras.callbacks.Callback):
 
     def _read_histograms(self, first: int, count: int) -> list[GradientHistogram]:
         """Histogram records of the recorded steps in ``[first, count)``, kept in ``self.histograms``."""
-        buffer = self._buffer.histograms
+        session = self._session
+        buffer = session.buffer.histograms
         if buffer is None:
             return []
         kept, counts, ranges = buffer.read(first, count)
         index = np.asarray(kept, np.int64)
         found = histograms_of(
-            self._base_step + index - self._count0,
-            np.full(len(index), self._epoch),
-            index - self._epoch_first,
+            session.steps(index),
+            np.full(len(index), session.epoch),
+            session.batches(index),
             counts,
             ranges,
-            self._slots,
-            self._buffer.missing,
+            session.slots,
+            session.buffer.missing,
         )
         self.histograms += found
         return found
@@ -514,15 +533,15 @@ class GradientMonitor(keras.callbacks.Callback):
             return
         import tensorflow as tf
 
-        scalar, histogram = _plugin_metadata("scalars"), _plugin_metadata("histograms")
+        scalar, histogram = backend.summary_metadata("scalars"), backend.summary_metadata("histograms")
         with self._writer.as_default():
             for step, stats in zip(steps, rows, strict=False):
-                for slot, values in zip(self._slots, stats, strict=False):
+                for slot, values in zip(self._session.slots, stats, strict=False):
                     # tf.summary.write with a plugin's metadata is what tf.summary.scalar
                     # and .histogram do, minus the hard need for the tensorboard package.
-                    written = [(f"gradient_norm/{slot.path}", values[0])]
-                    if values[7] > 0:  # max |g| only where it was measured
-                        written.append((f"gradient_max_abs/{slot.path}", values[1]))
+                    written = [(f"gradient_norm/{slot.path}", column(values, "norm"))]
+                    if column(values, "full") > 0:  # max |g| only where it was measured
+                        written.append((f"gradient_max_abs/{slot.path}", column(values, "max_abs")))
                     for tag, value in written:
                         tf.summary.write(tag, tf.constant(value, tf.float32), step=int(step), metadata=scalar)
             for h in histograms:
@@ -539,13 +558,6 @@ def _summary_writer(log_dir: str | None) -> Any:
     import tensorflow as tf
 
     return tf.summary.create_file_writer(str(log_dir))
-
-
-def _plugin_metadata(plugin: str) -> bytes:
-    from tensorflow.core.framework import summary_pb2
-
-    data = summary_pb2.SummaryMetadata.PluginData(plugin_name=plugin)
-    return summary_pb2.SummaryMetadata(plugin_data=data).SerializeToString()
 
 
 def _empty_columns() -> tuple[str, ...]:

@@ -21,15 +21,15 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from gradmagic.core.backends import tensorflow as backend
 from gradmagic.core.monitor.bad_step import BadStepCapture
+from gradmagic.core.monitor.columns import BUFFER_COLUMNS, RAW_ROWS, column, column_index, raw_row
 from gradmagic.core.monitor.histograms import HistogramBuffer
 from gradmagic.core.monitor.replay import readable
-from gradmagic.core.monitor.stats import RAW_ROWS, STAT_COLUMNS, finish_stats, stats_function
+from gradmagic.core.monitor.stats import finish_stats, stats_function
 from gradmagic.core.monitor.variables import replica_variable, write_row
 from gradmagic.core.questions.compute import dense_gradients
 
-#: Columns of one buffer row, per weight.
-BUFFER_COLUMNS = (*STAT_COLUMNS, "skipped", "missing", "full")
 _WIDTH = len(BUFFER_COLUMNS)
 
 
@@ -166,7 +166,8 @@ class StatsBuffer:
             if scale is not None:
                 # Sum, norm and max |g| scale with the loss scale, counts do not.
                 inverse = 1.0 / tf.cast(scale, tf.float32)
-                stats = stats * tf.stack([inverse, inverse, inverse, 1.0, 1.0])[:, None]
+                factors = [1.0 if name in ("nan", "inf") else inverse for name in RAW_ROWS]
+                stats = stats * tf.stack(factors)[:, None]
             if len(present) < n:  # weights without a gradient (None) get zero columns
                 placed = tf.scatter_nd(tf.constant([[i] for i in present]), tf.transpose(stats), [n, width])
                 stats = tf.transpose(placed)
@@ -191,14 +192,17 @@ class StatsBuffer:
         raw = self.rows.numpy()[np.arange(max(start, count - self.capacity), count) % self.capacity]
         stats = finish_stats(raw, self._sizes)
         stats[:, self._missing, :] = 0.0  # no gradient, no statistics (flagged "missing")
-        flags = np.zeros((*stats.shape[:2], 3), np.float32)
+        rows = np.zeros((*stats.shape[:2], _WIDTH), np.float32)
+        rows[..., : stats.shape[-1]] = stats  # finish_stats gives the first columns, STAT_COLUMNS
         if self._skips:
             # What LossScaleOptimizer does: a step with a non-finite gradient is not applied.
-            flags[..., 0] = (stats[..., 3] + stats[..., 4] > 0).any(axis=1, keepdims=True)
-        flags[..., 1] = self._missing
+            bad = column(rows, "nan") + column(rows, "inf") > 0
+            rows[..., column_index("skipped")] = bad.any(axis=1, keepdims=True)
+        rows[..., column_index("missing")] = self._missing
         # Where only the norm was measured, norm_stats marks max |g| with -1.
-        flags[..., 2] = (raw[:, 2, :] >= 0).all(axis=1, keepdims=True)
-        return count, np.concatenate([stats, flags], axis=2)
+        measured = raw_row(raw, "max_abs") >= 0
+        rows[..., column_index("full")] = measured.all(axis=1, keepdims=True)
+        return count, rows
 
 
 def _path(variable: Any) -> str:
@@ -243,7 +247,9 @@ class ApplyHook:
 
         def recording_apply(grads: Sequence[Any], trainable_variables: Sequence[Any] | None = None) -> Any:
             grads = list(grads)
-            variables = list(trainable_variables) if trainable_variables is not None else _known_variables(optimizer)
+            variables = (
+                list(trainable_variables) if trainable_variables is not None else backend.optimizer_variables(optimizer)
+            )
             scale, skips = _loss_scale(optimizer, variables)
             if scale is not None and not isinstance(scale, (int, float)):
                 scale = tf.convert_to_tensor(scale)  # read before apply updates it
@@ -255,7 +261,7 @@ class ApplyHook:
                 # how XLA compiled that update, by an ulp in some weights.
                 stats = buffer.measure(readable(summed, before_update=True), variables, scale, skips)
                 if capture is not None and not skips:
-                    finite = tf.reduce_all(tf.equal(stats[3] + stats[4], 0.0))
+                    finite = tf.reduce_all(tf.equal(raw_row(stats, "nan") + raw_row(stats, "inf"), 0.0))
                     capture.record(finite, buffer.count)
                 # The optimizer gets the very tensors it would have got without the monitor.
                 result = original(grads, trainable_variables)
@@ -315,18 +321,11 @@ def _square_of(tensor: tf.Tensor, depth: int = 3) -> tf.Tensor | None:
     return None
 
 
-def _known_variables(optimizer: Any) -> list[Any]:
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
-    return list(getattr(inner, "_trainable_variables", []))
-
-
 def _loss_scale(optimizer: Any, variables: list[Any]) -> tuple[Any, bool]:
     """The factor the applied gradients are scaled by, and whether non-finite steps are skipped."""
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         if not optimizer.built:
-            # What LossScaleOptimizer.apply does first; the scale variable must exist.
-            with keras.name_scope(optimizer.name, caller=optimizer):
-                optimizer.build(variables)
-            optimizer.built = True
+            # The scale variable must exist before apply runs: build as apply would.
+            backend.build_optimizer_as_apply_does(optimizer, variables)
         return optimizer.dynamic_scale, True
     return getattr(optimizer, "loss_scale_factor", None), False

@@ -16,20 +16,9 @@ from typing import Any
 
 import keras
 
+from gradmagic.core.backends import tensorflow as backend
 from gradmagic.core.monitor.bad_step import BadStepCapture
 from gradmagic.core.monitor.capture import ApplyHook, StatsBuffer
-
-
-def fit_token(model: keras.Model) -> tuple[Any, Any]:
-    """Objects that are new in every ``fit``: its ``History`` and that one's epoch list.
-
-    Keras's ``CallbackList`` sets ``model.history`` to the ``History`` of the
-    ``fit`` being run before any callback runs, and ``History.on_train_begin``
-    (which may run after the monitor's) gives it a new ``epoch`` list, so the
-    pair, taken at the first step, identifies the current ``fit``.
-    """
-    history = getattr(model, "history", None)
-    return history, getattr(history, "epoch", None)
 
 
 class TrainFunctions:
@@ -92,13 +81,13 @@ class TrainFunctions:
         return (
             token is not None
             and token[1] is None
-            and token[0] is getattr(model, "history", None)
+            and token[0] is backend.fit_token(model)[0]
             and model.train_function is self.guarded
         )
 
     def attach(self, model: keras.Model) -> None:
         """Make the current ``fit`` (and only it) run the recording function."""
-        self._token = (getattr(model, "history", None), None)  # the epoch list is taken at the first step
+        self._token = (backend.fit_token(model)[0], None)  # the epoch list is taken at the first step
         model.train_function = self.guarded
 
     def detach(self) -> None:
@@ -112,7 +101,7 @@ class TrainFunctions:
     def _guard(self) -> Any:
         def guarded(*args: Any, **kwargs: Any) -> Any:
             model = self._model()
-            current = fit_token(model)
+            current = backend.fit_token(model)
             token = self._token
             if token is not None and token[1] is None and current[0] is token[0]:
                 token = self._token = current

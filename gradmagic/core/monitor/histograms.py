@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from gradmagic.core.monitor.columns import raw_row
 from gradmagic.core.monitor.variables import replica_variable, write_row
 from gradmagic.core.questions.targets import WeightSlot
 
@@ -87,7 +88,8 @@ class HistogramBuffer:
                 # only). Binning values / reach in [-1, 1] cannot overflow, however large |g|.
                 reach = tf.maximum(tf.reduce_max(tf.abs(values)), np.finfo(np.float32).tiny)
                 binned = tf.cast(self._histogram(values / reach), tf.float32)
-                rows.append(binned - tf.one_hot(self.bins // 2, self.bins) * (raw[3, k] + raw[4, k]))
+                nonfinite = raw_row(raw, "nan")[k] + raw_row(raw, "inf")[k]
+                rows.append(binned - tf.one_hot(self.bins // 2, self.bins) * nonfinite)
                 reaches.append(reach)
             reach = tf.stack(reaches)
             counts = tf.scatter_nd(tf.constant([[c] for c in columns]), tf.stack(rows), [n, self.bins])

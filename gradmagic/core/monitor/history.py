@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from gradmagic.core.display import html_table, text_table
-from gradmagic.core.monitor.capture import BUFFER_COLUMNS
+from gradmagic.core.monitor.columns import column, column_index
 from gradmagic.core.questions.targets import WeightSlot
 
 #: Columns of ``GradientMonitor.to_dict()``, in order.
@@ -41,7 +41,7 @@ class _Block:
     steps: np.ndarray  # [n] global optimizer step of each row
     epochs: np.ndarray  # [n]
     batches: np.ndarray  # [n]
-    stats: np.ndarray  # [n, weights, len(BUFFER_COLUMNS)]
+    stats: np.ndarray  # [n, weights, BUFFER_COLUMNS]
 
 
 class MonitorHistory:
@@ -69,8 +69,8 @@ class MonitorHistory:
         return np.concatenate([b.steps for b in self._blocks]) if self._blocks else np.zeros(0, np.int64)
 
     def stat(self, column: str) -> np.ndarray:
-        """One statistic as a ``[steps, weights]`` array (``column`` in BUFFER_COLUMNS)."""
-        k = BUFFER_COLUMNS.index(column)
+        """One statistic as a ``[steps, weights]`` array (``column`` in ``BUFFER_COLUMNS``)."""
+        k = column_index(column)
         if not self._blocks:
             return np.zeros((0, len(self.slots)))
         return np.concatenate([b.stats[:, :, k] for b in self._blocks]).astype(np.float64)
@@ -124,12 +124,13 @@ def layer_lines(epoch: int, batch: int, step: int, slots: Sequence[WeightSlot], 
     lines: list[str] = []
     for name in dict.fromkeys(s.layer_name for s in slots):
         rows = [i for i, s in enumerate(slots) if s.layer_name == name]
-        norm, max_abs = _combine(stats[rows, 0], stats[rows, 1])
-        bad = int(stats[rows, 3].sum() + stats[rows, 4].sum())
+        layer = stats[rows]
+        norm, max_abs = _combine(column(layer, "norm"), column(layer, "max_abs"))
+        bad = int(column(layer, "nan").sum() + column(layer, "inf").sum())
         flag = f"  NaN/Inf x{bad}" if bad else ""
-        skip = "  (step skipped)" if stats[rows[0], 5] > 0 else ""
+        skip = "  (step skipped)" if column(layer, "skipped")[0] > 0 else ""
         head = f"epoch {epoch + 1} batch {batch + 1:>4} | {name:<{width}}"
-        peak = f"{max_abs:.3e}" if stats[rows[0], 7] > 0 else "-"  # "-": not measured at this step
+        peak = f"{max_abs:.3e}" if column(layer, "full")[0] > 0 else "-"  # "-": not measured at this step
         lines.append(f"{head}  norm {norm:.3e}  max|g| {peak}{flag}{skip}")
     return lines
 

@@ -25,6 +25,8 @@ from typing import Any
 
 import tensorflow as tf
 
+from gradmagic.core.backends import tensorflow as backend
+
 #: Element-wise (or reshaping) ops grappler's arithmetic optimizer may fold into a consumer.
 _REPLAYED = frozenset({"Mul", "AddV2", "Add", "Sub", "Neg", "AddN", "RealDiv", "Reshape", "Cast"})
 _MAX_OPS = 8
@@ -67,13 +69,6 @@ class _Plan:
         return True
 
 
-def _rebuild(op: Any, inputs: list[tf.Tensor]) -> tf.Tensor:
-    """Run a copy of ``op`` (same type and attributes) on ``inputs``."""
-    attrs = {name: value for name, value in op.node_def.attr.items() if not name.startswith("_")}
-    graph = tf.compat.v1.get_default_graph()
-    return graph.create_op(op.type, inputs, [op.outputs[0].dtype], attrs=attrs).outputs[0]
-
-
 def readable(grads: Sequence[Any], before_update: bool = False) -> list[Any]:
     """The gradients to read the statistics from: each one, or its replayed copy (see module doc).
 
@@ -88,6 +83,9 @@ def readable(grads: Sequence[Any], before_update: bool = False) -> list[Any]:
         before_update: Whether the optimizer's ops are not built yet. Defaults to False.
     """
     out = list(grads)
+    copy = backend.op_copier()
+    if copy is None:
+        return out  # this TensorFlow cannot copy ops: read the gradients themselves
     plans: dict[int, _Plan] = {}
     for i, g in enumerate(grads):
         if not isinstance(g, tf.Tensor) or tf.executing_eagerly() or not hasattr(g, "op"):
@@ -110,13 +108,13 @@ def readable(grads: Sequence[Any], before_update: bool = False) -> list[Any]:
             plan = plans[i]
             known = {id(t): next(given) for t in plan.leaves}
             for op in plan.ops:
-                value = _rebuild(op, [known[id(t)] for t in op.inputs])
+                value = copy(op, [known[id(t)] for t in op.inputs])
                 known[id(op.outputs[0])] = value
             results.append(known[id(grads[i])])
         return results
 
     # Not inlined: a copy inlined next to the original would be merged into it again.
-    function = tf.function(body, input_signature=specs, autograph=False, experimental_attributes={"_noinline": True})
+    function = backend.not_inlined_function(body, specs)
     for i, value in zip(order, function(*leaves), strict=True):
         out[i] = value
     return out

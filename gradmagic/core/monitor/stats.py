@@ -36,12 +36,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import tensorflow as tf
 
-#: Columns of :func:`finish_stats`, per weight.
-STAT_COLUMNS = ("norm", "max_abs", "mean", "nan", "inf")
-
-#: Rows of :func:`step_stats`: over the finite entries, the sum, the L2 norm and
-#: the largest |g|; then the NaN and Inf counts.
-RAW_ROWS = ("sum", "norm", "max_abs", "nan", "inf")
+from gradmagic.core.backends import tensorflow as backend
+from gradmagic.core.monitor.columns import STAT_COLUMNS, raw_row
 
 #: Largest reduction (in entries) that TensorFlow's CPU kernels still run inline.
 INLINE_ELEMENTS = 1 << 16
@@ -56,8 +52,8 @@ def step_stats(
 ) -> tf.Tensor:
     """Raw statistics of each gradient as a ``[5, len(grads)]`` float32 tensor.
 
-    Rows are :data:`RAW_ROWS`; :func:`finish_stats` turns them into
-    :data:`STAT_COLUMNS` on the host. Call it where the ops should go (eagerly,
+    Rows are ``RAW_ROWS`` (:mod:`~gradmagic.core.monitor.columns`); :func:`finish_stats`
+    turns them into ``STAT_COLUMNS`` on the host. Call it where the ops should go (eagerly,
     or while tracing); :func:`stats_function` wraps it in a cached ``tf.function``.
 
     Args:
@@ -81,7 +77,7 @@ def step_stats(
     # A NaN makes the sum NaN, an Inf (or a square above float32's range) the norm Inf;
     # squares below its range (|g| < 1e-19) make the norm 0 while the sum or max is not.
     # The masked path is exact in all three cases (float64 sums).
-    total, norm, peak = raw[0], raw[1], raw[2]
+    total, norm, peak = raw_row(raw, "sum"), raw_row(raw, "norm"), raw_row(raw, "max_abs")
     underflow = tf.reduce_any((norm == 0.0) & ((total != 0.0) | (peak != 0.0)))
     trusted = tf.reduce_all(tf.math.is_finite(raw)) & tf.logical_not(underflow)
     return tf.cond(trusted, lambda: raw, lambda: masked(*grads))
@@ -96,7 +92,7 @@ def norm_stats(
     One reduction per gradient (the sum of squares, or the sum of the optimizer's
     ``g**2``): a NaN or Inf anywhere makes that sum non-finite, and then (or when
     ``full`` is true) the step takes :func:`step_stats`' branch instead. Rows are
-    :data:`RAW_ROWS`; in a step that measured the norm only, the sum is 0, the
+    ``RAW_ROWS``; in a step that measured the norm only, the sum is 0, the
     NaN/Inf counts are 0 (exactly: every square was finite) and max |g| is -1,
     the mark :func:`finish_stats` reads.
 
@@ -141,7 +137,7 @@ def norm_stats(
 
 
 def finish_stats(raw: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
-    """Statistics from raw rows: ``[..., 5, n]`` (:data:`RAW_ROWS`) -> ``[..., n, 5]`` (:data:`STAT_COLUMNS`).
+    """Statistics from raw rows: ``[..., RAW_ROWS, n]`` -> ``[..., n, STAT_COLUMNS]`` (see ``columns``).
 
     Norm, max |g| and mean describe the finite entries; they are NaN for a
     gradient with none (all NaN/Inf, or empty). Where only the norm was measured
@@ -152,15 +148,20 @@ def finish_stats(raw: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
         sizes: Number of entries of each gradient.
     """
     raw = np.asarray(raw, np.float64)
-    total, norm, max_abs, nan, inf = (raw[..., i, :] for i in range(len(RAW_ROWS)))
+    total, max_abs = raw_row(raw, "sum"), raw_row(raw, "max_abs")
+    nan, inf = raw_row(raw, "nan"), raw_row(raw, "inf")
     finite = np.asarray(sizes, np.float64) - nan - inf
     with np.errstate(divide="ignore", invalid="ignore"):
-        stats = [norm, max_abs, total / finite]
-    stats = [np.where(finite > 0, column, np.nan) for column in stats]
+        mean = total / finite
     measured = max_abs >= 0
-    stats[1] = np.where(measured, stats[1], 0.0)
-    stats[2] = np.where(measured, stats[2], 0.0)
-    return np.stack([*stats, nan, inf], axis=-1).astype(np.float32)
+    columns = {
+        "norm": np.where(finite > 0, raw_row(raw, "norm"), np.nan),
+        "max_abs": np.where(measured, np.where(finite > 0, max_abs, np.nan), 0.0),
+        "mean": np.where(measured, np.where(finite > 0, mean, np.nan), 0.0),
+        "nan": nan,
+        "inf": inf,
+    }
+    return np.stack([columns[name] for name in STAT_COLUMNS], axis=-1).astype(np.float32)
 
 
 def stats_function(
@@ -197,7 +198,7 @@ def stats_function(
         return step_stats(tensors[: len(specs)], squares, xla)
 
     flag = [tf.TensorSpec([], tf.bool)] if mode == "norm" else []
-    return _cached(_STATS, specs + extra + flag, body, None, (tuple(squared), xla, mode))
+    return _cached(_STATS, specs + extra + flag, body, False, (tuple(squared), xla, mode))
 
 
 def _full_function(specs: tuple[tf.TensorSpec, ...], squared: tuple[bool, ...]) -> Callable[..., tf.Tensor]:
@@ -208,30 +209,46 @@ def _full_function(specs: tuple[tf.TensorSpec, ...], squared: tuple[bool, ...]) 
         given = iter(tensors[n:])
         return step_stats(list(tensors[:n]), [next(given) if q else None for q in squared])
 
-    return _cached(_FULL, specs, body, {"_noinline": True}, squared)
+    return _cached(_FULL, specs, body, True, squared)
 
 
 def _masked_function(specs: tuple[tf.TensorSpec, ...]) -> Callable[..., tf.Tensor]:
     # Not inlined: the call is instantiated (optimized, compiled) only if a step
     # ever takes the non-finite branch, not with every train function.
-    return _cached(_MASKED, specs, lambda *grads: _masked_stats(list(grads)), {"_noinline": True}, None)
+    return _cached(_MASKED, specs, lambda *grads: _masked_stats(list(grads)), True, None)
 
 
+# The traced statistics functions, one cache per variant (policy: see _cached).
+# _STATS: stats_function's (inlined into the train step); _FULL and _MASKED: the
+# not-inlined branches of norm_stats and step_stats.
 _STATS: dict[tuple, Callable[..., tf.Tensor]] = {}
 _MASKED: dict[tuple, Callable[..., tf.Tensor]] = {}
 _FULL: dict[tuple, Callable[..., tf.Tensor]] = {}
 
 
 def _cached(
-    cache: dict, specs: Sequence[tf.TensorSpec], body: Callable, attributes: dict | None, flags: object
+    cache: dict, specs: Sequence[tf.TensorSpec], body: Callable, not_inlined: bool, flags: object
 ) -> Callable[..., tf.Tensor]:
+    """The ``tf.function`` of ``body`` for ``specs`` and ``flags`` from ``cache``, made on a miss.
+
+    Cache policy (``_STATS``, ``_FULL``, ``_MASKED``): one entry per gradient
+    signature (shapes, dtypes) and variant flags, for the whole process. Keys hold
+    no model, variable or tensor, so a cache keeps no model alive, and every model
+    whose gradients have the same shapes reuses the traced function (Python tracing
+    is paid once per process, not per ``fit``). At most ``_CACHE_SIZE`` entries per
+    cache; when full, the oldest entry is dropped (first in, first out). Nothing is
+    ever invalidated: an entry depends on nothing but its key.
+    """
     specs = tuple(specs)
     key = (tuple((None if s.shape.rank is None else tuple(s.shape.as_list()), s.dtype.name) for s in specs), flags)
     function = cache.get(key)
     if function is None:
         if len(cache) >= _CACHE_SIZE:
             cache.pop(next(iter(cache)))  # the oldest
-        function = tf.function(body, input_signature=specs, autograph=False, experimental_attributes=attributes)
+        if not_inlined:
+            function = backend.not_inlined_function(body, specs)
+        else:
+            function = tf.function(body, input_signature=specs, autograph=False)
         cache[key] = function
     return function
 

@@ -1,0 +1,145 @@
+"""What the attribution functions share: the input, the output unit per sample, batching, the compiled-function cache.
+
+Every check here runs before anything is computed, so a bad argument leaves
+the model untouched and reads the same whichever function was called.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from gradmagic.core.arguments import is_int
+from gradmagic.core.batches import first_batch
+from gradmagic.core.questions import attribution_compute as ac
+from gradmagic.core.questions import compute
+from gradmagic.core.questions.entry import check_model, spec_and_inputs
+from gradmagic.core.questions.inputs import ModelSpec, nonfinite_warning
+from gradmagic.core.questions.model_keys import question_key
+from gradmagic.core.questions.targets import model_name
+from gradmagic.errors import InputError
+
+#: By default, a compiled call takes as many points (samples times path positions or noisy copies) as fit
+#: in this many input values (4 MB of float32; a model's activations grow with its input), at most 256.
+POINT_BUDGET = 1 << 20
+MAX_POINTS = 256
+
+
+def single_input(model: keras.Model, x: Any, float_only: bool = True) -> tuple[ModelSpec, np.ndarray, str | None]:
+    """x as one NumPy array with a batch axis (the first batch of a dataset), checked against the model."""
+    check_model(model)
+    data = first_batch(x, takes_y=False)
+    spec, x_in, _ = spec_and_inputs(model, data.x)
+    leaves = keras.tree.flatten(x_in)
+    if len(leaves) != 1:
+        raise InputError(
+            f"Received: x with {len(leaves)} inputs for model '{model_name(model)}'. Expected a model with a "
+            f"single input: attribution maps are computed for one input array. Fix: wrap the model so that the "
+            f"other inputs are fixed, e.g. keras.Model(image_input, model([image_input, fixed]))."
+        )
+    array = leaves[0].numpy() if isinstance(leaves[0], tf.Tensor) else np.asarray(leaves[0])
+    if float_only and array.dtype.kind != "f":
+        raise InputError(
+            f"Received: x of dtype {array.dtype} for model '{model_name(model)}'. Expected float inputs: "
+            f"integer inputs such as token ids are looked up, not computed with, so they have no gradient. "
+            f"Fix: ask at a layer instead, gradcam(model, x, layer) or output_gradients(model, x, y, layer)."
+        )
+    nonfinite_warning(x=array)
+    return spec, array, data.source
+
+
+def declared_units(spec: ModelSpec) -> int | None:
+    """Output units per sample, flattened and joined, as the model declares them (None: not declared)."""
+    if not spec.outputs or any(d is None for s in spec.outputs for d in s.shape):
+        return None
+    return int(sum(math.prod(s.shape) for s in spec.outputs))
+
+
+def check_output(model: keras.Model, spec: ModelSpec, output: Any, units: int | None = None) -> int | None:
+    """Validate ``output=`` (an index into the flattened per-sample output, or None).
+
+    Returns it non-negative where the number of units is known (``units``, or
+    declared by the model), as given otherwise.
+    """
+    if output is None:
+        if spec.outputs is not None and len(spec.outputs) > 1:
+            raise InputError(
+                f"Received: output=None for model '{model_name(model)}', which has {len(spec.outputs)} outputs "
+                f"{spec.output_names}. Expected an int: with several outputs there is no single predicted "
+                f"class. Fix: pass output=k, an index into the outputs flattened and joined in that order."
+            )
+        return None
+    if not is_int(output):
+        raise InputError(
+            f"Received: output={output!r} of type {type(output).__name__}. Expected None (the predicted class, "
+            f"or the only output unit) or an int index into the flattened per-sample output."
+        )
+    units = declared_units(spec) if units is None else units
+    if units is None:
+        return int(output)
+    if not -units <= output < units:
+        raise InputError(
+            f"Received: output={output}, but model '{model_name(model)}' has {units} output unit(s) per sample. "
+            f"Expected an index in [0, {units - 1}] into the flattened per-sample output, or None for the "
+            f"predicted class. Fix: e.g. output=0."
+        )
+    return int(output) % units
+
+
+def requested_units(model: keras.Model, spec: ModelSpec, output: int | None, x: np.ndarray) -> np.ndarray:
+    """The unit per sample for the compiled functions: ``output``, or -1 for each sample's predicted class.
+
+    A model that declares no outputs (subclassed) runs once on x first, so
+    that ``output`` is checked against its real number of units.
+    """
+    if output is None:
+        return np.full(len(x), -1, np.int32)
+    if declared_units(spec) is None:
+        key, fn = compiled(model, "attribution forward", lambda: ac.forward_function(model))
+        units = int(ac.run(model, key, fn, (x,), "the output", x.shape).shape[1])
+        output = check_output(model, spec, output, units)
+    return np.full(len(x), output, np.int32)
+
+
+def check_batch_size(batch_size: Any) -> int | None:
+    """Validate ``batch_size=`` (an int >= 1, or None for the default)."""
+    if batch_size is None or (is_int(batch_size) and batch_size >= 1):
+        return None if batch_size is None else int(batch_size)
+    raise InputError(
+        f"Received: batch_size={batch_size!r}. Expected an int >= 1, the number of points (samples times "
+        f"path steps or noisy copies) per compiled call, or None to size it by x (at most {MAX_POINTS})."
+    )
+
+
+def points_per_call(batch_size: int | None, x: np.ndarray) -> int:
+    """``batch_size``, or by default as many points as :data:`POINT_BUDGET` input values hold."""
+    if batch_size is not None:
+        return batch_size
+    return int(max(1, min(MAX_POINTS, POINT_BUDGET // max(1, math.prod(x.shape[1:])))))
+
+
+def compiled(model: keras.Model, kind: str, build: Any, *parts: Any) -> tuple[Any, ac.Compiled]:
+    """The cache key and the cached compiled function of one attribution question (built on first use)."""
+    key = question_key(model, kind, *parts)
+    return key, compute.cached(model, key, lambda: ac.Compiled(build()))
+
+
+def chunks(samples: int, points: int, batch_size: int) -> Iterator[tuple[slice, slice]]:
+    """Split ``samples x points`` into calls of at most ``batch_size`` points (at least one each)."""
+    per_sample = min(points, batch_size)
+    together = max(1, batch_size // per_sample)
+    for s in range(0, samples, together):
+        for p in range(0, points, per_sample):
+            yield slice(s, s + together), slice(p, p + per_sample)
+
+
+def what_is_explained(spec: ModelSpec, output: int | None, units: np.ndarray) -> str:
+    """The output unit a result explains, for its title."""
+    if output is not None:
+        return f"output unit {int(units[0])}"
+    return "the output" if declared_units(spec) == 1 else "the predicted class"
