@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ import tensorflow as tf
 from conftest import assert_unchanged, fingerprint
 
 import gradmagic as gm
+from gradmagic.errors import GradmagicWarning
 from gradmagic.widgets import image as image_view
 from gradmagic.widgets.image import ImageExplorer
 
@@ -154,3 +157,14 @@ def test_one_image_without_batch_axis(cnn):
     model, x = cnn
     panel = gm.explore(model, x[0], steps=STEPS, use_ipympl=False)
     assert panel.data.shape == (1, 6, 6, 3)
+
+
+def test_the_completeness_check_is_shown_in_the_panel_not_warned(cnn):
+    model, x = cnn
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GradmagicWarning)
+        panel = gm.explore(model, x, steps=2, use_ipympl=False)  # a two-point path: too coarse to be complete
+    with pytest.warns(GradmagicWarning, match="too coarse"):
+        result = gm.integrated_gradients(model, x[:1], output=panel.view.path.unit, steps=2)
+    assert panel.view.path.completeness_gap == pytest.approx(float(result.completeness_gap[0]), rel=1e-4, abs=1e-7)
+    assert "too coarse" in panel.readout.value and "completeness gap" in panel.readout.value

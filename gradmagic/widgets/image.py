@@ -15,6 +15,7 @@ accumulated from the baseline up to a.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,7 @@ import ipywidgets as widgets
 import numpy as np
 
 from gradmagic.core import integrated_gradients, saliency
+from gradmagic.errors import GradmagicWarning
 from gradmagic.widgets.coalesce import Scheduler
 from gradmagic.widgets.figure_view import FigureView
 from gradmagic.widgets.view_panel import DEFAULT_CLOCK, ViewPanel, output_labels, readout_table
@@ -47,6 +49,7 @@ class ImagePath:
         accumulated: The attribution integrated up to every position, ``(steps, H, W, C)``.
         unit: The output unit differentiated.
         completeness_gap: ``sum(attribution) - (f(x) - f(baseline))``.
+        notes: What the core said about the numbers (e.g. a completeness gap above 5%).
     """
 
     x: np.ndarray
@@ -57,6 +60,7 @@ class ImagePath:
     accumulated: np.ndarray
     unit: int
     completeness_gap: float
+    notes: list[str]
 
     def point(self, index: int) -> np.ndarray:
         """The input at position ``alphas[index]``: ``baseline + a (x - baseline)``."""
@@ -73,7 +77,13 @@ def compute_path(model: Any, image: np.ndarray, unit: int | None, baseline: Any,
         baseline: As for :func:`~gradmagic.core.integrated_gradients`.
         steps: Points on the path.
     """
-    result = integrated_gradients(model, image, output=unit, baseline=baseline, steps=steps, keep_path_gradients=True)
+    # The result's own check (the completeness gap) is shown in the panel's readout, with its note, rather
+    # than warned about once per sample and output chosen.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GradmagicWarning)
+        result = integrated_gradients(
+            model, image, output=unit, baseline=baseline, steps=steps, keep_path_gradients=True
+        )
     return ImagePath(
         x=image[0],
         baseline=np.asarray(result.baseline)[0],
@@ -83,6 +93,7 @@ def compute_path(model: Any, image: np.ndarray, unit: int | None, baseline: Any,
         accumulated=result.accumulated()[0],
         unit=int(result.output[0]),
         completeness_gap=float(result.completeness_gap[0]),
+        notes=list(result.notes),
     )
 
 
@@ -135,9 +146,9 @@ class ImageFigure:
         self.ax_input, self.ax_grad, self.ax_path, self.ax_attr = figure.subplots(1, 4)
         height, width = shape[:2]
         blank = np.zeros((height, width, 3) if shape[-1] == 3 else (height, width))
-        self.input_image = self.ax_input.imshow(blank, cmap="gray", vmin=0.0, vmax=1.0)
-        self.grad_image = self.ax_grad.imshow(np.zeros((height, width)), cmap="bwr")
-        self.attr_image = self.ax_attr.imshow(np.zeros((height, width)), cmap="bwr")
+        self.input_image = self.ax_input.imshow(blank, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+        self.grad_image = self.ax_grad.imshow(np.zeros((height, width)), cmap="bwr", interpolation="nearest")
+        self.attr_image = self.ax_attr.imshow(np.zeros((height, width)), cmap="bwr", interpolation="nearest")
         (self.path_line,) = self.ax_path.plot([], [], color="tab:blue", label="output")
         (self.sum_line,) = self.ax_path.plot([], [], "--", color="tab:orange", label="f(baseline) + sum(attr)")
         (self.path_point,) = self.ax_path.plot([], [], "o", color="tab:red", zorder=3)
@@ -286,5 +297,6 @@ class ImageExplorer(ViewPanel):
             ("completeness gap at a = 1", f"{path.completeness_gap:.4g}"),
             ("largest |map| (gradient, attribution)", f"{grad_max:.4g}, {attr_max:.4g}"),
             ("gradient", f"SmoothGrad, noise {view.noise:.2f}" if view.noise > 0 else "plain"),
+            *(("note", note) for note in path.notes),
         ])  # fmt: skip
         self.error.value = ""
