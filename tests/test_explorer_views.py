@@ -93,6 +93,23 @@ def test_plane_slider_moves_the_point_and_its_readout_without_a_new_grid(three_f
     assert panel.view.grid is not grid and panel.figure_view.full_draws == draws + 1
 
 
+def test_a_click_on_the_plane_moves_the_point_there(three_features):
+    from matplotlib.backend_bases import MouseEvent
+
+    model, x = three_features
+    panel = gm.explore(model, x, view="plane", use_ipympl=False)
+    canvas = panel.figure_view.canvas
+    pixel_x, pixel_y = panel.figure.ax.transData.transform((0.25, -0.5))
+    canvas.callbacks.process("button_press_event", MouseEvent("button_press_event", canvas, pixel_x, pixel_y, 1))
+    assert panel.view.point[0] == pytest.approx(0.25, abs=1e-3) and panel.view.point[1] == pytest.approx(-0.5, abs=1e-3)
+    assert panel.x_slider.value == pytest.approx(0.25, abs=1e-3)
+    expected = gm.input_gradients(model, panel.view.point[None], output=0).array[0]
+    np.testing.assert_allclose(panel.view.gradient, expected, rtol=1e-5, atol=1e-7)
+    outside = MouseEvent("button_press_event", canvas, 1.0, 1.0, 1)  # the figure's corner, off the axes
+    canvas.callbacks.process("button_press_event", outside)
+    assert panel.view.point[0] == pytest.approx(0.25, abs=1e-3)
+
+
 def test_plane_same_feature_on_both_axes_is_refused_in_the_panel(three_features):
     model, x = three_features
     panel = gm.explore(model, x, view="plane", use_ipympl=False)

@@ -214,6 +214,8 @@ class PlaneExplorer(ViewPanel):
         self.figure_view = FigureView(figsize=(6.4, 4.6), use_ipympl=use_ipympl)
         self.figure = PlaneFigure(self.figure_view.figure, grid_size)
         self.figure_view.animate(self.figure.artists)
+        # With ipympl the canvas reports clicks: a click on the plot moves the point there.
+        self.figure_view.canvas.mpl_connect("button_press_event", self._on_click)
         row = widgets.HBox([self.x_select, self.y_select, self.sample_select, self.unit_select])
         self._frame(widgets.VBox([row, self.x_slider, self.y_slider]), self.figure_view.widget, clock, scheduler)
         self.view: PlaneView | None = None
@@ -268,6 +270,13 @@ class PlaneExplorer(ViewPanel):
         self._quietly(lambda: (self._retarget(self.x_slider, self.x_select.value),
                                self._retarget(self.y_slider, self.y_select.value)))  # fmt: skip
         self.updates.submit(self._state())
+
+    def _on_click(self, event: Any) -> None:
+        if event.inaxes is not self.figure.ax or event.xdata is None or event.ydata is None:
+            return
+        x_value = min(max(float(event.xdata), self.x_slider.min), self.x_slider.max)
+        y_value = min(max(float(event.ydata), self.y_slider.min), self.y_slider.max)
+        self.set_point(x_value, y_value)
 
     def set_point(self, x_value: float, y_value: float) -> None:
         """Move the two sliders, as a user would."""
