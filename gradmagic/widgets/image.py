@@ -237,7 +237,7 @@ class ImageExplorer(ViewPanel):
         for control in (self.alpha_slider, self.noise_slider, self.sample_select, self.unit_select):
             control.observe(lambda c: self.updates.submit(self._state()), names="value")
         first = self.compute(self._state())  # before any figure: a failure leaves nothing behind
-        self.figure_view = FigureView(figsize=(12.0, 3.2), use_ipympl=use_ipympl)
+        self.figure_view = FigureView(figsize=(10.0, 2.8), use_ipympl=use_ipympl)
         self.figure = ImageFigure(self.figure_view.figure, data.shape[1:])
         self.figure_view.animate(self.figure.artists)
         controls = widgets.VBox(
