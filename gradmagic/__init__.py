@@ -26,6 +26,7 @@ _LAZY = {
     "input_gradients": "gradmagic.core",
     "clear_cache": "gradmagic.core",
     "token_gradients": "gradmagic.core",
+    "token_integrated_gradients": "gradmagic.core",
     "WeightGradients": "gradmagic.core",
     "OutputGradients": "gradmagic.core",
     "InputGradients": "gradmagic.core",
@@ -71,6 +72,7 @@ if TYPE_CHECKING:  # pragma: no cover
         output_gradients,
         saliency,
         token_gradients,
+        token_integrated_gradients,
         weight_gradients,
     )
     from gradmagic.errors import GradientAnomalyError  # noqa: F401

@@ -10,8 +10,9 @@ from conftest import assert_unchanged, fingerprint
 
 import gradmagic as gm
 from gradmagic.errors import InputError
+from gradmagic.widgets import sequence as sequence_view
 from gradmagic.widgets.plane import PlaneExplorer, compute_grid
-from gradmagic.widgets.sequence import SequenceExplorer, compute_sequence
+from gradmagic.widgets.sequence import SequenceExplorer, compute_path, view_at
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +145,7 @@ def test_sequence_view_matches_a_hand_written_tape(lstm):
     np.testing.assert_allclose(view.norms, np.linalg.norm(grad, axis=1), rtol=1e-5, atol=1e-8)
     np.testing.assert_allclose(view.grad_x_input, (grad * x[2]).sum(axis=1), rtol=1e-5, atol=1e-8)
     np.testing.assert_allclose([b.get_height() for b in panel.figure.norm_bars], view.norms, rtol=1e-6)
-    assert [t.get_text() for t in panel.figure.ax_gxi.get_xticklabels()] == list("abcdef")
+    assert [t.get_text() for t in panel.figure.ax_ig.get_xticklabels()] == list("abcdef")
     assert view.value == pytest.approx(float(out[0]), rel=1e-5)
     assert_unchanged(model, before)
 
@@ -168,15 +169,71 @@ def test_token_view_differentiates_at_the_embedding_output(tokens):
     assert view.tokens
     np.testing.assert_allclose(view.norms, np.linalg.norm(grad, axis=1), rtol=1e-5, atol=1e-9)
     np.testing.assert_allclose(view.grad_x_input, (grad * vectors.numpy()[0]).sum(axis=1), rtol=1e-5, atol=1e-9)
-    assert [t.get_text() for t in panel.figure.ax_gxi.get_xticklabels()] == words[1]
+    assert [t.get_text() for t in panel.figure.ax_ig.get_xticklabels()] == words[1]
     assert "the Embedding" in panel.readout.value
     assert_unchanged(model, before)
 
 
-def test_compute_sequence_is_a_plain_function(lstm):
+def test_compute_path_and_view_at_are_plain_functions(lstm):
     model, x = lstm
-    view = compute_sequence(model, x[:1], unit=0)
-    assert view.norms.shape == view.grad_x_input.shape == (6,)
+    path = compute_path(model, x[:1], unit=0, steps=5)
+    view = view_at(path, 4)
+    assert view.alpha == 1.0 and view.norms.shape == view.grad_x_input.shape == view.integrated.shape == (6,)
+    # The integrated gradients up to a = 1 are the core's integrated gradients.
+    whole = gm.integrated_gradients(model, x[:1], output=0, steps=5)
+    np.testing.assert_allclose(view.integrated, whole.array[0].sum(-1), rtol=1e-5, atol=1e-8)
+
+
+def test_the_path_slider_moves_along_the_precomputed_path(lstm, monkeypatch):
+    model, x = lstm
+    panel = gm.explore(model, x, steps=9, use_ipympl=False)
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("the path slider asked the core")
+
+    monkeypatch.setattr(sequence_view, "integrated_gradients", no_compute)
+    monkeypatch.setattr(sequence_view, "token_integrated_gradients", no_compute)
+    panel.alpha_slider.value = 0.25
+    assert panel.error.value == "" and panel.view.index == 2
+    point = tf.constant(0.25 * x[:1])
+    with tf.GradientTape() as tape:
+        tape.watch(point)
+        out = model(point)[:, 0]
+    grad = tape.gradient(out, point).numpy()[0].astype(np.float64)
+    np.testing.assert_allclose(panel.view.norms, np.linalg.norm(grad, axis=1), rtol=1e-4, atol=1e-8)
+    np.testing.assert_allclose(panel.view.grad_x_input, (grad * 0.25 * x[0]).sum(axis=1), rtol=1e-4, atol=1e-8)
+    assert panel.view.value == pytest.approx(float(out[0]), rel=1e-5)
+    assert "a</td><td><code>0.25" in panel.readout.value
+
+
+def test_token_path_runs_in_embedding_space(tokens):
+    model, x = tokens
+    steps = 6
+    result = gm.token_integrated_gradients(model, x[1:2], output=1, steps=steps)
+    embed = model.get_layer("embed")
+    alphas = np.linspace(0.0, 1.0, steps)
+    vectors = embed(x[1:2]).numpy()
+    with tf.GradientTape() as tape:
+        scaled = tf.constant(alphas[:, None, None].astype("float32") * vectors)
+        tape.watch(scaled)
+        out = scaled
+        for layer in model.layers[2:]:
+            out = layer(out)
+        unit = out[:, 1]
+    grads = tape.gradient(unit, scaled).numpy().astype(np.float64)
+    # The trapezoid rule by hand over the hand-written tape's gradients, times the embeddings.
+    integral = (grads[:-1] + grads[1:]).sum(axis=0) / 2 / (steps - 1)
+    np.testing.assert_allclose(result.array[0], vectors[0] * integral, rtol=1e-4, atol=1e-8)
+    np.testing.assert_allclose(result.path_outputs[0], unit.numpy(), rtol=1e-5, atol=1e-7)
+    gap = result.array.astype(np.float64).sum() - (unit.numpy()[-1] - unit.numpy()[0])
+    assert result.completeness_gap[0] == pytest.approx(gap, abs=1e-6)
+    # The panel shows the same path: at a = 0.4 the integrated gradients so far.
+    panel = gm.explore(model, x, steps=steps, use_ipympl=False)
+    panel.sample_select.value, panel.unit_select.value = 1, 1
+    panel.alpha_slider.value = 0.4
+    so_far = vectors[0] * (grads[:2] + grads[1:3]).sum(axis=0) / 2 / (steps - 1)
+    np.testing.assert_allclose(panel.view.integrated, so_far.sum(-1), rtol=1e-4, atol=1e-8)
+    np.testing.assert_allclose([b.get_height() for b in panel.figure.ig_bars], so_far.sum(-1), rtol=1e-4, atol=1e-8)
 
 
 def _two_inputs():
@@ -202,6 +259,8 @@ def _two_inputs():
         ),
         (None, None, {"view": "sequence"}, r"view='sequence' for model 'three'.*Expected a view that fits.*'vector'"),
         (None, None, {"view": "plan"}, r"view='plan'. Expected None .* or one of 'vector', 'plane'"),
+        ("lstm", None, {"training": True}, r"training=True with view='sequence'"),
+        ("lstm", None, {"steps": 1}, r"steps=1. Expected an int from 2 to 512"),
         (None, None, {"view": "plane", "y": np.zeros(16)}, r"y=... with view='plane'"),
         ("lstm", None, {"labels": ["a"]}, r"labels=\['a'\]. Expected one string per position \(6\)"),
         ("lstm", np.zeros((2, 5, 4)), {}, r"x of shape \(2, 5, 4\) and dtype float64 for model 'lstm'"),
@@ -249,3 +308,19 @@ def test_token_gradients_refuses_an_output_out_of_range(tokens):
     model, x = tokens
     with pytest.raises(InputError, match=r"output=2. Expected an int from 0 to 1"):
         gm.token_gradients(model, x, output=2)
+
+
+def test_token_gradients_keep_the_embeddings_mask():
+    keras.utils.set_random_seed(1)
+    ids = keras.Input((6,), dtype="int32")
+    embedded = keras.layers.Embedding(10, 4, mask_zero=True)(ids)
+    model = keras.Model(ids, keras.layers.Dense(1)(keras.layers.LSTM(3)(embedded)))
+    x = np.array([[3, 4, 5, 0, 0, 0]])
+    result = gm.token_gradients(model, x)
+    embed, rnn, dense = model.layers[1:4]
+    with tf.GradientTape() as tape:
+        vectors = embed(x)
+        tape.watch(vectors)
+        out = dense(rnn(vectors, mask=embed.compute_mask(x)))[:, 0]
+    np.testing.assert_allclose(result.array, tape.gradient(out, vectors).numpy(), rtol=1e-5, atol=1e-9)
+    assert np.all(result.array[0, 3:] == 0)  # padding is masked out: the LSTM never reads it

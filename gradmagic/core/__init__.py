@@ -37,7 +37,13 @@ from gradmagic.core.questions.results import (
 from gradmagic.core.questions.saliency import saliency
 from gradmagic.core.questions.state import rollback_on_failure
 from gradmagic.core.questions.targets import model_name
-from gradmagic.core.questions.token_gradients import TokenGradients, embedding_layer, input_kind, token_gradients
+from gradmagic.core.questions.token_gradients import (
+    TokenGradients,
+    embedding_layer,
+    input_kind,
+    token_gradients,
+    token_integrated_gradients,
+)
 
 __all__ = [
     "CheckRow",
@@ -79,5 +85,6 @@ __all__ = [
     "saliency",
     "text_table",
     "token_gradients",
+    "token_integrated_gradients",
     "weight_gradients",
 ]

@@ -450,8 +450,9 @@ def explore(
             ``"vector"``; ask for ``"plane"``).
         labels: Sequence view: one label per position (e.g. the tokens), or
             one such list per sample. Defaults to the position numbers.
-        steps: Image view: points on the path from the baseline to the image,
-            from 2 to 512. Defaults to 32.
+        steps: Image and sequence views: points on the path from the baseline
+            (zeros, or zero embeddings for tokens) to the sample, from 2 to 512.
+            Defaults to 32.
         baseline: Image view: where the path starts, as for
             :func:`gradmagic.integrated_gradients` (``None``: zeros, ``"blur"``,
             ``"uniform"`` or an array). Defaults to None.
@@ -462,8 +463,8 @@ def explore(
         feature_names: One name per feature (a list, an array, ``df.columns``). Defaults to ``x0``, ``x1``, ...
         points: How many points each curve is drawn with, from 2 to 10000.
             Defaults to 200.
-        training: Run the model in training mode (its state is left as it was).
-            Defaults to False.
+        training: Run the model in training mode (its state is left as it was;
+            vector and plane views only). Defaults to False.
         max_sliders: With more features than this, one slider plus a feature
             dropdown. Defaults to 6.
         use_ipympl: True for an interactive ipympl canvas, False for PNG images.
@@ -492,6 +493,11 @@ def explore(
         # The other views' own options first, before anything runs.
         explorer_args.check_options(model, reference, reference_grad, feature_names, points, training, max_sliders,
                                     use_ipympl)  # fmt: skip
+        if training and chosen in ("sequence", "image"):
+            raise GradmagicError(
+                f"Received: training=True with view={chosen!r}. Expected training=False: the {chosen} view walks "
+                f"the integrated-gradients path, which runs the model in inference mode. Fix: drop training=True."
+            )
         if reference is not None or reference_grad is not None or y is not None:
             raise GradmagicError(
                 f"Received: {'y' if y is not None else 'reference'}=... with view={chosen!r}. Expected them only for "
@@ -536,9 +542,8 @@ def _open_view(
         from gradmagic.widgets.sequence import SequenceExplorer
 
         tokens = input_kind(model) == "tokens"
-        return SequenceExplorer(
-            model, data, tokens, check_labels(labels, len(data), data.shape[1]), training, use_ipympl
-        )
+        steps = check_steps(steps)
+        return SequenceExplorer(model, data, tokens, check_labels(labels, len(data), data.shape[1]), steps, use_ipympl)
     from gradmagic.widgets.image import ImageExplorer
 
     return ImageExplorer(model, data, check_steps(steps), baseline, use_ipympl=use_ipympl)
