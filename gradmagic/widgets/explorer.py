@@ -431,7 +431,9 @@ def explore(
     slider per feature (the *vector* view, or with ``view="plane"`` the output
     over two features with the gradient field as arrows); a float sequence
     (T, F) or token ids read by an Embedding get the *sequence* view
-    (per-position gradient norms and gradient x input); an image (H, W, C) gets
+    (per-position gradient norms, gradient x input and integrated gradients,
+    with a slider along the path from zeros, or zero embeddings, to the
+    sample); an image (H, W, C) gets
     the *image* view (a slider along the integrated-gradients path from a
     baseline to the image, SmoothGrad noise, the attribution built up so far).
 
@@ -486,6 +488,9 @@ def explore(
     Example:
         >>> gm.explore(model, x, y, reference=lambda p: (p - 5) ** 2 / 25,
         ...            reference_grad=lambda p: 2 * (p - 5) / 25)
+        >>> gm.explore(model, x, view="plane")
+        >>> gm.explore(cnn, images[:8], baseline="blur")
+        >>> gm.explore(text_model, ids[:20], labels=tokens[:20])
     """
     explorer_args.check_unknown(unknown)
     chosen = choose_view(model, view)
