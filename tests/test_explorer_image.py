@@ -141,6 +141,8 @@ def test_sample_and_output_choosers(cnn):
         ({"view": "plane"}, r"view='plane' for model 'cnn'.*Expected a view that fits that input: 'image'"),
         ({"x": np.zeros((2, 5, 6, 3))}, r"x of shape \(2, 5, 6, 3\) and dtype float64 for model 'cnn'"),
         ({"x": np.full((1, 6, 6, 3), np.nan)}, "108 NaN or Inf"),
+        ({"labels": ["a"]}, r"labels=... for the 'image' view. Expected labels only with the 'sequence' view"),
+        ({"gradcam_layer": "nope"}, r"nope"),
     ],
 )
 def test_bad_arguments_get_a_clear_message(cnn, kwargs, message):
@@ -168,3 +170,13 @@ def test_the_completeness_check_is_shown_in_the_panel_not_warned(cnn):
         result = gm.integrated_gradients(model, x[:1], output=panel.view.path.unit, steps=2)
     assert panel.view.path.completeness_gap == pytest.approx(float(result.completeness_gap[0]), rel=1e-4, abs=1e-7)
     assert "too coarse" in panel.readout.value and "completeness gap" in panel.readout.value
+
+
+def test_gradcam_beside_the_path_is_the_cores(cnn):
+    model, x = cnn
+    panel = gm.explore(model, x, steps=STEPS, gradcam_layer=0, use_ipympl=False)
+    expected = gm.gradcam(model, x[:1], 0, output=panel.view.path.unit).array_at_input[0]
+    np.testing.assert_allclose(panel.figure.cam_image.get_array(), expected, rtol=1e-5, atol=1e-8)
+    panel.sample_select.value = 2
+    expected = gm.gradcam(model, x[2:3], 0, output=panel.view.path.unit).array_at_input[0]
+    np.testing.assert_allclose(panel.figure.cam_image.get_array(), expected, rtol=1e-5, atol=1e-8)

@@ -28,7 +28,7 @@ from gradmagic.widgets import explorer_args
 from gradmagic.widgets.coalesce import LatestWins, Scheduler
 from gradmagic.widgets.explorer_view import ExplorerView, compute_view
 from gradmagic.widgets.figure_view import FigureView
-from gradmagic.widgets.view_args import check_labels, check_samples, check_steps, choose_view
+from gradmagic.widgets.view_args import check_labels, check_samples, check_steps, check_view_options, choose_view
 
 __all__ = ["Explorer", "ExplorerView", "compute_view", "explore"]
 
@@ -418,6 +418,7 @@ def explore(
     labels: Sequence[str] | None = None,
     steps: int = 32,
     baseline: Any = None,
+    gradcam_layer: int | str | None = None,
     feature_names: Sequence[str] | None = None,
     points: int = 200,
     training: bool = False,
@@ -458,6 +459,8 @@ def explore(
         baseline: Image view: where the path starts, as for
             :func:`gradmagic.integrated_gradients` (``None``: zeros, ``"blur"``,
             ``"uniform"`` or an array). Defaults to None.
+        gradcam_layer: Image view: a convolutional layer (index or name) whose
+            Grad-CAM map at x is shown beside the path's plots. Defaults to None.
         reference: Optional ``f(points) -> values`` drawn dashed beside the model
             (called with an (n, n_features) array), e.g. the analytic curve.
         reference_grad: Optional analytic derivative along the chosen feature
@@ -494,6 +497,11 @@ def explore(
     """
     explorer_args.check_unknown(unknown)
     chosen = choose_view(model, view)
+    check_view_options(
+        chosen,
+        {"labels": labels is not None, "steps": steps != 32, "baseline": baseline is not None,
+         "gradcam_layer": gradcam_layer is not None},
+    )  # fmt: skip
     if chosen != "vector":
         # The other views' own options first, before anything runs.
         explorer_args.check_options(model, reference, reference_grad, feature_names, points, training, max_sliders,
@@ -510,7 +518,9 @@ def explore(
                 f"gm.explore(model, x, view={chosen!r})."
             )
         with rollback_on_failure(model):
-            return _open_view(chosen, model, x, labels, steps, baseline, feature_names, training, use_ipympl)
+            return _open_view(
+                chosen, model, x, labels, steps, baseline, gradcam_layer, feature_names, training, use_ipympl
+            )
     return Explorer(
         model,
         x,
@@ -526,8 +536,8 @@ def explore(
 
 
 def _open_view(
-    kind: str, model: Any, x: Any, labels: Any, steps: Any, baseline: Any, feature_names: Any, training: bool,
-    use_ipympl: bool | None,
+    kind: str, model: Any, x: Any, labels: Any, steps: Any, baseline: Any, gradcam_layer: Any, feature_names: Any,
+    training: bool, use_ipympl: bool | None,
 ) -> widgets.VBox:  # fmt: skip
     """Check the data for the plane, sequence or image view and open it."""
     if kind == "plane":
@@ -551,4 +561,4 @@ def _open_view(
         return SequenceExplorer(model, data, tokens, check_labels(labels, len(data), data.shape[1]), steps, use_ipympl)
     from gradmagic.widgets.image import ImageExplorer
 
-    return ImageExplorer(model, data, check_steps(steps), baseline, use_ipympl=use_ipympl)
+    return ImageExplorer(model, data, check_steps(steps), baseline, gradcam_layer, use_ipympl=use_ipympl)

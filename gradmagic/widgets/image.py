@@ -23,8 +23,8 @@ from typing import Any
 import ipywidgets as widgets
 import numpy as np
 
-from gradmagic.core import integrated_gradients, saliency
-from gradmagic.errors import GradmagicWarning
+from gradmagic.core import gradcam, integrated_gradients, saliency
+from gradmagic.errors import GradmagicError, GradmagicWarning
 from gradmagic.widgets.coalesce import Scheduler
 from gradmagic.widgets.figure_view import FigureView
 from gradmagic.widgets.view_panel import DEFAULT_CLOCK, ViewPanel, output_labels, readout_table
@@ -50,6 +50,7 @@ class ImagePath:
         unit: The output unit differentiated.
         completeness_gap: ``sum(attribution) - (f(x) - f(baseline))``.
         notes: What the core said about the numbers (e.g. a completeness gap above 5%).
+        gradcam: Grad-CAM at x (at the chosen layer, resized to the image), ``(H, W)``, or None.
     """
 
     x: np.ndarray
@@ -61,13 +62,16 @@ class ImagePath:
     unit: int
     completeness_gap: float
     notes: list[str]
+    gradcam: np.ndarray | None = None
 
     def point(self, index: int) -> np.ndarray:
         """The input at position ``alphas[index]``: ``baseline + a (x - baseline)``."""
         return self.baseline + self.alphas[index] * (self.x - self.baseline)
 
 
-def compute_path(model: Any, image: np.ndarray, unit: int | None, baseline: Any, steps: int) -> ImagePath:
+def compute_path(
+    model: Any, image: np.ndarray, unit: int | None, baseline: Any, steps: int, gradcam_layer: Any = None
+) -> ImagePath:
     """The path from the baseline to ``image`` (one sample, with batch axis), in batched calls of the core.
 
     Args:
@@ -76,7 +80,17 @@ def compute_path(model: Any, image: np.ndarray, unit: int | None, baseline: Any,
         unit: The output unit, or None for the predicted class.
         baseline: As for :func:`~gradmagic.core.integrated_gradients`.
         steps: Points on the path.
+        gradcam_layer: A layer for Grad-CAM at x (by index or name), or None.
     """
+    cam = None
+    if gradcam_layer is not None:  # first: a layer that does not fit fails before the path is computed
+        try:
+            cam = np.asarray(gradcam(model, image, gradcam_layer, output=unit).array_at_input)[0]
+        except GradmagicError as exc:
+            raise GradmagicError(
+                f"{str(exc).rstrip('.')} (for gradcam_layer={gradcam_layer!r}). Fix: pass gradcam_layer= a "
+                f"convolutional layer of the model (by index or name, see model.summary()), or leave it out."
+            ) from exc
     # The result's own check (the completeness gap) is shown in the panel's readout, with its note, rather
     # than warned about once per sample and output chosen.
     with warnings.catch_warnings():
@@ -84,6 +98,7 @@ def compute_path(model: Any, image: np.ndarray, unit: int | None, baseline: Any,
         result = integrated_gradients(
             model, image, output=unit, baseline=baseline, steps=steps, keep_path_gradients=True
         )
+    unit_done = int(result.output[0])
     return ImagePath(
         x=image[0],
         baseline=np.asarray(result.baseline)[0],
@@ -91,9 +106,10 @@ def compute_path(model: Any, image: np.ndarray, unit: int | None, baseline: Any,
         gradients=result.path_gradients[0],
         outputs=np.asarray(result.path_outputs)[0],
         accumulated=result.accumulated()[0],
-        unit=int(result.output[0]),
+        unit=unit_done,
         completeness_gap=float(result.completeness_gap[0]),
         notes=list(result.notes),
+        gradcam=cam,
     )
 
 
@@ -141,10 +157,18 @@ def _heat(values: np.ndarray) -> tuple[np.ndarray, float]:
 class ImageFigure:
     """Four plots, built once: input at a, gradient map at a, output along the path, attribution up to a."""
 
-    def __init__(self, figure: Any, shape: tuple[int, ...]) -> None:
+    def __init__(self, figure: Any, shape: tuple[int, ...], gradcam_layer: Any = None) -> None:
         self.figure = figure
-        self.ax_input, self.ax_grad, self.ax_path, self.ax_attr = figure.subplots(1, 4)
+        axes = figure.subplots(1, 5 if gradcam_layer is not None else 4)
+        self.ax_input, self.ax_grad, self.ax_path, self.ax_attr = axes[:4]
         height, width = shape[:2]
+        self.ax_cam = axes[4] if gradcam_layer is not None else None
+        self.cam_image = None
+        if self.ax_cam is not None:
+            self.cam_image = self.ax_cam.imshow(np.zeros((height, width)), cmap="magma", interpolation="nearest")
+            self.ax_cam.set_title(f"Grad-CAM at {gradcam_layer!s:.20} (at x)", fontsize=9)
+            self.ax_cam.set_xticks([])
+            self.ax_cam.set_yticks([])
         blank = np.zeros((height, width, 3) if shape[-1] == 3 else (height, width))
         self.input_image = self.ax_input.imshow(blank, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
         self.grad_image = self.ax_grad.imshow(np.zeros((height, width)), cmap="bwr", interpolation="nearest")
@@ -173,7 +197,10 @@ class ImageFigure:
         return [self.input_image, self.grad_image, self.attr_image, self.path_point, self.path_cursor]
 
     def set_path(self, path: ImagePath, sums: np.ndarray) -> None:
-        """Draw the output along a new path (a full redraw follows)."""
+        """Draw the output along a new path, and Grad-CAM for it (a full redraw follows)."""
+        if self.cam_image is not None and path.gradcam is not None:
+            self.cam_image.set_data(path.gradcam)
+            self.cam_image.set_clim(0.0, float(np.max(path.gradcam)) or 1e-12)
         self.path_line.set_data(path.alphas, path.outputs)
         self.sum_line.set_data(path.alphas, sums)
         values = np.concatenate([path.outputs, sums])
@@ -213,11 +240,13 @@ class ImageExplorer(ViewPanel):
         data: np.ndarray,
         steps: int = 32,
         baseline: Any = None,
+        gradcam_layer: Any = None,
         use_ipympl: bool | None = None,
         clock: Callable[[], float] = DEFAULT_CLOCK,
         scheduler: Scheduler | None = None,
     ) -> None:
         self.model, self.data, self.steps, self.baseline = model, data, steps, baseline
+        self.gradcam_layer = gradcam_layer
         self.units = output_labels(model)
         self._paths: dict[tuple[int, int], ImagePath] = {}
         self._smooth: dict[tuple[int, int, float], np.ndarray] = {}
@@ -237,8 +266,9 @@ class ImageExplorer(ViewPanel):
         for control in (self.alpha_slider, self.noise_slider, self.sample_select, self.unit_select):
             control.observe(lambda c: self.updates.submit(self._state()), names="value")
         first = self.compute(self._state())  # before any figure: a failure leaves nothing behind
-        self.figure_view = FigureView(figsize=(10.0, 2.8), use_ipympl=use_ipympl)
-        self.figure = ImageFigure(self.figure_view.figure, data.shape[1:])
+        width = 10.0 if gradcam_layer is None else 12.0
+        self.figure_view = FigureView(figsize=(width, 2.8), use_ipympl=use_ipympl)
+        self.figure = ImageFigure(self.figure_view.figure, data.shape[1:], gradcam_layer)
         self.figure_view.animate(self.figure.artists)
         controls = widgets.VBox(
             [self.alpha_slider, self.noise_slider, widgets.HBox([self.sample_select, self.unit_select])]
@@ -257,8 +287,9 @@ class ImageExplorer(ViewPanel):
         key = (sample, unit)
         if key not in self._paths:
             image = self.data[sample : sample + 1]
-            self._paths[key] = compute_path(self.model, image, None if unit == PREDICTED else unit, self.baseline,
-                                            self.steps)  # fmt: skip
+            self._paths[key] = compute_path(
+                self.model, image, None if unit == PREDICTED else unit, self.baseline, self.steps, self.gradcam_layer
+            )
         return self._paths[key]
 
     def compute(self, state: tuple[int, int, float, float]) -> ImageView:

@@ -155,3 +155,29 @@ def check_steps(steps: Any) -> int:
             f"steps=16."
         )
     return int(steps)
+
+
+#: The views each view-specific option of ``explore`` belongs to.
+VIEW_OPTIONS = {
+    "labels": ("sequence",),
+    "steps": ("sequence", "image"),
+    "baseline": ("image",),
+    "gradcam_layer": ("image",),
+}
+
+
+def check_view_options(view: str, given: dict[str, bool]) -> None:
+    """Refuse an option given for a view that does not use it (rather than ignore it).
+
+    Args:
+        view: The view that opens.
+        given: Option name -> whether the caller set it.
+    """
+    for name, is_set in given.items():
+        if is_set and view not in VIEW_OPTIONS[name]:
+            views = " and ".join(f"{v!r}" for v in VIEW_OPTIONS[name])
+            raise GradmagicError(
+                f"Received: {name}=... for the {view!r} view. Expected {name} only with the {views} view"
+                f"{'s' if len(VIEW_OPTIONS[name]) > 1 else ''}, which use it. Fix: drop {name}=, or check that the "
+                f"model's input is what you meant (the explorer picked {view!r} from it)."
+            )
