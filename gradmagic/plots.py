@@ -22,6 +22,8 @@ def layer_norms(results: Sequence[Any]) -> list[tuple[str, float | None, bool]]:
     ``None`` when every tensor of the layer is disconnected and NaN when no entry
     is finite. Rows without a ``layer`` label (input Jacobians) are one bar each.
     """
+    from gradmagic.core import combined_norm  # results exist, so the core is loaded already
+
     groups: dict[str, list[Any]] = {}
     for result in results:
         for row in result.rows:
@@ -33,13 +35,7 @@ def layer_norms(results: Sequence[Any]) -> list[tuple[str, float | None, bool]]:
     norms = []
     for label, rows in groups.items():
         stats = [row.stats for row in rows if row.stats is not None]
-        finite = [s.norm for s in stats if not math.isnan(s.norm)]
-        if not stats:
-            norm = None
-        elif not finite:
-            norm = math.nan
-        else:
-            norm = math.sqrt(sum(n * n for n in finite))
+        norm = combined_norm([s.norm for s in stats]) if stats else None
         norms.append((label, norm, any(not s.finite for s in stats)))
     return norms
 

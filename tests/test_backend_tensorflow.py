@@ -6,6 +6,9 @@ first, with the function's name, rather than deep inside a gradient call.
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
@@ -14,6 +17,209 @@ import tensorflow as tf
 from gradmagic.core.backends import tensorflow as door
 
 # --- The gradient questions (core/questions) ---------------------------------
+
+
+def _two_outputs(loss_weights=None) -> keras.Model:
+    inp = keras.Input((3,))
+    model = keras.Model(inp, [keras.layers.Dense(2, name="a")(inp), keras.layers.Dense(1, name="b")(inp)])
+    model.compile(optimizer="sgd", loss=["mse", "mae"], loss_weights=loss_weights)
+    return model
+
+
+def _mse(y, pred):
+    return float(np.mean(np.square(np.asarray(y) - np.asarray(pred))))
+
+
+def test_compiled_loss_is_what_compile_made_and_none_before():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    assert door.compiled_loss(model) is None
+    model.compile(optimizer="sgd", loss="mse")
+    first = door.compiled_loss(model)
+    x, y = np.ones((4, 3), "float32"), np.zeros((4, 2), "float32")
+    pred = model(x)
+    # The object compute_loss runs: its value is the mean squared error computed by hand.
+    np.testing.assert_allclose(float(first(y, pred)), _mse(y, pred), rtol=1e-6)
+    model.compile(optimizer="sgd", loss="mse")
+    assert door.compiled_loss(model) is not first  # a re-compile makes a new one (cache keys rely on it)
+
+
+def test_fresh_compiled_loss_is_an_unbuilt_twin_with_the_same_losses_and_weights():
+    model = _two_outputs(loss_weights=[1.0, 0.5])
+    compiled = door.compiled_loss(model)
+    twin = door.fresh_compiled_loss(compiled)
+    assert twin is not None and twin is not compiled and type(twin) is type(compiled)
+    assert not twin.built
+    x = np.linspace(-1, 1, 12, dtype="float32").reshape(4, 3)
+    ya, yb = np.zeros((4, 2), "float32"), np.ones((4, 1), "float32")
+    pa, pb = (p.numpy() for p in model(x))
+    by_hand = _mse(ya, pa) + 0.5 * float(np.mean(np.abs(yb - pb)))
+    np.testing.assert_allclose(float(twin([ya, yb], [pa, pb])), by_hand, rtol=1e-6)
+
+
+def test_compiled_loss_replaced_is_what_compute_loss_runs_inside_the_block_only():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(optimizer="sgd", loss="mse")
+    original = door.compiled_loss(model)
+    other = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    other.compile(optimizer="sgd", loss="mae")
+    x, y = np.ones((4, 3), "float32"), np.zeros((4, 2), "float32")
+    pred = model(x)
+    with door.compiled_loss_replaced(model, door.compiled_loss(other)):
+        inside = float(model.compute_loss(x=x, y=y, y_pred=pred))
+    np.testing.assert_allclose(inside, float(np.mean(np.abs(pred.numpy()))), rtol=1e-6)
+    assert door.compiled_loss(model) is original
+    with pytest.raises(RuntimeError), door.compiled_loss_replaced(model, door.compiled_loss(other)):
+        raise RuntimeError("restored even when the block raises")
+    assert door.compiled_loss(model) is original
+    np.testing.assert_allclose(float(model.compute_loss(x=x, y=y, y_pred=pred)), _mse(y, pred), rtol=1e-6)
+
+
+def test_flat_caller_takes_the_fast_path_and_gives_the_structured_call_values():
+    kernel = tf.Variable([[1.0, 2.0], [3.0, -1.0]])
+
+    @tf.function
+    def f(xs, y, w):
+        del w
+        return tf.reduce_sum(tf.matmul(xs[0], kernel) * xs[1], axis=1) - y
+
+    tensors = ([tf.constant([[1.0, 2.0]]), tf.constant([[0.5, 0.25]])], tf.constant([1.0]), None)
+    specs = ([tf.TensorSpec((None, 2)), tf.TensorSpec((None, 2))], tf.TensorSpec((None,)), None)
+    concrete = f.get_concrete_function(*specs)
+    call = door.flat_caller(concrete, tensors)
+    # The flat entry point exists in this TensorFlow: not the structured fallback.
+    assert call.__name__ == "call_flat_tensors"
+    other = (
+        [tf.constant([[0.0, 1.0], [2.0, 2.0]]), tf.constant([[1.0, 1.0], [1.0, 0.0]])],
+        tf.constant([0.0, 3.0]),
+        None,
+    )
+    for args in (tensors, other):
+        # The same concrete function run two ways: equal up to float round-off.
+        np.testing.assert_allclose(call(args).numpy(), concrete(*args).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(call(tensors).numpy(), [(1 * 1 + 2 * 3) * 0.5 + (1 * 2 - 2) * 0.25 - 1.0], rtol=1e-6)
+
+
+def test_calls_replaced_sees_every_call_of_the_layer_and_restores_it():
+    inp = keras.Input((2,))
+    dense = keras.layers.Dense(2, kernel_initializer="ones", bias_initializer="zeros")
+    functional = keras.Model(inp, dense(inp))
+    sequential = keras.Sequential([keras.Input((2,)), dense])
+    x = np.array([[1.0, 2.0]], "float32")
+    seen = []
+
+    def doubled(original):
+        def call(*args, **kwargs):
+            seen.append(1)
+            return 2.0 * original(*args, **kwargs)
+
+        return call
+
+    with door.calls_replaced([(dense, doubled)]):
+        np.testing.assert_allclose(functional(x).numpy(), [[6.0, 6.0]])
+        np.testing.assert_allclose(tf.function(lambda t: sequential(t))(x).numpy(), [[6.0, 6.0]])
+    assert len(seen) == 2
+    assert "call" not in vars(dense)  # the class's own call again
+    np.testing.assert_allclose(functional(x).numpy(), [[3.0, 3.0]])
+    assert len(seen) == 2
+
+
+def test_instance_settings_are_the_layers_live_public_settings():
+    dropout = keras.layers.Dropout(0.3)
+    dense = keras.layers.Dense(2, activation="relu")
+    assert door.instance_settings(dropout)["rate"] == 0.3
+    dropout.rate = 0.5
+    assert door.instance_settings(dropout)["rate"] == 0.5
+    assert door.instance_settings(dense)["activation"] is dense.activation
+
+
+def test_attribute_layers_finds_the_layers_a_custom_layer_holds():
+    class TokenAndPosition(keras.layers.Layer):
+        def __init__(self):
+            super().__init__()
+            self.tokens = keras.layers.Embedding(10, 4)
+            self.scale = keras.layers.Dense(4)
+
+        def call(self, t):
+            return self.scale(self.tokens(t))
+
+    layer = TokenAndPosition()
+    found = door.attribute_layers(layer)
+    assert layer.tokens in found and layer.scale in found
+    assert door.attribute_layers(keras.layers.Dense(2)) == []
+
+
+def test_python_state_undoes_building_a_model():
+    model = keras.Sequential([keras.layers.Dense(3), keras.layers.Dense(1)])
+    saved = door.python_state(model)
+    model(np.ones((2, 5), "float32"))  # builds every layer for 5 features
+    assert model.built and len(model.weights) == 4
+    door.restore_python_state(saved)
+    assert not model.built and model.weights == [] and not any(layer.built for layer in model.layers)
+    # Unbuilt again: the model takes another input width, as if never called.
+    assert model(np.ones((2, 7), "float32")).shape == (2, 1)
+    assert tuple(model.layers[0].kernel.shape) == (7, 3)
+
+
+def _raised(fn) -> BaseException:
+    try:
+        fn()
+    except Exception as exc:  # the canaries read the real errors of TensorFlow and Keras
+        return exc
+    raise AssertionError("expected an error")
+
+
+def test_error_message_strips_what_tensorflow_and_keras_wrap_around_it():
+    def raises(t):
+        raise ValueError("the user's own message")
+
+    traced = _raised(lambda: tf.function(raises)(tf.constant(1.0)))
+    assert str(traced).lstrip().startswith("in user code:")
+    assert door.error_message(traced) == "ValueError: the user's own message"
+
+    reshape = tf.function(lambda t: tf.reshape(t, (2, 2)), input_signature=[tf.TensorSpec(None)])
+    run_time = _raised(lambda: reshape(tf.constant([1.0, 2.0, 3.0])))
+    assert isinstance(run_time, tf.errors.OpError)
+    text = door.error_message(run_time)
+    assert "Input to reshape is a tensor with 3 values" in text
+    assert "Detected at node" not in text and "Graph execution error" not in text
+
+    class Fails(keras.layers.Layer):
+        def call(self, t):
+            raise ValueError("inside the layer")
+
+    keras_error = _raised(lambda: keras.Sequential([keras.Input((2,)), Fails()]))
+    assert "\x1b[1m" in str(keras_error)  # Keras still highlights the layer's own message
+    highlighted = door.error_message(keras_error)
+    assert "inside the layer" in highlighted and "Arguments received" not in highlighted
+    assert door.error_message(ValueError("plain")) == "plain"
+
+
+def test_tracing_mistakes_are_recognised_from_tensorflows_real_errors():
+    control_flow = _raised(lambda: tf.function(lambda t: bool(t > 0), autograph=False)(tf.constant(1.0)))
+    numpy_call = _raised(lambda: tf.function(lambda t: np.round(t), autograph=False)(tf.constant(1.0)))
+    assert door.is_python_control_flow_error(control_flow)
+    assert not door.is_numpy_on_symbolic_error(control_flow)
+    assert door.is_numpy_on_symbolic_error(numpy_call)
+    assert not door.is_python_control_flow_error(numpy_call)
+    other = ValueError("shapes (2,) and (3,) are incompatible")
+    assert not door.is_python_control_flow_error(other) and not door.is_numpy_on_symbolic_error(other)
+
+
+def _section(text: str, title: str) -> str:
+    """The lines of one ``# --- title ---`` section of a file."""
+    start = text.index(f"# --- {title}")
+    end = text.find("\n# --- ", start + 1)
+    return text[start : None if end < 0 else end]
+
+
+def test_every_door_function_of_the_questions_has_a_canary_here():
+    # A door function without a canary would let an upgrade break the questions silently.
+    door_source = Path(door.__file__).read_text()
+    this_source = Path(__file__).read_text()
+    functions = re.findall(r"^def ([a-z]\w*)\(", _section(door_source, "The gradient questions"), re.M)
+    assert len(functions) >= 10  # the scan finds the section's functions
+    tested = _section(this_source, "The gradient questions")
+    assert [name for name in functions if f"door.{name}(" not in tested] == []
 
 
 # --- The training monitor (core/monitor) -------------------------------------

@@ -304,6 +304,55 @@ def test_predict_and_fit_between_questions_reuse_the_function():
     assert len(_questions(model)) == 1
 
 
+class Scale(keras.layers.Layer):
+    """Multiplies by ``self.factor`` when it has one (a number, or a one-element list)."""
+
+    def call(self, t):
+        factor = getattr(self, "factor", 1.0)
+        return t * (factor[0] if isinstance(factor, list) else factor)
+
+
+def _scaled_model():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2), Scale()])
+    model.compile(loss="mse")
+    return model
+
+
+def _tape_with(dense, factor):
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(_mse(tf.constant(Y), dense(X) * factor))
+    return float(loss), [g.numpy() for g in tape.gradient(loss, dense.trainable_weights)]
+
+
+def test_a_setting_added_to_a_layer_after_the_first_call_is_seen():
+    model = _scaled_model()
+    _assert_matches(gm.weight_gradients(model, X, Y), _tape_with(model.layers[0], 1.0))
+    model.layers[1].factor = 3.0  # a new attribute: the layer's list of names changes
+    _assert_matches(gm.weight_gradients(model, X, Y), _tape_with(model.layers[0], 3.0))
+
+
+def test_a_setting_that_turns_from_a_list_into_a_number_is_seen():
+    model = _scaled_model()
+    model.layers[1].factor = [2.0]  # a list is not compared (documented), but what it turns into is
+    _assert_matches(gm.weight_gradients(model, X, Y), _tape_with(model.layers[0], 2.0))
+    model.layers[1].factor = 5.0  # same name, another type
+    _assert_matches(gm.weight_gradients(model, X, Y), _tape_with(model.layers[0], 5.0))
+    model.layers[1].factor = 5  # an int equal to the float: the type is part of the key
+    gm.weight_gradients(model, X, Y)
+    assert len(_questions(model)) == 3
+
+
+def test_same_all_keys_objects_by_identity_in_order():
+    a, b = Scaled(1.0), Scaled(1.0)
+    builder = KeyBuilder()
+    assert builder.same_all([a, b]) != builder.same_all([b, a])
+    assert builder.same_all([a, b]) == KeyBuilder().same_all([a, b])
+    key = builder.key(builder.same_all([a])).stored()
+    del a, builder
+    gc.collect()
+    assert not key.alive()
+
+
 # --- inline losses, loss weights, frozen layers and swapped layers in every question ---
 
 X6 = np.random.default_rng(7).normal(size=(6, 3)).astype("float32")

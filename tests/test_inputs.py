@@ -109,6 +109,12 @@ def test_not_a_keras_model():
         gm.input_gradients(object(), np.ones((1, 3)))
 
 
+@pytest.mark.parametrize("x", [[[1.0, 2.0], [3.0]], [[1.0, 2.0], 3.0], [[[1.0], [2.0]], [[1.0], [2.0, 3.0]]]])
+def test_ragged_nested_lists_are_named_as_ragged(x):
+    with pytest.raises(InputError, match="nested lists of different lengths"):
+        gm.input_gradients(mlp((2, 3, 1)), x)
+
+
 # --- several inputs and outputs: targets, weights and losses follow the model's names and structure ---
 
 X6 = np.random.default_rng(7).normal(size=(6, 3)).astype("float32")

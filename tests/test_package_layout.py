@@ -118,3 +118,13 @@ def test_errors_moved_to_errors_keep_their_old_import_paths():
     assert GradientAnomalyError is errors.GradientAnomalyError is gradmagic.GradientAnomalyError
     assert MonitorArgumentError is FromCallback is errors.MonitorArgumentError
     assert PanelArgumentError is errors.PanelArgumentError
+
+
+def test_a_keras_backend_other_than_tensorflow_is_refused_with_the_fix():
+    from gradmagic.core.backends import check_backend
+
+    assert check_backend() == "tensorflow"  # what this suite runs on
+    with pytest.raises(GradmagicError) as info:
+        check_backend("jax")
+    message = str(info.value)
+    assert "'jax'" in message and "KERAS_BACKEND=tensorflow" in message and "\n" not in message

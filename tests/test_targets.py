@@ -8,7 +8,7 @@ import pytest
 from conftest import assert_unchanged, fingerprint, mlp
 
 import gradmagic as gm
-from gradmagic.core.questions.targets import resolve_layer, weight_slots
+from gradmagic.core.questions.targets import has_custom_compute_loss, resolve_layer, weight_slots
 from gradmagic.errors import LayerError, LossError, NoWeightsError
 
 
@@ -100,3 +100,31 @@ def test_errors_leave_the_model_unchanged():
         with pytest.raises(gm.GradmagicError):
             gm.weight_gradients(model, np.ones((2, 3)), np.zeros((2, 2)), layer=layer)
     assert_unchanged(model, before)
+
+
+class OwnLoss(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.dense = keras.layers.Dense(1)
+
+    def call(self, x):
+        return self.dense(x)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        return 3.0 * keras.ops.mean(keras.ops.square(y_pred - y))
+
+
+class KerasLoss(OwnLoss):
+    compute_loss = keras.Model.compute_loss  # back to Keras's own: the compiled loss
+
+
+def test_a_custom_compute_loss_is_told_from_keras_own():
+    assert not has_custom_compute_loss(mlp())
+    assert has_custom_compute_loss(OwnLoss())
+    assert not has_custom_compute_loss(KerasLoss())
+    # What it decides: the model's own loss is used (3 x MSE), where Keras's would need compile().
+    model, x, y = OwnLoss(), np.ones((2, 3), "float32"), np.zeros((2, 1), "float32")
+    r = gm.weight_gradients(model, x, y)
+    np.testing.assert_allclose(r.loss, 3.0 * float(np.mean(np.square(model(x).numpy()))), rtol=1e-5)
+    with pytest.raises(LossError, match="no compiled loss"):
+        gm.weight_gradients(KerasLoss(), x, y)

@@ -15,18 +15,21 @@ except ImportError:  # pragma: no cover - depends on the environment
     ) from None
 
 from gradmagic.core.arguments import check_flag, is_flag, is_int
+from gradmagic.core.backends import check_backend
 from gradmagic.core.batches import is_stream
 from gradmagic.core.diagnose.explain import DisconnectedWeight, Explanation, LayerPath, OpInfo, explain
 from gradmagic.core.diagnose.gradcheck import CheckRow, GradientCheck, check_gradients
 from gradmagic.core.display import html_table, text_table
 from gradmagic.core.monitor.callback import GradientMonitor
 from gradmagic.core.monitor.history import MonitorHistory, MonitorSummary
+from gradmagic.core.norms import combined_norm
 from gradmagic.core.questions.attribution_results import GradCAM, IntegratedGradients, Saliency
 from gradmagic.core.questions.compute import clear_cache
 from gradmagic.core.questions.gradcam import gradcam
 from gradmagic.core.questions.gradients import input_gradients, output_gradients, weight_gradients
 from gradmagic.core.questions.inputs import is_scalar_list, model_spec
 from gradmagic.core.questions.integrated import integrated_gradients
+from gradmagic.core.questions.naming import output_labels
 from gradmagic.core.questions.results import (
     GradientRow,
     GradientStats,
@@ -67,6 +70,7 @@ __all__ = [
     "check_flag",
     "check_gradients",
     "clear_cache",
+    "combined_norm",
     "embedding_layer",
     "explain",
     "gradcam",
@@ -81,6 +85,7 @@ __all__ = [
     "model_name",
     "model_spec",
     "output_gradients",
+    "output_labels",
     "rollback_on_failure",
     "saliency",
     "text_table",
@@ -88,3 +93,5 @@ __all__ = [
     "token_integrated_gradients",
     "weight_gradients",
 ]
+
+check_backend()  # refuse at import a Keras backend gradmagic cannot compute on, before any call fails inside

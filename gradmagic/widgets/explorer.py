@@ -21,7 +21,15 @@ from typing import Any
 import ipywidgets as widgets
 import numpy as np
 
-from gradmagic.core import input_gradients, input_kind, model_name, model_spec, rollback_on_failure, weight_gradients
+from gradmagic.core import (
+    input_gradients,
+    input_kind,
+    model_name,
+    model_spec,
+    output_labels,
+    rollback_on_failure,
+    weight_gradients,
+)
 from gradmagic.errors import GradmagicError, InputError
 from gradmagic.plots import ExplorerFigure, layer_norms
 from gradmagic.widgets import explorer_args
@@ -91,9 +99,7 @@ def _nice_step(span: float, moves: int = 200) -> float:
 def _output_units(model: Any, sample: np.ndarray) -> list[str]:
     values = input_gradients(model, sample[:1], output=0).values
     parts = values if isinstance(values, list) else [values]
-    names = model_spec(model).output_names
-    if len(names) != len(parts):
-        names = [f"output {i}" for i in range(len(parts))]
+    names = output_labels(model_spec(model).output_names, len(parts))
     labels = []
     for name, part in zip(names, parts):
         size = int(np.prod(part.shape[1:]))

@@ -17,6 +17,7 @@ import ipywidgets as widgets
 import numpy as np
 
 from gradmagic.core import model_spec
+from gradmagic.core import output_labels as core_output_labels
 from gradmagic.errors import GradmagicError
 from gradmagic.widgets.coalesce import LatestWins, Scheduler
 
@@ -24,10 +25,11 @@ from gradmagic.widgets.coalesce import LatestWins, Scheduler
 def output_labels(model: Any) -> list[str]:
     """One label per unit of the flattened per-sample output, read from the model's declared outputs."""
     spec = model_spec(model)
+    outputs = spec.outputs or []
     labels: list[str] = []
-    for spec_out in spec.outputs or []:
+    for name, spec_out in zip(core_output_labels(spec.output_names, len(outputs)), outputs):
         size = int(np.prod([d or 1 for d in spec_out.shape]))
-        labels += [spec_out.name] if size == 1 else [f"{spec_out.name}[{i}]" for i in range(size)]
+        labels += [name] if size == 1 else [f"{name}[{i}]" for i in range(size)]
     return labels or ["output"]
 
 

@@ -14,8 +14,8 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from gradmagic.core.backends.tensorflow import calls_replaced
 from gradmagic.core.diagnose.op_graph import carries_gradient
-from gradmagic.core.questions.compute import calls_replaced
 from gradmagic.core.questions.targets import model_name
 from gradmagic.core.questions.trace_errors import diagnose_trace_error
 from gradmagic.core.questions.user_code import with_cause
@@ -39,7 +39,7 @@ class OpRecorder:
     """Attribute the ops of a traced forward pass to the layers whose calls create them.
 
     Each layer's ``call`` is replaced by an instance attribute for the duration of
-    the trace (see :func:`gradmagic.core.questions.compute.calls_replaced`). Ops go to the
+    the trace (see :func:`gradmagic.core.backends.tensorflow.calls_replaced`). Ops go to the
     innermost running layer, so a layer called inside another keeps its own ops.
     """
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from gradmagic.core.display import html_table, text_table
 from gradmagic.core.monitor.columns import column, column_index
+from gradmagic.core.norms import combined_norm
 from gradmagic.core.questions.targets import WeightSlot
 
 #: Columns of ``GradientMonitor.to_dict()``, in order.
@@ -80,9 +81,10 @@ class MonitorHistory:
         names = list(dict.fromkeys(s.layer_name for s in self.slots))
         norms = self.stat("norm")
         out = np.zeros((norms.shape[0], len(names)))
-        for i, slot in enumerate(self.slots):
-            out[:, names.index(slot.layer_name)] += norms[:, i] ** 2
-        return names, np.sqrt(out)
+        for j, name in enumerate(names):
+            columns = [i for i, slot in enumerate(self.slots) if slot.layer_name == name]
+            out[:, j] = combined_norm(norms[:, columns], axis=1, skip_nan=False)
+        return names, out
 
     def to_dict(self) -> dict[str, list]:
         """Equal-length columns, one row per (step, weight); see ``HISTORY_COLUMNS``."""
@@ -139,7 +141,7 @@ def _combine(norms: np.ndarray, max_abs: np.ndarray) -> tuple[float, float]:
     """A layer's norm and max |g| from its weights' (NaN where a weight has no finite entry)."""
     if np.all(np.isnan(norms)):
         return float("nan"), float("nan")
-    return float(np.sqrt(np.nansum(norms**2))), float(np.nanmax(max_abs))
+    return combined_norm(norms), float(np.nanmax(max_abs))
 
 
 def _measured_max(values: np.ndarray, measured: np.ndarray) -> float:

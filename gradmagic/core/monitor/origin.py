@@ -9,6 +9,7 @@ import keras
 import numpy as np
 
 from gradmagic.core.diagnose.nonfinite_origin import NonfiniteOrigin
+from gradmagic.core.snapshots import values_restored
 from gradmagic.errors import GradmagicError
 
 
@@ -37,15 +38,12 @@ def first_origin(
 
     x, y, _ = batch
     variables = list(model.trainable_variables)
-    current = [v.numpy() for v in variables]
-    try:
+    with values_restored(variables):
         for variable, value in zip(variables, weights, strict=True):
             variable.assign(value)
-        origins = explain(model, x, y, training=True).nonfinite
-    except GradmagicError:
-        return None
-    finally:
-        for variable, value in zip(variables, current, strict=True):
-            variable.assign(value)
+        try:
+            origins = explain(model, x, y, training=True).nonfinite
+        except GradmagicError:
+            return None
     forward = [o for o in origins if not o.backward]
     return (forward or list(origins) or [None])[0]

@@ -36,7 +36,7 @@ from __future__ import annotations
 import functools
 import types
 import weakref
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import keras
@@ -77,25 +77,32 @@ class Key:
         token: The hashable key.
     """
 
-    __slots__ = ("_held", "_weak", "token")
+    __slots__ = ("__weakref__", "_dead", "_held", "_weak", "token")
 
     def __init__(self, token: Hashable, held: tuple = (), weak: bool = False) -> None:
-        self.token, self._held, self._weak = token, held, weak
+        self.token, self._held, self._weak, self._dead = token, held, weak, False
 
     def stored(self) -> Key:
         """This key with its objects held weakly (where they allow it), to be kept in a cache."""
         if self._weak:
             return self
-        return Key(self.token, tuple(_reference(obj) for obj in self._held), weak=True)
+        key = Key(self.token, weak=True)
+        # The weak references tell the key when an object dies (before its id can be reused), so that
+        # alive() is one flag, not a look at every object on every cache hit.
+        key._held = tuple(_reference(obj, key._died) for obj in self._held)
+        return key
 
     def alive(self) -> bool:
         """True while every object keyed by identity still exists (so its ``id`` is still its own)."""
-        return not self._weak or all(ref() is not None for ref in self._held if isinstance(ref, weakref.ref))
+        return not self._dead
+
+    def _died(self, _ref: weakref.ref) -> None:
+        self._dead = True
 
 
-def _reference(obj: Any) -> Any:
+def _reference(obj: Any, died: Callable[[weakref.ref], None]) -> Any:
     try:
-        return weakref.ref(obj)
+        return weakref.ref(obj, died)
     except TypeError:  # e.g. a builtin method: held strongly, alive as long as the cache entry
         return _Strong(obj)
 
@@ -119,6 +126,11 @@ class KeyBuilder:
         """Key ``obj`` by identity."""
         self._held.append(obj)
         return ("id", id(obj))
+
+    def same_all(self, objects: list) -> tuple:
+        """Key a sequence of objects by identity, in order (one token for all of them)."""
+        self._held.extend(objects)
+        return ("ids", *map(id, objects))
 
     def value(self, value: Any) -> Hashable:
         """Key a value by identity and/or contents, as the module docstring describes.

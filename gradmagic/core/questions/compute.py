@@ -9,17 +9,18 @@ reach the model through weak references: caching never keeps a model alive.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import weakref
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from gradmagic.core.backends.tensorflow import calls_replaced, flat_caller
 from gradmagic.core.questions.cache_keys import Key
+from gradmagic.core.questions.caches import WeakCache
 from gradmagic.core.questions.state import restore_in_graph, snapshot_in_graph, state_variables
 from gradmagic.core.questions.targets import LossFn
 from gradmagic.core.questions.trace_errors import describe_layer, diagnose_trace_error
@@ -28,7 +29,8 @@ from gradmagic.errors import GradmagicError
 
 _MAX_FUNCTIONS_PER_MODEL = 32
 
-_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# model -> question token -> (compiled function, its stored Key): weak per model, LRU-bounded per model.
+_cache = WeakCache(size=_MAX_FUNCTIONS_PER_MODEL)
 
 
 def cached(model: keras.Model, key: Key | None, build: Callable[[], Any]) -> Any:
@@ -40,24 +42,16 @@ def cached(model: keras.Model, key: Key | None, build: Callable[[], Any]) -> Any
     """
     if key is None:
         return build()
-    functions = _cache.get(model)
-    if functions is None:
-        functions = _cache[model] = collections.OrderedDict()
-    entry = functions.get(key.token)
+    entry = _cache.lookup(model, key.token)
     if entry is None or not entry[1].alive():
-        entry = functions[key.token] = (build(), key.stored())
-        if len(functions) > _MAX_FUNCTIONS_PER_MODEL:
-            functions.popitem(last=False)
-    else:
-        functions.move_to_end(key.token)
+        entry = _cache.store(model, (build(), key.stored()), key.token)
     return entry[0]
 
 
 def forget(model: keras.Model, key: Key | None) -> None:
     """Drop one cached function (e.g. after its first call failed)."""
-    functions = _cache.get(model)
-    if functions is not None and key is not None:
-        functions.pop(key.token, None)
+    if key is not None:
+        _cache.drop(model, key.token)
 
 
 def clear_cache(model: keras.Model | None = None) -> None:
@@ -79,7 +73,7 @@ def clear_cache(model: keras.Model | None = None) -> None:
     if model is None:
         _cache.clear()
     elif isinstance(model, keras.Model):
-        _cache.pop(model, None)
+        _cache.clear(model)
     else:
         raise GradmagicError(
             f"Received: model={model!r} of type {type(model).__name__}. Expected a Keras model, or None to "
@@ -110,39 +104,9 @@ def call_compiled(fn: Any, concrete: dict, args: tuple) -> Any:
         specs = keras.tree.map_structure(
             lambda t: None if t is None else tf.TensorSpec((None, *t.shape[1:]), t.dtype), tensors
         )
-        call = concrete[signature] = _flat_caller(fn.get_concrete_function(*specs), tensors)
+        # The door's flat entry point skips re-binding the structured signature on every call.
+        call = concrete[signature] = flat_caller(fn.get_concrete_function(*specs), tensors)
     return call(tensors)
-
-
-def _flat_caller(concrete_fn: Any, tensors: tuple) -> Callable[[tuple], Any]:
-    """A fast way to call ``concrete_fn`` with arguments structured like ``tensors``.
-
-    A concrete function re-binds its structured signature on every call
-    (~70 us, a sixth of a small model's whole call). Its ``inference_fn`` (an
-    ``AtomicFunction``) takes the flat tensors plus captures instead. The flat
-    order is checked once against TensorFlow's own unpacking; if it differs, or
-    this TensorFlow lacks the flat entry point, the structured call is used.
-    Gradients of the call itself are not needed: results leave as NumPy.
-    """
-    structured = lambda ts: concrete_fn(*ts)  # noqa: E731
-    atomic = getattr(concrete_fn, "inference_fn", None)
-    function_type = getattr(concrete_fn, "function_type", None)
-    if not hasattr(atomic, "call_preflattened") or function_type is None:
-        return structured
-    try:
-        expected = function_type.unpack_inputs(function_type.bind(*tensors))
-    except Exception:
-        return structured
-    leaves = [t for t in keras.tree.flatten(tensors) if t is not None]
-    if len(leaves) != len(expected) or any(a is not b for a, b in zip(leaves, expected)):
-        return structured
-
-    def call_flat_tensors(ts: tuple) -> Any:
-        return atomic.call_preflattened(
-            [*(t for t in keras.tree.flatten(ts) if t is not None), *concrete_fn.captured_inputs]
-        )
-
-    return call_flat_tensors
 
 
 def _as_tensors(value: Any) -> tuple[Any, Hashable]:
@@ -175,33 +139,6 @@ def dense_gradients(grads: Any) -> Any:
 def float_leaves(structure: Any) -> list[tf.Tensor]:
     """The float tensors of a structure, in flatten order."""
     return [t for t in keras.tree.flatten(structure) if isinstance(t, tf.Tensor) and t.dtype.is_floating]
-
-
-@contextlib.contextmanager
-def calls_replaced(replacements: Sequence[tuple[keras.Layer, Callable[[Callable], Callable]]]) -> Iterator[None]:
-    """Give layers a wrapped ``call`` for the duration of a trace; restore them afterwards.
-
-    ``Layer.__call__`` looks ``self.call`` up on the instance, so an instance
-    attribute set for the duration of the trace sees every call, in Sequential,
-    Functional and subclassed models alike. ``object.__setattr__`` keeps Keras's
-    attribute tracking out of it; the attribute is removed afterwards.
-
-    Args:
-        replacements: ``(layer, wrap)`` pairs; ``wrap(original_call)`` returns the
-            function to use instead.
-    """
-    installed = []
-    try:
-        for layer, wrap in replacements:
-            installed.append((layer, "call" in vars(layer), layer.call))
-            object.__setattr__(layer, "call", wrap(layer.call))
-        yield
-    finally:
-        for layer, had_own, original in reversed(installed):
-            if had_own:
-                object.__setattr__(layer, "call", original)
-            else:
-                object.__delattr__(layer, "call")
 
 
 @contextlib.contextmanager

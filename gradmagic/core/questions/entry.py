@@ -128,6 +128,8 @@ def leaves_no_trace(function: Callable) -> Callable:
 
     @functools.wraps(function)
     def guarded(model: Any, *args: Any, **kwargs: Any) -> Any:
+        if not isinstance(model, keras.Model) or model.built:  # no guard needed: skip the context manager
+            return function(model, *args, **kwargs)
         with state.rollback_on_failure(model):
             return function(model, *args, **kwargs)
 

@@ -18,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from gradmagic.core.arguments import check_flag, is_int
+from gradmagic.core.backends.tensorflow import attribute_layers
 from gradmagic.core.batches import first_batch
 from gradmagic.core.questions import compute
 from gradmagic.core.questions.cache_keys import Key
@@ -31,6 +32,7 @@ from gradmagic.core.questions.entry import (
 )
 from gradmagic.core.questions.inputs import ModelSpec, nonfinite_warning
 from gradmagic.core.questions.model_keys import is_warm, mark_warm, question_key
+from gradmagic.core.questions.naming import input_labels, output_labels
 from gradmagic.core.questions.results import InputGradients, OutputGradients, WeightGradients, rows_for
 from gradmagic.core.questions.state import preserved_eagerly
 from gradmagic.core.questions.targets import (
@@ -61,13 +63,18 @@ class _Question:
     compiled_loss: bool = False
     concrete: dict = field(default_factory=dict)
     note: str = ""
+    warm: bool = False  # the compiled loss was built under this question's compile state
 
 
 def _run(model: keras.Model, key: Key | None, question: _Question, args: tuple, what: str, x: Any) -> Any:
     """Run a compiled question; turn any failure into one clear GradmagicError."""
     try:
-        if question.compiled_loss and not is_warm(model):
-            _build_compiled_loss(model, question, args)
+        if question.compiled_loss and not question.warm:
+            if not is_warm(model):
+                _build_compiled_loss(model, question, args)
+            # The question's key holds the compile state (the compiled-loss object by identity), so once
+            # warm under it, it stays warm: later calls skip re-keying the compile state.
+            question.warm = key is not None
         return compute.call_compiled(question.fn, question.concrete, args)
     except GradmagicError as exc:
         compute.forget(model, key)
@@ -367,7 +374,7 @@ def input_gradients(
     data = first_batch(x, takes_y=False)
     spec, x_in, _ = spec_and_inputs(model, data.x)
     leaves = keras.tree.flatten(x_in)
-    names = _input_names(spec, x_in)
+    names = input_labels(None if spec.inputs is None else [s.name for s in spec.inputs], x_in)
     for name, leaf in zip(names, leaves):
         if not tf.as_dtype(leaf.dtype).is_floating:
             raise InputError(
@@ -450,7 +457,7 @@ def _holds_embedding(layer: Any, depth: int) -> bool:
     if depth == 0 or not isinstance(layer, keras.layers.Layer):
         return False
     children = list(getattr(layer, "layers", None) or []) if isinstance(layer, keras.Model) else []
-    children += [v for v in vars(layer).values() if isinstance(v, keras.layers.Layer)]
+    children += attribute_layers(layer)
     return any(_holds_embedding(child, depth - 1) for child in children)
 
 
@@ -470,15 +477,6 @@ def _check_output_index(model: keras.Model, spec: ModelSpec, output: Any) -> int
     return int(output) % units
 
 
-def _input_names(spec: ModelSpec, x_in: Any) -> list[str]:
-    leaves = keras.tree.flatten(x_in)
-    if spec.inputs is not None and len(spec.inputs) == len(leaves):
-        return [s.name for s in spec.inputs]
-    if isinstance(x_in, dict):
-        return sorted(x_in)
-    return ["x"] if len(leaves) == 1 else [f"x[{i}]" for i in range(len(leaves))]
-
-
 def _output_units(spec: ModelSpec) -> int | None:
     if not spec.outputs or any(d is None for s in spec.outputs for d in s.shape):
         return None
@@ -488,11 +486,7 @@ def _output_units(spec: ModelSpec) -> int | None:
 def _input_result(
     model: keras.Model, spec: ModelSpec, x_in: Any, names: list[str], per_output: list[list], output: int | None
 ) -> InputGradients:
-    out_names = (
-        spec.output_names
-        if len(spec.output_names) == len(per_output)
-        else [f"output {i}" for i in range(len(per_output))]
-    )
+    out_names = output_labels(spec.output_names, len(per_output))
     if output is not None:
         out_names = [f"unit {output}"]
     labels, arrays = [], []

@@ -17,6 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from gradmagic.core.questions.naming import declared_input_names, output_names
 from gradmagic.core.questions.targets import model_name
 from gradmagic.errors import GradmagicWarning, InputError, LossError, did_you_mean, quote_list
 
@@ -58,22 +59,14 @@ def model_spec(model: keras.Model) -> ModelSpec:
         structure = model.input  # Functional: the list/dict the model was built with
     except (AttributeError, ValueError):
         structure = flat_inputs[0] if len(flat_inputs) == 1 else flat_inputs  # Sequential
-    # Name inputs after their InputLayer (the tensor's own name is automatic).
-    input_names = {id(lay.output): lay.name for lay in model.layers if isinstance(lay, keras.layers.InputLayer)}
     specs = _specs(flat_inputs)
     if specs:
-        fallback = ["x"] if len(specs) == 1 else [f"x[{i}]" for i in range(len(specs))]
-        specs = [
-            TensorSpec(input_names.get(id(t), auto), s.shape, s.dtype)
-            for t, s, auto in zip(flat_inputs, specs, fallback)
-        ]
+        # Named after their InputLayer: the tensor's own name is automatic.
+        specs = [TensorSpec(n, s.shape, s.dtype) for n, s in zip(declared_input_names(model, flat_inputs), specs)]
     output_structure = getattr(model, "output", None) if not isinstance(model, keras.Sequential) else None
     if isinstance(output_structure, dict):
-        # Dict outputs are addressed (and flattened) by their keys.
-        flat_outputs = keras.tree.flatten(output_structure)
-        names = [str(k) for k in sorted(output_structure)]
-    else:
-        names = list(getattr(model, "output_names", None) or [])
+        flat_outputs = keras.tree.flatten(output_structure)  # dict outputs are addressed by their keys
+    names = output_names(model, output_structure)
     if len(names) != len(flat_outputs):
         names = [model.layers[-1].name] if len(flat_outputs) == 1 and model.layers else []
     outputs = _specs(flat_outputs)
@@ -86,6 +79,18 @@ def _shape_text(shape: tuple[int | None, ...]) -> str:
     return (
         "(" + ", ".join("batch" if i == 0 else str(d) for i, d in enumerate(shape)) + (",)" if len(shape) == 1 else ")")
     )
+
+
+def _ragged(value: Any) -> bool:
+    """True for nested lists whose rows differ in length (or mix rows and numbers) at some depth.
+
+    Read from the structure itself rather than from NumPy's error text, which
+    changes between releases.
+    """
+    if not isinstance(value, (list, tuple)):
+        return False
+    lengths = {len(v) if isinstance(v, (list, tuple, np.ndarray)) else None for v in value}
+    return len(lengths) > 1 or any(_ragged(v) for v in value)
 
 
 def _leaf(value: Any, dtype: str | None, what: str = "x") -> Any:
@@ -123,7 +128,7 @@ def _leaf(value: Any, dtype: str | None, what: str = "x") -> Any:
     try:
         array = np.asarray(value)
     except (ValueError, TypeError) as exc:
-        ragged = "inhomogeneous" in str(exc)
+        ragged = _ragged(value)
         raise InputError(
             f"Received: {what} as {'nested lists of different lengths (ragged)' if ragged else type(value).__name__}"
             f", which is not a rectangular array ({exc}). Expected a NumPy array, nested lists of numbers of equal "
@@ -192,7 +197,7 @@ def nonfinite_warning(**parts: Any) -> None:
     found = []
     for what, value in parts.items():
         nan = inf = 0
-        for leaf in keras.tree.flatten(value):
+        for leaf in (value,) if isinstance(value, np.ndarray) else keras.tree.flatten(value):
             if isinstance(leaf, tf.Tensor):
                 if not leaf.dtype.is_floating:
                     continue

@@ -11,31 +11,35 @@ read again and when a compiled loss needs its one eager warm-up call.
 
 from __future__ import annotations
 
-import functools
+import operator
 import types
 import warnings
-import weakref
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import keras
 import numpy as np
 
+from gradmagic.core.backends.tensorflow import compiled_loss, instance_settings
 from gradmagic.core.questions.cache_keys import Key, KeyBuilder, Uncacheable, global_names
+from gradmagic.core.questions.caches import WeakCache
 from gradmagic.core.questions.inputs import ModelSpec
 from gradmagic.core.questions.targets import loss_token
 from gradmagic.errors import GradmagicWarning
 
 # model -> (layers Key, ModelSpec): what the model declares, re-read after add/pop.
-_specs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_specs = WeakCache()
 # model -> the compile Key its compiled loss was last built under.
-_warmed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-# layer -> (its attribute names, the public ones _settings compares).
-_public: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_warmed = WeakCache()
+# layer -> how _settings reads it (a _Layout): which public values, keyed how.
+_layouts = WeakCache()
+# model class -> the attribute names its own methods may read (a class's code does not change).
+_read_by_class = WeakCache()
 
 
 def known_spec(model: keras.Model) -> ModelSpec | None:
     """The model's declared inputs and outputs as last read, if its layers are still the same and built."""
-    known = _specs.get(model)
+    known = _specs.lookup(model)
     if known is None or not model.built or not _same(known[0], _layers_key(model)):
         return None
     return known[1]
@@ -43,19 +47,19 @@ def known_spec(model: keras.Model) -> ModelSpec | None:
 
 def remember_spec(model: keras.Model, spec: ModelSpec) -> None:
     """Keep ``spec`` for :func:`known_spec` until the model's layers change."""
-    _specs[model] = (_layers_key(model).stored(), spec)
+    _specs.store(model, (_layers_key(model).stored(), spec))
 
 
 def mark_warm(model: keras.Model) -> None:
     """Record that the compiled loss was built under the model's current compile state."""
     key = _compile_key(model)
-    _warmed[model] = None if key is None else key.stored()
+    _warmed.store(model, None if key is None else key.stored())
 
 
 def _layers_key(model: keras.Model) -> Key:
     """What a Sequential ``add``/``pop`` changes: the layers themselves (by identity)."""
     builder = KeyBuilder()
-    return builder.key(*map(builder.same, model.layers))
+    return builder.key(builder.same_all(model.layers))
 
 
 def _same(known: Key, new: Key) -> bool:
@@ -69,17 +73,38 @@ def _model_token(model: keras.Model, builder: KeyBuilder) -> tuple:
     runs in inference mode even with ``training=True``), so every question
     depends on it.
     """
+    layers = model.layers
     return (
         _compile_token(model, builder),
-        tuple(map(builder.same, model.layers)),
-        tuple(map(builder.same, model.trainable_weights)),
+        builder.same_all(layers),
+        builder.same_all(model.trainable_weights),
         _settings(model, builder, is_model=True),
-        *(_settings(layer, builder, isinstance(layer, keras.Model)) for layer in _all_layers(model)),
+        *(_settings(layer, builder, isinstance(layer, keras.Model)) for layer in _all_layers(model, layers)),
     )
 
 
 #: Values a layer's public setting may hold that a snapshot compares by contents without ever failing.
 _PLAIN = (type(None), bool, int, float, complex, str, bytes, np.generic)
+#: Plain values hashed as they are (with their type's name): the common case.
+_SIMPLE = (type(None), bool, int, str)
+
+
+class _Layout(NamedTuple):
+    """How :func:`_settings` reads one layer, valid while its attribute names and the types of its values stay.
+
+    Which public values are compared and how depends only on their types, so
+    one check of the names and one of the types (both C-level tuple
+    comparisons) replace a type test per attribute on every call.
+    """
+
+    names: tuple[str, ...]  # every attribute name, in order (an attribute added or removed changes it)
+    public: tuple[str, ...]  # the names compared
+    read: Callable[[dict], tuple]  # the values of ``public``, as a tuple
+    types: tuple[type, ...]  # the types of those values when the layout was made
+    simple: Callable[[tuple], tuple]  # the None/bool/int/str values among them
+    valued: tuple[int, ...]  # positions of the other plain values (float, NumPy scalars...): keyed by contents
+    functions: Callable[[tuple], tuple]  # the functions among them: keyed by identity
+    shape: tuple  # the names and types the parts stand for
 
 
 def _settings(layer: keras.Layer, builder: KeyBuilder, is_model: bool) -> tuple:
@@ -93,39 +118,58 @@ def _settings(layer: keras.Layer, builder: KeyBuilder, is_model: bool) -> tuple:
     class's code names: Keras sets others (``predict_function``,
     ``stop_training``) on every ``fit`` or ``predict``, which change no question.
     """
-    attrs = vars(layer)
-    parts = []
-    for name in _public_names(layer, attrs, is_model):
-        value = attrs[name]
-        if value is None or type(value) in (bool, int, str):  # the common case, hashed as it is (with its type)
-            parts.append((name, type(value).__name__, value))
-        elif isinstance(value, _PLAIN):
-            parts.append((name, builder.value(value)))
-        elif isinstance(value, types.FunctionType):
-            parts.append((name, builder.same(value)))
-    return tuple(parts)
-
-
-def _public_names(layer: keras.Layer, attrs: dict, is_model: bool) -> tuple[str, ...]:
-    """The names :func:`_settings` compares, re-listed only when the layer's attribute names change.
-
-    Filtering a Keras layer's ~60 attributes by name took most of a small
-    model's per-call key; the tuple of names is a cheap, exact check that the
-    list still holds (an attribute added or removed changes it).
-    """
+    attrs = instance_settings(layer)
+    layout = _layouts.lookup(layer)
     names = tuple(attrs)
-    known = _public.get(layer)
-    if known is not None and known[0] == names:
-        return known[1]
-    read = _names_read(type(layer)) if is_model else None
-    public = tuple(n for n in names if not n.startswith("_") and (read is None or n in read))
-    _public[layer] = (names, public)
-    return public
+    if layout is None or layout.names != names:
+        layout = _new_layout(layer, attrs, names, is_model)
+    values = layout.read(attrs)
+    if tuple(map(type, values)) != layout.types:
+        layout = _new_layout(layer, attrs, names, is_model)
+        values = layout.read(attrs)
+    return (
+        layout.shape,
+        layout.simple(values),
+        tuple(builder.value(values[i]) for i in layout.valued),
+        builder.same_all(layout.functions(values)),
+    )
 
 
-@functools.lru_cache(maxsize=256)  # a class's code does not change
+def _new_layout(layer: keras.Layer, attrs: dict, names: tuple[str, ...], is_model: bool) -> _Layout:
+    """Classify the layer's public values by type (see :class:`_Layout`) and remember it for the layer."""
+    read_names = _names_read(type(layer)) if is_model else None
+    public = tuple(n for n in names if not n.startswith("_") and (read_names is None or n in read_names))
+    read = _getter(public)
+    values = read(attrs)
+    kinds = tuple(map(type, values))
+    simple = tuple(i for i, v in enumerate(values) if type(v) in _SIMPLE)
+    valued = tuple(i for i, v in enumerate(values) if type(v) not in _SIMPLE and isinstance(v, _PLAIN))
+    functions = tuple(i for i, v in enumerate(values) if isinstance(v, types.FunctionType))
+    shape = (
+        tuple((public[i], kinds[i].__name__) for i in simple),
+        tuple(public[i] for i in valued),
+        tuple(public[i] for i in functions),
+    )
+    layout = _Layout(names, public, read, kinds, _getter(simple), valued, _getter(functions), shape)
+    _layouts.store(layer, layout)
+    return layout
+
+
+def _getter(keys: tuple) -> Callable[[Any], tuple]:
+    """``operator.itemgetter`` that always returns a tuple (also for zero or one key)."""
+    if not keys:
+        return lambda _: ()
+    if len(keys) == 1:
+        key = keys[0]
+        return lambda mapping: (mapping[key],)
+    return operator.itemgetter(*keys)
+
+
 def _names_read(cls: type) -> frozenset[str]:
     """The attribute names the methods of a user's model class (not Keras's) may read."""
+    known = _read_by_class.lookup(cls)
+    if known is not None:
+        return known
     names: set[str] = set()
     for klass in cls.__mro__:
         if klass.__module__.split(".", 1)[0] in ("keras", "tensorflow", "builtins", "abc"):
@@ -134,13 +178,13 @@ def _names_read(cls: type) -> frozenset[str]:
             code = getattr(attr, "__code__", None)
             if code is not None:
                 names.update(global_names(code))
-    return frozenset(names)
+    return _read_by_class.store(cls, frozenset(names))
 
 
-def _all_layers(model: keras.Model) -> list[keras.Layer]:
-    """The model's layers and those of the models nested in it."""
+def _all_layers(model: keras.Model, layers: list[keras.Layer] | None = None) -> list[keras.Layer]:
+    """The model's layers (``layers``, when already read) and those of the models nested in it."""
     found = []
-    for layer in model.layers:
+    for layer in model.layers if layers is None else layers:
         found.append(layer)
         if isinstance(layer, keras.Model):
             found.extend(_all_layers(layer))
@@ -177,7 +221,7 @@ def _compile_key(model: keras.Model) -> Key | None:
 
 def is_warm(model: keras.Model) -> bool:
     """True when the model's compiled loss was built (eagerly, once) under its current compile state."""
-    known, now = _warmed.get(model), _compile_key(model)
+    known, now = _warmed.lookup(model), _compile_key(model)
     return known is not None and now is not None and _same(known, now)
 
 
@@ -185,12 +229,13 @@ def _compile_token(model: keras.Model, builder: KeyBuilder) -> tuple:
     """What changes when the model is re-compiled (the traced loss is then stale).
 
     ``compile`` builds a new compiled-loss object each time (also when only
-    ``loss_weights`` change); Keras has no public handle on it, hence the getattr.
+    ``loss_weights`` change); Keras has no public handle on it (see
+    :func:`~gradmagic.core.backends.tensorflow.compiled_loss`).
 
     Raises:
         Uncacheable: The compiled loss holds values that cannot be snapshotted.
     """
-    optimizer, compiled = getattr(model, "optimizer", None), getattr(model, "_compile_loss", None)
+    optimizer, compiled = getattr(model, "optimizer", None), compiled_loss(model)
     return (
         loss_token(builder, getattr(model, "loss", None)),
         None if optimizer is None else builder.same(optimizer),

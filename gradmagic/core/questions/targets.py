@@ -18,6 +18,7 @@ import keras
 from gradmagic.core.arguments import is_int
 from gradmagic.core.questions.cache_keys import KeyBuilder
 from gradmagic.core.questions.loss_trackers import own_compile_loss
+from gradmagic.core.questions.naming import output_names
 from gradmagic.core.questions.state import restore_in_graph, snapshot_in_graph
 from gradmagic.core.questions.user_code import failed
 from gradmagic.errors import (
@@ -164,7 +165,8 @@ def layer_weights(model: keras.Model, layer: int | str | keras.Layer) -> tuple[i
 
 def has_custom_compute_loss(model: keras.Model) -> bool:
     """True when the model overrides ``compute_loss`` (its loss is then its own code)."""
-    return getattr(type(model).compute_loss, "__qualname__", "") != "Trainer.compute_loss"
+    # keras.Model's own method is Keras's compiled-loss path; anything else is the user's (or a Keras subclass's).
+    return getattr(type(model), "compute_loss", None) is not keras.Model.compute_loss
 
 
 def _compute_loss_takes_training(model: keras.Model) -> bool:
@@ -178,13 +180,13 @@ class FunctionLoss(keras.losses.Loss):
         # The name becomes a TensorFlow name scope: "<lambda>" is not a valid one.
         name = re.sub(r"[^A-Za-z0-9_.]", "_", getattr(fn, "__name__", "loss")).strip("_") or "loss"
         super().__init__(name=name, dtype=dtype)
-        self._fn = fn
+        self.function = fn
 
     def call(self, y_true: Any, y_pred: Any) -> Any:
-        value = self._fn(y_true, y_pred)
+        value = self.function(y_true, y_pred)
         if value is None:
             raise LossError(
-                f"Received: loss={_callable_name(self._fn)}, which returned None. Expected a tensor of "
+                f"Received: loss={_callable_name(self.function)}, which returned None. Expected a tensor of "
                 f"per-sample losses (or one scalar). Fix: end the function with `return ...`."
             )
         return value
@@ -197,7 +199,7 @@ def _callable_name(fn: Any) -> str:
 def loss_name(loss: keras.losses.Loss) -> str:
     """How messages name a loss: the user's function, a Loss subclass, or a Keras loss."""
     if isinstance(loss, FunctionLoss):
-        return f"the loss function {_callable_name(loss._fn)!r}"
+        return f"the loss function {_callable_name(loss.function)!r}"
     return f"the loss {type(loss).__name__} {loss.name!r}"
 
 
@@ -353,10 +355,7 @@ def output_keys(model: keras.Model, y_pred: Any = None) -> list[str]:
     A model whose outputs are a dict is addressed by its keys; otherwise by
     ``model.output_names`` (the output layers' names).
     """
-    structure = y_pred if y_pred is not None else getattr(model, "output", None)
-    if isinstance(structure, dict):
-        return [str(k) for k in sorted(structure)]
-    return [str(n) for n in (getattr(model, "output_names", None) or [])]
+    return output_names(model, y_pred if y_pred is not None else getattr(model, "output", None))
 
 
 def _aligned(value: Any, names: list[str], count: int) -> list[Any]:

@@ -17,6 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from gradmagic.core.backends.tensorflow import calls_replaced
 from gradmagic.core.questions import compute
 from gradmagic.core.questions.attribution_results import IntegratedGradients
 from gradmagic.core.questions.entry import leaves_no_trace, spec_and_inputs
@@ -110,7 +111,7 @@ def _function(model: keras.Model, layer: keras.Layer, output: int) -> Any:
 
                 return scaled_call
 
-            with compute.calls_replaced([(layer_ref(), wrap)]):
+            with calls_replaced([(layer_ref(), wrap)]):
                 y_pred = model(x, training=False)
             flat = tf.concat([tf.reshape(t, (tf.shape(t)[0], -1)) for t in keras.tree.flatten(y_pred)], axis=1)
             unit = flat[:, output]

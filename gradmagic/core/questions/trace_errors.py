@@ -8,11 +8,9 @@ shorten any other TensorFlow/Keras error to one line.
 
 from __future__ import annotations
 
-import re
-
 import keras
-import tensorflow as tf
 
+from gradmagic.core.backends.tensorflow import error_message, is_numpy_on_symbolic_error, is_python_control_flow_error
 from gradmagic.core.questions.targets import model_name
 from gradmagic.errors import ComputeError, GradmagicError, brief
 
@@ -21,20 +19,10 @@ def short_error(exc: BaseException, limit: int = 200) -> str:
     """An error from TensorFlow or Keras in one short line, without the traceback inside its message.
 
     Keras highlights (in bold) the message of an error raised inside a layer; a
-    TensorFlow run-time error carries the graph's Python traceback.
+    TensorFlow run-time error carries the graph's Python traceback (see
+    :func:`~gradmagic.core.backends.tensorflow.error_message`).
     """
-    text = str(exc)
-    if "\x1b[1m" in text:
-        text = text.split("\x1b[1m", 1)[1].split("\x1b[0m", 1)[0]
-    elif text.lstrip().startswith("in user code:"):
-        # An error raised while tracing: the frames come first, the error itself last.
-        raised = [line.strip() for line in text.splitlines() if re.match(r"\s*\w+(Error|Exception): ", line)]
-        text = raised[-1] if raised else text.strip().splitlines()[-1].strip()
-    elif isinstance(exc, tf.errors.OpError):
-        skip = ("Graph execution error", "Detected at node", "[[")
-        lines = [line.strip() for line in exc.message.splitlines() if line.strip() and not line.startswith(" ")]
-        text = " ".join(line for line in lines if not line.startswith(skip)) or exc.message
-    return brief(ValueError(text), limit)
+    return brief(ValueError(error_message(exc)), limit)
 
 
 # --- the classic failures ----------------------------------------------------------------------------------------
@@ -60,11 +48,9 @@ def diagnose_trace_error(exc: BaseException, model: keras.Model, index: int | No
         model: The model.
         index: Index in ``model.layers`` of the innermost layer that was running.
     """
-    text, who = str(exc), describe_layer(model, index)
+    who = describe_layer(model, index)
     said = f"TensorFlow said: {short_error(exc)}"
-    if isinstance(exc, tf.errors.OperatorNotAllowedInGraphError) or any(
-        s in text for s in ("as a Python `bool`", "truth value of an array", "iterating over `tf.Tensor`")
-    ):
+    if is_python_control_flow_error(exc):
         return ComputeError(
             f"{who} uses Python control flow on a tensor (`if`, `while`, `and`/`or`, `bool()` or a `for` loop over "
             f"a tensor). In a traced function the tensor is symbolic, so Python cannot tell whether it is true. "
@@ -75,7 +61,7 @@ def diagnose_trace_error(exc: BaseException, model: keras.Model, index: int | No
             f"`@tf.function` so that AutoGraph turns the `if` into `tf.cond`. "
             f"{said}"
         )
-    if "Cannot convert a symbolic" in text or "to a numpy array" in text:
+    if is_numpy_on_symbolic_error(exc):
         return ComputeError(
             f"{who} calls NumPy on a tensor (e.g. `np.round(t)`). While tracing, tensors are symbolic and cannot "
             f"become NumPy arrays. Fix: use the TensorFlow or Keras equivalent (`tf.round`, `tf.math.*`, "
