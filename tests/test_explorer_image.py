@@ -180,3 +180,20 @@ def test_gradcam_beside_the_path_is_the_cores(cnn):
     panel.sample_select.value = 2
     expected = gm.gradcam(model, x[2:3], 0, output=panel.view.path.unit).array_at_input[0]
     np.testing.assert_allclose(panel.figure.cam_image.get_array(), expected, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.slow
+def test_image_view_on_mobilenet_v2(monkeypatch):
+    keras.utils.set_random_seed(0)
+    model = keras.applications.MobileNetV2(input_shape=(32, 32, 3), weights=None)
+    x = np.random.default_rng(0).uniform(-1, 1, size=(1, 32, 32, 3)).astype("float32")
+    before = fingerprint(model)
+    panel = gm.explore(model, x, steps=5, use_ipympl=False)
+    monkeypatch.setattr(image_view, "integrated_gradients", None)  # a path-slider move must not compute
+    panel.alpha_slider.value = 0.5
+    assert panel.error.value == "" and panel.view.index == 2
+    outputs, grads = _tape(model, (0.5 * x).astype("float32"), panel.view.path.unit)
+    # BatchNorm in inference mode, depthwise convolutions: still the tape's gradient, to float32 rounding.
+    np.testing.assert_allclose(panel.view.gradient, grads[0], rtol=1e-3, atol=1e-6 * np.abs(grads).max())
+    assert panel.view.path.outputs[2] == pytest.approx(outputs[0], rel=1e-4)
+    assert_unchanged(model, before)
