@@ -23,7 +23,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np
 
 from gradmagic import examples
-from gradmagic.widgets.explorer import explore
+from gradmagic.widgets.views import explore
 
 
 def measure(use_ipympl: bool, moves: int = 60) -> tuple[float, float, float, int]:

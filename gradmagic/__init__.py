@@ -45,7 +45,7 @@ _LAZY = {
     "GradientAnomalyError": "gradmagic.errors",
     "training_panel": "gradmagic.widgets.training_panel",
     "TrainingPanel": "gradmagic.widgets.training_panel",
-    "explore": "gradmagic.widgets.explorer",
+    "explore": "gradmagic.widgets.views",
     "Explorer": "gradmagic.widgets.explorer",
 }
 
@@ -76,8 +76,9 @@ if TYPE_CHECKING:  # pragma: no cover
         weight_gradients,
     )
     from gradmagic.errors import GradientAnomalyError  # noqa: F401
-    from gradmagic.widgets.explorer import Explorer, explore  # noqa: F401
+    from gradmagic.widgets.explorer import Explorer  # noqa: F401
     from gradmagic.widgets.training_panel import TrainingPanel, training_panel  # noqa: F401
+    from gradmagic.widgets.views import explore  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

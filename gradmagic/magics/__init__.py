@@ -179,7 +179,7 @@ class GradientMagics(Magics):
         y = None if args.y is None else self._evaluate(args.y, "Y", EXPLORE_USAGE)
         reference = self._curve(args.reference, "--reference", "lambda p: (p - 5) ** 2 / 25")
         slope = self._curve(args.reference_grad, "--reference-grad", "lambda p: 2 * (p - 5) / 25")
-        from gradmagic.widgets.explorer import explore
+        from gradmagic.widgets.views import explore
 
         try:
             return explore(

@@ -1,6 +1,7 @@
-"""The gradient explorer: sliders move the input point, the gradient plots follow.
+"""The explorer's vector view: sliders move the input point, the gradient plots follow.
 
-``explore(model, x, y)`` returns a panel with one slider per input feature, three
+``explore(model, x, y)`` (in :mod:`~gradmagic.widgets.views`) opens it for a model on flat
+features: a panel with one slider per input feature, three
 plots (the output along a feature, its derivative, per-layer gradient norms)
 and a readout of the exact numbers. Every number comes from the core
 (:func:`~gradmagic.core.input_gradients`, :func:`~gradmagic.core.weight_gradients`);
@@ -23,70 +24,20 @@ import numpy as np
 
 from gradmagic.core import (
     input_gradients,
-    input_kind,
-    model_name,
     model_spec,
     output_labels,
     rollback_on_failure,
     weight_gradients,
 )
-from gradmagic.errors import GradmagicError, InputError
+from gradmagic.errors import GradmagicError
 from gradmagic.plots import ExplorerFigure, layer_norms
 from gradmagic.widgets import explorer_args
 from gradmagic.widgets.coalesce import LatestWins, Scheduler
 from gradmagic.widgets.explorer_view import ExplorerView, compute_view
 from gradmagic.widgets.figure_view import FigureView
-from gradmagic.widgets.view_args import check_labels, check_samples, check_steps, check_view_options, choose_view
+from gradmagic.widgets.flat_data import flat_features, single_sample
 
-__all__ = ["Explorer", "ExplorerView", "compute_view", "explore"]
-
-
-def _flat_features(model: Any, x: Any, data: np.ndarray | None) -> np.ndarray:
-    """Check that the model takes one flat float vector; return x as (n, n_features).
-
-    ``data`` is x as checked by :func:`explorer_args.check_x` (None for a structure).
-    Only a flat x for a model that may take one reaches TensorFlow (which builds an
-    unbuilt model and checks the number of features); anything else is refused first.
-    """
-    if data is not None and data.ndim <= 1:
-        data = data.reshape(-1, 1)
-
-    def flat(spec: Any) -> bool:
-        inputs = spec.inputs
-        return inputs is None or (len(inputs) == 1 and len(inputs[0].shape) == 1 and "float" in inputs[0].dtype)
-
-    spec = model_spec(model)
-    if data is not None and data.ndim == 2 and flat(spec):
-        input_gradients(model, data[:1])  # builds an unbuilt model; a wrong feature count is the core's error
-        spec = model_spec(model)
-        if flat(spec):
-            return data.astype(spec.inputs[0].dtype if spec.inputs else "float32")
-    received = f"x of shape {data.shape}" if data is not None else f"x as a {type(x).__name__} of arrays"
-    takes = (
-        ", which takes " + ", ".join(f"(batch, {', '.join(str(d) for d in s.shape)}) {s.dtype}" for s in spec.inputs)
-        if spec.inputs
-        else ""
-    )
-    raise InputError(
-        f"Received: {received} for model '{model_name(model)}'{takes}. Expected a model whose single input is a "
-        f"flat float vector and x of shape (n, n_features): the explorer moves one input point with a slider per "
-        f"feature. Fix: explore a model on flat features; for images (H, W, C), sequences (T, F) or token ids, "
-        f"build the model on a keras.Input of that shape so the explorer opens its image or sequence view; for "
-        f"several inputs use gradmagic.input_gradients(model, x)."
-    )
-
-
-def _single_sample(model: Any, data: np.ndarray | None) -> np.ndarray | None:
-    """Read a 1-D x as one sample without its batch axis when the model says so.
-
-    A model that declares one flat input of ``len(x) > 1`` features takes such an x
-    as one sample, as the core does; for any other model a 1-D x stays a column
-    (n rows of one feature). Reads the model's declared inputs only: no TensorFlow call.
-    """
-    if data is None or data.ndim != 1 or data.size < 2:
-        return data
-    inputs = model_spec(model).inputs
-    return data[None, :] if inputs and len(inputs) == 1 and inputs[0].shape == (data.size,) else data
+__all__ = ["Explorer", "ExplorerView", "compute_view"]
 
 
 def _nice_step(span: float, moves: int = 200) -> float:
@@ -132,7 +83,7 @@ class Explorer(widgets.VBox):
         clock: Callable[[], float] = time.monotonic,
         scheduler: Scheduler | None = None,
     ) -> None:
-        # Every argument is checked before the first TensorFlow call (in _flat_features).
+        # Every argument is checked before the first TensorFlow call (in flat_features).
         explorer_args.check_options(
             model, reference, reference_grad, feature_names, points, training, max_sliders, use_ipympl
         )
@@ -160,13 +111,13 @@ class Explorer(widgets.VBox):
         max_sliders: int,
     ) -> None:
         """Read the data and set up the controls (no figure yet); the options are checked already."""
-        checked = _single_sample(model, explorer_args.check_x(x))
+        checked = single_sample(model, explorer_args.check_x(x))
         if checked is not None and checked.ndim <= 2:
             rows, n_features = (checked.size, 1) if checked.ndim <= 1 else checked.shape
             explorer_args.check_feature_names(feature_names, n_features)
             explorer_args.check_y(y, rows)
         self.model = model
-        self.data = _flat_features(model, x, checked)
+        self.data = flat_features(model, x, checked)
         self.targets = explorer_args.check_y(y, len(self.data))
         n_features = self.data.shape[1]
         self.names = explorer_args.check_feature_names(feature_names, n_features)
@@ -413,158 +364,11 @@ class Explorer(widgets.VBox):
         return f"<table class='gm-readout'>{cells}</table>"
 
 
-def explore(
-    model: Any,
-    x: Any,
-    y: Any = None,
-    reference: Callable | None = None,
-    reference_grad: Callable | None = None,
-    *,
-    view: str | None = None,
-    labels: Sequence[str] | None = None,
-    steps: int = 32,
-    baseline: Any = None,
-    gradcam_layer: int | str | None = None,
-    feature_names: Sequence[str] | None = None,
-    points: int = 200,
-    training: bool = False,
-    max_sliders: int = 6,
-    use_ipympl: bool | None = None,
-    **unknown: Any,
-) -> widgets.VBox:
-    """Open the gradient explorer: sliders move the input point, the plots follow.
+def __getattr__(name: str) -> Any:
+    # ``explore`` lives in :mod:`gradmagic.widgets.views` (it picks one of the views, this one among them);
+    # ``from gradmagic.widgets.explorer import explore`` keeps working.
+    if name == "explore":
+        from gradmagic.widgets.views import explore
 
-    The view follows the model's declared input: a flat float vector gets one
-    slider per feature (the *vector* view, or with ``view="plane"`` the output
-    over two features with the gradient field as arrows); a float sequence
-    (T, F) or token ids read by an Embedding get the *sequence* view
-    (per-position gradient norms, gradient x input and integrated gradients,
-    with a slider along the path from zeros, or zero embeddings, to the
-    sample); an image (H, W, C) gets
-    the *image* view (a slider along the integrated-gradients path from a
-    baseline to the image, SmoothGrad noise, the attribution built up so far).
-
-    Args:
-        model: A Keras model with a single input: a flat float vector
-            (batch, n_features) (Sequential, Functional or subclassed), or a
-            declared (keras.Input) sequence, token ids or image.
-        x: Data (n, n_features) or (n,) for one feature: slider ranges come from
-            it (padded by 10%), and "reset to sample" picks one of its rows. A
-            single sample (n_features,) of a model that declares its inputs is one row.
-            For the sequence and image views: the samples to choose from.
-        y: Optional targets, one per row of x (vector view). With them the bars show dLoss/dW
-            at the point (target: the chosen sample's); without, d(output)/dW.
-        view: ``"vector"``, ``"plane"``, ``"sequence"`` or ``"image"``.
-            Defaults to None: chosen from the model's input (a flat vector gets
-            ``"vector"``; ask for ``"plane"``).
-        labels: Sequence view: one label per position (e.g. the tokens), or
-            one such list per sample. Defaults to the position numbers.
-        steps: Image and sequence views: points on the path from the baseline
-            (zeros, or zero embeddings for tokens) to the sample, from 2 to 512.
-            Defaults to 32.
-        baseline: Image view: where the path starts, as for
-            :func:`gradmagic.integrated_gradients` (``None``: zeros, ``"blur"``,
-            ``"uniform"`` or an array). Defaults to None.
-        gradcam_layer: Image view: a convolutional layer (index or name) whose
-            Grad-CAM map at x is shown beside the path's plots. Defaults to None.
-        reference: Optional ``f(points) -> values`` drawn dashed beside the model
-            (called with an (n, n_features) array), e.g. the analytic curve.
-        reference_grad: Optional analytic derivative along the chosen feature
-            (an (n, n_features) result is read at that feature's column).
-        feature_names: One name per feature (a list, an array, ``df.columns``). Defaults to ``x0``, ``x1``, ...
-        points: How many points each curve is drawn with, from 2 to 10000.
-            Defaults to 200.
-        training: Run the model in training mode (its state is left as it was;
-            vector and plane views only). Defaults to False.
-        max_sliders: With more features than this, one slider plus a feature
-            dropdown. Defaults to 6.
-        use_ipympl: True for an interactive ipympl canvas, False for PNG images.
-            Defaults to None (ipympl when installed).
-        **unknown: Refused with the closest option's name (a typo is an error,
-            not a silently ignored keyword).
-
-    Returns:
-        An :class:`Explorer` widget; display it (it is the cell's last value).
-
-    Raises:
-        GradmagicError: An argument has the wrong type or value (checked before
-            any TensorFlow call), the model's input is not a flat float vector,
-            x and y do not fit it, or ``reference``/``reference_grad`` fails at
-            the first point (a :class:`~gradmagic.errors.ComputeError` chaining
-            the original exception). Later failures of the references, on a
-            slider move, are shown in the panel.
-
-    Example:
-        >>> gm.explore(model, x, y, reference=lambda p: (p - 5) ** 2 / 25,
-        ...            reference_grad=lambda p: 2 * (p - 5) / 25)
-        >>> gm.explore(model, x, view="plane")
-        >>> gm.explore(cnn, images[:8], baseline="blur")
-        >>> gm.explore(text_model, ids[:20], labels=tokens[:20])
-    """
-    explorer_args.check_unknown(unknown)
-    chosen = choose_view(model, view)
-    check_view_options(
-        chosen,
-        {"labels": labels is not None, "steps": steps != 32, "baseline": baseline is not None,
-         "gradcam_layer": gradcam_layer is not None},
-    )  # fmt: skip
-    if chosen != "vector":
-        # The other views' own options first, before anything runs.
-        explorer_args.check_options(model, reference, reference_grad, feature_names, points, training, max_sliders,
-                                    use_ipympl)  # fmt: skip
-        if training and chosen in ("sequence", "image"):
-            raise GradmagicError(
-                f"Received: training=True with view={chosen!r}. Expected training=False: the {chosen} view walks "
-                f"the integrated-gradients path, which runs the model in inference mode. Fix: drop training=True."
-            )
-        if reference is not None or reference_grad is not None or y is not None:
-            raise GradmagicError(
-                f"Received: {'y' if y is not None else 'reference'}=... with view={chosen!r}. Expected them only for "
-                f"the vector view (curves along one feature, dLoss/dW bars). Fix: drop them, e.g. "
-                f"gm.explore(model, x, view={chosen!r})."
-            )
-        with rollback_on_failure(model):
-            return _open_view(
-                chosen, model, x, labels, steps, baseline, gradcam_layer, feature_names, training, use_ipympl
-            )
-    return Explorer(
-        model,
-        x,
-        y,
-        reference,
-        reference_grad,
-        feature_names=feature_names,
-        points=points,
-        training=training,
-        max_sliders=max_sliders,
-        use_ipympl=use_ipympl,
-    )
-
-
-def _open_view(
-    kind: str, model: Any, x: Any, labels: Any, steps: Any, baseline: Any, gradcam_layer: Any, feature_names: Any,
-    training: bool, use_ipympl: bool | None,
-) -> widgets.VBox:  # fmt: skip
-    """Check the data for the plane, sequence or image view and open it."""
-    if kind == "plane":
-        from gradmagic.widgets.plane import PlaneExplorer
-
-        checked = _single_sample(model, explorer_args.check_x(x))
-        data = _flat_features(model, x, checked)
-        if data.shape[1] < 2:
-            raise InputError(
-                f"Received: x with {data.shape[1]} feature for view='plane'. Expected two features or more: the "
-                f"plane view shows the output over two of them. Fix: leave view out for one feature."
-            )
-        names = explorer_args.check_feature_names(feature_names, data.shape[1])
-        return PlaneExplorer(model, data, names, training=training, use_ipympl=use_ipympl)
-    data = check_samples(model, x, kind)
-    if kind == "sequence":
-        from gradmagic.widgets.sequence import SequenceExplorer
-
-        tokens = input_kind(model) == "tokens"
-        steps = check_steps(steps)
-        return SequenceExplorer(model, data, tokens, check_labels(labels, len(data), data.shape[1]), steps, use_ipympl)
-    from gradmagic.widgets.image import ImageExplorer
-
-    return ImageExplorer(model, data, check_steps(steps), baseline, gradcam_layer, use_ipympl=use_ipympl)
+        return explore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,6 +21,9 @@ from gradmagic.core import output_labels as core_output_labels
 from gradmagic.errors import GradmagicError
 from gradmagic.widgets.coalesce import LatestWins, Scheduler
 
+#: The panels' clock (tests inject their own).
+DEFAULT_CLOCK = time.monotonic
+
 
 def output_labels(model: Any) -> list[str]:
     """One label per unit of the flattened per-sample output, read from the model's declared outputs."""
@@ -75,6 +78,3 @@ class ViewPanel(widgets.VBox):
         else:
             text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).strip()
         self.error.value = f"<pre style='color:#b00'>{html.escape(text)}</pre>"
-
-
-DEFAULT_CLOCK = time.monotonic
