@@ -299,31 +299,3 @@ def test_magic_picks_the_view(three_features, lstm):
     assert isinstance(shell.run_line_magic("gradients_explore", "rnn seqs"), SequenceExplorer)
     with pytest.raises(UsageError, match=r"model 'two', which takes .*Expected a model whose single input is"):
         shell.run_line_magic("gradients_explore", "two x")
-
-
-def test_token_gradients_refuses_models_without_an_embedding(three_features):
-    model, x = three_features
-    with pytest.raises(InputError, match=r"which has no keras\.layers\.Embedding"):
-        gm.token_gradients(model, x)
-
-
-def test_token_gradients_refuses_an_output_out_of_range(tokens):
-    model, x = tokens
-    with pytest.raises(InputError, match=r"output=2. Expected an int from 0 to 1"):
-        gm.token_gradients(model, x, output=2)
-
-
-def test_token_gradients_keep_the_embeddings_mask():
-    keras.utils.set_random_seed(1)
-    ids = keras.Input((6,), dtype="int32")
-    embedded = keras.layers.Embedding(10, 4, mask_zero=True)(ids)
-    model = keras.Model(ids, keras.layers.Dense(1)(keras.layers.LSTM(3)(embedded)))
-    x = np.array([[3, 4, 5, 0, 0, 0]])
-    result = gm.token_gradients(model, x)
-    embed, rnn, dense = model.layers[1:4]
-    with tf.GradientTape() as tape:
-        vectors = embed(x)
-        tape.watch(vectors)
-        out = dense(rnn(vectors, mask=embed.compute_mask(x)))[:, 0]
-    np.testing.assert_allclose(result.array, tape.gradient(out, vectors).numpy(), rtol=1e-5, atol=1e-9)
-    assert np.all(result.array[0, 3:] == 0)  # padding is masked out: the LSTM never reads it
