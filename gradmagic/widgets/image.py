@@ -180,8 +180,12 @@ class ImageFigure:
         self.ax_path.legend(fontsize=7, loc="best")
         self.ax_path.set_xlabel("a (0: baseline, 1: image)", fontsize=8)
         self.ax_path.set_xlim(0.0, 1.0)
-        for ax, title in ((self.ax_input, "input at a"), (self.ax_grad, "gradient at a (sum over channels)"),
-                          (self.ax_path, "output along the path"), (self.ax_attr, "attribution up to a")):  # fmt: skip
+        for ax, title in (
+            (self.ax_input, "input at a"),
+            (self.ax_grad, "gradient at a (sum over channels)"),
+            (self.ax_path, "output along the path"),
+            (self.ax_attr, "attribution up to a"),
+        ):
             ax.set_title(title, fontsize=9)
             ax.tick_params(labelsize=7)
         for ax in (self.ax_input, self.ax_grad, self.ax_attr):
@@ -251,13 +255,25 @@ class ImageExplorer(ViewPanel):
         self._paths: dict[tuple[int, int], ImagePath] = {}
         self._smooth: dict[tuple[int, int, float], np.ndarray] = {}
         self.alpha_slider = widgets.FloatSlider(
-            value=1.0, min=0.0, max=1.0, step=1.0 / (steps - 1), description="a (path)", continuous_update=True,
-            readout_format=".3f", layout=widgets.Layout(width="60%"),
-        )  # fmt: skip
+            value=1.0,
+            min=0.0,
+            max=1.0,
+            step=1.0 / (steps - 1),
+            description="a (path)",
+            continuous_update=True,
+            readout_format=".3f",
+            layout=widgets.Layout(width="60%"),
+        )
         self.noise_slider = widgets.FloatSlider(
-            value=0.0, min=0.0, max=0.5, step=0.05, description="noise", continuous_update=False,
-            readout_format=".2f", layout=widgets.Layout(width="60%"),
-        )  # fmt: skip
+            value=0.0,
+            min=0.0,
+            max=0.5,
+            step=0.05,
+            description="noise",
+            continuous_update=False,
+            readout_format=".2f",
+            layout=widgets.Layout(width="60%"),
+        )
         self.sample_select = widgets.BoundedIntText(
             value=0, min=0, max=len(data) - 1, description="sample", layout=widgets.Layout(width="160px")
         )
@@ -279,8 +295,12 @@ class ImageExplorer(ViewPanel):
         self.draw(first)
 
     def _state(self) -> tuple[int, int, float, float]:
-        return (int(self.sample_select.value), int(self.unit_select.value), float(self.noise_slider.value),
-                float(self.alpha_slider.value))  # fmt: skip
+        return (
+            int(self.sample_select.value),
+            int(self.unit_select.value),
+            float(self.noise_slider.value),
+            float(self.alpha_slider.value),
+        )
 
     def path(self, sample: int, unit: int) -> ImagePath:
         """The path of one sample and output unit, computed once (the whole path in batched calls)."""
@@ -320,14 +340,18 @@ class ImageExplorer(ViewPanel):
         self.view = view
         k = view.index
         attr_sum = float(path.accumulated[k].astype(np.float64).sum())
-        self.readout.value = readout_table([
-            ("a", f"{view.alpha:.4g}"),
-            (f"output {self.units[path.unit] if path.unit < len(self.units) else path.unit} at a",
-             f"{path.outputs[k]:.6g}"),
-            ("f(baseline) + sum(attribution up to a)", f"{path.outputs[0] + attr_sum:.6g}"),
-            ("completeness gap at a = 1", f"{path.completeness_gap:.4g}"),
-            ("largest |map| (gradient, attribution)", f"{grad_max:.4g}, {attr_max:.4g}"),
-            ("gradient", f"SmoothGrad, noise {view.noise:.2f}" if view.noise > 0 else "plain"),
-            *(("note", note) for note in path.notes),
-        ])  # fmt: skip
+        self.readout.value = readout_table(
+            [
+                ("a", f"{view.alpha:.4g}"),
+                (
+                    f"output {self.units[path.unit] if path.unit < len(self.units) else path.unit} at a",
+                    f"{path.outputs[k]:.6g}",
+                ),
+                ("f(baseline) + sum(attribution up to a)", f"{path.outputs[0] + attr_sum:.6g}"),
+                ("completeness gap at a = 1", f"{path.completeness_gap:.4g}"),
+                ("largest |map| (gradient, attribution)", f"{grad_max:.4g}, {attr_max:.4g}"),
+                ("gradient", f"SmoothGrad, noise {view.noise:.2f}" if view.noise > 0 else "plain"),
+                *(("note", note) for note in path.notes),
+            ]
+        )
         self.error.value = ""

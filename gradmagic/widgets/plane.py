@@ -66,9 +66,15 @@ def _unit_values(values: Any, unit: int) -> np.ndarray:
 
 
 def compute_grid(
-    model: Any, base: np.ndarray, fx: int, fy: int, xs: np.ndarray, ys: np.ndarray, unit: int = 0,
+    model: Any,
+    base: np.ndarray,
+    fx: int,
+    fy: int,
+    xs: np.ndarray,
+    ys: np.ndarray,
+    unit: int = 0,
     training: bool = False,
-) -> PlaneGrid:  # fmt: skip
+) -> PlaneGrid:
     """The output unit and its gradient over the grid ``xs`` x ``ys`` of features fx and fy, in one batched call.
 
     Args:
@@ -86,9 +92,14 @@ def compute_grid(
     grads = np.asarray(jac.array).reshape(len(points), -1)
     shape = grid_x.shape
     return PlaneGrid(
-        fx, fy, xs, ys, _unit_values(jac.values, unit).reshape(shape), grads[:, fx].reshape(shape),
+        fx,
+        fy,
+        xs,
+        ys,
+        _unit_values(jac.values, unit).reshape(shape),
+        grads[:, fx].reshape(shape),
         grads[:, fy].reshape(shape),
-    )  # fmt: skip
+    )
 
 
 def compute_point(model: Any, point: np.ndarray, unit: int = 0, training: bool = False) -> tuple[float, np.ndarray]:
@@ -115,9 +126,17 @@ class PlaneFigure:
         )
         (self.point,) = self.ax.plot([], [], "o", color="tab:red", markersize=8, zorder=4)
         self.point_arrow = self.ax.quiver(
-            [0.0], [0.0], [0.0], [0.0], angles="xy", scale_units="xy", scale=1.0, color="tab:red", width=0.008,
+            [0.0],
+            [0.0],
+            [0.0],
+            [0.0],
+            angles="xy",
+            scale_units="xy",
+            scale=1.0,
+            color="tab:red",
+            width=0.008,
             zorder=5,
-        )  # fmt: skip
+        )
         self.contours: Any = None
         self.scale = 1.0
         self.ax.tick_params(labelsize=8)
@@ -201,8 +220,9 @@ class PlaneExplorer(ViewPanel):
         self.sample_select = widgets.BoundedIntText(
             value=0, min=0, max=len(data) - 1, description="sample", layout=widgets.Layout(width="160px")
         )
-        self.unit_select = widgets.Dropdown(options=[(n, i) for i, n in enumerate(self.units)], value=0,
-                                            description="output")  # fmt: skip
+        self.unit_select = widgets.Dropdown(
+            options=[(n, i) for i, n in enumerate(self.units)], value=0, description="output"
+        )
         self._quiet = False
         self.x_slider.observe(lambda c: self._on_slider(self.x_select.value, c["new"]), names="value")
         self.y_slider.observe(lambda c: self._on_slider(self.y_select.value, c["new"]), names="value")
@@ -225,10 +245,15 @@ class PlaneExplorer(ViewPanel):
     def _slider(self, feature: int) -> widgets.FloatSlider:
         low, high = float(self.low[feature]), float(self.high[feature])
         return widgets.FloatSlider(
-            value=float(self.point[feature]), min=low, max=high, step=(high - low) / 200,
-            description=self.names[feature], continuous_update=True, readout_format=".4g",
+            value=float(self.point[feature]),
+            min=low,
+            max=high,
+            step=(high - low) / 200,
+            description=self.names[feature],
+            continuous_update=True,
+            readout_format=".4g",
             layout=widgets.Layout(width="60%"),
-        )  # fmt: skip
+        )
 
     def _quietly(self, change: Callable[[], None]) -> None:
         self._quiet = True
@@ -243,6 +268,11 @@ class PlaneExplorer(ViewPanel):
         slider.value = float(self.point[feature])
         slider.min, slider.max, slider.step = low, high, (high - low) / 200
         slider.description = self.names[feature]
+
+    def _retarget_sliders(self) -> None:
+        """Point both sliders at the features on the axes, at the point's values."""
+        self._retarget(self.x_slider, self.x_select.value)
+        self._retarget(self.y_slider, self.y_select.value)
 
     def _on_slider(self, feature: int, value: float) -> None:
         if self._quiet:
@@ -259,16 +289,14 @@ class PlaneExplorer(ViewPanel):
                 "Fix: pick another feature for one axis.</pre>"
             )
             return
-        self._quietly(lambda: (self._retarget(self.x_slider, self.x_select.value),
-                               self._retarget(self.y_slider, self.y_select.value)))  # fmt: skip
+        self._quietly(self._retarget_sliders)
         self.updates.submit(self._state())
 
     def reset_to_sample(self, row: int) -> None:
         """Hold the other features at row ``row`` of x and move the point there."""
         self.sample = int(row)
         self.point = self.data[self.sample].copy()
-        self._quietly(lambda: (self._retarget(self.x_slider, self.x_select.value),
-                               self._retarget(self.y_slider, self.y_select.value)))  # fmt: skip
+        self._quietly(self._retarget_sliders)
         self.updates.submit(self._state())
 
     def _on_click(self, event: Any) -> None:
@@ -309,11 +337,13 @@ class PlaneExplorer(ViewPanel):
         self.view = view
         fx, fy = view.grid.fx, view.grid.fy
         unit = self.units[self.unit_select.value]
-        self.readout.value = readout_table([
-            ("point", ", ".join(f"{n}={v:.6g}" for n, v in zip(self.names, view.point))),
-            (unit, f"{view.value:.6g}"),
-            (f"d {unit} / d {self.names[fx]}", f"{view.gradient[fx]:.6g}"),
-            (f"d {unit} / d {self.names[fy]}", f"{view.gradient[fy]:.6g}"),
-            ("gradient", ", ".join(f"{g:.4g}" for g in view.gradient)),
-        ])  # fmt: skip
+        self.readout.value = readout_table(
+            [
+                ("point", ", ".join(f"{n}={v:.6g}" for n, v in zip(self.names, view.point))),
+                (unit, f"{view.value:.6g}"),
+                (f"d {unit} / d {self.names[fx]}", f"{view.gradient[fx]:.6g}"),
+                (f"d {unit} / d {self.names[fy]}", f"{view.gradient[fy]:.6g}"),
+                ("gradient", ", ".join(f"{g:.4g}" for g in view.gradient)),
+            ]
+        )
         self.error.value = ""

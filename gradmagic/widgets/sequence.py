@@ -94,8 +94,9 @@ class SequenceView:
         return self.path.tokens
 
 
-def compute_path(model: Any, sample: np.ndarray, unit: int = 0, tokens: bool = False, steps: int = 32,
-                 index: int = 0) -> SequencePath:  # fmt: skip
+def compute_path(
+    model: Any, sample: np.ndarray, unit: int = 0, tokens: bool = False, steps: int = 32, index: int = 0
+) -> SequencePath:
     """The whole path from zeros to one sample, in batched calls of the core.
 
     Args:
@@ -183,8 +184,12 @@ class SequenceFigure:
         changed = labels != self._labels
         if changed:
             self._labels = labels
-            self.ax_ig.set_xticks(np.arange(len(labels)), labels, rotation=60 if len(labels) > 12 else 0,
-                                  fontsize=7 if len(labels) > 20 else 8)  # fmt: skip
+            self.ax_ig.set_xticks(
+                np.arange(len(labels)),
+                labels,
+                rotation=60 if len(labels) > 12 else 0,
+                fontsize=7 if len(labels) > 20 else 8,
+            )
         changed |= _keep(self.ax_norm, float(np.max(view.norms)), signed=False)
         changed |= _keep(self.ax_gxi, float(np.max(np.abs(view.grad_x_input))), signed=True)
         changed |= _keep(self.ax_ig, float(np.max(np.abs(view.integrated))), signed=True)
@@ -231,14 +236,21 @@ class SequenceExplorer(ViewPanel):
         self.units = output_labels(model)
         self._paths: dict[tuple[int, int], SequencePath] = {}
         self.alpha_slider = widgets.FloatSlider(
-            value=1.0, min=0.0, max=1.0, step=1.0 / (steps - 1), description="a (path)", continuous_update=True,
-            readout_format=".3f", layout=widgets.Layout(width="60%"),
-        )  # fmt: skip
+            value=1.0,
+            min=0.0,
+            max=1.0,
+            step=1.0 / (steps - 1),
+            description="a (path)",
+            continuous_update=True,
+            readout_format=".3f",
+            layout=widgets.Layout(width="60%"),
+        )
         self.sample_select = widgets.BoundedIntText(
             value=0, min=0, max=len(data) - 1, description="sample", layout=widgets.Layout(width="160px")
         )
-        self.unit_select = widgets.Dropdown(options=[(n, i) for i, n in enumerate(self.units)], value=0,
-                                            description="output")  # fmt: skip
+        self.unit_select = widgets.Dropdown(
+            options=[(n, i) for i, n in enumerate(self.units)], value=0, description="output"
+        )
         for control in (self.alpha_slider, self.sample_select, self.unit_select):
             control.observe(lambda c: self.updates.submit(self._state()), names="value")
         first = self.compute(self._state())  # before any figure: a failure leaves nothing behind
@@ -275,13 +287,15 @@ class SequenceExplorer(ViewPanel):
         order = np.argsort(-np.abs(view.grad_x_input))[:3]
         unit = self.units[view.unit]
         path = view.path
-        self.readout.value = readout_table([
-            ("a", f"{view.alpha:.4g}"),
-            (f"{unit} at a, sample {view.sample}", f"{view.value:.6g}"),
-            ("gradient taken at", "the Embedding's output" if view.tokens else "the input"),
-            ("largest |gradient x input|", ", ".join(f"{labels[i]} ({view.grad_x_input[i]:.3g})" for i in order)),
-            ("f(0) + sum(integrated gradients up to a)", f"{path.outputs[0] + float(np.sum(view.integrated)):.6g}"),
-            ("completeness gap at a = 1", f"{path.completeness_gap:.4g}"),
-            *(("note", note) for note in path.notes),
-        ])  # fmt: skip
+        self.readout.value = readout_table(
+            [
+                ("a", f"{view.alpha:.4g}"),
+                (f"{unit} at a, sample {view.sample}", f"{view.value:.6g}"),
+                ("gradient taken at", "the Embedding's output" if view.tokens else "the input"),
+                ("largest |gradient x input|", ", ".join(f"{labels[i]} ({view.grad_x_input[i]:.3g})" for i in order)),
+                ("f(0) + sum(integrated gradients up to a)", f"{path.outputs[0] + float(np.sum(view.integrated)):.6g}"),
+                ("completeness gap at a = 1", f"{path.completeness_gap:.4g}"),
+                *(("note", note) for note in path.notes),
+            ]
+        )
         self.error.value = ""

@@ -53,8 +53,13 @@ class ViewPanel(widgets.VBox):
         scheduler: Runs a callback later; None renders on the event loop (or at once outside one).
     """
 
-    def _frame(self, controls: widgets.Widget, figure_widget: widgets.Widget, clock: Callable[[], float],
-               scheduler: Scheduler | None) -> None:  # fmt: skip
+    def _frame(
+        self,
+        controls: widgets.Widget,
+        figure_widget: widgets.Widget,
+        clock: Callable[[], float],
+        scheduler: Scheduler | None,
+    ) -> None:
         self.controls = controls
         self.readout = widgets.HTML()
         self.error = widgets.HTML()

@@ -115,13 +115,18 @@ def explore(
     chosen = choose_view(model, view)
     check_view_options(
         chosen,
-        {"labels": labels is not None, "steps": steps != 32, "baseline": baseline is not None,
-         "gradcam_layer": gradcam_layer is not None},
-    )  # fmt: skip
+        {
+            "labels": labels is not None,
+            "steps": steps != 32,
+            "baseline": baseline is not None,
+            "gradcam_layer": gradcam_layer is not None,
+        },
+    )
     if chosen != "vector":
         # The other views' own options first, before anything runs.
-        explorer_args.check_options(model, reference, reference_grad, feature_names, points, training, max_sliders,
-                                    use_ipympl)  # fmt: skip
+        explorer_args.check_options(
+            model, reference, reference_grad, feature_names, points, training, max_sliders, use_ipympl
+        )
         if training and chosen in ("sequence", "image"):
             raise GradmagicError(
                 f"Received: training=True with view={chosen!r}. Expected training=False: the {chosen} view walks "
@@ -152,9 +157,17 @@ def explore(
 
 
 def _open_view(
-    kind: str, model: Any, x: Any, labels: Any, steps: Any, baseline: Any, gradcam_layer: Any, feature_names: Any,
-    training: bool, use_ipympl: bool | None,
-) -> widgets.VBox:  # fmt: skip
+    kind: str,
+    model: Any,
+    x: Any,
+    labels: Any,
+    steps: Any,
+    baseline: Any,
+    gradcam_layer: Any,
+    feature_names: Any,
+    training: bool,
+    use_ipympl: bool | None,
+) -> widgets.VBox:
     """Check the data for the plane, sequence or image view and open it."""
     if kind == "plane":
         from gradmagic.widgets.plane import PlaneExplorer
