@@ -323,3 +323,32 @@ def test_a_bias_free_relu_net_from_zeros_loses_exactly_the_trapezoids_first_half
         gm.integrated_gradients(model, x, steps=2)
     suggested = int(str(caught[0].message).split("try steps=")[1].split(".")[0])
     assert gm.integrated_gradients(model, x, steps=suggested).complete
+
+
+def rounded_input_model() -> keras.Model:
+    """f(x) = Dense(round(x)): the output moves with x, but TensorFlow has no gradient through round."""
+    inp = keras.Input((3,))
+    out = keras.layers.Dense(2)(keras.layers.Lambda(lambda t: keras.ops.round(t))(inp))
+    return keras.Model(inp, out)
+
+
+def test_an_output_with_no_gradient_path_to_x_says_so_instead_of_asking_for_more_steps():
+    model = rounded_input_model()
+    x = np.array([[1.4, 2.6, 3.1], [0.7, -1.2, 2.2]], "float32")
+    # tape.gradient gives None: the output is disconnected from x, whatever the point.
+    point = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(point)
+        value = model(point)[:, 0]
+    assert tape.gradient(value, point) is None
+    with pytest.warns(GradmagicWarning, match=r"no gradient path from x") as caught:
+        a = gm.integrated_gradients(model, x, output=0)
+    assert not any("try steps" in str(w.message) for w in caught)  # more steps cannot close this gap
+    np.testing.assert_array_equal(a.array, 0.0)
+    assert any("no gradient path from x" in n for n in a.notes)
+    with pytest.warns(GradmagicWarning, match=r"no gradient path from x"):
+        s = gm.saliency(model, x, output=0, smooth=0.1, samples=3)
+    np.testing.assert_array_equal(s.array, 0.0)
+    assert any("no gradient path from x" in n for n in s.notes)
+    with pytest.warns(GradmagicWarning, match=r"no gradient path from x"):
+        gm.saliency(model, x, output=0)

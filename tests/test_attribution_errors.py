@@ -45,6 +45,8 @@ def conv_model() -> keras.Model:
         (lambda m: gm.saliency(m, X, smooth=-0.1), r"Received: smooth=-0.1.*>= 0"),
         (lambda m: gm.saliency(m, X, smooth=float("nan")), r"Received: smooth=nan"),
         (lambda m: gm.saliency(m, X, smooth=0.1, samples=0), r"Received: samples=0"),
+        (lambda m: gm.saliency(m, X, smooth=float("inf")), r"Received: smooth=inf.*finite"),
+        (lambda m: gm.integrated_gradients(m, X, seed="a"), r"Received: seed='a'"),
         (lambda m: gm.integrated_gradients(m, np.zeros((2, 5), "float32")), r"shape \(2, 5\).*expects \(batch, 3\)"),
     ],
 )

@@ -10,6 +10,7 @@ exactly.
 
 from __future__ import annotations
 
+import functools
 import gc
 
 import keras
@@ -291,6 +292,35 @@ def test_an_activation_swapped_between_calls_is_seen():
     model = mlp()
     gm.weight_gradients(model, X, Y)
     model.layers[0].activation = keras.activations.relu
+    _assert_matches(gm.weight_gradients(model, X, Y), _tape(model, _mse))
+
+
+class _Scaled:
+    """An activation given as a callable object: y = k * t."""
+
+    def __init__(self, k):
+        self.k = k
+
+    def __call__(self, t):
+        return t * self.k
+
+
+def _times(t, k):
+    return t * k
+
+
+def test_an_activation_given_as_a_partial_or_a_callable_object_is_seen_when_swapped_or_changed():
+    model = mlp()
+    layer = model.layers[0]
+    layer.activation = functools.partial(_times, k=2.0)
+    gm.weight_gradients(model, X, Y)
+    layer.activation = functools.partial(_times, k=3.0)  # another partial: new contents
+    _assert_matches(gm.weight_gradients(model, X, Y), _tape(model, _mse))
+    layer.activation = _Scaled(2.0)
+    gm.weight_gradients(model, X, Y)
+    layer.activation = _Scaled(5.0)  # another object of the same class
+    _assert_matches(gm.weight_gradients(model, X, Y), _tape(model, _mse))
+    layer.activation.k = 0.5  # the same object, changed in place
     _assert_matches(gm.weight_gradients(model, X, Y), _tape(model, _mse))
 
 

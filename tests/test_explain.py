@@ -327,3 +327,71 @@ def test_nan_from_an_unpicked_where_branch_is_pinned_on_its_layer():
 def _rows(explanation):
     columns = explanation.to_dict()["layers"]
     return [dict(zip(columns, values)) for values in zip(*columns.values())]
+
+
+# --- sample weights, and the batch a GradientMonitor kept -------------------------------------------------------
+
+
+def _forward_division_model() -> keras.Model:
+    """d1 -> Lambda dividing by input column 0, unguarded (Inf/NaN in the forward pass) -> out."""
+    inputs = keras.Input((3,))
+    hidden = keras.layers.Dense(4, activation="tanh", name="d1")(inputs)
+    divided = keras.layers.Lambda(lambda t: t[0] / t[1][:, :1], name="divide")([hidden, inputs])
+    model = keras.Model(inputs, keras.layers.Dense(1, name="out")(divided))
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+    return model
+
+
+def test_sample_weights_weigh_the_loss_and_its_gradient():
+    model = _forward_division_model()
+    x = np.random.default_rng(2).uniform(0.5, 1.5, (4, 3)).astype("float32")  # no zero divisor
+    y = np.random.default_rng(3).normal(size=(4, 1)).astype("float32")
+    sw = np.array([1.0, 0.0, 2.0, 0.5], "float32")
+    weighted = gm.explain(model, x, y, sample_weight=sw, verbose=False)
+    # Independent truth: Keras's own weighted MSE (the mean over the batch of sw * squared error).
+    want = float(np.mean(sw * np.mean((model.predict(x, verbose=0) - y) ** 2, axis=-1)))
+    # The compiled graph and predict's graph round differently in float32: equal to round-off.
+    assert weighted.value == pytest.approx(want, rel=1e-5)
+    assert gm.explain(model, x, y, verbose=False).value != pytest.approx(want, rel=1e-3)
+    # All-zero weights make the loss 0 everywhere: every weight's gradient is exactly zero.
+    zero = gm.explain(model, x, y, sample_weight=np.zeros(4, "float32"), verbose=False)
+    assert zero.value == 0.0
+    assert sorted((d.layer, d.gradient) for d in zero.disconnected) == [("d1", "zero")] * 2 + [("out", "zero")] * 2
+
+
+@pytest.mark.parametrize("diagnosis", [gm.explain, gm.check_gradients])
+def test_sample_weights_in_the_place_of_the_loss_get_a_clear_message(diagnosis):
+    model = _forward_division_model()
+    y = np.zeros((4, 1), "float32")
+    with pytest.raises(gm.GradmagicError, match=r"loss=<float32 array of shape \(4,\)>.*sample_weight=sw") as info:
+        diagnosis(model, X, y, np.ones(4, "float32"))
+    assert "\n" not in str(info.value) and diagnosis.__name__ in str(info.value)
+
+
+def test_sample_weight_without_y_is_refused():
+    with pytest.raises(gm.GradmagicError, match="sample_weight without y"):
+        gm.explain(_forward_division_model(), X, sample_weight=np.ones(4, "float32"))
+
+
+def test_the_batch_a_monitor_kept_with_sample_weights_explains_the_division():
+    model = _forward_division_model()
+    rng = np.random.default_rng(4)
+    x = rng.uniform(0.5, 1.5, (32, 3)).astype("float32")
+    x[20, 0] = 0.0  # row 20 divides by zero: the third batch of 8 goes non-finite
+    y = rng.normal(size=(32, 1)).astype("float32")
+    sample_weight = np.linspace(0.5, 2.0, 32).astype("float32")
+    monitor = gm.GradientMonitor(on_anomaly="raise")
+    with pytest.raises(gm.GradientAnomalyError):
+        model.fit(x, y, sample_weight=sample_weight, batch_size=8, epochs=1, shuffle=False, verbose=0,
+                  callbacks=[monitor])  # fmt: skip
+    bx, by, bw = monitor.bad_batch
+    np.testing.assert_array_equal(bw, sample_weight[16:24])
+    model.set_weights(monitor.bad_step_weights)
+    before = fingerprint(model)
+    e = gm.explain(model, bx, by, sample_weight=bw, verbose=False)
+    assert_unchanged(model, before)
+    first = e.nonfinite[0]
+    assert (first.op_type, first.layer, first.backward) == ("RealDiv", "divide", False)
+    assert not np.isfinite(e.value)
+    check = gm.check_gradients(model, bx[:2], by[:2], sample_weight=bw[:2], verbose=False)  # rows 16, 17: finite
+    assert check.passed, check

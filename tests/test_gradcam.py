@@ -10,6 +10,7 @@ from conftest import assert_unchanged, fingerprint
 
 import gradmagic as gm
 from gradmagic.core.questions import compute
+from gradmagic.errors import GradmagicWarning
 
 
 def conv_net() -> keras.Model:
@@ -150,3 +151,27 @@ def test_gradcam_at_a_nested_base_model_as_in_transfer_learning():
     want = np.maximum((a.numpy() * grads.mean(axis=(1, 2))[:, None, None, :]).sum(-1), 0)
     # Compiled graph vs eager tape: float32 rounding.
     np.testing.assert_allclose(g.array, want, rtol=1e-4, atol=1e-6)
+
+
+def test_a_layer_with_no_gradient_path_to_the_output_is_named_in_a_warning():
+    inp = keras.Input((6, 6, 1))
+    conv = keras.layers.Conv2D(2, 3, name="conv")(inp)
+    rounded = keras.layers.Lambda(lambda t: keras.ops.round(t))(conv)  # TensorFlow has no gradient for round
+    model = keras.Model(inp, keras.layers.Dense(2)(keras.layers.Flatten()(rounded)))
+    x = np.random.default_rng(7).normal(size=(2, 6, 6, 1)).astype("float32")
+    with tf.GradientTape() as tape:
+        a = model.get_layer("conv")(x)
+        y = model.layers[-1](model.layers[-2](model.layers[-3](a)))[:, 0]
+    assert tape.gradient(y, a) is None  # disconnected, by a hand-written tape
+    with pytest.warns(GradmagicWarning, match=r"no gradient path from layer 'conv'"):
+        g = gm.gradcam(model, x, "conv", output=0)
+    np.testing.assert_array_equal(g.array, 0.0)
+    assert any("no gradient path" in n for n in g.notes)
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (-1, 4), "ab", 7, (5,), (5, 5, 5), (2.5, 3)])
+def test_a_bad_size_to_resize_to_is_refused_in_the_house_form(shape):
+    model = conv_net()
+    g = gm.gradcam(model, np.random.default_rng(8).normal(size=(1, 8, 8, 2)).astype("float32"), "c2")
+    with pytest.raises(gm.GradmagicError, match=r"Received: shape=.*Expected 2 positive int"):
+        g.upsampled(shape)

@@ -97,8 +97,30 @@ def test_an_unrecognised_failure_is_one_line_naming_the_model_and_the_purpose():
     with pytest.raises(TracingFailed) as info:
         _traced(model)
     message = str(tracing_error(info.value, model, "for a test"))
-    assert message.startswith(f"Tracing model '{model.name}' for a test failed: ")
+    assert message.startswith(f"Tracing model '{model.name}' for a test failed in layer 0 'boom' (Lambda, ")
+    assert "custom failure with a second line" in message
     assert "\n" not in message and message.endswith("The model was left unchanged.")
+
+
+@tf.function
+def _reshaped(t):
+    return tf.reshape(t, (5, 7))  # 6 values (x is 2 by 3) cannot fill 35: fails while tracing
+
+
+@pytest.mark.parametrize("diagnosis", [gm.explain, gm.check_gradients])
+def test_an_error_inside_a_function_the_layer_calls_is_said_in_full_not_its_traceback(diagnosis):
+    # Keras wraps the error in its own text, and TensorFlow's "in user code:" frames of the
+    # helper come before the error itself: the one-line message must say the error.
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Lambda(_reshaped, output_shape=(35,), name="shape")])
+    model.compile(loss="mse")
+    with pytest.raises(gm.GradmagicError) as info:
+        diagnosis(model, X, np.zeros((2, 35), "float32"))
+    message = str(info.value)
+    assert message.startswith(f"Tracing model '{model.name}' ")
+    assert "in layer 0 'shape' (Lambda, function '_reshaped')" in message
+    assert "ValueError: Cannot reshape a tensor with 6 elements to shape [5,7]" in message
+    assert "in user code" not in message and "File " not in message and "\x1b" not in message
+    assert "\n" not in message
 
 
 def test_layer_ancestors_follow_raw_ops_between_layers():

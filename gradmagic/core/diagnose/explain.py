@@ -13,7 +13,7 @@ x, which give an observed verdict per layer and the weights whose gradient is
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import keras
@@ -33,6 +33,7 @@ from gradmagic.core.diagnose.op_graph import (
     ZERO,
     carries_gradient,
     diagnose,
+    gradient_levels,
     op_gradient,
     path_ops,
 )
@@ -44,12 +45,13 @@ from gradmagic.core.diagnose.tracing import (
     OpRecorder,
     TracingFailed,
     concrete_function,
+    refuse_array_loss,
+    run_once,
     tracing_error,
 )
 from gradmagic.core.questions.compute import dense_gradients
-from gradmagic.core.questions.entry import check_model, leaves_no_trace, spec_and_inputs
+from gradmagic.core.questions.entry import check_model, leaves_no_trace, prepare_loss_args, spec_and_inputs
 from gradmagic.core.questions.gradients import weight_gradients
-from gradmagic.core.questions.inputs import prepare_targets
 from gradmagic.core.questions.state import preserved_eagerly
 from gradmagic.core.questions.targets import (
     LossFn,
@@ -60,7 +62,7 @@ from gradmagic.core.questions.targets import (
     weight_slots,
 )
 from gradmagic.core.questions.trace_errors import function_name, short_error
-from gradmagic.errors import ComputeError, GradmagicWarning
+from gradmagic.errors import ComputeError, GradmagicWarning, InputError
 
 __all__ = ["DisconnectedWeight", "Explanation", "LayerPath", "OpInfo", "explain"]
 
@@ -80,6 +82,19 @@ class _Trace:
     grad_error: str | None = None
     probed: list | None = None  # with probe=True: the ops checked for NaN/Inf, and their flags
     finite: np.ndarray | None = None
+    ops: list = field(default_factory=list)  # every op of the traced graph, in creation order
+
+    def __post_init__(self) -> None:
+        # Read once: the per-layer analysis slices and indexes these instead of listing the graph per layer.
+        self.ops = self.recorder.graph.get_operations()
+        self.forward = self.ops[: self.forward_end]
+        self.position = {op.name: i for i, op in enumerate(self.ops)}
+        self.by_owner: dict[int, list] = {}
+        for op, owner in zip(self.forward, self.recorder.owner, strict=False):
+            self.by_owner.setdefault(owner, []).append(op)
+        self.calls_of: dict[int, list[int]] = {}
+        for i, call in enumerate(self.recorder.calls):
+            self.calls_of.setdefault(call.layer_index, []).append(i)
 
 
 def _sum_of_outputs(y_pred: Any) -> tf.Tensor | None:
@@ -88,7 +103,14 @@ def _sum_of_outputs(y_pred: Any) -> tf.Tensor | None:
 
 
 def _trace(
-    model: keras.Model, x: Any, y: Any, loss_fn: LossFn | None, training: bool, gradients: bool, probe: bool = False
+    model: keras.Model,
+    x: Any,
+    y: Any,
+    sw: Any,
+    loss_fn: LossFn | None,
+    training: bool,
+    gradients: bool,
+    probe: bool = False,
 ) -> _Trace:
     """Run the model once in a tf.function, recording ops per layer and (optionally) every gradient.
 
@@ -104,12 +126,12 @@ def _trace(
         return flags
 
     @tf.function(autograph=False)  # as in Keras's own train step; AutoGraph only adds tracing time
-    def run(x: Any, y: Any) -> Any:
+    def run(x: Any, y: Any, sw: Any) -> Any:
         with tf.GradientTape() as tape:
             with recorder.recording(tape):
                 y_pred = model(x, training=training)
             recorder.flush(OWNER_GLUE)
-            target = _sum_of_outputs(y_pred) if loss_fn is None else loss_fn(model, x, y, y_pred, None, training)
+            target = _sum_of_outputs(y_pred) if loss_fn is None else loss_fn(model, x, y, y_pred, sw, training)
         info["forward_end"], info["target"] = recorder.flush(OWNER_LOSS), target
         grads = None
         if target is not None and gradients:
@@ -120,9 +142,9 @@ def _trace(
                 info["grad_error"] = short_error(exc)
         return target, grads, probed()
 
-    concrete = concrete_function(run, recorder, x, y)
-    with preserved_eagerly(model):
-        value, grads, finite = concrete(x, y)
+    concrete = concrete_function(run, recorder, x, y, sw)
+    with preserved_eagerly(model), run_once():
+        value, grads, finite = concrete(x, y, sw)
     in_grads, out_grads, weight_grads = _numpy(grads) if grads is not None else ([], [], None)
     value = None if value is None else float(value)
     trace = _Trace(
@@ -137,13 +159,13 @@ def _numpy(nested: Any) -> Any:
     return keras.tree.map_structure(lambda t: None if t is None else np.asarray(t), nested)
 
 
-def _run_trace(model: keras.Model, x: Any, y: Any, loss_fn: LossFn | None, training: bool) -> _Trace:
+def _run_trace(model: keras.Model, x: Any, y: Any, sw: Any, loss_fn: LossFn | None, training: bool) -> _Trace:
     """Trace with gradients; if they fail at run time, trace the forward pass alone and say why."""
     try:
         try:
-            return _trace(model, x, y, loss_fn, training, gradients=True)
+            return _trace(model, x, y, sw, loss_fn, training, gradients=True)
         except tf.errors.OpError as exc:  # e.g. the gradient of a tf.py_function whose body is NumPy
-            trace = _trace(model, x, y, loss_fn, training, gradients=False)
+            trace = _trace(model, x, y, sw, loss_fn, training, gradients=False)
             trace.grad_error = short_error(exc)
             return trace
     except TracingFailed as failed:
@@ -212,7 +234,7 @@ def _observed(trace: _Trace, calls: list[int], weight_grads: list) -> str:
 
 def _judge_calls(layer: keras.Layer, calls: list[LayerCall], trace: _Trace, weights: dict) -> tuple[tuple, set[str]]:
     """The worst ``(level, op, reason)`` over a layer's calls (a shared layer runs several) and its on-path ops."""
-    ops = trace.recorder.graph.get_operations()
+    ops = trace.ops
     worst: tuple = (FLOWS + 1, None, "")
     on_path: set[str] = set()
     for call in calls:
@@ -226,15 +248,14 @@ def _judge_calls(layer: keras.Layer, calls: list[LayerCall], trace: _Trace, weig
 
 def _layer_path(index: int, layer: keras.Layer, trace: _Trace, weights: dict, grads: list) -> LayerPath:
     recorder = trace.recorder
-    calls = [i for i, c in enumerate(recorder.calls) if c.layer_index == index]
+    calls = trace.calls_of.get(index, [])
     function = function_name(layer) if isinstance(layer, keras.layers.Lambda) else None
     record = LayerPath(index, layer.name, type(layer).__name__, function, len(calls), [], "not called")
     if not calls:
         record.verdict = "input" if isinstance(layer, keras.layers.InputLayer) else "not called"
         return record
     (level, op, reason), on_path = _judge_calls(layer, [recorder.calls[i] for i in calls], trace, weights)
-    ops = recorder.graph.get_operations()[: trace.forward_end]
-    record.ops = _group_ops([o for i, o in enumerate(ops) if recorder.owner[i] == index], on_path)
+    record.ops = _group_ops(trace.by_owner.get(index, []), on_path)
     record.verdict, record.reason, record.observed = VERDICTS[level], reason, _observed(trace, calls, grads)
     record.op, record.op_name = (op.type, op.name) if op is not None else (None, None)
     if record.op == "EagerPyFunc" and record.observed == VERDICTS[FLOWS]:
@@ -248,7 +269,7 @@ def _layer_path(index: int, layer: keras.Layer, trace: _Trace, weights: dict, gr
 
 def _cut_owner(model: keras.Model, trace: _Trace, op: tf.Operation) -> tuple[int | None, str]:
     """``(index, layer name)`` of the layer whose call created ``op``; ``(None, "loss")`` or the model's name."""
-    return _owner(model, trace.recorder.owner[[o.name for o in trace.recorder.graph.get_operations()].index(op.name)])
+    return _owner(model, trace.recorder.owner[trace.position[op.name]])
 
 
 def _owner(model: keras.Model, owner: int) -> tuple[int | None, str]:
@@ -263,17 +284,23 @@ def _has_nonfinite(trace: _Trace, grads: list | None) -> bool:
 
 
 def _nonfinite_origins(
-    model: keras.Model, x: Any, y: Any, loss_fn: LossFn | None, training: bool, gradients: bool, notes: list[str]
+    model: keras.Model,
+    x: Any,
+    y: Any,
+    sw: Any,
+    loss_fn: LossFn | None,
+    training: bool,
+    gradients: bool,
+    notes: list[str],
 ) -> list[NonfiniteOrigin]:
     """Trace again with every op probed, and name the ops that made NaN/Inf from finite inputs."""
     try:
-        trace = _trace(model, x, y, loss_fn, training, gradients=gradients, probe=True)
+        trace = _trace(model, x, y, sw, loss_fn, training, gradients=gradients, probe=True)
     except (TracingFailed, tf.errors.OpError) as exc:  # the first trace ran, so this is rare
         notes.append(f"NaN/Inf was seen, but probing every op to find where it is made failed: {short_error(exc)}")
         return []
-    forward = trace.recorder.graph.get_operations()[: trace.forward_end]
     owners = [_owner(model, owner) for owner in trace.recorder.owner[: trace.forward_end]]
-    return nonfinite_origins(trace.probed, trace.finite, forward, owners)
+    return nonfinite_origins(trace.probed, trace.finite, trace.forward, owners)
 
 
 _DATA_ZERO = (
@@ -284,13 +311,14 @@ _DATA_ZERO = (
 
 def _disconnected(model: keras.Model, trace: _Trace, grads: list | None, weights: dict) -> list[DisconnectedWeight]:
     """Weights with a None or all-zero gradient (from the graph alone when ``grads`` is None)."""
-    section, sinks = trace.recorder.graph.get_operations()[: trace.forward_end], [trace.target]
+    section, sinks = trace.forward, [trace.target]
+    levels = gradient_levels(section, sinks) if trace.target is not None else None
     found = []
     for i, (slot, var) in enumerate(zip(weight_slots(model), model.trainable_weights, strict=True)):
         grad, sources = None if grads is None else grads[i], weights.get(id(var), [])
         if grad is not None and np.any(grad != 0):
             continue
-        level, op, reason = diagnose(section, sources, sinks) if trace.target is not None else (NONE, None, "")
+        level, op, reason = diagnose(section, sources, sinks, levels) if trace.target is not None else (NONE, None, "")
         if grads is None:  # no numbers (autodiff failed): report what the graph alone proves
             if level == FLOWS:
                 continue
@@ -307,7 +335,13 @@ def _disconnected(model: keras.Model, trace: _Trace, grads: list | None, weights
 
 @leaves_no_trace
 def explain(
-    model: keras.Model, x: Any, y: Any = None, loss: Any = None, training: bool = False, verbose: bool = True
+    model: keras.Model,
+    x: Any,
+    y: Any = None,
+    loss: Any = None,
+    training: bool = False,
+    verbose: bool = True,
+    sample_weight: Any = None,
 ) -> Explanation:
     """Explain how the gradient flows through every layer, and why a gradient is None.
 
@@ -329,6 +363,11 @@ def explain(
         training: Run layers in training mode. Defaults to ``False``.
         verbose: Show a progress bar over the layers (``keras.utils.Progbar``)
             once the analysis has run for more than 2 seconds. Defaults to ``True``.
+        sample_weight: Per-sample weights of the loss (needs y), as ``fit`` takes
+            them. Defaults to ``None``. To look again at the step a
+            :class:`gradmagic.GradientMonitor` flagged:
+            ``x, y, sw = monitor.bad_batch`` then
+            ``gradmagic.explain(model, x, y, sample_weight=sw)``.
 
     Returns:
         An :class:`Explanation`: ``.layers`` (a :class:`LayerPath` per entry of
@@ -350,17 +389,24 @@ def explain(
     check_model(model)
     training = check_flag("training", training)
     progress = Progress(len(model.layers) + 1, check_flag("verbose", verbose), "layer")
+    refuse_array_loss(loss, "explain")
     if y is not None:
         check_loss_argument(model, loss)
-    data = first_batch(x, y)
-    x, y = data.x, data.y
+    data = first_batch(x, y, sample_weight)
+    x, y, sample_weight = data.x, data.y, data.sample_weight
+    if y is None and sample_weight is not None:
+        raise InputError(
+            "Received: sample_weight without y. Expected y too: sample weights weigh the loss, and without y "
+            "explain differentiates the sum of the outputs. Fix: pass y (and the loss), or drop sample_weight."
+        )
     spec, x_in, batch = spec_and_inputs(model, x)
-    notes, grads, loss_fn, y_in = [data.source] if data.source else [], None, None, None
+    notes, grads, loss_fn, y_in, sw_in = [data.source] if data.source else [], None, None, None, None
     if y is not None:
         check_loss_structure(model, spec.output_names, loss)
     if y is not None:  # check y and the loss before tracing, so that their mistakes get their own messages
-        y_in, loss_fn = prepare_targets(model, y, batch, spec), resolve_loss(model, loss)
-    trace = _run_trace(model, x_in, y_in, loss_fn, training)
+        y_in, sw_in = prepare_loss_args(model, spec, y, sample_weight, batch)
+        loss_fn = resolve_loss(model, loss)
+    trace = _run_trace(model, x_in, y_in, sw_in, loss_fn, training)
     progress()
     if trace.grad_error is not None:
         notes.append(f"TensorFlow could not compute the gradient, so only the graph was analysed: {trace.grad_error}")
@@ -368,7 +414,9 @@ def explain(
         try:
             with warnings.catch_warnings():  # NaN/Inf in x or y is reported below, with its origin
                 warnings.simplefilter("ignore", GradmagicWarning)
-                grads = weight_gradients(model, x, y, loss=loss, training=training).arrays()
+                grads = weight_gradients(
+                    model, x, y, loss=loss, training=training, sample_weight=sample_weight
+                ).arrays()
         except ComputeError as exc:
             notes.append(f"computing dLoss/dW failed: {exc}")
     grads = grads if grads is not None else trace.weight_grads
@@ -384,7 +432,7 @@ def explain(
     notes.extend(_unchecked_notes(layers))
     origins = []
     if _has_nonfinite(trace, grads):  # a forward pass alone when autodiff itself failed above
-        origins = _nonfinite_origins(model, x_in, y_in, loss_fn, training, trace.grad_error is None, notes)
+        origins = _nonfinite_origins(model, x_in, y_in, sw_in, loss_fn, training, trace.grad_error is None, notes)
     for backward in (False, True):  # the first op that makes NaN/Inf in each pass
         first = next((o for o in origins if o.backward == backward), None)
         if first is not None:

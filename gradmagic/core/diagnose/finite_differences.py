@@ -42,6 +42,7 @@ from gradmagic.core.diagnose.gradcheck_results import FAIL, NOT_SMOOTH, OK, Chec
 from gradmagic.core.diagnose.tracing import OpRecorder, concrete_function
 from gradmagic.core.questions.compute import dense_gradients, float_leaves
 from gradmagic.core.questions.targets import model_name, weight_slots
+from gradmagic.core.snapshots import values_restored
 
 #: An error counts against max(row's gradient, _MODEL_SHARE * the whole model's gradient).
 _MODEL_SHARE = 0.01
@@ -130,24 +131,20 @@ class _Differences:
 
 def _weight_values(problem: LossProblem, variables: list, h: float, dirs: np.ndarray) -> tuple[np.ndarray, ...]:
     """Loss at ``w + h v`` and ``w - h v`` for each direction ``v`` in the space of ``variables``."""
-    saved = [v.numpy() for v in variables]
-    sizes = [s.size for s in saved]
+    with values_restored(variables) as saved:
+        sizes = [s.size for s in saved]
 
-    def assign(step: np.ndarray) -> None:
-        for var, value, part in zip(variables, saved, np.split(step, np.cumsum(sizes)[:-1]), strict=True):
-            var.assign((value + part.reshape(value.shape)).astype(value.dtype))
+        def assign(step: np.ndarray) -> None:
+            for var, value, part in zip(variables, saved, np.split(step, np.cumsum(sizes)[:-1]), strict=True):
+                var.assign((value + part.reshape(value.shape)).astype(value.dtype))
 
-    values = []
-    try:
+        values = []
         for d in dirs:
             pair = []
             for sign in (1.0, -1.0):
                 assign(sign * h * d)
                 pair.append(problem.loss_at(problem.x))
             values.append(pair)
-    finally:
-        for var, value in zip(variables, saved, strict=True):
-            var.assign(value)
     return tuple(np.asarray(values).reshape(-1, 2).T)
 
 

@@ -91,7 +91,7 @@ def path_ops(section: Sequence[tf.Operation], sources: list, sinks: list) -> lis
     return on_path[::-1]
 
 
-def _levels(section: Sequence[tf.Operation], sinks: list) -> dict[str, int]:
+def gradient_levels(section: Sequence[tf.Operation], sinks: list) -> dict[str, int]:
     """The best gradient level that reaches each tensor backwards from ``sinks``.
 
     Graph ops are created in topological order, so walking them in reverse visits
@@ -114,10 +114,16 @@ def _blame_rank(op: tf.Operation, reason: str) -> int:
     return 1 if "cast" in reason else 2
 
 
-def diagnose(section: Sequence[tf.Operation], sources: list, sinks: list) -> tuple[int, tf.Operation | None, str]:
-    """``(level, blocking op or None, reason)`` of the gradient from ``sinks`` back to ``sources``."""
+def diagnose(
+    section: Sequence[tf.Operation], sources: list, sinks: list, levels: dict[str, int] | None = None
+) -> tuple[int, tf.Operation | None, str]:
+    """``(level, blocking op or None, reason)`` of the gradient from ``sinks`` back to ``sources``.
+
+    ``levels`` is :func:`gradient_levels` of the same section and sinks, when
+    several sources are diagnosed against them (it does not depend on the sources).
+    """
     float_sources = [t for t in sources if carries_gradient(t)]
-    levels = _levels(section, sinks)
+    levels = gradient_levels(section, sinks) if levels is None else levels
     level = max((levels.get(t.name, NONE) for t in float_sources), default=NONE)
     if level == FLOWS:
         return FLOWS, None, ""

@@ -12,14 +12,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from gradmagic.core.backends.tensorflow import calls_replaced
 from gradmagic.core.diagnose.op_graph import carries_gradient
 from gradmagic.core.questions.targets import model_name
-from gradmagic.core.questions.trace_errors import diagnose_trace_error
+from gradmagic.core.questions.trace_errors import describe_layer, diagnose_trace_error, short_error
 from gradmagic.core.questions.user_code import with_cause
-from gradmagic.errors import ComputeError, GradmagicError, brief
+from gradmagic.errors import ComputeError, GradmagicError, InputError
 
 OWNER_GLUE, OWNER_LOSS = -1, -2  # owners of ops outside any layer: model plumbing, and the loss
 
@@ -94,6 +95,23 @@ class OpRecorder:
             yield
 
 
+@contextlib.contextmanager
+def run_once() -> Iterator[None]:
+    """Call a traced function that runs only once without TensorFlow's graph optimizer (Grappler).
+
+    Grappler rewrites a graph the first time it runs, to make later runs faster:
+    for a graph run once that is pure cost (about a second on MobileNetV2, more
+    than the run itself). The same ops run, unfused. Uses the public
+    ``tf.config.optimizer`` options and restores them afterwards.
+    """
+    saved = tf.config.optimizer.get_experimental_options()
+    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
+    try:
+        yield
+    finally:
+        tf.config.optimizer.set_experimental_options(saved)
+
+
 class TracingFailed(Exception):
     """Tracing the model raised; carries the innermost layer that was running."""
 
@@ -124,9 +142,51 @@ def tracing_error(failed: TracingFailed, model: keras.Model, purpose: str) -> Gr
     """
     if isinstance(failed.cause, GradmagicError):  # already says which user code failed, with its cause
         return with_cause(failed.cause)
-    return diagnose_trace_error(failed.cause, model, failed.layer_index) or ComputeError(
-        f"Tracing model '{model_name(model)}' {purpose} failed: {brief(failed.cause)} The model was left unchanged."
+    diagnosed = diagnose_trace_error(failed.cause, model, failed.layer_index)
+    if diagnosed is not None:
+        return diagnosed
+    said = _error_itself(failed.cause).rstrip(".")
+    where = ""
+    if failed.layer_index is not None:
+        where = " in l" + describe_layer(model, failed.layer_index).split(" of model ")[0][1:]
+    return ComputeError(
+        f"Tracing model '{model_name(model)}' {purpose} failed{where}: {said}. Fix that layer (or what feeds it) "
+        f"so that it runs on x. The model was left unchanged."
     )
+
+
+def refuse_array_loss(loss: Any, function: str) -> None:
+    """Refuse an array where the loss goes: sample weights passed by position (``*monitor.bad_batch``).
+
+    Args:
+        loss: The ``loss`` argument.
+        function: The public function's name, for the fix.
+
+    Raises:
+        InputError: ``loss`` is an array or tensor.
+    """
+    if isinstance(loss, (np.ndarray, tf.Tensor, tf.Variable)):
+        raise InputError(
+            f"Received: loss=<{loss.dtype} array of shape {tuple(loss.shape)}>, where the loss goes (the third "
+            f"argument after the model). An array there is usually sample weights, e.g. from "
+            f"`*monitor.bad_batch`, which is (x, y, sample_weight). Expected a loss: a name, a keras Loss or a "
+            f"function, or None for the compiled loss. Fix: pass the weights by name: "
+            f"`x, y, sw = monitor.bad_batch` then `gm.{function}(model, x, y, sample_weight=sw)`."
+        )
+
+
+def _error_itself(exc: BaseException) -> str:
+    """The error a failed trace carries, in one line: not the traceback text or argument dump around it.
+
+    Keras wraps an error raised in a layer in its own text (the message in bold,
+    then the layer's arguments); inside that, an error raised in a
+    ``tf.function`` the layer calls starts with TensorFlow's "in user code:"
+    frames. Both wrappings are peeled off, in that order.
+    """
+    text = str(exc)
+    if "\x1b[1m" in text:
+        text = text.split("\x1b[1m", 1)[1].split("\x1b[0m", 1)[0]
+    return short_error(ValueError(text), limit=300)
 
 
 def layer_ancestors(recorder: OpRecorder) -> dict[int, set[int]]:

@@ -437,7 +437,7 @@ class GradientMonitor(keras.callbacks.Callback):
                 index, layer = origin.layer_index, origin.layer
             message = (
                 f"NaN/Inf {where} is first made by {origin.describe()}; {counts}. "
-                "gm.explain(model, *monitor.bad_batch) shows it again"
+                "gm.explain(model, x, y, sample_weight=w) with x, y, w = monitor.bad_batch shows it again"
                 + (" (after monitor.restore_last_good())." if self.on_anomaly == "stop" else ".")
             )
         else:
@@ -457,9 +457,9 @@ class GradientMonitor(keras.callbacks.Callback):
         """``(x, y, sample_weight)`` of the first step whose gradient went non-finite, or None.
 
         Kept with ``on_anomaly="stop"`` or ``"raise"`` (not under a distribution
-        strategy): ``gm.explain(model, *monitor.bad_batch)`` reproduces the step
-        (at the weights from before it: ``monitor.bad_step_weights``; with sample
-        weights, pass ``*monitor.bad_batch[:2]``, as explain's third argument is the loss).
+        strategy): ``x, y, w = monitor.bad_batch`` then
+        ``gm.explain(model, x, y, sample_weight=w)`` reproduces the step (at the
+        weights from before it: ``monitor.bad_step_weights``).
         """
         return self._bad_batch
 

@@ -7,6 +7,7 @@ the model untouched and reads the same whichever function was called.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,7 +23,7 @@ from gradmagic.core.questions.entry import check_model, spec_and_inputs
 from gradmagic.core.questions.inputs import ModelSpec, nonfinite_warning
 from gradmagic.core.questions.model_keys import question_key
 from gradmagic.core.questions.targets import model_name
-from gradmagic.errors import InputError
+from gradmagic.errors import GradmagicWarning, InputError
 
 #: By default, a compiled call takes as many points (samples times path positions or noisy copies) as fit
 #: in this many input values (4 MB of float32; a model's activations grow with its input), at most 256.
@@ -136,6 +137,18 @@ def chunks(samples: int, points: int, batch_size: int) -> Iterator[tuple[slice, 
     for s in range(0, samples, together):
         for p in range(0, points, per_sample):
             yield slice(s, s + together), slice(p, p + per_sample)
+
+
+def warn_disconnected(result: Any, what: str) -> None:
+    """Note and warn that the output has no gradient path from x, so the map is all zeros by construction."""
+    message = (
+        f"{what}: the output has no gradient path from x (TensorFlow has no gradient for some op between "
+        f"them, e.g. round, argmax, a cast to int, or float token ids into an Embedding), so the map is 0 "
+        f"everywhere whatever the settings. Fix: explain a differentiable model, or ask at a layer after that "
+        f"op (gradcam(model, x, layer))"
+    )
+    result.notes.append(message)
+    warnings.warn(f"{message}.", GradmagicWarning, stacklevel=4)
 
 
 def what_is_explained(spec: ModelSpec, output: int | None, units: np.ndarray) -> str:

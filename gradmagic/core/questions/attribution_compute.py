@@ -122,10 +122,11 @@ def path_function(model: keras.Model, keep_gradients: bool) -> Callable:
     """Compile integrated gradients over one stretch of the path, for a batch of samples.
 
     ``(x, baseline, alphas, weights, units) -> (values (batch, k), attribution,
-    units, f(x), f(baseline), [gradients])``: the points ``baseline + alpha *
+    units, f(x), f(baseline), connected, [gradients])``: the points ``baseline + alpha *
     (x - baseline)`` for the ``k`` alphas, output unit ``units[i]`` (-1: the
     predicted class) at each, and ``(x - baseline) * sum_j weights[j] * grad_j``
-    (this stretch's share of the integral). x and the baseline run in the same
+    (this stretch's share of the integral); ``connected`` is False when the
+    graph has no gradient path from x to the output. x and the baseline run in the same
     batch, for f at both ends. With ``keep_gradients``, the gradients at every
     point too, ``(batch, k, *sample)``.
     """
@@ -144,7 +145,8 @@ def path_function(model: keras.Model, keep_gradients: bool) -> Callable:
         flat = tf.reshape(points, tf.concat([[batch * steps], tf.shape(x)[1:]], 0))
         values, grads, chosen, ends = _points_and_ends(model, flat, tf.concat([x, baseline], 0), units, steps)
         restore_in_graph(guarded, saved)
-        if grads is None:  # the output does not depend on x: every attribution is 0
+        connected = tf.constant(grads is not None)  # known when traced: the graph has a path from x or not
+        if grads is None:  # no gradient path from x to the output: every attribution is 0
             grads = tf.zeros_like(flat)
         grads = tf.reshape(grads, tf.shape(points))
         weight = _lifted(tf.cast(weights, x.dtype)[None, :], rank)
@@ -155,6 +157,7 @@ def path_function(model: keras.Model, keep_gradients: bool) -> Callable:
             chosen,
             _rows(ends[:batch], chosen),
             _rows(ends[batch:], chosen),
+            connected,
         )
         return (*parts, grads) if keep_gradients else parts
 
@@ -165,7 +168,7 @@ def noise_function(model: keras.Model) -> Callable:
     """Compile SmoothGrad's sum of gradients over noisy copies, and the plain gradient, for a batch of samples.
 
     ``(x, noise, units) -> (values (batch, n), summed gradients, summed squared
-    gradients, gradient at x, units, f(x))`` where ``noise`` holds ``n`` draws per sample, sample-major,
+    gradients, gradient at x, units, f(x), connected)`` where ``noise`` holds ``n`` draws per sample, sample-major,
     as ``(batch * n, *sample)`` (so its leading axis stays free). ``n = 0``
     gives the plain gradient alone.
     """
@@ -189,20 +192,23 @@ def noise_function(model: keras.Model) -> Callable:
             values = _rows(outputs, tf.concat([tf.repeat(chosen, draws), chosen], 0))
         grads = tape.gradient(values, points)
         restore_in_graph(guarded, saved)
+        connected = tf.constant(grads is not None)
         if grads is None:
             grads = tf.zeros_like(points)
         per_copy = tf.reshape(grads[:count], tf.shape(per_sample))
         summed, squares = tf.reduce_sum(per_copy, axis=1), tf.reduce_sum(tf.square(per_copy), axis=1)
-        return tf.reshape(values[:count], [batch, draws]), summed, squares, grads[count:], chosen, values[count:]
+        per_point = tf.reshape(values[:count], [batch, draws])
+        return per_point, summed, squares, grads[count:], chosen, values[count:], connected
 
     return smoothed
 
 
 def layer_function(model: keras.Model, layer: keras.Layer) -> Callable:
-    """Compile Grad-CAM's ingredients: ``(x, units) -> (values, units, [layer outputs], [d unit / d layer output])``.
+    """Compile Grad-CAM's ingredients: ``(x, units) -> (values, units, [outputs], [d unit / d output], [connected])``.
 
     The layer's outputs of every call are recorded (a shared layer runs more
-    than once); the gradient is of output unit ``units[i]`` of sample i (-1: its predicted class).
+    than once); the gradient is of output unit ``units[i]`` of sample i (-1: its predicted class), zeros
+    where the graph has no gradient path from that call's output (``connected`` False).
     """
     model_ref, layer_ref = weakref.ref(model), weakref.ref(layer)
 
@@ -220,7 +226,8 @@ def layer_function(model: keras.Model, layer: keras.Layer) -> Callable:
         outputs = [keras.tree.flatten(call)[0] for call in calls]
         grads = tape.gradient(values, outputs)
         restore_in_graph(guarded, saved)
+        connected = [tf.constant(g is not None) for g in grads]  # known when traced
         grads = [tf.zeros_like(o) if g is None else g for o, g in zip(outputs, grads)]
-        return values, chosen, outputs, grads
+        return values, chosen, outputs, grads, connected
 
     return layer_grads

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from gradmagic.core.arguments import is_int
 from gradmagic.core.display import html_table, text_table
 from gradmagic.core.questions.heatmap import as_maps, strip
 from gradmagic.errors import GradmagicError
@@ -280,15 +281,33 @@ class GradCAM(_PerSample):
 
         Resizing uses ``tf.image.resize(..., method="bilinear")`` (half-pixel
         centres, no antialiasing), the usual way to lay the map over the image.
+
+        Raises:
+            GradmagicError: ``shape`` is not one positive int per axis of the map.
         """
         import tensorflow as tf
 
-        spatial = tuple(int(s) for s in shape)
+        spatial = self._check_shape(shape)
         maps = self.array.astype(np.float32)
         if maps.ndim == 2:  # 1-D maps: resize as images one pixel wide
             resized = tf.image.resize(maps[:, :, None, None], (spatial[0], 1), method="bilinear")
             return resized.numpy()[:, :, 0, 0]
         return tf.image.resize(maps[..., None], spatial[:2], method="bilinear").numpy()[..., 0]
+
+    def _check_shape(self, shape: Any) -> tuple[int, ...]:
+        rank = self.array.ndim - 1
+        try:
+            spatial = tuple(shape)
+        except TypeError:
+            spatial = None
+        if spatial is None or len(spatial) != rank or not all(is_int(s) and s >= 1 for s in spatial):
+            names = "(height, width)" if rank == 2 else "(length,)"
+            raise GradmagicError(
+                f"Received: shape={shape!r} for a Grad-CAM map of shape {self.array.shape[1:]} per sample. "
+                f"Expected {rank} positive int(s), {names}, the size to resize to. Fix: e.g. "
+                f"upsampled(x.shape[1:{1 + rank}])."
+            )
+        return tuple(int(s) for s in spatial)
 
     @functools.cached_property
     def array_at_input(self) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import keras
@@ -19,7 +20,7 @@ from gradmagic.core.questions.attribution_args import (
 from gradmagic.core.questions.attribution_results import GradCAM
 from gradmagic.core.questions.entry import check_model, leaves_no_trace
 from gradmagic.core.questions.targets import model_name, resolve_layer
-from gradmagic.errors import InputError
+from gradmagic.errors import GradmagicWarning, InputError
 
 
 def _check_spatial(model: keras.Model, index: int, layer: keras.Layer, rank: int | None) -> None:
@@ -68,6 +69,9 @@ def gradcam(model: keras.Model, x: Any, layer: int | str | keras.Layer, output: 
             does not call, a bad ``output``, or a model with several inputs.
         LayerError: An index out of range or an unknown name.
 
+    Warns:
+        GradmagicWarning: The output has no gradient path from the layer (the map is 0).
+
     Example:
         >>> g = gradmagic.gradcam(model, images, layer="conv2d_1")
         >>> g.array_at_input.shape == images.shape[:3]
@@ -87,7 +91,7 @@ def gradcam(model: keras.Model, x: Any, layer: int | str | keras.Layer, output: 
     requested = requested_units(model, spec, output, x_arr)
 
     key, fn = compiled(model, "gradcam", lambda: ac.layer_function(model, lay), lambda b: b.same(lay))
-    values, units, outputs, grads = ac.run(model, key, fn, (x_arr, requested), "Grad-CAM", x_arr.shape)
+    values, units, outputs, grads, connected = ac.run(model, key, fn, (x_arr, requested), "Grad-CAM", x_arr.shape)
     if not outputs:
         compute.forget(model, key)
         raise InputError(
@@ -118,4 +122,12 @@ def gradcam(model: keras.Model, x: Any, layer: int | str | keras.Layer, output: 
         result.notes.append(f"layer '{lay.name}' ran {len(outputs)} times; the map is of its first call")
     if source:
         result.notes.append(f"x: {source}")
+    if not bool(connected[0]):
+        message = (
+            f"the output has no gradient path from layer '{lay.name}' (TensorFlow has no gradient for some op "
+            f"between them, e.g. round, argmax or a cast to int), so every channel weight and the map are 0. "
+            f"Fix: pick a layer after that op, or explain a differentiable model"
+        )
+        result.notes.append(message)
+        warnings.warn(f"Grad-CAM: {message}.", GradmagicWarning, stacklevel=3)
     return result

@@ -13,7 +13,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from gradmagic.core.arguments import is_int
+from gradmagic.core.arguments import check_seed, is_int
 from gradmagic.core.questions import attribution_compute as ac
 from gradmagic.core.questions.attribution_args import (
     check_batch_size,
@@ -23,6 +23,7 @@ from gradmagic.core.questions.attribution_args import (
     points_per_call,
     requested_units,
     single_input,
+    warn_disconnected,
     what_is_explained,
 )
 from gradmagic.core.questions.attribution_results import GAP_TOLERANCE, IntegratedGradients
@@ -146,13 +147,15 @@ def integrated_gradients(
 
     Warns:
         GradmagicWarning: A sample's relative completeness gap is above 5%; the
-            message names a step count to try.
+            message names a step count to try. Or the output has no gradient
+            path from x (every attribution is 0, whatever ``steps``).
 
     Example:
         >>> a = gradmagic.integrated_gradients(model, images, baseline="blur", steps=64)
         >>> a.array.shape == images.shape, a.relative_gap
     """
     method, steps = _check_path(method, steps)
+    seed = check_seed(seed)  # whatever the baseline: a bad seed is a mistake even where it is not used
     batch_size = check_batch_size(batch_size)
     if not isinstance(keep_path_gradients, (bool, np.bool_)):
         raise InputError(f"Received: keep_path_gradients={keep_path_gradients!r}. Expected True or False.")
@@ -172,6 +175,7 @@ def integrated_gradients(
     units = np.zeros(len(x_arr), np.int32)
     at_x, at_base = np.zeros(len(x_arr), np.float64), np.zeros(len(x_arr), np.float64)
     grads = np.zeros((len(x_arr), steps, *x_arr.shape[1:]), x_arr.dtype) if keep_path_gradients else None
+    connected = True
     for samples, points in chunks(len(x_arr), steps, batch_size):
         args = (
             x_arr[samples],
@@ -183,9 +187,9 @@ def integrated_gradients(
         parts = [t.numpy() for t in ac.run(model, key, fn, args, "integrated gradients", x_arr.shape)]
         values[samples, points] = parts[0]
         attribution[samples] += parts[1]
-        units[samples], at_x[samples], at_base[samples] = parts[2], parts[3], parts[4]
+        units[samples], at_x[samples], at_base[samples], connected = parts[2], parts[3], parts[4], bool(parts[5])
         if grads is not None:
-            grads[samples, points] = parts[5]
+            grads[samples, points] = parts[6]
 
     what = what_is_explained(spec, output, units)
     result = IntegratedGradients(
@@ -208,7 +212,10 @@ def integrated_gradients(
     )
     if source:
         result.notes.append(f"x: {source}")
-    _check_completeness(result, steps)
+    if connected:
+        _check_completeness(result, steps)
+    else:  # the gap is then f(x) - f(baseline) itself, and no step count changes it
+        warn_disconnected(result, "Integrated gradients")
     return result
 
 

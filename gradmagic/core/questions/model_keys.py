@@ -11,6 +11,7 @@ read again and when a compiled loss needs its one eager warm-up call.
 
 from __future__ import annotations
 
+import functools
 import operator
 import types
 import warnings
@@ -104,6 +105,7 @@ class _Layout(NamedTuple):
     simple: Callable[[tuple], tuple]  # the None/bool/int/str values among them
     valued: tuple[int, ...]  # positions of the other plain values (float, NumPy scalars...): keyed by contents
     functions: Callable[[tuple], tuple]  # the functions among them: keyed by identity
+    callables: tuple[int, ...]  # positions of other callables (a partial, a user's object): identity and contents
     shape: tuple  # the names and types the parts stand for
 
 
@@ -114,7 +116,9 @@ def _settings(layer: keras.Layer, builder: KeyBuilder, is_model: bool) -> tuple:
     model's ``call`` or ``compute_loss`` its hyperparameters, as Python values:
     changed in place, the traced graph would still use the old ones. Private
     attributes are Keras's own bookkeeping. Functions count by identity
-    (``layer.activation = ...``). A model counts only the attributes its own
+    (``layer.activation = ...``); other callables (a ``functools.partial``, a
+    user's object with ``__call__``) by identity and the values their code reads,
+    so one changed in place is seen too. A model counts only the attributes its own
     class's code names: Keras sets others (``predict_function``,
     ``stop_training``) on every ``fit`` or ``predict``, which change no question.
     """
@@ -132,6 +136,7 @@ def _settings(layer: keras.Layer, builder: KeyBuilder, is_model: bool) -> tuple:
         layout.simple(values),
         tuple(builder.value(values[i]) for i in layout.valued),
         builder.same_all(layout.functions(values)),
+        tuple(_callable_token(builder, values[i]) for i in layout.callables),
     )
 
 
@@ -145,14 +150,40 @@ def _new_layout(layer: keras.Layer, attrs: dict, names: tuple[str, ...], is_mode
     simple = tuple(i for i, v in enumerate(values) if type(v) in _SIMPLE)
     valued = tuple(i for i, v in enumerate(values) if type(v) not in _SIMPLE and isinstance(v, _PLAIN))
     functions = tuple(i for i, v in enumerate(values) if isinstance(v, types.FunctionType))
+    callables = tuple(i for i, v in enumerate(values) if _is_other_callable(v))
     shape = (
         tuple((public[i], kinds[i].__name__) for i in simple),
         tuple(public[i] for i in valued),
         tuple(public[i] for i in functions),
+        tuple(public[i] for i in callables),
     )
-    layout = _Layout(names, public, read, kinds, _getter(simple), valued, _getter(functions), shape)
+    layout = _Layout(names, public, read, kinds, _getter(simple), valued, _getter(functions), callables, shape)
     _layouts.store(layer, layout)
     return layout
+
+
+#: Packages whose callable objects on a layer (initializers, sub-layers) are not user settings of its ``call``.
+_LIBRARIES = ("keras", "tensorflow", "numpy", "builtins")
+
+
+def _is_other_callable(value: Any) -> bool:
+    """A callable setting other than a plain function: a partial, a bound method, a user's callable object."""
+    if isinstance(value, (functools.partial, types.MethodType)):
+        return True
+    cls = type(value)
+    return callable(value) and not isinstance(value, type) and cls.__module__.split(".", 1)[0] not in _LIBRARIES
+
+
+def _callable_token(builder: KeyBuilder, value: Any) -> Any:
+    """A callable setting by identity and what its code reads (see :meth:`KeyBuilder.value`).
+
+    Where the snapshot is refused (a large array in a closure), identity is
+    what is left: :func:`gradmagic.clear_cache` covers changes inside it.
+    """
+    try:
+        return builder.value(value)
+    except Uncacheable:
+        return builder.same(value)
 
 
 def _getter(keys: tuple) -> Callable[[Any], tuple]:

@@ -18,6 +18,7 @@ from gradmagic.core.questions.attribution_args import (
     points_per_call,
     requested_units,
     single_input,
+    warn_disconnected,
     what_is_explained,
 )
 from gradmagic.core.questions.attribution_results import RELATIVE_ERROR_NOTE, Saliency
@@ -71,13 +72,17 @@ def saliency(
         InputError: A bad ``output``, ``smooth``, ``samples``, ``seed`` or
             ``batch_size``, a model with several inputs, or non-float x.
 
+    Warns:
+        GradmagicWarning: The output has no gradient path from x (the map is 0).
+
     Example:
         >>> s = gradmagic.saliency(model, images, smooth=0.15, samples=32)
         >>> s.array.shape == images.shape
     """
-    if isinstance(smooth, bool) or not isinstance(smooth, (int, float, np.integer, np.floating)) or not smooth >= 0:
+    is_number = not isinstance(smooth, bool) and isinstance(smooth, (int, float, np.integer, np.floating))
+    if not is_number or not 0 <= smooth < math.inf:
         raise InputError(
-            f"Received: smooth={smooth!r}. Expected a number >= 0: the SmoothGrad noise as a fraction of each "
+            f"Received: smooth={smooth!r}. Expected a finite number >= 0: the SmoothGrad noise as a fraction of each "
             f"sample's value range (0 for the plain gradient). Fix: e.g. smooth=0.15."
         )
     smooth = float(smooth)
@@ -96,6 +101,7 @@ def saliency(
     draws = int(samples) if smooth > 0 else 1
     values = np.zeros((len(x_arr), draws), np.float64)
     plain = np.zeros_like(x_arr)
+    connected = True
     if smooth > 0:
         axes = tuple(range(1, x_arr.ndim))
         std = smooth * (np.max(x_arr, axis=axes) - np.min(x_arr, axis=axes)).astype(np.float64)
@@ -112,7 +118,7 @@ def saliency(
                 t.numpy()
                 for t in ac.run(model, key, fn, (x_arr[rows], flat, requested[rows]), "SmoothGrad", x_arr.shape)
             ]
-            values[rows, copies], units[rows], at_x[rows] = got[0], got[4], got[5]
+            values[rows, copies], units[rows], at_x[rows], connected = got[0], got[4], got[5], bool(got[6])
             summed[rows] += got[1]
             squares[rows] += got[2]
             plain[rows] = got[3]
@@ -127,7 +133,7 @@ def saliency(
                 t.numpy()
                 for t in ac.run(model, key, fn, (x_arr[rows], none, requested[rows]), "the saliency map", x_arr.shape)
             ]
-            plain[rows], units[rows], at_x[rows] = got[3], got[4], got[5]
+            plain[rows], units[rows], at_x[rows], connected = got[3], got[4], got[5], bool(got[6])
         array = plain
         error = np.zeros(len(x_arr))
         values[:, 0] = at_x
@@ -149,7 +155,10 @@ def saliency(
     )
     if source:
         result.notes.append(f"x: {source}")
-    _check_samples(result)
+    if connected:
+        _check_samples(result)
+    else:
+        warn_disconnected(result, kind)
     return result
 
 
