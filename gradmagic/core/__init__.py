@@ -40,6 +40,13 @@ from gradmagic.core.questions.results import (
 from gradmagic.core.questions.saliency import saliency
 from gradmagic.core.questions.state import rollback_on_failure
 from gradmagic.core.questions.targets import model_name
+from gradmagic.core.questions.token_gradients import (
+    TokenGradients,
+    embedding_layer,
+    input_kind,
+    token_gradients,
+    token_integrated_gradients,
+)
 
 __all__ = [
     "CheckRow",
@@ -58,15 +65,18 @@ __all__ = [
     "OpInfo",
     "OutputGradients",
     "Saliency",
+    "TokenGradients",
     "WeightGradients",
     "check_flag",
     "check_gradients",
     "clear_cache",
     "combined_norm",
+    "embedding_layer",
     "explain",
     "gradcam",
     "html_table",
     "input_gradients",
+    "input_kind",
     "integrated_gradients",
     "is_flag",
     "is_int",
@@ -79,6 +89,8 @@ __all__ = [
     "rollback_on_failure",
     "saliency",
     "text_table",
+    "token_gradients",
+    "token_integrated_gradients",
     "weight_gradients",
 ]
 
