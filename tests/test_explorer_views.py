@@ -94,6 +94,23 @@ def test_plane_slider_moves_the_point_and_its_readout_without_a_new_grid(three_f
     assert panel.view.grid is not grid and panel.figure_view.full_draws == draws + 1
 
 
+def test_the_plane_is_the_slice_through_the_point_after_the_axes_change(three_features):
+    model, x = three_features
+    panel = gm.explore(model, x, view="plane", use_ipympl=False)
+    panel.x_slider.value = 1.5  # feature 0 moves away from sample 0's value
+    panel.x_select.value = 2  # then leaves the axes: the plane must hold it at 1.5, where the point is
+    grid, point = panel.view.grid, panel.view.point
+    assert point[0] == pytest.approx(1.5)
+    gx, gy = np.meshgrid(grid.xs, grid.ys)
+    points = np.repeat(point[None], gx.size, axis=0)
+    points[:, 2], points[:, 1] = gx.ravel(), gy.ravel()
+    np.testing.assert_allclose(grid.values.ravel(), _unit(model, points, 0), rtol=1e-5, atol=1e-6)
+    # A move along an axis keeps the slice (no new grid); the point's value is the plane's there.
+    panel.set_point(float(grid.xs[3]), float(grid.ys[4]))
+    assert panel.view.grid is grid
+    assert panel.view.value == pytest.approx(float(grid.values[4, 3]), rel=1e-5, abs=1e-6)
+
+
 def test_a_click_on_the_plane_moves_the_point_there(three_features):
     from matplotlib.backend_bases import MouseEvent
 

@@ -1,6 +1,7 @@
 """The explorer's plane view: the output over two features, the gradient field as arrows, a point moved by sliders.
 
-The other features stay at the chosen sample's values. The grid (the output
+The other features stay at the point's values (the chosen sample's until a
+slider moves them). The grid (the output
 and its gradient at every grid point) is one batched
 :func:`~gradmagic.core.input_gradients` call, made again only when the
 features, the sample or the output unit change; a slider move asks the core
@@ -317,11 +318,14 @@ class PlaneExplorer(ViewPanel):
     def compute(self, state: tuple) -> PlaneView:
         """The numbers for a control state ``(point, fx, fy, unit, sample)``: the grid is reused while it holds."""
         point, fx, fy, unit, sample = state
-        key = (fx, fy, unit, sample)
+        # The plane is the slice through the point: the other features at the point's values (the sample's,
+        # unless a slider moved them while they were on an axis). A move along fx or fy keeps the slice.
+        held = np.delete(point, [fx, fy])
+        key = (fx, fy, unit, sample, held.tobytes())
         if key != self._grid_key:
             xs = np.linspace(self.low[fx], self.high[fx], self.grid_size).astype(self.data.dtype)
             ys = np.linspace(self.low[fy], self.high[fy], self.grid_size).astype(self.data.dtype)
-            self._grid = compute_grid(self.model, self.data[sample], fx, fy, xs, ys, unit, self.training)
+            self._grid = compute_grid(self.model, point, fx, fy, xs, ys, unit, self.training)
             self._grid_key = key
         value, gradient = compute_point(self.model, point, unit, self.training)
         return PlaneView(self._grid, point, value, gradient)
