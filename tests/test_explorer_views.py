@@ -111,6 +111,21 @@ def test_the_plane_is_the_slice_through_the_point_after_the_axes_change(three_fe
     assert panel.view.value == pytest.approx(float(grid.values[4, 3]), rel=1e-5, abs=1e-6)
 
 
+def test_each_pixel_of_the_plane_is_centred_on_its_grid_point(three_features):
+    model, x = three_features
+    panel = gm.explore(model, x, view="plane", use_ipympl=False)
+    grid, image = panel.view.grid, panel.figure.image
+    left, right, bottom, top = image.get_extent()
+    rows, columns = grid.values.shape
+    # The pixel imshow paints at a data coordinate: its column and row within the extent.
+    column = np.floor((grid.xs - left) / (right - left) * columns).astype(int)
+    row = np.floor((grid.ys - bottom) / (top - bottom) * rows).astype(int)
+    np.testing.assert_array_equal(column, np.arange(columns))
+    np.testing.assert_array_equal(row, np.arange(rows))
+    # ... half a pixel from its edges, so the contour lines (drawn at the grid points) meet the colours.
+    assert grid.xs[0] - left == pytest.approx((right - left) / columns / 2, rel=1e-5)
+
+
 def test_a_click_on_the_plane_moves_the_point_there(three_features):
     from matplotlib.backend_bases import MouseEvent
 

@@ -119,13 +119,16 @@ class PlaneFigure:
     def __init__(self, figure: Any, size: int) -> None:
         self.figure = figure
         self.ax = figure.subplots()
-        self.image = self.ax.imshow(np.zeros((size, size)), origin="lower", aspect="auto", cmap="viridis")
+        self.image = self.ax.imshow(
+            np.zeros((size, size)), origin="lower", aspect="auto", cmap="viridis", interpolation="bilinear"
+        )
         self.colorbar = figure.colorbar(self.image, ax=self.ax)
         zeros = np.zeros(size * size)
         self.arrows = self.ax.quiver(
             zeros, zeros, zeros, zeros, angles="xy", scale_units="xy", scale=1.0, color="white", width=0.003
         )
-        (self.point,) = self.ax.plot([], [], "o", color="tab:red", markersize=8, zorder=4)
+        # A small dot with a white rim: the point's gradient arrow (on the field's scale) stays visible beside it.
+        (self.point,) = self.ax.plot([], [], "o", color="tab:red", markeredgecolor="white", markersize=5, zorder=4)
         self.point_arrow = self.ax.quiver(
             [0.0],
             [0.0],
@@ -153,14 +156,17 @@ class PlaneFigure:
     def set_grid(self, grid: PlaneGrid, names: Sequence[str], output: str) -> None:
         """Show a new grid: image, contour lines and arrows (scaled so the longest is one grid cell)."""
         xs, ys = grid.xs, grid.ys
+        cell_x, cell_y = (xs[-1] - xs[0]) / (len(xs) - 1), (ys[-1] - ys[0]) / (len(ys) - 1)
         self.image.set_data(grid.values)
-        self.image.set_extent((xs[0], xs[-1], ys[0], ys[-1]))
+        # imshow's extent is the outer edges of its pixels: half a cell beyond the grid, so that each pixel is
+        # centred on its grid point (where the contour lines and arrows are).
+        self.image.set_extent((xs[0] - cell_x / 2, xs[-1] + cell_x / 2, ys[0] - cell_y / 2, ys[-1] + cell_y / 2))
         low, high = float(np.min(grid.values)), float(np.max(grid.values))
         self.image.set_clim(low, high if high > low else low + 1e-6)
+        self.colorbar.set_label(output, fontsize=9)
         if self.contours is not None:
             self.contours.remove()
         self.contours = self.ax.contour(xs, ys, grid.values, levels=8, colors="k", linewidths=0.6, alpha=0.5)
-        cell_x, cell_y = (xs[-1] - xs[0]) / (len(xs) - 1), (ys[-1] - ys[0]) / (len(ys) - 1)
         # Arrow components in data units with one factor for both, so an arrow points along the gradient
         # in feature units; the longest arrow spans about one grid cell.
         longest = float(np.max(np.hypot(grid.grad_x / cell_x, grid.grad_y / cell_y))) or 1.0
