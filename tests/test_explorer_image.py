@@ -197,3 +197,14 @@ def test_image_view_on_mobilenet_v2(monkeypatch):
     np.testing.assert_allclose(panel.view.gradient, grads[0], rtol=1e-3, atol=1e-6 * np.abs(grads).max())
     assert panel.view.path.outputs[2] == pytest.approx(outputs[0], rel=1e-4)
     assert_unchanged(model, before)
+
+
+def test_the_titles_name_the_output_and_the_gradcam_layer(cnn):
+    model, x = cnn
+    panel = gm.explore(model, x, steps=STEPS, gradcam_layer=0, use_ipympl=False)  # the layer by index
+    unit = panel.units[panel.view.path.unit]
+    assert panel.figure.ax_path.get_title() == f"{unit} along the path"
+    assert panel.figure.ax_cam.get_title() == f"Grad-CAM of {unit} at '{model.layers[0].name}'"
+    panel.unit_select.value = (panel.view.path.unit + 1) % 3  # another class: the titles follow
+    unit = panel.units[panel.view.path.unit]
+    assert unit in panel.figure.ax_path.get_title() and unit in panel.figure.ax_cam.get_title()
