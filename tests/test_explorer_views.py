@@ -331,3 +331,23 @@ def test_magic_picks_the_view(three_features, lstm):
     assert isinstance(shell.run_line_magic("gradients_explore", "rnn seqs"), SequenceExplorer)
     with pytest.raises(UsageError, match=r"model 'two', which takes .*Expected a model whose single input is"):
         shell.run_line_magic("gradients_explore", "two x")
+
+
+def test_a_subclassed_model_asked_for_the_image_view_is_told_how_to_wrap_it():
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.conv = keras.layers.Conv2D(2, 3)
+            self.head = keras.layers.Dense(2)
+
+        def call(self, x):
+            return self.head(keras.ops.mean(self.conv(x), axis=(1, 2)))
+
+    keras.utils.set_random_seed(3)
+    net = Net()
+    images = np.random.default_rng(4).uniform(size=(2, 6, 6, 1)).astype("float32")
+    with pytest.raises(InputError, match=r"declares no input.*Fix: wrap the model, e\.g\. inputs = keras\.Input\(\(H"):
+        gm.explore(net, images, view="image", use_ipympl=False)
+    inputs = keras.Input((6, 6, 1))  # the fix, as the message gives it
+    panel = gm.explore(keras.Model(inputs, net(inputs)), images, view="image", steps=4, use_ipympl=False)
+    assert panel.view.path.x.shape == (6, 6, 1) and panel.error.value == ""

@@ -59,6 +59,14 @@ def choose_view(model: Any, view: Any) -> str:
             f"input is {_SERVED}: the explorer has a view for each. Fix: use gradmagic.input_gradients(model, x) "
             f"for d(output)/d(input) of other inputs, or explore a sub-model with one such input."
         )
+    if kind == "undeclared" and view in ("sequence", "image"):
+        shape = "(T, F)" if view == "sequence" else "(H, W, C)"
+        raise InputError(
+            f"Received: view={view!r} for model '{model_name(model)}', which declares no input (a subclassed model, "
+            f"or one not built on a keras.Input). Expected a model whose input shape the explorer can read: the "
+            f"{view} view takes its layout from it. Fix: wrap the model, e.g. inputs = keras.Input({shape}); "
+            f"gm.explore(keras.Model(inputs, model(inputs)), x, view={view!r})."
+        )
     natural = {"vector": "vector", "undeclared": "vector", "sequence": "sequence", "tokens": "sequence"}.get(kind, kind)
     if view is None or view == natural or (view == "plane" and natural == "vector"):
         return view or natural
