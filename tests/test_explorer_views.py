@@ -351,3 +351,10 @@ def test_a_subclassed_model_asked_for_the_image_view_is_told_how_to_wrap_it():
     inputs = keras.Input((6, 6, 1))  # the fix, as the message gives it
     panel = gm.explore(keras.Model(inputs, net(inputs)), images, view="image", steps=4, use_ipympl=False)
     assert panel.view.path.x.shape == (6, 6, 1) and panel.error.value == ""
+
+
+def test_a_bad_path_length_for_a_sequence_speaks_of_the_sequence_path(lstm):
+    model, x = lstm
+    with pytest.raises(gm.GradmagicError, match=r"steps=1\. .*from zeros .* to the sample") as raised:
+        gm.explore(model, x, steps=1, use_ipympl=False)
+    assert "image" not in str(raised.value)

@@ -154,12 +154,17 @@ def check_labels(labels: Any, rows: int, length: int) -> list[list[str]] | None:
     return per_sample
 
 
-def check_steps(steps: Any) -> int:
-    """Refuse a path length that is not an int from 2 to :data:`MAX_STEPS`."""
+def check_steps(steps: Any, kind: str = "image") -> int:
+    """Refuse a path length that is not an int from 2 to :data:`MAX_STEPS` (``kind``: the view, for the message)."""
     if not is_int(steps) or not 2 <= steps <= MAX_STEPS:
+        start, end = (
+            ("zeros (zero embeddings for token ids)", "the sample")
+            if kind == "sequence"
+            else ("the baseline", "the image")
+        )
         raise GradmagicError(
             f"Received: steps={describe(steps)}. Expected an int from 2 to {MAX_STEPS}: the points on the path "
-            f"from the baseline to the image where the gradient is taken. Fix: leave the default (32) or e.g. "
+            f"from {start} to {end} where the gradient is taken. Fix: leave the default (32) or e.g. "
             f"steps=16."
         )
     return int(steps)
