@@ -358,3 +358,21 @@ def test_a_bad_path_length_for_a_sequence_speaks_of_the_sequence_path(lstm):
     with pytest.raises(gm.GradmagicError, match=r"steps=1\. .*from zeros .* to the sample") as raised:
         gm.explore(model, x, steps=1, use_ipympl=False)
     assert "image" not in str(raised.value)
+
+
+def test_a_plane_partly_nan_keeps_its_colour_scale_and_arrows():
+    inputs = keras.Input((2,))
+    model = keras.Model(inputs, keras.layers.Lambda(lambda t: keras.ops.sqrt(t[:, :1]) + t[:, 1:])(inputs))
+    x = np.array([[0.01, 0.0], [2.0, 1.0]], "float32")  # the padded range reaches x0 < 0, where sqrt is NaN
+    panel = gm.explore(model, x, view="plane", use_ipympl=False)
+    grid = panel.view.grid
+    bad = ~np.isfinite(grid.values)
+    assert bad.any() and not bad.all()
+    # Independent truth: the function itself, sqrt(x0) + x1, on the finite part of the grid.
+    gx, gy = np.meshgrid(grid.xs.astype(np.float64), grid.ys.astype(np.float64))
+    ok = gx > 0
+    truth = np.sqrt(gx[ok]) + gy[ok]
+    assert panel.figure.image.get_clim() == pytest.approx((truth.min(), truth.max()), rel=1e-5)
+    assert np.isfinite(panel.figure.scale) and panel.figure.scale > 0
+    assert np.all(np.isfinite(panel.figure.arrows.U.reshape(gx.shape)[ok]))
+    assert f"{int(bad.sum())} of {bad.size} grid points give NaN or Inf" in panel.readout.value

@@ -161,15 +161,23 @@ class PlaneFigure:
         # imshow's extent is the outer edges of its pixels: half a cell beyond the grid, so that each pixel is
         # centred on its grid point (where the contour lines and arrows are).
         self.image.set_extent((xs[0] - cell_x / 2, xs[-1] + cell_x / 2, ys[0] - cell_y / 2, ys[-1] + cell_y / 2))
-        low, high = float(np.min(grid.values)), float(np.max(grid.values))
+        # Colours and arrow lengths from the finite values only: a NaN region (e.g. a sqrt of negatives) stays
+        # blank instead of collapsing the colour scale and every arrow.
+        finite = grid.values[np.isfinite(grid.values)]
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
         self.image.set_clim(low, high if high > low else low + 1e-6)
         self.colorbar.set_label(output, fontsize=9)
         if self.contours is not None:
             self.contours.remove()
-        self.contours = self.ax.contour(xs, ys, grid.values, levels=8, colors="k", linewidths=0.6, alpha=0.5)
+        self.contours = (
+            None
+            if finite.size < 2
+            else self.ax.contour(xs, ys, grid.values, levels=8, colors="k", linewidths=0.6, alpha=0.5)
+        )
         # Arrow components in data units with one factor for both, so an arrow points along the gradient
         # in feature units; the longest arrow spans about one grid cell.
-        longest = float(np.max(np.hypot(grid.grad_x / cell_x, grid.grad_y / cell_y))) or 1.0
+        lengths = np.hypot(grid.grad_x / cell_x, grid.grad_y / cell_y)
+        longest = float(np.max(lengths[np.isfinite(lengths)], initial=0.0)) or 1.0
         self.scale = 0.9 / longest
         grid_x, grid_y = np.meshgrid(xs, ys)
         self.arrows.set_offsets(np.column_stack([grid_x.ravel(), grid_y.ravel()]))
@@ -336,6 +344,13 @@ class PlaneExplorer(ViewPanel):
         value, gradient = compute_point(self.model, point, unit, self.training)
         return PlaneView(self._grid, point, value, gradient)
 
+    @staticmethod
+    def _grid_notes(grid: PlaneGrid) -> list[tuple[str, str]]:
+        bad = int(np.sum(~(np.isfinite(grid.values) & np.isfinite(grid.grad_x) & np.isfinite(grid.grad_y))))
+        if not bad:
+            return []
+        return [("note", f"{bad} of {grid.values.size} grid points give NaN or Inf (left blank, without an arrow)")]
+
     def draw(self, view: PlaneView) -> None:
         """Show ``view``: the grid when it changed (a full redraw), then the point."""
         new_grid = view.grid is not self._shown_grid
@@ -354,6 +369,7 @@ class PlaneExplorer(ViewPanel):
                 (f"d {unit} / d {self.names[fx]}", f"{view.gradient[fx]:.6g}"),
                 (f"d {unit} / d {self.names[fy]}", f"{view.gradient[fy]:.6g}"),
                 ("gradient", ", ".join(f"{g:.4g}" for g in view.gradient)),
+                *self._grid_notes(view.grid),
             ]
         )
         self.error.value = ""
