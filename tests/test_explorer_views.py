@@ -376,3 +376,20 @@ def test_a_plane_partly_nan_keeps_its_colour_scale_and_arrows():
     assert np.isfinite(panel.figure.scale) and panel.figure.scale > 0
     assert np.all(np.isfinite(panel.figure.arrows.U.reshape(gx.shape)[ok]))
     assert f"{int(bad.sum())} of {bad.size} grid points give NaN or Inf" in panel.readout.value
+
+
+def test_token_ids_with_the_embedding_hidden_in_a_custom_layer_get_a_message_that_says_so():
+    class TokenAndPosition(keras.layers.Layer):
+        def __init__(self):
+            super().__init__()
+            self.tokens = keras.layers.Embedding(20, 4)
+            self.positions = keras.layers.Embedding(6, 4)
+
+        def call(self, ids):
+            return self.tokens(ids) + self.positions(keras.ops.arange(keras.ops.shape(ids)[-1]))
+
+    ids = keras.Input((6,), dtype="int32")
+    hidden = keras.layers.GlobalAveragePooling1D()(TokenAndPosition()(ids))
+    model = keras.Model(ids, keras.layers.Dense(2)(hidden), name="hidden_embedding")
+    with pytest.raises(InputError, match=r"token ids\?\) but has no keras\.layers\.Embedding among model\.layers"):
+        gm.explore(model, np.array([[1, 2, 3, 4, 5, 6]]), use_ipympl=False)

@@ -53,6 +53,16 @@ def choose_view(model: Any, view: Any) -> str:
     if not isinstance(model, keras.Model):
         return "vector"
     kind = input_kind(model)
+    inputs = model_spec(model).inputs or []
+    if kind is None and len(inputs) == 1 and len(inputs[0].shape) == 1 and "int" in inputs[0].dtype:
+        raise InputError(
+            f"Received: model '{model_name(model)}', which takes {_takes(model)} (token ids?) but has no "
+            f"keras.layers.Embedding among model.layers (nested models included; one inside a custom layer is not "
+            f"found). Expected token ids read by an Embedding that is a layer of the model: the sequence view "
+            f"differentiates at its output. Fix: apply the Embedding as a layer of the model (e.g. "
+            f"keras.layers.Embedding(vocab, dim)(ids), then your own layer on its output), or explore the model "
+            f"from the embeddings on: a keras.Input((T, dim)) model opens the sequence view."
+        )
     if kind is None:
         raise InputError(
             f"Received: model '{model_name(model)}', which takes {_takes(model)}. Expected a model whose single "
