@@ -393,3 +393,15 @@ def test_token_ids_with_the_embedding_hidden_in_a_custom_layer_get_a_message_tha
     model = keras.Model(ids, keras.layers.Dense(2)(hidden), name="hidden_embedding")
     with pytest.raises(InputError, match=r"token ids\?\) but has no keras\.layers\.Embedding among model\.layers"):
         gm.explore(model, np.array([[1, 2, 3, 4, 5, 6]]), use_ipympl=False)
+
+
+def test_a_sequence_path_with_a_nan_gradient_is_noted_not_a_traceback():
+    inputs = keras.Input((4, 3))
+    rooted = keras.layers.Lambda(lambda t: keras.ops.sqrt(keras.ops.abs(t)))(inputs)  # NaN gradient at 0
+    model = keras.Model(inputs, keras.layers.Dense(1)(keras.layers.Flatten()(rooted)))
+    x = np.random.default_rng(0).uniform(0.1, 1.0, size=(2, 4, 3)).astype("float32")
+    panel = gm.explore(model, x, steps=5, use_ipympl=False)
+    panel.alpha_slider.value = 0.0  # the point where the gradient is not finite
+    assert panel.error.value == ""
+    assert "NaN or Inf at 1 of 5 points on the path" in panel.readout.value
+    assert np.isfinite(panel.figure.ax_norm.get_ylim()).all()

@@ -27,7 +27,7 @@ from gradmagic.core import gradcam, integrated_gradients, saliency
 from gradmagic.errors import GradmagicError, GradmagicWarning
 from gradmagic.widgets.coalesce import Scheduler
 from gradmagic.widgets.figure_view import FigureView
-from gradmagic.widgets.view_panel import DEFAULT_CLOCK, ViewPanel, output_labels, readout_table
+from gradmagic.widgets.view_panel import DEFAULT_CLOCK, ViewPanel, nonfinite_note, output_labels, readout_table
 
 #: Noisy copies per path point for SmoothGrad in the panel (each is a forward and backward pass).
 SMOOTH_SAMPLES = 8
@@ -111,7 +111,7 @@ def compute_path(
         accumulated=result.accumulated()[0],
         unit=unit_done,
         completeness_gap=float(result.completeness_gap[0]),
-        notes=list(result.notes),
+        notes=nonfinite_note(result.path_gradients[0], np.asarray(result.path_alphas)) + list(result.notes),
         gradcam=cam,
         gradcam_layer=cam_layer,
     )
@@ -153,9 +153,9 @@ def _display(image: np.ndarray, low: float, high: float) -> np.ndarray:
 
 
 def _heat(values: np.ndarray) -> tuple[np.ndarray, float]:
-    """A map summed over channels, and its largest magnitude (for a symmetric colour scale)."""
+    """A map summed over channels, and its largest finite magnitude (for a symmetric colour scale)."""
     heat = values.astype(np.float64).sum(axis=-1)
-    return heat, float(np.max(np.abs(heat))) or 1e-12
+    return heat, float(np.max(np.abs(heat[np.isfinite(heat)]), initial=0.0)) or 1e-12
 
 
 class ImageFigure:
@@ -217,7 +217,8 @@ class ImageFigure:
         self.path_line.set_data(path.alphas, path.outputs)
         self.sum_line.set_data(path.alphas, sums)
         values = np.concatenate([path.outputs, sums])
-        low, high = float(values.min()), float(values.max())
+        values = values[np.isfinite(values)]  # matplotlib refuses NaN or Inf limits
+        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
         span = (high - low) or max(abs(high), 1e-3) * 0.1
         self.ax_path.set_ylim(low - 0.1 * span, high + 0.1 * span)
 

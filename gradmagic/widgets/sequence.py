@@ -24,7 +24,7 @@ from gradmagic.core import integrated_gradients, token_integrated_gradients
 from gradmagic.errors import GradmagicWarning
 from gradmagic.widgets.coalesce import Scheduler
 from gradmagic.widgets.figure_view import FigureView
-from gradmagic.widgets.view_panel import DEFAULT_CLOCK, ViewPanel, output_labels, readout_table
+from gradmagic.widgets.view_panel import DEFAULT_CLOCK, ViewPanel, nonfinite_note, output_labels, readout_table
 
 
 @dataclass
@@ -125,7 +125,7 @@ def compute_path(
         outputs=np.asarray(result.path_outputs)[0],
         accumulated=result.accumulated()[0].reshape(steps, length, -1),
         completeness_gap=float(result.completeness_gap[0]),
-        notes=list(result.notes),
+        notes=nonfinite_note(result.path_gradients[0], np.asarray(result.path_alphas)) + list(result.notes),
         tokens=tokens,
     )
 
@@ -190,10 +190,15 @@ class SequenceFigure:
                 rotation=60 if len(labels) > 12 else 0,
                 fontsize=7 if len(labels) > 20 else 8,
             )
-        changed |= _keep(self.ax_norm, float(np.max(view.norms)), signed=False)
-        changed |= _keep(self.ax_gxi, float(np.max(np.abs(view.grad_x_input))), signed=True)
-        changed |= _keep(self.ax_ig, float(np.max(np.abs(view.integrated))), signed=True)
+        changed |= _keep(self.ax_norm, _reach(view.norms), signed=False)
+        changed |= _keep(self.ax_gxi, _reach(view.grad_x_input), signed=True)
+        changed |= _keep(self.ax_ig, _reach(view.integrated), signed=True)
         return changed
+
+
+def _reach(heights: np.ndarray) -> float:
+    """The largest finite |height| (a NaN or Inf bar is left blank; matplotlib refuses such limits)."""
+    return float(np.max(np.abs(heights[np.isfinite(heights)]), initial=0.0))
 
 
 def _keep(ax: Any, reach: float, signed: bool) -> bool:

@@ -45,6 +45,18 @@ def readout_table(rows: list[tuple[str, str]]) -> str:
     return f"<table class='gm-readout'>{cells}</table>"
 
 
+def nonfinite_note(gradients: np.ndarray, alphas: np.ndarray) -> list[str]:
+    """A note when the gradient is NaN or Inf somewhere on the path (such points are left blank in the plots)."""
+    bad = ~np.isfinite(gradients.reshape(len(alphas), -1)).all(axis=1)
+    if not bad.any():
+        return []
+    return [
+        f"the gradient is NaN or Inf at {int(bad.sum())} of {len(alphas)} points on the path (first at a = "
+        f"{alphas[bad][0]:.3g}), so the attribution from there on is not finite; such values are left blank. A "
+        f"model with sqrt or log of its input has an infinite slope at zero: try another baseline"
+    ]
+
+
 class ViewPanel(widgets.VBox):
     """The frame of a view: controls on top, the figure, a readout and an error line.
 
