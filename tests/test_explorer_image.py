@@ -229,3 +229,22 @@ def test_a_gradient_infinite_at_the_baseline_is_noted_and_the_rest_drawn():
         assert low <= outputs.min() and outputs.max() <= high
         panel.alpha_slider.value = 0.0
         assert panel.error.value == "" and np.isfinite(panel.figure.grad_image.get_clim()).all()
+
+
+def test_the_panel_keeps_a_bounded_number_of_paths_and_recomputes_an_evicted_one(cnn):
+    from gradmagic.widgets.view_panel import KEEP_PATHS
+
+    model, x = cnn
+    panel = gm.explore(model, x, steps=STEPS, use_ipympl=False)
+    first = panel.view.path
+    for sample in range(3):  # 3 samples x (3 units + the predicted class) = 12 paths > KEEP_PATHS
+        panel.sample_select.value = sample
+        for unit in (0, 1, 2, image_view.PREDICTED):
+            panel.unit_select.value = unit
+    assert panel.error.value == "" and len(panel._paths) == KEEP_PATHS < 12
+    panel.sample_select.value, panel.unit_select.value = 0, image_view.PREDICTED  # the first path: evicted
+    path = panel.view.path
+    assert path is not first and path.unit == first.unit
+    outputs, grads = _tape(model, (np.linspace(0, 1, STEPS)[:, None, None, None] * x[0]).astype("float32"), path.unit)
+    np.testing.assert_allclose(path.outputs, outputs, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(path.gradients, grads, rtol=1e-4, atol=1e-7)

@@ -27,7 +27,14 @@ from gradmagic.core import gradcam, integrated_gradients, saliency
 from gradmagic.errors import GradmagicError, GradmagicWarning
 from gradmagic.widgets.coalesce import Scheduler
 from gradmagic.widgets.figure_view import FigureView
-from gradmagic.widgets.view_panel import DEFAULT_CLOCK, ViewPanel, nonfinite_note, output_labels, readout_table
+from gradmagic.widgets.view_panel import (
+    DEFAULT_CLOCK,
+    Recent,
+    ViewPanel,
+    nonfinite_note,
+    output_labels,
+    readout_table,
+)
 
 #: Noisy copies per path point for SmoothGrad in the panel (each is a forward and backward pass).
 SMOOTH_SAMPLES = 8
@@ -262,8 +269,8 @@ class ImageExplorer(ViewPanel):
         self.model, self.data, self.steps, self.baseline = model, data, steps, baseline
         self.gradcam_layer = gradcam_layer
         self.units = output_labels(model)
-        self._paths: dict[tuple[int, int], ImagePath] = {}
-        self._smooth: dict[tuple[int, int, float], np.ndarray] = {}
+        self._paths = Recent()
+        self._smooth = Recent()
         self.alpha_slider = widgets.FloatSlider(
             value=1.0,
             min=0.0,
@@ -314,13 +321,17 @@ class ImageExplorer(ViewPanel):
 
     def path(self, sample: int, unit: int) -> ImagePath:
         """The path of one sample and output unit, computed once (the whole path in batched calls)."""
-        key = (sample, unit)
-        if key not in self._paths:
-            image = self.data[sample : sample + 1]
-            self._paths[key] = compute_path(
-                self.model, image, None if unit == PREDICTED else unit, self.baseline, self.steps, self.gradcam_layer
-            )
-        return self._paths[key]
+        return self._paths.get(
+            (sample, unit),
+            lambda: compute_path(
+                self.model,
+                self.data[sample : sample + 1],
+                None if unit == PREDICTED else unit,
+                self.baseline,
+                self.steps,
+                self.gradcam_layer,
+            ),
+        )
 
     def compute(self, state: tuple[int, int, float, float]) -> ImageView:
         """The view for ``(sample, unit, noise, alpha)``: a lookup once the path (and its noise level) is known."""
@@ -328,10 +339,7 @@ class ImageExplorer(ViewPanel):
         path = self.path(sample, unit)
         index = int(np.argmin(np.abs(path.alphas - alpha)))
         if noise > 0:
-            key = (sample, unit, noise)
-            if key not in self._smooth:
-                self._smooth[key] = compute_smooth(self.model, path, noise)
-            gradient = self._smooth[key][index]
+            gradient = self._smooth.get((sample, unit, noise), lambda: compute_smooth(self.model, path, noise))[index]
         else:
             gradient = path.gradients[index]
         return ImageView(path, index, gradient, noise)

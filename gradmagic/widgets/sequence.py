@@ -24,7 +24,14 @@ from gradmagic.core import integrated_gradients, token_integrated_gradients
 from gradmagic.errors import GradmagicWarning
 from gradmagic.widgets.coalesce import Scheduler
 from gradmagic.widgets.figure_view import FigureView
-from gradmagic.widgets.view_panel import DEFAULT_CLOCK, ViewPanel, nonfinite_note, output_labels, readout_table
+from gradmagic.widgets.view_panel import (
+    DEFAULT_CLOCK,
+    Recent,
+    ViewPanel,
+    nonfinite_note,
+    output_labels,
+    readout_table,
+)
 
 
 @dataclass
@@ -239,7 +246,7 @@ class SequenceExplorer(ViewPanel):
         length = data.shape[1]
         self.labels = labels or [[str(i) for i in range(length)]] * len(data)
         self.units = output_labels(model)
-        self._paths: dict[tuple[int, int], SequencePath] = {}
+        self._paths = Recent()
         self.alpha_slider = widgets.FloatSlider(
             value=1.0,
             min=0.0,
@@ -272,11 +279,10 @@ class SequenceExplorer(ViewPanel):
 
     def path(self, sample: int, unit: int) -> SequencePath:
         """The path of one sample and output unit, computed once (the whole path in batched calls)."""
-        if (sample, unit) not in self._paths:
-            self._paths[sample, unit] = compute_path(
-                self.model, self.data[sample : sample + 1], unit, self.tokens, self.steps, sample
-            )
-        return self._paths[sample, unit]
+        return self._paths.get(
+            (sample, unit),
+            lambda: compute_path(self.model, self.data[sample : sample + 1], unit, self.tokens, self.steps, sample),
+        )
 
     def compute(self, state: tuple[int, int, float]) -> SequenceView:
         """The view for ``(sample, unit, alpha)``: a lookup once the path is known."""
