@@ -19,10 +19,10 @@ import tensorflow as tf
 
 from gradmagic.core.backends.tensorflow import calls_replaced
 from gradmagic.core.questions import compute
-from gradmagic.core.questions.attribution_results import IntegratedGradients
+from gradmagic.core.questions.attribution.integrated import path_rule
+from gradmagic.core.questions.attribution.results import IntegratedGradients
 from gradmagic.core.questions.entry import leaves_no_trace, spec_and_inputs
 from gradmagic.core.questions.inputs import model_spec
-from gradmagic.core.questions.integrated import path_rule
 from gradmagic.core.questions.model_keys import question_key
 from gradmagic.core.questions.state import restore_in_graph, snapshot_in_graph, state_variables
 from gradmagic.core.questions.targets import model_name
