@@ -107,3 +107,15 @@ def test_token_inputs_have_no_input_gradient_but_a_grad_cam():
 def test_not_a_model_is_refused():
     with pytest.raises(GradmagicError, match="Expected a Keras 3 model"):
         gm.saliency("model", X)
+
+
+def test_a_nan_attribution_is_named_as_such_not_as_an_unchanged_output():
+    from gradmagic.errors import GradmagicWarning
+
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Lambda(lambda t: keras.ops.sum(keras.ops.sqrt(t), axis=1))(inputs))
+    x = np.array([[1.0, 4.0, 9.0]], "float32")  # f(x) - f(0) = 6; the slope of sqrt is infinite at the baseline
+    with pytest.warns(GradmagicWarning, match=r"not finite .*NaN or Inf somewhere on the path") as caught:
+        result = gm.integrated_gradients(model, x, output=0, steps=8)
+    assert not np.isfinite(result.completeness_gap[0])
+    assert not any("barely changes" in str(w.message) for w in caught)

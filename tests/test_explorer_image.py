@@ -197,3 +197,54 @@ def test_image_view_on_mobilenet_v2(monkeypatch):
     np.testing.assert_allclose(panel.view.gradient, grads[0], rtol=1e-3, atol=1e-6 * np.abs(grads).max())
     assert panel.view.path.outputs[2] == pytest.approx(outputs[0], rel=1e-4)
     assert_unchanged(model, before)
+
+
+def test_the_titles_name_the_output_and_the_gradcam_layer(cnn):
+    model, x = cnn
+    panel = gm.explore(model, x, steps=STEPS, gradcam_layer=0, use_ipympl=False)  # the layer by index
+    unit = panel.units[panel.view.path.unit]
+    assert panel.figure.ax_path.get_title() == f"{unit} along the path"
+    assert panel.figure.ax_cam.get_title() == f"Grad-CAM of {unit} at '{model.layers[0].name}'"
+    panel.unit_select.value = (panel.view.path.unit + 1) % 3  # another class: the titles follow
+    unit = panel.units[panel.view.path.unit]
+    assert unit in panel.figure.ax_path.get_title() and unit in panel.figure.ax_cam.get_title()
+
+
+def test_a_gradient_infinite_at_the_baseline_is_noted_and_the_rest_drawn():
+    # sqrt has an infinite slope at 0: the zeros baseline gives an Inf gradient at a = 0 (and NaN beyond it).
+    inputs = keras.Input((6, 6, 1))
+    hidden = keras.layers.Conv2D(2, 3)(keras.layers.Lambda(lambda t: keras.ops.sqrt(t))(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Flatten()(hidden)))
+    x = np.random.default_rng(0).uniform(0.1, 1.0, size=(2, 6, 6, 1)).astype("float32")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # NumPy's own note on summing the NaN attribution
+        panel = gm.explore(model, x, steps=5, use_ipympl=False)
+        assert panel.error.value == "" and "NaN or Inf at 1 of 5 points on the path" in panel.readout.value
+        low, high = panel.figure.ax_path.get_ylim()
+        assert np.isfinite(low) and np.isfinite(high)
+        # The output along the path is finite everywhere (sqrt(0) = 0): the tape's values, drawn.
+        points = (np.linspace(0, 1, 5)[:, None, None, None] * x[0]).astype("float32")
+        outputs, _ = _tape(model, points, panel.view.path.unit)
+        np.testing.assert_allclose(panel.figure.path_line.get_data()[1], outputs, rtol=1e-5, atol=1e-6)
+        assert low <= outputs.min() and outputs.max() <= high
+        panel.alpha_slider.value = 0.0
+        assert panel.error.value == "" and np.isfinite(panel.figure.grad_image.get_clim()).all()
+
+
+def test_the_panel_keeps_a_bounded_number_of_paths_and_recomputes_an_evicted_one(cnn):
+    from gradmagic.widgets.view_panel import KEEP_PATHS
+
+    model, x = cnn
+    panel = gm.explore(model, x, steps=STEPS, use_ipympl=False)
+    first = panel.view.path
+    for sample in range(3):  # 3 samples x (3 units + the predicted class) = 12 paths > KEEP_PATHS
+        panel.sample_select.value = sample
+        for unit in (0, 1, 2, image_view.PREDICTED):
+            panel.unit_select.value = unit
+    assert panel.error.value == "" and len(panel._paths) == KEEP_PATHS < 12
+    panel.sample_select.value, panel.unit_select.value = 0, image_view.PREDICTED  # the first path: evicted
+    path = panel.view.path
+    assert path is not first and path.unit == first.unit
+    outputs, grads = _tape(model, (np.linspace(0, 1, STEPS)[:, None, None, None] * x[0]).astype("float32"), path.unit)
+    np.testing.assert_allclose(path.outputs, outputs, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(path.gradients, grads, rtol=1e-4, atol=1e-7)

@@ -94,6 +94,38 @@ def test_plane_slider_moves_the_point_and_its_readout_without_a_new_grid(three_f
     assert panel.view.grid is not grid and panel.figure_view.full_draws == draws + 1
 
 
+def test_the_plane_is_the_slice_through_the_point_after_the_axes_change(three_features):
+    model, x = three_features
+    panel = gm.explore(model, x, view="plane", use_ipympl=False)
+    panel.x_slider.value = 1.5  # feature 0 moves away from sample 0's value
+    panel.x_select.value = 2  # then leaves the axes: the plane must hold it at 1.5, where the point is
+    grid, point = panel.view.grid, panel.view.point
+    assert point[0] == pytest.approx(1.5)
+    gx, gy = np.meshgrid(grid.xs, grid.ys)
+    points = np.repeat(point[None], gx.size, axis=0)
+    points[:, 2], points[:, 1] = gx.ravel(), gy.ravel()
+    np.testing.assert_allclose(grid.values.ravel(), _unit(model, points, 0), rtol=1e-5, atol=1e-6)
+    # A move along an axis keeps the slice (no new grid); the point's value is the plane's there.
+    panel.set_point(float(grid.xs[3]), float(grid.ys[4]))
+    assert panel.view.grid is grid
+    assert panel.view.value == pytest.approx(float(grid.values[4, 3]), rel=1e-5, abs=1e-6)
+
+
+def test_each_pixel_of_the_plane_is_centred_on_its_grid_point(three_features):
+    model, x = three_features
+    panel = gm.explore(model, x, view="plane", use_ipympl=False)
+    grid, image = panel.view.grid, panel.figure.image
+    left, right, bottom, top = image.get_extent()
+    rows, columns = grid.values.shape
+    # The pixel imshow paints at a data coordinate: its column and row within the extent.
+    column = np.floor((grid.xs - left) / (right - left) * columns).astype(int)
+    row = np.floor((grid.ys - bottom) / (top - bottom) * rows).astype(int)
+    np.testing.assert_array_equal(column, np.arange(columns))
+    np.testing.assert_array_equal(row, np.arange(rows))
+    # ... half a pixel from its edges, so the contour lines (drawn at the grid points) meet the colours.
+    assert grid.xs[0] - left == pytest.approx((right - left) / columns / 2, rel=1e-5)
+
+
 def test_a_click_on_the_plane_moves_the_point_there(three_features):
     from matplotlib.backend_bases import MouseEvent
 
@@ -299,3 +331,77 @@ def test_magic_picks_the_view(three_features, lstm):
     assert isinstance(shell.run_line_magic("gradients_explore", "rnn seqs"), SequenceExplorer)
     with pytest.raises(UsageError, match=r"model 'two', which takes .*Expected a model whose single input is"):
         shell.run_line_magic("gradients_explore", "two x")
+
+
+def test_a_subclassed_model_asked_for_the_image_view_is_told_how_to_wrap_it():
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.conv = keras.layers.Conv2D(2, 3)
+            self.head = keras.layers.Dense(2)
+
+        def call(self, x):
+            return self.head(keras.ops.mean(self.conv(x), axis=(1, 2)))
+
+    keras.utils.set_random_seed(3)
+    net = Net()
+    images = np.random.default_rng(4).uniform(size=(2, 6, 6, 1)).astype("float32")
+    with pytest.raises(InputError, match=r"declares no input.*Fix: wrap the model, e\.g\. inputs = keras\.Input\(\(H"):
+        gm.explore(net, images, view="image", use_ipympl=False)
+    inputs = keras.Input((6, 6, 1))  # the fix, as the message gives it
+    panel = gm.explore(keras.Model(inputs, net(inputs)), images, view="image", steps=4, use_ipympl=False)
+    assert panel.view.path.x.shape == (6, 6, 1) and panel.error.value == ""
+
+
+def test_a_bad_path_length_for_a_sequence_speaks_of_the_sequence_path(lstm):
+    model, x = lstm
+    with pytest.raises(gm.GradmagicError, match=r"steps=1\. .*from zeros .* to the sample") as raised:
+        gm.explore(model, x, steps=1, use_ipympl=False)
+    assert "image" not in str(raised.value)
+
+
+def test_a_plane_partly_nan_keeps_its_colour_scale_and_arrows():
+    inputs = keras.Input((2,))
+    model = keras.Model(inputs, keras.layers.Lambda(lambda t: keras.ops.sqrt(t[:, :1]) + t[:, 1:])(inputs))
+    x = np.array([[0.01, 0.0], [2.0, 1.0]], "float32")  # the padded range reaches x0 < 0, where sqrt is NaN
+    panel = gm.explore(model, x, view="plane", use_ipympl=False)
+    grid = panel.view.grid
+    bad = ~np.isfinite(grid.values)
+    assert bad.any() and not bad.all()
+    # Independent truth: the function itself, sqrt(x0) + x1, on the finite part of the grid.
+    gx, gy = np.meshgrid(grid.xs.astype(np.float64), grid.ys.astype(np.float64))
+    ok = gx > 0
+    truth = np.sqrt(gx[ok]) + gy[ok]
+    assert panel.figure.image.get_clim() == pytest.approx((truth.min(), truth.max()), rel=1e-5)
+    assert np.isfinite(panel.figure.scale) and panel.figure.scale > 0
+    assert np.all(np.isfinite(panel.figure.arrows.U.reshape(gx.shape)[ok]))
+    assert f"{int(bad.sum())} of {bad.size} grid points give NaN or Inf" in panel.readout.value
+
+
+def test_token_ids_with_the_embedding_hidden_in_a_custom_layer_get_a_message_that_says_so():
+    class TokenAndPosition(keras.layers.Layer):
+        def __init__(self):
+            super().__init__()
+            self.tokens = keras.layers.Embedding(20, 4)
+            self.positions = keras.layers.Embedding(6, 4)
+
+        def call(self, ids):
+            return self.tokens(ids) + self.positions(keras.ops.arange(keras.ops.shape(ids)[-1]))
+
+    ids = keras.Input((6,), dtype="int32")
+    hidden = keras.layers.GlobalAveragePooling1D()(TokenAndPosition()(ids))
+    model = keras.Model(ids, keras.layers.Dense(2)(hidden), name="hidden_embedding")
+    with pytest.raises(InputError, match=r"token ids\?\) but has no keras\.layers\.Embedding among model\.layers"):
+        gm.explore(model, np.array([[1, 2, 3, 4, 5, 6]]), use_ipympl=False)
+
+
+def test_a_sequence_path_with_a_nan_gradient_is_noted_not_a_traceback():
+    inputs = keras.Input((4, 3))
+    rooted = keras.layers.Lambda(lambda t: keras.ops.sqrt(keras.ops.abs(t)))(inputs)  # NaN gradient at 0
+    model = keras.Model(inputs, keras.layers.Dense(1)(keras.layers.Flatten()(rooted)))
+    x = np.random.default_rng(0).uniform(0.1, 1.0, size=(2, 4, 3)).astype("float32")
+    panel = gm.explore(model, x, steps=5, use_ipympl=False)
+    panel.alpha_slider.value = 0.0  # the point where the gradient is not finite
+    assert panel.error.value == ""
+    assert "NaN or Inf at 1 of 5 points on the path" in panel.readout.value
+    assert np.isfinite(panel.figure.ax_norm.get_ylim()).all()

@@ -88,3 +88,19 @@ def test_token_gradients_keep_the_embeddings_mask():
         out = dense(rnn(vectors, mask=embed.compute_mask(x)))[:, 0]
     np.testing.assert_allclose(result.array, tape.gradient(out, vectors).numpy(), rtol=1e-5, atol=1e-9)
     assert np.all(result.array[0, 3:] == 0)  # padding is masked out: the LSTM never reads it
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        np.array([[1, 2, 3, 4, 12]], "int32"),  # input_dim is 12: TensorFlow's lookup fails on it (zeros on a GPU)
+        np.array([[1, 2, -1, 4, 5]], "int32"),
+        np.array([[1.5, 2, 3, 4, 5]], "float32"),  # not a whole number: the lookup would truncate it silently
+    ],
+)
+def test_values_that_are_not_token_ids_are_refused_before_the_model_runs(tokens, bad):
+    model, _ = tokens
+    with pytest.raises(InputError, match=r"not token ids of 'embed'.*Expected whole numbers from 0 to 11"):
+        gm.token_gradients(model, bad)
+    with pytest.raises(InputError, match=r"not token ids of 'embed'"):
+        gm.explore(model, bad, use_ipympl=False)

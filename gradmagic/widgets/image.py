@@ -27,7 +27,14 @@ from gradmagic.core import gradcam, integrated_gradients, saliency
 from gradmagic.errors import GradmagicError, GradmagicWarning
 from gradmagic.widgets.coalesce import Scheduler
 from gradmagic.widgets.figure_view import FigureView
-from gradmagic.widgets.view_panel import DEFAULT_CLOCK, ViewPanel, output_labels, readout_table
+from gradmagic.widgets.view_panel import (
+    DEFAULT_CLOCK,
+    Recent,
+    ViewPanel,
+    nonfinite_note,
+    output_labels,
+    readout_table,
+)
 
 #: Noisy copies per path point for SmoothGrad in the panel (each is a forward and backward pass).
 SMOOTH_SAMPLES = 8
@@ -51,6 +58,7 @@ class ImagePath:
         completeness_gap: ``sum(attribution) - (f(x) - f(baseline))``.
         notes: What the core said about the numbers (e.g. a completeness gap above 5%).
         gradcam: Grad-CAM at x (at the chosen layer, resized to the image), ``(H, W)``, or None.
+        gradcam_layer: The name of Grad-CAM's layer, or None.
     """
 
     x: np.ndarray
@@ -63,6 +71,7 @@ class ImagePath:
     completeness_gap: float
     notes: list[str]
     gradcam: np.ndarray | None = None
+    gradcam_layer: str | None = None
 
     def point(self, index: int) -> np.ndarray:
         """The input at position ``alphas[index]``: ``baseline + a (x - baseline)``."""
@@ -82,10 +91,11 @@ def compute_path(
         steps: Points on the path.
         gradcam_layer: A layer for Grad-CAM at x (by index or name), or None.
     """
-    cam = None
+    cam, cam_layer = None, None
     if gradcam_layer is not None:  # first: a layer that does not fit fails before the path is computed
         try:
-            cam = np.asarray(gradcam(model, image, gradcam_layer, output=unit).array_at_input)[0]
+            cam_result = gradcam(model, image, gradcam_layer, output=unit)
+            cam, cam_layer = np.asarray(cam_result.array_at_input)[0], cam_result.layer_name
         except GradmagicError as exc:
             raise GradmagicError(
                 f"{str(exc).rstrip('.')} (for gradcam_layer={gradcam_layer!r}). Fix: pass gradcam_layer= a "
@@ -108,8 +118,9 @@ def compute_path(
         accumulated=result.accumulated()[0],
         unit=unit_done,
         completeness_gap=float(result.completeness_gap[0]),
-        notes=list(result.notes),
+        notes=nonfinite_note(result.path_gradients[0], np.asarray(result.path_alphas)) + list(result.notes),
         gradcam=cam,
+        gradcam_layer=cam_layer,
     )
 
 
@@ -149,9 +160,9 @@ def _display(image: np.ndarray, low: float, high: float) -> np.ndarray:
 
 
 def _heat(values: np.ndarray) -> tuple[np.ndarray, float]:
-    """A map summed over channels, and its largest magnitude (for a symmetric colour scale)."""
+    """A map summed over channels, and its largest finite magnitude (for a symmetric colour scale)."""
     heat = values.astype(np.float64).sum(axis=-1)
-    return heat, float(np.max(np.abs(heat))) or 1e-12
+    return heat, float(np.max(np.abs(heat[np.isfinite(heat)]), initial=0.0)) or 1e-12
 
 
 class ImageFigure:
@@ -166,7 +177,6 @@ class ImageFigure:
         self.cam_image = None
         if self.ax_cam is not None:
             self.cam_image = self.ax_cam.imshow(np.zeros((height, width)), cmap="magma", interpolation="nearest")
-            self.ax_cam.set_title(f"Grad-CAM at {gradcam_layer!s:.20} (at x)", fontsize=9)
             self.ax_cam.set_xticks([])
             self.ax_cam.set_yticks([])
         blank = np.zeros((height, width, 3) if shape[-1] == 3 else (height, width))
@@ -182,9 +192,10 @@ class ImageFigure:
         self.ax_path.set_xlim(0.0, 1.0)
         for ax, title in (
             (self.ax_input, "input at a"),
-            (self.ax_grad, "gradient at a (sum over channels)"),
+            # No colour bars (their scale changes with every move): the titles say how to read the colours.
+            (self.ax_grad, "gradient at a" + (" (sum over channels)" if shape[-1] > 1 else "") + "\nred +, blue -"),
             (self.ax_path, "output along the path"),
-            (self.ax_attr, "attribution up to a"),
+            (self.ax_attr, "attribution up to a\nred +, blue -"),
         ):
             ax.set_title(title, fontsize=9)
             ax.tick_params(labelsize=7)
@@ -200,15 +211,21 @@ class ImageFigure:
         """What a move along the path changes (drawn over the cached background)."""
         return [self.input_image, self.grad_image, self.attr_image, self.path_point, self.path_cursor]
 
-    def set_path(self, path: ImagePath, sums: np.ndarray) -> None:
-        """Draw the output along a new path, and Grad-CAM for it (a full redraw follows)."""
+    def set_path(self, path: ImagePath, sums: np.ndarray, output: str) -> None:
+        """Draw the output along a new path, and Grad-CAM for it (a full redraw follows).
+
+        ``output`` names the output unit differentiated (in the titles: which class the maps explain).
+        """
+        self.ax_path.set_title(f"{output} along the path", fontsize=9)
         if self.cam_image is not None and path.gradcam is not None:
             self.cam_image.set_data(path.gradcam)
             self.cam_image.set_clim(0.0, float(np.max(path.gradcam)) or 1e-12)
+            self.ax_cam.set_title(f"Grad-CAM of {output} at '{path.gradcam_layer:.16}'", fontsize=9)
         self.path_line.set_data(path.alphas, path.outputs)
         self.sum_line.set_data(path.alphas, sums)
         values = np.concatenate([path.outputs, sums])
-        low, high = float(values.min()), float(values.max())
+        values = values[np.isfinite(values)]  # matplotlib refuses NaN or Inf limits
+        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
         span = (high - low) or max(abs(high), 1e-3) * 0.1
         self.ax_path.set_ylim(low - 0.1 * span, high + 0.1 * span)
 
@@ -252,8 +269,8 @@ class ImageExplorer(ViewPanel):
         self.model, self.data, self.steps, self.baseline = model, data, steps, baseline
         self.gradcam_layer = gradcam_layer
         self.units = output_labels(model)
-        self._paths: dict[tuple[int, int], ImagePath] = {}
-        self._smooth: dict[tuple[int, int, float], np.ndarray] = {}
+        self._paths = Recent()
+        self._smooth = Recent()
         self.alpha_slider = widgets.FloatSlider(
             value=1.0,
             min=0.0,
@@ -304,13 +321,17 @@ class ImageExplorer(ViewPanel):
 
     def path(self, sample: int, unit: int) -> ImagePath:
         """The path of one sample and output unit, computed once (the whole path in batched calls)."""
-        key = (sample, unit)
-        if key not in self._paths:
-            image = self.data[sample : sample + 1]
-            self._paths[key] = compute_path(
-                self.model, image, None if unit == PREDICTED else unit, self.baseline, self.steps, self.gradcam_layer
-            )
-        return self._paths[key]
+        return self._paths.get(
+            (sample, unit),
+            lambda: compute_path(
+                self.model,
+                self.data[sample : sample + 1],
+                None if unit == PREDICTED else unit,
+                self.baseline,
+                self.steps,
+                self.gradcam_layer,
+            ),
+        )
 
     def compute(self, state: tuple[int, int, float, float]) -> ImageView:
         """The view for ``(sample, unit, noise, alpha)``: a lookup once the path (and its noise level) is known."""
@@ -318,13 +339,13 @@ class ImageExplorer(ViewPanel):
         path = self.path(sample, unit)
         index = int(np.argmin(np.abs(path.alphas - alpha)))
         if noise > 0:
-            key = (sample, unit, noise)
-            if key not in self._smooth:
-                self._smooth[key] = compute_smooth(self.model, path, noise)
-            gradient = self._smooth[key][index]
+            gradient = self._smooth.get((sample, unit, noise), lambda: compute_smooth(self.model, path, noise))[index]
         else:
             gradient = path.gradients[index]
         return ImageView(path, index, gradient, noise)
+
+    def _unit_name(self, unit: int) -> str:
+        return self.units[unit] if unit < len(self.units) else str(unit)
 
     def draw(self, view: ImageView) -> None:
         """Show ``view``: the path's curve when it changed (a full redraw), then the maps and the marker."""
@@ -332,7 +353,7 @@ class ImageExplorer(ViewPanel):
         new_path = path is not self._shown_path
         if new_path:
             sums = path.outputs[0] + path.accumulated.reshape(len(path.alphas), -1).astype(np.float64).sum(axis=1)
-            self.figure.set_path(path, sums)
+            self.figure.set_path(path, sums, self._unit_name(path.unit))
             self._shown_path = path
         low, high = float(path.x.min()), float(path.x.max())
         grad_max, attr_max = self.figure.set_view(view, low, high)
@@ -343,10 +364,7 @@ class ImageExplorer(ViewPanel):
         self.readout.value = readout_table(
             [
                 ("a", f"{view.alpha:.4g}"),
-                (
-                    f"output {self.units[path.unit] if path.unit < len(self.units) else path.unit} at a",
-                    f"{path.outputs[k]:.6g}",
-                ),
+                (f"output {self._unit_name(path.unit)} at a", f"{path.outputs[k]:.6g}"),
                 ("f(baseline) + sum(attribution up to a)", f"{path.outputs[0] + attr_sum:.6g}"),
                 ("completeness gap at a = 1", f"{path.completeness_gap:.4g}"),
                 ("largest |map| (gradient, attribution)", f"{grad_max:.4g}, {attr_max:.4g}"),

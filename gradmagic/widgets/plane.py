@@ -1,6 +1,7 @@
 """The explorer's plane view: the output over two features, the gradient field as arrows, a point moved by sliders.
 
-The other features stay at the chosen sample's values. The grid (the output
+The other features stay at the point's values (the chosen sample's until a
+slider moves them). The grid (the output
 and its gradient at every grid point) is one batched
 :func:`~gradmagic.core.input_gradients` call, made again only when the
 features, the sample or the output unit change; a slider move asks the core
@@ -118,13 +119,16 @@ class PlaneFigure:
     def __init__(self, figure: Any, size: int) -> None:
         self.figure = figure
         self.ax = figure.subplots()
-        self.image = self.ax.imshow(np.zeros((size, size)), origin="lower", aspect="auto", cmap="viridis")
+        self.image = self.ax.imshow(
+            np.zeros((size, size)), origin="lower", aspect="auto", cmap="viridis", interpolation="bilinear"
+        )
         self.colorbar = figure.colorbar(self.image, ax=self.ax)
         zeros = np.zeros(size * size)
         self.arrows = self.ax.quiver(
             zeros, zeros, zeros, zeros, angles="xy", scale_units="xy", scale=1.0, color="white", width=0.003
         )
-        (self.point,) = self.ax.plot([], [], "o", color="tab:red", markersize=8, zorder=4)
+        # A small dot with a white rim: the point's gradient arrow (on the field's scale) stays visible beside it.
+        (self.point,) = self.ax.plot([], [], "o", color="tab:red", markeredgecolor="white", markersize=5, zorder=4)
         self.point_arrow = self.ax.quiver(
             [0.0],
             [0.0],
@@ -152,17 +156,28 @@ class PlaneFigure:
     def set_grid(self, grid: PlaneGrid, names: Sequence[str], output: str) -> None:
         """Show a new grid: image, contour lines and arrows (scaled so the longest is one grid cell)."""
         xs, ys = grid.xs, grid.ys
+        cell_x, cell_y = (xs[-1] - xs[0]) / (len(xs) - 1), (ys[-1] - ys[0]) / (len(ys) - 1)
         self.image.set_data(grid.values)
-        self.image.set_extent((xs[0], xs[-1], ys[0], ys[-1]))
-        low, high = float(np.min(grid.values)), float(np.max(grid.values))
+        # imshow's extent is the outer edges of its pixels: half a cell beyond the grid, so that each pixel is
+        # centred on its grid point (where the contour lines and arrows are).
+        self.image.set_extent((xs[0] - cell_x / 2, xs[-1] + cell_x / 2, ys[0] - cell_y / 2, ys[-1] + cell_y / 2))
+        # Colours and arrow lengths from the finite values only: a NaN region (e.g. a sqrt of negatives) stays
+        # blank instead of collapsing the colour scale and every arrow.
+        finite = grid.values[np.isfinite(grid.values)]
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
         self.image.set_clim(low, high if high > low else low + 1e-6)
+        self.colorbar.set_label(output, fontsize=9)
         if self.contours is not None:
             self.contours.remove()
-        self.contours = self.ax.contour(xs, ys, grid.values, levels=8, colors="k", linewidths=0.6, alpha=0.5)
-        cell_x, cell_y = (xs[-1] - xs[0]) / (len(xs) - 1), (ys[-1] - ys[0]) / (len(ys) - 1)
+        self.contours = (
+            None
+            if finite.size < 2
+            else self.ax.contour(xs, ys, grid.values, levels=8, colors="k", linewidths=0.6, alpha=0.5)
+        )
         # Arrow components in data units with one factor for both, so an arrow points along the gradient
         # in feature units; the longest arrow spans about one grid cell.
-        longest = float(np.max(np.hypot(grid.grad_x / cell_x, grid.grad_y / cell_y))) or 1.0
+        lengths = np.hypot(grid.grad_x / cell_x, grid.grad_y / cell_y)
+        longest = float(np.max(lengths[np.isfinite(lengths)], initial=0.0)) or 1.0
         self.scale = 0.9 / longest
         grid_x, grid_y = np.meshgrid(xs, ys)
         self.arrows.set_offsets(np.column_stack([grid_x.ravel(), grid_y.ravel()]))
@@ -317,14 +332,24 @@ class PlaneExplorer(ViewPanel):
     def compute(self, state: tuple) -> PlaneView:
         """The numbers for a control state ``(point, fx, fy, unit, sample)``: the grid is reused while it holds."""
         point, fx, fy, unit, sample = state
-        key = (fx, fy, unit, sample)
+        # The plane is the slice through the point: the other features at the point's values (the sample's,
+        # unless a slider moved them while they were on an axis). A move along fx or fy keeps the slice.
+        held = np.delete(point, [fx, fy])
+        key = (fx, fy, unit, sample, held.tobytes())
         if key != self._grid_key:
             xs = np.linspace(self.low[fx], self.high[fx], self.grid_size).astype(self.data.dtype)
             ys = np.linspace(self.low[fy], self.high[fy], self.grid_size).astype(self.data.dtype)
-            self._grid = compute_grid(self.model, self.data[sample], fx, fy, xs, ys, unit, self.training)
+            self._grid = compute_grid(self.model, point, fx, fy, xs, ys, unit, self.training)
             self._grid_key = key
         value, gradient = compute_point(self.model, point, unit, self.training)
         return PlaneView(self._grid, point, value, gradient)
+
+    @staticmethod
+    def _grid_notes(grid: PlaneGrid) -> list[tuple[str, str]]:
+        bad = int(np.sum(~(np.isfinite(grid.values) & np.isfinite(grid.grad_x) & np.isfinite(grid.grad_y))))
+        if not bad:
+            return []
+        return [("note", f"{bad} of {grid.values.size} grid points give NaN or Inf (left blank, without an arrow)")]
 
     def draw(self, view: PlaneView) -> None:
         """Show ``view``: the grid when it changed (a full redraw), then the point."""
@@ -344,6 +369,7 @@ class PlaneExplorer(ViewPanel):
                 (f"d {unit} / d {self.names[fx]}", f"{view.gradient[fx]:.6g}"),
                 (f"d {unit} / d {self.names[fy]}", f"{view.gradient[fy]:.6g}"),
                 ("gradient", ", ".join(f"{g:.4g}" for g in view.gradient)),
+                *self._grid_notes(view.grid),
             ]
         )
         self.error.value = ""

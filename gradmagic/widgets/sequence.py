@@ -24,7 +24,14 @@ from gradmagic.core import integrated_gradients, token_integrated_gradients
 from gradmagic.errors import GradmagicWarning
 from gradmagic.widgets.coalesce import Scheduler
 from gradmagic.widgets.figure_view import FigureView
-from gradmagic.widgets.view_panel import DEFAULT_CLOCK, ViewPanel, output_labels, readout_table
+from gradmagic.widgets.view_panel import (
+    DEFAULT_CLOCK,
+    Recent,
+    ViewPanel,
+    nonfinite_note,
+    output_labels,
+    readout_table,
+)
 
 
 @dataclass
@@ -125,7 +132,7 @@ def compute_path(
         outputs=np.asarray(result.path_outputs)[0],
         accumulated=result.accumulated()[0].reshape(steps, length, -1),
         completeness_gap=float(result.completeness_gap[0]),
-        notes=list(result.notes),
+        notes=nonfinite_note(result.path_gradients[0], np.asarray(result.path_alphas)) + list(result.notes),
         tokens=tokens,
     )
 
@@ -190,10 +197,15 @@ class SequenceFigure:
                 rotation=60 if len(labels) > 12 else 0,
                 fontsize=7 if len(labels) > 20 else 8,
             )
-        changed |= _keep(self.ax_norm, float(np.max(view.norms)), signed=False)
-        changed |= _keep(self.ax_gxi, float(np.max(np.abs(view.grad_x_input))), signed=True)
-        changed |= _keep(self.ax_ig, float(np.max(np.abs(view.integrated))), signed=True)
+        changed |= _keep(self.ax_norm, _reach(view.norms), signed=False)
+        changed |= _keep(self.ax_gxi, _reach(view.grad_x_input), signed=True)
+        changed |= _keep(self.ax_ig, _reach(view.integrated), signed=True)
         return changed
+
+
+def _reach(heights: np.ndarray) -> float:
+    """The largest finite |height| (a NaN or Inf bar is left blank; matplotlib refuses such limits)."""
+    return float(np.max(np.abs(heights[np.isfinite(heights)]), initial=0.0))
 
 
 def _keep(ax: Any, reach: float, signed: bool) -> bool:
@@ -234,7 +246,7 @@ class SequenceExplorer(ViewPanel):
         length = data.shape[1]
         self.labels = labels or [[str(i) for i in range(length)]] * len(data)
         self.units = output_labels(model)
-        self._paths: dict[tuple[int, int], SequencePath] = {}
+        self._paths = Recent()
         self.alpha_slider = widgets.FloatSlider(
             value=1.0,
             min=0.0,
@@ -267,11 +279,10 @@ class SequenceExplorer(ViewPanel):
 
     def path(self, sample: int, unit: int) -> SequencePath:
         """The path of one sample and output unit, computed once (the whole path in batched calls)."""
-        if (sample, unit) not in self._paths:
-            self._paths[sample, unit] = compute_path(
-                self.model, self.data[sample : sample + 1], unit, self.tokens, self.steps, sample
-            )
-        return self._paths[sample, unit]
+        return self._paths.get(
+            (sample, unit),
+            lambda: compute_path(self.model, self.data[sample : sample + 1], unit, self.tokens, self.steps, sample),
+        )
 
     def compute(self, state: tuple[int, int, float]) -> SequenceView:
         """The view for ``(sample, unit, alpha)``: a lookup once the path is known."""

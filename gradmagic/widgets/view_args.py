@@ -53,11 +53,29 @@ def choose_view(model: Any, view: Any) -> str:
     if not isinstance(model, keras.Model):
         return "vector"
     kind = input_kind(model)
+    inputs = model_spec(model).inputs or []
+    if kind is None and len(inputs) == 1 and len(inputs[0].shape) == 1 and "int" in inputs[0].dtype:
+        raise InputError(
+            f"Received: model '{model_name(model)}', which takes {_takes(model)} (token ids?) but has no "
+            f"keras.layers.Embedding among model.layers (nested models included; one inside a custom layer is not "
+            f"found). Expected token ids read by an Embedding that is a layer of the model: the sequence view "
+            f"differentiates at its output. Fix: apply the Embedding as a layer of the model (e.g. "
+            f"keras.layers.Embedding(vocab, dim)(ids), then your own layer on its output), or explore the model "
+            f"from the embeddings on: a keras.Input((T, dim)) model opens the sequence view."
+        )
     if kind is None:
         raise InputError(
             f"Received: model '{model_name(model)}', which takes {_takes(model)}. Expected a model whose single "
             f"input is {_SERVED}: the explorer has a view for each. Fix: use gradmagic.input_gradients(model, x) "
             f"for d(output)/d(input) of other inputs, or explore a sub-model with one such input."
+        )
+    if kind == "undeclared" and view in ("sequence", "image"):
+        shape = "(T, F)" if view == "sequence" else "(H, W, C)"
+        raise InputError(
+            f"Received: view={view!r} for model '{model_name(model)}', which declares no input (a subclassed model, "
+            f"or one not built on a keras.Input). Expected a model whose input shape the explorer can read: the "
+            f"{view} view takes its layout from it. Fix: wrap the model, e.g. inputs = keras.Input({shape}); "
+            f"gm.explore(keras.Model(inputs, model(inputs)), x, view={view!r})."
         )
     natural = {"vector": "vector", "undeclared": "vector", "sequence": "sequence", "tokens": "sequence"}.get(kind, kind)
     if view is None or view == natural or (view == "plane" and natural == "vector"):
@@ -146,12 +164,17 @@ def check_labels(labels: Any, rows: int, length: int) -> list[list[str]] | None:
     return per_sample
 
 
-def check_steps(steps: Any) -> int:
-    """Refuse a path length that is not an int from 2 to :data:`MAX_STEPS`."""
+def check_steps(steps: Any, kind: str = "image") -> int:
+    """Refuse a path length that is not an int from 2 to :data:`MAX_STEPS` (``kind``: the view, for the message)."""
     if not is_int(steps) or not 2 <= steps <= MAX_STEPS:
+        start, end = (
+            ("zeros (zero embeddings for token ids)", "the sample")
+            if kind == "sequence"
+            else ("the baseline", "the image")
+        )
         raise GradmagicError(
             f"Received: steps={describe(steps)}. Expected an int from 2 to {MAX_STEPS}: the points on the path "
-            f"from the baseline to the image where the gradient is taken. Fix: leave the default (32) or e.g. "
+            f"from {start} to {end} where the gradient is taken. Fix: leave the default (32) or e.g. "
             f"steps=16."
         )
     return int(steps)

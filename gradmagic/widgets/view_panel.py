@@ -7,6 +7,7 @@ the core for every number) and ``draw(view)`` (moving artists built once).
 
 from __future__ import annotations
 
+import collections
 import html
 import time
 import traceback
@@ -43,6 +44,44 @@ def readout_table(rows: list[tuple[str, str]]) -> str:
         for k, v in rows
     )
     return f"<table class='gm-readout'>{cells}</table>"
+
+
+#: Paths (and SmoothGrad maps) a view keeps: each is steps times the input's size, twice over.
+KEEP_PATHS = 8
+
+
+class Recent:
+    """The last :data:`KEEP_PATHS` computed values by key: revisits are free, memory stays bounded."""
+
+    def __init__(self, keep: int = KEEP_PATHS) -> None:
+        self.keep = keep
+        self._values: collections.OrderedDict[Any, Any] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def get(self, key: Any, compute: Callable[[], Any]) -> Any:
+        """The value for ``key``, computed by ``compute()`` unless kept; the oldest is dropped beyond ``keep``."""
+        if key in self._values:
+            self._values.move_to_end(key)
+            return self._values[key]
+        value = compute()  # a failure keeps nothing
+        self._values[key] = value
+        while len(self._values) > self.keep:
+            self._values.popitem(last=False)
+        return value
+
+
+def nonfinite_note(gradients: np.ndarray, alphas: np.ndarray) -> list[str]:
+    """A note when the gradient is NaN or Inf somewhere on the path (such points are left blank in the plots)."""
+    bad = ~np.isfinite(gradients.reshape(len(alphas), -1)).all(axis=1)
+    if not bad.any():
+        return []
+    return [
+        f"the gradient is NaN or Inf at {int(bad.sum())} of {len(alphas)} points on the path (first at a = "
+        f"{alphas[bad][0]:.3g}), so the attribution from there on is not finite; such values are left blank. A "
+        f"model with sqrt or log of its input has an infinite slope at zero: try another baseline"
+    ]
 
 
 class ViewPanel(widgets.VBox):

@@ -186,7 +186,7 @@ def _open_view(
         from gradmagic.widgets.sequence import SequenceExplorer
 
         tokens = input_kind(model) == "tokens"
-        steps = check_steps(steps)
+        steps = check_steps(steps, kind)
         return SequenceExplorer(model, data, tokens, check_labels(labels, len(data), data.shape[1]), steps, use_ipympl)
     from gradmagic.widgets.image import ImageExplorer
 

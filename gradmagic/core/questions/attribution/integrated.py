@@ -228,7 +228,14 @@ def _check_completeness(result: IntegratedGradients, steps: int) -> None:
     worst = int(bad[np.argmax(np.nan_to_num(gaps[bad], nan=np.inf))])
     change = float(result.value_at_x[worst]) - float(result.value_at_baseline[worst])
     scale = max(abs(float(result.value_at_x[worst])), abs(float(result.value_at_baseline[worst])))
-    if not np.isfinite(gaps[worst]) or abs(change) <= 1e-6 * scale:  # f(x) = f(b) up to float rounding
+    if not np.isfinite(result.completeness_gap[worst]):
+        message = (
+            f"the attributions of sample {worst} are not finite (completeness gap "
+            f"{result.completeness_gap[worst]:.3g}): the gradient is NaN or Inf somewhere on the path, e.g. "
+            f"sqrt or log of the input at a zeros baseline. Fix: choose a baseline where the model's gradient is "
+            f"finite (e.g. baseline='blur' or an array away from the singular point)"
+        )
+    elif not np.isfinite(gaps[worst]) or abs(change) <= 1e-6 * scale:  # f(x) = f(b) up to float rounding
         message = (
             f"the output barely changes from the baseline to x at sample {worst} (f(x) - f(baseline) = "
             f"{change:.3g}), so the attributions cannot be checked against it (completeness gap "

@@ -126,6 +126,22 @@ def _function(model: keras.Model, layer: keras.Layer, output: int) -> Any:
     return token_grads
 
 
+def _check_ids(model: keras.Model, layer: keras.layers.Embedding, ids: Any) -> None:
+    """Refuse ids the Embedding cannot look up, before TensorFlow fails on them (or, on a GPU, returns zeros)."""
+    values = np.asarray(ids)
+    if values.size == 0 or values.dtype.kind not in "biuf":
+        return  # the model's own call reports these
+    bad = ~np.isfinite(values) | (values != np.round(values)) | (values < 0) | (values >= layer.input_dim)
+    if np.any(bad):
+        first = values[bad].ravel()[0]
+        raise InputError(
+            f"Received: x with {int(np.sum(bad))} value(s) that are not token ids of '{layer.name}' of model "
+            f"'{model_name(model)}' (e.g. {first!r}). Expected whole numbers from 0 to {layer.input_dim - 1} "
+            f"(the Embedding's input_dim is {layer.input_dim}). Fix: map unknown tokens to an id the model knows, "
+            f"e.g. np.clip(ids, 0, {layer.input_dim - 1})."
+        )
+
+
 @leaves_no_trace
 def token_gradients(model: keras.Model, x: Any, output: int = 0, scale: Any = None) -> TokenGradients:
     """d(output unit)/d(Embedding output) per sample, for a model that reads token ids through an Embedding.
@@ -144,7 +160,8 @@ def token_gradients(model: keras.Model, x: Any, output: int = 0, scale: Any = No
         A :class:`TokenGradients`: the (scaled) embeddings, their gradient and the output unit's values.
 
     Raises:
-        InputError: The model has no Embedding layer, or ``output`` is out of range.
+        InputError: The model has no Embedding layer, x holds values that are not
+            its token ids (from 0 to ``input_dim - 1``), or ``output`` is out of range.
         GradmagicError: The model fails on x (the model is left unchanged).
 
     Example:
@@ -173,6 +190,7 @@ def token_gradients(model: keras.Model, x: Any, output: int = 0, scale: Any = No
             f"Received: output={output!r}. Expected an int {limit}: the unit of the flattened per-sample output. "
             f"Fix: e.g. output=0."
         )
+    _check_ids(model, layer, keras.tree.flatten(x_in)[0])
     batch = int(keras.tree.flatten(x_in)[0].shape[0])
     factors = np.ones(batch, "float32") if scale is None else np.asarray(scale, "float32").reshape(-1)
     if factors.shape != (batch,) or not np.all(np.isfinite(factors)):
