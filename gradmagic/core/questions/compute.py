@@ -2,9 +2,8 @@
 
 A question is (model, kind, layer, loss, training, ...). Its function is traced
 once per per-sample input signature, with the batch axis left free (see
-:func:`call_compiled`), and the axes that vary between calls (a sequence's
-length) left free after two shapes, so a repeated call - a slider move - re-runs
-a graph instead of Python. Functions
+:func:`call_compiled`), so a repeated call - a slider move - re-runs a graph
+instead of Python. Functions
 reach the model through weak references: caching never keeps a model alive.
 """
 
