@@ -94,94 +94,19 @@ def call_compiled(fn: Any, concrete: dict, args: tuple) -> Any:
 
     Args:
         fn: The ``tf.function``.
-        concrete: The question's dict of concrete functions, filled on demand
-            (it also notes the per-sample shapes seen, see :func:`_new_caller`).
+        concrete: The question's dict of concrete functions, filled on demand.
         args: Arguments: arrays or tensors with a batch axis, lists/dicts of
             them, or ``None``.
     """
     tensors, signature = _as_tensors(args)
     call = concrete.get(signature)
     if call is None:
-        call = concrete[signature] = _new_caller(fn, concrete, tensors)
+        specs = keras.tree.map_structure(
+            lambda t: None if t is None else tf.TensorSpec((None, *t.shape[1:]), t.dtype), tensors
+        )
+        # The door's flat entry point skips re-binding the structured signature on every call.
+        call = concrete[signature] = flat_caller(fn.get_concrete_function(*specs), tensors)
     return call(tensors)
-
-
-#: Per-sample shapes of one structure traced as they are before the axes that vary are left free.
-_EXACT_SHAPES = 2
-
-
-def _new_caller(fn: Any, concrete: dict, tensors: Any) -> Callable[[Any], Any]:
-    """A caller for a signature not seen yet: an exact trace, or the trace whose varying axes are free.
-
-    Sequences of many lengths (or images of many sizes) would otherwise cost a
-    trace each (about a second and several MB for a small recurrent model) and
-    grow the question without bound. After ``_EXACT_SHAPES`` distinct per-sample
-    shapes of the same structure, the axes that differed are traced free
-    (``None``), like ``tf.function``'s ``reduce_retracing``; a model that cannot
-    be traced that way keeps exact traces.
-    """
-    shapes = tuple(tuple(t.shape[1:]) for t in _leaves(tensors))
-    structure = ("free axes", _structure(tensors))
-    general = concrete.get(structure)  # (per-sample shapes with None where free, caller) or "exact only"
-    if isinstance(general, tuple) and _fits(shapes, general[0]):
-        return general[1]
-    seen = concrete.setdefault(("shapes seen", structure), set())
-    seen.add(shapes)
-    if len(seen) > _EXACT_SHAPES and general != "exact only":
-        free = _free_axes(seen)
-        try:
-            caller = _trace(fn, tensors, free)
-        except Exception:  # e.g. a layer that needs a fixed size on an axis that varied
-            concrete[structure] = "exact only"
-        else:
-            concrete[structure] = (free, caller)
-            return caller
-    return _trace(fn, tensors, shapes)
-
-
-def _trace(fn: Any, tensors: Any, shapes: tuple) -> Callable[[Any], Any]:
-    """The door's flat caller of ``fn`` traced for these per-sample ``shapes`` (the batch axis free)."""
-    leaves = iter(shapes)
-    specs = _map_leaves(tensors, lambda t: tf.TensorSpec((None, *next(leaves)), t.dtype))
-    # The door's flat entry point skips re-binding the structured signature on every call.
-    return flat_caller(fn.get_concrete_function(*specs), tensors)
-
-
-def _leaves(value: Any) -> list[tf.Tensor]:
-    """The tensors of a structure of :func:`_as_tensors`, in the order :func:`_map_leaves` visits them."""
-    found: list[tf.Tensor] = []
-    _map_leaves(value, lambda t: found.append(t))
-    return found
-
-
-def _map_leaves(value: Any, fn: Callable[[tf.Tensor], Any]) -> Any:
-    if value is None:
-        return None
-    if isinstance(value, (list, tuple)):
-        return type(value)(_map_leaves(v, fn) for v in value)
-    if isinstance(value, dict):
-        return {k: _map_leaves(value[k], fn) for k in sorted(value)}
-    return fn(value)
-
-
-def _structure(value: Any) -> Hashable:
-    """The signature of a structure of tensors without their shapes: containers, ranks and dtypes."""
-    if value is None:
-        return None
-    if isinstance(value, (list, tuple)):
-        return (type(value).__name__, *map(_structure, value))
-    if isinstance(value, dict):
-        return tuple((k, _structure(value[k])) for k in sorted(value))
-    return (value.shape.rank, value.dtype.name)
-
-
-def _free_axes(seen: set[tuple]) -> tuple:
-    """Per-sample shapes with ``None`` on every axis whose size differed between the ``seen`` shapes."""
-    return tuple(tuple(sizes[0] if len(set(sizes)) == 1 else None for sizes in zip(*leaf)) for leaf in zip(*seen))
-
-
-def _fits(shapes: tuple, free: tuple) -> bool:
-    return all(all(want is None or want == size for size, want in zip(leaf, spec)) for leaf, spec in zip(shapes, free))
 
 
 def _as_tensors(value: Any) -> tuple[Any, Hashable]:
