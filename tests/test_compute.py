@@ -62,3 +62,24 @@ def test_one_concrete_function_serves_every_batch_size():
         pred = model(x).numpy()
         np.testing.assert_allclose(loss.numpy(), np.mean(np.sum((pred - y) ** 2, axis=1)), rtol=1e-5)
     assert len(concrete) == 1
+
+
+def test_sequences_of_several_lengths_through_time_distributed_give_the_models_own_outputs():
+    # Each length gets a trace of its own: TimeDistributed keeps the length it was built with, so a
+    # trace with the time axis left free would silently compute with that length instead.
+    inp = keras.Input((None, 3))
+    hidden = keras.layers.LSTM(4, return_sequences=True)(inp)
+    model = keras.Model(inp, keras.layers.TimeDistributed(keras.layers.Dense(2))(hidden))
+    model(np.zeros((1, 2, 3), "float32"))  # a first eager call, as predict or a first question makes
+
+    @tf.function
+    def outputs(x):
+        return model(x)
+
+    concrete: dict = {}
+    rng = np.random.default_rng(4)
+    for length in (2, 3, 4, 6, 7):
+        x = rng.normal(size=(2, length, 3)).astype("float32")
+        got = compute.call_compiled(outputs, concrete, (x,))
+        # The eager model and the traced graph: equal to float32 rounding.
+        np.testing.assert_allclose(got.numpy(), model(x).numpy(), rtol=1e-5, atol=1e-6)
