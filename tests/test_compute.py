@@ -83,3 +83,26 @@ def test_sequences_of_several_lengths_through_time_distributed_give_the_models_o
         got = compute.call_compiled(outputs, concrete, (x,))
         # The eager model and the traced graph: equal to float32 rounding.
         np.testing.assert_allclose(got.numpy(), model(x).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_question_fed_many_sequence_lengths_keeps_a_bounded_number_of_traces():
+    import gradmagic as gm
+
+    model = keras.Sequential(
+        [keras.Input((None,), dtype="int32"), keras.layers.Embedding(20, 3), keras.layers.GlobalAveragePooling1D()]
+    )
+    model.add(keras.layers.Dense(1))
+    rng = np.random.default_rng(5)
+    held = []
+    for length in range(2, 2 + 2 * compute.MAX_SIGNATURES):
+        x = rng.integers(0, 20, size=(3, length)).astype("int32")
+        y = rng.normal(size=(3, 1)).astype("float32")
+        result = gm.weight_gradients(model, x, y, loss="mse")
+        with tf.GradientTape() as tape:
+            want = tf.reduce_mean(tf.square(model(x) - y))
+        # Different compiled graphs of the same math: equal to float32 rounding.
+        np.testing.assert_allclose(result.loss, float(want), rtol=1e-5)
+        for got, ref in zip(result.arrays(), tape.gradient(want, model.trainable_weights)):
+            np.testing.assert_allclose(got, tf.convert_to_tensor(ref).numpy(), atol=1e-6)
+        held.append(sum(len(question.concrete) for question, _ in compute._cache.get(model, {}).values()))
+    assert max(held) <= compute.MAX_SIGNATURES

@@ -28,6 +28,8 @@ from gradmagic.core.questions.user_code import failed
 from gradmagic.errors import GradmagicError
 
 _MAX_FUNCTIONS_PER_MODEL = 32
+#: Per-sample input shapes one question keeps traces of (a text model sees one per sequence length).
+MAX_SIGNATURES = 8
 
 # model -> question token -> (compiled function, its stored Key): weak per model, LRU-bounded per model.
 _cache = WeakCache(size=_MAX_FUNCTIONS_PER_MODEL)
@@ -80,6 +82,22 @@ def clear_cache(model: keras.Model | None = None) -> None:
             f"clear the compiled functions of every model. Fix: pass the model object itself "
             f"(gm.clear_cache(model)); a name does not identify a model."
         )
+
+
+def call_question(model: keras.Model, key: Key | None, fn: Any, concrete: dict, args: tuple) -> Any:
+    """:func:`call_compiled`, then drop the question once it holds more than ``MAX_SIGNATURES`` traces.
+
+    A ``tf.function`` keeps every trace it made (about 7 MB each for a small
+    recurrent model), and each new per-sample shape (a sequence length) makes
+    one. Leaving the shape axes free would share one trace, but Keras layers may
+    bake in a size they were built with (``TimeDistributed`` does), which would
+    give silently wrong numbers; so the traces stay exact and the question is
+    rebuilt from scratch instead, which bounds what it holds.
+    """
+    result = call_compiled(fn, concrete, args)
+    if len(concrete) > MAX_SIGNATURES:
+        forget(model, key)
+    return result
 
 
 def call_compiled(fn: Any, concrete: dict, args: tuple) -> Any:

@@ -75,7 +75,7 @@ def _run(model: keras.Model, key: Key | None, question: _Question, args: tuple, 
             # The question's key holds the compile state (the compiled-loss object by identity), so once
             # warm under it, it stays warm: later calls skip re-keying the compile state.
             question.warm = key is not None
-        return compute.call_compiled(question.fn, question.concrete, args)
+        return compute.call_question(model, key, question.fn, question.concrete, args)
     except GradmagicError as exc:
         compute.forget(model, key)
         raise with_cause(exc)  # noqa: B904 - the cause is the user's error, re-attached

@@ -40,7 +40,7 @@ class Compiled:
 def run(model: keras.Model, key: Key | None, compiled: Compiled, args: tuple, what: str, shape: tuple) -> Any:
     """Call a compiled function; any failure becomes one GradmagicError (and the cache entry is dropped)."""
     try:
-        return compute.call_compiled(compiled.fn, compiled.concrete, args)
+        return compute.call_question(model, key, compiled.fn, compiled.concrete, args)
     except GradmagicError as exc:
         compute.forget(model, key)
         raise with_cause(exc)  # noqa: B904 - the cause is the user's error, re-attached
