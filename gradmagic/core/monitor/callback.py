@@ -167,6 +167,9 @@ class GradientMonitor(keras.callbacks.Callback):
         self._listeners: list[Callable[[GradientMonitor], None]] = []
         self._end_listeners: list[Callable[[], None]] = []
         self._functions: TrainFunctions | None = None
+        # Recorded steps keep counting across fits of the same weights, also when a
+        # compile() gave the model a new optimizer whose step count starts at 0 again.
+        self._next_step = 0
         self._bad_batch: tuple[Any, Any, Any] | None = None
         self._bad_weights: list[np.ndarray] | None = None
         self._warned: set[tuple[str, str]] = set()
@@ -260,6 +263,7 @@ class GradientMonitor(keras.callbacks.Callback):
         slots = weight_slots(model)
         if self._history is None or [s.path for s in self._history.slots] != [s.path for s in slots]:
             self._history = MonitorHistory(slots)
+            self._next_step = 0
             self._tracker = NormTracker(
                 len(slots),
                 self.window,
@@ -276,7 +280,7 @@ class GradientMonitor(keras.callbacks.Callback):
             layer_names=[layer.name for layer in model.layers],
             layer_types=[type(layer).__name__ for layer in model.layers],
             buffer=buffer,
-            base_step=int(model.optimizer.iterations.numpy()),
+            base_step=max(int(model.optimizer.iterations.numpy()), self._next_step),
             first_count=count,
             read=count,
             epoch_first=count,
@@ -380,6 +384,7 @@ class GradientMonitor(keras.callbacks.Callback):
             return
         steps, batches = session.steps(index), session.batches(index)
         self._history.append(steps, np.full(len(index), session.epoch), batches, rows)
+        self._next_step = int(steps[-1]) + 1
         found = self._inspect(steps, batches, rows)
         new_histograms = self._read_histograms(int(index[0]), count)
         self._write_summaries(steps, rows, new_histograms)
