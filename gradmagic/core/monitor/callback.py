@@ -311,8 +311,12 @@ class GradientMonitor(keras.callbacks.Callback):
         return self.read_every if self.on_anomaly == "warn" else (self.print_every or _DEFAULT_READ_EVERY)
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        # Most batches end here: a counter check, no lock, no device read.
+        session = self._session
+        if session is None or batch + 1 - session.last_read_batch < self.read_every:
+            return
         with self._lock:
-            session = self._session
+            session = self._session  # checked again: another batch end may have read meanwhile
             if session is not None and batch + 1 - session.last_read_batch >= self.read_every:
                 session.last_read_batch = batch + 1
                 self._flush()
