@@ -58,7 +58,9 @@ class GradientMonitor(keras.callbacks.Callback):
     By default (``stats="norm"``) each step measures the norm of every weight's
     gradient (one reduction per weight; a NaN or Inf makes it non-finite, so the
     NaN/Inf counts are known at every step), and every statistic is measured every
-    ``full_every`` batches and at every step with a non-finite gradient. In the
+    ``full_every`` batches and at every step with a non-finite gradient, or with a
+    sum of squares too small for float32 (then computed in float64, so tiny norms
+    keep their scale; an exactly-zero gradient takes that path too). In the
     history, column ``full`` says which steps measured everything; elsewhere
     ``max_abs`` and ``mean`` are 0 (never NaN) and ``nan``/``inf`` are exactly 0.
     ``stats="full"`` measures everything at every step (about 2x the cost).
