@@ -25,6 +25,8 @@ _LAZY = {
     "output_gradients": "gradmagic.core",
     "input_gradients": "gradmagic.core",
     "clear_cache": "gradmagic.core",
+    "token_gradients": "gradmagic.core",
+    "token_integrated_gradients": "gradmagic.core",
     "WeightGradients": "gradmagic.core",
     "OutputGradients": "gradmagic.core",
     "InputGradients": "gradmagic.core",
@@ -43,7 +45,7 @@ _LAZY = {
     "GradientAnomalyError": "gradmagic.errors",
     "training_panel": "gradmagic.widgets.training_panel",
     "TrainingPanel": "gradmagic.widgets.training_panel",
-    "explore": "gradmagic.widgets.explorer",
+    "explore": "gradmagic.widgets.views",
     "Explorer": "gradmagic.widgets.explorer",
 }
 
@@ -69,11 +71,14 @@ if TYPE_CHECKING:  # pragma: no cover
         integrated_gradients,
         output_gradients,
         saliency,
+        token_gradients,
+        token_integrated_gradients,
         weight_gradients,
     )
     from gradmagic.errors import GradientAnomalyError  # noqa: F401
-    from gradmagic.widgets.explorer import Explorer, explore  # noqa: F401
+    from gradmagic.widgets.explorer import Explorer  # noqa: F401
     from gradmagic.widgets.training_panel import TrainingPanel, training_panel  # noqa: F401
+    from gradmagic.widgets.views import explore  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -186,7 +186,7 @@ def test_small_batches_give_the_same_maps():
 
 
 def test_blur_baseline_is_a_separable_gaussian_with_reflected_borders():
-    from gradmagic.core.questions.baselines import gaussian_kernel
+    from gradmagic.core.questions.attribution.baselines import gaussian_kernel
 
     x = np.random.default_rng(9).random((1, 10, 10, 2)).astype("float32")
     model = keras.Sequential([keras.Input((10, 10, 2)), keras.layers.Flatten(), keras.layers.Dense(1)])

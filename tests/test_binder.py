@@ -29,7 +29,16 @@ BADGE = f"[![Binder](https://mybinder.org/badge_logo.svg)]({BADGE_URL})"
 QUICKSTART = ROOT / "notebooks" / "00_quickstart.ipynb"
 
 #: What the tutorials need on Binder; each must be pinned to one exact version.
-REQUIRED = ("tensorflow-cpu", "keras", "ipywidgets", "jupyterlab-widgets", "ipympl", "matplotlib", "jupyterlab")
+REQUIRED = (
+    "tensorflow-cpu",
+    "keras",
+    "ipywidgets",
+    "jupyterlab-widgets",
+    "ipympl",
+    "matplotlib",
+    "jupyterlab",
+    "scikit-learn",
+)
 
 #: Widget model modules (as saved in widget state) and the JupyterLab extension that implements them.
 _PROVIDERS = {

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 from browser import make_notebook
-from lab_driver import WAIT_FOR_NEW_PIXELS, browser_page, chromium_path, jupyter_lab, run_notebook
+from lab_driver import MARK_KEYDOWN, WAIT_FOR_NEW_PIXELS, browser_page, chromium_path, jupyter_lab, run_notebook
 
 import gradmagic as gm
 from gradmagic import examples
@@ -110,3 +110,33 @@ def test_training_panel_repaints_while_fit_runs_in_the_same_cell(tmp_path):
     assert len(frames_during_fit) >= 3, frames_during_fit
     assert final != frames_during_fit[0] and redraws >= 2
     print(f"{len(frames_during_fit)} frames seen during fit, {redraws} redraws; screenshot in {tmp_path}")
+
+
+def test_path_slider_on_the_image_view_repaints_the_maps(tmp_path):
+    cells = make_notebook.write(tmp_path, "image.ipynb", make_notebook.IMAGE_CELLS)
+    with jupyter_lab(tmp_path) as url, browser_page() as page:
+        run_notebook(page, url, "image.ipynb", cells)
+        page.wait_for_selector(".widget-slider .noUi-handle", timeout=180_000)
+        page.wait_for_function(f"() => {{ const c = document.querySelector('{CANVAS}'); return c && c.width > 0; }}")
+        page.wait_for_selector(".gm-readout", timeout=60_000)
+        time.sleep(1.0)
+        before_text = page.locator(".gm-readout").inner_text()
+        before_pixels = page.evaluate(f"() => document.querySelector('{CANVAS}').toDataURL()")
+        page.locator(".widget-slider .noUi-handle").first.click()  # the path slider, at a = 1
+        page.evaluate(MARK_KEYDOWN)
+        page.keyboard.press("ArrowLeft")
+        changed = page.evaluate(WAIT_FOR_NEW_PIXELS, [CANVAS, before_pixels, 15_000])
+        latency = changed - page.evaluate("() => window.__gmKeydown")
+        for _ in range(4):
+            page.keyboard.press("ArrowLeft")
+        page.wait_for_function(
+            "before => document.querySelector('.gm-readout').innerText !== before", arg=before_text, timeout=15_000
+        )
+        time.sleep(1.0)  # let the last coalesced frame land
+        after_pixels = page.evaluate(f"() => document.querySelector('{CANVAS}').toDataURL()")
+        page.screenshot(path=tmp_path / "page.png")
+        after = _readout(page)
+
+    assert after_pixels != before_pixels
+    assert float(after["a"]) == pytest.approx(1.0 - 5 / 15, abs=1e-3)  # five steps of 1/15 down from 1
+    print(f"path slider: first key press -> changed pixels {latency:.0f} ms; screenshot in {tmp_path}")

@@ -113,13 +113,15 @@ def test_functional_and_subclassed_models():
         np.testing.assert_allclose(panel.view.gradient, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_image_models_get_a_clear_message():
-    model = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Flatten(), keras.layers.Dense(1)], name="cnn")
+def test_models_without_a_view_get_a_clear_message():
+    # Image and sequence models get their own views (tests/test_explorer_views.py); a video does not.
+    model = keras.Sequential([keras.Input((2, 4, 4, 1)), keras.layers.Flatten(), keras.layers.Dense(1)], name="video")
     with pytest.raises(
         gm.GradmagicError,
-        match=r"x of shape \(2, 4, 4, 1\) for model 'cnn', which takes \(batch, 4, 4, 1\) float32.*flat float vector",
+        match=r"model 'video', which takes \(batch, 2, 4, 4, 1\) float32. Expected a model whose single input is a "
+        r"flat float vector",
     ):
-        gm.explore(model, np.zeros((2, 4, 4, 1), "float32"))
+        gm.explore(model, np.zeros((2, 2, 4, 4, 1), "float32"))
 
 
 def test_reference_errors_show_in_the_panel(fitted):
@@ -169,9 +171,11 @@ def test_magic_opens_the_same_panel(fitted):
     from IPython.core.error import UsageError
 
     with pytest.raises(UsageError, match="flat float vector"):
-        shell.user_ns["images"] = np.zeros((2, 3, 3), "float32")
-        shell.user_ns["cnn"] = keras.Sequential([keras.Input((3, 3)), keras.layers.Flatten(), keras.layers.Dense(1)])
-        shell.run_line_magic("gradients_explore", "cnn images")
+        shell.user_ns["videos"] = np.zeros((2, 1, 3, 3, 1), "float32")
+        shell.user_ns["cnn"] = keras.Sequential(
+            [keras.Input((1, 3, 3, 1)), keras.layers.Flatten(), keras.layers.Dense(1)]
+        )
+        shell.run_line_magic("gradients_explore", "cnn videos")
 
 
 def test_slider_steps_are_round_so_round_points_are_reachable(fitted):

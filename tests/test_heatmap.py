@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 import gradmagic as gm
-from gradmagic.core.questions.heatmap import MAX_SAMPLES, colours, png, strip
+from gradmagic.core.questions.attribution.heatmap import MAX_SAMPLES, colours, png, strip
 
 
 def test_png_decodes_to_the_pixels_written():

@@ -128,3 +128,50 @@ def test_a_keras_backend_other_than_tensorflow_is_refused_with_the_fix():
         check_backend("jax")
     message = str(info.value)
     assert "'jax'" in message and "KERAS_BACKEND=tensorflow" in message and "\n" not in message
+
+
+# gradmagic's own private attributes read outside their class (the cache key reading its own slots).
+_OWN_PRIVATE = {"_held", "_died", "_repr_html_"}
+
+
+def _framework_internals(source: str) -> list[str]:
+    """Uses of framework internals in one module: ``tensorflow.python``, protobufs, private attributes."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [getattr(node, "module", None) or "", *(alias.name for alias in node.names)]
+            found += [f"line {node.lineno}: import {n}" for n in names if "tensorflow.python" in n or "pb2" in n]
+        elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            owner = node.value.id if isinstance(node.value, ast.Name) else None
+            if owner not in ("self", "cls") and node.attr not in _OWN_PRIVATE:
+                found.append(f"line {node.lineno}: .{node.attr}")
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("getattr", "hasattr", "setattr"):
+            name = node.args[1] if len(node.args) > 1 else None
+            on_self = isinstance(node.args[0], ast.Name) and node.args[0].id == "self"
+            private = isinstance(name, ast.Constant) and isinstance(name.value, str) and name.value.startswith("_")
+            if private and not name.value.startswith("__") and not on_self:
+                found.append(f"line {node.lineno}: {node.func.id}(..., {name.value!r})")
+    return found
+
+
+def test_the_internals_scan_finds_what_it_guards():
+    source = (
+        "from tensorflow.python.framework.ops import get_gradient_function\n"
+        "from tensorflow.core.framework import summary_pb2\n"
+        "x = model._compile_loss\n"
+        "y = getattr(optimizer, '_trainable_variables', [])\n"
+        "z = self._own\n"
+    )
+    assert len(_framework_internals(source)) == 4
+
+
+@pytest.mark.parametrize(
+    "path",
+    [p for p in sorted(PACKAGE.rglob("*.py")) if "backends" not in p.relative_to(PACKAGE).parts],
+    ids=lambda p: str(p.relative_to(PACKAGE)),
+)
+def test_framework_internals_are_used_only_behind_the_backend_door(path):
+    assert _framework_internals(path.read_text()) == [], (
+        f"{path.relative_to(PACKAGE)} uses a TensorFlow/Keras internal: put it behind a function in "
+        f"gradmagic/core/backends/tensorflow.py (with a canary in tests/test_backend_tensorflow.py)"
+    )

@@ -23,12 +23,20 @@ from gradmagic.core.display import html_table, text_table
 from gradmagic.core.monitor.callback import GradientMonitor
 from gradmagic.core.monitor.history import MonitorHistory, MonitorSummary
 from gradmagic.core.norms import combined_norm
-from gradmagic.core.questions.attribution_results import GradCAM, IntegratedGradients, Saliency
+from gradmagic.core.questions.attribution.gradcam import gradcam
+from gradmagic.core.questions.attribution.integrated import integrated_gradients
+from gradmagic.core.questions.attribution.results import GradCAM, IntegratedGradients, Saliency
+from gradmagic.core.questions.attribution.saliency import saliency
+from gradmagic.core.questions.attribution.tokens import (
+    TokenGradients,
+    embedding_layer,
+    input_kind,
+    token_gradients,
+    token_integrated_gradients,
+)
 from gradmagic.core.questions.compute import clear_cache
-from gradmagic.core.questions.gradcam import gradcam
 from gradmagic.core.questions.gradients import input_gradients, output_gradients, weight_gradients
 from gradmagic.core.questions.inputs import is_scalar_list, model_spec
-from gradmagic.core.questions.integrated import integrated_gradients
 from gradmagic.core.questions.naming import output_labels
 from gradmagic.core.questions.results import (
     GradientRow,
@@ -37,7 +45,6 @@ from gradmagic.core.questions.results import (
     OutputGradients,
     WeightGradients,
 )
-from gradmagic.core.questions.saliency import saliency
 from gradmagic.core.questions.state import rollback_on_failure
 from gradmagic.core.questions.targets import model_name
 
@@ -58,15 +65,18 @@ __all__ = [
     "OpInfo",
     "OutputGradients",
     "Saliency",
+    "TokenGradients",
     "WeightGradients",
     "check_flag",
     "check_gradients",
     "clear_cache",
     "combined_norm",
+    "embedding_layer",
     "explain",
     "gradcam",
     "html_table",
     "input_gradients",
+    "input_kind",
     "integrated_gradients",
     "is_flag",
     "is_int",
@@ -79,6 +89,8 @@ __all__ = [
     "rollback_on_failure",
     "saliency",
     "text_table",
+    "token_gradients",
+    "token_integrated_gradients",
     "weight_gradients",
 ]
 

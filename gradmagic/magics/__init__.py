@@ -154,18 +154,24 @@ class GradientMagics(Magics):
     @argument("--reference", metavar="EXPR", help="A callable f(points) drawn dashed beside the model's output.")
     @argument("--reference-grad", metavar="EXPR", help="A callable: the analytic derivative, drawn dashed.")
     @argument("--training", action="store_true", help="Run the model in training mode (state is restored).")
+    @argument("--view", metavar="VIEW", help="vector, plane, sequence or image (default: from the model's input).")
     @no_var_expand
     @line_magic
     def gradients_explore(self, line: str) -> Any:
         """Open the gradient explorer: sliders move the input point, the plots follow.
 
-        The panel shows the model output along one feature, d(output)/d(feature)
-        along the same line and the gradient norm per layer at the point, with
-        the exact numbers below. It is what gradmagic.explore(...) returns.
+        The view follows the model's input: for a flat vector, the model output
+        along one feature, d(output)/d(feature) along the same line and the
+        gradient norm per layer at the point (--view plane: the output over two
+        features with the gradient field); for a sequence or token ids, the
+        gradient per position; for an image, the integrated-gradients path.
+        It is what gradmagic.explore(...) returns.
 
         Examples:
           %gradients_explore model x_train
           %gradients_explore model x y --reference "lambda p: (p - 5) ** 2 / 25"
+          %gradients_explore model x --view plane
+          %gradients_explore cnn images
         """
         args = parse_line(self.gradients_explore.parser, line, "gradients_explore", EXPLORE_USAGE)
         model = self._model(args.model, EXPLORE_USAGE)
@@ -173,10 +179,12 @@ class GradientMagics(Magics):
         y = None if args.y is None else self._evaluate(args.y, "Y", EXPLORE_USAGE)
         reference = self._curve(args.reference, "--reference", "lambda p: (p - 5) ** 2 / 25")
         slope = self._curve(args.reference_grad, "--reference-grad", "lambda p: 2 * (p - 5) / 25")
-        from gradmagic.widgets.explorer import explore
+        from gradmagic.widgets.views import explore
 
         try:
-            return explore(model, x, y, reference=reference, reference_grad=slope, training=args.training)
+            return explore(
+                model, x, y, reference=reference, reference_grad=slope, training=args.training, view=args.view
+            )
         except GradmagicError as exc:
             raise usage_error(exc) from exc
 

@@ -21,7 +21,7 @@ USAGE = (
     "--explain, or %gradients MODEL X Y --check; see %gradients? for all options."
 )
 EXPLORE_USAGE = (
-    "Usage: %gradients_explore MODEL X [Y] [--reference EXPR] [--reference-grad EXPR] [--training], e.g. "
+    "Usage: %gradients_explore MODEL X [Y] [--reference EXPR] [--reference-grad EXPR] [--training] [--view VIEW], e.g. "
     '%gradients_explore model x y --reference "lambda p: (p - 5) ** 2 / 25"; see %gradients_explore? for all options.'
 )
 _OPENERS, _CLOSERS = "([{", ")]}"
@@ -34,6 +34,7 @@ _EXAMPLES = {
     "-o": "-o res",
     "--reference": '--reference "lambda p: (p - 5) ** 2 / 25"',
     "--reference-grad": '--reference-grad "lambda p: 2 * (p - 5) / 25"',
+    "--view": "--view plane",
 }
 
 

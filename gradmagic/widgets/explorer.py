@@ -1,6 +1,7 @@
-"""The gradient explorer: sliders move the input point, the gradient plots follow.
+"""The explorer's vector view: sliders move the input point, the gradient plots follow.
 
-``explore(model, x, y)`` returns a panel with one slider per input feature, three
+``explore(model, x, y)`` (in :mod:`~gradmagic.widgets.views`) opens it for a model on flat
+features: a panel with one slider per input feature, three
 plots (the output along a feature, its derivative, per-layer gradient norms)
 and a readout of the exact numbers. Every number comes from the core
 (:func:`~gradmagic.core.input_gradients`, :func:`~gradmagic.core.weight_gradients`);
@@ -23,67 +24,20 @@ import numpy as np
 
 from gradmagic.core import (
     input_gradients,
-    model_name,
     model_spec,
     output_labels,
     rollback_on_failure,
     weight_gradients,
 )
-from gradmagic.errors import GradmagicError, InputError
+from gradmagic.errors import GradmagicError
 from gradmagic.plots import ExplorerFigure, layer_norms
 from gradmagic.widgets import explorer_args
 from gradmagic.widgets.coalesce import LatestWins, Scheduler
 from gradmagic.widgets.explorer_view import ExplorerView, compute_view
 from gradmagic.widgets.figure_view import FigureView
+from gradmagic.widgets.flat_data import flat_features, single_sample
 
-__all__ = ["Explorer", "ExplorerView", "compute_view", "explore"]
-
-
-def _flat_features(model: Any, x: Any, data: np.ndarray | None) -> np.ndarray:
-    """Check that the model takes one flat float vector; return x as (n, n_features).
-
-    ``data`` is x as checked by :func:`explorer_args.check_x` (None for a structure).
-    Only a flat x for a model that may take one reaches TensorFlow (which builds an
-    unbuilt model and checks the number of features); anything else is refused first.
-    """
-    if data is not None and data.ndim <= 1:
-        data = data.reshape(-1, 1)
-
-    def flat(spec: Any) -> bool:
-        inputs = spec.inputs
-        return inputs is None or (len(inputs) == 1 and len(inputs[0].shape) == 1 and "float" in inputs[0].dtype)
-
-    spec = model_spec(model)
-    if data is not None and data.ndim == 2 and flat(spec):
-        input_gradients(model, data[:1])  # builds an unbuilt model; a wrong feature count is the core's error
-        spec = model_spec(model)
-        if flat(spec):
-            return data.astype(spec.inputs[0].dtype if spec.inputs else "float32")
-    received = f"x of shape {data.shape}" if data is not None else f"x as a {type(x).__name__} of arrays"
-    takes = (
-        ", which takes " + ", ".join(f"(batch, {', '.join(str(d) for d in s.shape)}) {s.dtype}" for s in spec.inputs)
-        if spec.inputs
-        else ""
-    )
-    raise InputError(
-        f"Received: {received} for model '{model_name(model)}'{takes}. Expected a model whose single input is a "
-        f"flat float vector and x of shape (n, n_features): the explorer moves one input point with a slider per "
-        f"feature. Fix: explore a model on flat features, or use gradmagic.input_gradients(model, x) "
-        f"for d(output)/d(input) of images, sequences or several inputs."
-    )
-
-
-def _single_sample(model: Any, data: np.ndarray | None) -> np.ndarray | None:
-    """Read a 1-D x as one sample without its batch axis when the model says so.
-
-    A model that declares one flat input of ``len(x) > 1`` features takes such an x
-    as one sample, as the core does; for any other model a 1-D x stays a column
-    (n rows of one feature). Reads the model's declared inputs only: no TensorFlow call.
-    """
-    if data is None or data.ndim != 1 or data.size < 2:
-        return data
-    inputs = model_spec(model).inputs
-    return data[None, :] if inputs and len(inputs) == 1 and inputs[0].shape == (data.size,) else data
+__all__ = ["Explorer", "ExplorerView", "compute_view"]
 
 
 def _nice_step(span: float, moves: int = 200) -> float:
@@ -129,7 +83,7 @@ class Explorer(widgets.VBox):
         clock: Callable[[], float] = time.monotonic,
         scheduler: Scheduler | None = None,
     ) -> None:
-        # Every argument is checked before the first TensorFlow call (in _flat_features).
+        # Every argument is checked before the first TensorFlow call (in flat_features).
         explorer_args.check_options(
             model, reference, reference_grad, feature_names, points, training, max_sliders, use_ipympl
         )
@@ -157,13 +111,13 @@ class Explorer(widgets.VBox):
         max_sliders: int,
     ) -> None:
         """Read the data and set up the controls (no figure yet); the options are checked already."""
-        checked = _single_sample(model, explorer_args.check_x(x))
+        checked = single_sample(model, explorer_args.check_x(x))
         if checked is not None and checked.ndim <= 2:
             rows, n_features = (checked.size, 1) if checked.ndim <= 1 else checked.shape
             explorer_args.check_feature_names(feature_names, n_features)
             explorer_args.check_y(y, rows)
         self.model = model
-        self.data = _flat_features(model, x, checked)
+        self.data = flat_features(model, x, checked)
         self.targets = explorer_args.check_y(y, len(self.data))
         n_features = self.data.shape[1]
         self.names = explorer_args.check_feature_names(feature_names, n_features)
@@ -410,71 +364,11 @@ class Explorer(widgets.VBox):
         return f"<table class='gm-readout'>{cells}</table>"
 
 
-def explore(
-    model: Any,
-    x: Any,
-    y: Any = None,
-    reference: Callable | None = None,
-    reference_grad: Callable | None = None,
-    *,
-    feature_names: Sequence[str] | None = None,
-    points: int = 200,
-    training: bool = False,
-    max_sliders: int = 6,
-    use_ipympl: bool | None = None,
-    **unknown: Any,
-) -> Explorer:
-    """Open the gradient explorer: sliders move the input point, the plots follow.
+def __getattr__(name: str) -> Any:
+    # ``explore`` lives in :mod:`gradmagic.widgets.views` (it picks one of the views, this one among them);
+    # ``from gradmagic.widgets.explorer import explore`` keeps working.
+    if name == "explore":
+        from gradmagic.widgets.views import explore
 
-    Args:
-        model: A Keras model whose single input is a flat float vector
-            (batch, n_features): Sequential, Functional or subclassed.
-        x: Data (n, n_features) or (n,) for one feature: slider ranges come from
-            it (padded by 10%), and "reset to sample" picks one of its rows. A
-            single sample (n_features,) of a model that declares its inputs is one row.
-        y: Optional targets, one per row of x. With them the bars show dLoss/dW
-            at the point (target: the chosen sample's); without, d(output)/dW.
-        reference: Optional ``f(points) -> values`` drawn dashed beside the model
-            (called with an (n, n_features) array), e.g. the analytic curve.
-        reference_grad: Optional analytic derivative along the chosen feature
-            (an (n, n_features) result is read at that feature's column).
-        feature_names: One name per feature (a list, an array, ``df.columns``). Defaults to ``x0``, ``x1``, ...
-        points: How many points each curve is drawn with, from 2 to 10000.
-            Defaults to 200.
-        training: Run the model in training mode (its state is left as it was).
-            Defaults to False.
-        max_sliders: With more features than this, one slider plus a feature
-            dropdown. Defaults to 6.
-        use_ipympl: True for an interactive ipympl canvas, False for PNG images.
-            Defaults to None (ipympl when installed).
-        **unknown: Refused with the closest option's name (a typo is an error,
-            not a silently ignored keyword).
-
-    Returns:
-        An :class:`Explorer` widget; display it (it is the cell's last value).
-
-    Raises:
-        GradmagicError: An argument has the wrong type or value (checked before
-            any TensorFlow call), the model's input is not a flat float vector,
-            x and y do not fit it, or ``reference``/``reference_grad`` fails at
-            the first point (a :class:`~gradmagic.errors.ComputeError` chaining
-            the original exception). Later failures of the references, on a
-            slider move, are shown in the panel.
-
-    Example:
-        >>> gm.explore(model, x, y, reference=lambda p: (p - 5) ** 2 / 25,
-        ...            reference_grad=lambda p: 2 * (p - 5) / 25)
-    """
-    explorer_args.check_unknown(unknown)
-    return Explorer(
-        model,
-        x,
-        y,
-        reference,
-        reference_grad,
-        feature_names=feature_names,
-        points=points,
-        training=training,
-        max_sliders=max_sliders,
-        use_ipympl=use_ipympl,
-    )
+        return explore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

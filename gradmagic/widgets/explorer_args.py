@@ -21,7 +21,18 @@ from gradmagic.core import check_flag, is_flag, is_int, is_scalar_list, is_strea
 from gradmagic.errors import ComputeError, GradmagicError, InputError, brief, did_you_mean, quote_list
 
 #: The keyword options of ``explore`` besides the data and the references.
-OPTIONS = ("feature_names", "points", "training", "max_sliders", "use_ipympl")
+OPTIONS = (
+    "view",
+    "labels",
+    "steps",
+    "baseline",
+    "gradcam_layer",
+    "feature_names",
+    "points",
+    "training",
+    "max_sliders",
+    "use_ipympl",
+)
 
 #: Most points along a curve: every slider move computes a Jacobian for each of
 #: them, so more would make the panel lag without drawing anything finer.

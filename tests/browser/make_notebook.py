@@ -15,6 +15,26 @@ CELLS = [
     "reference_grad=examples.regression_slope)\npanel",
 ]
 
+IMAGE_CELLS = [
+    "import os\nos.environ['TF_CPP_MIN_LOG_LEVEL'] = '3'\n%matplotlib widget",
+    "import keras, numpy as np\nimport gradmagic as gm\n"
+    "keras.utils.set_random_seed(0)\n"
+    "model = keras.Sequential([keras.Input((16, 16, 3)), keras.layers.Conv2D(8, 3, activation='tanh'),\n"
+    "                          keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(4)])\n"
+    "images = np.random.default_rng(0).uniform(size=(2, 16, 16, 3)).astype('float32')\n"
+    "panel = gm.explore(model, images, steps=16)\npanel",
+]
+
+#: The image view on MobileNetV2 at 96x96 (random weights), for the browser benchmark.
+MOBILENET_CELLS = [
+    "import os\nos.environ['TF_CPP_MIN_LOG_LEVEL'] = '3'\n%matplotlib widget",
+    "import keras, numpy as np\nimport gradmagic as gm\n"
+    "keras.utils.set_random_seed(0)\n"
+    "model = keras.applications.MobileNetV2(input_shape=(96, 96, 3), weights=None)\n"
+    "images = np.random.default_rng(0).uniform(-1, 1, size=(2, 96, 96, 3)).astype('float32')\n"
+    "panel = gm.explore(model, images)\npanel",
+]
+
 TRAINING_CELLS = [
     "import os\nos.environ['TF_CPP_MIN_LOG_LEVEL'] = '3'\n%matplotlib widget",
     "import keras, numpy as np\nimport gradmagic as gm\n"

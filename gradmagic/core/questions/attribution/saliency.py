@@ -9,8 +9,8 @@ import keras
 import numpy as np
 
 from gradmagic.core.arguments import check_seed, is_int
-from gradmagic.core.questions import attribution_compute as ac
-from gradmagic.core.questions.attribution_args import (
+from gradmagic.core.questions.attribution import compute as ac
+from gradmagic.core.questions.attribution.arguments import (
     check_batch_size,
     check_output,
     chunks,
@@ -21,7 +21,7 @@ from gradmagic.core.questions.attribution_args import (
     warn_disconnected,
     what_is_explained,
 )
-from gradmagic.core.questions.attribution_results import RELATIVE_ERROR_NOTE, Saliency
+from gradmagic.core.questions.attribution.results import RELATIVE_ERROR_NOTE, Saliency
 from gradmagic.core.questions.entry import leaves_no_trace
 from gradmagic.core.questions.targets import model_name
 from gradmagic.errors import InputError

@@ -8,16 +8,16 @@ from typing import Any
 import keras
 import numpy as np
 
-from gradmagic.core.questions import attribution_compute as ac
 from gradmagic.core.questions import compute
-from gradmagic.core.questions.attribution_args import (
+from gradmagic.core.questions.attribution import compute as ac
+from gradmagic.core.questions.attribution.arguments import (
     check_output,
     compiled,
     requested_units,
     single_input,
     what_is_explained,
 )
-from gradmagic.core.questions.attribution_results import GradCAM
+from gradmagic.core.questions.attribution.results import GradCAM
 from gradmagic.core.questions.entry import check_model, leaves_no_trace
 from gradmagic.core.questions.targets import model_name, resolve_layer
 from gradmagic.errors import GradmagicWarning, InputError

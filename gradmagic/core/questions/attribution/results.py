@@ -15,7 +15,7 @@ import numpy as np
 
 from gradmagic.core.arguments import is_int
 from gradmagic.core.display import html_table, text_table
-from gradmagic.core.questions.heatmap import as_maps, strip
+from gradmagic.core.questions.attribution.heatmap import as_maps, strip
 from gradmagic.errors import GradmagicError
 
 #: Relative completeness gap above which integrated gradients warns.

@@ -17,8 +17,8 @@ import tensorflow as tf
 
 from gradmagic.core.arguments import is_int
 from gradmagic.core.batches import first_batch
-from gradmagic.core.questions import attribution_compute as ac
 from gradmagic.core.questions import compute
+from gradmagic.core.questions.attribution import compute as ac
 from gradmagic.core.questions.entry import check_model, spec_and_inputs
 from gradmagic.core.questions.inputs import ModelSpec, nonfinite_warning
 from gradmagic.core.questions.model_keys import question_key

@@ -1,7 +1,7 @@
 """Integrated gradients (Sundararajan et al., 2017), with the check that says whether the path was fine enough.
 
 The whole path runs in batched calls of one compiled, cached function (see
-:func:`gradmagic.core.questions.attribution_compute.path_function`).
+:func:`gradmagic.core.questions.attribution.compute.path_function`).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import keras
 import numpy as np
 
 from gradmagic.core.arguments import check_seed, is_int
-from gradmagic.core.questions import attribution_compute as ac
-from gradmagic.core.questions.attribution_args import (
+from gradmagic.core.questions.attribution import compute as ac
+from gradmagic.core.questions.attribution.arguments import (
     check_batch_size,
     check_output,
     chunks,
@@ -26,8 +26,8 @@ from gradmagic.core.questions.attribution_args import (
     warn_disconnected,
     what_is_explained,
 )
-from gradmagic.core.questions.attribution_results import GAP_TOLERANCE, IntegratedGradients
-from gradmagic.core.questions.baselines import make_baseline
+from gradmagic.core.questions.attribution.baselines import make_baseline
+from gradmagic.core.questions.attribution.results import GAP_TOLERANCE, IntegratedGradients
 from gradmagic.core.questions.entry import leaves_no_trace
 from gradmagic.core.questions.inputs import nonfinite_warning
 from gradmagic.core.questions.targets import model_name

@@ -1,0 +1,258 @@
+"""What kind of input a model takes, and d(output)/d(embedding output) for token models.
+
+The explorer picks its view from :func:`input_kind`. Token ids have no
+derivative (an Embedding looks them up), so for a token model the question is
+asked one step later: :func:`token_gradients` differentiates one output unit
+with respect to the output of the model's Embedding layer, per sample, in one
+compiled and cached call.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from gradmagic.core.backends.tensorflow import calls_replaced
+from gradmagic.core.questions import compute
+from gradmagic.core.questions.attribution.integrated import path_rule
+from gradmagic.core.questions.attribution.results import IntegratedGradients
+from gradmagic.core.questions.entry import leaves_no_trace, spec_and_inputs
+from gradmagic.core.questions.inputs import model_spec
+from gradmagic.core.questions.model_keys import question_key
+from gradmagic.core.questions.state import restore_in_graph, snapshot_in_graph, state_variables
+from gradmagic.core.questions.targets import model_name
+from gradmagic.errors import ComputeError, GradmagicError, InputError
+
+#: The kinds of single input the explorer has a view for.
+KINDS = ("vector", "sequence", "tokens", "image", "undeclared")
+
+
+def embedding_layer(model: keras.Model) -> keras.layers.Embedding | None:
+    """The first ``keras.layers.Embedding`` among the model's layers (nested models included), or None."""
+    for lay in model.layers:
+        if isinstance(lay, keras.layers.Embedding):
+            return lay
+        if isinstance(lay, keras.Model) and (inner := embedding_layer(lay)) is not None:
+            return inner
+    return None
+
+
+def input_kind(model: keras.Model) -> str | None:
+    """Name the kind of the model's single declared input: ``"vector"``, ``"sequence"``, ``"tokens"`` or ``"image"``.
+
+    Read from the model's declared input only (per sample: ``(F,)`` floats is a
+    vector, ``(T,)`` read by an Embedding is tokens, ``(T, F)`` floats a
+    sequence, ``(H, W, C)`` floats an image); no TensorFlow call runs.
+
+    Args:
+        model: A Keras model.
+
+    Returns:
+        The kind; ``"undeclared"`` for a model that declares no input (subclassed,
+        or not built yet); None for several inputs or a shape no view serves.
+    """
+    spec = model_spec(model)
+    if spec.inputs is None:
+        return "undeclared"
+    if len(spec.inputs) != 1:
+        return None
+    rank, is_float = len(spec.inputs[0].shape), "float" in spec.inputs[0].dtype
+    if rank == 1 and embedding_layer(model) is not None:
+        return "tokens"
+    if not is_float:
+        return None
+    return {1: "vector", 2: "sequence", 3: "image"}.get(rank)
+
+
+@dataclass
+class TokenGradients:
+    """d(one output unit)/d(Embedding output) for a batch of token sequences.
+
+    Attributes:
+        embeddings: The Embedding layer's output, ``(batch, T, D)``.
+        array: The gradient of the output unit with respect to it, same shape.
+        values: The output unit, ``(batch,)``.
+        layer_name: The Embedding layer differentiated at.
+        output: The output unit (index into the flattened per-sample output).
+    """
+
+    embeddings: np.ndarray
+    array: np.ndarray
+    values: np.ndarray
+    layer_name: str
+    output: int
+
+
+def _function(model: keras.Model, layer: keras.Layer, output: int) -> Any:
+    model_ref, layer_ref = weakref.ref(model), weakref.ref(layer)
+
+    @tf.function(autograph=False)
+    def token_grads(x: Any, scale: Any) -> tuple:
+        model = model_ref()
+        guarded = state_variables(model)
+        saved = snapshot_in_graph(guarded)
+        calls: list[Any] = []
+        with tf.GradientTape() as tape:
+
+            def wrap(original: Any) -> Any:
+                # The Embedding's own call, its output scaled per sample (1: unchanged; a point on the path
+                # from zero embeddings otherwise); Layer.__call__ still computes the mask around it.
+                def scaled_call(*args: Any, **kwargs: Any) -> Any:
+                    out = original(*args, **kwargs)
+                    out = out * tf.reshape(tf.cast(scale, out.dtype), [-1] + [1] * (len(out.shape) - 1))
+                    tape.watch(out)
+                    calls.append(out)
+                    return out
+
+                return scaled_call
+
+            with calls_replaced([(layer_ref(), wrap)]):
+                y_pred = model(x, training=False)
+            flat = tf.concat([tf.reshape(t, (tf.shape(t)[0], -1)) for t in keras.tree.flatten(y_pred)], axis=1)
+            unit = flat[:, output]
+            # Samples are independent at training=False: the gradient of the sum is each sample's own.
+            total = tf.reduce_sum(unit)
+        if not calls:
+            raise InputError("The Embedding layer was not called when the model ran on x.")
+        grads = tape.gradient(total, calls[0])
+        restore_in_graph(guarded, saved)
+        return calls[0], grads if grads is not None else tf.zeros_like(calls[0]), unit
+
+    return token_grads
+
+
+@leaves_no_trace
+def token_gradients(model: keras.Model, x: Any, output: int = 0, scale: Any = None) -> TokenGradients:
+    """d(output unit)/d(Embedding output) per sample, for a model that reads token ids through an Embedding.
+
+    Args:
+        model: A Keras model whose single input is token ids (batch, T) read by
+            a ``keras.layers.Embedding``.
+        x: Token ids, (batch, T).
+        output: The output unit, an index into the flattened per-sample output.
+            Defaults to 0.
+        scale: Optional factor per sample, ``(batch,)``, multiplying the
+            Embedding's output before the rest of the model sees it (a point on
+            the straight path from zero embeddings). Defaults to None (1).
+
+    Returns:
+        A :class:`TokenGradients`: the (scaled) embeddings, their gradient and the output unit's values.
+
+    Raises:
+        InputError: The model has no Embedding layer, or ``output`` is out of range.
+        GradmagicError: The model fails on x (the model is left unchanged).
+
+    Example:
+        >>> t = gradmagic.token_gradients(model, ids, output=1)
+        >>> (t.array * t.embeddings).sum(-1)  # gradient x input per position
+    """
+    layer = embedding_layer(model)
+    if layer is None:
+        raise InputError(
+            f"Received: model '{model_name(model)}', which has no keras.layers.Embedding. Expected a model that "
+            f"reads token ids through an Embedding. Fix: use gradmagic.input_gradients(model, x) for float inputs."
+        )
+    _, x_in, _ = spec_and_inputs(model, x)
+    outputs = model_spec(model).outputs
+    units = (
+        sum(int(np.prod(s.shape)) for s in outputs) if outputs and all(None not in s.shape for s in outputs) else None
+    )
+    if (
+        isinstance(output, bool)
+        or not isinstance(output, (int, np.integer))
+        or output < 0
+        or (units is not None and output >= units)
+    ):
+        limit = f"from 0 to {units - 1}" if units else ">= 0"
+        raise InputError(
+            f"Received: output={output!r}. Expected an int {limit}: the unit of the flattened per-sample output. "
+            f"Fix: e.g. output=0."
+        )
+    batch = int(keras.tree.flatten(x_in)[0].shape[0])
+    factors = np.ones(batch, "float32") if scale is None else np.asarray(scale, "float32").reshape(-1)
+    if factors.shape != (batch,) or not np.all(np.isfinite(factors)):
+        raise InputError(
+            f"Received: scale of shape {np.shape(scale)}. Expected one finite factor per sample ({batch},), or "
+            f"None. Fix: e.g. scale=np.linspace(0, 1, {batch})."
+        )
+    key = question_key(model, "tokens", lambda b: b.same(layer), int(output))
+    fn = compute.cached(model, key, lambda: _function(model, layer, int(output)))
+    try:
+        embedded, grads, values = fn(x_in, tf.constant(factors))
+    except GradmagicError:
+        compute.forget(model, key)
+        raise
+    except Exception as exc:
+        compute.forget(model, key)
+        raise ComputeError(
+            f"Computing d(output {output})/d(output of '{layer.name}') of model '{model_name(model)}' failed: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}. Check that x holds token "
+            f"ids the model takes; the model was left unchanged."
+        ) from None
+    return TokenGradients(embedded.numpy(), grads.numpy(), values.numpy(), layer.name, int(output))
+
+
+def token_integrated_gradients(model: keras.Model, x: Any, output: int = 0, steps: int = 32) -> IntegratedGradients:
+    """Integrated gradients in embedding space: the straight path from zero embeddings to the Embedding's output.
+
+    Token ids have no path of their own; their embeddings do. The gradient is
+    taken at ``steps`` points ``a * E`` (``E`` the Embedding's output for x,
+    ``a`` from 0 to 1), all in one batched call, and integrated by the
+    trapezoid rule, as :func:`~gradmagic.core.integrated_gradients` does for
+    float inputs; ``x`` and ``baseline`` of the result are the embeddings and zeros.
+
+    Args:
+        model: A model that reads token ids through an Embedding.
+        x: Token ids, (batch, T).
+        output: The output unit. Defaults to 0.
+        steps: Points on the path, >= 2. Defaults to 32.
+
+    Returns:
+        An :class:`~gradmagic.core.IntegratedGradients` with ``path_gradients``
+        kept (so ``accumulated()`` works); ``.array`` is ``(batch, T, D)``.
+
+    Raises:
+        InputError: A bad ``steps`` or ``output``, or a model without an Embedding.
+
+    Example:
+        >>> a = gradmagic.token_integrated_gradients(model, ids, output=1)
+        >>> a.array.sum(-1)  # per token
+    """
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 2:
+        raise InputError(
+            f"Received: steps={steps!r}. Expected an int >= 2: the points on the path where the gradient is taken. "
+            f"Fix: e.g. steps=32."
+        )
+    ids = np.asarray(x)
+    if ids.ndim == 1:
+        ids = ids[None]
+    alphas, weights = path_rule("trapezoid", int(steps))
+    n = len(ids)
+    path = token_gradients(model, np.repeat(ids, steps, axis=0), output, scale=np.tile(alphas, n))
+    grads = path.array.reshape(n, steps, *path.array.shape[1:])
+    values = path.values.reshape(n, steps).astype(np.float64)
+    embeddings = path.embeddings.reshape(n, steps, *path.embeddings.shape[1:])[:, -1]  # a = 1: E itself
+    integral = np.tensordot(weights, grads.astype(np.float64), axes=(0, 1))
+    return IntegratedGradients(
+        array=(embeddings * integral).astype(embeddings.dtype),
+        baseline=np.zeros_like(embeddings),
+        baseline_name="zero embeddings",
+        output=np.full(n, int(output), np.int32),
+        path_alphas=alphas,
+        path_weights=weights,
+        path_outputs=values,
+        value_at_x=values[:, -1],
+        value_at_baseline=values[:, 0],
+        method="trapezoid",
+        x=embeddings,
+        path_gradients=grads,
+        title=(
+            f"Integrated gradients of output {output} of model '{model_name(model)}' in the space of "
+            f"'{path.layer_name}' (baseline: zero embeddings; {steps} steps, trapezoid)"
+        ),
+    )

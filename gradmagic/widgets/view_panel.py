@@ -1,0 +1,85 @@
+"""What the explorer's plane, sequence and image views share: a figure, a readout, an error line, coalesced renders.
+
+A view subclasses :class:`ViewPanel`, builds its controls and its figure, and
+implements ``compute(state)`` (a plain function of the control values, asking
+the core for every number) and ``draw(view)`` (moving artists built once).
+"""
+
+from __future__ import annotations
+
+import html
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import ipywidgets as widgets
+import numpy as np
+
+from gradmagic.core import model_spec
+from gradmagic.core import output_labels as core_output_labels
+from gradmagic.errors import GradmagicError
+from gradmagic.widgets.coalesce import LatestWins, Scheduler
+
+#: The panels' clock (tests inject their own).
+DEFAULT_CLOCK = time.monotonic
+
+
+def output_labels(model: Any) -> list[str]:
+    """One label per unit of the flattened per-sample output, read from the model's declared outputs."""
+    spec = model_spec(model)
+    outputs = spec.outputs or []
+    labels: list[str] = []
+    for name, spec_out in zip(core_output_labels(spec.output_names, len(outputs)), outputs):
+        size = int(np.prod([d or 1 for d in spec_out.shape]))
+        labels += [name] if size == 1 else [f"{name}[{i}]" for i in range(size)]
+    return labels or ["output"]
+
+
+def readout_table(rows: list[tuple[str, str]]) -> str:
+    """A small HTML table of (name, value) rows; both are escaped."""
+    cells = "".join(
+        f"<tr><td style='padding-right:1em'>{html.escape(k)}</td><td><code>{html.escape(v)}</code></td></tr>"
+        for k, v in rows
+    )
+    return f"<table class='gm-readout'>{cells}</table>"
+
+
+class ViewPanel(widgets.VBox):
+    """The frame of a view: controls on top, the figure, a readout and an error line.
+
+    Args:
+        clock: Seconds, monotonic (tests inject one).
+        scheduler: Runs a callback later; None renders on the event loop (or at once outside one).
+    """
+
+    def _frame(
+        self,
+        controls: widgets.Widget,
+        figure_widget: widgets.Widget,
+        clock: Callable[[], float],
+        scheduler: Scheduler | None,
+    ) -> None:
+        self.controls = controls
+        self.readout = widgets.HTML()
+        self.error = widgets.HTML()
+        self.updates = LatestWins(self._render, clock=clock, scheduler=scheduler, on_error=self._show_error)
+        super().__init__([controls, figure_widget, self.readout, self.error], layout=widgets.Layout(width="100%"))
+        self.add_class("gradmagic-explorer")
+
+    def _render(self, state: Any) -> None:
+        self.draw(self.compute(state))
+
+    def compute(self, state: Any) -> Any:  # pragma: no cover - every view defines it
+        raise NotImplementedError
+
+    def draw(self, view: Any) -> None:  # pragma: no cover - every view defines it
+        raise NotImplementedError
+
+    def _show_error(self, exc: BaseException) -> None:
+        # Exceptions inside a panel callback are shown, never swallowed; a GradmagicError's paragraph is enough.
+        if isinstance(exc, GradmagicError):
+            text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+        else:
+            text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).strip()
+        self.error.value = f"<pre style='color:#b00'>{html.escape(text)}</pre>"
