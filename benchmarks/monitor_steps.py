@@ -17,7 +17,14 @@ machine cancel in the per-block ratios:
 round); "extra" turns it into microseconds per step. Tracing is excluded: each
 train function is warmed up first.
 
-Usage: TF_CPP_MIN_LOG_LEVEL=3 python benchmarks/monitor_steps.py [--blocks 200] [--steps 32]
+With ``--first N`` it times instead what a fresh model pays once, over N rounds: the
+first call of the train function (Python tracing, then TensorFlow's graph
+optimization and executor set-up) plain and with the monitor, and with the
+monitor the first step that measures every statistic (its not-inlined branch is
+optimized and instantiated when first taken) against a later such step. These
+one-time costs are what a whole ``fit`` of a fresh model adds to the per-step ratio.
+
+Usage: TF_CPP_MIN_LOG_LEVEL=3 python benchmarks/monitor_steps.py [--blocks 200] [--steps 32] [--first 3]
 """
 
 from __future__ import annotations
@@ -70,11 +77,59 @@ def train_step(kind: str, iterator) -> tuple[Callable[[], object], Callable[[], 
     return (lambda: function(iterator)), done
 
 
+def first_costs(kind: str, x, y) -> tuple[float, float, float]:
+    """Seconds of a fresh model's first train-function call, and (monitor only) its first and a later full step."""
+    iterator = iter(tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH).repeat())
+    model = build()
+    model.make_train_function()
+    monitor = None
+    if kind == "monitor":
+        monitor = GradientMonitor()
+        monitor.set_model(model)
+        monitor.on_train_begin()
+    function = model.train_function
+    start = time.perf_counter()
+    function(iterator)
+    first = time.perf_counter() - start
+    full = [0.0, 0.0]
+    if monitor is not None:
+        buffer = monitor._functions.buffer
+        buffer.schedule(int(buffer.count.numpy()), 1)  # from now on every step measures everything
+        for i in range(2):
+            start = time.perf_counter()
+            function(iterator)
+            full[i] = time.perf_counter() - start
+        monitor.detach()
+    return first, full[0], full[1]
+
+
+def main_first(rounds: int) -> None:
+    x, y = data()
+    print(f"before: {_load()}")
+    other = _OtherLoad()
+    for kind in ("plain", "monitor"):
+        first_costs(kind, x, y)  # imports, process-wide caches
+    runs: dict[str, list[tuple[float, float, float]]] = {"plain": [], "monitor": []}
+    for r in range(rounds):
+        for kind in ("plain", "monitor") if r % 2 == 0 else ("monitor", "plain"):
+            runs[kind].append(first_costs(kind, x, y))
+    print(f"after:  {_load()}")
+    print(f"during: {other}")
+    med = {k: [statistics.median(v[i] for v in runs[k]) * 1e3 for i in range(3)] for k in runs}
+    print(f"fresh MLP, {rounds} interleaved rounds, medians in ms")
+    print(f"first train-function call: plain {med['plain'][0]:.0f}, monitor {med['monitor'][0]:.0f}")
+    print(f"monitor's first full-statistics step {med['monitor'][1]:.1f}, a later one {med['monitor'][2]:.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--blocks", type=int, default=200)
     parser.add_argument("--steps", type=int, default=32, help="train steps per block")
+    parser.add_argument("--first", type=int, default=0, help="time one-time costs of fresh models instead")
     args = parser.parse_args()
+    if args.first:
+        main_first(args.first)
+        return
     x, y = data()
     print(f"before: {_load()}")
     other = _OtherLoad()

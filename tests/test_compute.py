@@ -39,8 +39,8 @@ def test_flat_call_is_used_and_equals_the_structured_call():
     for sample_weight in (None, rng.uniform(size=(5,)).astype("float32")):
         concrete: dict = {}
         loss, grads = compute.call_compiled(fn, concrete, (x, y, sample_weight))
-        (caller,) = concrete.values()
-        assert caller.__name__ == "call_flat_tensors"  # the fast path, not the fallback
+        (traces,) = concrete.values()
+        assert traces.exact.__name__ == "call_flat_tensors"  # the fast path, not the fallback
         want_loss, want_grads = fn(x, y, sample_weight)
         # The flat concrete function (free batch size) and the structured call may be two traces of the
         # same math: equal to float32 rounding, not necessarily bit for bit.
@@ -62,6 +62,7 @@ def test_one_concrete_function_serves_every_batch_size():
         pred = model(x).numpy()
         np.testing.assert_allclose(loss.numpy(), np.mean(np.sum((pred - y) ** 2, axis=1)), rtol=1e-5)
     assert len(concrete) == 1
+    assert fn.experimental_get_tracing_count() == 1
 
 
 def test_sequences_of_several_lengths_through_time_distributed_give_the_models_own_outputs():
@@ -106,3 +107,41 @@ def test_a_question_fed_many_sequence_lengths_keeps_a_bounded_number_of_traces()
             np.testing.assert_allclose(got, tf.convert_to_tensor(ref).numpy(), atol=1e-6)
         held.append(sum(len(question.concrete) for question, _ in compute._cache.get(model, {}).values()))
     assert max(held) <= compute.MAX_SIGNATURES
+
+
+def test_two_traces_serve_every_batch_size_with_exact_batch():
+    """With exact_batch, the first batch size gets a static-shape graph; one free graph serves all others."""
+    model = _two_input_model()
+    fn = _function(model)
+    concrete: dict = {}
+    rng = np.random.default_rng(1)
+    for batch in (4, 1, 9, 4, 2):
+        x = {"alpha": rng.normal(size=(batch, 2)).astype("float32"), "zeta": rng.normal(size=(batch, 3))}
+        x["zeta"] = x["zeta"].astype("float32")
+        y = rng.normal(size=(batch, 1)).astype("float32")
+        loss, _ = compute.call_compiled(fn, concrete, (x, y, None), exact_batch=True)
+        pred = model(x).numpy()
+        np.testing.assert_allclose(loss.numpy(), np.mean(np.sum((pred - y) ** 2, axis=1)), rtol=1e-5)
+    assert len(concrete) == 1
+    assert fn.experimental_get_tracing_count() == 2
+    (traces,) = concrete.values()
+    assert traces.batch == ((4,), (4,), (4,))  # alpha, zeta (sorted, as TensorFlow flattens), y
+    assert traces.free is not None
+
+
+def test_exact_batch_traces_the_first_batch_size_with_its_static_shape():
+    """A graph for the exact shape, as a hand-written tf.function gets (a free batch axis slows RNN loops)."""
+    shapes = []
+
+    @tf.function
+    def record(x):
+        shapes.append(tuple(x.shape))
+        return tf.reduce_sum(x)
+
+    concrete: dict = {}
+    assert compute.call_compiled(record, concrete, exact_batch=True, args=(np.ones((3, 2), "float32"),)).numpy() == 6.0
+    assert compute.call_compiled(record, concrete, exact_batch=True, args=(np.ones((3, 2), "float32"),)).numpy() == 6.0
+    assert shapes == [(3, 2)]
+    assert compute.call_compiled(record, concrete, exact_batch=True, args=(np.ones((5, 2), "float32"),)).numpy() == 10.0
+    assert compute.call_compiled(record, concrete, exact_batch=True, args=(np.ones((7, 2), "float32"),)).numpy() == 14.0
+    assert shapes == [(3, 2), (None, 2)]

@@ -209,3 +209,24 @@ def test_stats_buffer_rows_put_each_statistic_in_its_named_column():
     np.testing.assert_array_equal(column(rows, "missing")[0], [0, 1, 0])
     np.testing.assert_array_equal(column(rows, "full")[0], [1, 1, 1])
     np.testing.assert_array_equal(column(rows, "skipped")[0], [0, 0, 0])  # only a LossScaleOptimizer skips
+
+
+def test_default_norms_of_tiny_gradients_equal_a_tape_in_float64():
+    # A loss scaled by 2**-80 makes every gradient entry about 1e-24: float32 squares of
+    # those flush to 0, so a float32 sum of squares reads 0. The recorded norms must keep
+    # their scale: the tape's gradients of the unscaled loss, times 2**-80 (exact, a power
+    # of two), normed in float64 by NumPy.
+    scale = 2.0**-80
+    model = mlp((3, 5, 2))
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=lambda y, p: scale * keras.ops.mean((y - p) ** 2))
+    x, y = sample_data(16)
+    before, monitor = WeightsBefore(), GradientMonitor()
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[before, monitor])
+    norms = np.array(monitor.to_dict()["norm"]).reshape(2, -1)
+    unscaled = mlp((3, 5, 2))  # the same layers with the plain MSE (a clone cannot copy the lambda loss)
+    for k, weights in enumerate(before.weights):
+        truth = tape_gradients(unscaled, weights, x[8 * k : 8 * k + 8], y[8 * k : 8 * k + 8])
+        want = [np.linalg.norm(g.astype(np.float64) * scale) for g in truth]
+        assert min(want) < 1e-20  # small enough that float32 squares underflow
+        # Tolerance: the tape's graph and the train step's are different graphs.
+        np.testing.assert_allclose(norms[k], want, rtol=1e-5)

@@ -131,6 +131,9 @@ def test_recompile_gets_a_new_recording_function():
     for got, want in zip(model.get_weights(), before, strict=True):
         np.testing.assert_array_equal(got, want)
     assert len(monitor.to_dict()["step"]) == 4 * len(model.trainable_variables)
+    # The new optimizer counts from 0 again (2 steps); the recorded steps go on from the first fit's.
+    assert int(model.optimizer.iterations.numpy()) == 2
+    np.testing.assert_array_equal(monitor.recorded.steps, [0, 1, 2, 3])
 
 
 def test_plain_function_is_the_train_function_keras_made():

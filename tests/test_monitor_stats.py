@@ -75,3 +75,29 @@ def test_norm_stats_measure_the_norm_only_unless_asked_or_not_finite():
     spoiled[1][0, 0] = np.nan  # a NaN makes every statistic of the step measured, counts included
     got = finish_stats(run(tf.constant(False), *spoiled).numpy(), sizes)
     np.testing.assert_allclose(got, [_numpy_stats(g) for g in spoiled], rtol=2e-6, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_norm_stats_keep_the_scale_of_tiny_gradients(jit):
+    # float32 squares of |g| < 1.1e-19 flush to 0: norms of 1e-20 would read as 0, and a
+    # gradient of mixed tiny and small entries would lose the tiny ones' share. The
+    # default mode must give the norm NumPy gives in float64, however small.
+    from gradmagic.core.monitor.stats import norm_stats
+
+    rng = np.random.default_rng(4)
+    mixed = (rng.normal(size=(300, 300)) * 1e-20).astype("float32")
+    mixed[0, :10] = 1e-16  # these squares are normal floats, the others are not
+    grads = [
+        (rng.normal(size=(70_000,)) * 1e-20).astype("float32"),
+        (rng.normal(size=(5, 3)) * 1e-30).astype("float32"),
+        mixed,
+        rng.normal(size=(4,)).astype("float32"),  # ordinary
+    ]
+    sizes = [g.size for g in grads]
+    run = tf.function(lambda full, *g: norm_stats(g, None, full, xla=jit), jit_compile=jit)
+    got = finish_stats(run(tf.constant(False), *grads).numpy(), sizes)
+    want = [np.linalg.norm(g.astype("float64")) for g in grads]
+    np.testing.assert_allclose(got[:, 0], want, rtol=2e-6)
+    # The float32 sums of squares really do underflow here (else this test could not fail).
+    with np.errstate(under="ignore"):
+        assert float(tf.reduce_sum(tf.square(grads[1]))) == 0.0

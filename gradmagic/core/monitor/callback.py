@@ -58,7 +58,9 @@ class GradientMonitor(keras.callbacks.Callback):
     By default (``stats="norm"``) each step measures the norm of every weight's
     gradient (one reduction per weight; a NaN or Inf makes it non-finite, so the
     NaN/Inf counts are known at every step), and every statistic is measured every
-    ``full_every`` batches and at every step with a non-finite gradient. In the
+    ``full_every`` batches and at every step with a non-finite gradient, or with a
+    sum of squares too small for float32 (then computed in float64, so tiny norms
+    keep their scale; an exactly-zero gradient takes that path too). In the
     history, column ``full`` says which steps measured everything; elsewhere
     ``max_abs`` and ``mean`` are 0 (never NaN) and ``nan``/``inf`` are exactly 0.
     ``stats="full"`` measures everything at every step (about 2x the cost).
@@ -167,6 +169,9 @@ class GradientMonitor(keras.callbacks.Callback):
         self._listeners: list[Callable[[GradientMonitor], None]] = []
         self._end_listeners: list[Callable[[], None]] = []
         self._functions: TrainFunctions | None = None
+        # Recorded steps keep counting across fits of the same weights, also when a
+        # compile() gave the model a new optimizer whose step count starts at 0 again.
+        self._next_step = 0
         self._bad_batch: tuple[Any, Any, Any] | None = None
         self._bad_weights: list[np.ndarray] | None = None
         self._warned: set[tuple[str, str]] = set()
@@ -260,6 +265,7 @@ class GradientMonitor(keras.callbacks.Callback):
         slots = weight_slots(model)
         if self._history is None or [s.path for s in self._history.slots] != [s.path for s in slots]:
             self._history = MonitorHistory(slots)
+            self._next_step = 0
             self._tracker = NormTracker(
                 len(slots),
                 self.window,
@@ -276,7 +282,7 @@ class GradientMonitor(keras.callbacks.Callback):
             layer_names=[layer.name for layer in model.layers],
             layer_types=[type(layer).__name__ for layer in model.layers],
             buffer=buffer,
-            base_step=int(model.optimizer.iterations.numpy()),
+            base_step=max(int(model.optimizer.iterations.numpy()), self._next_step),
             first_count=count,
             read=count,
             epoch_first=count,
@@ -307,8 +313,12 @@ class GradientMonitor(keras.callbacks.Callback):
         return self.read_every if self.on_anomaly == "warn" else (self.print_every or _DEFAULT_READ_EVERY)
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        # Most batches end here: a counter check, no lock, no device read.
+        session = self._session
+        if session is None or batch + 1 - session.last_read_batch < self.read_every:
+            return
         with self._lock:
-            session = self._session
+            session = self._session  # checked again: another batch end may have read meanwhile
             if session is not None and batch + 1 - session.last_read_batch >= self.read_every:
                 session.last_read_batch = batch + 1
                 self._flush()
@@ -380,6 +390,7 @@ class GradientMonitor(keras.callbacks.Callback):
             return
         steps, batches = session.steps(index), session.batches(index)
         self._history.append(steps, np.full(len(index), session.epoch), batches, rows)
+        self._next_step = int(steps[-1]) + 1
         found = self._inspect(steps, batches, rows)
         new_histograms = self._read_histograms(int(index[0]), count)
         self._write_summaries(steps, rows, new_histograms)

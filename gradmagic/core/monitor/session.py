@@ -26,7 +26,9 @@ class FitSession:
         layer_names: ``[layer.name for layer in model.layers]``.
         layer_types: Class names of the layers, aligned with ``layer_names``.
         buffer: The device buffer the recording train function writes.
-        base_step: ``optimizer.iterations`` when the ``fit`` began.
+        base_step: The recorded step of the ``fit``'s first batch: ``optimizer.iterations``
+            when the ``fit`` began, or the step after the last one recorded where that is
+            larger (after a ``compile()`` with a new optimizer, whose count starts at 0).
         first_count: The buffer's step count when the ``fit`` began (the buffer
             lives as long as the traced function that writes it, across fits).
         read: The buffer's step count up to which the host has read.

@@ -75,10 +75,12 @@ def step_stats(
     raw = _fast_stats(grads, squares, sizes, xla)
     masked = _masked_function(tuple(tf.TensorSpec(g.shape, g.dtype) for g in grads))
     # A NaN makes the sum NaN, an Inf (or a square above float32's range) the norm Inf;
-    # squares below its range (|g| < 1e-19) make the norm 0 while the sum or max is not.
-    # The masked path is exact in all three cases (float64 sums).
+    # squares below its range (|g| < 1e-19) are flushed to 0, so a small norm may be too
+    # small or 0 while the sum or max is not (see square_floors). The masked path is exact
+    # in all three cases (float64 sums).
     total, norm, peak = raw_row(raw, "sum"), raw_row(raw, "norm"), raw_row(raw, "max_abs")
-    underflow = tf.reduce_any((norm == 0.0) & ((total != 0.0) | (peak != 0.0)))
+    small = norm < tf.constant(np.sqrt(square_floors(sizes)), tf.float32)
+    underflow = tf.reduce_any(small & ((total != 0.0) | (peak != 0.0)))
     trusted = tf.reduce_all(tf.math.is_finite(raw)) & tf.logical_not(underflow)
     return tf.cond(trusted, lambda: raw, lambda: masked(*grads))
 
@@ -91,7 +93,10 @@ def norm_stats(
 
     One reduction per gradient (the sum of squares, or the sum of the optimizer's
     ``g**2``): a NaN or Inf anywhere makes that sum non-finite, and then (or when
-    ``full`` is true) the step takes :func:`step_stats`' branch instead. Rows are
+    ``full`` is true, or when a sum is below its :func:`square_floors` entry, where
+    float32 squares may have underflowed) the step takes :func:`step_stats`' branch
+    instead, which is exact there (float64). A gradient that is exactly zero takes
+    that branch too (its sum cannot tell it from an underflow). Rows are
     ``RAW_ROWS``; in a step that measured the norm only, the sum is 0, the
     NaN/Inf counts are 0 (exactly: every square was finite) and max |g| is -1,
     the mark :func:`finish_stats` reads.
@@ -123,7 +128,10 @@ def norm_stats(
     sums = 2.0 * tf.stack(halves)
     n = len(grads)
     quick = tf.stack([tf.zeros([n]), tf.sqrt(sums), tf.fill([n], -1.0), tf.zeros([n]), tf.zeros([n])])
-    measure = tf.logical_or(full, tf.logical_not(tf.reduce_all(tf.math.is_finite(sums))))
+    # NaN and Inf fail both comparisons; a sum below its floor may have lost squares.
+    floors = tf.constant(square_floors(sizes), tf.float32)
+    trusted = tf.reduce_all(tf.logical_and(sums >= floors, sums <= np.finfo(np.float32).max))
+    measure = tf.logical_or(full, tf.logical_not(trusted))
     if xla:  # XLA compiles both branches into one program; no executor to skip nodes
         return tf.cond(measure, lambda: step_stats(grads, squares, xla), lambda: quick)
     # The full statistics are one call of a function that is not inlined: in a step that
@@ -134,6 +142,22 @@ def norm_stats(
     squared = tuple(sq is not None for sq in squares)
     full_stats = _full_function(tuple(specs), squared)
     return tf.cond(measure, lambda: full_stats(*grads, *given), lambda: quick)
+
+
+def square_floors(sizes: Sequence[int]) -> np.ndarray:
+    """Per gradient, the smallest float32 sum of squares known to be exact to float32's precision.
+
+    TensorFlow's CPU kernels flush results below float32's smallest normal number
+    (2**-126, about 1.2e-38) to zero, so every square below that (|g| < 1.1e-19) is
+    lost from a float32 sum of squares. A sum of ``size`` such squares loses less than
+    ``size * 2**-126``: a sum of at least ``size * 2**-102`` is within a relative
+    2**-24 (float32's rounding) of the exact one. Below it, the statistics are
+    recomputed in float64.
+
+    Args:
+        sizes: Number of entries of each gradient.
+    """
+    return np.asarray(sizes, np.float64) * 2.0**-102
 
 
 def finish_stats(raw: np.ndarray, sizes: Sequence[int]) -> np.ndarray:

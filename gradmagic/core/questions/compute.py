@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Callable, Hashable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import keras
@@ -84,7 +85,9 @@ def clear_cache(model: keras.Model | None = None) -> None:
         )
 
 
-def call_question(model: keras.Model, key: Key | None, fn: Any, concrete: dict, args: tuple) -> Any:
+def call_question(
+    model: keras.Model, key: Key | None, fn: Any, concrete: dict, args: tuple, exact_batch: bool = False
+) -> Any:
     """:func:`call_compiled`, then drop the question once it holds more than ``MAX_SIGNATURES`` traces.
 
     A ``tf.function`` keeps every trace it made (about 7 MB each for a small
@@ -94,13 +97,13 @@ def call_question(model: keras.Model, key: Key | None, fn: Any, concrete: dict, 
     give silently wrong numbers; so the traces stay exact and the question is
     rebuilt from scratch instead, which bounds what it holds.
     """
-    result = call_compiled(fn, concrete, args)
+    result = call_compiled(fn, concrete, args, exact_batch)
     if len(concrete) > MAX_SIGNATURES:
         forget(model, key)
     return result
 
 
-def call_compiled(fn: Any, concrete: dict, args: tuple) -> Any:
+def call_compiled(fn: Any, concrete: dict, args: tuple, exact_batch: bool = False) -> Any:
     """Call a ``tf.function`` through the concrete function for these arguments.
 
     ``tf.function``'s own dispatch matches the trace type of every argument on
@@ -110,40 +113,75 @@ def call_compiled(fn: Any, concrete: dict, args: tuple) -> Any:
     are converted to tensors here because a concrete function's own conversion
     of NumPy arguments is several times slower.
 
+    With ``exact_batch``, the first batch size seen for a signature gets a graph
+    traced for exactly that shape, as a hand-written ``tf.function`` would: a
+    free batch axis hides static shapes from TensorFlow's graph optimizer, which
+    makes a recurrent layer's loop up to twice as slow. A second batch size then
+    gets the free graph, which serves every other batch size: at most two traces
+    per signature.
+
     Args:
         fn: The ``tf.function``.
-        concrete: The question's dict of concrete functions, filled on demand.
+        concrete: The question's dict of traces per signature, filled on demand.
         args: Arguments: arrays or tensors with a batch axis, lists/dicts of
             them, or ``None``.
+        exact_batch: Trace the first batch size seen with its static shape.
     """
-    tensors, signature = _as_tensors(args)
-    call = concrete.get(signature)
-    if call is None:
-        specs = keras.tree.map_structure(
-            lambda t: None if t is None else tf.TensorSpec((None, *t.shape[1:]), t.dtype), tensors
-        )
-        # The door's flat entry point skips re-binding the structured signature on every call.
-        call = concrete[signature] = flat_caller(fn.get_concrete_function(*specs), tensors)
-    return call(tensors)
+    leading: list = []
+    tensors, signature = _as_tensors(args, leading)
+    batch = tuple(leading) if exact_batch else None
+    traces = concrete.get(signature)
+    if traces is None:
+        traces = concrete[signature] = _Traces(batch, _trace(fn, tensors, free=batch is None))
+    if batch == traces.batch:
+        return traces.exact(tensors)
+    if traces.free is None:
+        traces.free = _trace(fn, tensors, free=True)
+    return traces.free(tensors)
 
 
-def _as_tensors(value: Any) -> tuple[Any, Hashable]:
-    """Convert leaves to tensors and return them with their per-sample signature."""
+@dataclass
+class _Traces:
+    """The graphs of one per-sample signature: for its first batch size, and for any batch size."""
+
+    batch: tuple | None  # the leading dimension of every leaf ``exact`` was traced for; None: free
+    exact: Callable[[Any], Any]
+    free: Callable[[Any], Any] | None = None
+
+
+def _trace(fn: Any, tensors: Any, free: bool) -> Callable[[Any], Any]:
+    """Trace ``fn`` for ``tensors``' shapes (the batch axis left free if ``free``); return its flat caller."""
+    specs = keras.tree.map_structure(
+        lambda t: None if t is None else tf.TensorSpec((None, *t.shape[1:]) if free else t.shape, t.dtype), tensors
+    )
+    # The door's flat entry point skips re-binding the structured signature on every call.
+    return flat_caller(fn.get_concrete_function(*specs), tensors)
+
+
+def _as_tensors(value: Any, leading: list) -> tuple[Any, Hashable]:
+    """Convert leaves to tensors and return them with their per-sample signature.
+
+    The leading dimension of every leaf is appended to ``leading``, in flatten order.
+    """
     if value is None:
         return None, None
     if isinstance(value, (list, tuple)):
-        pairs = [_as_tensors(v) for v in value]
+        pairs = [_as_tensors(v, leading) for v in value]
         # The container type is part of the signature: a concrete function traced
         # for a list does not bind a tuple.
         return type(value)(p[0] for p in pairs), (type(value).__name__, *(p[1] for p in pairs))
     if isinstance(value, dict):
-        pairs = {k: _as_tensors(v) for k, v in value.items()}
-        return {k: p[0] for k, p in pairs.items()}, tuple((k, pairs[k][1]) for k in sorted(pairs))
+        # Sorted, as TensorFlow flattens a dict: the signature and ``leading`` do not depend on key order.
+        pairs = {k: _as_tensors(value[k], leading) for k in sorted(value)}
+        return {k: p[0] for k, p in pairs.items()}, tuple((k, p[1]) for k, p in pairs.items())
     if isinstance(value, np.ndarray):
         # tf.constant skips the conversion registry; NumPy's shape tuple is far cheaper than a TensorShape.
+        leading.append(value.shape[:1])
         return tf.constant(value), (value.shape[1:], value.dtype.str)
     tensor = tf.convert_to_tensor(value)
-    return tensor, (tuple(tensor.shape[1:]), tensor.dtype.as_numpy_dtype().dtype.str)
+    shape = tuple(tensor.shape)
+    leading.append(shape[:1])
+    return tensor, (shape[1:], tensor.dtype.as_numpy_dtype().dtype.str)
 
 
 def dense_gradients(grads: Any) -> Any:

@@ -64,6 +64,9 @@ class _Question:
     concrete: dict = field(default_factory=dict)
     note: str = ""
     warm: bool = False  # the compiled loss was built under this question's compile state
+    # Trace the first batch size with its static shape (see compute.call_compiled): the loss questions,
+    # whose steady call a hand-written tape is measured against. Jacobians keep one free-batch graph.
+    exact_batch: bool = False
 
 
 def _run(model: keras.Model, key: Key | None, question: _Question, args: tuple, what: str, x: Any) -> Any:
@@ -75,7 +78,7 @@ def _run(model: keras.Model, key: Key | None, question: _Question, args: tuple, 
             # The question's key holds the compile state (the compiled-loss object by identity), so once
             # warm under it, it stays warm: later calls skip re-keying the compile state.
             question.warm = key is not None
-        return compute.call_question(model, key, question.fn, question.concrete, args)
+        return compute.call_question(model, key, question.fn, question.concrete, args, question.exact_batch)
     except GradmagicError as exc:
         compute.forget(model, key)
         raise with_cause(exc)  # noqa: B904 - the cause is the user's error, re-attached
@@ -104,15 +107,14 @@ def _build_compiled_loss(model: keras.Model, question: _Question, args: tuple) -
     left for the traced run to report, where it reads as it would in ``fit``.
     """
     one = keras.tree.map_structure(lambda t: None if t is None else tf.convert_to_tensor(t[:1]), args)
-    with preserved_eagerly(model):
-        try:
+    try:
+        with preserved_eagerly(model, weights=False):  # the loss alone never writes the model's own variables
             x, y, sample_weight = one
-            y_pred = _zero_outputs(model)
-            resolve_loss(model)(model, x, y, y_pred, sample_weight, False)
-        except Exception:
-            # The traced run right after reports any failure, as fit would.
-            with contextlib.suppress(Exception):
-                question.fn.python_function(*one)
+            resolve_loss(model)(model, x, y, _zero_outputs(model), sample_weight, False)
+    except Exception:
+        # The traced run right after reports any failure, as fit would.
+        with preserved_eagerly(model), contextlib.suppress(Exception):
+            question.fn.python_function(*one)
     mark_warm(model)
 
 
@@ -224,7 +226,7 @@ def weight_gradients(
             for s in chosen
         ]
         fn = compute.weight_function(model, variables, loss_fn, training)
-        return _Question(fn, labels, compiled_loss=loss is None and output is None)
+        return _Question(fn, labels, compiled_loss=loss is None and output is None, exact_batch=True)
 
     question = compute.cached(model, key, build)
     loss_value, grads = _run(model, key, question, (x_in, y_in, sw_in), "dLoss/dW", x_in)
@@ -289,7 +291,7 @@ def output_gradients(
         loss_fn = resolve_loss(model, loss)
         position = _input_position(model, lay)
         fn = compute.output_function(model, lay, position, loss_fn, training)
-        return _Question(fn, layer_index=index, layer_name=lay.name, compiled_loss=loss is None)
+        return _Question(fn, layer_index=index, layer_name=lay.name, compiled_loss=loss is None, exact_batch=True)
 
     question = compute.cached(model, key, build)
     loss_value, outputs, grads = _run(model, key, question, (x_in, y_in, sw_in), "dLoss/d(layer output)", x_in)

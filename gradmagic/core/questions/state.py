@@ -43,13 +43,21 @@ def restore_in_graph(variables: list[keras.Variable], values: list[tf.Tensor]) -
 
 
 @contextlib.contextmanager
-def preserved_eagerly(model: keras.Model) -> Iterator[None]:
+def preserved_eagerly(model: keras.Model, weights: bool = True) -> Iterator[None]:
     """Restore every variable of the model after an eager run, even one that raised.
 
     Variables that the run *created* (a compiled loss building its trackers on
     first use) are metrics; they are reset so they read as freshly created.
+
+    Args:
+        model: The model.
+        weights: Also restore the model's own variables. ``False`` for a run
+            that never calls the model (a compiled loss on given predictions):
+            only its metric variables are then read and written back, which
+            for a large model saves a host copy of every weight.
     """
-    variables = list(model.variables) + list(getattr(model, "metrics_variables", []))
+    metrics_variables = list(getattr(model, "metrics_variables", []))
+    variables = (list(model.variables) if weights else []) + metrics_variables
     known = {id(var) for var in variables}
     try:
         with values_restored(variables):
