@@ -88,11 +88,11 @@ def clear_cache(model: keras.Model | None = None) -> None:
 def call_question(
     model: keras.Model, key: Key | None, fn: Any, concrete: dict, args: tuple, exact_batch: bool = False
 ) -> Any:
-    """:func:`call_compiled`, then drop the question once it holds more than ``MAX_SIGNATURES`` traces.
+    """:func:`call_compiled`, then drop the question once it has traced more than ``MAX_SIGNATURES`` input shapes.
 
     A ``tf.function`` keeps every trace it made (about 7 MB each for a small
     recurrent model), and each new per-sample shape (a sequence length) makes
-    one. Leaving the shape axes free would share one trace, but Keras layers may
+    one (two with ``exact_batch``). Leaving the shape axes free would share one trace, but Keras layers may
     bake in a size they were built with (``TimeDistributed`` does), which would
     give silently wrong numbers; so the traces stay exact and the question is
     rebuilt from scratch instead, which bounds what it holds.
