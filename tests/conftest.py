@@ -81,3 +81,22 @@ class Opaque(keras.layers.Layer):
 
     def call(self, t):
         return self.fn(t)
+
+
+#: Six samples of three features, for the two-output model below.
+X6 = np.random.default_rng(7).normal(size=(6, 3)).astype("float32")
+
+
+def two_outputs(dict_outputs: bool = False) -> keras.Model:
+    """A functional model with two outputs whose creation order differs from their names' order."""
+    inputs = keras.Input((3,), name="inp")
+    second = keras.layers.Dense(2, name="second")(inputs)  # created first, named later in the alphabet
+    first = keras.layers.Dense(1, name="first")(inputs)
+    outputs = {"z": second, "a": first} if dict_outputs else [second, first]
+    return keras.Model(inputs, outputs)
+
+
+def numpy_mse(y_true, y_pred, weight=None) -> float:
+    """Keras's mean squared error, optionally weighted per sample, in NumPy."""
+    per_sample = np.mean((y_pred - y_true) ** 2, axis=-1)
+    return float(np.mean(per_sample if weight is None else per_sample * weight))

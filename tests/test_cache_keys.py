@@ -17,7 +17,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import assert_unchanged, fingerprint, mlp
+from conftest import X6, assert_unchanged, fingerprint, mlp, numpy_mse, two_outputs
 
 import gradmagic as gm
 from gradmagic.core.backends import tensorflow as door
@@ -386,41 +386,26 @@ def test_same_all_keys_objects_by_identity_in_order():
 
 # --- inline losses, loss weights, frozen layers and swapped layers in every question ---
 
-X6 = np.random.default_rng(7).normal(size=(6, 3)).astype("float32")
-
-
-def _two_outputs(dict_outputs: bool = False) -> keras.Model:
-    inputs = keras.Input((3,), name="inp")
-    second = keras.layers.Dense(2, name="second")(inputs)  # created first, named later in the alphabet
-    first = keras.layers.Dense(1, name="first")(inputs)
-    outputs = {"z": second, "a": first} if dict_outputs else [second, first]
-    return keras.Model(inputs, outputs)
-
-
-def _numpy_mse(y_true, y_pred, weight=None):
-    per_sample = np.mean((y_pred - y_true) ** 2, axis=-1)
-    return float(np.mean(per_sample if weight is None else per_sample * weight))
-
 
 def test_a_lambda_loss_is_right_and_an_inline_loss_object_is_traced_once():
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
     y = np.zeros((6, 1), "float32")
     r = gm.weight_gradients(model, X6, y, loss=lambda t, p: keras.ops.mean((p - t) ** 2, axis=-1))
-    assert r.loss == pytest.approx(_numpy_mse(y, model(X6).numpy()), rel=1e-5)
+    assert r.loss == pytest.approx(numpy_mse(y, model(X6).numpy()), rel=1e-5)
     for _ in range(3):  # an inline Loss object each call is the same question, traced once
         gm.weight_gradients(model, X6, y, loss=keras.losses.Huber(delta=0.5))
     assert len(_questions(model)) == 2
 
 
 def test_recompiling_with_other_loss_weights_is_seen():
-    model = _two_outputs()
+    model = two_outputs()
     optimizer = keras.optimizers.SGD()
     y = [np.ones((6, 2), "f4"), np.ones((6, 1), "f4")]
     model.compile(optimizer=optimizer, loss=["mse", "mse"], loss_weights=[1.0, 1.0])
     both = gm.weight_gradients(model, X6, y).loss
     model.compile(optimizer=optimizer, loss=["mse", "mse"], loss_weights=[1.0, 0.0])
     first_only = gm.weight_gradients(model, X6, y).loss
-    assert first_only == pytest.approx(_numpy_mse(y[0], model(X6)[0].numpy()), rel=1e-5) and first_only < both
+    assert first_only == pytest.approx(numpy_mse(y[0], model(X6)[0].numpy()), rel=1e-5) and first_only < both
 
 
 def test_freezing_batchnorm_is_seen_by_output_and_input_questions():

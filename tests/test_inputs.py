@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import mlp
+from conftest import X6, mlp, numpy_mse, two_outputs
 
 import gradmagic as gm
 from gradmagic.core.questions.inputs import model_spec, prepare_inputs, prepare_targets
@@ -117,29 +117,14 @@ def test_ragged_nested_lists_are_named_as_ragged(x):
 
 # --- several inputs and outputs: targets, weights and losses follow the model's names and structure ---
 
-X6 = np.random.default_rng(7).normal(size=(6, 3)).astype("float32")
-
-
-def _two_outputs(dict_outputs: bool = False) -> keras.Model:
-    inputs = keras.Input((3,), name="inp")
-    second = keras.layers.Dense(2, name="second")(inputs)  # created first, named later in the alphabet
-    first = keras.layers.Dense(1, name="first")(inputs)
-    outputs = {"z": second, "a": first} if dict_outputs else [second, first]
-    return keras.Model(inputs, outputs)
-
-
-def _numpy_mse(y_true, y_pred, weight=None):
-    per_sample = np.mean((y_pred - y_true) ** 2, axis=-1)
-    return float(np.mean(per_sample if weight is None else per_sample * weight))
-
 
 def test_dict_targets_and_weights_follow_output_names_not_sorted_keys():
-    model = _two_outputs()
+    model = two_outputs()
     rng = np.random.default_rng(8)
     y_second, y_first = rng.normal(size=(6, 2)).astype("f4"), rng.normal(size=(6, 1)).astype("f4")
     w_second, w_first = np.linspace(0, 1, 6).astype("f4"), np.full(6, 3.0, "f4")
     pred_second, pred_first = (t.numpy() for t in model(X6))
-    expected = _numpy_mse(y_second, pred_second, w_second) + _numpy_mse(y_first, pred_first, w_first)
+    expected = numpy_mse(y_second, pred_second, w_second) + numpy_mse(y_first, pred_first, w_first)
     r = gm.weight_gradients(
         model,
         X6,
@@ -154,11 +139,11 @@ def test_dict_targets_and_weights_follow_output_names_not_sorted_keys():
 
 
 def test_dict_output_models_are_addressed_by_their_keys():
-    model = _two_outputs(dict_outputs=True)
+    model = two_outputs(dict_outputs=True)
     out = model(X6)
     y = {"z": np.zeros((6, 2), "f4"), "a": np.ones((6, 1), "f4")}
     r = gm.weight_gradients(model, X6, y, loss={"z": "mse", "a": "mae"})
-    expected = _numpy_mse(y["z"], out["z"].numpy()) + float(np.mean(np.abs(out["a"].numpy() - 1.0)))
+    expected = numpy_mse(y["z"], out["z"].numpy()) + float(np.mean(np.abs(out["a"].numpy() - 1.0)))
     assert r.loss == pytest.approx(expected, rel=1e-5)
     with pytest.raises(
         gm.GradmagicError, match=r"y\['a'\] of shape \(6, 2\), but the model's output 'a' .*\(batch, 1\)"
