@@ -33,6 +33,7 @@ from gradmagic.widgets.view_panel import (
     ViewPanel,
     nonfinite_note,
     output_labels,
+    path_slider,
     readout_table,
 )
 
@@ -271,16 +272,7 @@ class ImageExplorer(ViewPanel):
         self.units = output_labels(model)
         self._paths = Recent()
         self._smooth = Recent()
-        self.alpha_slider = widgets.FloatSlider(
-            value=1.0,
-            min=0.0,
-            max=1.0,
-            step=1.0 / (steps - 1),
-            description="a (path)",
-            continuous_update=True,
-            readout_format=".3f",
-            layout=widgets.Layout(width="60%"),
-        )
+        self.alpha_slider = path_slider(steps)
         self.noise_slider = widgets.FloatSlider(
             value=0.0,
             min=0.0,

@@ -30,6 +30,7 @@ from gradmagic.widgets.view_panel import (
     ViewPanel,
     nonfinite_note,
     output_labels,
+    path_slider,
     readout_table,
 )
 
@@ -247,16 +248,7 @@ class SequenceExplorer(ViewPanel):
         self.labels = labels or [[str(i) for i in range(length)]] * len(data)
         self.units = output_labels(model)
         self._paths = Recent()
-        self.alpha_slider = widgets.FloatSlider(
-            value=1.0,
-            min=0.0,
-            max=1.0,
-            step=1.0 / (steps - 1),
-            description="a (path)",
-            continuous_update=True,
-            readout_format=".3f",
-            layout=widgets.Layout(width="60%"),
-        )
+        self.alpha_slider = path_slider(steps)
         self.sample_select = widgets.BoundedIntText(
             value=0, min=0, max=len(data) - 1, description="sample", layout=widgets.Layout(width="160px")
         )

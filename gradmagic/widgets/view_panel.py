@@ -37,6 +37,20 @@ def output_labels(model: Any) -> list[str]:
     return labels or ["output"]
 
 
+def path_slider(steps: int) -> widgets.FloatSlider:
+    """The slider for the position a along a path of ``steps`` points, one step per point, at x."""
+    return widgets.FloatSlider(
+        value=1.0,
+        min=0.0,
+        max=1.0,
+        step=1.0 / (steps - 1),
+        description="a (path)",
+        continuous_update=True,
+        readout_format=".3f",
+        layout=widgets.Layout(width="60%"),
+    )
+
+
 def readout_table(rows: list[tuple[str, str]]) -> str:
     """A small HTML table of (name, value) rows; both are escaped."""
     cells = "".join(
