@@ -58,6 +58,10 @@ def gradcam(model: keras.Model, x: Any, layer: int | str | keras.Layer, output: 
         layer: The layer, by index in ``model.layers``, by name or as the
             object; its output must be ``(batch, H', W', C)`` or ``(batch, T', C)``.
         output: The output unit. Defaults to ``None``: the predicted class.
+            The unit is the model's output as it is: after a final softmax
+            that is the class probability, not the pre-softmax score the
+            paper uses (a saturated probability gives a faint map; ask a
+            model that ends in logits, or one without its softmax).
 
     Returns:
         A :class:`GradCAM`: ``.array`` of the layer's spatial shape
