@@ -30,7 +30,7 @@ from gradmagic.core.questions.entry import (
     shapes_text,
     spec_and_inputs,
 )
-from gradmagic.core.questions.inputs import ModelSpec, nonfinite_warning
+from gradmagic.core.questions.inputs import ModelSpec, declared_units, nonfinite_warning, output_in_range
 from gradmagic.core.questions.model_keys import is_warm, mark_warm, question_key
 from gradmagic.core.questions.naming import input_labels, output_labels
 from gradmagic.core.questions.results import InputGradients, OutputGradients, WeightGradients, rows_for
@@ -467,22 +467,7 @@ def _check_output_index(model: keras.Model, spec: ModelSpec, output: Any) -> int
     """Validate ``output=`` against the flattened per-sample output; return it non-negative."""
     if not is_int(output):
         raise InputError(f"Received: output={output!r}. Expected None (all output units) or an int index.")
-    units = _output_units(spec)
-    if units is None:
-        return int(output)
-    if not -units <= output < units:
-        raise InputError(
-            f"Received: output={output}, but model '{model_name(model)}' has {units} output "
-            f"unit(s) per sample. Expected an index in [0, {units - 1}] into the flattened "
-            f"output, or None for the full Jacobian."
-        )
-    return int(output) % units
-
-
-def _output_units(spec: ModelSpec) -> int | None:
-    if not spec.outputs or any(d is None for s in spec.outputs for d in s.shape):
-        return None
-    return int(sum(int(np.prod(s.shape)) for s in spec.outputs))
+    return output_in_range(model, output, declared_units(spec), "output", "the full Jacobian.")
 
 
 def _input_result(

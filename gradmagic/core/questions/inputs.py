@@ -8,6 +8,7 @@ Subclassed models declare nothing, so their data is only converted.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -46,6 +47,36 @@ def _specs(tensors: Any) -> list[TensorSpec] | None:
     if not flat:
         return None
     return [TensorSpec(t.name, tuple(t.shape)[1:], str(t.dtype)) for t in flat]
+
+
+def declared_units(spec: ModelSpec) -> int | None:
+    """Output units per sample, flattened and joined, as the model declares them (None: not declared)."""
+    if not spec.outputs or any(d is None for s in spec.outputs for d in s.shape):
+        return None
+    return int(sum(math.prod(s.shape) for s in spec.outputs))
+
+
+def output_in_range(model: keras.Model, output: int, units: int | None, flattened: str, otherwise: str) -> int:
+    """``output=`` made non-negative, if the model has ``units`` output units per sample (as given if unknown).
+
+    Args:
+        model: The model, named in the message.
+        output: An int index into the flattened per-sample output.
+        units: The number of output units per sample, or None when not known.
+        flattened: What the index runs over, for the message ("output").
+        otherwise: What ``output=None`` asks for, ending the message ("the full Jacobian.").
+
+    Raises:
+        InputError: The index is out of range.
+    """
+    if units is None:
+        return int(output)
+    if not -units <= output < units:
+        raise InputError(
+            f"Received: output={output}, but model '{model_name(model)}' has {units} output unit(s) per sample. "
+            f"Expected an index in [0, {units - 1}] into the flattened {flattened}, or None for {otherwise}"
+        )
+    return int(output) % units
 
 
 def model_spec(model: keras.Model) -> ModelSpec:

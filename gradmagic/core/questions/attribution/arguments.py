@@ -20,7 +20,7 @@ from gradmagic.core.batches import first_batch
 from gradmagic.core.questions import compute
 from gradmagic.core.questions.attribution import compute as ac
 from gradmagic.core.questions.entry import check_model, spec_and_inputs
-from gradmagic.core.questions.inputs import ModelSpec, nonfinite_warning
+from gradmagic.core.questions.inputs import ModelSpec, declared_units, nonfinite_warning, output_in_range
 from gradmagic.core.questions.model_keys import question_key
 from gradmagic.core.questions.targets import model_name
 from gradmagic.errors import GradmagicWarning, InputError
@@ -54,13 +54,6 @@ def single_input(model: keras.Model, x: Any, float_only: bool = True) -> tuple[M
     return spec, array, data.source
 
 
-def declared_units(spec: ModelSpec) -> int | None:
-    """Output units per sample, flattened and joined, as the model declares them (None: not declared)."""
-    if not spec.outputs or any(d is None for s in spec.outputs for d in s.shape):
-        return None
-    return int(sum(math.prod(s.shape) for s in spec.outputs))
-
-
 def check_output(model: keras.Model, spec: ModelSpec, output: Any, units: int | None = None) -> int | None:
     """Validate ``output=`` (an index into the flattened per-sample output, or None).
 
@@ -81,15 +74,7 @@ def check_output(model: keras.Model, spec: ModelSpec, output: Any, units: int | 
             f"or the only output unit) or an int index into the flattened per-sample output."
         )
     units = declared_units(spec) if units is None else units
-    if units is None:
-        return int(output)
-    if not -units <= output < units:
-        raise InputError(
-            f"Received: output={output}, but model '{model_name(model)}' has {units} output unit(s) per sample. "
-            f"Expected an index in [0, {units - 1}] into the flattened per-sample output, or None for the "
-            f"predicted class. Fix: e.g. output=0."
-        )
-    return int(output) % units
+    return output_in_range(model, output, units, "per-sample output", "the predicted class. Fix: e.g. output=0.")
 
 
 def requested_units(model: keras.Model, spec: ModelSpec, output: int | None, x: np.ndarray) -> np.ndarray:
