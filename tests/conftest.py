@@ -100,3 +100,13 @@ def numpy_mse(y_true, y_pred, weight=None) -> float:
     """Keras's mean squared error, optionally weighted per sample, in NumPy."""
     per_sample = np.mean((y_pred - y_true) ** 2, axis=-1)
     return float(np.mean(per_sample if weight is None else per_sample * weight))
+
+
+def token_model() -> tuple[keras.Model, np.ndarray]:
+    """A small model reading token ids (vocabulary 12) through an Embedding named "embed", and two rows of ids."""
+    keras.utils.set_random_seed(7)
+    ids = keras.Input((5,), dtype="int32")
+    hidden = keras.layers.Dense(3, activation="tanh")(keras.layers.Embedding(12, 4, name="embed")(ids))
+    model = keras.Model(ids, keras.layers.Dense(2)(keras.layers.Flatten()(hidden)), name="tokens")
+    x = np.array([[1, 2, 3, 4, 5], [0, 11, 8, 7, 6]], "int32")
+    return model, x

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import assert_unchanged, fingerprint
+from conftest import assert_unchanged, fingerprint, token_model
 
 import gradmagic as gm
 from gradmagic.errors import InputError
@@ -35,12 +35,7 @@ def lstm():
 
 @pytest.fixture(scope="module")
 def tokens():
-    keras.utils.set_random_seed(7)
-    ids = keras.Input((5,), dtype="int32")
-    hidden = keras.layers.Dense(3, activation="tanh")(keras.layers.Embedding(12, 4, name="embed")(ids))
-    model = keras.Model(ids, keras.layers.Dense(2)(keras.layers.Flatten()(hidden)), name="tokens")
-    x = np.array([[1, 2, 3, 4, 5], [0, 11, 8, 7, 6]], "int32")
-    return model, x
+    return token_model()
 
 
 def _unit(model, points, unit):

@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import token_model
 
 import gradmagic as gm
 from gradmagic.core import input_kind
@@ -14,12 +15,7 @@ from gradmagic.errors import InputError
 
 @pytest.fixture(scope="module")
 def tokens():
-    keras.utils.set_random_seed(7)
-    ids = keras.Input((5,), dtype="int32")
-    hidden = keras.layers.Dense(3, activation="tanh")(keras.layers.Embedding(12, 4, name="embed")(ids))
-    model = keras.Model(ids, keras.layers.Dense(2)(keras.layers.Flatten()(hidden)), name="tokens")
-    x = np.array([[1, 2, 3, 4, 5], [0, 11, 8, 7, 6]], "int32")
-    return model, x
+    return token_model()
 
 
 @pytest.fixture(scope="module")
