@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import html
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -36,6 +35,7 @@ from gradmagic.widgets.coalesce import LatestWins, Scheduler
 from gradmagic.widgets.explorer_view import ExplorerView, compute_view
 from gradmagic.widgets.figure_view import FigureView
 from gradmagic.widgets.flat_data import flat_features, single_sample
+from gradmagic.widgets.view_panel import error_html
 
 __all__ = ["Explorer", "ExplorerView", "compute_view"]
 
@@ -336,13 +336,7 @@ class Explorer(widgets.VBox):
         self.error.value = ""
 
     def _show_error(self, exc: BaseException) -> None:
-        # DESIGN: exceptions inside a panel callback are shown, never swallowed. A GradmagicError's
-        # paragraph says all the user needs; anything else is unexpected, so its whole traceback is shown.
-        if isinstance(exc, GradmagicError):
-            text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-        else:
-            text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).strip()
-        self.error.value = f"<pre style='color:#b00'>{html.escape(text)}</pre>"
+        self.error.value = error_html(exc)
 
     def _readout_html(self, view: ExplorerView) -> str:
         point = ", ".join(f"{name}={value:.6g}" for name, value in zip(self.names, view.point))

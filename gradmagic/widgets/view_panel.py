@@ -51,6 +51,19 @@ def path_slider(steps: int) -> widgets.FloatSlider:
     )
 
 
+def error_html(exc: BaseException) -> str:
+    """An exception raised inside a panel callback, as the panel shows it (never swallowed).
+
+    A GradmagicError's paragraph says all the user needs; anything else is
+    unexpected, so its whole traceback is shown.
+    """
+    if isinstance(exc, GradmagicError):
+        text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    else:
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).strip()
+    return f"<pre style='color:#b00'>{html.escape(text)}</pre>"
+
+
 def readout_table(rows: list[tuple[str, str]]) -> str:
     """A small HTML table of (name, value) rows; both are escaped."""
     cells = "".join(
@@ -130,9 +143,4 @@ class ViewPanel(widgets.VBox):
         raise NotImplementedError
 
     def _show_error(self, exc: BaseException) -> None:
-        # Exceptions inside a panel callback are shown, never swallowed; a GradmagicError's paragraph is enough.
-        if isinstance(exc, GradmagicError):
-            text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-        else:
-            text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).strip()
-        self.error.value = f"<pre style='color:#b00'>{html.escape(text)}</pre>"
+        self.error.value = error_html(exc)
