@@ -120,14 +120,26 @@ def test_errors_moved_to_errors_keep_their_old_import_paths():
     assert PanelArgumentError is errors.PanelArgumentError
 
 
-def test_a_keras_backend_other_than_tensorflow_is_refused_with_the_fix():
+@pytest.mark.parametrize("name", ["numpy", "openvino"])
+def test_a_keras_backend_without_autodiff_is_refused_with_the_fix(name):
     from gradmagic.core.backends import check_backend
 
     assert check_backend() == "tensorflow"  # what this suite runs on
+    assert [check_backend(b) for b in ("tensorflow", "jax", "torch")] == ["tensorflow", "jax", "torch"]
     with pytest.raises(GradmagicError) as info:
-        check_backend("jax")
+        check_backend(name)
     message = str(info.value)
-    assert "'jax'" in message and "KERAS_BACKEND=tensorflow" in message and "\n" not in message
+    assert f"'{name}'" in message and "KERAS_BACKEND" in message and "'jax'" in message and "\n" not in message
+
+
+def test_importing_one_core_module_imports_no_other_public_module():
+    """The core re-exports lazily: a helper module alone must not pull in TensorFlow's implementations."""
+    code = (
+        "import sys; import gradmagic.core.display; "
+        "print(any(m.startswith('gradmagic.core.questions.gradients') for m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 # gradmagic's own private attributes read outside their class (the cache key reading its own slots).

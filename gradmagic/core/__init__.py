@@ -1,97 +1,102 @@
-"""The compute core: TensorFlow, Keras and NumPy only (no IPython, no widgets)."""
+"""The compute core: Keras, a framework and NumPy only (no IPython, no widgets).
+
+Every public name is imported lazily, on first access, from the module that
+implements it on the Keras backend in use (``keras.backend.backend()``): so a
+JAX or PyTorch Keras never imports TensorFlow, and importing one helper module
+(``gradmagic.core.display``) does not import the whole core. A backend gradmagic
+does not support gets one clear error at that first access, naming the fix.
+"""
 
 from __future__ import annotations
 
-try:
-    import tensorflow as _tf  # noqa: F401 - fail early with an install hint
-except ImportError:  # pragma: no cover - depends on the environment
-    from gradmagic.errors import GradmagicError
+import importlib
+from typing import Any
 
-    raise GradmagicError(
-        "gradmagic needs TensorFlow (2.16 or newer) as the Keras 3 backend, and it is "
-        "not installed. Fix: `pip install tensorflow` (or `tensorflow-cpu`, or "
-        "`pip install gradmagic[tensorflow]`); gradmagic does not install it for you so "
-        "that an existing GPU or CPU build is kept."
-    ) from None
+# Names whose module imports no framework: the same object on every backend.
+_EVERY_BACKEND = {
+    "check_flag": "gradmagic.core.arguments",
+    "is_flag": "gradmagic.core.arguments",
+    "is_int": "gradmagic.core.arguments",
+    "check_backend": "gradmagic.core.backends",
+    "html_table": "gradmagic.core.display",
+    "text_table": "gradmagic.core.display",
+    "combined_norm": "gradmagic.core.norms",
+    "GradientRow": "gradmagic.core.questions.results",
+    "GradientStats": "gradmagic.core.questions.results",
+    "InputGradients": "gradmagic.core.questions.results",
+    "OutputGradients": "gradmagic.core.questions.results",
+    "WeightGradients": "gradmagic.core.questions.results",
+    "output_labels": "gradmagic.core.questions.naming",
+    "model_name": "gradmagic.core.questions.targets",
+    "is_scalar_list": "gradmagic.core.questions.inputs",
+    "model_spec": "gradmagic.core.questions.inputs",
+}
 
-from gradmagic.core.arguments import check_flag, is_flag, is_int
-from gradmagic.core.backends import check_backend
-from gradmagic.core.batches import is_stream
-from gradmagic.core.diagnose.explain import DisconnectedWeight, Explanation, LayerPath, OpInfo, explain
-from gradmagic.core.diagnose.gradcheck import CheckRow, GradientCheck, check_gradients
-from gradmagic.core.display import html_table, text_table
-from gradmagic.core.monitor.callback import GradientMonitor
-from gradmagic.core.monitor.history import MonitorHistory, MonitorSummary
-from gradmagic.core.norms import combined_norm
-from gradmagic.core.questions.attribution.gradcam import gradcam
-from gradmagic.core.questions.attribution.integrated import integrated_gradients
-from gradmagic.core.questions.attribution.results import GradCAM, IntegratedGradients, Saliency
-from gradmagic.core.questions.attribution.saliency import saliency
-from gradmagic.core.questions.attribution.tokens import (
-    TokenGradients,
-    embedding_layer,
-    input_kind,
-    token_gradients,
-    token_integrated_gradients,
-)
-from gradmagic.core.questions.compute import clear_cache
-from gradmagic.core.questions.gradients import input_gradients, output_gradients, weight_gradients
-from gradmagic.core.questions.inputs import is_scalar_list, model_spec
-from gradmagic.core.questions.naming import output_labels
-from gradmagic.core.questions.results import (
-    GradientRow,
-    GradientStats,
-    InputGradients,
-    OutputGradients,
-    WeightGradients,
-)
-from gradmagic.core.questions.state import rollback_on_failure
-from gradmagic.core.questions.targets import model_name
+# The TensorFlow implementations.
+_TENSORFLOW = {
+    "is_stream": "gradmagic.core.batches",
+    "DisconnectedWeight": "gradmagic.core.diagnose.explain",
+    "Explanation": "gradmagic.core.diagnose.explain",
+    "LayerPath": "gradmagic.core.diagnose.explain",
+    "OpInfo": "gradmagic.core.diagnose.explain",
+    "explain": "gradmagic.core.diagnose.explain",
+    "CheckRow": "gradmagic.core.diagnose.gradcheck",
+    "GradientCheck": "gradmagic.core.diagnose.gradcheck",
+    "check_gradients": "gradmagic.core.diagnose.gradcheck",
+    "GradientMonitor": "gradmagic.core.monitor.callback",
+    "MonitorHistory": "gradmagic.core.monitor.history",
+    "MonitorSummary": "gradmagic.core.monitor.history",
+    "gradcam": "gradmagic.core.questions.attribution.gradcam",
+    "integrated_gradients": "gradmagic.core.questions.attribution.integrated",
+    "GradCAM": "gradmagic.core.questions.attribution.results",
+    "IntegratedGradients": "gradmagic.core.questions.attribution.results",
+    "Saliency": "gradmagic.core.questions.attribution.results",
+    "saliency": "gradmagic.core.questions.attribution.saliency",
+    "TokenGradients": "gradmagic.core.questions.attribution.tokens",
+    "embedding_layer": "gradmagic.core.questions.attribution.tokens",
+    "input_kind": "gradmagic.core.questions.attribution.tokens",
+    "token_gradients": "gradmagic.core.questions.attribution.tokens",
+    "token_integrated_gradients": "gradmagic.core.questions.attribution.tokens",
+    "clear_cache": "gradmagic.core.questions.compute",
+    "input_gradients": "gradmagic.core.questions.gradients",
+    "output_gradients": "gradmagic.core.questions.gradients",
+    "weight_gradients": "gradmagic.core.questions.gradients",
+    "rollback_on_failure": "gradmagic.core.questions.state",
+}
 
-__all__ = [
-    "CheckRow",
-    "DisconnectedWeight",
-    "Explanation",
-    "GradCAM",
-    "GradientCheck",
-    "GradientMonitor",
-    "GradientRow",
-    "GradientStats",
-    "InputGradients",
-    "IntegratedGradients",
-    "LayerPath",
-    "MonitorHistory",
-    "MonitorSummary",
-    "OpInfo",
-    "OutputGradients",
-    "Saliency",
-    "TokenGradients",
-    "WeightGradients",
-    "check_flag",
-    "check_gradients",
-    "clear_cache",
-    "combined_norm",
-    "embedding_layer",
-    "explain",
-    "gradcam",
-    "html_table",
-    "input_gradients",
-    "input_kind",
-    "integrated_gradients",
-    "is_flag",
-    "is_int",
-    "is_scalar_list",
-    "is_stream",
-    "model_name",
-    "model_spec",
-    "output_gradients",
-    "output_labels",
-    "rollback_on_failure",
-    "saliency",
-    "text_table",
-    "token_gradients",
-    "token_integrated_gradients",
-    "weight_gradients",
-]
+# The JAX and PyTorch implementations (through Keras' stateless API and each
+# framework's own autodiff, see ``gradmagic.core.backends``). A TensorFlow name
+# missing here raises a clear "not yet on this backend" error when used.
+_STATELESS: dict[str, str] = {}
 
-check_backend()  # refuse at import a Keras backend gradmagic cannot compute on, before any call fails inside
+_BY_BACKEND = {"tensorflow": _TENSORFLOW, "jax": _STATELESS, "torch": _STATELESS}
+
+__all__ = sorted({*_EVERY_BACKEND, *_TENSORFLOW})
+
+
+def _module_of(name: str) -> str | None:
+    """The module that implements ``name`` on the Keras backend in use (None: not on this backend)."""
+    module = _EVERY_BACKEND.get(name)
+    if module is not None:
+        return module
+    from gradmagic.core.backends import check_backend
+
+    return _BY_BACKEND[check_backend()].get(name)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EVERY_BACKEND and name not in _TENSORFLOW:
+        raise AttributeError(f"module 'gradmagic.core' has no attribute {name!r}")
+    module = _module_of(name)
+    if module is None:
+        from gradmagic.core.backends import not_on_backend
+
+        value = not_on_backend(name)
+    else:
+        value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
