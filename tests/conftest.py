@@ -9,7 +9,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 
 @pytest.fixture(autouse=True)
@@ -56,6 +55,7 @@ def mlp(widths=(3, 4, 2), activation="tanh", name="mlp") -> keras.Sequential:
 
 def mse_tape(model: keras.Model, x, y, sample_weight=None) -> tuple[float, list[np.ndarray]]:
     """The mean squared error and its weight gradients from a hand-written eager tape (the truth)."""
+    import tensorflow as tf  # here, not at the top: this conftest also serves tests/every_backend on JAX and PyTorch
     with tf.GradientTape() as tape:
         per_sample = tf.reduce_mean(tf.square(model(x) - y), axis=-1)
         if sample_weight is not None:
