@@ -67,7 +67,11 @@ _TENSORFLOW = {
 # The JAX and PyTorch implementations (through Keras' stateless API and each
 # framework's own autodiff, see ``gradmagic.core.backends``). A TensorFlow name
 # missing here raises a clear "not yet on this backend" error when used.
-_STATELESS: dict[str, str] = {}
+_STATELESS: dict[str, str] = {
+    "GradientMonitor": "gradmagic.core.monitor.callback",
+    "MonitorHistory": "gradmagic.core.monitor.history",
+    "MonitorSummary": "gradmagic.core.monitor.history",
+}
 
 _BY_BACKEND = {"tensorflow": _TENSORFLOW, "jax": _STATELESS, "torch": _STATELESS}
 

@@ -20,6 +20,8 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from gradmagic.core.backends.keras_fit import fit_token  # noqa: F401 - the same Keras convention on every backend
+
 # --- The gradient questions (core/questions) ---------------------------------
 
 # Keras's compiled-loss object lives in this private model attribute.
@@ -426,27 +428,6 @@ def build_optimizer_as_apply_does(optimizer: Any, variables: Sequence[Any]) -> N
     with scope:
         optimizer.build(list(variables))
     optimizer.built = True
-
-
-def fit_token(model: Any) -> tuple[Any, Any]:
-    """Objects that are new in every ``fit``: its ``History`` and that one's epoch list.
-
-    Public API missing: Keras tells callbacks nothing that identifies the ``fit``
-    being run. Its ``CallbackList`` sets ``model.history`` to that ``fit``'s
-    ``History`` before any callback runs, and ``History.on_train_begin`` (which may
-    run after the monitor's) gives it a new ``epoch`` list, so the pair, taken at
-    the first step, identifies the current ``fit``.
-
-    Falls back to ``(None, None)`` parts where Keras sets neither: every ``fit``
-    then looks alike, and the monitor can no longer tell a ``fit`` without it from
-    the one it attached to (a later ``fit`` without the monitor, after one that died
-    before ``on_train_end``, would record into its buffer).
-
-    Args:
-        model: The model being fit.
-    """
-    history = getattr(model, "history", None)
-    return history, getattr(history, "epoch", None)
 
 
 # --- The diagnosis (core/diagnose) -------------------------------------------

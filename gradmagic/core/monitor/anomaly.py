@@ -8,13 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from gradmagic.core.diagnose.nonfinite_origin import NonfiniteOrigin
 from gradmagic.core.monitor.columns import column
-from gradmagic.core.questions.targets import WeightSlot
+from gradmagic.core.questions.slots import WeightSlot
 from gradmagic.errors import GradientAnomalyError  # noqa: F401 - still importable from here
+
+if TYPE_CHECKING:  # the origin pass is TensorFlow's; anomalies themselves are framework-free
+    from gradmagic.core.diagnose.nonfinite_origin import NonfiniteOrigin
 
 ANOMALY_KINDS = ("nonfinite", "exploding", "vanishing")
 
