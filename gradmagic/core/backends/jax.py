@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradmagic.core.backends._foreign import check_no_foreign
+from gradmagic.core.backends.tensors import check_no_foreign
 
 # --- The gradient questions (core/questions) ---------------------------------
 

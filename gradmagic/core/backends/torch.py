@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.func
 
-from gradmagic.core.backends._foreign import check_no_foreign
+from gradmagic.core.backends.tensors import check_no_foreign
 
 # --- The gradient questions (core/questions) ---------------------------------
 
