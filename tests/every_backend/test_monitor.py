@@ -290,3 +290,49 @@ def test_jax_data_parallel_records_the_all_reduced_gradient(backend, tmp_path):
         # float32 tolerance: two devices each reduce half the batch before the all-reduce,
         # one device reduces it whole: the same gradient, summed in another order.
         np.testing.assert_allclose(result["parallel"][name], result["single"][name], rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("setting", [{"steps_per_execution": 2}, {"run_eagerly": True}, {"jit_compile": False}])
+def test_every_batch_is_recorded_however_keras_runs_the_step(backend, setting):
+    if backend == "torch" and "steps_per_execution" in setting:
+        pytest.skip("Keras on PyTorch refuses steps_per_execution > 1")
+    x, y = _data()
+    reference = gm.GradientMonitor(stats="full")
+    _fit(_mlp(), x, y, reference)
+    model = _mlp()
+    model.compile(keras.optimizers.Adam(0.01), "mse", **setting)
+    monitor = gm.GradientMonitor(stats="full")
+    _fit(model, x, y, monitor)
+    got, want = monitor.to_dict(), reference.to_dict()
+    assert got["step"] == want["step"] and got["batch"] == want["batch"]
+    # float32 tolerance: eager, unrolled or differently compiled steps round differently.
+    np.testing.assert_allclose(got["norm"], want["norm"], rtol=1e-5)
+    np.testing.assert_allclose(got["max_abs"], want["max_abs"], rtol=1e-5)
+
+
+_NO_TENSORFLOW = textwrap.dedent(
+    """
+    import sys
+    import numpy as np, keras
+    import gradmagic as gm
+
+    x = np.random.default_rng(0).normal(size=(16, 3)).astype("float32")
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile("adam", "mse")
+    monitor = gm.GradientMonitor(print_every=1, on_anomaly="stop")
+    model.fit(x, x[:, :2], batch_size=8, verbose=0, callbacks=[monitor])
+    monitor.summary()
+    print(len(monitor.to_dict()["step"]), "tensorflow" in sys.modules)
+    """
+)
+
+
+def test_the_monitor_imports_no_tensorflow_off_its_backend(backend, tmp_path):
+    if backend == "tensorflow":
+        pytest.skip("checks the JAX and PyTorch paths")
+    script = tmp_path / "no_tensorflow.py"
+    script.write_text(_NO_TENSORFLOW)
+    env = dict(os.environ, KERAS_BACKEND=backend)
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-2:] == ["4", "False"]  # 2 steps x 2 weights recorded, TensorFlow never imported

@@ -74,3 +74,191 @@ class JaxBackend:
 
 
 BACKEND = JaxBackend()
+
+
+# --- The training monitor (core/monitor) ------------------------------------
+# The training monitor's door to JAX: the applied gradients, captured in Keras's jitted train step.
+#
+# Keras's JAX trainer runs ``model.train_step(state, data)`` under ``jax.jit``,
+# with every variable passed in and returned as state, and calls
+# ``optimizer.stateless_apply(optimizer_variables, grads, trainable_variables)``
+# inside it. The monitor's recording train function is the same step with one more
+# output: while the step is traced, ``stateless_apply`` is wrapped (an instance
+# attribute, removed right after) so the gradients it receives are kept as traced
+# values, and the step returns their raw statistics (``[5, weights]``, see
+# :mod:`gradmagic.core.monitor.columns`) next to Keras's ``(logs, state)``. The
+# statistics leave the jitted function as an output, like the state does, and
+# stay on the device until the host reads them; Keras's state, optimizer and
+# variables are never extended. The gradients ``stateless_apply`` receives are
+# those of the global batch: under ``keras.distribution.DataParallel`` they are
+# already all-reduced, so the statistics are those of the single-device run.
+#
+# Keras internals used (each a missing public API, see the functions): the
+# trainer's state sharding (``_get_state_sharding_spec``), needed to compile the
+# recording step with the shardings Keras gives its own.
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def full_stats(grads: Sequence[Any]) -> Any:
+    """Raw statistics ``[5, len(grads)]`` (``RAW_ROWS``) of the finite entries, with NaN/Inf counts.
+
+    The norm is taken of the gradient divided by its largest |entry| and scaled
+    back: exact to float32 rounding even where squares would underflow (|g| <
+    1e-19) or overflow float32.
+    """
+    columns = []
+    for grad in grads:
+        flat = jnp.reshape(grad, (-1,)).astype(jnp.float32)
+        if flat.size == 0:
+            columns.append(jnp.zeros(5, jnp.float32))
+            continue
+        finite = jnp.isfinite(flat)
+        nan = jnp.sum(jnp.isnan(flat), dtype=jnp.float32)
+        inf = jnp.float32(flat.size) - jnp.sum(finite, dtype=jnp.float32) - nan
+        values = jnp.where(finite, flat, 0.0)
+        peak = jnp.max(jnp.abs(values))
+        unit = jnp.where(peak > 0, peak, 1.0)
+        norm = unit * jnp.sqrt(jnp.sum(jnp.square(values / unit)))
+        columns.append(jnp.stack([jnp.sum(values), norm, peak, nan, inf]))
+    return jnp.stack(columns, axis=1)
+
+
+def norm_stats(grads: Sequence[Any], full: Any, floors: np.ndarray) -> Any:
+    """The norm of each gradient (one reduction each), and :func:`full_stats` when ``full`` or when one is suspect.
+
+    A sum of squares that is not finite (a NaN or Inf, or an overflow) or below its
+    floor (squares may have underflowed; see ``square_floors``) takes the full
+    branch, which is exact there. Where only the norm is measured, the sum and the
+    counts are 0 and max |g| is -1, the mark ``finish_stats`` reads.
+    """
+    sums = jnp.stack([jnp.sum(jnp.square(jnp.asarray(g, jnp.float32))) for g in grads])
+    n = len(grads)
+    trusted = jnp.all((sums >= floors) & (sums <= _FLOAT32_MAX))
+    quick = jnp.stack([jnp.zeros(n), jnp.sqrt(sums), jnp.full(n, -1.0), jnp.zeros(n), jnp.zeros(n)]).astype(jnp.float32)
+    return jax.lax.cond(jnp.logical_or(full, jnp.logical_not(trusted)), full_stats, lambda _: quick, list(grads))
+
+
+class _StatelessApplyHook:
+    """Keeps the gradients the trainer hands to ``optimizer.stateless_apply`` (while the step runs or is traced)."""
+
+    def __init__(self, optimizer: Any) -> None:
+        self.optimizer = optimizer
+        self.grads: list[Any] | None = None
+        self._had_own = "stateless_apply" in vars(optimizer)
+        original = optimizer.stateless_apply
+
+        def recording(optimizer_variables: Any, grads: Any, trainable_variables: Any) -> Any:
+            self.grads = list(grads)
+            return original(optimizer_variables, grads, trainable_variables)
+
+        self._original, self._recording = original, recording
+
+    def install(self) -> None:
+        # A plain instance attribute: Keras's tracking __setattr__ has nothing to track in a function.
+        object.__setattr__(self.optimizer, "stateless_apply", self._recording)
+
+    def remove(self) -> None:
+        optimizer = self.optimizer
+        if optimizer.__dict__.get("stateless_apply") is not self._recording:
+            return
+        if self._had_own:
+            object.__setattr__(optimizer, "stateless_apply", self._original)
+        else:
+            object.__delattr__(optimizer, "stateless_apply")
+
+
+class _NoHook:
+    """The JAX step installs its own hook inside the (traced) step: nothing to do around each call."""
+
+    def install(self) -> None:
+        pass
+
+    def remove(self) -> None:
+        pass
+
+
+def state_shardings(model: Any) -> Any:
+    """The shardings Keras compiles its own train step with, or None without a distribution.
+
+    Public API missing: Keras gives its jitted train step ``out_shardings`` from
+    the trainer's private ``_get_state_sharding_spec()``; the recording step must
+    return the state laid out the same way. Falls back to None (XLA picks the
+    layout) where that method is gone.
+    """
+    import keras  # here: the questions' part of this door needs no Keras
+
+    if keras.distribution.distribution() is None:
+        return None
+    spec = getattr(model, "_get_state_sharding_spec", None)
+    return spec() if spec is not None else None
+
+
+def recording_train_function(model: Any, plain: Any, buffer: Any) -> tuple[Callable[..., Any], Any]:
+    """A train function that runs Keras's step and appends each step's raw statistics to ``buffer``.
+
+    Same arguments and results as the one Keras makes (``(state, iterator) ->
+    (logs, state)``, with ``steps_per_execution`` steps per call), compiled the
+    same way (``jax.jit`` with the state donated, unless ``run_eagerly`` or
+    ``jit_compile=False``).
+
+    Args:
+        model: The model being fit (compiled, with its train function made).
+        plain: Keras's own train function (not used: the recording one is made anew).
+        buffer: Has ``floors``, ``mode``, ``full_next()`` (measure every statistic at
+            the next step?) and ``append(raw, missing)`` (keep one step's raw statistics;
+            JAX differentiates every trainable variable, so none is missing).
+
+    Returns:
+        ``(function, hook)``: the train function, and the hook the guard puts in
+        place around each call (none needed here: the step installs its own).
+    """
+    step = model.train_step
+    hook = _StatelessApplyHook(model.optimizer)
+    floors = np.asarray(buffer.floors, np.float32)
+    mode = buffer.mode
+
+    def recording_step(state: Any, data: Any, full: Any) -> Any:
+        hook.install()
+        try:
+            logs, state = step(state, data)
+        finally:
+            hook.remove()
+        grads, hook.grads = hook.grads, None
+        stats = full_stats(grads) if mode == "full" else norm_stats(grads, full, floors)
+        return logs, state, stats
+
+    if not model.run_eagerly and model.jit_compile:
+        shardings = state_shardings(model)
+        out_shardings = None if shardings is None else (None, shardings, None)
+        recording_step = jax.jit(recording_step, donate_argnums=0, out_shardings=out_shardings)
+
+    def train_function(state: Any, iterator: Any) -> Any:
+        # Keras's own loop over steps_per_execution, one recorded row per step.
+        logs, state, stats = recording_step(state, next(iterator), buffer.full_next())
+        buffer.append(stats, None)
+        try:
+            for _ in range(int(model.steps_per_execution) - 1):
+                logs, state, stats = recording_step(state, next(iterator), buffer.full_next())
+                buffer.append(stats, None)
+        except StopIteration:
+            pass
+        return logs, state
+
+    return train_function, _NoHook()
+
+
+def current_weights(model: Any) -> list[np.ndarray]:
+    """``model.get_weights()`` in the middle of ``fit``.
+
+    During ``fit`` the JAX trainer holds the weights as state and detaches them
+    from the variables; ``jax_state_sync()`` (public) puts the latest state back
+    first, as Keras documents for callbacks that need the variables.
+    """
+    model.jax_state_sync()
+    return model.get_weights()
+
+
+def host_array(value: Any) -> np.ndarray:
+    """A device array as a NumPy array (waits for the step that makes it)."""
+    return np.asarray(value)

@@ -141,3 +141,137 @@ class TorchBackend:
 
 
 BACKEND = TorchBackend()
+
+
+# --- The training monitor (core/monitor) ------------------------------------
+# The training monitor's door to PyTorch: the applied gradients, captured at ``optimizer.apply``.
+#
+# Keras's PyTorch trainer runs the step eagerly and calls
+# ``optimizer.apply(gradients, trainable_weights)`` under ``torch.no_grad()``.
+# The monitor wraps that method (an instance attribute, in place only while the
+# recording train function runs): the wrapper measures the raw statistics
+# (``[5, weights]``, see :mod:`gradmagic.core.monitor.columns`) of the gradients,
+# keeps them as a tensor until the host reads them, and hands the very same
+# gradient tensors on. Measuring only reads the gradients, so training is unchanged.
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def full_stats(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Raw statistics ``[5, len(grads)]`` (``RAW_ROWS``) of the finite entries, with NaN/Inf counts.
+
+    The norm is taken of the gradient divided by its largest |entry| and scaled
+    back, exact to float32 rounding where squares would underflow or overflow.
+    """
+    columns = []
+    for grad in grads:
+        flat = grad.detach().reshape(-1).to(torch.float32)
+        if flat.numel() == 0:
+            columns.append(torch.zeros(5))
+            continue
+        finite = torch.isfinite(flat)
+        nan = torch.isnan(flat).sum().to(torch.float32)
+        inf = flat.numel() - finite.sum().to(torch.float32) - nan
+        values = torch.where(finite, flat, torch.zeros((), dtype=flat.dtype))
+        peak = values.abs().max()
+        unit = torch.where(peak > 0, peak, torch.ones(()))
+        norm = unit * torch.sqrt(torch.sum(torch.square(values / unit)))
+        columns.append(torch.stack([values.sum(), norm, peak, nan, inf]))
+    return torch.stack(columns, dim=1)
+
+
+def norm_stats(grads: Sequence[torch.Tensor], full: bool, floors: np.ndarray) -> torch.Tensor:
+    """The norm of each gradient (one fused norm per gradient), and :func:`full_stats` when ``full`` or suspect.
+
+    A non-finite sum of squares, or one below its floor (squares may have
+    underflowed), takes the full branch. Where only the norm is measured, the sum
+    and the counts are 0 and max |g| is -1, the mark ``finish_stats`` reads. The
+    check is one read of ``len(grads)`` floats (a synchronisation on an accelerator).
+    """
+    if full:
+        return full_stats(grads)
+    flat = [g.detach().to(torch.float32) for g in grads]
+    # torch._foreach_norm is the one-kernel-per-dtype norm torch.nn.utils.clip_grad_norm_ uses.
+    norms = torch.stack(torch._foreach_norm(flat)) if flat else torch.zeros(0)
+    sums = norms.double() ** 2
+    trusted = bool(torch.all((sums >= torch.from_numpy(floors)) & (sums <= _FLOAT32_MAX)))
+    if not trusted:
+        return full_stats(grads)
+    n = len(grads)
+    return torch.stack([torch.zeros(n), norms, torch.full((n,), -1.0), torch.zeros(n), torch.zeros(n)])
+
+
+class ApplyHook:
+    """A recording ``optimizer.apply``, put in place and removed around each train-function call.
+
+    Args:
+        optimizer: The model's optimizer.
+        buffer: Has ``columns`` (``variable.path`` -> column), ``floors``, ``mode``,
+            ``full_next()`` and ``append(raw, missing)``.
+    """
+
+    def __init__(self, optimizer: Any, buffer: Any) -> None:
+        self.optimizer = optimizer
+        self._had_own = "apply" in vars(optimizer)
+        original = optimizer.apply
+
+        def recording_apply(grads: Sequence[Any], trainable_variables: Sequence[Any] | None = None) -> Any:
+            grads = list(grads)
+            # Keras's trainer passes the variables; without them, the gradients follow
+            # model.trainable_variables, which is the buffer's column order.
+            paths = [v.path for v in trainable_variables] if trainable_variables is not None else list(buffer.columns)
+            n = len(buffer.columns)
+            columns, present = [], []
+            for grad, path in zip(grads, paths, strict=False):
+                column = buffer.columns.get(path)
+                if column is not None and grad is not None:
+                    columns.append(column)
+                    present.append(grad)
+            missing = np.ones(n, bool)
+            missing[columns] = False
+            full = buffer.full_next()
+            with torch.no_grad():
+                if not present:
+                    raw = torch.zeros(5, n)
+                else:
+                    floors = np.asarray(buffer.floors, np.float64)[columns]
+                    measured = full_stats(present) if buffer.mode == "full" else norm_stats(present, full, floors)
+                    raw = torch.zeros(5, n)
+                    raw[:, columns] = measured.cpu()
+            buffer.append(raw, missing)
+            return original(grads, trainable_variables)
+
+        self._original, self._recording = original, recording_apply
+
+    def install(self) -> None:
+        # A plain instance attribute: Keras's tracking __setattr__ has nothing to track in a function.
+        object.__setattr__(self.optimizer, "apply", self._recording)
+
+    def remove(self) -> None:
+        optimizer = self.optimizer
+        if optimizer.__dict__.get("apply") is not self._recording:
+            return
+        if self._had_own:
+            object.__setattr__(optimizer, "apply", self._original)
+        else:
+            object.__delattr__(optimizer, "apply")
+
+
+def recording_train_function(model: Any, plain: Any, buffer: Any) -> tuple[Callable[..., Any], Any]:
+    """The model's own train function ``plain``, and the hook that makes it record into ``buffer``.
+
+    Returns:
+        ``(function, hook)``: Keras's train function (unchanged), and the
+        :class:`ApplyHook` the guard installs around each of its calls.
+    """
+    return plain, ApplyHook(model.optimizer, buffer)
+
+
+def current_weights(model: Any) -> list[np.ndarray]:
+    """``model.get_weights()`` in the middle of ``fit`` (PyTorch updates the variables in place)."""
+    return model.get_weights()
+
+
+def host_array(value: Any) -> np.ndarray:
+    """A tensor as a NumPy array."""
+    return value.detach().cpu().numpy()

@@ -3,8 +3,8 @@
 On these backends the train step hands each step's raw statistics
 (``[5, weights]``, :data:`~gradmagic.core.monitor.columns.RAW_ROWS`) out as a
 device array (JAX: an extra output of the jitted step; PyTorch: a tensor made
-in the wrapped ``optimizer.apply``, see ``gradmagic.core.backends.jax_training``
-and ``torch_training``). :class:`HostBuffer` keeps those arrays, unread, in a
+in the wrapped ``optimizer.apply``; see the training-monitor sections of
+``gradmagic.core.backends.jax`` and ``torch``). :class:`HostBuffer` keeps those arrays, unread, in a
 ring of ``capacity`` steps; the host copies them only when it reads (every
 ``read_every`` batches), and finishes them with the same code as on TensorFlow
 (:func:`~gradmagic.core.monitor.finish.finish_stats`), so history, anomalies,
@@ -29,9 +29,9 @@ _WIDTH = len(BUFFER_COLUMNS)
 
 
 def recorder(backend: str | None = None) -> Any:
-    """The backend's training door: ``gradmagic.core.backends.jax_training`` or ``torch_training``."""
+    """The backend door whose training-monitor section records the gradients: ``backends.jax`` or ``backends.torch``."""
     backend = backend or keras.backend.backend()
-    return importlib.import_module(f"gradmagic.core.backends.{backend}_training")
+    return importlib.import_module(f"gradmagic.core.backends.{backend}")
 
 
 class HostBuffer:
