@@ -201,6 +201,20 @@ def test_a_nan_stops_training_and_keeps_the_last_good_weights(backend):
         np.testing.assert_array_equal(a, b)
 
 
+def test_a_loss_scale_optimizer_is_recorded_unscaled_and_its_skipped_step_is_no_anomaly(backend):
+    x, y = _nan_data()
+    model = _nan_model()
+    model.compile(keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.01)), "mse")
+    monitor = gm.GradientMonitor(stats="full", on_anomaly="raise")
+    _fit(model, x, y, monitor)  # no raise: the optimizer skips the NaN step on purpose
+    assert monitor.skipped_steps == [2] and monitor.anomalies == []
+    d = monitor.to_dict()
+    want = _hand_gradients(backend, _nan_model(), x[:BATCH], y[:BATCH])
+    # Divided by the loss scale (2**15, a power of two, so exactly); float32 tolerance as above.
+    np.testing.assert_allclose(d["norm"][:4], [np.linalg.norm(g) for g in want], rtol=1e-5)
+    np.testing.assert_allclose(d["max_abs"][:4], [np.abs(g).max() for g in want], rtol=1e-5)
+
+
 def test_exploding_and_vanishing_gradients_warn_once_per_layer(backend):
     x, y = _data()
     monitor = gm.GradientMonitor(explode_threshold=1e-6, read_every=1)

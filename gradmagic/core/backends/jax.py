@@ -145,11 +145,18 @@ class _StatelessApplyHook:
     def __init__(self, optimizer: Any) -> None:
         self.optimizer = optimizer
         self.grads: list[Any] | None = None
+        self.scale: Any = None
         self._had_own = "stateless_apply" in vars(optimizer)
         original = optimizer.stateless_apply
 
         def recording(optimizer_variables: Any, grads: Any, trainable_variables: Any) -> Any:
             self.grads = list(grads)
+            # A LossScaleOptimizer gets scaled gradients: its scale's value in this step, to undo it.
+            self.scale = None
+            scale = loss_scale_variable(optimizer)
+            if scale is not None:
+                index = next(i for i, v in enumerate(optimizer.variables) if v is scale)
+                self.scale = optimizer_variables[index]
             return original(optimizer_variables, grads, trainable_variables)
 
         self._original, self._recording = original, recording
@@ -166,6 +173,15 @@ class _StatelessApplyHook:
             object.__setattr__(optimizer, "stateless_apply", self._original)
         else:
             object.__delattr__(optimizer, "stateless_apply")
+
+
+def loss_scale_variable(optimizer: Any) -> Any:
+    """The loss-scale variable of a ``LossScaleOptimizer`` (built), else None."""
+    import keras
+
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) and optimizer.built:
+        return optimizer.dynamic_scale
+    return None
 
 
 class _NoHook:
@@ -226,6 +242,11 @@ def recording_train_function(model: Any, plain: Any, buffer: Any) -> tuple[Calla
             hook.remove()
         grads, hook.grads = hook.grads, None
         stats = full_stats(grads) if mode == "full" else norm_stats(grads, full, floors)
+        if hook.scale is not None:
+            # Sum, norm and max |g| scale with the loss scale, the counts do not (max |g|'s
+            # -1 mark stays negative).
+            inverse = 1.0 / hook.scale.astype(jnp.float32)
+            stats = stats * jnp.stack([inverse, inverse, inverse, 1.0, 1.0])[:, None]
         return logs, state, stats
 
     if not model.run_eagerly and model.jit_compile:

@@ -230,6 +230,7 @@ class ApplyHook:
             missing = np.ones(n, bool)
             missing[columns] = False
             full = buffer.full_next()
+            scale = _loss_scale(optimizer)
             with torch.no_grad():
                 if not present:
                     raw = torch.zeros(5, n)
@@ -238,6 +239,9 @@ class ApplyHook:
                     measured = full_stats(present) if buffer.mode == "full" else norm_stats(present, full, floors)
                     raw = torch.zeros(5, n)
                     raw[:, columns] = measured.cpu()
+                    if scale is not None:
+                        # Sum, norm and max |g| scale with the loss scale, the counts do not.
+                        raw[:3] /= scale
             buffer.append(raw, missing)
             return original(grads, trainable_variables)
 
@@ -255,6 +259,17 @@ class ApplyHook:
             object.__setattr__(optimizer, "apply", self._original)
         else:
             object.__delattr__(optimizer, "apply")
+
+
+def _loss_scale(optimizer: Any) -> float | None:
+    """The factor a ``LossScaleOptimizer``'s gradients are scaled by (read before it updates), else None."""
+    import keras
+
+    if not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return None
+    # What scale_loss used for this step's loss.
+    scale = optimizer.dynamic_scale if optimizer.built else optimizer.initial_scale
+    return float(keras.ops.convert_to_numpy(scale))
 
 
 def recording_train_function(model: Any, plain: Any, buffer: Any) -> tuple[Callable[..., Any], Any]:

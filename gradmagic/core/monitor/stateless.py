@@ -21,7 +21,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from gradmagic.core.monitor.columns import BUFFER_COLUMNS, column_index, raw_row
+from gradmagic.core.monitor.columns import BUFFER_COLUMNS, column, column_index, raw_row
 from gradmagic.core.monitor.finish import finish_stats, square_floors
 from gradmagic.core.monitor.guard import GuardedFunctions
 
@@ -63,6 +63,9 @@ class HostBuffer:
         self._count = 0
         self._schedule = (0, 1)
         self._missing = np.zeros(len(self.paths), bool)
+        # Whether the optimizer skips steps with non-finite gradients (a LossScaleOptimizer):
+        # such steps are flagged "skipped", not anomalies (set by the recorder).
+        self.skips = False
 
     def schedule(self, epoch_start: int, every: int) -> None:
         """In ``"norm"`` mode, measure everything at batches ``every - 1``, ``2 * every - 1``... of the
@@ -101,6 +104,9 @@ class HostBuffer:
         stats[:, self._missing, :] = 0.0
         rows = np.zeros((*stats.shape[:2], _WIDTH), np.float32)
         rows[..., : stats.shape[-1]] = stats
+        if self.skips:
+            bad = column(rows, "nan") + column(rows, "inf") > 0
+            rows[..., column_index("skipped")] = bad.any(axis=1, keepdims=True)
         rows[..., column_index("missing")] = self._missing
         measured = raw_row(raw, "max_abs") >= 0
         rows[..., column_index("full")] = measured.all(axis=1, keepdims=True)
@@ -120,5 +126,6 @@ class StatelessFunctions(GuardedFunctions):
 
     def __init__(self, model: keras.Model, plain: Any, buffer: HostBuffer) -> None:
         self.buffer = buffer
+        buffer.skips = isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
         recording, hook = recorder().recording_train_function(model, plain, buffer)
         super().__init__(model, plain, recording, hook)
