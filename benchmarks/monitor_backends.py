@@ -4,7 +4,9 @@ The MLP 784-256-256-10, batch 32, Adam (as ``benchmarks/monitor.py``), trained b
 whole ``fit`` calls of ``--steps`` batches, one model per kind, warmed up first (each
 kind's train function is compiled once and reused, as in a notebook). Rounds are
 interleaved, the order alternating, and each round's time is divided by the plain
-time of the same round ("paired"), so slow drifts of a shared machine cancel:
+time of the same round ("paired"), so slow drifts of a shared machine cancel. Both
+wall time and the process's CPU time (all threads; steadier on a loaded machine,
+where wall time also counts other processes' turns) are reported:
 
   plain      fit without the monitor
   monitor    GradientMonitor() (stats="norm": one sum of squares per weight and step)
@@ -83,11 +85,11 @@ def main() -> None:
             callbacks = [gm.GradientMonitor(stats="norm" if kind == "monitor" else "full")]
         runs[kind] = (model, callbacks)
 
-    def fit(kind: str) -> float:
+    def fit(kind: str) -> tuple[float, float]:
         model, callbacks = runs[kind]
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         model.fit(x, y, batch_size=BATCH, shuffle=False, verbose=0, callbacks=callbacks)
-        return time.perf_counter() - start
+        return time.perf_counter() - wall, time.process_time() - cpu
 
     for kind in kinds:  # compile and warm up
         fit(kind), fit(kind)
@@ -95,14 +97,16 @@ def main() -> None:
     for r in range(args.rounds):
         for kind in kinds if r % 2 == 0 else kinds[::-1]:
             times[kind].append(fit(kind))
-    plain = times["plain"]
     print(f"backend {keras.backend.backend()}: {args.steps} steps per fit, {args.rounds} interleaved rounds")
-    print(f"{'kind':9s} {'ms/step':>8s} {'paired':>7s} {'extra us/step':>14s}")
-    for kind in kinds:
-        ratio = statistics.median(t / p for t, p in zip(times[kind], plain, strict=True))
-        step = statistics.median(times[kind]) / args.steps
-        extra = (ratio - 1) * statistics.median(plain) / args.steps * 1e6
-        print(f"{kind:9s} {step * 1e3:8.3f} {ratio:7.3f} {extra:14.1f}")
+    print(f"{'kind':9s} {'clock':5s} {'ms/step':>8s} {'paired':>7s} {'extra us/step':>14s}")
+    for clock, index in (("wall", 0), ("cpu", 1)):
+        plain = [t[index] for t in times["plain"]]
+        for kind in kinds:
+            mine = [t[index] for t in times[kind]]
+            ratio = statistics.median(t / p for t, p in zip(mine, plain, strict=True))
+            step = statistics.median(mine) / args.steps
+            extra = (ratio - 1) * statistics.median(plain) / args.steps * 1e6
+            print(f"{kind:9s} {clock:5s} {step * 1e3:8.3f} {ratio:7.3f} {extra:14.1f}")
 
 
 if __name__ == "__main__":

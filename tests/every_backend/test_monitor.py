@@ -350,3 +350,48 @@ def test_the_monitor_imports_no_tensorflow_off_its_backend(backend, tmp_path):
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split()[-2:] == ["4", "False"]  # 2 steps x 2 weights recorded, TensorFlow never imported
+
+
+@pytest.mark.parametrize("mode", ["full", "norm"])
+def test_the_statistics_stay_exact_for_non_finite_tiny_and_huge_gradients(backend, mode):
+    if backend == "tensorflow":
+        pytest.skip("the TensorFlow statistics have their own tests (tests/test_monitor_stats.py)")
+    import importlib
+
+    from gradmagic.core.monitor.finish import finish_stats, square_floors
+
+    door = importlib.import_module(f"gradmagic.core.backends.{backend}")
+    grads = [
+        np.array([[1e-25, -3e-25], [2e-25, 0.0]], "float32"),  # squares underflow float32
+        np.array([1.0, np.nan, np.inf, -2.0, np.inf], "float32"),
+        np.zeros(3, "float32"),
+        np.array([3e20, -4e20], "float32"),  # squares overflow float32
+        np.array([0.5, -0.25], "float32"),
+    ]
+    sizes = [g.size for g in grads]
+    if backend == "jax":
+        import jax.numpy as jnp
+
+        tensors = [jnp.asarray(g) for g in grads]
+    else:
+        import torch
+
+        tensors = [torch.as_tensor(g) for g in grads]
+    floors = square_floors(sizes)
+    if mode == "full":
+        raw = door.full_stats(tensors, floors.astype("float32") if backend == "jax" else floors)
+    elif backend == "jax":
+        raw = door.norm_stats(tensors, jnp.asarray(False), floors.astype("float32"))
+    else:
+        raw = door.norm_stats(tensors, False, floors)
+    got = finish_stats(door.host_array(raw)[None], sizes)[0]
+    for row, grad in zip(got, grads, strict=True):
+        wide = grad.astype(np.float64)
+        finite = wide[np.isfinite(wide)]
+        norm, max_abs, mean, nan, inf = row
+        # Within float32 rounding of the float64 truth: the non-finite entry sends the step
+        # down the exact path, which scales by max |g| before squaring.
+        np.testing.assert_allclose(norm, np.sqrt(np.sum(finite**2)), rtol=1e-6)
+        np.testing.assert_allclose(max_abs, np.abs(finite).max(), rtol=1e-6)
+        np.testing.assert_allclose(mean, finite.mean(), rtol=1e-6, atol=1e-30)
+        assert (nan, inf) == (np.isnan(wide).sum(), np.isinf(wide).sum())

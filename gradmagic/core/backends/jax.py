@@ -100,12 +100,13 @@ BACKEND = JaxBackend()
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-def full_stats(grads: Sequence[Any]) -> Any:
+def exact_stats(grads: Sequence[Any]) -> Any:
     """Raw statistics ``[5, len(grads)]`` (``RAW_ROWS``) of the finite entries, with NaN/Inf counts.
 
     The norm is taken of the gradient divided by its largest |entry| and scaled
     back: exact to float32 rounding even where squares would underflow (|g| <
-    1e-19) or overflow float32.
+    1e-19) or overflow float32. Several passes per gradient: the path of the
+    rare steps :func:`full_stats` cannot trust.
     """
     columns = []
     for grad in grads:
@@ -124,6 +125,25 @@ def full_stats(grads: Sequence[Any]) -> Any:
     return jnp.stack(columns, axis=1)
 
 
+def full_stats(grads: Sequence[Any], floors: np.ndarray) -> Any:
+    """Raw statistics ``[5, len(grads)]``: sum, norm and max |g| in reductions XLA can fuse into one pass.
+
+    Valid when every result is finite and no sum of squares is below its floor
+    (where float32 squares may have underflowed, see ``square_floors``) unless the
+    gradient is exactly zero; otherwise :func:`exact_stats` is taken instead (a
+    ``lax.cond``: the step pays for it only when it happens).
+    """
+    flat = [jnp.reshape(g, (-1,)).astype(jnp.float32) for g in grads]
+    zero = jnp.float32(0.0)
+    total = jnp.stack([jnp.sum(f) if f.size else zero for f in flat])
+    squares = jnp.stack([jnp.sum(f * f) if f.size else zero for f in flat])
+    peak = jnp.stack([jnp.maximum(jnp.max(f), -jnp.min(f)) if f.size else zero for f in flat])
+    n = len(flat)
+    quick = jnp.stack([total, jnp.sqrt(squares), peak, jnp.zeros(n), jnp.zeros(n)])
+    trusted = jnp.all(jnp.isfinite(quick)) & jnp.all((squares >= floors) | (peak == 0))
+    return jax.lax.cond(trusted, lambda _: quick, exact_stats, flat)
+
+
 def norm_stats(grads: Sequence[Any], full: Any, floors: np.ndarray) -> Any:
     """The norm of each gradient (one reduction each), and :func:`full_stats` when ``full`` or when one is suspect.
 
@@ -136,7 +156,12 @@ def norm_stats(grads: Sequence[Any], full: Any, floors: np.ndarray) -> Any:
     n = len(grads)
     trusted = jnp.all((sums >= floors) & (sums <= _FLOAT32_MAX))
     quick = jnp.stack([jnp.zeros(n), jnp.sqrt(sums), jnp.full(n, -1.0), jnp.zeros(n), jnp.zeros(n)]).astype(jnp.float32)
-    return jax.lax.cond(jnp.logical_or(full, jnp.logical_not(trusted)), full_stats, lambda _: quick, list(grads))
+    return jax.lax.cond(
+        jnp.logical_or(full, jnp.logical_not(trusted)),
+        lambda g: full_stats(g, floors),
+        lambda _: quick,
+        list(grads),
+    )
 
 
 class _StatelessApplyHook:
@@ -241,7 +266,7 @@ def recording_train_function(model: Any, plain: Any, buffer: Any) -> tuple[Calla
         finally:
             hook.remove()
         grads, hook.grads = hook.grads, None
-        stats = full_stats(grads) if mode == "full" else norm_stats(grads, full, floors)
+        stats = full_stats(grads, floors) if mode == "full" else norm_stats(grads, full, floors)
         if hook.scale is not None:
             # Sum, norm and max |g| scale with the loss scale, the counts do not (max |g|'s
             # -1 mark stays negative).
@@ -254,13 +279,16 @@ def recording_train_function(model: Any, plain: Any, buffer: Any) -> tuple[Calla
         out_shardings = None if shardings is None else (None, shardings, None)
         recording_step = jax.jit(recording_step, donate_argnums=0, out_shardings=out_shardings)
 
+    # The flag as device arrays made once: a host bool would be copied to the device every step.
+    flags = {False: jnp.asarray(False), True: jnp.asarray(True)}
+
     def train_function(state: Any, iterator: Any) -> Any:
         # Keras's own loop over steps_per_execution, one recorded row per step.
-        logs, state, stats = recording_step(state, next(iterator), buffer.full_next())
+        logs, state, stats = recording_step(state, next(iterator), flags[bool(buffer.full_next())])
         buffer.append(stats, None)
         try:
             for _ in range(int(model.steps_per_execution) - 1):
-                logs, state, stats = recording_step(state, next(iterator), buffer.full_next())
+                logs, state, stats = recording_step(state, next(iterator), flags[bool(buffer.full_next())])
                 buffer.append(stats, None)
         except StopIteration:
             pass

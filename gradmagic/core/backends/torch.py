@@ -157,11 +157,13 @@ BACKEND = TorchBackend()
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-def full_stats(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+def exact_stats(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     """Raw statistics ``[5, len(grads)]`` (``RAW_ROWS``) of the finite entries, with NaN/Inf counts.
 
     The norm is taken of the gradient divided by its largest |entry| and scaled
     back, exact to float32 rounding where squares would underflow or overflow.
+    Several passes per gradient: the path of the rare steps :func:`full_stats`
+    cannot trust.
     """
     columns = []
     for grad in grads:
@@ -177,7 +179,31 @@ def full_stats(grads: Sequence[torch.Tensor]) -> torch.Tensor:
         unit = torch.where(peak > 0, peak, torch.ones(()))
         norm = unit * torch.sqrt(torch.sum(torch.square(values / unit)))
         columns.append(torch.stack([values.sum(), norm, peak, nan, inf]))
-    return torch.stack(columns, dim=1)
+    return torch.stack(columns, dim=1).cpu()
+
+
+def full_stats(grads: Sequence[torch.Tensor], floors: np.ndarray) -> torch.Tensor:
+    """Raw statistics ``[5, len(grads)]``: sum, norm and max |g| in few kernels, exact where suspect.
+
+    One fused norm per gradient (``torch._foreach_norm``), one sum and one
+    ``aminmax``. Valid when every result is finite and no sum of squares is below
+    its floor (float32 squares may have underflowed) unless the gradient is zero;
+    otherwise :func:`exact_stats` is taken instead.
+    """
+    flat = [g.detach().reshape(-1).to(torch.float32) for g in grads]
+    if any(f.numel() == 0 for f in flat):
+        return exact_stats(grads)
+    norms = torch.stack(torch._foreach_norm(flat))
+    total = torch.stack([f.sum() for f in flat])
+    extremes = [torch.aminmax(f) for f in flat]
+    peak = torch.stack([torch.maximum(e.max, -e.min) for e in extremes])
+    n = len(flat)
+    quick = torch.stack([total, norms, peak, torch.zeros(n), torch.zeros(n)]).cpu()
+    squares = quick[1].double() ** 2
+    trusted = bool(torch.isfinite(quick).all()) and bool(
+        torch.all((squares >= torch.from_numpy(floors)) | (quick[2] == 0))
+    )
+    return quick if trusted else exact_stats(grads)
 
 
 def norm_stats(grads: Sequence[torch.Tensor], full: bool, floors: np.ndarray) -> torch.Tensor:
@@ -189,16 +215,16 @@ def norm_stats(grads: Sequence[torch.Tensor], full: bool, floors: np.ndarray) ->
     check is one read of ``len(grads)`` floats (a synchronisation on an accelerator).
     """
     if full:
-        return full_stats(grads)
+        return full_stats(grads, floors)
     flat = [g.detach().to(torch.float32) for g in grads]
     # torch._foreach_norm is the one-kernel-per-dtype norm torch.nn.utils.clip_grad_norm_ uses.
     norms = torch.stack(torch._foreach_norm(flat)) if flat else torch.zeros(0)
     sums = norms.double() ** 2
     trusted = bool(torch.all((sums >= torch.from_numpy(floors)) & (sums <= _FLOAT32_MAX)))
     if not trusted:
-        return full_stats(grads)
+        return full_stats(grads, floors)
     n = len(grads)
-    return torch.stack([torch.zeros(n), norms, torch.full((n,), -1.0), torch.zeros(n), torch.zeros(n)])
+    return torch.stack([torch.zeros(n), norms, torch.full((n,), -1.0), torch.zeros(n), torch.zeros(n)]).cpu()
 
 
 class ApplyHook:
@@ -236,7 +262,9 @@ class ApplyHook:
                     raw = torch.zeros(5, n)
                 else:
                     floors = np.asarray(buffer.floors, np.float64)[columns]
-                    measured = full_stats(present) if buffer.mode == "full" else norm_stats(present, full, floors)
+                    measured = (
+                        full_stats(present, floors) if buffer.mode == "full" else norm_stats(present, full, floors)
+                    )
                     raw = torch.zeros(5, n)
                     raw[:, columns] = measured.cpu()
                     if scale is not None:
