@@ -75,6 +75,14 @@ class GradientMonitor(keras.callbacks.Callback):
     ``MonitorArgumentError`` before the first step (use :meth:`add_listener` to
     hand one monitor's records to more consumers).
 
+    The same on every Keras backend: on JAX the statistics are computed inside
+    the jitted train step (from the gradients ``optimizer.stateless_apply``
+    receives; under ``keras.distribution.DataParallel`` those of the whole batch),
+    on PyTorch in the wrapped ``optimizer.apply``. Gradient histograms
+    (``histogram_every``), ``bad_batch`` and the op that made a NaN/Inf first are
+    TensorFlow-only for now; TensorBoard files need TensorFlow installed (as
+    Keras's own TensorBoard callback does).
+
     Args:
         print_every: Print one line per layer (norm, max |g|) every this many batches.
             Defaults to None (no printing).
