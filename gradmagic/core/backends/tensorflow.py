@@ -19,8 +19,6 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from gradmagic.core.backends.keras_fit import fit_token  # noqa: F401 - the same Keras convention on every backend
-
 # The Keras internals (no framework): kept importable from here, where the TensorFlow code and its canary test
 # have always found them.
 from gradmagic.core.backends.keras_internals import (  # noqa: F401
@@ -29,6 +27,7 @@ from gradmagic.core.backends.keras_internals import (  # noqa: F401
     calls_replaced,
     compiled_loss,
     compiled_loss_replaced,
+    fit_token,
     fresh_compiled_loss,
     instance_settings,
     python_state,

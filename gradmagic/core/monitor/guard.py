@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import keras
 
-from gradmagic.core.backends.keras_fit import fit_token
+from gradmagic.core.backends.keras_internals import fit_token
 
 
 class Hook(Protocol):
