@@ -167,6 +167,8 @@ class TorchBackend:
     # Reading errors raised while running the model (core/questions/trace_errors).
 
     framework = "PyTorch"
+    #: Where Python cannot read a tensor's value, for messages.
+    transforms = "torch.func's vmap (the per-sample Jacobian)"
 
     def error_message(self, exc: BaseException) -> str:
         """The error's own message, without Keras' bold highlight of an error raised in a layer."""
