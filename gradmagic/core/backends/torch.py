@@ -10,14 +10,20 @@ are dropped by the callers, never assigned.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import linecache
+import os
+import traceback
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 import torch.func
+from torch.overrides import TorchFunctionMode
 
 from gradmagic.core.backends._foreign import check_no_foreign
+from gradmagic.core.backends.flow import FLOWS, NONE, OWNER_GLUE, ZERO, FlowGraph, Node
 
 # --- The gradient questions (core/questions) ---------------------------------
 
@@ -141,3 +147,221 @@ class TorchBackend:
 
 
 BACKEND = TorchBackend()
+
+
+# --- diagnosis ---------------------------------------------------------------
+# explain runs the target once eagerly while a TorchFunctionMode records every
+# torch function it calls (what it read, what it wrote, whether autograd
+# follows): each becomes a Node of a FlowGraph, owned by the layer whose call
+# is running. A tensor that autograd reached by a way the mode does not see (a
+# torch.autograd.Function such as keras.ops.custom_gradient) is linked through
+# its grad_fn to the recorded tensors it was computed from.
+
+_PIECEWISE_CONSTANT = {"round", "floor", "ceil", "sign", "trunc", "fix", "sgn"}
+_DETACH = {"detach": "detach (keras.ops.stop_gradient) blocks the gradient on purpose"}
+_CASTS = {"to", "type", "long", "int", "short", "bool", "byte", "char", "type_as"}
+_LIBRARIES = tuple(f"{os.sep}{name}{os.sep}" for name in ("torch", "keras", "numpy"))
+_OWN = f"{os.sep}gradmagic{os.sep}"
+_OWNERS: list[tuple[int, int]] = []  # the layer calls running now, innermost last
+
+
+@contextlib.contextmanager
+def layer_scope(index: int, call: int) -> Iterator[None]:
+    """Within the block, the recorded ops belong to call ``call`` of layer ``index``."""
+    _OWNERS.append((index, call))
+    try:
+        yield
+    finally:
+        _OWNERS.pop()
+
+
+def _name(func: Any) -> str:
+    return getattr(func, "__name__", str(func)).strip("_")
+
+
+def _user_source() -> str | None:
+    """``file:line (function): code`` of the innermost user frame now running; None inside a built-in layer."""
+    for frame in traceback.extract_stack()[::-1]:
+        if _OWN in frame.filename:
+            return None
+        if not any(part in frame.filename for part in _LIBRARIES):
+            code = linecache.getline(frame.filename, frame.lineno).strip()
+            code = f": {code}" if code else ""
+            return f"{os.path.basename(frame.filename)}:{frame.lineno} ({frame.name}){code}"
+    return None
+
+
+def _classify(name: str, ins: list, outs: list) -> tuple[int, str]:
+    """``(level, reason)`` of one recorded op: what autodiff passes back from its float inputs."""
+    if name in _DETACH:
+        return NONE, _DETACH[name]
+    floats_out = [t for t in outs if t.is_floating_point()]
+    if not floats_out:
+        dtype = str(outs[0].dtype).removeprefix("torch.")
+        what = f"cast to {dtype}" if name in _CASTS else f"{name}: {dtype} output"
+        return NONE, f"{what}: integer and bool values carry no gradient"
+    if not torch.is_grad_enabled():
+        return NONE, "run under torch.no_grad: autograd does not record it"
+    if any(t.requires_grad for t in ins if t.is_floating_point()) and not any(t.requires_grad for t in floats_out):
+        return NONE, f"{name} has no derivative: its output does not require grad"
+    if name in _PIECEWISE_CONSTANT:
+        return ZERO, f"{name} is piecewise constant: PyTorch defines its derivative as zero"
+    return FLOWS, ""
+
+
+class _Recorder(TorchFunctionMode):
+    """Records each torch function called as a Node; optionally notes those that make NaN/Inf from finite inputs."""
+
+    def __init__(self, probe: bool) -> None:
+        super().__init__()
+        self.nodes: list[Node] = []
+        self.floats: set = set()
+        self.keep: list = []  # every recorded tensor stays alive, so that its id stays unique
+        self.made_by: dict[int, tuple[Node, Any]] = {}  # tensor id -> (node, its grad_fn when made)
+        self.by_grad_fn: dict[Any, int] = {}
+        self.probe, self.nonfinite = probe, []
+
+    def tensor_id(self, tensor: torch.Tensor) -> int:
+        self.keep.append(tensor)
+        if tensor.is_floating_point():
+            self.floats.add(id(tensor))
+        if tensor.grad_fn is not None:
+            self.by_grad_fn.setdefault(tensor.grad_fn, id(tensor))
+        return id(tensor)
+
+    def leaf(self, tensor: torch.Tensor) -> int:
+        """Register an argument of the traced function (a weight, an input, a perturbation)."""
+        return self.tensor_id(tensor)
+
+    def _link(self, tensor: torch.Tensor) -> None:
+        """A tensor autograd reached without a recorded op: a Node from the recorded tensors its grad_fn reads."""
+        sources, seen, todo = [], set(), [tensor.grad_fn]
+        while todo:
+            fn = todo.pop()
+            if fn is None or fn in seen:
+                continue
+            seen.add(fn)
+            variable = getattr(fn, "variable", None)  # AccumulateGrad: a leaf
+            if variable is not None:
+                sources.append(id(variable))
+            elif fn in self.by_grad_fn and fn is not tensor.grad_fn:
+                sources.append(self.by_grad_fn[fn])
+            else:
+                todo.extend(next_fn for next_fn, _ in fn.next_functions)
+        kind = type(tensor.grad_fn).__name__
+        owner = _OWNERS[-1] if _OWNERS else (OWNER_GLUE, -1)
+        reason = "custom gradient (torch.autograd.Function): its backward decides what flows"
+        source = _user_source() if self.probe else None
+        node = Node(kind, sources, [self.tensor_id(tensor)], FLOWS, reason, owner[0], owner[1], source)
+        self.nodes.append(node)
+        self.made_by[id(tensor)] = (node, tensor.grad_fn)
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        ins = [t for t in _leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        outs = [t for t in _leaves(out) if isinstance(t, torch.Tensor)]
+        if not outs:
+            return out  # shape, dtype, size...: no values made
+        for t in ins:
+            made = self.made_by.get(id(t))
+            if t.grad_fn is not None and (made is None or made[1] is not t.grad_fn):
+                self._link(t)
+        name = _name(func)
+        level, reason = _classify(name, ins, outs)
+        owner = _OWNERS[-1] if _OWNERS else (OWNER_GLUE, -1)
+        in_ids, out_ids = [self.tensor_id(t) for t in ins], [self.tensor_id(t) for t in outs]
+        source = _user_source() if self.probe else None  # reading the stack per op is slow: only for NaN/Inf
+        node = Node(name, in_ids, out_ids, level, reason, owner[0], owner[1], source)
+        self.nodes.append(node)
+        for t in outs:
+            self.made_by[id(t)] = (node, t.grad_fn)
+        if self.probe:
+            self._check(node, ins, outs)
+        return out
+
+    def _check(self, node: Node, ins: list, outs: list) -> None:
+        def finite(tensors: list) -> bool:
+            return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+
+        with torch.no_grad():
+            if not finite(outs) and finite(ins):
+                self.nonfinite.append((node.kind, node.owner, False, node.source))
+            for t in outs:
+                if t.grad_fn is not None and t.requires_grad:
+                    t.grad_fn.register_hook(self._backward_hook(node))
+
+    def _backward_hook(self, node: Node) -> Callable:
+        def hook(grad_inputs: tuple, grad_outputs: tuple) -> None:
+            def finite(tensors: tuple) -> bool:
+                return all(bool(torch.isfinite(t).all()) for t in tensors if isinstance(t, torch.Tensor))
+
+            entry = (node.kind, node.owner, True, node.source)
+            if not finite(grad_inputs) and finite(grad_outputs) and entry not in self.nonfinite:
+                self.nonfinite.append(entry)
+
+        return hook
+
+
+def _prepared(args: Sequence[Any], recorder: _Recorder) -> list:
+    """The arguments with every float tensor a fresh autograd leaf, registered with the recorder."""
+    prepared = []
+    for arg in args:
+        leaves = [_differentiable(torch.as_tensor(t)) if _is_array(t) else t for t in _leaves(arg)]
+        for t in leaves:
+            if isinstance(t, torch.Tensor):
+                recorder.leaf(t)
+        prepared.append(_pack(arg, leaves))
+    return prepared
+
+
+def _is_array(value: Any) -> bool:
+    return isinstance(value, (torch.Tensor, np.ndarray))
+
+
+def _record(fn: Callable[..., Any], args: Sequence[Any], probe: bool) -> tuple[_Recorder, list, Any]:
+    recorder = _Recorder(probe)
+    prepared = _prepared(args, recorder)
+    with torch.enable_grad(), recorder:
+        target = fn(*prepared)
+    return recorder, prepared, target
+
+
+def flow_graph(fn: Callable[..., Any], args: Sequence[Any]) -> FlowGraph:
+    """The FlowGraph of ``fn(*args)`` (a scalar target), from the torch functions one eager run calls.
+
+    The first argument's leaves stand for the trainable weights, the second's for
+    the inputs' leaves; the target is the one output.
+    """
+    recorder, prepared, target = _record(fn, args, probe=False)
+    weights = [id(t) for t in _leaves(prepared[0])]
+    inputs = [id(t) for t in _leaves(prepared[1])]
+    if isinstance(target, torch.Tensor) and target.grad_fn is not None and id(target) not in recorder.made_by:
+        recorder._link(target)
+    is_float = isinstance(target, torch.Tensor) and target.is_floating_point()
+    return FlowGraph(recorder.nodes, recorder.floats, weights, inputs, id(target) if is_float else None)
+
+
+def value_and_gradients(fn: Callable[..., Any], args: Sequence[Any]) -> tuple[Any, tuple]:
+    """``(value, gradients w.r.t. every argument)`` of a scalar ``fn``; a disconnected leaf gives ``None``."""
+    return BACKEND.value_and_grad(fn, argnums=tuple(range(len(args))))(*args)
+
+
+def nonfinite_equations(fn: Callable[..., Any], args: Sequence[Any]) -> list[tuple[str, int, bool, str | None]]:
+    """The ops of ``fn``'s value and gradient that make NaN/Inf from finite inputs, forward pass first.
+
+    Per-op checks rather than ``torch.autograd.detect_anomaly``: anomaly mode
+    raises at the first backward function that returns NaN only (not Inf, not
+    in the forward pass) and changes a global setting; here every recorded
+    forward op is checked as it runs, and every backward function through a hook
+    on its ``grad_fn`` (gradient in finite, gradient out not), so both passes
+    are covered and made is told from passed on.
+
+    Returns:
+        ``(op, layer index or owner code, backward, user source)`` per op.
+    """
+    recorder, prepared, target = _record(fn, args, probe=True)
+    wrt = [t for t in _leaves(prepared) if isinstance(t, torch.Tensor) and t.requires_grad]
+    if isinstance(target, torch.Tensor) and target.requires_grad and wrt:
+        torch.autograd.grad(target, wrt, allow_unused=True)  # runs the hooks; no .grad is written
+    return recorder.nonfinite
