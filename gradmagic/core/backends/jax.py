@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import Literal
 
-from gradmagic.core.backends._foreign import check_no_foreign
 from gradmagic.core.backends.flow import ALIAS, FLOWS, NONE, OWNER_GLUE, UNCHECKED, ZERO, FlowGraph, Node
+from gradmagic.core.backends.tensors import check_no_foreign
 
 # --- The gradient questions (core/questions) ---------------------------------
 

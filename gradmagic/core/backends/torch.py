@@ -22,8 +22,8 @@ import torch
 import torch.func
 from torch.overrides import TorchFunctionMode
 
-from gradmagic.core.backends._foreign import check_no_foreign
 from gradmagic.core.backends.flow import FLOWS, NONE, OWNER_GLUE, ZERO, FlowGraph, Node
+from gradmagic.core.backends.tensors import check_no_foreign
 
 # --- The gradient questions (core/questions) ---------------------------------
 

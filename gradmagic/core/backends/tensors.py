@@ -1,8 +1,11 @@
-"""Find a tensor of another framework inside a user's ``x``, without importing any framework.
+"""Recognise the tensors of TensorFlow, JAX and PyTorch without importing any of them.
 
-Shared by the JAX and PyTorch backends. A framework that was never imported
-cannot have made a tensor, so each is looked up in ``sys.modules`` only: the
-check imports nothing and costs one ``isinstance`` per leaf.
+A framework that was never imported cannot have made a tensor, so each is
+looked up in ``sys.modules`` only: these checks import nothing and cost one
+``isinstance`` per value. The shared modules of the core (input conversion,
+cache keys) use them to treat a ``tf.Tensor`` as before on TensorFlow while
+never importing TensorFlow on JAX or PyTorch; the JAX and PyTorch backends use
+them to refuse a tensor of another framework in ``x``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,41 @@ def _tensor_types(backend: str) -> tuple[type, ...]:
     if module is None:
         return ()
     return tuple(t for t in (getattr(module, n, None) for n in names) if isinstance(t, type))
+
+
+def loaded_tensor_types() -> tuple[type, ...]:
+    """The tensor (and ``tf.Variable``) classes of every framework imported so far."""
+    return tuple(t for backend in _FRAMEWORKS for t in _tensor_types(backend))
+
+
+def is_tf_tensor(value: Any) -> bool:
+    """True for a ``tf.Tensor`` (eager or symbolic); False without importing TensorFlow when it is not loaded."""
+    module = sys.modules.get("tensorflow")
+    return module is not None and isinstance(value, module.Tensor)
+
+
+def is_tf_function(value: Any) -> bool:
+    """True for a ``tf.function`` (a ``PolymorphicFunction``); False when TensorFlow is not loaded."""
+    module = sys.modules.get("tensorflow")
+    kind = getattr(getattr(getattr(module, "types", None), "experimental", None), "PolymorphicFunction", None)
+    return kind is not None and isinstance(value, kind)
+
+
+def host_array(value: Any) -> Any:
+    """A JAX array or a torch.Tensor as a NumPy array (on the host, detached); anything else as it is.
+
+    Input conversion works on NumPy; a ``tf.Tensor`` is kept (the TensorFlow
+    path converts it itself).
+    """
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    jax = sys.modules.get("jax")
+    if jax is not None and isinstance(value, jax.Array):
+        import numpy as np
+
+        return np.asarray(value)
+    return value
 
 
 def foreign_framework(leaves: list[Any], expected: str) -> tuple[str, Any] | None:
