@@ -295,8 +295,9 @@ def _evaluate(jaxpr: Any, consts: list, args: list, inherited: tuple, found: lis
         env[var] = value
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
-        subfuns, params = eqn.primitive.get_bind_params(eqn.params)
-        outs = eqn.primitive.bind(*subfuns, *invals, **params)
+        # As jax.core.eval_jaxpr does: the bind parameters carry a nested jaxpr as a callable.
+        with eqn.ctx.manager:
+            outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
         outs = list(outs) if eqn.primitive.multiple_results else [outs]
         owner = _owner(eqn, inherited)
         if not _finite(outs) and _finite(invals):

@@ -181,7 +181,10 @@ def _name(func: Any) -> str:
 
 def _user_source() -> str | None:
     """``file:line (function): code`` of the innermost user frame now running; None inside a built-in layer."""
-    for frame in traceback.extract_stack()[::-1]:
+    frames = traceback.extract_stack()[::-1]
+    while frames and frames[0].filename == __file__:  # the recorder itself
+        frames.pop(0)
+    for frame in frames:
         if _OWN in frame.filename:
             return None
         if not any(part in frame.filename for part in _LIBRARIES):
@@ -260,9 +263,11 @@ class _Recorder(TorchFunctionMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         ins = [t for t in _leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        outs = [t for t in _leaves(out) if isinstance(t, torch.Tensor)]
+        ins_ids = {id(t) for t in ins}
+        # An op may return one of its inputs itself (``to`` the dtype it has): that makes no new value.
+        outs = [t for t in _leaves(out) if isinstance(t, torch.Tensor) and id(t) not in ins_ids]
         if not outs:
-            return out  # shape, dtype, size...: no values made
+            return out  # shape, dtype, size, a no-op conversion...: no values made
         for t in ins:
             made = self.made_by.get(id(t))
             if t.grad_fn is not None and (made is None or made[1] is not t.grad_fn):
@@ -287,11 +292,15 @@ class _Recorder(TorchFunctionMode):
         with torch.no_grad():
             if not finite(outs) and finite(ins):
                 self.nonfinite.append((node.kind, node.owner, False, node.source))
+            if not finite(ins):
+                return  # its backward reads NaN/Inf of the forward pass: it can pass it on, not make it
             for t in outs:
                 if t.grad_fn is not None and t.requires_grad:
                     t.grad_fn.register_hook(self._backward_hook(node))
 
     def _backward_hook(self, node: Node) -> Callable:
+        """Note the node when its backward makes NaN/Inf from a finite gradient (its forward inputs were finite)."""
+
         def hook(grad_inputs: tuple, grad_outputs: tuple) -> None:
             def finite(tensors: tuple) -> bool:
                 return all(bool(torch.isfinite(t).all()) for t in tensors if isinstance(t, torch.Tensor))

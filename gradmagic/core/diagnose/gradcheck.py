@@ -24,11 +24,12 @@ import tensorflow as tf
 
 from gradmagic.core.arguments import check_flag, check_seed, is_int
 from gradmagic.core.batches import first_batch
+from gradmagic.core.diagnose.arguments import refuse_array_loss
 from gradmagic.core.diagnose.finite_differences import LossProblem, check_rows, count_rows, loss_problem
 from gradmagic.core.diagnose.float64 import as_float64, float64_default, float64_loss, float64_twin, loss_weights
 from gradmagic.core.diagnose.gradcheck_results import CheckRow, GradientCheck
 from gradmagic.core.diagnose.progress import Progress
-from gradmagic.core.diagnose.tracing import TracingFailed, layer_ancestors, refuse_array_loss, tracing_error
+from gradmagic.core.diagnose.tracing import TracingFailed, layer_ancestors, tracing_error
 from gradmagic.core.questions.entry import check_model, leaves_no_trace, prepare_loss_args, spec_and_inputs
 from gradmagic.core.questions.state import preserved_eagerly
 from gradmagic.core.questions.targets import check_loss_argument, check_loss_structure, model_name, resolve_loss
