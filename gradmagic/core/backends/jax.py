@@ -330,3 +330,12 @@ def nonfinite_equations(fn: Callable[..., Any], args: Sequence[Any]) -> list[tup
     found: list = []
     _evaluate(closed.jaxpr, list(closed.consts), jax.tree.leaves(list(args)), (OWNER_GLUE, -1), found)
     return found
+
+
+def float64_scope() -> Any:
+    """A context in which JAX computes in float64 (x64 mode), restoring the setting it found when it ends.
+
+    ``jax.enable_x64(True)`` is a scoped setting: the user's own
+    ``jax_enable_x64`` is back when the block ends, also when it raises.
+    """
+    return jax.enable_x64(True)

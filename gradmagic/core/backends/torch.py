@@ -374,3 +374,8 @@ def nonfinite_equations(fn: Callable[..., Any], args: Sequence[Any]) -> list[tup
     if isinstance(target, torch.Tensor) and target.requires_grad and wrt:
         torch.autograd.grad(target, wrt, allow_unused=True)  # runs the hooks; no .grad is written
     return recorder.nonfinite
+
+
+def float64_scope() -> Any:
+    """A context in which float64 works: PyTorch computes in float64 whenever its tensors are, so nothing to set."""
+    return contextlib.nullcontext()

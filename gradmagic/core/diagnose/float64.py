@@ -16,7 +16,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from gradmagic.core.backends.tensorflow import lambda_output_shape
+from gradmagic.core.backends.keras_internals import lambda_output_shape
 from gradmagic.core.questions.targets import FunctionLoss
 
 
