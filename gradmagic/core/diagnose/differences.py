@@ -63,6 +63,7 @@ class LossProblem:
         recorder: TensorFlow only: the loss's trace (which layer's ops are whose).
         as_input: Turns a NumPy array into an input leaf like a given one. Defaults
             to ``None``: the array itself.
+        value: The loss at ``x`` with the variables as they were, if already computed.
     """
 
     model: keras.Model
@@ -72,6 +73,7 @@ class LossProblem:
     dtype: Any
     recorder: Any = None
     as_input: Callable[[np.ndarray, Any], Any] | None = None
+    value: float | None = None
 
 
 def is_float(value: Any) -> bool:

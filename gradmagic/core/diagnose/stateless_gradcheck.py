@@ -116,8 +116,9 @@ def stateless_problem(model: keras.Model, loss_fn: Any, x: Any, y: Any, sw: Any,
 
     # One eager loss: its dtype tells whether the copy really computes in float64.
     values = base.values(model.trainable_variables), base.values(model.non_trainable_variables)
-    dtype = keras.backend.standardize_dtype(loss_of(*values, keras.tree.flatten(x)).dtype)
-    return LossProblem(model, loss_at, grads_at, x, dtype, as_input=_like)
+    first = loss_of(*values, keras.tree.flatten(x))
+    dtype = keras.backend.standardize_dtype(first.dtype)
+    return LossProblem(model, loss_at, grads_at, x, dtype, as_input=_like, value=float(base.to_numpy(first)))
 
 
 def _like(value: np.ndarray, like: Any) -> Any:
@@ -142,7 +143,7 @@ def _twin_problem(
         )
     if problem.dtype != "float64":
         raise ValueError(f"the loss is computed in {problem.dtype}")
-    value = problem.loss_at(problem.x)
+    value = problem.value
     # The model's own loss carries its compute precision's round-off (float16 under mixed precision).
     rel_tol = min(0.1, max(1e-3, 100 * compute_eps(model)))
     if not math.isclose(value, reference, rel_tol=rel_tol, abs_tol=1e-5):
@@ -158,7 +159,7 @@ def _evaluation_model(
     own = stateless_problem(model, loss_fn, x, y, sw, training)  # a mistake in the model surfaces here
     if compute_eps(model) <= EPS["float64"]:  # a float64 model is its own copy
         return own, "float64", []
-    reference = own.loss_at(own.x)
+    reference = own.value  # eager: compiling the model's own loss is only needed if it is checked itself
     try:
         with _float64(backend):
             problem = _twin_problem(model, spec, loss, x, y, sw, training, reference)
