@@ -30,11 +30,11 @@ _EVERY_BACKEND = {
     "model_name": "gradmagic.core.questions.targets",
     "is_scalar_list": "gradmagic.core.questions.inputs",
     "model_spec": "gradmagic.core.questions.inputs",
+    "is_stream": "gradmagic.core.batches",
 }
 
 # The TensorFlow implementations.
 _TENSORFLOW = {
-    "is_stream": "gradmagic.core.batches",
     "DisconnectedWeight": "gradmagic.core.diagnose.explain",
     "Explanation": "gradmagic.core.diagnose.explain",
     "LayerPath": "gradmagic.core.diagnose.explain",
@@ -76,6 +76,10 @@ _STATELESS: dict[str, str] = {
     "CheckRow": "gradmagic.core.diagnose.gradcheck_results",
     "GradientCheck": "gradmagic.core.diagnose.gradcheck_results",
     "check_gradients": "gradmagic.core.diagnose.stateless_gradcheck",
+    "clear_cache": "gradmagic.core.questions.stateless",
+    "input_gradients": "gradmagic.core.questions.stateless",
+    "output_gradients": "gradmagic.core.questions.stateless",
+    "weight_gradients": "gradmagic.core.questions.stateless",
 }
 
 _BY_BACKEND = {"tensorflow": _TENSORFLOW, "jax": _STATELESS, "torch": _STATELESS}
