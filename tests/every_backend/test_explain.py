@@ -24,6 +24,7 @@ CUTS = {
     "stop": lambda t: keras.ops.stop_gradient(t),
     "round": lambda t: keras.ops.round(t),
     "int_cast": lambda t: keras.ops.cast(keras.ops.cast(t * 4.0, "int32"), "float32"),
+    "argmax": lambda t: keras.ops.one_hot(keras.ops.argmax(t, axis=-1), 2),
 }
 
 
@@ -131,3 +132,28 @@ def test_result_types_are_the_public_ones():
     table = e.to_dict()
     assert table["layers"]["layer"] == [r.name for r in e.layers]
     assert "cut" in repr(e) and "cut" in e._repr_html_()
+
+
+def test_a_recurrent_model_flows_through_its_loop():
+    model = keras.Sequential([keras.Input((4, 3)), keras.layers.LSTM(3, name="lstm"), keras.layers.Dense(1)])
+    model.compile(loss="mse")
+    x = np.random.default_rng(1).normal(size=(2, 4, 3)).astype("float32")
+    e = gm.explain(model, x, np.zeros((2, 1), "float32"), verbose=False)
+    assert e.blocked == [] and e.disconnected == []
+    assert e["lstm"].verdict == e["lstm"].observed == "flows"
+
+
+def test_a_custom_gradient_is_followed_not_blamed():
+    @keras.ops.custom_gradient
+    def doubled(t):
+        def grad(*args, upstream=None):
+            return 2.0 * (args[0] if upstream is None else upstream)
+
+        return 2.0 * t, grad
+
+    inputs = keras.Input((3,))
+    hidden = keras.layers.Dense(2, name="before")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(1)(keras.layers.Lambda(doubled, name="custom")(hidden)))
+    e = gm.explain(model, X, verbose=False)
+    assert e.blocked == [] and e.disconnected == []
+    assert e["custom"].verdict == "flows" and e["before"].observed == "flows"

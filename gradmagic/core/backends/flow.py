@@ -59,6 +59,8 @@ class FlowGraph:
         inputs: The ids of the float leaves of x, in flatten order.
         target: The id of the differentiated scalar (``None`` when no float output exists).
         calls: Per layer index, per call: ``(input ids, output ids)``.
+        arguments: The ids of every argument leaf of the traced function (weights, inputs, perturbations):
+            with the nodes' outputs, the values a gradient can come from (not constants).
     """
 
     nodes: list[Node]
@@ -67,7 +69,12 @@ class FlowGraph:
     inputs: list[Hashable]
     target: Hashable | None
     calls: dict[int, list[tuple[list[Hashable], list[Hashable]]]] = field(default_factory=dict)
+    arguments: set[Hashable] = field(default_factory=set)
 
-    def layer_nodes(self, index: int, call: int | None = None) -> list[Node]:
-        """The nodes one layer's call created (every call's when ``call`` is None), shown ones only."""
-        return [n for n in self.nodes if n.owner == index and (call is None or n.call == call) and n.kind != ALIAS]
+    def layer_nodes(self, index: int, call: int | None = None, aliases: bool = False) -> list[Node]:
+        """The nodes one layer's call created (every call's when ``call`` is None); aliases only if asked."""
+        return [
+            n
+            for n in self.nodes
+            if n.owner == index and (call is None or n.call == call) and (aliases or n.kind != ALIAS)
+        ]

@@ -308,7 +308,7 @@ def flow_graph(fn: Callable[..., Any], args: Sequence[Any]) -> FlowGraph:
     found = inliner.inline(closed, inputs, (OWNER_GLUE, -1))
     weights, x = inputs[: counts[0]], inputs[counts[0] : counts[0] + counts[1]]
     target = found[0] if found and found[0] in inliner.floats else None
-    return FlowGraph(inliner.nodes, inliner.floats, weights, x, target)
+    return FlowGraph(inliner.nodes, inliner.floats, weights, x, target, arguments=set(inputs))
 
 
 def value_and_gradients(fn: Callable[..., Any], args: Sequence[Any]) -> tuple[Any, tuple]:

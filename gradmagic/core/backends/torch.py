@@ -216,6 +216,8 @@ _CASTS = {"to", "type", "long", "int", "short", "bool", "byte", "char", "type_as
 _LIBRARIES = tuple(f"{os.sep}{name}{os.sep}" for name in ("torch", "keras", "numpy"))
 _OWN = f"{os.sep}gradmagic{os.sep}"
 _OWNERS: list[tuple[int, int]] = []  # the layer calls running now, innermost last
+_NO_GRAD = "run under torch.no_grad: autograd does not record it"
+_FUNCTION = "custom gradient (torch.autograd.Function): its backward decides what flows"
 
 
 @contextlib.contextmanager
@@ -257,7 +259,7 @@ def _classify(name: str, ins: list, outs: list) -> tuple[int, str]:
         what = f"cast to {dtype}" if name in _CASTS else f"{name}: {dtype} output"
         return NONE, f"{what}: integer and bool values carry no gradient"
     if not torch.is_grad_enabled():
-        return NONE, "run under torch.no_grad: autograd does not record it"
+        return NONE, _NO_GRAD
     if any(t.requires_grad for t in ins if t.is_floating_point()) and not any(t.requires_grad for t in floats_out):
         return NONE, f"{name} has no derivative: its output does not require grad"
     if name in _PIECEWISE_CONSTANT:
@@ -305,12 +307,26 @@ class _Recorder(TorchFunctionMode):
             else:
                 todo.extend(next_fn for next_fn, _ in fn.next_functions)
         kind = type(tensor.grad_fn).__name__
-        owner = _OWNERS[-1] if _OWNERS else (OWNER_GLUE, -1)
-        reason = "custom gradient (torch.autograd.Function): its backward decides what flows"
+        made = self.made_by.get(id(tensor))
+        # The Function ran inside the call that recorded its forward ops (untracked, under no_grad): its
+        # layer, and those ops are its forward, not a stop.
+        owner = (made[0].owner, made[0].call) if made else _OWNERS[-1] if _OWNERS else (OWNER_GLUE, -1)
+        if made:
+            self._inside_function(made[0])
         source = _user_source() if self.probe else None
-        node = Node(kind, sources, [self.tensor_id(tensor)], FLOWS, reason, owner[0], owner[1], source)
+        node = Node(kind, sources, [self.tensor_id(tensor)], FLOWS, _FUNCTION, owner[0], owner[1], source)
         self.nodes.append(node)
         self.made_by[id(tensor)] = (node, tensor.grad_fn)
+
+    def _inside_function(self, last: Node) -> None:
+        """Mark ``last`` and the untracked ops feeding it as a torch.autograd.Function's forward."""
+        todo = [last]
+        while todo:
+            node = todo.pop()
+            if node.reason != _NO_GRAD:
+                continue
+            node.level, node.reason = FLOWS, _FUNCTION
+            todo.extend(self.made_by[v][0] for v in node.inputs if v in self.made_by)
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -401,7 +417,9 @@ def flow_graph(fn: Callable[..., Any], args: Sequence[Any]) -> FlowGraph:
     if isinstance(target, torch.Tensor) and target.grad_fn is not None and id(target) not in recorder.made_by:
         recorder._link(target)
     is_float = isinstance(target, torch.Tensor) and target.is_floating_point()
-    return FlowGraph(recorder.nodes, recorder.floats, weights, inputs, id(target) if is_float else None)
+    arguments = {id(t) for t in _leaves(prepared) if isinstance(t, torch.Tensor)}
+    target_id = id(target) if is_float else None
+    return FlowGraph(recorder.nodes, recorder.floats, weights, inputs, target_id, arguments=arguments)
 
 
 def value_and_gradients(fn: Callable[..., Any], args: Sequence[Any]) -> tuple[Any, tuple]:

@@ -207,13 +207,11 @@ def _run(model: keras.Model, x: Any, y: Any, sw: Any, loss_fn: Any, training: bo
 # --- per layer ---------------------------------------------------------------------------------------------------
 
 
-def _boundary(nodes: list[Node]) -> tuple[list[Hashable], list[Hashable]]:
-    """The values a call's nodes read from outside, and those they write that others read (or all, at the end)."""
+def _sources(graph: FlowGraph, nodes: list[Node]) -> list[Hashable]:
+    """The values a call's nodes read from outside it: made by other nodes, or arguments (not constants)."""
     made = {v for n in nodes for v in n.outputs}
-    read = {v for n in nodes for v in n.inputs}
-    sources = list(dict.fromkeys(v for n in nodes for v in n.inputs if v not in made))
-    sinks = [v for n in nodes for v in n.outputs if v not in read]
-    return sources, sinks
+    elsewhere = {v for n in graph.nodes for v in n.outputs} | graph.arguments
+    return list(dict.fromkeys(v for n in nodes for v in n.inputs if v not in made and v in elsewhere))
 
 
 def _sinks(graph: FlowGraph, nodes: list[Node]) -> list[Hashable]:
@@ -264,10 +262,10 @@ def _layer_path(index: int, layer: keras.Layer, run: _Run, grads: list) -> Layer
         return record
     graph, worst, on_path = run.graph, (FLOWS + 1, None, ""), set()
     for call in {run.calls.order[p][1] for p in positions}:
-        nodes = graph.layer_nodes(index, call)
+        nodes = graph.layer_nodes(index, call, aliases=True)  # a nested function's renamings carry the path
         if not nodes:
             continue
-        sources, sinks = _boundary(nodes)[0], _sinks(graph, nodes)
+        sources, sinks = _sources(graph, nodes), _sinks(graph, nodes)
         on_path.update(id(n) for n in path_nodes(nodes, sources, sinks))
         worst = min(worst, diagnose(nodes, graph.floats, sources, sinks), key=lambda v: v[0])
     level, node, reason = worst if worst[0] <= FLOWS else (FLOWS, None, "")
