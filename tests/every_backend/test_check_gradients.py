@@ -136,3 +136,13 @@ def test_results_are_the_public_types():
     assert isinstance(c, gm.GradientCheck) and all(isinstance(r, CheckRow) for r in c.rows)
     assert c.to_dict()["name"] == [r.name for r in c.rows]
     assert "PASSED" in repr(c)
+
+
+def test_float64_promotion_is_scoped():
+    """Canary of the Keras internal the float64 copy needs (Keras on JAX/PyTorch narrows float64 to float32)."""
+    from gradmagic.core.backends.keras_internals import float64_promotion
+
+    outside = keras.backend.result_type("float64", "float64")
+    with float64_promotion():
+        assert keras.backend.result_type("float64", "float64") == "float64"
+    assert keras.backend.result_type("float64", "float64") == outside

@@ -157,3 +157,15 @@ def test_a_custom_gradient_is_followed_not_blamed():
     e = gm.explain(model, X, verbose=False)
     assert e.blocked == [] and e.disconnected == []
     assert e["custom"].verdict == "flows" and e["before"].observed == "flows"
+
+
+def test_training_mode_moves_no_batchnorm_statistics():
+    model = keras.Sequential(
+        [keras.Input((4, 4, 1)), keras.layers.Conv2D(2, 3), keras.layers.BatchNormalization(), keras.layers.Flatten()]
+    )
+    before = fingerprint(model)
+    x = np.random.default_rng(2).normal(size=(3, 4, 4, 1)).astype("float32")
+    e = gm.explain(model, x, training=True, verbose=False)
+    assert_unchanged(model, before)
+    assert _torch_grads_left(model) == []
+    assert e.blocked == []
