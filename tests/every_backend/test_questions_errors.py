@@ -100,3 +100,10 @@ def test_the_backends_own_tensors_are_taken(backend):
     want = gm.weight_gradients(model, X, Y).arrays()
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a, b)  # the same compiled function on the same numbers
+
+
+def test_python_control_flow_on_a_tensor_names_the_layer_and_the_fix():
+    # Under tracing (TensorFlow, JAX) or vmap (PyTorch's per-sample Jacobian) a tensor has no Python truth value.
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Lambda(lambda t: t if keras.ops.sum(t) > 0 else -t)])
+    error = _refused(GradmagicError, "Python control flow", lambda: gm.input_gradients(model, X), model)
+    assert "Layer 0 'lambda'" in str(error) and "where" in str(error)
