@@ -169,3 +169,20 @@ def test_training_mode_moves_no_batchnorm_statistics():
     assert_unchanged(model, before)
     assert _torch_grads_left(model) == []
     assert e.blocked == []
+
+
+def test_a_jax_host_callback_is_named_as_the_cut(backend):
+    if backend != "jax":
+        pytest.skip("jax.pure_callback exists on JAX only")
+    import jax
+
+    def on_host(t):
+        return jax.pure_callback(lambda a: np.asarray(a) * 2.0, jax.ShapeDtypeStruct(t.shape, t.dtype), t)
+
+    inputs = keras.Input((3,))
+    hidden = keras.layers.Dense(2, name="before")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(1)(keras.layers.Lambda(on_host, name="host")(hidden)))
+    e = gm.explain(model, X, verbose=False)
+    assert [r.name for r in e.blocked] == ["host"] and e["host"].op == "pure_callback"
+    assert {(d.layer, d.cut_layer) for d in e.disconnected} == {("before", "host")}
+    assert any("could not compute the gradient" in note for note in e.notes)  # JAX refuses its JVP
