@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import gradmagic as gm
+from every_backend.backend_truths import central_differences, hand_mse_gradients, weights64
 
 from .backend_truths import central_differences, hand_mse_gradients, weights64
 

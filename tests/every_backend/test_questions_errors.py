@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import gradmagic as gm
+from every_backend.backend_truths import fingerprint, no_grad_left
 from gradmagic.errors import GradmagicError, InputError, LayerError, LossError, NoWeightsError
 
 from .backend_truths import fingerprint, no_grad_left

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import gradmagic as gm
+from every_backend.backend_truths import clear_grads, fingerprint, no_grad_left
 
 from .backend_truths import clear_grads, fingerprint, no_grad_left
 
