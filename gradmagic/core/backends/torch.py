@@ -32,16 +32,33 @@ def _indices(argnums: int | Sequence[int]) -> tuple[int, ...]:
     return (argnums,) if isinstance(argnums, int) else tuple(argnums)
 
 
-def _leaves(structure: Any) -> list[Any]:
-    import keras
+# The arguments differentiated here are lists (the variables' values) or the user's x: lists, tuples and dicts
+# of tensors. A plain walk of those costs microseconds; ``keras.tree`` on PyTorch (torch's pytree) costs about
+# a millisecond per call, which eager PyTorch pays on every call.
 
-    return keras.tree.flatten(structure)
+
+def _leaves(structure: Any) -> list[Any]:
+    """The leaves of nested lists, tuples and dicts (dicts by sorted key, as ``keras.tree`` orders them)."""
+    if isinstance(structure, (list, tuple)):
+        return [leaf for item in structure for leaf in _leaves(item)]
+    if isinstance(structure, dict):
+        return [leaf for key in sorted(structure) for leaf in _leaves(structure[key])]
+    return [structure]
 
 
 def _pack(structure: Any, leaves: Sequence[Any]) -> Any:
-    import keras
+    """``leaves`` in the shape of ``structure`` (the inverse of :func:`_leaves`)."""
+    found = iter(leaves)
 
-    return keras.tree.pack_sequence_as(structure, list(leaves))
+    def rebuild(node: Any) -> Any:
+        if isinstance(node, (list, tuple)):
+            items = [rebuild(item) for item in node]
+            return type(node)(*items) if hasattr(node, "_fields") else type(node)(items)
+        if isinstance(node, dict):
+            return type(node)((key, rebuild(node[key])) for key in sorted(node))
+        return next(found)
+
+    return rebuild(structure)
 
 
 def _differentiable(value: Any) -> Any:
