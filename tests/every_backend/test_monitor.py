@@ -173,10 +173,10 @@ def test_a_nan_raises_at_its_step_and_layer(backend):
     if backend == "tensorflow":
         assert anomaly.layer == "divide"  # the NaN/Inf-origin pass names the Lambda's division
     else:
-        # Without that pass the weight nearest the output is reported, and the message says
-        # the forward pass is the likely cause and where the op is named.
+        # The monitor keeps no batch here: the weight nearest the output is reported, and the
+        # message says the forward pass is the likely cause and how to name the op.
         assert anomaly.layer == "out" and anomaly.weight == model.trainable_variables[-2].path
-        assert "forward pass" in anomaly.message and "TensorFlow backend" in anomaly.message
+        assert "forward pass" in anomaly.message and "gm.explain(model, x, y) on that batch" in anomaly.message
     assert "apply" not in vars(model.optimizer) and "stateless_apply" not in vars(model.optimizer)
     assert len(monitor.to_dict()["step"]) == 3 * 4  # steps 0, 1, 2 (four weights each)
 

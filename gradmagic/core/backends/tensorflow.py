@@ -30,6 +30,7 @@ from gradmagic.core.backends.keras_internals import (  # noqa: F401
     fit_token,
     fresh_compiled_loss,
     instance_settings,
+    lambda_output_shape,
     python_state,
     restore_python_state,
 )
@@ -338,20 +339,6 @@ def differentiated_scope(gradient_op_name: str) -> str | None:
         return None
     scope, _, _ = gradient_op_name.removeprefix(_TAPE_SCOPE).rpartition("/")
     return scope or None
-
-
-def lambda_output_shape(layer: Any) -> Any:
-    """The ``output_shape`` argument a ``keras.layers.Lambda`` was built with: a shape, a function, or ``None``.
-
-    ``Lambda.get_config`` serializes a shape function to a dict and Keras has no
-    public accessor for the argument as given; Keras keeps it as ``_output_shape``.
-    Falls back to ``None``: Keras then infers the shape by running the function
-    on symbolic inputs, which is right for most functions.
-
-    Args:
-        layer: A ``keras.layers.Lambda``.
-    """
-    return getattr(layer, "_output_shape", None)
 
 
 def variable_placeholders(graph: Any, variables: list) -> dict[int, list[tf.Tensor]]:

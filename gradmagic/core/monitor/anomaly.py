@@ -8,16 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from gradmagic.core.diagnose.origin import NonfiniteOrigin
 from gradmagic.core.monitor.columns import column
 from gradmagic.core.questions.slots import WeightSlot
 from gradmagic.errors import GradientAnomalyError  # noqa: F401 - still importable from here
-
-if TYPE_CHECKING:  # the origin pass is TensorFlow's; anomalies themselves are framework-free
-    from gradmagic.core.diagnose.nonfinite_origin import NonfiniteOrigin
 
 ANOMALY_KINDS = ("nonfinite", "exploding", "vanishing")
 
@@ -42,7 +39,7 @@ class Anomaly:
         origin: For ``nonfinite`` with ``on_anomaly="stop"``/``"raise"``: the op that made
             NaN/Inf first (forward pass first), found by ``gm.explain``'s NaN/Inf-origin
             pass on the step's batch at the weights before the step
-            (:class:`~gradmagic.core.diagnose.nonfinite_origin.NonfiniteOrigin`); else None.
+            (:class:`~gradmagic.core.diagnose.origin.NonfiniteOrigin`); else None.
     """
 
     kind: str

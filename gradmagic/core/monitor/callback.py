@@ -79,7 +79,8 @@ class GradientMonitor(keras.callbacks.Callback):
     the jitted train step (from the gradients ``optimizer.stateless_apply``
     receives; under ``keras.distribution.DataParallel`` those of the whole batch),
     on PyTorch in the wrapped ``optimizer.apply``. Gradient histograms
-    (``histogram_every``), ``bad_batch`` and the op that made a NaN/Inf first are
+    (``histogram_every``), ``bad_batch`` and the op that made a NaN/Inf first (in
+    the anomaly; ``gm.explain`` on the batch finds it on every backend) are
     TensorFlow-only for now; TensorBoard files need TensorFlow installed (as
     Keras's own TensorBoard callback does).
 
@@ -473,9 +474,9 @@ class GradientMonitor(keras.callbacks.Callback):
         elif keras.backend.backend() != "tensorflow":
             message = (
                 f"NaN/Inf gradient first appears at layer {layer!r} (index {index}) {where}: {counts}; {why}. "
-                f"The op that makes it is not named on the {keras.backend.backend()!r} backend yet: "
-                "gm.explain(model, x, y) on that batch names it on the TensorFlow backend (a model saved as "
-                ".keras loads there)"
+                f"The monitor keeps no copy of the step's batch on the {keras.backend.backend()!r} backend yet "
+                "(on TensorFlow it names the op itself): gm.explain(model, x, y) on that batch names the op "
+                "that makes it"
                 + (
                     " after monitor.restore_last_good() (the weights from before the step)."
                     if self.on_anomaly == "stop"

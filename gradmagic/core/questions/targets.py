@@ -292,7 +292,7 @@ def _explicit_loss(model: keras.Model, loss: Any) -> LossFn:
         for i, (loss_obj, y_true, pred) in enumerate(zip(flat_loss, flat_true, flat_pred)):
             weight = flat_weight[i] if flat_weight is not None else sample_weight
             # At least float32: a float16 (mixed precision) loss overflows.
-            dtype = "float64" if pred.dtype == "float64" else "float32"
+            dtype = "float64" if keras.backend.standardize_dtype(pred.dtype) == "float64" else "float32"
             try:
                 value = loss_obj(y_true, pred, sample_weight=weight)
             except GradmagicError:
