@@ -260,26 +260,6 @@ def test_not_inlined_function_is_called_as_one_node_and_computes_its_body():
     assert "PartitionedCall" in call_types or "StatefulPartitionedCall" in call_types
 
 
-def test_branch_node_runs_the_branch_taken_as_one_if_node_that_is_not_lowered():
-    from gradmagic.core.backends.tensorflow import branch_node
-
-    specs = [tf.TensorSpec([3], tf.float32), tf.TensorSpec([3], tf.float32)]
-    then_function = tf.function(lambda a, b: a * b, input_signature=specs, autograph=False)
-    else_function = tf.function(lambda a, b: a - b, input_signature=specs, autograph=False)
-    step = tf.function(
-        lambda p, a, b: branch_node(p, [a, b], then_function, else_function, tf.TensorSpec([3], tf.float32)),
-        input_signature=[tf.TensorSpec([], tf.bool), *specs],
-    )
-    a, b = np.array([1.5, -2.0, 4.0], "float32"), np.array([2.0, 3.0, -0.5], "float32")
-    # Both sides are exact in float32 (products and differences of these values).
-    np.testing.assert_array_equal(step(tf.constant(True), a, b).numpy(), a * b)
-    np.testing.assert_array_equal(step(tf.constant(False), a, b).numpy(), a - b)
-    (node,) = [op for op in step.get_concrete_function().graph.get_operations() if op.type.endswith("If")]
-    # tf.cond marks its If to be lowered to Switch/Merge; this one must stay an If node.
-    assert node.type == "StatelessIf"
-    assert not node.node_def.attr["_lower_using_switch_merge"].b
-
-
 def test_op_copier_replays_ops_with_their_attributes():
     from gradmagic.core.backends.tensorflow import op_copier
 

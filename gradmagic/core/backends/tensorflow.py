@@ -352,47 +352,6 @@ def _no_inline_supported() -> bool:
     return True
 
 
-def branch_node(
-    pred: tf.Tensor,
-    inputs: Sequence[tf.Tensor],
-    then_function: Callable[..., Any],
-    else_function: Callable[..., Any],
-    output: tf.TensorSpec,
-) -> tf.Tensor:
-    """``then_function(*inputs)`` if ``pred`` else ``else_function(*inputs)``, as one ``If`` node of the graph.
-
-    Public API missing: ``tf.cond`` inside a ``tf.function`` is lowered to
-    ``Switch``/``Merge`` nodes, and a graph that holds any such node runs on
-    TensorFlow's control-flow executor, whose bookkeeping every node of the graph
-    pays: a whole train step became measurably slower with one small ``tf.cond`` in
-    it. ``tf.raw_ops.StatelessIf`` (public, but not the documented way to branch) is
-    never lowered: the graph keeps the plain executor and the ``If`` node calls the
-    branch taken as a function. Only for stateless branches that run without XLA.
-
-    Falls back to ``tf.cond`` (same results, the slower executor) when this
-    TensorFlow refuses the op.
-
-    Args:
-        pred: Scalar bool tensor.
-        inputs: The tensors both branches take, in order.
-        then_function: Stateless ``tf.function`` of ``inputs`` (traced here, cache it).
-        else_function: Stateless ``tf.function`` of ``inputs``.
-        output: Shape and dtype of the one tensor each branch returns.
-    """
-    specs = [tf.TensorSpec(t.shape, t.dtype) for t in inputs]
-    try:
-        return tf.raw_ops.StatelessIf(
-            cond=pred,
-            input=list(inputs),
-            Tout=[output.dtype],
-            then_branch=then_function.get_concrete_function(*specs),
-            else_branch=else_function.get_concrete_function(*specs),
-            output_shapes=[output.shape],
-        )[0]
-    except (AttributeError, TypeError, ValueError):
-        return tf.cond(pred, lambda: then_function(*inputs), lambda: else_function(*inputs))
-
-
 def op_copier() -> Callable[[Any, Sequence[Any]], Any] | None:
     """A function that adds, to the graph being traced, a copy of an op applied to other inputs.
 

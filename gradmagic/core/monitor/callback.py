@@ -289,6 +289,8 @@ class GradientMonitor(keras.callbacks.Callback):
         )
         if self._writer is None:
             self._writer = _summary_writer(self.log_dir)
+        if self.stats == "norm":
+            buffer.schedule(count, self.full_every)  # again at each epoch's start
         if self._functions.capture is not None:
             self._functions.capture.reset()  # each fit keeps its own first bad step
         self._bad_batch = self._bad_weights = None
@@ -301,8 +303,6 @@ class GradientMonitor(keras.callbacks.Callback):
         session.begin_epoch(epoch)
         if self.stats == "norm":
             # Full statistics at the batches where the host reads (or every full_every).
-            # Set here only (fit calls this before every epoch's first batch): one device
-            # write per epoch, a fixed cost of every short fit.
             session.buffer.schedule(session.epoch_first, self.full_every)
 
     @property

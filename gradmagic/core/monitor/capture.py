@@ -79,6 +79,7 @@ class StatsBuffer:
         # so changing the cadence needs no new trace.
         with tf.init_scope(), strategy.scope():
             self._schedule = tf.Variable([1, 1], dtype=tf.int64, trainable=False, name="gradmagic_monitor_schedule")
+        self._scheduled = (1, 1)  # what the host last wrote
         self.histograms = None
         if histograms is not None:
             every, bins = histograms
@@ -94,7 +95,10 @@ class StatsBuffer:
         """In ``"norm"`` mode, measure everything at batches ``every - 1``, ``2 * every - 1``... of the epoch
         that starts at recorded step ``epoch_start`` (the batches at which the host reads)."""
         # The offset 1 - epoch_start saves the step two ops: full when (count + offset) % every == 0.
-        self._schedule.assign([1 - int(epoch_start), int(every)])
+        schedule = (1 - int(epoch_start), int(every))
+        if schedule != self._scheduled:  # a device write is a fixed cost of every short fit: once per fit
+            self._schedule.assign(schedule, read_value=False)
+            self._scheduled = schedule
 
     def record(
         self,

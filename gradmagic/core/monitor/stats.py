@@ -139,15 +139,16 @@ def norm_stats(
     measure = tf.logical_or(full, tf.logical_not(trusted))
     if xla:  # XLA compiles both branches into one program; no executor to skip nodes
         return tf.cond(measure, lambda: step_stats(grads, squares, xla), lambda: quick)
-    # One If node that is never lowered (see backend.branch_node): a lowered tf.cond
-    # would put the whole train step on TensorFlow's slower control-flow executor. The
-    # full statistics are one call of a function that is not inlined, so that they are
-    # optimized and instantiated only if a step ever takes that branch.
+    # The full statistics are one call of a function that is not inlined: in a step that
+    # does not take that branch the executor then skips one node, not the dozens of
+    # step_stats' ops (which it would otherwise visit, as dead, at every step). A lowered
+    # tf.cond measured cheaper here than an If node that is not lowered (which calls the
+    # branch taken as a function at every step).
     given = [sq for sq in squares if sq is not None]
     specs = [tf.TensorSpec(g.shape, g.dtype) for g in grads] + [tf.TensorSpec(sq.shape, sq.dtype) for sq in given]
     squared = tuple(sq is not None for sq in squares)
-    measured, unmeasured = _branch_functions(tuple(specs), squared, tf.TensorSpec(quick.shape, quick.dtype))
-    return backend.branch_node(measure, [quick, *grads, *given], measured, unmeasured, tf.TensorSpec([5, n]))
+    full_stats = _full_function(tuple(specs), squared)
+    return tf.cond(measure, lambda: full_stats(*grads, *given), lambda: quick)
 
 
 def square_floors(sizes: Sequence[int]) -> np.ndarray:
@@ -242,17 +243,6 @@ def _full_function(specs: tuple[tf.TensorSpec, ...], squared: tuple[bool, ...]) 
     return _cached(_FULL, specs, body, True, squared)
 
 
-def _branch_functions(
-    specs: tuple[tf.TensorSpec, ...], squared: tuple[bool, ...], quick: tf.TensorSpec
-) -> tuple[Callable[..., tf.Tensor], Callable[..., tf.Tensor]]:
-    """:func:`norm_stats`' two branches, of ``(quick, *gradients, *squares)``: all statistics, or ``quick``."""
-    full_stats = _full_function(specs, squared)
-    key = (quick, *specs)
-    measured = _cached(_BRANCHES, key, lambda q, *tensors: full_stats(*tensors), False, (squared, True))
-    unmeasured = _cached(_BRANCHES, key, lambda q, *tensors: tf.identity(q), False, (squared, False))
-    return measured, unmeasured
-
-
 def _masked_function(specs: tuple[tf.TensorSpec, ...]) -> Callable[..., tf.Tensor]:
     # Not inlined: the call is instantiated (optimized, compiled) only if a step
     # ever takes the non-finite branch, not with every train function.
@@ -260,13 +250,11 @@ def _masked_function(specs: tuple[tf.TensorSpec, ...]) -> Callable[..., tf.Tenso
 
 
 # The traced statistics functions, one cache per variant (policy: see _cached).
-# _STATS: stats_function's (inlined into the train step); _BRANCHES: norm_stats' two
-# branch functions (called by an If node); _FULL and _MASKED: the
+# _STATS: stats_function's (inlined into the train step); _FULL and _MASKED: the
 # not-inlined branches of norm_stats and step_stats.
 _STATS: dict[tuple, Callable[..., tf.Tensor]] = {}
 _MASKED: dict[tuple, Callable[..., tf.Tensor]] = {}
 _FULL: dict[tuple, Callable[..., tf.Tensor]] = {}
-_BRANCHES: dict[tuple, Callable[..., tf.Tensor]] = {}
 
 
 def _cached(
@@ -274,7 +262,7 @@ def _cached(
 ) -> Callable[..., tf.Tensor]:
     """The ``tf.function`` of ``body`` for ``specs`` and ``flags`` from ``cache``, made on a miss.
 
-    Cache policy (``_STATS``, ``_BRANCHES``, ``_FULL``, ``_MASKED``): one entry per gradient
+    Cache policy (``_STATS``, ``_FULL``, ``_MASKED``): one entry per gradient
     signature (shapes, dtypes) and variant flags, for the whole process. Keys hold
     no model, variable or tensor, so a cache keeps no model alive, and every model
     whose gradients have the same shapes reuses the traced function (Python tracing
