@@ -30,11 +30,11 @@ _EVERY_BACKEND = {
     "model_name": "gradmagic.core.questions.targets",
     "is_scalar_list": "gradmagic.core.questions.inputs",
     "model_spec": "gradmagic.core.questions.inputs",
+    "is_stream": "gradmagic.core.batches",
 }
 
 # The TensorFlow implementations.
 _TENSORFLOW = {
-    "is_stream": "gradmagic.core.batches",
     "DisconnectedWeight": "gradmagic.core.diagnose.explain",
     "Explanation": "gradmagic.core.diagnose.explain",
     "LayerPath": "gradmagic.core.diagnose.explain",
@@ -67,7 +67,20 @@ _TENSORFLOW = {
 # The JAX and PyTorch implementations (through Keras' stateless API and each
 # framework's own autodiff, see ``gradmagic.core.backends``). A TensorFlow name
 # missing here raises a clear "not yet on this backend" error when used.
-_STATELESS: dict[str, str] = {}
+_STATELESS: dict[str, str] = {
+    "DisconnectedWeight": "gradmagic.core.diagnose.explanation",
+    "Explanation": "gradmagic.core.diagnose.explanation",
+    "LayerPath": "gradmagic.core.diagnose.explanation",
+    "OpInfo": "gradmagic.core.diagnose.explanation",
+    "explain": "gradmagic.core.diagnose.stateless_explain",
+    "CheckRow": "gradmagic.core.diagnose.gradcheck_results",
+    "GradientCheck": "gradmagic.core.diagnose.gradcheck_results",
+    "check_gradients": "gradmagic.core.diagnose.stateless_gradcheck",
+    "clear_cache": "gradmagic.core.questions.stateless",
+    "input_gradients": "gradmagic.core.questions.stateless",
+    "output_gradients": "gradmagic.core.questions.stateless",
+    "weight_gradients": "gradmagic.core.questions.stateless",
+}
 
 _BY_BACKEND = {"tensorflow": _TENSORFLOW, "jax": _STATELESS, "torch": _STATELESS}
 

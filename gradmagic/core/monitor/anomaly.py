@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gradmagic.core.diagnose.nonfinite_origin import NonfiniteOrigin
+from gradmagic.core.diagnose.origin import NonfiniteOrigin
 from gradmagic.core.monitor.columns import column
 from gradmagic.core.questions.targets import WeightSlot
 from gradmagic.errors import GradientAnomalyError  # noqa: F401 - still importable from here

@@ -15,9 +15,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import keras
-import tensorflow as tf
 
-from gradmagic.core.backends.tensorflow import python_state, restore_python_state
+from gradmagic.core.backends.keras_internals import python_state, restore_python_state
 from gradmagic.core.snapshots import values_restored
 
 
@@ -26,17 +25,19 @@ def state_variables(model: keras.Model) -> list[keras.Variable]:
     return list(model.non_trainable_variables)
 
 
-def snapshot_in_graph(variables: list[keras.Variable]) -> list[tf.Tensor]:
+def snapshot_in_graph(variables: list[keras.Variable]) -> list[Any]:
     """Read the variables' values inside a ``tf.function``.
 
     Automatic control dependencies order these reads before any later write of
     the same variable in the traced program, and the matching
     :func:`restore_in_graph` after it.
     """
+    import tensorflow as tf  # only ever inside a tf.function: TensorFlow is loaded already
+
     return [tf.identity(var.value) for var in variables]
 
 
-def restore_in_graph(variables: list[keras.Variable], values: list[tf.Tensor]) -> None:
+def restore_in_graph(variables: list[keras.Variable], values: list[Any]) -> None:
     """Write back values taken by :func:`snapshot_in_graph`."""
     for var, value in zip(variables, values):
         var.assign(value)
