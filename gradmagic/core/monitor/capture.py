@@ -76,10 +76,11 @@ class StatsBuffer:
             tf.zeros((self.capacity, len(RAW_ROWS), len(self.paths)), tf.float32), "gradmagic_monitor_rows", strategy
         )
         self.count = replica_variable(tf.constant(0, tf.int64), "gradmagic_monitor_count", strategy)
-        # (count at the epoch's first batch, full_every), set by the host: a variable,
+        # (1 - count at the epoch's first batch, full_every), set by the host: a variable,
         # so changing the cadence needs no new trace.
         with tf.init_scope(), strategy.scope():
-            self._schedule = tf.Variable([0, 1], dtype=tf.int64, trainable=False, name="gradmagic_monitor_schedule")
+            self._schedule = tf.Variable([1, 1], dtype=tf.int64, trainable=False, name="gradmagic_monitor_schedule")
+        self._scheduled = (1, 1)  # what the host last wrote
         self.histograms = None
         if histograms is not None:
             every, bins = histograms
@@ -94,7 +95,11 @@ class StatsBuffer:
     def schedule(self, epoch_start: int, every: int) -> None:
         """In ``"norm"`` mode, measure everything at batches ``every - 1``, ``2 * every - 1``... of the epoch
         that starts at recorded step ``epoch_start`` (the batches at which the host reads)."""
-        self._schedule.assign([int(epoch_start), int(every)])
+        # The offset 1 - epoch_start saves the step two ops: full when (count + offset) % every == 0.
+        schedule = (1 - int(epoch_start), int(every))
+        if schedule != self._scheduled:  # a device write is a fixed cost of every short fit: once per fit
+            self._schedule.assign(schedule, read_value=False)
+            self._scheduled = schedule
 
     def record(
         self,
@@ -161,8 +166,8 @@ class StatsBuffer:
             specs = [tf.TensorSpec(g.shape, g.dtype) for g in grads]
             function = stats_function(specs, squared, self.xla, self.mode)
             if self.mode == "norm":
-                start, every = self._schedule[0], self._schedule[1]
-                full = tf.equal(tf.math.floormod(self.count - start + 1, every), 0)
+                offset, every = tf.unstack(self._schedule.read_value())  # one read, one unpack
+                full = tf.equal(tf.math.floormod(self.count + offset, every), 0)
                 stats = function(*grads, *given, full)
             else:
                 stats = function(*grads, *given)

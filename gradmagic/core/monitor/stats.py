@@ -118,7 +118,7 @@ def norm_stats(
         return step_stats(grads, squares, xla)
     reduce = _Reducer(xla)
     zero = tf.constant(0.0)
-    halves = []  # half sums of squares (what L2Loss gives): the factor 2 is applied once, to all
+    halves = []  # half sums of squares (what L2Loss gives)
     for grad, square, size in zip(grads, squares, sizes, strict=True):
         if size == 0:
             halves.append(zero)
@@ -126,18 +126,25 @@ def norm_stats(
             halves.append(0.5 * reduce(tf.reduce_sum, square, size))
         else:
             halves.append(reduce.sumsq(grad, size, half=True))
-    sums = 2.0 * tf.stack(halves)
+    halves = tf.stack(halves)
     n = len(grads)
-    quick = tf.stack([tf.zeros([n]), tf.sqrt(sums), tf.fill([n], -1.0), tf.zeros([n]), tf.zeros([n])])
-    # NaN and Inf fail both comparisons; a sum below its floor may have lost squares.
-    floors = tf.constant(square_floors(sizes), tf.float32)
-    trusted = tf.reduce_all(tf.logical_and(sums >= floors, sums <= np.finfo(np.float32).max))
+    # The factor 2 is applied once, to all; the constant rows are folded by TensorFlow.
+    quick = tf.stack([tf.zeros([n]), tf.sqrt(2.0 * halves), tf.fill([n], -1.0), tf.zeros([n]), tf.zeros([n])])
+    # Trusted: every half sum within [floor / 2, max / 2] (the sum within [floor, max]):
+    # clipping leaves it unchanged. NaN equals nothing, Inf is clipped; a sum below
+    # its floor may have lost squares.
+    low = tf.constant(square_floors(sizes) / 2, tf.float32)
+    high = tf.constant(np.finfo(np.float32).max / 2, tf.float32)
+    clipped = tf.raw_ops.ClipByValue(t=halves, clip_value_min=low, clip_value_max=high)
+    trusted = tf.reduce_all(tf.equal(clipped, halves))
     measure = tf.logical_or(full, tf.logical_not(trusted))
     if xla:  # XLA compiles both branches into one program; no executor to skip nodes
         return tf.cond(measure, lambda: step_stats(grads, squares, xla), lambda: quick)
     # The full statistics are one call of a function that is not inlined: in a step that
     # does not take that branch the executor then skips one node, not the dozens of
-    # step_stats' ops (which it would otherwise visit, as dead, at every step).
+    # step_stats' ops (which it would otherwise visit, as dead, at every step). A lowered
+    # tf.cond measured cheaper here than an If node that is not lowered (which calls the
+    # branch taken as a function at every step).
     given = [sq for sq in squares if sq is not None]
     specs = [tf.TensorSpec(g.shape, g.dtype) for g in grads] + [tf.TensorSpec(sq.shape, sq.dtype) for sq in given]
     squared = tuple(sq is not None for sq in squares)
