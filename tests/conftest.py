@@ -56,6 +56,7 @@ def mlp(widths=(3, 4, 2), activation="tanh", name="mlp") -> keras.Sequential:
 def mse_tape(model: keras.Model, x, y, sample_weight=None) -> tuple[float, list[np.ndarray]]:
     """The mean squared error and its weight gradients from a hand-written eager tape (the truth)."""
     import tensorflow as tf  # here, not at the top: this conftest also serves tests/every_backend on JAX and PyTorch
+
     with tf.GradientTape() as tape:
         per_sample = tf.reduce_mean(tf.square(model(x) - y), axis=-1)
         if sample_weight is not None:
