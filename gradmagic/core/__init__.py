@@ -30,11 +30,13 @@ _EVERY_BACKEND = {
     "model_name": "gradmagic.core.questions.targets",
     "is_scalar_list": "gradmagic.core.questions.inputs",
     "model_spec": "gradmagic.core.questions.inputs",
+    "embedding_layer": "gradmagic.core.questions.kinds",
+    "input_kind": "gradmagic.core.questions.kinds",
+    "is_stream": "gradmagic.core.streams",
 }
 
 # The TensorFlow implementations.
 _TENSORFLOW = {
-    "is_stream": "gradmagic.core.batches",
     "DisconnectedWeight": "gradmagic.core.diagnose.explain",
     "Explanation": "gradmagic.core.diagnose.explain",
     "LayerPath": "gradmagic.core.diagnose.explain",
@@ -53,8 +55,6 @@ _TENSORFLOW = {
     "Saliency": "gradmagic.core.questions.attribution.results",
     "saliency": "gradmagic.core.questions.attribution.saliency",
     "TokenGradients": "gradmagic.core.questions.attribution.tokens",
-    "embedding_layer": "gradmagic.core.questions.attribution.tokens",
-    "input_kind": "gradmagic.core.questions.attribution.tokens",
     "token_gradients": "gradmagic.core.questions.attribution.tokens",
     "token_integrated_gradients": "gradmagic.core.questions.attribution.tokens",
     "clear_cache": "gradmagic.core.questions.compute",
