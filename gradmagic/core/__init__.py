@@ -32,7 +32,7 @@ _EVERY_BACKEND = {
     "model_spec": "gradmagic.core.questions.inputs",
     "embedding_layer": "gradmagic.core.questions.kinds",
     "input_kind": "gradmagic.core.questions.kinds",
-    "is_stream": "gradmagic.core.streams",
+    "is_stream": "gradmagic.core.batches",
 }
 
 # The TensorFlow implementations.

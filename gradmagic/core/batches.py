@@ -9,13 +9,14 @@ one batch, which the result's ``source`` says.
 
 from __future__ import annotations
 
+import collections.abc
 from dataclasses import dataclass
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
-from gradmagic.core.streams import is_stream
 from gradmagic.errors import InputError
 
 
@@ -33,6 +34,13 @@ class Batch:
     y: Any
     sample_weight: Any
     source: str | None = None
+
+
+def is_stream(x: Any) -> bool:
+    """True for a dataset, a PyDataset or an iterator/generator (not for arrays, tensors or lists)."""
+    if isinstance(x, (tf.data.Dataset, keras.utils.PyDataset)):
+        return True
+    return isinstance(x, collections.abc.Iterator) and not isinstance(x, (np.ndarray, tf.Tensor, str, bytes))
 
 
 def first_batch(x: Any, y: Any = None, sample_weight: Any = None, takes_y: bool = True) -> Batch:
