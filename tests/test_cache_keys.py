@@ -20,7 +20,7 @@ import tensorflow as tf
 from conftest import X6, assert_unchanged, fingerprint, mlp, numpy_mse, two_outputs
 
 import gradmagic as gm
-from gradmagic.core.backends import tensorflow as door
+from gradmagic.core.backends import keras_internals
 from gradmagic.core.questions import compute
 from gradmagic.core.questions.cache_keys import KeyBuilder
 from gradmagic.errors import GradmagicWarning
@@ -514,7 +514,7 @@ def test_a_models_setting_read_through_getattr_or_changed_in_place_in_a_list_is_
 
 def test_recompiling_with_other_loss_weights_is_seen_without_keras_compiled_loss_object(monkeypatch):
     # As if a Keras release moved its compiled-loss object: the door then finds none.
-    monkeypatch.setattr(door, "_COMPILE_LOSS", "_compile_loss_moved_away")
+    monkeypatch.setattr(keras_internals, "_COMPILE_LOSS", "_compile_loss_moved_away")
     model = mlp()
     optimizer = model.optimizer
     gm.weight_gradients(model, X, Y)

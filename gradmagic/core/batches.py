@@ -10,13 +10,14 @@ one batch, which the result's ``source`` says.
 from __future__ import annotations
 
 import collections.abc
+import sys
 from dataclasses import dataclass
 from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
 
+from gradmagic.core.backends.tensors import is_tf_tensor
 from gradmagic.errors import InputError
 
 
@@ -38,9 +39,16 @@ class Batch:
 
 def is_stream(x: Any) -> bool:
     """True for a dataset, a PyDataset or an iterator/generator (not for arrays, tensors or lists)."""
-    if isinstance(x, (tf.data.Dataset, keras.utils.PyDataset)):
+    if _is_tf_dataset(x) or isinstance(x, keras.utils.PyDataset):
         return True
-    return isinstance(x, collections.abc.Iterator) and not isinstance(x, (np.ndarray, tf.Tensor, str, bytes))
+    return isinstance(x, collections.abc.Iterator) and not (isinstance(x, (np.ndarray, str, bytes)) or is_tf_tensor(x))
+
+
+def _is_tf_dataset(x: Any) -> bool:
+    """True for a ``tf.data.Dataset`` (Keras takes one on every backend); False when TensorFlow is not loaded."""
+    tf = sys.modules.get("tensorflow")
+    data = getattr(tf, "data", None)
+    return data is not None and isinstance(x, data.Dataset)
 
 
 def first_batch(x: Any, y: Any = None, sample_weight: Any = None, takes_y: bool = True) -> Batch:
@@ -67,8 +75,10 @@ def first_batch(x: Any, y: Any = None, sample_weight: Any = None, takes_y: bool 
             f"{' and '.join(given)}=..., or pass x as arrays."
         )
     try:
-        if isinstance(x, tf.data.Dataset):
+        if _is_tf_dataset(x):
             element = next(iter(x.take(1)))
+            if keras.backend.backend() != "tensorflow":  # as Keras' own fit reads a dataset on JAX or PyTorch
+                element = keras.tree.map_structure(lambda t: t.numpy() if is_tf_tensor(t) else t, element)
             where = f"the first batch of {kind}"
         elif isinstance(x, keras.utils.PyDataset):
             element = x[0]
@@ -91,7 +101,7 @@ def first_batch(x: Any, y: Any = None, sample_weight: Any = None, takes_y: bool 
 
 
 def _kind(x: Any) -> str:
-    if isinstance(x, tf.data.Dataset):
+    if _is_tf_dataset(x):
         return "a tf.data.Dataset"
     if isinstance(x, keras.utils.PyDataset):
         return f"a PyDataset ({type(x).__name__})"

@@ -63,3 +63,26 @@ def not_on_backend(name: str) -> Callable[..., Any]:
     unavailable.__name__ = name
     unavailable.__qualname__ = name
     return unavailable
+
+
+def stateless_backend() -> Any:
+    """The backend object of the JAX or PyTorch Keras in use (``jax.BACKEND`` or ``torch.BACKEND``).
+
+    Both have the same methods (compile, value-and-gradient, batched Jacobian,
+    to-NumPy, the foreign-tensor check), so the stateless questions are written
+    once for both.
+
+    Raises:
+        GradmagicError: Keras runs on a backend without such an object
+            (TensorFlow has its own implementation; others are unsupported).
+    """
+    import importlib
+
+    name = check_backend()
+    if name not in ("jax", "torch"):
+        raise GradmagicError(
+            f"Received: Keras running on the {name!r} backend. Expected 'jax' or 'torch': this code path is "
+            f"their stateless implementation. Fix: call the public gradmagic function, which picks the "
+            f"implementation of the backend in use."
+        )
+    return importlib.import_module(f"gradmagic.core.backends.{name}").BACKEND

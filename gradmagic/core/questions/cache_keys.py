@@ -42,17 +42,17 @@ from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
+
+from gradmagic.core.backends.tensors import is_tf_function, loaded_tensor_types
 
 _MAX_ARRAY_BYTES = 1 << 20
 _MAX_ITEMS = 256
 _MAX_DEPTH = 5
 
-#: Kinds keyed by identity: their contents are read at run time, cannot change, or are code.
+#: Kinds keyed by identity: their contents are read at run time, cannot change, or are code. Tensors (and
+#: ``tf.Variable``) of whichever frameworks are loaded join them in :func:`_identity_kinds`.
 _IDENTITY_KINDS = (
     keras.Variable,
-    tf.Variable,
-    tf.Tensor,
     types.ModuleType,
     type,
     types.BuiltinFunctionType,
@@ -158,7 +158,7 @@ class KeyBuilder:
             if value.dtype == object or value.nbytes > _MAX_ARRAY_BYTES:
                 raise Uncacheable(f"an array of {value.nbytes} bytes, dtype {value.dtype}")
             return ("ndarray", value.dtype.str, value.shape, value.tobytes())
-        if isinstance(value, _IDENTITY_KINDS):
+        if isinstance(value, _identity_kinds()):
             return self.same(value)
         if depth <= 0:
             raise Uncacheable(f"{type(value).__name__} nested deeper than {_MAX_DEPTH} levels")
@@ -183,7 +183,7 @@ class KeyBuilder:
             return ("method", token(value.__self__, depth, seen), token(value.__func__, depth, seen))
         if isinstance(value, functools.partial):
             return ("partial", *(token(v, depth, seen) for v in (value.func, value.args, value.keywords)))
-        if isinstance(value, tf.types.experimental.PolymorphicFunction):
+        if is_tf_function(value):
             # A tf.function: the wrapper itself holds locks and trace caches; what a trace reads is its code.
             return ("tf.function", self.same(value), token(value.python_function, depth, seen))
         state = getattr(value, "__dict__", None)
@@ -219,9 +219,26 @@ class KeyBuilder:
         return ("class", *parts)
 
 
+def _identity_kinds() -> tuple[type, ...]:
+    """:data:`_IDENTITY_KINDS` plus the tensor classes of the frameworks loaded now (a tensor cannot change)."""
+    tensors = loaded_tensor_types()
+    kinds = _KINDS_BY_TENSORS.get(tensors)
+    if kinds is None:
+        kinds = _KINDS_BY_TENSORS[tensors] = (*_IDENTITY_KINDS, *tensors)
+    return kinds
+
+
+# The loaded frameworks change only when one is imported: a handful of entries at most.
+_KINDS_BY_TENSORS: dict[tuple[type, ...], tuple[type, ...]] = {}
+
+
 def is_library(module: str) -> bool:
-    """True for a module of Keras, TensorFlow or NumPy (library code, not user state)."""
-    return module.split(".", 1)[0] in ("keras", "tensorflow", "numpy")
+    """True for a module of Keras, a framework or NumPy (library code, not user state)."""
+    return module.split(".", 1)[0] in _LIBRARY_PACKAGES
+
+
+#: Packages whose functions and objects are library code: keyed by identity and their own attributes.
+_LIBRARY_PACKAGES = frozenset({"keras", "tensorflow", "numpy", "jax", "jaxlib", "torch"})
 
 
 def _cell(cell: Any) -> Any:

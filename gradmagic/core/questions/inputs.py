@@ -16,8 +16,8 @@ from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
 
+from gradmagic.core.backends.tensors import host_array, is_tf_tensor
 from gradmagic.core.questions.naming import declared_input_names, output_names
 from gradmagic.core.questions.targets import model_name
 from gradmagic.errors import GradmagicWarning, InputError, LossError, did_you_mean, quote_list
@@ -132,7 +132,9 @@ def _leaf(value: Any, dtype: str | None, what: str = "x") -> Any:
             (unless the model declares such an input).
     """
     float_target = dtype is not None and "float" in dtype
-    if isinstance(value, tf.Tensor):
+    value = host_array(value)  # a JAX array or torch.Tensor: NumPy from here on
+    if is_tf_tensor(value):
+        tf = _tf()
         if value.dtype.is_complex or value.dtype == tf.string:
             _check_kind(np.dtype(value.dtype.as_numpy_dtype), dtype, what)
         if (
@@ -147,13 +149,13 @@ def _leaf(value: Any, dtype: str | None, what: str = "x") -> Any:
     if isinstance(value, (set, frozenset)):
         raise InputError(
             f"Received: {what} as a {type(value).__name__} of {len(value)} items. Expected an array: a NumPy "
-            f"array, nested lists of numbers or a tf.Tensor. A set has no order, so its items cannot be matched "
+            f"array, nested lists of numbers or {_native()}. A set has no order, so its items cannot be matched "
             f"to samples. Fix: pass a list or np.array(...) in the order you mean."
         )
     if isinstance(value, (str, bytes)) and dtype != "string":
         raise InputError(
             f"Received: {what}={value!r:.60} (a {type(value).__name__}). Expected numbers: a NumPy array, "
-            f"nested lists of numbers or a tf.Tensor. Fix: convert the text to numbers first (e.g. token ids, "
+            f"nested lists of numbers or {_native()}. Fix: convert the text to numbers first (e.g. token ids, "
             f"or a StringLookup/TextVectorization layer inside the model)."
         )
     try:
@@ -163,20 +165,20 @@ def _leaf(value: Any, dtype: str | None, what: str = "x") -> Any:
         raise InputError(
             f"Received: {what} as {'nested lists of different lengths (ragged)' if ragged else type(value).__name__}"
             f", which is not a rectangular array ({exc}). Expected a NumPy array, nested lists of numbers of equal "
-            f"lengths or a tf.Tensor. Fix: pad the rows to one length (keras.utils.pad_sequences) or pass one "
+            f"lengths or {_native()}. Fix: pad the rows to one length (keras.utils.pad_sequences) or pass one "
             f"sample at a time."
         ) from None
     if array.dtype == object and array.ndim == 0 and dtype != "string":
         raise InputError(
             f"Received: {what} of type {type(value).__name__} ({_short_repr(value)}), which is not data. Expected "
-            f"a NumPy array, nested lists of numbers or a tf.Tensor (or a list/dict of those for several "
+            f"a NumPy array, nested lists of numbers or {_native()} (or a list/dict of those for several "
             f"{'outputs' if what.startswith('y') else 'inputs'})."
         )
     if array.dtype == object and dtype != "string":
         raise InputError(
             f"Received: {what} that NumPy cannot turn into a numeric array (ragged lists, None or mixed "
             f"types), of length {len(array) if array.ndim else 1}. Expected NumPy arrays, nested lists of "
-            f"numbers of equal lengths, or tf.Tensors. Fix: pad ragged rows to one length, or replace None "
+            f"numbers of equal lengths, or {_native(plural=True)}. Fix: pad ragged rows to one length, or replace None "
             f"with a number."
         )
     _check_kind(array.dtype, dtype, what)
@@ -195,6 +197,19 @@ def _leaf(value: Any, dtype: str | None, what: str = "x") -> Any:
     if dtype is None and array.dtype == np.float64 and isinstance(value, (list, tuple, float)):
         return array.astype(keras.config.floatx())
     return array
+
+
+def _tf() -> Any:
+    """TensorFlow, for a value that is a ``tf.Tensor`` (so TensorFlow is already imported: this costs nothing)."""
+    import tensorflow as tf
+
+    return tf
+
+
+def _native(plural: bool = False) -> str:
+    """The tensor type users of the Keras backend in use pass, for messages ("a tf.Tensor")."""
+    name = {"jax": "JAX array", "torch": "torch.Tensor"}.get(keras.backend.backend(), "tf.Tensor")
+    return f"{name}s" if plural else f"a {name}"
 
 
 def _short_repr(value: Any, limit: int = 60) -> str:
@@ -229,7 +244,7 @@ def nonfinite_warning(**parts: Any) -> None:
     for what, value in parts.items():
         nan = inf = 0
         for leaf in (value,) if isinstance(value, np.ndarray) else keras.tree.flatten(value):
-            if isinstance(leaf, tf.Tensor):
+            if is_tf_tensor(leaf):
                 if not leaf.dtype.is_floating:
                     continue
                 leaf = leaf.numpy()
@@ -253,15 +268,17 @@ def _fit_rank(array: Any, expected: tuple[int | None, ...], what: str, model: ke
     shape = tuple(array.shape)
     rank = len(expected)
     if len(shape) == rank and _dims_match(shape, expected):
-        return array[None, ...] if isinstance(array, np.ndarray) else tf.expand_dims(array, 0)
+        return array[None, ...] if isinstance(array, np.ndarray) else _tf().expand_dims(array, 0)
     if len(shape) == rank and rank > 0 and expected[-1] == 1 and _dims_match(shape[1:], expected[:-1]):
         # (batch,) given for a (batch, 1) input: a batch of scalars, as Keras reads it.
-        return array[..., None] if isinstance(array, np.ndarray) else tf.expand_dims(array, -1)
+        return array[..., None] if isinstance(array, np.ndarray) else _tf().expand_dims(array, -1)
     if len(shape) == rank + 1 and _dims_match(shape[1:], expected):
         return array
     if len(shape) == 0 and all(d == 1 for d in expected):
         # One number for a model that takes one number per sample.
-        return np.reshape(array, (1, *expected)) if isinstance(array, np.ndarray) else tf.reshape(array, (1, *expected))
+        if isinstance(array, np.ndarray):
+            return np.reshape(array, (1, *expected))
+        return _tf().reshape(array, (1, *expected))
     raise InputError(
         f"Received: {what} of shape {shape}, but model '{model_name(model)}' expects "
         f"{_shape_text((None, *expected))}, i.e. {expected} per sample. Fix: reshape "
@@ -348,7 +365,7 @@ def prepare_inputs(model: keras.Model, x: Any, spec: ModelSpec) -> tuple[Any, in
     if x is None:
         raise InputError(
             f"Received: x=None for model '{model_name(model)}'. Expected input data: "
-            f"a NumPy array, a list of numbers, a tf.Tensor, or a list/dict of those "
+            f"a NumPy array, a list of numbers, {_native()}, or a list/dict of those "
             f"for a model with several inputs."
         )
     if spec.inputs is None:
@@ -356,7 +373,8 @@ def prepare_inputs(model: keras.Model, x: Any, spec: ModelSpec) -> tuple[Any, in
         if _is_leaf(x):
             prepared = _leaf(x, None, "x")
             if len(prepared.shape) == 0:
-                prepared = prepared.reshape(1, 1) if isinstance(prepared, np.ndarray) else tf.reshape(prepared, (1, 1))
+                one = (1, 1)
+                prepared = prepared.reshape(one) if isinstance(prepared, np.ndarray) else _tf().reshape(prepared, one)
             return prepared, _batch_size([prepared], "x")
         prepared = keras.tree.map_structure(lambda v: _leaf(v, None, "x"), x)
         return prepared, _batch_size(keras.tree.flatten(prepared), "x")
@@ -452,15 +470,15 @@ def _target_leaf(value: Any, out: TensorSpec | None, batch: int, what: str) -> A
         # Like the output, but never below float32: float16 targets would be rounded.
         array = array.astype("float32" if "16" in dtype else dtype, copy=False)
     if len(array.shape) == 0:
-        array = array.reshape(1) if isinstance(array, np.ndarray) else tf.reshape(array, (1,))
+        array = array.reshape(1) if isinstance(array, np.ndarray) else _tf().reshape(array, (1,))
     if out is not None:
         rank = len(out.shape) + 1
         if len(array.shape) == rank - 1 and out.shape and out.shape[-1] == 1 and array.shape[0] == batch:
             # (batch,) against a (batch, 1) output: without the unit axis a custom
             # loss would silently broadcast (batch,) - (batch, 1) to (batch, batch).
-            array = array[..., None] if isinstance(array, np.ndarray) else tf.expand_dims(array, -1)
+            array = array[..., None] if isinstance(array, np.ndarray) else _tf().expand_dims(array, -1)
         elif batch == 1 and tuple(array.shape) == tuple(out.shape):
-            array = array[None, ...] if isinstance(array, np.ndarray) else tf.expand_dims(array, 0)
+            array = array[None, ...] if isinstance(array, np.ndarray) else _tf().expand_dims(array, 0)
         shape = tuple(array.shape)
         # Same rank, other sizes: a mistake, unless it is one class id per sample
         # (batch, 1) for a sparse loss over a (batch, n_classes) output.

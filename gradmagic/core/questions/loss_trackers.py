@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import keras
 
-from gradmagic.core.backends.tensorflow import compiled_loss, compiled_loss_replaced, fresh_compiled_loss
+from gradmagic.core.backends.keras_internals import compiled_loss, compiled_loss_replaced, fresh_compiled_loss
 from gradmagic.core.questions.caches import WeakCache
 
 # model -> (the model's compiled-loss object, gradmagic's unbuilt-at-first copy of it)

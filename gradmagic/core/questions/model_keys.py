@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import keras
 import numpy as np
 
-from gradmagic.core.backends.tensorflow import compiled_loss, instance_settings
+from gradmagic.core.backends.keras_internals import compiled_loss, instance_settings
 from gradmagic.core.questions.cache_keys import Key, KeyBuilder, Uncacheable, global_names, is_library
 from gradmagic.core.questions.caches import WeakCache
 from gradmagic.core.questions.inputs import ModelSpec
@@ -196,7 +196,7 @@ _RUN_TIME = (keras.Variable, keras.initializers.Initializer, keras.random.SeedGe
 _BOOKKEEPING = frozenset({"call_signature_parameters"})
 
 #: Packages whose callable objects on a layer (initializers, sub-layers) are not user settings of its ``call``.
-_LIBRARIES = ("keras", "tensorflow", "numpy", "builtins")
+_LIBRARIES = ("keras", "tensorflow", "jax", "jaxlib", "torch", "numpy", "builtins")
 
 
 def _is_other_callable(value: Any) -> bool:
@@ -236,7 +236,7 @@ def _names_read(cls: type) -> frozenset[str]:
         return known
     names: set[str] = set()
     for klass in cls.__mro__:
-        if klass.__module__.split(".", 1)[0] in ("keras", "tensorflow", "builtins", "abc"):
+        if klass.__module__.split(".", 1)[0] in ("keras", "tensorflow", "jax", "torch", "builtins", "abc"):
             continue
         for attr in vars(klass).values():
             code = getattr(attr, "__code__", None)

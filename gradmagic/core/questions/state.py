@@ -17,7 +17,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from gradmagic.core.backends.tensorflow import python_state, restore_python_state
+from gradmagic.core.backends.keras_internals import python_state, restore_python_state
 from gradmagic.core.snapshots import values_restored
 
 

@@ -19,7 +19,6 @@ from gradmagic.core.arguments import is_int
 from gradmagic.core.questions.cache_keys import KeyBuilder
 from gradmagic.core.questions.loss_trackers import own_compile_loss
 from gradmagic.core.questions.naming import output_names
-from gradmagic.core.questions.state import restore_in_graph, snapshot_in_graph
 from gradmagic.core.questions.user_code import failed
 from gradmagic.errors import (
     GradmagicError,
@@ -385,7 +384,7 @@ def _check_compiled_loss(model: keras.Model) -> None:
         )
 
 
-def resolve_loss(model: keras.Model, loss: Any = None) -> LossFn:
+def resolve_loss(model: keras.Model, loss: Any = None, stateless: bool = False) -> LossFn:
     """Return the loss function a gradient question uses.
 
     Args:
@@ -396,6 +395,10 @@ def resolve_loss(model: keras.Model, loss: Any = None) -> LossFn:
             ``keras.losses.Loss``, a callable ``f(y_true, y_pred)``, or a list or
             dict of those (one per output). Explicit losses also add the model's
             regularization losses, as training would.
+        stateless: The loss runs where variable writes are dropped anyway (a
+            ``keras.StatelessScope`` on JAX or PyTorch), so the metric
+            variables a compiled loss updates need no guard. Defaults to
+            ``False``: restore them inside the ``tf.function``.
 
     Returns:
         A function ``(model, x, y, y_pred, sample_weight, training) -> scalar``.
@@ -416,8 +419,13 @@ def resolve_loss(model: keras.Model, loss: Any = None) -> LossFn:
         # A single-output compiled loss writes nothing, so it pays for no guard.
         # The model's compiled loss would add its per-output trackers to the model: use a copy.
         with own_compile_loss(model):
-            guarded = list(model.metrics_variables) if custom or keras.tree.is_nested(y_pred) else []
-            saved = snapshot_in_graph(guarded)
+            writes = not stateless and (custom or keras.tree.is_nested(y_pred))
+            guarded = list(model.metrics_variables) if writes else []
+            if guarded:
+                # Imported here: the in-graph snapshot is TensorFlow's, and this module serves every backend.
+                from gradmagic.core.questions.state import restore_in_graph, snapshot_in_graph
+
+                saved = snapshot_in_graph(guarded)
             try:
                 if takes_training:
                     loss = model.compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training)
@@ -434,7 +442,8 @@ def resolve_loss(model: keras.Model, loss: Any = None) -> LossFn:
                     f"Received: a compute_loss of model '{model_name(model)}' that returned None. Expected the "
                     f"scalar loss. Fix: return it from compute_loss, or pass loss=... explicitly."
                 )
-            restore_in_graph(guarded, saved)
+            if guarded:
+                restore_in_graph(guarded, saved)
         return loss
 
     return run

@@ -1,0 +1,143 @@
+"""PyTorch: the framework calls gradmagic needs on ``KERAS_BACKEND=torch``, behind one small object.
+
+The same method names as :mod:`gradmagic.core.backends.jax` (the einops
+``_backends.py`` pattern), so the stateless questions are written once. The
+variables' values are passed to ``model.stateless_call`` detached from the
+``Parameter`` objects, so autograd never reaches a parameter: no ``.grad`` is
+ever left on one, and the returned non-trainable values (BatchNorm statistics)
+are dropped by the callers, never assigned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.func
+
+from gradmagic.core.backends.tensors import check_no_foreign
+
+# --- The gradient questions (core/questions) ---------------------------------
+
+
+def _indices(argnums: int | Sequence[int]) -> tuple[int, ...]:
+    return (argnums,) if isinstance(argnums, int) else tuple(argnums)
+
+
+def _leaves(structure: Any) -> list[Any]:
+    import keras
+
+    return keras.tree.flatten(structure)
+
+
+def _pack(structure: Any, leaves: Sequence[Any]) -> Any:
+    import keras
+
+    return keras.tree.pack_sequence_as(structure, list(leaves))
+
+
+def _differentiable(value: Any) -> Any:
+    """A fresh autograd leaf with ``value``'s data (floating tensors only; others pass as they are)."""
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.detach().requires_grad_(True)
+    return value
+
+
+class TorchBackend:
+    """Compile, differentiate and convert with PyTorch."""
+
+    name = "torch"
+
+    def compile(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` as it runs fastest correctly: eager PyTorch.
+
+        Measured against ``torch.compile`` (default mode) on CPU, steady state,
+        value-and-gradient of a small MLP and of a small CNN: eager autograd was
+        as fast or faster (see ``benchmarks/backends.py``), and ``torch.compile``
+        costs seconds of compilation per new input signature and recompiles
+        when Keras' Python-side state changes. So the function runs as it is.
+        """
+        return fn
+
+    def value_and_grad(
+        self, fn: Callable[..., Any], argnums: int | Sequence[int] = 0, has_aux: bool = False
+    ) -> Callable[..., Any]:
+        """``fn`` returning ``(value, gradients w.r.t. argnums)`` (``((value, aux), grads)`` with ``has_aux``).
+
+        ``torch.autograd.grad`` on fresh leaves: it returns the gradients
+        instead of accumulating them into ``.grad``, and a disconnected leaf
+        gives ``None``. For one argnum the gradient has that argument's
+        structure; for several, a tuple of them.
+        """
+        indices = _indices(argnums)
+
+        def wrapped(*args: Any) -> Any:
+            args = list(args)
+            with torch.enable_grad():
+                structures = []
+                for i in indices:
+                    args[i] = _pack(args[i], [_differentiable(t) for t in _leaves(args[i])])
+                    structures.append(args[i])
+                out = fn(*args)
+                value, aux = out if has_aux else (out, None)
+                wrt = [leaf for s in structures for leaf in _leaves(s)]
+                asked = [leaf for leaf in wrt if isinstance(leaf, torch.Tensor) and leaf.requires_grad]
+                found = iter(torch.autograd.grad(value, asked, allow_unused=True)) if asked else iter(())
+            grads_flat = [next(found) if (isinstance(w, torch.Tensor) and w.requires_grad) else None for w in wrt]
+            grads, start = [], 0
+            for s in structures:
+                n = len(_leaves(s))
+                grads.append(_pack(s, grads_flat[start : start + n]))
+                start += n
+            grads = grads[0] if isinstance(argnums, int) else tuple(grads)
+            value = value.detach()
+            return ((value, aux), grads) if has_aux else (value, grads)
+
+        return wrapped
+
+    def batched_jacobian(self, fn: Callable[..., Any], argnums: int | Sequence[int] = 0) -> Callable[..., Any]:
+        """Per-sample Jacobian: ``fn`` maps one sample to an output, the result maps a batch to Jacobians.
+
+        ``torch.func.vmap(torch.func.jacrev(fn))``; arguments in ``argnums`` are
+        batched along axis 0, the others shared by every sample. Random layers
+        (Dropout with ``training=True``) draw a different mask per sample, as in
+        one batched call.
+        """
+        argnums = argnums if isinstance(argnums, int) else tuple(argnums)
+
+        def batched(*args: Any) -> Any:
+            indices = _indices(argnums)
+            in_dims = tuple(0 if i in indices else None for i in range(len(args)))
+            jac = torch.func.jacrev(fn, argnums=argnums)
+            return torch.func.vmap(jac, in_dims=in_dims, randomness="different")(*args)
+
+        return batched
+
+    def zeros_like(self, value: Any) -> Any:
+        """Zeros of ``value``'s shape and dtype (the perturbation added to a layer's output)."""
+        return torch.zeros_like(value)
+
+    def to_numpy(self, value: Any) -> np.ndarray | None:
+        """A host NumPy copy of a tensor (``None`` stays ``None``)."""
+        if value is None:
+            return None
+        if isinstance(value, torch.Tensor):
+            return value.detach().cpu().numpy()
+        return np.asarray(value)
+
+    def values(self, variables: Sequence[Any]) -> list[Any]:
+        """The current values of Keras variables, detached from their ``Parameter`` (no ``.grad`` can reach it)."""
+        return [v.value.detach() for v in variables]
+
+    def check_input(self, x: Any, argument: str = "x") -> None:
+        """Refuse a tensor of another framework in ``x`` (JAX, TensorFlow) with a clear error.
+
+        Raises:
+            InputError: ``x`` holds a tensor of another framework.
+        """
+        check_no_foreign(x, self.name, argument)
+
+
+BACKEND = TorchBackend()
