@@ -33,6 +33,7 @@ _EVERY_BACKEND = {
     "embedding_layer": "gradmagic.core.questions.kinds",
     "input_kind": "gradmagic.core.questions.kinds",
     "is_stream": "gradmagic.core.batches",
+    "rollback_on_failure": "gradmagic.core.questions.rollback",
 }
 
 # The TensorFlow implementations.
@@ -61,7 +62,6 @@ _TENSORFLOW = {
     "input_gradients": "gradmagic.core.questions.gradients",
     "output_gradients": "gradmagic.core.questions.gradients",
     "weight_gradients": "gradmagic.core.questions.gradients",
-    "rollback_on_failure": "gradmagic.core.questions.state",
 }
 
 # The JAX and PyTorch implementations (through Keras' stateless API and each
