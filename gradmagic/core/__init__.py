@@ -67,7 +67,12 @@ _TENSORFLOW = {
 # The JAX and PyTorch implementations (through Keras' stateless API and each
 # framework's own autodiff, see ``gradmagic.core.backends``). A TensorFlow name
 # missing here raises a clear "not yet on this backend" error when used.
-_STATELESS: dict[str, str] = {}
+_STATELESS: dict[str, str] = {
+    "clear_cache": "gradmagic.core.questions.stateless",
+    "input_gradients": "gradmagic.core.questions.stateless",
+    "output_gradients": "gradmagic.core.questions.stateless",
+    "weight_gradients": "gradmagic.core.questions.stateless",
+}
 
 _BY_BACKEND = {"tensorflow": _TENSORFLOW, "jax": _STATELESS, "torch": _STATELESS}
 

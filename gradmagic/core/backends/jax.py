@@ -37,24 +37,39 @@ class JaxBackend:
         argnums = argnums if isinstance(argnums, int) else tuple(argnums)
         return jax.value_and_grad(fn, argnums=argnums, has_aux=has_aux)
 
-    def batched_jacobian(self, fn: Callable[..., Any], argnums: int | Sequence[int] = 0) -> Callable[..., Any]:
+    def batched_jacobian(
+        self, fn: Callable[..., Any], argnums: int | Sequence[int] = 0, has_aux: bool = False
+    ) -> Callable[..., Any]:
         """Per-sample Jacobian: ``fn`` maps one sample to an output, the result maps a batch to Jacobians.
 
-        Arguments in ``argnums`` are batched along axis 0; the others are shared
-        by every sample (the model's variables).
+        ``jax.vmap(jax.jacrev(fn))``: arguments in ``argnums`` are batched
+        along axis 0; the others are shared by every sample (the model's
+        variables). With ``has_aux``, ``fn`` returns ``(output, aux)`` and the
+        result is ``(Jacobians, batched aux)``.
         """
         argnums = argnums if isinstance(argnums, int) else tuple(argnums)
 
         def batched(*args: Any) -> Any:
             indices = (argnums,) if isinstance(argnums, int) else argnums
             in_axes = tuple(0 if i in indices else None for i in range(len(args)))
-            return jax.vmap(jax.jacrev(fn, argnums=argnums), in_axes=in_axes)(*args)
+            return jax.vmap(jax.jacrev(fn, argnums=argnums, has_aux=has_aux), in_axes=in_axes)(*args)
 
         return batched
 
-    def zeros_like(self, value: Any) -> Any:
-        """Zeros of ``value``'s shape and dtype (the perturbation added to a layer's output)."""
-        return jnp.zeros_like(value)
+    def shapes(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """The ``(shape, dtype)`` of each leaf ``fn(*args)`` returns, found abstractly (``jax.eval_shape``)."""
+        import keras
+
+        abstract = jax.eval_shape(fn, *args)
+        return keras.tree.map_structure(lambda s: (tuple(s.shape), s.dtype), abstract)
+
+    def zeros(self, shape: tuple[int, ...], dtype: Any) -> Any:
+        """Zeros of ``shape`` and ``dtype`` (the perturbation added to a layer's output)."""
+        return jnp.zeros(shape, dtype)
+
+    def tensors(self, structure: Any) -> Any:
+        """Arrays as the compiled functions take them: ``jax.jit`` converts NumPy itself."""
+        return structure
 
     def to_numpy(self, value: Any) -> np.ndarray | None:
         """A host NumPy copy of a JAX array (``None`` stays ``None``)."""
@@ -63,6 +78,30 @@ class JaxBackend:
     def values(self, variables: Sequence[Any]) -> list[Any]:
         """The current values of Keras variables, to pass as function arguments."""
         return [v.value for v in variables]
+
+    # Reading errors raised while tracing (core/questions/trace_errors).
+
+    framework = "JAX"
+
+    def error_message(self, exc: BaseException) -> str:
+        """The error's own message: Keras' bold highlight of an error raised in a layer, else the first paragraph.
+
+        JAX appends a long explanation and a link to its documentation after a
+        blank line; the first paragraph says what happened.
+        """
+        text = str(exc)
+        if "\x1b[1m" in text:
+            text = text.split("\x1b[1m", 1)[1].split("\x1b[0m", 1)[0]
+        return text.strip().split("\n\n", 1)[0]
+
+    def is_python_control_flow_error(self, exc: BaseException) -> bool:
+        """True when Python control flow met a traced array (``if t:``, ``bool(t)``, ``int(t)``)."""
+        kinds = (jax.errors.TracerBoolConversionError, jax.errors.TracerIntegerConversionError)
+        return isinstance(exc, kinds) or (isinstance(exc, jax.errors.ConcretizationTypeError) and "bool" in str(exc))
+
+    def is_numpy_on_symbolic_error(self, exc: BaseException) -> bool:
+        """True when NumPy was called on a traced array (``np.round(t)``)."""
+        return isinstance(exc, jax.errors.TracerArrayConversionError)
 
     def check_input(self, x: Any, argument: str = "x") -> None:
         """Refuse a tensor of another framework in ``x`` (PyTorch, TensorFlow) with a clear error.

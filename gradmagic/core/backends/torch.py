@@ -97,27 +97,44 @@ class TorchBackend:
 
         return wrapped
 
-    def batched_jacobian(self, fn: Callable[..., Any], argnums: int | Sequence[int] = 0) -> Callable[..., Any]:
+    def batched_jacobian(
+        self, fn: Callable[..., Any], argnums: int | Sequence[int] = 0, has_aux: bool = False
+    ) -> Callable[..., Any]:
         """Per-sample Jacobian: ``fn`` maps one sample to an output, the result maps a batch to Jacobians.
 
         ``torch.func.vmap(torch.func.jacrev(fn))``; arguments in ``argnums`` are
         batched along axis 0, the others shared by every sample. Random layers
         (Dropout with ``training=True``) draw a different mask per sample, as in
-        one batched call.
+        one batched call. With ``has_aux``, ``fn`` returns ``(output, aux)`` and
+        the result is ``(Jacobians, batched aux)``.
         """
         argnums = argnums if isinstance(argnums, int) else tuple(argnums)
 
         def batched(*args: Any) -> Any:
             indices = _indices(argnums)
             in_dims = tuple(0 if i in indices else None for i in range(len(args)))
-            jac = torch.func.jacrev(fn, argnums=argnums)
+            jac = torch.func.jacrev(fn, argnums=argnums, has_aux=has_aux)
             return torch.func.vmap(jac, in_dims=in_dims, randomness="different")(*args)
 
         return batched
 
-    def zeros_like(self, value: Any) -> Any:
-        """Zeros of ``value``'s shape and dtype (the perturbation added to a layer's output)."""
-        return torch.zeros_like(value)
+    def shapes(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """The ``(shape, dtype)`` of each leaf ``fn(*args)`` returns, from one run without autograd."""
+        with torch.no_grad():
+            result = fn(*args)
+        return _pack(result, [None if t is None else (tuple(t.shape), t.dtype) for t in _leaves(result)])
+
+    def zeros(self, shape: tuple[int, ...], dtype: Any) -> Any:
+        """Zeros of ``shape`` and ``dtype`` on Keras' device (the perturbation added to a layer's output)."""
+        import keras
+
+        return keras.ops.zeros(shape, dtype)
+
+    def tensors(self, structure: Any) -> Any:
+        """NumPy arrays as tensors on Keras' device (``None`` stays ``None``)."""
+        import keras
+
+        return keras.tree.map_structure(lambda a: None if a is None else keras.ops.convert_to_tensor(a), structure)
 
     def to_numpy(self, value: Any) -> np.ndarray | None:
         """A host NumPy copy of a tensor (``None`` stays ``None``)."""
@@ -130,6 +147,32 @@ class TorchBackend:
     def values(self, variables: Sequence[Any]) -> list[Any]:
         """The current values of Keras variables, detached from their ``Parameter`` (no ``.grad`` can reach it)."""
         return [v.value.detach() for v in variables]
+
+    # Reading errors raised while running the model (core/questions/trace_errors).
+
+    framework = "PyTorch"
+
+    def error_message(self, exc: BaseException) -> str:
+        """The error's own message, without Keras' bold highlight of an error raised in a layer."""
+        text = str(exc)
+        if "\x1b[1m" in text:
+            text = text.split("\x1b[1m", 1)[1].split("\x1b[0m", 1)[0]
+        return text.strip()
+
+    def is_python_control_flow_error(self, exc: BaseException) -> bool:
+        """True when Python control flow met a batched tensor inside ``torch.func.vmap`` (``if t:``).
+
+        Eager PyTorch runs Python control flow; only the vectorised Jacobian
+        cannot, and ``torch.func`` says so in its wording.
+        """
+        return "data-dependent control flow" in str(exc)
+
+    def is_numpy_on_symbolic_error(self, exc: BaseException) -> bool:
+        """True when NumPy was called on a tensor that requires grad, or inside ``torch.func`` transforms."""
+        text = str(exc)
+        return "Can't call numpy() on Tensor that requires grad" in text or (
+            "numpy" in text and ("vmap" in text or "functorch" in text)
+        )
 
     def check_input(self, x: Any, argument: str = "x") -> None:
         """Refuse a tensor of another framework in ``x`` (JAX, TensorFlow) with a clear error.

@@ -22,10 +22,9 @@ import tensorflow as tf
 from gradmagic.core.backends.tensorflow import calls_replaced, flat_caller
 from gradmagic.core.questions.cache_keys import Key
 from gradmagic.core.questions.caches import WeakCache
+from gradmagic.core.questions.layer_calls import layers_named
 from gradmagic.core.questions.state import restore_in_graph, snapshot_in_graph, state_variables
 from gradmagic.core.questions.targets import LossFn
-from gradmagic.core.questions.trace_errors import describe_layer, diagnose_trace_error
-from gradmagic.core.questions.user_code import failed
 from gradmagic.errors import GradmagicError
 
 _MAX_FUNCTIONS_PER_MODEL = 32
@@ -195,36 +194,6 @@ def dense_gradients(grads: Any) -> Any:
 def float_leaves(structure: Any) -> list[tf.Tensor]:
     """The float tensors of a structure, in flatten order."""
     return [t for t in keras.tree.flatten(structure) if isinstance(t, tf.Tensor) and t.dtype.is_floating]
-
-
-@contextlib.contextmanager
-def layers_named(model: keras.Model) -> Iterator[None]:
-    """While tracing, an exception from a layer's own ``call`` becomes an error that names the layer.
-
-    The layer's exception stays chained (see :mod:`gradmagic.core.questions.user_code`).
-    Python control flow or NumPy on a tensor gets its own explanation.
-    """
-
-    def wrap_for(index: int) -> Callable[[Callable], Callable]:
-        def wrap(original: Callable) -> Callable:
-            def named_call(*args: Any, **kwargs: Any) -> Any:
-                try:
-                    return original(*args, **kwargs)
-                except GradmagicError:
-                    raise
-                except Exception as err:
-                    error = diagnose_trace_error(err, model, index)
-                    if error is None:
-                        error = failed(describe_layer(model, index), err, "in its call")
-                    error.original = err
-                    raise error from err
-
-            return named_call
-
-        return wrap
-
-    with calls_replaced([(layer, wrap_for(index)) for index, layer in enumerate(model.layers)]):
-        yield
 
 
 @contextlib.contextmanager

@@ -12,10 +12,10 @@ from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
 
-from gradmagic.core.questions import compute, state
+from gradmagic.core.questions import state
 from gradmagic.core.questions.inputs import ModelSpec, model_spec, prepare_inputs, prepare_targets
+from gradmagic.core.questions.layer_calls import layers_named
 from gradmagic.core.questions.model_keys import known_spec, remember_spec
 from gradmagic.core.questions.state import preserved_eagerly, unbuilt_on_failure
 from gradmagic.core.questions.targets import has_custom_compute_loss, model_name
@@ -37,7 +37,7 @@ def check_model(model: Any) -> None:
 def shapes_text(x: Any) -> str:
     """The shape of x (or of each of its parts) for a message."""
     leaves = keras.tree.flatten(x)
-    shapes = [tuple(np.shape(leaf)) if not isinstance(leaf, tf.Tensor) else tuple(leaf.shape) for leaf in leaves]
+    shapes = [tuple(leaf.shape) if hasattr(leaf, "shape") else tuple(np.shape(leaf)) for leaf in leaves]
     return str(shapes[0]) if len(shapes) == 1 else str(shapes)
 
 
@@ -51,7 +51,7 @@ def spec_and_inputs(model: keras.Model, x: Any) -> tuple[ModelSpec, Any, int]:
         raw, _ = prepare_inputs(model, x, ModelSpec(None, None, None, []))
         sample = keras.tree.map_structure(lambda t: t[:1], raw)
         try:
-            with unbuilt_on_failure(model), preserved_eagerly(model), compute.layers_named(model):
+            with unbuilt_on_failure(model), preserved_eagerly(model), layers_named(model):
                 model(sample, training=False)
         except GradmagicError as exc:
             raise with_cause(exc)  # noqa: B904 - the cause is the user's error, re-attached

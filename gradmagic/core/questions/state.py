@@ -14,7 +14,6 @@ import contextlib
 from collections.abc import Iterator
 
 import keras
-import tensorflow as tf
 
 from gradmagic.core.questions.rollback import rollback_on_failure, unbuilt_on_failure  # noqa: F401  (callers import them from here)
 from gradmagic.core.snapshots import values_restored
@@ -25,17 +24,19 @@ def state_variables(model: keras.Model) -> list[keras.Variable]:
     return list(model.non_trainable_variables)
 
 
-def snapshot_in_graph(variables: list[keras.Variable]) -> list[tf.Tensor]:
+def snapshot_in_graph(variables: list[keras.Variable]) -> list[Any]:
     """Read the variables' values inside a ``tf.function``.
 
     Automatic control dependencies order these reads before any later write of
     the same variable in the traced program, and the matching
     :func:`restore_in_graph` after it.
     """
+    import tensorflow as tf  # only ever inside a tf.function: TensorFlow is loaded already
+
     return [tf.identity(var.value) for var in variables]
 
 
-def restore_in_graph(variables: list[keras.Variable], values: list[tf.Tensor]) -> None:
+def restore_in_graph(variables: list[keras.Variable], values: list[Any]) -> None:
     """Write back values taken by :func:`snapshot_in_graph`."""
     for var, value in zip(variables, values):
         var.assign(value)

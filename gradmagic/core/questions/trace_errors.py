@@ -8,11 +8,33 @@ shorten any other TensorFlow/Keras error to one line.
 
 from __future__ import annotations
 
+from typing import Any
+
 import keras
 
-from gradmagic.core.backends.tensorflow import error_message, is_numpy_on_symbolic_error, is_python_control_flow_error
 from gradmagic.core.questions.targets import model_name
 from gradmagic.errors import ComputeError, GradmagicError, brief
+
+
+def _door() -> Any:
+    """The backend whose errors these are: the TensorFlow door module, or the JAX/PyTorch backend object.
+
+    Both offer ``error_message``, ``is_python_control_flow_error`` and
+    ``is_numpy_on_symbolic_error``; imported here, so that this module imports
+    no framework itself.
+    """
+    from gradmagic.core.backends import check_backend, stateless_backend
+
+    if check_backend() == "tensorflow":
+        from gradmagic.core.backends import tensorflow
+
+        return tensorflow
+    return stateless_backend()
+
+
+def error_message(exc: BaseException) -> str:
+    """The error's own message, as the backend in use reads it."""
+    return _door().error_message(exc)
 
 
 def short_error(exc: BaseException, limit: int = 200) -> str:
@@ -49,8 +71,11 @@ def diagnose_trace_error(exc: BaseException, model: keras.Model, index: int | No
         index: Index in ``model.layers`` of the innermost layer that was running.
     """
     who = describe_layer(model, index)
+    door = _door()
+    if getattr(door, "framework", "TensorFlow") != "TensorFlow":
+        return _diagnose_stateless(exc, who, door)
     said = f"TensorFlow said: {short_error(exc)}"
-    if is_python_control_flow_error(exc):
+    if door.is_python_control_flow_error(exc):
         return ComputeError(
             f"{who} uses Python control flow on a tensor (`if`, `while`, `and`/`or`, `bool()` or a `for` loop over "
             f"a tensor). In a traced function the tensor is symbolic, so Python cannot tell whether it is true. "
@@ -61,13 +86,33 @@ def diagnose_trace_error(exc: BaseException, model: keras.Model, index: int | No
             f"`@tf.function` so that AutoGraph turns the `if` into `tf.cond`. "
             f"{said}"
         )
-    if is_numpy_on_symbolic_error(exc):
+    if door.is_numpy_on_symbolic_error(exc):
         return ComputeError(
             f"{who} calls NumPy on a tensor (e.g. `np.round(t)`). While tracing, tensors are symbolic and cannot "
             f"become NumPy arrays. Fix: use the TensorFlow or Keras equivalent (`tf.round`, `tf.math.*`, "
             f"`keras.ops.*`), which keeps the gradient wherever the math has one; or wrap the NumPy code in "
             f"`tf.numpy_function(f, [t], tf.float32)`, which runs it as Python but stops the gradient there (its "
             f"output has no gradient with respect to its inputs). {said}"
+        )
+    return None
+
+
+def _diagnose_stateless(exc: BaseException, who: str, door: Any) -> GradmagicError | None:
+    """The classic failures under JAX's tracing or PyTorch's ``torch.func`` transforms."""
+    said = f"{door.framework} said: {short_error(exc)}"
+    if door.is_python_control_flow_error(exc):
+        return ComputeError(
+            f"{who} uses Python control flow on a tensor (`if`, `while`, `and`/`or`, `bool()` or `int()` of a "
+            f"tensor). Under {door.framework}'s transforms (jit, grad, vmap) the tensor has no concrete value, so "
+            f"Python cannot tell whether it is true. Fix: compute both branches and pick element-wise with "
+            f"`keras.ops.where(cond, a, b)` (both branches are computed: guard a risky one's input too, or its NaN "
+            f"gradient leaks through), or `keras.ops.cond` for one scalar condition. {said}"
+        )
+    if door.is_numpy_on_symbolic_error(exc):
+        return ComputeError(
+            f"{who} calls NumPy on a tensor (e.g. `np.round(t)`). While gradients are taken, tensors cannot become "
+            f"NumPy arrays. Fix: use the Keras equivalent (`keras.ops.round`, `keras.ops.*`), which keeps the "
+            f"gradient wherever the math has one. {said}"
         )
     return None
 

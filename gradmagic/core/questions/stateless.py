@@ -1,0 +1,404 @@
+"""The three gradient questions on JAX and PyTorch: dLoss/dW, dLoss/d(layer output), d(output)/d(input).
+
+The same signatures, checks, messages and result objects as the TensorFlow
+implementation (:mod:`gradmagic.core.questions.gradients`), which the public
+names resolve to on that backend. Here the model's variables are passed by
+value to functions compiled with the framework (see
+:mod:`gradmagic.core.questions.stateless_functions`), so the model is never
+written: no variable assigned on JAX, no ``.grad`` left on a parameter and
+no BatchNormalization statistic moved on PyTorch, also with ``training=True``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import Any
+
+import keras
+
+from gradmagic.core.arguments import check_flag
+from gradmagic.core.backends import stateless_backend
+from gradmagic.core.batches import first_batch
+from gradmagic.core.questions import stateless_functions as functions
+from gradmagic.core.questions.answers import (
+    check_output_index,
+    embedding_name,
+    input_position,
+    input_result,
+    jacobian_notes,
+)
+from gradmagic.core.questions.cache_keys import Key
+from gradmagic.core.questions.entry import (
+    check_model,
+    leaves_no_trace,
+    own_call,
+    prepare_loss_args,
+    shapes_text,
+    spec_and_inputs,
+)
+from gradmagic.core.questions.inputs import nonfinite_warning
+from gradmagic.core.questions.model_keys import is_warm, mark_warm, question_key
+from gradmagic.core.questions.naming import input_labels
+from gradmagic.core.questions.results import InputGradients, OutputGradients, WeightGradients, rows_for
+from gradmagic.core.questions.state import preserved_eagerly
+from gradmagic.core.questions.targets import (
+    check_loss_argument,
+    check_loss_structure,
+    has_custom_compute_loss,
+    layer_weights,
+    loss_token,
+    model_name,
+    output_unit_loss,
+    resolve_layer,
+    resolve_loss,
+    weight_slots,
+)
+from gradmagic.core.questions.trace_errors import diagnose_trace_error, short_error
+from gradmagic.core.questions.user_code import failed, with_cause
+from gradmagic.errors import ComputeError, GradmagicError, InputError
+
+
+def clear_cache(model: keras.Model | None = None) -> None:
+    """Drop the compiled functions of one model, or of all models.
+
+    Gradmagic sees a new loss, ``compile()``, frozen layers, added or removed
+    layers, changed values inside a loss and changed public settings of the
+    model and its layers by itself. Call this after changing a model in place
+    in a way it cannot see: replacing a layer's ``call``, a private attribute
+    it reads, or the contents of an array above 1 MB.
+
+    Args:
+        model: The model whose functions to drop. Defaults to ``None``: every model.
+
+    Raises:
+        GradmagicError: ``model`` is neither ``None`` nor a Keras model.
+    """
+    if model is not None and not isinstance(model, keras.Model):
+        raise GradmagicError(
+            f"Received: model={model!r} of type {type(model).__name__}. Expected a Keras model, or None to "
+            f"clear the compiled functions of every model. Fix: pass the model object itself "
+            f"(gm.clear_cache(model)); a name does not identify a model."
+        )
+    functions.clear(model)
+
+
+def _run(model: keras.Model, key: Key | None, call: Any, what: str, x: Any) -> Any:
+    """Run a question (``call()``); turn any failure into one clear GradmagicError, leaving the model as it was."""
+    try:
+        return call()
+    except GradmagicError as exc:
+        functions.forget(model, key)
+        raise with_cause(exc)  # noqa: B904 - the cause is the user's error, re-attached
+    except Exception as exc:
+        functions.forget(model, key)
+        diagnosed = diagnose_trace_error(exc, model, None)
+        if diagnosed is None and own_call(model):
+            who = f"The call of model '{model_name(model)}' ({type(model).__name__}.call)"
+            raise failed(who, exc, f"on x of shape {shapes_text(x)}") from exc
+        raise diagnosed or ComputeError(
+            f"Computing {what} of model '{model_name(model)}' on x of shape {shapes_text(x)} "
+            f"failed: {short_error(exc).rstrip('.')}. Check that x (and y) are what the model takes; the model "
+            f"was left unchanged."
+        ) from None
+
+
+def _warm_compiled_loss(model: keras.Model, key: Key | None, question: functions.Question, args: tuple) -> None:
+    """Let a compiled loss build itself once, eagerly, outside any trace (it creates tracker variables).
+
+    A variable cannot be created inside a stateless scope or a ``jax.jit``
+    trace. Zeros shaped like the model's declared outputs stand in for its
+    predictions; a model that declares no outputs or computes its own loss is
+    left to the traced run, which reports any failure as ``fit`` would.
+    """
+    if not question.compiled_loss or question.warm:
+        return
+    if not is_warm(model) and not has_custom_compute_loss(model):
+        try:
+            x, y, sample_weight = keras.tree.map_structure(lambda t: None if t is None else t[:1], args)
+            zeros = keras.tree.map_structure(lambda t: keras.ops.zeros((1, *t.shape[1:]), t.dtype), model.output)
+            with preserved_eagerly(model, weights=False):
+                resolve_loss(model, stateless=True)(model, x, y, zeros, sample_weight, False)
+        except Exception:
+            pass
+        mark_warm(model)
+    question.warm = key is not None
+
+
+def _check_input(backend: Any, model: keras.Model, **parts: Any) -> None:
+    for argument, value in parts.items():
+        if value is not None:
+            backend.check_input(value, argument)
+
+
+@leaves_no_trace
+def weight_gradients(
+    model: keras.Model,
+    x: Any,
+    y: Any = None,
+    layer: int | str | keras.Layer | None = None,
+    loss: Any = None,
+    training: bool = False,
+    sample_weight: Any = None,
+    output: int | None = None,
+) -> WeightGradients:
+    """Compute dLoss/dW for the model's trainable weights at (x, y), on JAX or PyTorch.
+
+    The arguments, result and errors are those of the TensorFlow
+    implementation (see ``gradmagic.weight_gradients``). A weight the loss does
+    not depend on gives zeros on JAX (its autodiff has no "disconnected") and
+    ``None`` on PyTorch.
+
+    Args:
+        model: A Keras 3 model (Sequential, Functional or subclassed).
+        x: Inputs, as arrays (NumPy or the backend's own tensors), or a dataset or generator of batches.
+        y: Targets, one per sample.
+        layer: Restrict to one layer (index in ``model.layers``, name or object). Defaults to ``None``.
+        loss: Defaults to ``None``: the compiled loss. Or a Keras loss name, object or callable.
+        training: Run layers in training mode. Defaults to ``False``. The model is left unchanged either way.
+        sample_weight: Optional per-sample weights of the loss.
+        output: Instead of a loss, the mean over the batch of output unit ``output``. Defaults to ``None``.
+
+    Returns:
+        A :class:`WeightGradients`.
+
+    Raises:
+        GradmagicError: A bad layer, loss, flag, x or y, or a tensor of another framework in x.
+
+    Example:
+        >>> r = gradmagic.weight_gradients(model, x, y, layer="dense_1")
+    """
+    backend = stateless_backend()
+    check_model(model)
+    training = check_flag("training", training)
+    _check_input(backend, model, x=x, y=y, sample_weight=sample_weight)
+    if output is None:
+        check_loss_argument(model, loss)
+    if layer is not None:
+        resolve_layer(model, layer)
+    data = first_batch(x, y, sample_weight, takes_y=output is None)
+    spec, x_in, batch = spec_and_inputs(model, data.x)
+    if output is None:
+        check_loss_structure(model, spec.output_names, loss)
+        y_in, sw_in = prepare_loss_args(model, spec, data.y, data.sample_weight, batch)
+    else:
+        check_output_index(model, spec, output)
+        y_in, sw_in = None, None
+    chosen_layer = None if layer is None else layer_weights(model, layer)[1]
+    nonfinite_warning(x=x_in, y=y_in, sample_weight=sw_in)
+    key = question_key(
+        model,
+        "weights",
+        lambda b: None if chosen_layer is None else b.same(chosen_layer),
+        (lambda b: loss_token(b, loss)) if output is None else ("output unit", int(output)),
+        training,
+        sw_in is None,
+    )
+    wanted = None if chosen_layer is None else {id(v) for v in chosen_layer.trainable_weights}
+    positions = [i for i, v in enumerate(model.trainable_weights) if wanted is None or id(v) in wanted]
+
+    def build() -> functions.Question:
+        loss_fn = resolve_loss(model, loss, stateless=True) if output is None else output_unit_loss(int(output))
+        slots = weight_slots(model)
+        labels = [
+            {"index": s.layer_index, "layer": s.layer_name, "weight": s.name, "shape": s.shape, "path": s.path}
+            for s in (slots[i] for i in positions)
+        ]
+        question = functions.Question(None, labels, compiled_loss=loss is None and output is None)
+        question.fn = functions.weight_function(backend, model, positions, loss_fn, training, question.traces)
+        return question
+
+    question = functions.cached(model, key, build)
+    args = backend.tensors((x_in, y_in, sw_in))
+
+    def call() -> Any:
+        _warm_compiled_loss(model, key, question, args)
+        chosen, others = functions.split(backend.values(model.trainable_weights), positions)
+        return question.fn(chosen, others, backend.values(model.non_trainable_weights), *args)
+
+    loss_value, grads = _run(model, key, call, "dLoss/dW", x_in)
+    loss_value = float(backend.to_numpy(loss_value))
+    if output is None:
+        title = f"dLoss/dW of model '{model_name(model)}' (loss = {loss_value:.6g})"
+    else:
+        title = f"d(output unit {output})/dW of model '{model_name(model)}' (mean output = {loss_value:.6g})"
+    rows = rows_for(question.labels, [backend.to_numpy(g) for g in grads])
+    result = WeightGradients(loss_value, rows, title, layer_count=len(model.layers))
+    result.source = data.source
+    return result
+
+
+@leaves_no_trace
+def output_gradients(
+    model: keras.Model,
+    x: Any,
+    y: Any,
+    layer: int | str | keras.Layer,
+    loss: Any = None,
+    training: bool = False,
+    sample_weight: Any = None,
+) -> OutputGradients:
+    """Compute dLoss/d(output of one layer) at (x, y), on JAX or PyTorch.
+
+    The arguments, result and errors are those of the TensorFlow
+    implementation (see ``gradmagic.output_gradients``).
+
+    Args:
+        model: A Keras 3 model.
+        x: Inputs, as for :func:`weight_gradients`.
+        y: Targets.
+        layer: The layer, by index in ``model.layers``, by name or as the object.
+        loss: As for :func:`weight_gradients`. Defaults to the compiled loss.
+        training: Run layers in training mode. Defaults to ``False``.
+        sample_weight: Optional per-sample weights of the loss.
+
+    Returns:
+        An :class:`OutputGradients`.
+
+    Raises:
+        GradmagicError: A bad layer, loss, x or y, or a layer the forward pass never calls.
+
+    Example:
+        >>> o = gradmagic.output_gradients(model, x, y, layer=2)
+    """
+    backend = stateless_backend()
+    check_model(model)
+    training = check_flag("training", training)
+    _check_input(backend, model, x=x, y=y, sample_weight=sample_weight)
+    check_loss_argument(model, loss)
+    resolve_layer(model, layer)
+    data = first_batch(x, y, sample_weight)
+    spec, x_in, batch = spec_and_inputs(model, data.x)
+    check_loss_structure(model, spec.output_names, loss)
+    y_in, sw_in = prepare_loss_args(model, spec, data.y, data.sample_weight, batch)
+    index, lay = resolve_layer(model, layer)  # again: building the model may have added an InputLayer
+    nonfinite_warning(x=x_in, y=y_in, sample_weight=sw_in)
+    key = question_key(model, "output", lambda b: b.same(lay), lambda b: loss_token(b, loss), training, sw_in is None)
+
+    def build() -> functions.Question:
+        loss_fn = resolve_loss(model, loss, stateless=True)
+        question = functions.Question(None, layer_index=index, layer_name=lay.name, compiled_loss=loss is None)
+        position = input_position(model, lay)
+        question.fn = functions.output_function(backend, model, lay, position, loss_fn, training, question.traces)
+        return question
+
+    question = functions.cached(model, key, build)
+    args = backend.tensors((x_in, y_in, sw_in))
+
+    def call() -> Any:
+        _warm_compiled_loss(model, key, question, args)
+        values = (backend.values(model.trainable_weights), backend.values(model.non_trainable_weights))
+        signature = _signature(args)
+        compiled = question.per_signature.get(signature)
+        if compiled is None:
+            compiled = question.per_signature[signature] = question.fn(*values, *args)
+        return compiled(*values, *args)
+
+    loss_value, outputs, grads = _run(model, key, call, "dLoss/d(layer output)", x_in)
+    if not outputs:
+        functions.forget(model, key)
+        raise InputError(
+            f"Layer {question.layer_index} '{question.layer_name}' of model "
+            f"'{model_name(model)}' was not called when the model ran on x, so its output "
+            f"has no gradient. Pick a layer that the forward pass uses (see model.summary())."
+        )
+    first = [backend.to_numpy(g) for g in grads[0]]
+    values = [backend.to_numpy(v) for v in outputs[0]]
+    names = [f"output {i}" for i in range(len(first))] if len(first) > 1 else ["output"]
+    labels = [
+        {"index": question.layer_index, "layer": question.layer_name, "tensor": n, "shape": tuple(v.shape)}
+        for n, v in zip(names, values)
+    ]
+    loss_value = float(backend.to_numpy(loss_value))
+    title = (
+        f"dLoss/d(output of layer {question.layer_index} '{question.layer_name}') of model "
+        f"'{model_name(model)}' (loss = {loss_value:.6g})"
+    )
+    result = OutputGradients(
+        loss_value,
+        rows_for(labels, first),
+        values[0] if len(values) == 1 else values,
+        question.layer_index,
+        question.layer_name,
+        len(outputs),
+        title,
+    )
+    result.source = data.source
+    return result
+
+
+def _signature(args: Any) -> Hashable:
+    """The shapes and dtypes of every leaf (``None`` kept), as a dict key."""
+    return tuple(None if leaf is None else (tuple(leaf.shape), str(leaf.dtype)) for leaf in keras.tree.flatten(args))
+
+
+@leaves_no_trace
+def input_gradients(
+    model: keras.Model,
+    x: Any,
+    output: int | None = None,
+    training: bool = False,
+) -> InputGradients:
+    """Compute d(model output)/d(input), the Jacobian of every sample, vectorised, on JAX or PyTorch.
+
+    The arguments, result and errors are those of the TensorFlow
+    implementation (see ``gradmagic.input_gradients``).
+
+    Args:
+        model: A Keras 3 model.
+        x: Inputs, as for :func:`weight_gradients`; float inputs only.
+        output: Defaults to ``None``: every output unit. ``k`` selects unit ``k`` of the flattened output.
+        training: Run layers in training mode. Defaults to ``False``.
+
+    Returns:
+        An :class:`InputGradients`.
+
+    Raises:
+        GradmagicError: Non-float inputs, a bad ``output`` index, or x that does not fit the model.
+
+    Example:
+        >>> j = gradmagic.input_gradients(model, [[0.5]])
+    """
+    backend = stateless_backend()
+    check_model(model)
+    training = check_flag("training", training)
+    _check_input(backend, model, x=x)
+    data = first_batch(x, takes_y=False)
+    spec, x_in, _ = spec_and_inputs(model, data.x)
+    leaves = keras.tree.flatten(x_in)
+    names = input_labels(None if spec.inputs is None else [s.name for s in spec.inputs], x_in)
+    for name, leaf in zip(names, leaves):
+        dtype = keras.backend.standardize_dtype(leaf.dtype)
+        if "float" not in dtype:
+            raise InputError(
+                f"Received: input {name!r} of dtype {dtype} for model "
+                f"'{model_name(model)}'. d(output)/d(input) exists only for float inputs: "
+                f"integer inputs such as token ids into an Embedding are looked up, not "
+                f"computed with, so they have no derivative. Fix: ask for the gradient at the "
+                f"embedding's output instead, output_gradients(model, x, y, "
+                f"layer={embedding_name(model)!r}), or weight_gradients for the embedding matrix."
+            )
+    if output is not None:
+        output = check_output_index(model, spec, output)
+    nonfinite_warning(x=x_in)
+    key = question_key(model, "input", output, training)
+
+    def build() -> functions.Question:
+        question = functions.Question(None)
+        question.fn = functions.input_function(backend, model, output, training, question.traces)
+        return question
+
+    question = functions.cached(model, key, build)
+    x_args = backend.tensors(x_in)
+
+    def call() -> Any:
+        values = (backend.values(model.trainable_weights), backend.values(model.non_trainable_weights))
+        return question.fn(*values, x_args)
+
+    outputs, result = _run(model, key, call, "d(output)/d(input)", x_in)
+    per_output = [[backend.to_numpy(j) for j in per_input] for per_input in result]
+    values = [backend.to_numpy(o) for o in outputs]
+    gradients = input_result(model, spec, x_in, names, per_output, output)
+    gradients.values = values[0] if len(values) == 1 else values
+    gradients.source = data.source
+    jacobian_notes(gradients, names, per_output)
+    return gradients
