@@ -33,7 +33,7 @@ _EVERY_BACKEND = {
     "embedding_layer": "gradmagic.core.questions.kinds",
     "input_kind": "gradmagic.core.questions.kinds",
     "is_stream": "gradmagic.core.batches",
-    "rollback_on_failure": "gradmagic.core.questions.rollback",
+    "rollback_on_failure": "gradmagic.core.questions.state",
 }
 
 # The TensorFlow implementations.
