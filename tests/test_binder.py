@@ -32,6 +32,8 @@ QUICKSTART = ROOT / "notebooks" / "00_quickstart.ipynb"
 REQUIRED = (
     "tensorflow-cpu",
     "keras",
+    "jax",
+    "jaxlib",
     "ipywidgets",
     "jupyterlab-widgets",
     "ipympl",
