@@ -91,3 +91,18 @@ def test_explorer_slider_moves_update_the_values(shell):
     h = _hidden(np.asarray(line_x)[:, None], weights)
     np.testing.assert_allclose(line_grad, ((1 - h**2) * weights[0]) @ weights[2][:, 0], rtol=1e-4, atol=1e-6)
     assert len(set(seen)) == 3, "each slider move should show a new point"
+
+
+def test_plane_view_slider_moves_update_the_gradient(shell):
+    model, weights = _net(2, 5, 1, seed=4)
+    x = np.random.default_rng(5).uniform(-1.0, 1.0, size=(30, 2)).astype("float32")
+    panel = gm.explore(model, x, view="plane", use_ipympl=False)
+    for target in ((0.5, -0.25), (-0.75, 0.5)):
+        panel.x_slider.value, panel.y_slider.value = target  # as a user drags the two sliders
+        point = np.asarray(panel.view.point, "float64")
+        np.testing.assert_allclose(point, target, atol=max(panel.x_slider.step, panel.y_slider.step))
+        h = _hidden(point[None], weights)
+        # The gradient of W2^T tanh(W1^T p + b1) + b2 with respect to p: W1 diag(1 - h^2) W2.
+        expected = (weights[0] * (1 - h**2)) @ weights[2][:, 0]
+        assert panel.view.value == pytest.approx(float((h @ weights[2] + weights[3]).item()), rel=1e-5, abs=1e-6)
+        np.testing.assert_allclose(panel.view.gradient, expected, rtol=1e-4, atol=1e-6)
