@@ -9,6 +9,7 @@ the callers here drop, so no variable is ever written back.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -55,6 +56,10 @@ class JaxBackend:
             return jax.vmap(jax.jacrev(fn, argnums=argnums, has_aux=has_aux), in_axes=in_axes)(*args)
 
         return batched
+
+    def random_state_kept(self) -> contextlib.AbstractContextManager:
+        """Nothing to keep: Keras on JAX draws random numbers from seed variables, passed in by value."""
+        return contextlib.nullcontext()
 
     def shapes(self, fn: Callable[..., Any], *args: Any) -> Any:
         """The ``(shape, dtype)`` of each leaf ``fn(*args)`` returns, found abstractly (``jax.eval_shape``)."""

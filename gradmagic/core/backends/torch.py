@@ -10,6 +10,7 @@ are dropped by the callers, never assigned.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -117,6 +118,16 @@ class TorchBackend:
             return torch.func.vmap(jac, in_dims=in_dims, randomness="different")(*args)
 
         return batched
+
+    def random_state_kept(self) -> contextlib.AbstractContextManager:
+        """Within the block, random ops draw from a copy of PyTorch's global generator, restored afterwards.
+
+        Keras on PyTorch drops units (Dropout without a seed) with the global
+        generator: a gradient question in training mode would advance the
+        user's random stream and draw another mask on every call. With the
+        state restored, it does neither.
+        """
+        return torch.random.fork_rng()
 
     def shapes(self, fn: Callable[..., Any], *args: Any) -> Any:
         """The ``(shape, dtype)`` of each leaf ``fn(*args)`` returns, from one run without autograd."""

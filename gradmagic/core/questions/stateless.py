@@ -83,9 +83,13 @@ def clear_cache(model: keras.Model | None = None) -> None:
 
 
 def _run(model: keras.Model, key: Key | None, call: Any, what: str, x: Any) -> Any:
-    """Run a question (``call()``); turn any failure into one clear GradmagicError, leaving the model as it was."""
+    """Run a question (``call()``); turn any failure into one clear GradmagicError, leaving the model as it was.
+
+    The framework's global random state is restored afterwards (see the backends' ``random_state_kept``).
+    """
     try:
-        return call()
+        with stateless_backend().random_state_kept():
+            return call()
     except GradmagicError as exc:
         functions.forget(model, key)
         raise with_cause(exc)  # noqa: B904 - the cause is the user's error, re-attached
