@@ -13,9 +13,9 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-from backend_truths import central_differences, hand_mse_gradients, weights64
 
 import gradmagic as gm
+from every_backend.backend_truths import central_differences, hand_mse_gradients, weights64
 
 RNG = np.random.default_rng(0)
 X = RNG.normal(size=(6, 3)).astype("float32")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-from backend_truths import fingerprint, no_grad_left
 
 import gradmagic as gm
+from every_backend.backend_truths import fingerprint, no_grad_left
 from gradmagic.errors import GradmagicError, InputError, LayerError, LossError, NoWeightsError
 
 X = np.linspace(-1, 1, 12, dtype="float32").reshape(4, 3)

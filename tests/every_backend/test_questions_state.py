@@ -5,9 +5,9 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-from backend_truths import clear_grads, fingerprint, no_grad_left
 
 import gradmagic as gm
+from every_backend.backend_truths import clear_grads, fingerprint, no_grad_left
 
 RNG = np.random.default_rng(3)
 X = RNG.normal(size=(8, 4)).astype("float32")

@@ -87,6 +87,8 @@ class JaxBackend:
     # Reading errors raised while tracing (core/questions/trace_errors).
 
     framework = "JAX"
+    #: Where Python cannot read a tensor's value, for messages.
+    transforms = "JAX's transforms (jit, grad, vmap)"
 
     def error_message(self, exc: BaseException) -> str:
         """The error's own message: Keras' bold highlight of an error raised in a layer, else the first paragraph.

@@ -11,6 +11,7 @@ no BatchNormalization statistic moved on PyTorch, also with ``training=True``.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Hashable
 from typing import Any
 
@@ -82,13 +83,14 @@ def clear_cache(model: keras.Model | None = None) -> None:
     functions.clear(model)
 
 
-def _run(model: keras.Model, key: Key | None, call: Any, what: str, x: Any) -> Any:
+def _run(model: keras.Model, key: Key | None, call: Any, what: str, x: Any, training: bool) -> Any:
     """Run a question (``call()``); turn any failure into one clear GradmagicError, leaving the model as it was.
 
-    The framework's global random state is restored afterwards (see the backends' ``random_state_kept``).
+    In training mode (where layers draw random numbers) the framework's global
+    random state is restored afterwards (see the backends' ``random_state_kept``).
     """
     try:
-        with stateless_backend().random_state_kept():
+        with stateless_backend().random_state_kept() if training else contextlib.nullcontext():
             return call()
     except GradmagicError as exc:
         functions.forget(model, key)
@@ -207,7 +209,7 @@ def weight_gradients(
             {"index": s.layer_index, "layer": s.layer_name, "weight": s.name, "shape": s.shape, "path": s.path}
             for s in (slots[i] for i in positions)
         ]
-        question = functions.Question(None, labels, compiled_loss=loss is None and output is None)
+        question = functions.Question(None, labels, compiled_loss=loss is None and output is None, model=model)
         question.fn = functions.weight_function(backend, model, positions, loss_fn, training, question.traces)
         return question
 
@@ -216,10 +218,11 @@ def weight_gradients(
 
     def call() -> Any:
         _warm_compiled_loss(model, key, question, args)
-        chosen, others = functions.split(backend.values(model.trainable_weights), positions)
-        return question.fn(chosen, others, backend.values(model.non_trainable_weights), *args)
+        trainable, non_trainable = question.variable_values(backend)
+        chosen, others = functions.split(trainable, positions)
+        return question.fn(chosen, others, non_trainable, *args)
 
-    loss_value, grads = _run(model, key, call, "dLoss/dW", x_in)
+    loss_value, grads = _run(model, key, call, "dLoss/dW", x_in, training)
     loss_value = float(backend.to_numpy(loss_value))
     if output is None:
         title = f"dLoss/dW of model '{model_name(model)}' (loss = {loss_value:.6g})"
@@ -280,7 +283,9 @@ def output_gradients(
 
     def build() -> functions.Question:
         loss_fn = resolve_loss(model, loss, stateless=True)
-        question = functions.Question(None, layer_index=index, layer_name=lay.name, compiled_loss=loss is None)
+        question = functions.Question(
+            None, layer_index=index, layer_name=lay.name, compiled_loss=loss is None, model=model
+        )
         position = input_position(model, lay)
         question.fn = functions.output_function(backend, model, lay, position, loss_fn, training, question.traces)
         return question
@@ -290,14 +295,14 @@ def output_gradients(
 
     def call() -> Any:
         _warm_compiled_loss(model, key, question, args)
-        values = (backend.values(model.trainable_weights), backend.values(model.non_trainable_weights))
+        values = question.variable_values(backend)
         signature = _signature(args)
         compiled = question.per_signature.get(signature)
         if compiled is None:
             compiled = question.per_signature[signature] = question.fn(*values, *args)
         return compiled(*values, *args)
 
-    loss_value, outputs, grads = _run(model, key, call, "dLoss/d(layer output)", x_in)
+    loss_value, outputs, grads = _run(model, key, call, "dLoss/d(layer output)", x_in, training)
     if not outputs:
         functions.forget(model, key)
         raise InputError(
@@ -387,7 +392,7 @@ def input_gradients(
     key = question_key(model, "input", output, training)
 
     def build() -> functions.Question:
-        question = functions.Question(None)
+        question = functions.Question(None, model=model)
         question.fn = functions.input_function(backend, model, output, training, question.traces)
         return question
 
@@ -395,10 +400,10 @@ def input_gradients(
     x_args = backend.tensors(x_in)
 
     def call() -> Any:
-        values = (backend.values(model.trainable_weights), backend.values(model.non_trainable_weights))
+        values = question.variable_values(backend)
         return question.fn(*values, x_args)
 
-    outputs, result = _run(model, key, call, "d(output)/d(input)", x_in)
+    outputs, result = _run(model, key, call, "d(output)/d(input)", x_in, training)
     per_output = [[backend.to_numpy(j) for j in per_input] for per_input in result]
     values = [backend.to_numpy(o) for o in outputs]
     gradients = input_result(model, spec, x_in, names, per_output, output)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Any
 
 import keras
@@ -51,6 +51,7 @@ class Question:
         per_signature: An output question's compiled functions, one per input signature (the zero perturbation
             added to the layer's output has that signature's shape).
         warm: The compiled loss was built under this question's compile state.
+        model: The model, only to read its variable lists when the question is made (not kept).
     """
 
     fn: Callable | None
@@ -61,6 +62,17 @@ class Question:
     traces: list[int] = field(default_factory=lambda: [0])
     per_signature: dict = field(default_factory=dict)
     warm: bool = False
+    model: InitVar[keras.Model | None] = None
+
+    def __post_init__(self, model: keras.Model | None) -> None:
+        # The question's key holds the trainable weights and the layers by identity, so these lists stay
+        # right for as long as the question is reused; reading them once saves walking every layer per call.
+        self._trainable = [] if model is None else list(model.trainable_variables)
+        self._non_trainable = [] if model is None else list(model.non_trainable_variables)
+
+    def variable_values(self, backend: Any) -> tuple[list[Any], list[Any]]:
+        """The current values of the model's trainable and non-trainable variables, as function arguments."""
+        return backend.values(self._trainable), backend.values(self._non_trainable)
 
 
 def cached(model: keras.Model, key: Key | None, build: Callable[[], Question]) -> Question:

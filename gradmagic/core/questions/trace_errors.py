@@ -103,7 +103,7 @@ def _diagnose_stateless(exc: BaseException, who: str, door: Any) -> GradmagicErr
     if door.is_python_control_flow_error(exc):
         return ComputeError(
             f"{who} uses Python control flow on a tensor (`if`, `while`, `and`/`or`, `bool()` or `int()` of a "
-            f"tensor). Under {door.framework}'s transforms (jit, grad, vmap) the tensor has no concrete value, so "
+            f"tensor). Under {door.transforms} the tensor has no concrete value, so "
             f"Python cannot tell whether it is true. Fix: compute both branches and pick element-wise with "
             f"`keras.ops.where(cond, a, b)` (both branches are computed: guard a risky one's input too, or its NaN "
             f"gradient leaks through), or `keras.ops.cond` for one scalar condition. {said}"
