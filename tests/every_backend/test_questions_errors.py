@@ -10,6 +10,8 @@ import gradmagic as gm
 from every_backend.backend_truths import fingerprint, no_grad_left
 from gradmagic.errors import GradmagicError, InputError, LayerError, LossError, NoWeightsError
 
+from .backend_truths import fingerprint, no_grad_left
+
 X = np.linspace(-1, 1, 12, dtype="float32").reshape(4, 3)
 Y = np.ones((4, 2), "float32")
 
@@ -100,3 +102,12 @@ def test_the_backends_own_tensors_are_taken(backend):
     want = gm.weight_gradients(model, X, Y).arrays()
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a, b)  # the same compiled function on the same numbers
+
+
+def test_python_control_flow_on_a_tensor_names_the_layer_and_the_fix():
+    # Under tracing (TensorFlow, JAX) or vmap (PyTorch's per-sample Jacobian) a tensor has no Python truth value.
+    model = keras.Sequential(
+        [keras.Input((3,)), keras.layers.Lambda(lambda t: t if keras.ops.sum(t) > 0 else -t, name="flip")]
+    )
+    error = _refused(GradmagicError, "Python control flow", lambda: gm.input_gradients(model, X), model)
+    assert "Layer 0 'flip'" in str(error) and "where" in str(error)
