@@ -10,8 +10,6 @@ import gradmagic as gm
 from every_backend.backend_truths import fingerprint, no_grad_left
 from gradmagic.errors import GradmagicError, InputError, LayerError, LossError, NoWeightsError
 
-from .backend_truths import fingerprint, no_grad_left
-
 X = np.linspace(-1, 1, 12, dtype="float32").reshape(4, 3)
 Y = np.ones((4, 2), "float32")
 
