@@ -38,7 +38,7 @@ def test_histograms_every_n_steps_match_numpy(jit):
 
 @pytest.mark.parametrize("xla", [False, True])
 def test_histogram_leaves_out_nonfinite_entries(xla):
-    from gradmagic.core.monitor.histograms import HistogramBuffer
+    from gradmagic.core.monitor.histogram_buffer import HistogramBuffer
 
     buffer = HistogramBuffer(1, every=1, bins=4, capacity=2, strategy=tf.distribute.get_strategy(), xla=xla)
     grad = tf.constant([np.nan, 1.0, -1.0, 0.5, np.inf, -0.2])

@@ -68,10 +68,21 @@ _TENSORFLOW = {
 # framework's own autodiff, see ``gradmagic.core.backends``). A TensorFlow name
 # missing here raises a clear "not yet on this backend" error when used.
 _STATELESS: dict[str, str] = {
+    "DisconnectedWeight": "gradmagic.core.diagnose.explanation",
+    "Explanation": "gradmagic.core.diagnose.explanation",
+    "LayerPath": "gradmagic.core.diagnose.explanation",
+    "OpInfo": "gradmagic.core.diagnose.explanation",
+    "explain": "gradmagic.core.diagnose.stateless_explain",
+    "CheckRow": "gradmagic.core.diagnose.gradcheck_results",
+    "GradientCheck": "gradmagic.core.diagnose.gradcheck_results",
+    "check_gradients": "gradmagic.core.diagnose.stateless_gradcheck",
     "clear_cache": "gradmagic.core.questions.stateless",
     "input_gradients": "gradmagic.core.questions.stateless",
     "output_gradients": "gradmagic.core.questions.stateless",
     "weight_gradients": "gradmagic.core.questions.stateless",
+    "GradientMonitor": "gradmagic.core.monitor.callback",
+    "MonitorHistory": "gradmagic.core.monitor.history",
+    "MonitorSummary": "gradmagic.core.monitor.history",
 }
 
 _BY_BACKEND = {"tensorflow": _TENSORFLOW, "jax": _STATELESS, "torch": _STATELESS}

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 import gradmagic as gm
-from every_backend.backend_truths import fingerprint, no_grad_left
 from gradmagic.errors import GradmagicError, InputError, LayerError, LossError, NoWeightsError
 
 X = np.linspace(-1, 1, 12, dtype="float32").reshape(4, 3)

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 import gradmagic as gm
-from every_backend.backend_truths import clear_grads, fingerprint, no_grad_left
 
 RNG = np.random.default_rng(3)
 X = RNG.normal(size=(8, 4)).astype("float32")

@@ -10,13 +10,18 @@ the callers here drop, so no variable is ever written back.
 from __future__ import annotations
 
 import contextlib
+import linecache
+import os
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend.core import Literal
 
+from gradmagic.core.backends.flow import ALIAS, FLOWS, NONE, OWNER_GLUE, UNCHECKED, ZERO, FlowGraph, Node
 from gradmagic.core.backends.tensors import check_no_foreign
 
 # --- The gradient questions (core/questions) ---------------------------------
@@ -120,3 +125,500 @@ class JaxBackend:
 
 
 BACKEND = JaxBackend()
+
+
+# --- diagnosis ---------------------------------------------------------------
+# explain reads the jaxpr of the target as a function of the trainable values,
+# the inputs and zero perturbations of each layer call's inputs and outputs
+# (see gradmagic.core.diagnose.stateless_explain): every equation becomes a
+# Node of a FlowGraph, owned by the layer whose call's named scope it carries.
+
+_LAYER_SCOPE = re.compile(r"gradmagic_layer(-?\d+)_call(\d+)")
+_STOPS = {
+    "stop_gradient": "stop_gradient blocks the gradient on purpose (JAX passes back a symbolic zero)",
+    "pure_callback": "jax.pure_callback runs Python, which JAX cannot differentiate",
+    "io_callback": "jax.experimental.io_callback runs Python, which JAX cannot differentiate",
+    "callback": "a host callback runs Python, which JAX cannot differentiate",
+}
+_PIECEWISE_CONSTANT = {"round", "floor", "ceil", "sign", "nextafter"}
+_CUSTOM = {
+    "custom_jvp_call": "custom gradient (jax.custom_jvp): its JVP rule decides what flows",
+    "custom_vjp_call": "custom gradient (jax.custom_vjp, keras.ops.custom_gradient): its backward rule decides",
+    "custom_vjp_call_jaxpr": "custom gradient (jax.custom_vjp, keras.ops.custom_gradient): its backward rule decides",
+}
+_LIBRARIES = tuple(f"{os.sep}{name}{os.sep}" for name in ("jax", "jaxlib", "keras", "numpy"))
+_OWN = f"{os.sep}gradmagic{os.sep}"
+
+
+def layer_scope(index: int, call: int) -> Any:
+    """A context naming the equations a layer's call creates (``jax.named_scope``: in each one's name stack)."""
+    return jax.named_scope(f"gradmagic_layer{index}_call{call}")
+
+
+def _is_float(var: Any) -> bool:
+    dtype = getattr(getattr(var, "aval", None), "dtype", None)
+    return dtype is not None and jnp.issubdtype(dtype, jnp.floating)
+
+
+def _owner(eqn: Any, inherited: tuple[int, int]) -> tuple[int, int]:
+    """``(layer index, call)`` from the innermost layer scope in the equation's name stack, else ``inherited``."""
+    found = _LAYER_SCOPE.findall(str(eqn.source_info.name_stack))
+    return (int(found[-1][0]), int(found[-1][1])) if found else inherited
+
+
+def user_source(eqn: Any) -> str | None:
+    """``file:line (function): code`` of the user code that created an equation; None for library code.
+
+    Public API missing: JAX keeps an equation's Python traceback in
+    ``eqn.source_info.traceback`` (a jaxlib ``Traceback`` whose ``frames`` have
+    ``file_name``, ``line_num``, ``function_name``), innermost frame first.
+    Falls back to ``None`` (no line shown) if that changes.
+    """
+    try:
+        frames = list(eqn.source_info.traceback.frames)
+    except AttributeError:
+        return None
+    for frame in frames:
+        if _OWN in frame.file_name:
+            return None  # a built-in layer's own op: the user's code there is the call of gradmagic
+        if not any(part in frame.file_name for part in _LIBRARIES):
+            code = linecache.getline(frame.file_name, frame.line_num).strip()
+            code = f": {code}" if code else ""
+            return f"{os.path.basename(frame.file_name)}:{frame.line_num} ({frame.function_name}){code}"
+    return None
+
+
+def _classify(eqn: Any) -> tuple[int, str]:
+    """``(level, reason)`` of one first-order equation: what autodiff passes back from its float inputs."""
+    name = eqn.primitive.name
+    if name in _STOPS:
+        return NONE, _STOPS[name]
+    if not any(_is_float(v) for v in eqn.outvars):
+        dtype = str(eqn.outvars[0].aval.dtype) if eqn.outvars else "no"
+        what = f"cast to {dtype}" if name == "convert_element_type" else f"{name}: {dtype} output"
+        return NONE, f"{what}: integer and bool values carry no gradient"
+    if name in _PIECEWISE_CONSTANT:
+        return ZERO, f"{name} is piecewise constant: JAX defines its derivative as zero"
+    if name in _CUSTOM:
+        return FLOWS, _CUSTOM[name]
+    return FLOWS, ""
+
+
+def _closed(jaxpr: Any) -> tuple[Any, list]:
+    """``(open jaxpr, consts)`` of a ClosedJaxpr or a Jaxpr."""
+    return (jaxpr.jaxpr, list(jaxpr.consts)) if hasattr(jaxpr, "jaxpr") else (jaxpr, [])
+
+
+class _Inliner:
+    """Flattens a jaxpr and the jaxprs nested in it into Nodes, each value renamed per inlined copy."""
+
+    def __init__(self) -> None:
+        self.nodes: list[Node] = []
+        self.floats: set = set()
+        self.copies = 0
+
+    def value(self, env: dict, var: Any) -> Any:
+        if isinstance(var, Literal):
+            return None
+        if var not in env:
+            env[var] = (self.copies, id(var))
+            if _is_float(var):
+                self.floats.add(env[var])
+        return env[var]
+
+    def ids(self, env: dict, variables: list) -> list:
+        return [i for i in (self.value(env, v) for v in variables) if i is not None]
+
+    def alias(self, source: Any, target: Any, owner: tuple[int, int]) -> None:
+        if source is not None and target is not None:
+            self.nodes.append(Node(ALIAS, [source], [target], owner=owner[0], call=owner[1]))
+
+    def inline(self, jaxpr: Any, inputs: list, owner: tuple[int, int], outputs: list | None = None) -> list:
+        """Append the nodes of ``jaxpr`` reading value ids ``inputs``; return its outputs (aliased to ``outputs``)."""
+        jaxpr, _ = _closed(jaxpr)
+        self.copies += 1
+        env: dict = {}
+        for var, given in zip(jaxpr.invars, inputs, strict=False):
+            self.alias(given, self.value(env, var), owner)
+        for eqn in jaxpr.eqns:
+            self.equation(eqn, env, owner)
+        found = [self.value(env, v) for v in jaxpr.outvars]
+        for inner, outer in zip(found, outputs or [], strict=False):
+            self.alias(inner, outer, owner)
+        return found
+
+    def equation(self, eqn: Any, env: dict, inherited: tuple[int, int]) -> None:
+        owner = _owner(eqn, inherited)
+        name, params = eqn.primitive.name, eqn.params
+        ins = [self.value(env, v) for v in eqn.invars]
+        outs = [self.value(env, v) for v in eqn.outvars]
+        if name == "scan":
+            self._loop(params["jaxpr"], ins, outs, params["num_consts"], params["num_carry"], owner, xs=True)
+        elif name == "while":
+            skip, consts = params["cond_nconsts"], params["body_nconsts"]
+            self._loop(params["body_jaxpr"], ins[skip:], outs, consts, len(outs), owner, xs=False)
+        elif name == "cond":
+            for branch in params["branches"]:
+                self.inline(branch, ins[1:], owner, outs)
+        elif name not in _CUSTOM and _nested(params, len(ins), len(outs)) is not None:
+            self.inline(_nested(params, len(ins), len(outs)), ins, owner, outs)
+        else:
+            level, reason = _classify(eqn)
+            if name not in _CUSTOM and any(_closed(j)[0] is not None for j in _jaxprs(params)):
+                level, reason = FLOWS, f"{UNCHECKED}what {name} passes back is not inspected"
+            node = Node(name, [i for i in ins if i is not None], [o for o in outs if o is not None], level, reason)
+            node.owner, node.call, node.source = owner[0], owner[1], user_source(eqn)
+            self.nodes.append(node)
+
+    def _loop(self, body: Any, ins: list, outs: list, consts: int, carry: int, owner: tuple, xs: bool) -> None:
+        """A scan or while body, inlined twice: the second copy reads the first's carry (one step of the loop)."""
+        state = ins[consts : consts + carry]
+        for _ in range(2):
+            found = self.inline(body, ins[:consts] + state + (ins[consts + carry :] if xs else []), owner)
+            state = found[:carry]
+            for inner, outer in zip(found, outs, strict=False):
+                self.alias(inner, outer, owner)
+
+
+def _jaxprs(params: dict) -> list:
+    return [p for p in params.values() if hasattr(p, "eqns") or hasattr(p, "jaxpr")]
+
+
+def _nested(params: dict, inputs: int, outputs: int) -> Any:
+    """The one nested jaxpr of a call-like equation (jit, checkpoint, closed_call...) taking its inputs, else None."""
+    for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+        found = params.get(key)
+        if found is None or not (hasattr(found, "eqns") or hasattr(found, "jaxpr")):
+            continue
+        inner, _ = _closed(found)
+        if len(inner.invars) == inputs and len(inner.outvars) == outputs:
+            return found
+    return None
+
+
+def flow_graph(fn: Callable[..., Any], args: Sequence[Any]) -> FlowGraph:
+    """The FlowGraph of ``fn(*args)`` (a scalar target) from its jaxpr (``jax.make_jaxpr``).
+
+    The first argument's leaves stand for the trainable weights, the second's for
+    the inputs' leaves; the target is the one output.
+    """
+    closed = jax.make_jaxpr(fn)(*args)
+    inliner = _Inliner()
+    env: dict = {}
+    inputs = [inliner.value(env, v) for v in closed.jaxpr.invars]
+    counts = [len(jax.tree.leaves(a)) for a in args]
+    found = inliner.inline(closed, inputs, (OWNER_GLUE, -1))
+    weights, x = inputs[: counts[0]], inputs[counts[0] : counts[0] + counts[1]]
+    target = found[0] if found and found[0] in inliner.floats else None
+    return FlowGraph(inliner.nodes, inliner.floats, weights, x, target, arguments=set(inputs))
+
+
+def value_and_gradients(fn: Callable[..., Any], args: Sequence[Any]) -> tuple[Any, tuple]:
+    """``(value, gradients w.r.t. every argument)`` of a scalar ``fn``, run op by op (no compilation)."""
+    return jax.value_and_grad(fn, argnums=tuple(range(len(args))))(*args)
+
+
+def _finite(values: Sequence[Any]) -> bool:
+    return all(
+        bool(jnp.all(jnp.isfinite(v))) for v in values if hasattr(v, "dtype") and jnp.issubdtype(v.dtype, jnp.inexact)
+    )
+
+
+def _evaluate(jaxpr: Any, consts: list, args: list, inherited: tuple, found: list) -> list:
+    """Evaluate a jaxpr equation by equation, noting the equations that make NaN/Inf from finite inputs.
+
+    An equation with a nested jit/call jaxpr that makes NaN/Inf is looked into,
+    to name the primitive inside; loops and conditionals are named as a whole.
+    """
+    env: dict = {}
+
+    def read(var: Any) -> Any:
+        return var.val if isinstance(var, Literal) else env[var]
+
+    for var, value in zip(jaxpr.constvars, consts, strict=True):
+        env[var] = value
+    for var, value in zip(jaxpr.invars, args, strict=True):
+        env[var] = value
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        # As jax.core.eval_jaxpr does: the bind parameters carry a nested jaxpr as a callable.
+        with eqn.ctx.manager:
+            outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+        outs = list(outs) if eqn.primitive.multiple_results else [outs]
+        owner = _owner(eqn, inherited)
+        if not _finite(outs) and _finite(invals):
+            nested = _nested(eqn.params, len(invals), len(outs)) if eqn.primitive.name not in _CUSTOM else None
+            before = len(found)
+            if nested is not None:
+                inner, inner_consts = _closed(nested)
+                _evaluate(inner, inner_consts, invals, owner, found)
+            if len(found) == before:
+                backward = "transpose" in str(eqn.source_info.name_stack)
+                found.append((eqn.primitive.name, owner[0], backward, user_source(eqn)))
+        for var, value in zip(eqn.outvars, outs, strict=True):
+            env[var] = value
+    return [read(v) for v in jaxpr.outvars]
+
+
+def nonfinite_equations(fn: Callable[..., Any], args: Sequence[Any]) -> list[tuple[str, int, bool, str | None]]:
+    """The equations of ``fn``'s value and gradient that make NaN/Inf from finite inputs, in order.
+
+    A per-equation pass over the jaxpr of ``jax.value_and_grad(fn)`` rather than
+    ``jax.debug_nans``: that flag stops at the first NaN only (Inf needs
+    ``debug_infs``), raises from wherever it stops, and also stops where NaN is
+    only passed on from an input; the pass sees the forward and the backward
+    equations both, tells made from passed on, and changes no global setting.
+
+    Returns:
+        ``(primitive, layer index or owner code, backward, user source)`` per equation.
+    """
+    closed = jax.make_jaxpr(jax.value_and_grad(fn, argnums=tuple(range(len(args)))))(*args)
+    found: list = []
+    _evaluate(closed.jaxpr, list(closed.consts), jax.tree.leaves(list(args)), (OWNER_GLUE, -1), found)
+    return found
+
+
+def float64_scope() -> Any:
+    """A context in which JAX computes in float64 (x64 mode), restoring the setting it found when it ends.
+
+    ``jax.enable_x64(True)`` is a scoped setting: the user's own
+    ``jax_enable_x64`` is back when the block ends, also when it raises.
+    """
+    return jax.enable_x64(True)
+
+
+# --- The training monitor (core/monitor) ------------------------------------
+# The training monitor's door to JAX: the applied gradients, captured in Keras's jitted train step.
+#
+# Keras's JAX trainer runs ``model.train_step(state, data)`` under ``jax.jit``,
+# with every variable passed in and returned as state, and calls
+# ``optimizer.stateless_apply(optimizer_variables, grads, trainable_variables)``
+# inside it. The monitor's recording train function is the same step with one more
+# output: while the step is traced, ``stateless_apply`` is wrapped (an instance
+# attribute, removed right after) so the gradients it receives are kept as traced
+# values, and the step returns their raw statistics (``[5, weights]``, see
+# :mod:`gradmagic.core.monitor.columns`) next to Keras's ``(logs, state)``. The
+# statistics leave the jitted function as an output, like the state does, and
+# stay on the device until the host reads them; Keras's state, optimizer and
+# variables are never extended. The gradients ``stateless_apply`` receives are
+# those of the global batch: under ``keras.distribution.DataParallel`` they are
+# already all-reduced, so the statistics are those of the single-device run.
+#
+# Keras internals used (each a missing public API, see the functions): the
+# trainer's state sharding (``_get_state_sharding_spec``), needed to compile the
+# recording step with the shardings Keras gives its own.
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def exact_stats(grads: Sequence[Any]) -> Any:
+    """Raw statistics ``[5, len(grads)]`` (``RAW_ROWS``) of the finite entries, with NaN/Inf counts.
+
+    The norm is taken of the gradient divided by its largest |entry| and scaled
+    back: exact to float32 rounding even where squares would underflow (|g| <
+    1e-19) or overflow float32. Several passes per gradient: the path of the
+    rare steps :func:`full_stats` cannot trust.
+    """
+    columns = []
+    for grad in grads:
+        flat = jnp.reshape(grad, (-1,)).astype(jnp.float32)
+        if flat.size == 0:
+            columns.append(jnp.zeros(5, jnp.float32))
+            continue
+        finite = jnp.isfinite(flat)
+        nan = jnp.sum(jnp.isnan(flat), dtype=jnp.float32)
+        inf = jnp.float32(flat.size) - jnp.sum(finite, dtype=jnp.float32) - nan
+        values = jnp.where(finite, flat, 0.0)
+        peak = jnp.max(jnp.abs(values))
+        unit = jnp.where(peak > 0, peak, 1.0)
+        norm = unit * jnp.sqrt(jnp.sum(jnp.square(values / unit)))
+        columns.append(jnp.stack([jnp.sum(values), norm, peak, nan, inf]))
+    return jnp.stack(columns, axis=1)
+
+
+def full_stats(grads: Sequence[Any], floors: np.ndarray) -> Any:
+    """Raw statistics ``[5, len(grads)]``: sum, norm and max |g| in reductions XLA can fuse into one pass.
+
+    Valid when every result is finite and no sum of squares is below its floor
+    (where float32 squares may have underflowed, see ``square_floors``) unless the
+    gradient is exactly zero; otherwise :func:`exact_stats` is taken instead (a
+    ``lax.cond``: the step pays for it only when it happens).
+    """
+    flat = [jnp.reshape(g, (-1,)).astype(jnp.float32) for g in grads]
+    zero = jnp.float32(0.0)
+    total = jnp.stack([jnp.sum(f) if f.size else zero for f in flat])
+    squares = jnp.stack([jnp.sum(f * f) if f.size else zero for f in flat])
+    peak = jnp.stack([jnp.maximum(jnp.max(f), -jnp.min(f)) if f.size else zero for f in flat])
+    n = len(flat)
+    quick = jnp.stack([total, jnp.sqrt(squares), peak, jnp.zeros(n), jnp.zeros(n)])
+    trusted = jnp.all(jnp.isfinite(quick)) & jnp.all((squares >= floors) | (peak == 0))
+    return jax.lax.cond(trusted, lambda _: quick, exact_stats, flat)
+
+
+def norm_stats(grads: Sequence[Any], full: Any, floors: np.ndarray) -> Any:
+    """The norm of each gradient (one reduction each), and :func:`full_stats` when ``full`` or when one is suspect.
+
+    A sum of squares that is not finite (a NaN or Inf, or an overflow) or below its
+    floor (squares may have underflowed; see ``square_floors``) takes the full
+    branch, which is exact there. Where only the norm is measured, the sum and the
+    counts are 0 and max |g| is -1, the mark ``finish_stats`` reads.
+    """
+    sums = jnp.stack([jnp.sum(jnp.square(jnp.asarray(g, jnp.float32))) for g in grads])
+    n = len(grads)
+    trusted = jnp.all((sums >= floors) & (sums <= _FLOAT32_MAX))
+    quick = jnp.stack([jnp.zeros(n), jnp.sqrt(sums), jnp.full(n, -1.0), jnp.zeros(n), jnp.zeros(n)]).astype(jnp.float32)
+    return jax.lax.cond(
+        jnp.logical_or(full, jnp.logical_not(trusted)),
+        lambda g: full_stats(g, floors),
+        lambda _: quick,
+        list(grads),
+    )
+
+
+class _StatelessApplyHook:
+    """Keeps the gradients the trainer hands to ``optimizer.stateless_apply`` (while the step runs or is traced)."""
+
+    def __init__(self, optimizer: Any) -> None:
+        self.optimizer = optimizer
+        self.grads: list[Any] | None = None
+        self.scale: Any = None
+        self._had_own = "stateless_apply" in vars(optimizer)
+        original = optimizer.stateless_apply
+
+        def recording(optimizer_variables: Any, grads: Any, trainable_variables: Any) -> Any:
+            self.grads = list(grads)
+            # A LossScaleOptimizer gets scaled gradients: its scale's value in this step, to undo it.
+            self.scale = None
+            scale = loss_scale_variable(optimizer)
+            if scale is not None:
+                index = next(i for i, v in enumerate(optimizer.variables) if v is scale)
+                self.scale = optimizer_variables[index]
+            return original(optimizer_variables, grads, trainable_variables)
+
+        self._original, self._recording = original, recording
+
+    def install(self) -> None:
+        # A plain instance attribute: Keras's tracking __setattr__ has nothing to track in a function.
+        object.__setattr__(self.optimizer, "stateless_apply", self._recording)
+
+    def remove(self) -> None:
+        optimizer = self.optimizer
+        if optimizer.__dict__.get("stateless_apply") is not self._recording:
+            return
+        if self._had_own:
+            object.__setattr__(optimizer, "stateless_apply", self._original)
+        else:
+            object.__delattr__(optimizer, "stateless_apply")
+
+
+def loss_scale_variable(optimizer: Any) -> Any:
+    """The loss-scale variable of a ``LossScaleOptimizer`` (built), else None."""
+    import keras
+
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) and optimizer.built:
+        return optimizer.dynamic_scale
+    return None
+
+
+class _NoHook:
+    """The JAX step installs its own hook inside the (traced) step: nothing to do around each call."""
+
+    def install(self) -> None:
+        pass
+
+    def remove(self) -> None:
+        pass
+
+
+def state_shardings(model: Any) -> Any:
+    """The shardings Keras compiles its own train step with, or None without a distribution.
+
+    Public API missing: Keras gives its jitted train step ``out_shardings`` from
+    the trainer's private ``_get_state_sharding_spec()``; the recording step must
+    return the state laid out the same way. Falls back to None (XLA picks the
+    layout) where that method is gone.
+    """
+    import keras  # here: the questions' part of this door needs no Keras
+
+    if keras.distribution.distribution() is None:
+        return None
+    spec = getattr(model, "_get_state_sharding_spec", None)
+    return spec() if spec is not None else None
+
+
+def recording_train_function(model: Any, plain: Any, buffer: Any) -> tuple[Callable[..., Any], Any]:
+    """A train function that runs Keras's step and appends each step's raw statistics to ``buffer``.
+
+    Same arguments and results as the one Keras makes (``(state, iterator) ->
+    (logs, state)``, with ``steps_per_execution`` steps per call), compiled the
+    same way (``jax.jit`` with the state donated, unless ``run_eagerly`` or
+    ``jit_compile=False``).
+
+    Args:
+        model: The model being fit (compiled, with its train function made).
+        plain: Keras's own train function (not used: the recording one is made anew).
+        buffer: Has ``floors``, ``mode``, ``full_next()`` (measure every statistic at
+            the next step?) and ``append(raw, missing)`` (keep one step's raw statistics;
+            JAX differentiates every trainable variable, so none is missing).
+
+    Returns:
+        ``(function, hook)``: the train function, and the hook the guard puts in
+        place around each call (none needed here: the step installs its own).
+    """
+    step = model.train_step
+    hook = _StatelessApplyHook(model.optimizer)
+    floors = np.asarray(buffer.floors, np.float32)
+    mode = buffer.mode
+
+    def recording_step(state: Any, data: Any, full: Any) -> Any:
+        hook.install()
+        try:
+            logs, state = step(state, data)
+        finally:
+            hook.remove()
+        grads, hook.grads = hook.grads, None
+        stats = full_stats(grads, floors) if mode == "full" else norm_stats(grads, full, floors)
+        if hook.scale is not None:
+            # Sum, norm and max |g| scale with the loss scale, the counts do not (max |g|'s
+            # -1 mark stays negative).
+            inverse = 1.0 / hook.scale.astype(jnp.float32)
+            stats = stats * jnp.stack([inverse, inverse, inverse, 1.0, 1.0])[:, None]
+        return logs, state, stats
+
+    if not model.run_eagerly and model.jit_compile:
+        shardings = state_shardings(model)
+        out_shardings = None if shardings is None else (None, shardings, None)
+        recording_step = jax.jit(recording_step, donate_argnums=0, out_shardings=out_shardings)
+
+    # The flag as device arrays made once: a host bool would be copied to the device every step.
+    flags = {False: jnp.asarray(False), True: jnp.asarray(True)}
+
+    def train_function(state: Any, iterator: Any) -> Any:
+        # Keras's own loop over steps_per_execution, one recorded row per step.
+        logs, state, stats = recording_step(state, next(iterator), flags[bool(buffer.full_next())])
+        buffer.append(stats, None)
+        try:
+            for _ in range(int(model.steps_per_execution) - 1):
+                logs, state, stats = recording_step(state, next(iterator), flags[bool(buffer.full_next())])
+                buffer.append(stats, None)
+        except StopIteration:
+            pass
+        return logs, state
+
+    return train_function, _NoHook()
+
+
+def current_weights(model: Any) -> list[np.ndarray]:
+    """``model.get_weights()`` in the middle of ``fit``.
+
+    During ``fit`` the JAX trainer holds the weights as state and detaches them
+    from the variables; ``jax_state_sync()`` (public) puts the latest state back
+    first, as Keras documents for callbacks that need the variables.
+    """
+    model.jax_state_sync()
+    return model.get_weights()
+
+
+def host_array(value: Any) -> np.ndarray:
+    """A device array as a NumPy array (waits for the step that makes it)."""
+    return np.asarray(value)

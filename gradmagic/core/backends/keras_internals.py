@@ -202,3 +202,78 @@ def _restore(obj: object, attributes: dict, contents: dict, inner: dict) -> None
         for key, ids in sets.items():
             set.clear(attributes[name][key])
             set.update(attributes[name][key], ids)
+
+
+# --- diagnosis ---------------------------------------------------------------
+
+
+def lambda_output_shape(layer: Any) -> Any:
+    """The ``output_shape`` argument a ``keras.layers.Lambda`` was built with: a shape, a function, or ``None``.
+
+    ``Lambda.get_config`` serializes a shape function to a dict and Keras has no
+    public accessor for the argument as given; Keras keeps it as ``_output_shape``.
+    Falls back to ``None``: Keras then infers the shape by running the function
+    on symbolic inputs, which is right for most functions.
+
+    Args:
+        layer: A ``keras.layers.Lambda``.
+    """
+    return getattr(layer, "_output_shape", None)
+
+
+# Keras' table of the 64-bit dtypes its type promotion narrows to 32 bits (on JAX and PyTorch).
+_NARROWED = ("keras.src.backend.common.dtypes", "BIT64_TO_BIT32_DTYPE")
+
+
+@contextlib.contextmanager
+def float64_promotion() -> Iterator[None]:
+    """Within the block, Keras' type promotion keeps float64 (as it does on TensorFlow); restored afterwards.
+
+    Public API missing: Keras 3 on JAX and PyTorch narrows float64 to float32
+    in its type promotion, "to be aligned with JAX's default behavior"
+    (``keras.backend.result_type("float64", "float64")`` is ``"float32"``
+    there), so a float64 model's ``matmul`` (PyTorch) or ``tanh`` (JAX) computes
+    in float32 and a finite-difference check drowns in its round-off. Keras
+    reads the narrowing from a module-level dict on every call; the block maps
+    float64 to itself. Falls back to doing nothing if the dict moved: callers
+    check ``keras.backend.result_type`` and fall back to float32 themselves.
+    """
+    import importlib
+
+    try:
+        table = getattr(importlib.import_module(_NARROWED[0]), _NARROWED[1])
+    except (ImportError, AttributeError):
+        table = None
+    if not isinstance(table, dict) or "float64" not in table:
+        yield
+        return
+    saved = table["float64"]
+    table["float64"] = "float64"
+    try:
+        yield
+    finally:
+        table["float64"] = saved
+
+
+# --- The training monitor (core/monitor) ------------------------------------
+
+
+def fit_token(model: Any) -> tuple[Any, Any]:
+    """Objects that are new in every ``fit``: its ``History`` and that one's epoch list.
+
+    Public API missing: Keras tells callbacks nothing that identifies the ``fit``
+    being run. Its ``CallbackList`` sets ``model.history`` to that ``fit``'s
+    ``History`` before any callback runs, and ``History.on_train_begin`` (which may
+    run after the monitor's) gives it a new ``epoch`` list, so the pair, taken at
+    the first step, identifies the current ``fit``.
+
+    Falls back to ``(None, None)`` parts where Keras sets neither: every ``fit``
+    then looks alike, and the monitor can no longer tell a ``fit`` without it from
+    the one it attached to (a later ``fit`` without the monitor, after one that died
+    before ``on_train_end``, would record into its buffer).
+
+    Args:
+        model: The model being fit.
+    """
+    history = getattr(model, "history", None)
+    return history, getattr(history, "epoch", None)

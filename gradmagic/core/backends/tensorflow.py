@@ -27,8 +27,10 @@ from gradmagic.core.backends.keras_internals import (  # noqa: F401
     calls_replaced,
     compiled_loss,
     compiled_loss_replaced,
+    fit_token,
     fresh_compiled_loss,
     instance_settings,
+    lambda_output_shape,
     python_state,
     restore_python_state,
 )
@@ -257,27 +259,6 @@ def build_optimizer_as_apply_does(optimizer: Any, variables: Sequence[Any]) -> N
     optimizer.built = True
 
 
-def fit_token(model: Any) -> tuple[Any, Any]:
-    """Objects that are new in every ``fit``: its ``History`` and that one's epoch list.
-
-    Public API missing: Keras tells callbacks nothing that identifies the ``fit``
-    being run. Its ``CallbackList`` sets ``model.history`` to that ``fit``'s
-    ``History`` before any callback runs, and ``History.on_train_begin`` (which may
-    run after the monitor's) gives it a new ``epoch`` list, so the pair, taken at
-    the first step, identifies the current ``fit``.
-
-    Falls back to ``(None, None)`` parts where Keras sets neither: every ``fit``
-    then looks alike, and the monitor can no longer tell a ``fit`` without it from
-    the one it attached to (a later ``fit`` without the monitor, after one that died
-    before ``on_train_end``, would record into its buffer).
-
-    Args:
-        model: The model being fit.
-    """
-    history = getattr(model, "history", None)
-    return history, getattr(history, "epoch", None)
-
-
 # --- The diagnosis (core/diagnose) -------------------------------------------
 
 
@@ -358,20 +339,6 @@ def differentiated_scope(gradient_op_name: str) -> str | None:
         return None
     scope, _, _ = gradient_op_name.removeprefix(_TAPE_SCOPE).rpartition("/")
     return scope or None
-
-
-def lambda_output_shape(layer: Any) -> Any:
-    """The ``output_shape`` argument a ``keras.layers.Lambda`` was built with: a shape, a function, or ``None``.
-
-    ``Lambda.get_config`` serializes a shape function to a dict and Keras has no
-    public accessor for the argument as given; Keras keeps it as ``_output_shape``.
-    Falls back to ``None``: Keras then infers the shape by running the function
-    on symbolic inputs, which is right for most functions.
-
-    Args:
-        layer: A ``keras.layers.Lambda``.
-    """
-    return getattr(layer, "_output_shape", None)
 
 
 def variable_placeholders(graph: Any, variables: list) -> dict[int, list[tf.Tensor]]:

@@ -11,13 +11,18 @@ are dropped by the callers, never assigned.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+import linecache
+import os
+import traceback
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 import torch.func
+from torch.overrides import TorchFunctionMode
 
+from gradmagic.core.backends.flow import FLOWS, NONE, OWNER_GLUE, ZERO, FlowGraph, Node
 from gradmagic.core.backends.tensors import check_no_foreign
 
 # --- The gradient questions (core/questions) ---------------------------------
@@ -27,16 +32,33 @@ def _indices(argnums: int | Sequence[int]) -> tuple[int, ...]:
     return (argnums,) if isinstance(argnums, int) else tuple(argnums)
 
 
-def _leaves(structure: Any) -> list[Any]:
-    import keras
+# The arguments differentiated here are lists (the variables' values) or the user's x: lists, tuples and dicts
+# of tensors. A plain walk of those costs microseconds; ``keras.tree`` on PyTorch (torch's pytree) costs about
+# a millisecond per call, which eager PyTorch pays on every call.
 
-    return keras.tree.flatten(structure)
+
+def _leaves(structure: Any) -> list[Any]:
+    """The leaves of nested lists, tuples and dicts (dicts by sorted key, as ``keras.tree`` orders them)."""
+    if isinstance(structure, (list, tuple)):
+        return [leaf for item in structure for leaf in _leaves(item)]
+    if isinstance(structure, dict):
+        return [leaf for key in sorted(structure) for leaf in _leaves(structure[key])]
+    return [structure]
 
 
 def _pack(structure: Any, leaves: Sequence[Any]) -> Any:
-    import keras
+    """``leaves`` in the shape of ``structure`` (the inverse of :func:`_leaves`)."""
+    found = iter(leaves)
 
-    return keras.tree.pack_sequence_as(structure, list(leaves))
+    def rebuild(node: Any) -> Any:
+        if isinstance(node, (list, tuple)):
+            items = [rebuild(item) for item in node]
+            return type(node)(*items) if hasattr(node, "_fields") else type(node)(items)
+        if isinstance(node, dict):
+            return type(node)((key, rebuild(node[key])) for key in sorted(node))
+        return next(found)
+
+    return rebuild(structure)
 
 
 def _differentiable(value: Any) -> Any:
@@ -202,3 +224,430 @@ class TorchBackend:
 
 
 BACKEND = TorchBackend()
+
+
+# --- diagnosis ---------------------------------------------------------------
+# explain runs the target once eagerly while a TorchFunctionMode records every
+# torch function it calls (what it read, what it wrote, whether autograd
+# follows): each becomes a Node of a FlowGraph, owned by the layer whose call
+# is running. A tensor that autograd reached by a way the mode does not see (a
+# torch.autograd.Function such as keras.ops.custom_gradient) is linked through
+# its grad_fn to the recorded tensors it was computed from.
+
+_PIECEWISE_CONSTANT = {"round", "floor", "ceil", "sign", "trunc", "fix", "sgn"}
+_DETACH = {"detach": "detach (keras.ops.stop_gradient) blocks the gradient on purpose"}
+_CASTS = {"to", "type", "long", "int", "short", "bool", "byte", "char", "type_as"}
+_LIBRARIES = tuple(f"{os.sep}{name}{os.sep}" for name in ("torch", "keras", "numpy"))
+_OWN = f"{os.sep}gradmagic{os.sep}"
+_OWNERS: list[tuple[int, int]] = []  # the layer calls running now, innermost last
+_NO_GRAD = "run under torch.no_grad: autograd does not record it"
+_FUNCTION = "custom gradient (torch.autograd.Function): its backward decides what flows"
+
+
+@contextlib.contextmanager
+def layer_scope(index: int, call: int) -> Iterator[None]:
+    """Within the block, the recorded ops belong to call ``call`` of layer ``index``."""
+    _OWNERS.append((index, call))
+    try:
+        yield
+    finally:
+        _OWNERS.pop()
+
+
+def _name(func: Any) -> str:
+    return getattr(func, "__name__", str(func)).strip("_")
+
+
+def _user_source() -> str | None:
+    """``file:line (function): code`` of the innermost user frame now running; None inside a built-in layer."""
+    frames = traceback.extract_stack()[::-1]
+    while frames and frames[0].filename == __file__:  # the recorder itself
+        frames.pop(0)
+    for frame in frames:
+        if _OWN in frame.filename:
+            return None
+        if not any(part in frame.filename for part in _LIBRARIES):
+            code = linecache.getline(frame.filename, frame.lineno).strip()
+            code = f": {code}" if code else ""
+            return f"{os.path.basename(frame.filename)}:{frame.lineno} ({frame.name}){code}"
+    return None
+
+
+def _classify(name: str, ins: list, outs: list) -> tuple[int, str]:
+    """``(level, reason)`` of one recorded op: what autodiff passes back from its float inputs."""
+    if name in _DETACH:
+        return NONE, _DETACH[name]
+    floats_out = [t for t in outs if t.is_floating_point()]
+    if not floats_out:
+        dtype = str(outs[0].dtype).removeprefix("torch.")
+        what = f"cast to {dtype}" if name in _CASTS else f"{name}: {dtype} output"
+        return NONE, f"{what}: integer and bool values carry no gradient"
+    if not torch.is_grad_enabled():
+        return NONE, _NO_GRAD
+    if any(t.requires_grad for t in ins if t.is_floating_point()) and not any(t.requires_grad for t in floats_out):
+        return NONE, f"{name} has no derivative: its output does not require grad"
+    if name in _PIECEWISE_CONSTANT:
+        return ZERO, f"{name} is piecewise constant: PyTorch defines its derivative as zero"
+    return FLOWS, ""
+
+
+class _Recorder(TorchFunctionMode):
+    """Records each torch function called as a Node; optionally notes those that make NaN/Inf from finite inputs."""
+
+    def __init__(self, probe: bool) -> None:
+        super().__init__()
+        self.nodes: list[Node] = []
+        self.floats: set = set()
+        self.keep: list = []  # every recorded tensor stays alive, so that its id stays unique
+        self.made_by: dict[int, tuple[Node, Any]] = {}  # tensor id -> (node, its grad_fn when made)
+        self.by_grad_fn: dict[Any, int] = {}
+        self.probe, self.nonfinite = probe, []
+
+    def tensor_id(self, tensor: torch.Tensor) -> int:
+        self.keep.append(tensor)
+        if tensor.is_floating_point():
+            self.floats.add(id(tensor))
+        if tensor.grad_fn is not None:
+            self.by_grad_fn.setdefault(tensor.grad_fn, id(tensor))
+        return id(tensor)
+
+    def leaf(self, tensor: torch.Tensor) -> int:
+        """Register an argument of the traced function (a weight, an input, a perturbation)."""
+        return self.tensor_id(tensor)
+
+    def _link(self, tensor: torch.Tensor) -> None:
+        """A tensor autograd reached without a recorded op: a Node from the recorded tensors its grad_fn reads."""
+        sources, seen, todo = [], set(), [tensor.grad_fn]
+        while todo:
+            fn = todo.pop()
+            if fn is None or fn in seen:
+                continue
+            seen.add(fn)
+            variable = getattr(fn, "variable", None)  # AccumulateGrad: a leaf
+            if variable is not None:
+                sources.append(id(variable))
+            elif fn in self.by_grad_fn and fn is not tensor.grad_fn:
+                sources.append(self.by_grad_fn[fn])
+            else:
+                todo.extend(next_fn for next_fn, _ in fn.next_functions)
+        kind = type(tensor.grad_fn).__name__
+        made = self.made_by.get(id(tensor))
+        # The Function ran inside the call that recorded its forward ops (untracked, under no_grad): its
+        # layer, and those ops are its forward, not a stop.
+        owner = (made[0].owner, made[0].call) if made else _OWNERS[-1] if _OWNERS else (OWNER_GLUE, -1)
+        if made:
+            self._inside_function(made[0])
+        source = _user_source() if self.probe else None
+        node = Node(kind, sources, [self.tensor_id(tensor)], FLOWS, _FUNCTION, owner[0], owner[1], source)
+        self.nodes.append(node)
+        self.made_by[id(tensor)] = (node, tensor.grad_fn)
+
+    def _inside_function(self, last: Node) -> None:
+        """Mark ``last`` and the untracked ops feeding it as a torch.autograd.Function's forward."""
+        todo = [last]
+        while todo:
+            node = todo.pop()
+            if node.reason != _NO_GRAD:
+                continue
+            node.level, node.reason = FLOWS, _FUNCTION
+            todo.extend(self.made_by[v][0] for v in node.inputs if v in self.made_by)
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        ins = [t for t in _leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        ins_ids = {id(t) for t in ins}
+        # An op may return one of its inputs itself (``to`` the dtype it has): that makes no new value.
+        outs = [t for t in _leaves(out) if isinstance(t, torch.Tensor) and id(t) not in ins_ids]
+        if not outs:
+            return out  # shape, dtype, size, a no-op conversion...: no values made
+        for t in ins:
+            made = self.made_by.get(id(t))
+            if t.grad_fn is not None and (made is None or made[1] is not t.grad_fn):
+                self._link(t)
+        name = _name(func)
+        level, reason = _classify(name, ins, outs)
+        owner = _OWNERS[-1] if _OWNERS else (OWNER_GLUE, -1)
+        in_ids, out_ids = [self.tensor_id(t) for t in ins], [self.tensor_id(t) for t in outs]
+        source = _user_source() if self.probe else None  # reading the stack per op is slow: only for NaN/Inf
+        node = Node(name, in_ids, out_ids, level, reason, owner[0], owner[1], source)
+        self.nodes.append(node)
+        for t in outs:
+            self.made_by[id(t)] = (node, t.grad_fn)
+        if self.probe:
+            self._check(node, ins, outs)
+        return out
+
+    def _check(self, node: Node, ins: list, outs: list) -> None:
+        def finite(tensors: list) -> bool:
+            return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+
+        with torch.no_grad():
+            if not finite(outs) and finite(ins):
+                self.nonfinite.append((node.kind, node.owner, False, node.source))
+            if not finite(ins):
+                return  # its backward reads NaN/Inf of the forward pass: it can pass it on, not make it
+            for t in outs:
+                if t.grad_fn is not None and t.requires_grad:
+                    t.grad_fn.register_hook(self._backward_hook(node))
+
+    def _backward_hook(self, node: Node) -> Callable:
+        """Note the node when its backward makes NaN/Inf from a finite gradient (its forward inputs were finite)."""
+
+        def hook(grad_inputs: tuple, grad_outputs: tuple) -> None:
+            def finite(tensors: tuple) -> bool:
+                return all(bool(torch.isfinite(t).all()) for t in tensors if isinstance(t, torch.Tensor))
+
+            entry = (node.kind, node.owner, True, node.source)
+            if not finite(grad_inputs) and finite(grad_outputs) and entry not in self.nonfinite:
+                self.nonfinite.append(entry)
+
+        return hook
+
+
+def _prepared(args: Sequence[Any], recorder: _Recorder) -> list:
+    """The arguments with every float tensor a fresh autograd leaf, registered with the recorder."""
+    prepared = []
+    for arg in args:
+        leaves = [_differentiable(torch.as_tensor(t)) if _is_array(t) else t for t in _leaves(arg)]
+        for t in leaves:
+            if isinstance(t, torch.Tensor):
+                recorder.leaf(t)
+        prepared.append(_pack(arg, leaves))
+    return prepared
+
+
+def _is_array(value: Any) -> bool:
+    return isinstance(value, (torch.Tensor, np.ndarray))
+
+
+def _record(fn: Callable[..., Any], args: Sequence[Any], probe: bool) -> tuple[_Recorder, list, Any]:
+    recorder = _Recorder(probe)
+    prepared = _prepared(args, recorder)
+    with torch.enable_grad(), recorder:
+        target = fn(*prepared)
+    return recorder, prepared, target
+
+
+def flow_graph(fn: Callable[..., Any], args: Sequence[Any]) -> FlowGraph:
+    """The FlowGraph of ``fn(*args)`` (a scalar target), from the torch functions one eager run calls.
+
+    The first argument's leaves stand for the trainable weights, the second's for
+    the inputs' leaves; the target is the one output.
+    """
+    recorder, prepared, target = _record(fn, args, probe=False)
+    weights = [id(t) for t in _leaves(prepared[0])]
+    inputs = [id(t) for t in _leaves(prepared[1])]
+    if isinstance(target, torch.Tensor) and target.grad_fn is not None and id(target) not in recorder.made_by:
+        recorder._link(target)
+    is_float = isinstance(target, torch.Tensor) and target.is_floating_point()
+    arguments = {id(t) for t in _leaves(prepared) if isinstance(t, torch.Tensor)}
+    target_id = id(target) if is_float else None
+    return FlowGraph(recorder.nodes, recorder.floats, weights, inputs, target_id, arguments=arguments)
+
+
+def value_and_gradients(fn: Callable[..., Any], args: Sequence[Any]) -> tuple[Any, tuple]:
+    """``(value, gradients w.r.t. every argument)`` of a scalar ``fn``; a disconnected leaf gives ``None``."""
+    return BACKEND.value_and_grad(fn, argnums=tuple(range(len(args))))(*args)
+
+
+def nonfinite_equations(fn: Callable[..., Any], args: Sequence[Any]) -> list[tuple[str, int, bool, str | None]]:
+    """The ops of ``fn``'s value and gradient that make NaN/Inf from finite inputs, forward pass first.
+
+    Per-op checks rather than ``torch.autograd.detect_anomaly``: anomaly mode
+    raises at the first backward function that returns NaN only (not Inf, not
+    in the forward pass) and changes a global setting; here every recorded
+    forward op is checked as it runs, and every backward function through a hook
+    on its ``grad_fn`` (gradient in finite, gradient out not), so both passes
+    are covered and made is told from passed on.
+
+    Returns:
+        ``(op, layer index or owner code, backward, user source)`` per op.
+    """
+    recorder, prepared, target = _record(fn, args, probe=True)
+    wrt = [t for t in _leaves(prepared) if isinstance(t, torch.Tensor) and t.requires_grad]
+    if isinstance(target, torch.Tensor) and target.requires_grad and wrt:
+        torch.autograd.grad(target, wrt, allow_unused=True)  # runs the hooks; no .grad is written
+    return recorder.nonfinite
+
+
+def float64_scope() -> Any:
+    """A context in which float64 works: PyTorch computes in float64 whenever its tensors are, so nothing to set."""
+    return contextlib.nullcontext()
+
+
+# --- The training monitor (core/monitor) ------------------------------------
+# The training monitor's door to PyTorch: the applied gradients, captured at ``optimizer.apply``.
+#
+# Keras's PyTorch trainer runs the step eagerly and calls
+# ``optimizer.apply(gradients, trainable_weights)`` under ``torch.no_grad()``.
+# The monitor wraps that method (an instance attribute, in place only while the
+# recording train function runs): the wrapper measures the raw statistics
+# (``[5, weights]``, see :mod:`gradmagic.core.monitor.columns`) of the gradients,
+# keeps them as a tensor until the host reads them, and hands the very same
+# gradient tensors on. Measuring only reads the gradients, so training is unchanged.
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def exact_stats(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Raw statistics ``[5, len(grads)]`` (``RAW_ROWS``) of the finite entries, with NaN/Inf counts.
+
+    The norm is taken of the gradient divided by its largest |entry| and scaled
+    back, exact to float32 rounding where squares would underflow or overflow.
+    Several passes per gradient: the path of the rare steps :func:`full_stats`
+    cannot trust.
+    """
+    columns = []
+    for grad in grads:
+        flat = grad.detach().reshape(-1).to(torch.float32)
+        if flat.numel() == 0:
+            columns.append(torch.zeros(5))
+            continue
+        finite = torch.isfinite(flat)
+        nan = torch.isnan(flat).sum().to(torch.float32)
+        inf = flat.numel() - finite.sum().to(torch.float32) - nan
+        values = torch.where(finite, flat, torch.zeros((), dtype=flat.dtype))
+        peak = values.abs().max()
+        unit = torch.where(peak > 0, peak, torch.ones(()))
+        norm = unit * torch.sqrt(torch.sum(torch.square(values / unit)))
+        columns.append(torch.stack([values.sum(), norm, peak, nan, inf]))
+    return torch.stack(columns, dim=1).cpu()
+
+
+def full_stats(grads: Sequence[torch.Tensor], floors: np.ndarray) -> torch.Tensor:
+    """Raw statistics ``[5, len(grads)]``: sum, norm and max |g| in few kernels, exact where suspect.
+
+    One fused norm per gradient (``torch._foreach_norm``), one sum and one
+    ``aminmax``. Valid when every result is finite and no sum of squares is below
+    its floor (float32 squares may have underflowed) unless the gradient is zero;
+    otherwise :func:`exact_stats` is taken instead.
+    """
+    flat = [g.detach().reshape(-1).to(torch.float32) for g in grads]
+    if any(f.numel() == 0 for f in flat):
+        return exact_stats(grads)
+    norms = torch.stack(torch._foreach_norm(flat))
+    total = torch.stack([f.sum() for f in flat])
+    extremes = [torch.aminmax(f) for f in flat]
+    peak = torch.stack([torch.maximum(e.max, -e.min) for e in extremes])
+    n = len(flat)
+    quick = torch.stack([total, norms, peak, torch.zeros(n), torch.zeros(n)]).cpu()
+    squares = quick[1].double() ** 2
+    trusted = bool(torch.isfinite(quick).all()) and bool(
+        torch.all((squares >= torch.from_numpy(floors)) | (quick[2] == 0))
+    )
+    return quick if trusted else exact_stats(grads)
+
+
+def norm_stats(grads: Sequence[torch.Tensor], full: bool, floors: np.ndarray) -> torch.Tensor:
+    """The norm of each gradient (one fused norm per gradient), and :func:`full_stats` when ``full`` or suspect.
+
+    A non-finite sum of squares, or one below its floor (squares may have
+    underflowed), takes the full branch. Where only the norm is measured, the sum
+    and the counts are 0 and max |g| is -1, the mark ``finish_stats`` reads. The
+    check is one read of ``len(grads)`` floats (a synchronisation on an accelerator).
+    """
+    if full:
+        return full_stats(grads, floors)
+    flat = [g.detach().to(torch.float32) for g in grads]
+    # torch._foreach_norm is the one-kernel-per-dtype norm torch.nn.utils.clip_grad_norm_ uses.
+    norms = torch.stack(torch._foreach_norm(flat)) if flat else torch.zeros(0)
+    sums = norms.double() ** 2
+    trusted = bool(torch.all((sums >= torch.from_numpy(floors)) & (sums <= _FLOAT32_MAX)))
+    if not trusted:
+        return full_stats(grads, floors)
+    n = len(grads)
+    return torch.stack([torch.zeros(n), norms, torch.full((n,), -1.0), torch.zeros(n), torch.zeros(n)]).cpu()
+
+
+class ApplyHook:
+    """A recording ``optimizer.apply``, put in place and removed around each train-function call.
+
+    Args:
+        optimizer: The model's optimizer.
+        buffer: Has ``columns`` (``variable.path`` -> column), ``floors``, ``mode``,
+            ``full_next()`` and ``append(raw, missing)``.
+    """
+
+    def __init__(self, optimizer: Any, buffer: Any) -> None:
+        self.optimizer = optimizer
+        self._had_own = "apply" in vars(optimizer)
+        original = optimizer.apply
+
+        def recording_apply(grads: Sequence[Any], trainable_variables: Sequence[Any] | None = None) -> Any:
+            grads = list(grads)
+            # Keras's trainer passes the variables; without them, the gradients follow
+            # model.trainable_variables, which is the buffer's column order.
+            paths = [v.path for v in trainable_variables] if trainable_variables is not None else list(buffer.columns)
+            n = len(buffer.columns)
+            columns, present = [], []
+            for grad, path in zip(grads, paths, strict=False):
+                column = buffer.columns.get(path)
+                if column is not None and grad is not None:
+                    columns.append(column)
+                    present.append(grad)
+            missing = np.ones(n, bool)
+            missing[columns] = False
+            full = buffer.full_next()
+            scale = _loss_scale(optimizer)
+            with torch.no_grad():
+                if not present:
+                    raw = torch.zeros(5, n)
+                else:
+                    floors = np.asarray(buffer.floors, np.float64)[columns]
+                    measured = (
+                        full_stats(present, floors) if buffer.mode == "full" else norm_stats(present, full, floors)
+                    )
+                    raw = torch.zeros(5, n)
+                    raw[:, columns] = measured.cpu()
+                    if scale is not None:
+                        # Sum, norm and max |g| scale with the loss scale, the counts do not.
+                        raw[:3] /= scale
+            buffer.append(raw, missing)
+            return original(grads, trainable_variables)
+
+        self._original, self._recording = original, recording_apply
+
+    def install(self) -> None:
+        # A plain instance attribute: Keras's tracking __setattr__ has nothing to track in a function.
+        object.__setattr__(self.optimizer, "apply", self._recording)
+
+    def remove(self) -> None:
+        optimizer = self.optimizer
+        if optimizer.__dict__.get("apply") is not self._recording:
+            return
+        if self._had_own:
+            object.__setattr__(optimizer, "apply", self._original)
+        else:
+            object.__delattr__(optimizer, "apply")
+
+
+def _loss_scale(optimizer: Any) -> float | None:
+    """The factor a ``LossScaleOptimizer``'s gradients are scaled by (read before it updates), else None."""
+    import keras
+
+    if not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return None
+    # What scale_loss used for this step's loss.
+    scale = optimizer.dynamic_scale if optimizer.built else optimizer.initial_scale
+    return float(keras.ops.convert_to_numpy(scale))
+
+
+def recording_train_function(model: Any, plain: Any, buffer: Any) -> tuple[Callable[..., Any], Any]:
+    """The model's own train function ``plain``, and the hook that makes it record into ``buffer``.
+
+    Returns:
+        ``(function, hook)``: Keras's train function (unchanged), and the
+        :class:`ApplyHook` the guard installs around each of its calls.
+    """
+    return plain, ApplyHook(model.optimizer, buffer)
+
+
+def current_weights(model: Any) -> list[np.ndarray]:
+    """``model.get_weights()`` in the middle of ``fit`` (PyTorch updates the variables in place)."""
+    return model.get_weights()
+
+
+def host_array(value: Any) -> np.ndarray:
+    """A tensor as a NumPy array."""
+    return value.detach().cpu().numpy()

@@ -23,6 +23,7 @@ import tensorflow as tf
 from gradmagic.core.arguments import check_flag
 from gradmagic.core.backends.tensorflow import MissingInternal, variable_placeholders
 from gradmagic.core.batches import first_batch
+from gradmagic.core.diagnose.arguments import refuse_array_loss
 from gradmagic.core.diagnose.explanation import DisconnectedWeight, Explanation, LayerPath, OpInfo
 from gradmagic.core.diagnose.nonfinite_origin import NonfiniteOrigin, nonfinite_origins, probed_ops
 from gradmagic.core.diagnose.op_graph import (
@@ -45,7 +46,6 @@ from gradmagic.core.diagnose.tracing import (
     OpRecorder,
     TracingFailed,
     concrete_function,
-    refuse_array_loss,
     run_once,
     tracing_error,
 )

@@ -6,8 +6,8 @@ import html
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from gradmagic.core.diagnose.nonfinite_origin import NonfiniteOrigin
-from gradmagic.core.diagnose.op_graph import FLOWS, NONE, VERDICTS, ZERO
+from gradmagic.core.diagnose.origin import NonfiniteOrigin
+from gradmagic.core.diagnose.verdicts import FLOWS, NONE, VERDICTS, ZERO
 from gradmagic.core.display import html_notes, html_table, row_state, text_notes, text_table
 from gradmagic.errors import LayerError
 
@@ -17,7 +17,8 @@ class OpInfo:
     """The ops of one type that a layer's call recorded.
 
     Attributes:
-        type: The TensorFlow op type (``MatMul``, ``Round``...).
+        type: The op type (TensorFlow: ``MatMul``, ``Round``; JAX: the primitive,
+            ``dot_general``, ``round``; PyTorch: the torch function, ``matmul``, ``round``).
         count: How many such ops the call created.
         gradient: ``"flows"``, ``"zero gradient"`` or ``"no gradient"`` through this kind of op.
         reason: Why not (or a note, e.g. "custom gradient").

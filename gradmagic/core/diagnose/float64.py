@@ -16,7 +16,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from gradmagic.core.backends.tensorflow import lambda_output_shape
+from gradmagic.core.backends.keras_internals import lambda_output_shape
 from gradmagic.core.questions.targets import FunctionLoss
 
 
@@ -40,13 +40,11 @@ def _float64_layer(layer: Any) -> Any:
         # dtype: the same operation serves the copy, computing in its inputs' float64.
         return layer
     if isinstance(layer, keras.layers.Lambda):
-        # get_config stores a lambda as bytecode that safe mode refuses to load: reuse the function itself.
-        config = layer.get_config()
-        shape = config.get("output_shape")
-        if isinstance(shape, dict):  # a serialized shape function: the function itself serves the copy
-            shape = lambda_output_shape(layer)
+        # get_config stores a lambda as bytecode that safe mode refuses to load (and cannot serialize some
+        # functions at all, e.g. keras.ops.custom_gradient's on PyTorch): reuse the function and arguments as given.
         return keras.layers.Lambda(
-            layer.function, output_shape=shape, mask=layer.mask, arguments=layer.arguments, name=layer.name,
+            layer.function, output_shape=lambda_output_shape(layer), mask=layer.mask, arguments=layer.arguments,
+            name=layer.name,
             dtype="float64",
         )  # fmt: skip
     config = layer.get_config()

@@ -22,85 +22,31 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from gradmagic.core.arguments import check_flag, check_seed, is_int
+from gradmagic.core.arguments import check_flag, check_seed
 from gradmagic.core.batches import first_batch
+from gradmagic.core.diagnose.arguments import refuse_array_loss
 from gradmagic.core.diagnose.finite_differences import LossProblem, check_rows, count_rows, loss_problem
 from gradmagic.core.diagnose.float64 import as_float64, float64_default, float64_loss, float64_twin, loss_weights
 from gradmagic.core.diagnose.gradcheck_results import CheckRow, GradientCheck
+from gradmagic.core.diagnose.gradcheck_settings import (
+    EPS,
+    FLOAT32_TOL,
+    STEP,
+    compute_eps,
+    input_labels,
+    suspects,
+    validate,
+)
 from gradmagic.core.diagnose.progress import Progress
-from gradmagic.core.diagnose.tracing import TracingFailed, layer_ancestors, refuse_array_loss, tracing_error
+from gradmagic.core.diagnose.tracing import TracingFailed, layer_ancestors, tracing_error
 from gradmagic.core.questions.entry import check_model, leaves_no_trace, prepare_loss_args, spec_and_inputs
 from gradmagic.core.questions.state import preserved_eagerly
 from gradmagic.core.questions.targets import check_loss_argument, check_loss_structure, model_name, resolve_loss
 from gradmagic.core.questions.trace_errors import short_error
-from gradmagic.errors import InputError
 
 __all__ = ["CheckRow", "GradientCheck", "check_gradients"]
 
-#: Step and tolerance floor per precision: central differences err by O(h^2) + O(eps / h).
-_STEP = {"float64": 1e-5, "float32": 1e-3}
-_FLOAT32_TOL = 1e-2
-
-
-def _suspects(model: keras.Model, rows: list[CheckRow], ancestors: dict[int, set[int]] | None) -> list[str]:
-    """The layers where a wrong gradient can enter, given which rows failed; in model order.
-
-    A wrong derivative at layer L spoils the gradient of every weight upstream
-    of L, so L lies downstream of (or is) every failing layer, and no passing
-    layer lies between the deepest failing one and L. Without the layer graph
-    (``ancestors``), model order stands in for it.
-    """
-    failed = {r.index for r in rows if not r.passed and r.index is not None}
-    if all(r.passed for r in rows):
-        return []
-    passed = {r.index for r in rows if r.passed and r.index is not None}
-    deepest = max(failed, default=-1)
-    if ancestors is None:
-        later = [i for i in passed if i > deepest]
-        chosen = range(max(deepest, 0), min(later) if later else len(model.layers))
-    else:
-        upstream = {i: ancestors.get(i, set()) | {i} for i in ancestors}
-        below = {i for i in upstream if deepest in upstream[i]} if deepest >= 0 else set(upstream)
-        chosen = [
-            i for i in sorted(upstream)
-            if failed <= upstream[i] and not (passed & below & upstream[i])
-        ]  # fmt: skip
-    return [f"{i} '{model.layers[i].name}'" for i in chosen if not isinstance(model.layers[i], keras.layers.InputLayer)]
-
-
-def _input_labels(x: Any, spec: Any) -> list[str]:
-    leaves = keras.tree.flatten(x)
-    if len(leaves) == 1:
-        return ["x"]
-    if isinstance(x, dict):
-        return [f"x[{key!r}]" for key in sorted(x)]
-    return (
-        [s.name for s in spec.inputs]
-        if spec.inputs and len(spec.inputs) == len(leaves)
-        else [f"x[{i}]" for i in range(len(leaves))]
-    )
-
-
 # --- the public function -----------------------------------------------------------------------------------------
-
-
-def _validate(tol: float, epsilon: float | None, max_directions: int) -> None:
-    if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not tol > 0:
-        raise InputError(f"Received: tol={tol!r}. Expected a positive float, e.g. tol=1e-6.")
-    if epsilon is not None and (isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon > 0):
-        raise InputError(f"Received: epsilon={epsilon!r}. Expected None (automatic) or a positive step, e.g. 1e-5.")
-    if not is_int(max_directions) or max_directions < 1:
-        raise InputError(f"Received: max_directions={max_directions!r}. Expected a positive int, e.g. 4.")
-
-
-#: Machine epsilon per compute dtype (bfloat16 is not a NumPy type).
-_EPS = {"float16": 2.0**-10, "bfloat16": 2.0**-7, "float32": 2.0**-23, "float64": 2.0**-52}
-
-
-def _compute_eps(model: keras.Model) -> float:
-    """Machine epsilon of the lowest precision the model or a layer computes in (float16 under mixed precision)."""
-    dtypes = {str(getattr(layer, "compute_dtype", "float32")) for layer in [model, *model.layers]}
-    return max(_EPS.get(d, _EPS["float32"]) for d in dtypes)
 
 
 def _twin_problem(
@@ -119,7 +65,7 @@ def _twin_problem(
         raise ValueError(f"the loss is computed in {problem.dtype.name}")
     value = problem.loss_at(problem.x)
     # The model's own loss carries its compute precision's round-off (float16 under mixed precision).
-    rel_tol = min(0.1, max(1e-3, 100 * _compute_eps(model)))
+    rel_tol = min(0.1, max(1e-3, 100 * compute_eps(model)))
     if not math.isclose(value, reference, rel_tol=rel_tol, abs_tol=1e-5):
         raise ValueError(f"the copy's loss {value:.6g} differs from the model's {reference:.6g}")
     return problem
@@ -130,7 +76,7 @@ def _evaluation_model(
 ) -> tuple[LossProblem, str, list[str]]:
     """``(problem, dtype, notes)``: a float64 twin if it can be built and agrees with the model, else the model."""
     loss_fn = resolve_loss(model, loss)
-    if _compute_eps(model) <= _EPS["float64"]:  # a float64 model is its own copy
+    if compute_eps(model) <= EPS["float64"]:  # a float64 model is its own copy
         return loss_problem(model, loss_fn, x, y, sw, training), "float64", []
     try:
         # One eager pass gives the loss the copy must reproduce (cheaper than tracing the model).
@@ -231,7 +177,7 @@ def check_gradients(
     """
     check_model(model)
     refuse_array_loss(loss, "check_gradients")
-    _validate(tol, epsilon, max_directions)
+    validate(tol, epsilon, max_directions)
     seed, training, verbose = check_seed(seed), check_flag("training", training), check_flag("verbose", verbose)
     check_loss_argument(model, loss)
     data = first_batch(x, y, sample_weight)
@@ -246,13 +192,13 @@ def check_gradients(
                 notes.append(data.source)
             if training:
                 notes.append("training=True: random layers (Dropout) make finite differences meaningless")
-            eps = _EPS["float64"] if dtype == "float64" else _compute_eps(model)
+            eps = EPS["float64"] if dtype == "float64" else compute_eps(model)
             settings = {
-                "epsilon": float(epsilon if epsilon is not None else _STEP[dtype]),
-                "tol": float(tol if dtype == "float64" else max(tol, _FLOAT32_TOL)),
+                "epsilon": float(epsilon if epsilon is not None else STEP[dtype]),
+                "tol": float(tol if dtype == "float64" else max(tol, FLOAT32_TOL)),
                 "max_directions": int(max_directions),
                 "dtype": dtype,
-                "input_names": _input_labels(x_in, spec),
+                "input_names": input_labels(x_in, spec),
                 "rng": np.random.default_rng(int(seed)),
                 "roundoff": 10 * eps,  # at least 10 eps |L| per loss value; more where measured so
                 "noise_rng": np.random.default_rng(int(seed) + 1),  # its own stream: directions stay as seeded
@@ -262,10 +208,10 @@ def check_gradients(
         except TracingFailed as failed:
             raise tracing_error(failed, model, "for the gradient check") from None
     settings["progress"].done()
-    if dtype == "float32" and tol < _FLOAT32_TOL:
-        warnings.warn(f"check_gradients ran in float32: {notes[0]}; tol raised to {_FLOAT32_TOL}.", stacklevel=2)
-    suspects = _suspects(model, rows, _ancestors(model, problem))
-    return GradientCheck(model_name(model), rows, settings["tol"], dtype, settings["epsilon"], value, suspects, notes)
+    if dtype == "float32" and tol < FLOAT32_TOL:
+        warnings.warn(f"check_gradients ran in float32: {notes[0]}; tol raised to {FLOAT32_TOL}.", stacklevel=2)
+    found = suspects(model, rows, _ancestors(model, problem))
+    return GradientCheck(model_name(model), rows, settings["tol"], dtype, settings["epsilon"], value, found, notes)
 
 
 def _ancestors(model: keras.Model, problem: LossProblem) -> dict[int, set[int]] | None:

@@ -19,54 +19,18 @@ import linecache
 import os
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import tensorflow as tf
 
 from gradmagic.core.backends.tensorflow import differentiated_scope
+from gradmagic.core.diagnose.origin import NonfiniteOrigin
+
+__all__ = ["NonfiniteOrigin", "nonfinite_origins", "probed_ops"]
 
 _LIBRARIES = tuple(f"{os.sep}{name}{os.sep}" for name in ("tensorflow", "keras", "tf_keras"))
 _OWN = f"{os.sep}gradmagic{os.sep}"
 _UNKNOWN = (None, "unknown")
-
-
-@dataclass(frozen=True)
-class NonfiniteOrigin:
-    """An op that made NaN/Inf from finite inputs (or an input or weight that holds them already).
-
-    Attributes:
-        op_type: The TensorFlow op type, e.g. ``"RealDiv"`` or ``"Log"``;
-            ``"Placeholder"`` for an input, ``"ReadVariableOp"`` for a weight.
-        op_name: Its name in the traced graph.
-        layer_index: Index in ``model.layers`` of the layer whose call created the
-            op (for a backward op: the forward op it differentiates), or None.
-        layer: That layer's name; ``"loss"`` for the loss, the model's name for
-            ops between layers, ``"unknown"`` for a backward op that could not be
-            traced back to a forward op.
-        backward: Whether the op belongs to the backward pass (a gradient op).
-        source: ``"file:line (function): code"`` of the user code that created
-            the op (for a backward op: the forward op it differentiates), when a
-            line of user code did (not for a built-in layer's own ops).
-    """
-
-    op_type: str
-    op_name: str
-    layer_index: int | None
-    layer: str
-    backward: bool
-    source: str | None
-
-    def describe(self) -> str:
-        """One sentence: which op, in which layer, in which pass, from which line."""
-        if self.op_type == "Placeholder":
-            return f"the input {self.op_name!r} (it holds NaN/Inf already)"
-        if self.op_type == "ReadVariableOp":
-            return f"a weight of layer {self.layer!r} (it holds NaN/Inf already: {self.op_name})"
-        text = f"{self.op_type} ({self.op_name}) in layer {self.layer!r}, "
-        if not self.backward:
-            return text + "forward pass" + (f", created at {self.source}" if self.source else "")
-        return text + "backward pass" + (f", differentiating the op created at {self.source}" if self.source else "")
 
 
 def probed_ops(ops: Sequence[tf.Operation]) -> tuple[list[tf.Operation], tf.Tensor | None]:

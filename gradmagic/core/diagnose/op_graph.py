@@ -13,12 +13,21 @@ from collections.abc import Sequence
 import tensorflow as tf
 
 from gradmagic.core.backends.tensorflow import MissingInternal, is_custom_gradient, registered_gradient
+from gradmagic.core.diagnose.verdicts import FLOWS, NONE, UNCHECKED, VERDICTS, ZERO
 
-#: Gradient levels, ordered: a path is as good as its worst op.
-NONE, ZERO, FLOWS = 0, 1, 2
-VERDICTS = {NONE: "no gradient", ZERO: "zero gradient", FLOWS: "flows"}
-#: Starts the reason of an op that could not be classified (this TensorFlow lacks what tells).
-UNCHECKED = "not checked: "
+__all__ = [
+    "FLOWS",
+    "NONE",
+    "UNCHECKED",
+    "VERDICTS",
+    "ZERO",
+    "carries_gradient",
+    "diagnose",
+    "gradient_levels",
+    "op_gradient",
+    "path_ops",
+]
+
 
 _PIECEWISE_CONSTANT = {"Round", "Rint", "Floor", "Ceil", "FloorDiv", "TruncateDiv", "ArgMax", "ArgMin"}
 _NUMPY = "tf.numpy_function runs Python/NumPy, which TensorFlow cannot differentiate"

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from gradmagic.core.backends.tensorflow import calls_replaced
@@ -20,7 +19,7 @@ from gradmagic.core.diagnose.op_graph import carries_gradient
 from gradmagic.core.questions.targets import model_name
 from gradmagic.core.questions.trace_errors import describe_layer, diagnose_trace_error, short_error
 from gradmagic.core.questions.user_code import with_cause
-from gradmagic.errors import ComputeError, GradmagicError, InputError
+from gradmagic.errors import ComputeError, GradmagicError
 
 OWNER_GLUE, OWNER_LOSS = -1, -2  # owners of ops outside any layer: model plumbing, and the loss
 
@@ -153,26 +152,6 @@ def tracing_error(failed: TracingFailed, model: keras.Model, purpose: str) -> Gr
         f"Tracing model '{model_name(model)}' {purpose} failed{where}: {said}. Fix that layer (or what feeds it) "
         f"so that it runs on x. The model was left unchanged."
     )
-
-
-def refuse_array_loss(loss: Any, function: str) -> None:
-    """Refuse an array where the loss goes: sample weights passed by position (``*monitor.bad_batch``).
-
-    Args:
-        loss: The ``loss`` argument.
-        function: The public function's name, for the fix.
-
-    Raises:
-        InputError: ``loss`` is an array or tensor.
-    """
-    if isinstance(loss, (np.ndarray, tf.Tensor, tf.Variable)):
-        raise InputError(
-            f"Received: loss=<{loss.dtype} array of shape {tuple(loss.shape)}>, where the loss goes (the third "
-            f"argument after the model). An array there is usually sample weights, e.g. from "
-            f"`*monitor.bad_batch`, which is (x, y, sample_weight). Expected a loss: a name, a keras Loss or a "
-            f"function, or None for the compiled loss. Fix: pass the weights by name: "
-            f"`x, y, sw = monitor.bad_batch` then `gm.{function}(model, x, y, sample_weight=sw)`."
-        )
 
 
 def _error_itself(exc: BaseException) -> str:

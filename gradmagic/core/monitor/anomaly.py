@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gradmagic.core.diagnose.nonfinite_origin import NonfiniteOrigin
+from gradmagic.core.diagnose.origin import NonfiniteOrigin
 from gradmagic.core.monitor.columns import column
-from gradmagic.core.questions.targets import WeightSlot
+from gradmagic.core.questions.slots import WeightSlot
 from gradmagic.errors import GradientAnomalyError  # noqa: F401 - still importable from here
 
 ANOMALY_KINDS = ("nonfinite", "exploding", "vanishing")
@@ -39,7 +39,7 @@ class Anomaly:
         origin: For ``nonfinite`` with ``on_anomaly="stop"``/``"raise"``: the op that made
             NaN/Inf first (forward pass first), found by ``gm.explain``'s NaN/Inf-origin
             pass on the step's batch at the weights before the step
-            (:class:`~gradmagic.core.diagnose.nonfinite_origin.NonfiniteOrigin`); else None.
+            (:class:`~gradmagic.core.diagnose.origin.NonfiniteOrigin`); else None.
     """
 
     kind: str

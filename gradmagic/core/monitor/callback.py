@@ -1,16 +1,20 @@
 """GradientMonitor: the gradients the optimizer applies during ``fit``, batch by batch.
 
-No second backward pass: the monitor wraps ``model.optimizer.apply`` for the
-duration of ``fit`` (see :mod:`gradmagic.core.monitor.capture`), so the compiled
-train step itself computes per-weight statistics (a few reductions per weight,
-:mod:`gradmagic.core.monitor.stats`) and writes them into a small ring buffer on
-the device. The callback reads that buffer every ``read_every`` batches and at
-each epoch end, and checks each block of steps vectorized, so most batches cost
-no device-to-host copy and no Python work at all.
+No second backward pass: the monitor wraps the optimizer's apply step for the
+duration of ``fit``, so the train step itself computes per-weight statistics (a
+few reductions per weight) and keeps them on the device. On TensorFlow the
+compiled step writes them into a ring buffer variable
+(:mod:`gradmagic.core.monitor.capture`, :mod:`gradmagic.core.monitor.stats`); on
+JAX the jitted step returns them as one more output, on PyTorch the wrapped
+``optimizer.apply`` makes them (:mod:`gradmagic.core.monitor.stateless`). The
+callback reads them every ``read_every`` batches and at each epoch end, and
+checks each block of steps vectorized, so most batches cost no device-to-host
+copy and no Python work at all. This module imports no framework.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import threading
@@ -21,7 +25,6 @@ from typing import Any, TextIO
 import keras
 import numpy as np
 
-from gradmagic.core.backends import tensorflow as backend
 from gradmagic.core.monitor.anomaly import Anomaly, GradientAnomalyError, NormTracker, find_nonfinite
 from gradmagic.core.monitor.arguments import (
     MonitorArgumentError,
@@ -31,14 +34,12 @@ from gradmagic.core.monitor.arguments import (
     check_positive,
     check_stream,
 )
-from gradmagic.core.monitor.capture import StatsBuffer
 from gradmagic.core.monitor.columns import column
-from gradmagic.core.monitor.functions import TrainFunctions, plain_function
+from gradmagic.core.monitor.guard import GuardedFunctions, plain_function
 from gradmagic.core.monitor.histograms import GradientHistogram, histograms_of
 from gradmagic.core.monitor.history import MonitorHistory, MonitorSummary, layer_lines
-from gradmagic.core.monitor.origin import first_origin
 from gradmagic.core.monitor.session import FitSession
-from gradmagic.core.questions.targets import weight_slots
+from gradmagic.core.questions.slots import weight_slots
 from gradmagic.errors import GradmagicError
 
 _ACTIONS = ("warn", "stop", "raise")
@@ -73,6 +74,15 @@ class GradientMonitor(keras.callbacks.Callback):
     One monitor per ``fit``: a second one in the same ``callbacks`` list raises a
     ``MonitorArgumentError`` before the first step (use :meth:`add_listener` to
     hand one monitor's records to more consumers).
+
+    The same on every Keras backend: on JAX the statistics are computed inside
+    the jitted train step (from the gradients ``optimizer.stateless_apply``
+    receives; under ``keras.distribution.DataParallel`` those of the whole batch),
+    on PyTorch in the wrapped ``optimizer.apply``. Gradient histograms
+    (``histogram_every``), ``bad_batch`` and the op that made a NaN/Inf first (in
+    the anomaly; ``gm.explain`` on the batch finds it on every backend) are
+    TensorFlow-only for now; TensorBoard files need TensorFlow installed (as
+    Keras's own TensorBoard callback does).
 
     Args:
         print_every: Print one line per layer (norm, max |g|) every this many batches.
@@ -142,6 +152,7 @@ class GradientMonitor(keras.callbacks.Callback):
         check_positive("vanish_threshold", vanish_threshold)
         check_count("window", window, allow_none=False)
         check_stream(stream)
+        _check_backend_options(log_dir, histogram_every)
         self.stats = stats
         self._full_every = full_every
         self.print_every = print_every
@@ -168,7 +179,7 @@ class GradientMonitor(keras.callbacks.Callback):
         self._session: FitSession | None = None  # exists from on_train_begin to on_train_end
         self._listeners: list[Callable[[GradientMonitor], None]] = []
         self._end_listeners: list[Callable[[], None]] = []
-        self._functions: TrainFunctions | None = None
+        self._functions: GuardedFunctions | None = None
         # Recorded steps keep counting across fits of the same weights, also when a
         # compile() gave the model a new optimizer whose step count starts at 0 again.
         self._next_step = 0
@@ -276,13 +287,13 @@ class GradientMonitor(keras.callbacks.Callback):
         self._functions = self._train_functions(model, slots)
         buffer = self._functions.buffer
         # The buffer (and its step count) lives as long as the traced function that writes it.
-        count = int(buffer.count.numpy())
+        count = buffer.recorded()
         self._session = FitSession(
             slots=slots,
             layer_names=[layer.name for layer in model.layers],
             layer_types=[type(layer).__name__ for layer in model.layers],
             buffer=buffer,
-            base_step=max(int(model.optimizer.iterations.numpy()), self._next_step),
+            base_step=max(int(keras.ops.convert_to_numpy(model.optimizer.iterations)), self._next_step),
             first_count=count,
             read=count,
             epoch_first=count,
@@ -344,7 +355,7 @@ class GradientMonitor(keras.callbacks.Callback):
             self._writer.flush()
 
     # ----------------------------------------------------------------- helpers
-    def _train_functions(self, model: keras.Model, slots: list[Any]) -> TrainFunctions:
+    def _train_functions(self, model: keras.Model, slots: list[Any]) -> GuardedFunctions:
         """The plain and recording train functions of ``model``, reused while they still fit it.
 
         Keras keeps ``model.train_function`` (and its traced graph) until ``compile()``;
@@ -366,6 +377,15 @@ class GradientMonitor(keras.callbacks.Callback):
             return functions
         if functions is not None:
             functions.detach()
+        if keras.backend.backend() != "tensorflow":
+            from gradmagic.core.monitor.stateless import HostBuffer, StatelessFunctions, recorder
+
+            sizes = [int(np.prod(s.shape)) for s in slots]
+            buffer = HostBuffer(paths, sizes, capacity, self.stats, recorder().host_array)
+            return StatelessFunctions(model, plain, buffer)
+        from gradmagic.core.monitor.capture import StatsBuffer
+        from gradmagic.core.monitor.functions import TrainFunctions
+
         xla = bool(getattr(model, "jit_compile", False))
         histograms = None if self.histogram_every is None else (self.histogram_every, self.histogram_bins)
         buffer = StatsBuffer(
@@ -451,6 +471,18 @@ class GradientMonitor(keras.callbacks.Callback):
                 "gm.explain(model, x, y, sample_weight=w) with x, y, w = monitor.bad_batch shows it again"
                 + (" (after monitor.restore_last_good())." if self.on_anomaly == "stop" else ".")
             )
+        elif keras.backend.backend() != "tensorflow":
+            message = (
+                f"NaN/Inf gradient first appears at layer {layer!r} (index {index}) {where}: {counts}; {why}. "
+                f"The monitor keeps no copy of the step's batch on the {keras.backend.backend()!r} backend yet "
+                "(on TensorFlow it names the op itself): gm.explain(model, x, y) on that batch names the op "
+                "that makes it"
+                + (
+                    " after monitor.restore_last_good() (the weights from before the step)."
+                    if self.on_anomaly == "stop"
+                    else "."
+                )
+            )
         else:
             message = (
                 f"NaN/Inf gradient first appears at layer {layer!r} (index {index}) {where}: {counts}; {why}. "
@@ -489,6 +521,8 @@ class GradientMonitor(keras.callbacks.Callback):
         if kept is None or int(self._session.steps(kept[0])) != step:
             return None
         _, self._bad_batch, self._bad_weights = kept
+        from gradmagic.core.monitor.origin import first_origin
+
         return first_origin(self.model, self._bad_batch, self._bad_weights)
 
     def _act(self, found: list[Anomaly]) -> None:
@@ -516,7 +550,12 @@ class GradientMonitor(keras.callbacks.Callback):
     def _keep_good(self, step: int) -> None:
         # get_weights() already returns fresh host arrays (no view of the variables):
         # copying them again cost a third of this copy, which "stop" makes at every read.
-        self.last_good_weights = list(self.model.get_weights())
+        if keras.backend.backend() == "tensorflow":
+            self.last_good_weights = list(self.model.get_weights())
+        else:
+            from gradmagic.core.monitor.stateless import recorder
+
+            self.last_good_weights = list(recorder().current_weights(self.model))
         self.last_good_step = step
 
     def _read_histograms(self, first: int, count: int) -> list[GradientHistogram]:
@@ -544,6 +583,8 @@ class GradientMonitor(keras.callbacks.Callback):
             return
         import tensorflow as tf
 
+        from gradmagic.core.backends import tensorflow as backend
+
         scalar, histogram = backend.summary_metadata("scalars"), backend.summary_metadata("histograms")
         with self._writer.as_default():
             for step, stats in zip(steps, rows, strict=False):
@@ -561,6 +602,28 @@ class GradientMonitor(keras.callbacks.Callback):
                 tf.summary.write(
                     f"gradient/{h.weight}", tf.constant(buckets, tf.float64), step=h.step, metadata=histogram
                 )
+
+
+def _check_backend_options(log_dir: Any, histogram_every: int | None) -> None:
+    """Refuse, before ``fit``, the options the Keras backend in use cannot serve."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        return
+    if histogram_every is not None:
+        raise MonitorArgumentError(
+            f"Received: histogram_every={histogram_every!r} with Keras on the {backend!r} backend. Expected "
+            "histogram_every=None there: gradient histograms are recorded on the TensorFlow backend only for "
+            "now. Fix: drop histogram_every (norms, max |g|, mean and NaN/Inf counts are recorded on every "
+            "backend), or run with KERAS_BACKEND=tensorflow."
+        )
+    if log_dir is not None and importlib.util.find_spec("tensorflow") is None:
+        # What Keras's own TensorBoard callback does on every backend: write with tf.summary.
+        raise MonitorArgumentError(
+            f"Received: log_dir={str(log_dir)!r} with Keras on the {backend!r} backend and TensorFlow not "
+            "installed. Expected TensorFlow to be importable: TensorBoard files are written with tf.summary "
+            "(as Keras's own TensorBoard callback does on every backend). Fix: `pip install tensorflow-cpu`, "
+            "or drop log_dir and read monitor.to_dict()."
+        )
 
 
 def _summary_writer(log_dir: str | None) -> Any:

@@ -24,9 +24,10 @@ import tensorflow as tf
 from gradmagic.core.backends import tensorflow as backend
 from gradmagic.core.monitor.bad_step import BadStepCapture
 from gradmagic.core.monitor.columns import BUFFER_COLUMNS, RAW_ROWS, column, column_index, raw_row
-from gradmagic.core.monitor.histograms import HistogramBuffer
+from gradmagic.core.monitor.finish import finish_stats
+from gradmagic.core.monitor.histogram_buffer import HistogramBuffer
 from gradmagic.core.monitor.replay import readable
-from gradmagic.core.monitor.stats import finish_stats, stats_function
+from gradmagic.core.monitor.stats import stats_function
 from gradmagic.core.monitor.variables import replica_variable, write_row
 from gradmagic.core.questions.compute import dense_gradients
 
@@ -108,6 +109,10 @@ class StatsBuffer:
         See :meth:`measure` for the arguments.
         """
         self.write(self.measure(grads, variables, scale, skips, squares))
+
+    def recorded(self) -> int:
+        """Steps recorded so far (reads the device counter)."""
+        return int(self.count.numpy())
 
     def write(self, stats: tf.Tensor) -> None:
         """Add the ops that write one step's statistics (from :meth:`measure`) and count the step."""

@@ -1,23 +1,19 @@
 """Full gradient histograms every N steps, recorded in the train step like the statistics.
 
 Every ``every``-th recorded step, each weight's applied gradient is binned over
-``[-max|g|, +max|g|]`` of its finite entries. Steps in between pay for one
-``tf.cond`` that does nothing. Counts and ranges go into a small
-device ring buffer that the monitor reads with the statistics.
+``[-max|g|, +max|g|]`` of its finite entries. The train step records them (on
+TensorFlow: :mod:`gradmagic.core.monitor.histogram_buffer`); this module holds
+the host's records, with no framework import.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
-import tensorflow as tf
 
-from gradmagic.core.monitor.columns import raw_row
-from gradmagic.core.monitor.variables import replica_variable, write_row
-from gradmagic.core.questions.targets import WeightSlot
+from gradmagic.core.questions.slots import WeightSlot
 
 
 @dataclass(frozen=True)
@@ -42,85 +38,6 @@ class GradientHistogram:
     weight: str
     edges: np.ndarray
     counts: np.ndarray
-
-
-class HistogramBuffer:
-    """Device ring buffer of per-weight gradient histograms, one row per ``every`` steps.
-
-    Args:
-        n_weights: Number of monitored weights (buffer columns).
-        every: Record a histogram every this many steps (steps 0, every, 2*every...).
-        bins: Number of bins.
-        capacity: Histogram rows the buffer holds before wrapping.
-        strategy: The model's distribution strategy (variables are created in its scope).
-        xla: Whether the train step is compiled by XLA (which lacks the histogram kernel).
-    """
-
-    def __init__(self, n_weights: int, every: int, bins: int, capacity: int, strategy: Any, xla: bool) -> None:
-        self.every, self.bins, self.capacity, self.xla = int(every), int(bins), int(capacity), xla
-        shape = (self.capacity, n_weights)
-        self.counts = replica_variable(tf.zeros((*shape, self.bins)), "gradmagic_monitor_histograms", strategy)
-        self.ranges = replica_variable(tf.zeros(shape), "gradmagic_monitor_ranges", strategy)
-
-    def record(
-        self, count: tf.Tensor, grads: Sequence[tf.Tensor], columns: Sequence[int], raw: tf.Tensor, scale: Any = None
-    ) -> None:
-        """Add the ops that bin the gradients at every ``every``-th step (called while tracing).
-
-        Args:
-            count: The step counter before this step (the statistics buffer's).
-            grads: Dense gradients as applied (loss-scaled under a ``LossScaleOptimizer``).
-            columns: Buffer column of each gradient.
-            raw: The step's raw statistics of ``grads`` (``[5, len(grads)]``, see
-                :func:`~gradmagic.core.monitor.stats.step_stats`): its NaN/Inf counts.
-            scale: The loss scale ``grads`` carry, or None.
-        """
-        n = self.counts.shape[1]
-
-        def write() -> tf.Tensor:
-            inverse = 1.0 if scale is None else 1.0 / tf.cast(scale, tf.float32)
-            rows, reaches = [], []
-            for k, grad in enumerate(grads):
-                values = tf.reshape(tf.cast(grad, tf.float32), [-1]) * inverse
-                # Non-finite entries are moved to 0, then taken out of 0's bin again.
-                values = tf.where(tf.math.is_finite(values), values, 0.0)
-                # The range from the values themselves (one more pass, every `every` steps
-                # only). Binning values / reach in [-1, 1] cannot overflow, however large |g|.
-                reach = tf.maximum(tf.reduce_max(tf.abs(values)), np.finfo(np.float32).tiny)
-                binned = tf.cast(self._histogram(values / reach), tf.float32)
-                nonfinite = raw_row(raw, "nan")[k] + raw_row(raw, "inf")[k]
-                rows.append(binned - tf.one_hot(self.bins // 2, self.bins) * nonfinite)
-                reaches.append(reach)
-            reach = tf.stack(reaches)
-            counts = tf.scatter_nd(tf.constant([[c] for c in columns]), tf.stack(rows), [n, self.bins])
-            ranges = tf.scatter_nd(tf.constant([[c] for c in columns]), reach, [n])
-            slot = tf.math.floormod(count // self.every, self.capacity)
-            write_row(self.counts, slot, counts)
-            write_row(self.ranges, slot, ranges)
-            return tf.constant(True)
-
-        tf.cond(tf.equal(tf.math.floormod(count, self.every), 0), write, lambda: tf.constant(False))
-
-    def _histogram(self, unit: tf.Tensor) -> tf.Tensor:
-        """Counts of ``unit`` (values in [-1, 1]) in ``bins`` equal bins."""
-        if not self.xla:
-            return tf.histogram_fixed_width(unit, tf.constant([-1.0, 1.0]), nbins=self.bins)
-        # XLA has no HistogramFixedWidth kernel: the same binning as a segment sum.
-        index = tf.cast(tf.floor((unit + 1.0) * (self.bins / 2)), tf.int32)
-        return tf.math.unsorted_segment_sum(tf.ones_like(unit), tf.clip_by_value(index, 0, self.bins - 1), self.bins)
-
-    def read(self, first: int, count: int) -> tuple[list[int], np.ndarray, np.ndarray]:
-        """Histograms of the steps in ``[first, count)`` still in the buffer.
-
-        Returns:
-            ``(step counts, counts [k, weights, bins], ranges [k, weights])``.
-        """
-        wanted = [k for k in range(-(-first // self.every) * self.every, count, self.every)]
-        wanted = [k for k in wanted if (count - 1) // self.every - k // self.every < self.capacity]
-        if not wanted:
-            return [], np.zeros((0, *self.counts.shape[1:]), np.float32), np.zeros((0, self.ranges.shape[1]))
-        slots = np.array([(k // self.every) % self.capacity for k in wanted])
-        return wanted, self.counts.numpy()[slots], self.ranges.numpy()[slots]
 
 
 def histograms_of(

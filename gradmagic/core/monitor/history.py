@@ -17,7 +17,7 @@ import numpy as np
 from gradmagic.core.display import html_table, text_table
 from gradmagic.core.monitor.columns import column, column_index
 from gradmagic.core.norms import combined_norm
-from gradmagic.core.questions.targets import WeightSlot
+from gradmagic.core.questions.slots import WeightSlot
 
 #: Columns of ``GradientMonitor.to_dict()``, in order.
 HISTORY_COLUMNS = (

@@ -8,7 +8,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from gradmagic.core.diagnose.nonfinite_origin import NonfiniteOrigin
+from gradmagic.core.diagnose.origin import NonfiniteOrigin
 from gradmagic.core.snapshots import values_restored
 from gradmagic.errors import GradmagicError
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from gradmagic.core.monitor.capture import StatsBuffer
-from gradmagic.core.questions.targets import WeightSlot
+from gradmagic.core.questions.slots import WeightSlot
 
 
 @dataclass
@@ -40,7 +40,7 @@ class FitSession:
     slots: Sequence[WeightSlot]
     layer_names: list[str]
     layer_types: list[str]
-    buffer: StatsBuffer
+    buffer: Any  # the recorder's buffer: a StatsBuffer on TensorFlow, a HostBuffer elsewhere
     base_step: int
     first_count: int
     read: int

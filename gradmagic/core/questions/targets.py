@@ -10,7 +10,6 @@ from __future__ import annotations
 import inspect
 import re
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
 from typing import Any
 
 import keras
@@ -19,6 +18,7 @@ from gradmagic.core.arguments import is_int
 from gradmagic.core.questions.cache_keys import KeyBuilder
 from gradmagic.core.questions.loss_trackers import own_compile_loss
 from gradmagic.core.questions.naming import output_names
+from gradmagic.core.questions.slots import WeightSlot, weight_slots  # noqa: F401 - importable from here too
 from gradmagic.core.questions.user_code import failed
 from gradmagic.errors import (
     GradmagicError,
@@ -33,26 +33,6 @@ from gradmagic.errors import (
 #: ``(model, x, y, y_pred, sample_weight, training) -> scalar``. The model is an
 #: argument, not a closure, so cached functions do not keep models alive.
 LossFn = Callable[[Any, Any, Any, Any, Any, bool], Any]
-
-
-@dataclass(frozen=True)
-class WeightSlot:
-    """Where one trainable weight sits in the model.
-
-    Attributes:
-        layer_index: Index of the owning layer in ``model.layers`` (-1 when the
-            weight belongs to the model itself, not to a listed layer).
-        layer_name: Name of the owning layer (the model's name for -1).
-        path: The variable's unique ``path``.
-        name: The variable's short name (``kernel``, ``bias``...).
-        shape: The variable's shape.
-    """
-
-    layer_index: int
-    layer_name: str
-    path: str
-    name: str
-    shape: tuple[int, ...]
 
 
 def model_name(model: keras.Model) -> str:
@@ -121,23 +101,6 @@ def resolve_layer(model: keras.Model, layer: int | str | keras.Layer) -> tuple[i
         f"that name.{hint} Expected one of {quote_list(names)} or an index in "
         f"[0, {len(layers) - 1}]."
     )
-
-
-def weight_slots(model: keras.Model) -> list[WeightSlot]:
-    """Describe every trainable weight of the model, in ``trainable_weights`` order.
-
-    A weight belongs to the first layer of ``model.layers`` that holds it, so a
-    nested model listed as one layer owns all of its weights.
-    """
-    owner: dict[int, tuple[int, str]] = {}
-    for index, lay in enumerate(model.layers):
-        for var in lay.trainable_weights:
-            owner.setdefault(id(var), (index, lay.name))
-    slots = []
-    for var in model.trainable_weights:
-        index, name = owner.get(id(var), (-1, model_name(model)))
-        slots.append(WeightSlot(index, name, var.path, var.name, tuple(var.shape)))
-    return slots
 
 
 def layer_weights(model: keras.Model, layer: int | str | keras.Layer) -> tuple[int, keras.Layer, list]:
@@ -329,7 +292,7 @@ def _explicit_loss(model: keras.Model, loss: Any) -> LossFn:
         for i, (loss_obj, y_true, pred) in enumerate(zip(flat_loss, flat_true, flat_pred)):
             weight = flat_weight[i] if flat_weight is not None else sample_weight
             # At least float32: a float16 (mixed precision) loss overflows.
-            dtype = "float64" if pred.dtype == "float64" else "float32"
+            dtype = "float64" if keras.backend.standardize_dtype(pred.dtype) == "float64" else "float32"
             try:
                 value = loss_obj(y_true, pred, sample_weight=weight)
             except GradmagicError:
