@@ -16,6 +16,8 @@ import pytest
 
 import gradmagic as gm
 
+from .backend_truths import central_differences, hand_mse_gradients, weights64
+
 RNG = np.random.default_rng(0)
 X = RNG.normal(size=(6, 3)).astype("float32")
 Y = RNG.normal(size=(6, 2)).astype("float32")

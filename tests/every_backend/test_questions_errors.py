@@ -9,6 +9,8 @@ import pytest
 import gradmagic as gm
 from gradmagic.errors import GradmagicError, InputError, LayerError, LossError, NoWeightsError
 
+from .backend_truths import fingerprint, no_grad_left
+
 X = np.linspace(-1, 1, 12, dtype="float32").reshape(4, 3)
 Y = np.ones((4, 2), "float32")
 

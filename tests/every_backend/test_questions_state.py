@@ -8,6 +8,8 @@ import pytest
 
 import gradmagic as gm
 
+from .backend_truths import clear_grads, fingerprint, no_grad_left
+
 RNG = np.random.default_rng(3)
 X = RNG.normal(size=(8, 4)).astype("float32")
 Y = RNG.normal(size=(8, 2)).astype("float32")
