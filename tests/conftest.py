@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -26,6 +27,24 @@ def float64():
     yield
     keras.config.set_floatx(previous)
     keras.config.set_dtype_policy(policy)
+
+
+@pytest.fixture
+def require_framework():
+    """``require(module)``: skip the test unless ``module`` (jax, torch, tensorflow) is installed.
+
+    Under ``CI`` it fails instead: CI installs every framework (``python3 dev.py test``), so a missing
+    one there is a broken install, not a reason to test less.
+    """
+
+    def require(module: str) -> None:
+        if importlib.util.find_spec(module) is None:
+            message = f"{module} is not installed (python3 dev.py test installs it)"
+            if os.environ.get("CI"):
+                pytest.fail(f"{message}; CI runs every Keras backend", pytrace=False)
+            pytest.skip(message)
+
+    return require
 
 
 def fingerprint(model: keras.Model) -> dict[str, bytes]:

@@ -87,6 +87,8 @@ def test_binder_files_pin_the_tutorial_stack():
     assert not missing, f"binder/requirements.txt does not pin {missing}"
     assert pinned["ipympl"] == "0.10.0"
     assert "tensorflow" not in pinned, "pin tensorflow-cpu only: Binder has no GPU, and both would clash"
+    # Next to TensorFlow, JAX is imported by every `import tensorflow` (tf.lite): 130 MB more in each kernel.
+    assert "jax" not in pinned and "jaxlib" not in pinned, "the notebook on JAX installs it itself"
     assert re.fullmatch(r"python-3\.\d+", (BINDER / "runtime.txt").read_text().strip())
     post_build = BINDER / "postBuild"
     assert os.access(post_build, os.X_OK), "binder/postBuild must be executable"

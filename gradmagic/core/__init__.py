@@ -30,7 +30,10 @@ _EVERY_BACKEND = {
     "model_name": "gradmagic.core.questions.targets",
     "is_scalar_list": "gradmagic.core.questions.inputs",
     "model_spec": "gradmagic.core.questions.inputs",
+    "embedding_layer": "gradmagic.core.questions.kinds",
+    "input_kind": "gradmagic.core.questions.kinds",
     "is_stream": "gradmagic.core.batches",
+    "rollback_on_failure": "gradmagic.core.questions.state",
 }
 
 # The TensorFlow implementations.
@@ -53,15 +56,12 @@ _TENSORFLOW = {
     "Saliency": "gradmagic.core.questions.attribution.results",
     "saliency": "gradmagic.core.questions.attribution.saliency",
     "TokenGradients": "gradmagic.core.questions.attribution.tokens",
-    "embedding_layer": "gradmagic.core.questions.attribution.tokens",
-    "input_kind": "gradmagic.core.questions.attribution.tokens",
     "token_gradients": "gradmagic.core.questions.attribution.tokens",
     "token_integrated_gradients": "gradmagic.core.questions.attribution.tokens",
     "clear_cache": "gradmagic.core.questions.compute",
     "input_gradients": "gradmagic.core.questions.gradients",
     "output_gradients": "gradmagic.core.questions.gradients",
     "weight_gradients": "gradmagic.core.questions.gradients",
-    "rollback_on_failure": "gradmagic.core.questions.state",
 }
 
 # The JAX and PyTorch implementations (through Keras' stateless API and each

@@ -1,7 +1,6 @@
-"""What kind of input a model takes, and d(output)/d(embedding output) for token models.
+"""d(output)/d(embedding output) for token models.
 
-The explorer picks its view from :func:`input_kind`. Token ids have no
-derivative (an Embedding looks them up), so for a token model the question is
+Token ids have no derivative (an Embedding looks them up), so for a token model the question is
 asked one step later: :func:`token_gradients` differentiates one output unit
 with respect to the output of the model's Embedding layer, per sample, in one
 compiled and cached call.
@@ -23,50 +22,11 @@ from gradmagic.core.questions.attribution.integrated import path_rule
 from gradmagic.core.questions.attribution.results import IntegratedGradients
 from gradmagic.core.questions.entry import leaves_no_trace, spec_and_inputs
 from gradmagic.core.questions.inputs import model_spec
+from gradmagic.core.questions.kinds import embedding_layer
 from gradmagic.core.questions.model_keys import question_key
 from gradmagic.core.questions.state import restore_in_graph, snapshot_in_graph, state_variables
 from gradmagic.core.questions.targets import model_name
 from gradmagic.errors import ComputeError, GradmagicError, InputError
-
-#: The kinds of single input the explorer has a view for.
-KINDS = ("vector", "sequence", "tokens", "image", "undeclared")
-
-
-def embedding_layer(model: keras.Model) -> keras.layers.Embedding | None:
-    """The first ``keras.layers.Embedding`` among the model's layers (nested models included), or None."""
-    for lay in model.layers:
-        if isinstance(lay, keras.layers.Embedding):
-            return lay
-        if isinstance(lay, keras.Model) and (inner := embedding_layer(lay)) is not None:
-            return inner
-    return None
-
-
-def input_kind(model: keras.Model) -> str | None:
-    """Name the kind of the model's single declared input: ``"vector"``, ``"sequence"``, ``"tokens"`` or ``"image"``.
-
-    Read from the model's declared input only (per sample: ``(F,)`` floats is a
-    vector, ``(T,)`` read by an Embedding is tokens, ``(T, F)`` floats a
-    sequence, ``(H, W, C)`` floats an image); no TensorFlow call runs.
-
-    Args:
-        model: A Keras model.
-
-    Returns:
-        The kind; ``"undeclared"`` for a model that declares no input (subclassed,
-        or not built yet); None for several inputs or a shape no view serves.
-    """
-    spec = model_spec(model)
-    if spec.inputs is None:
-        return "undeclared"
-    if len(spec.inputs) != 1:
-        return None
-    rank, is_float = len(spec.inputs[0].shape), "float" in spec.inputs[0].dtype
-    if rank == 1 and embedding_layer(model) is not None:
-        return "tokens"
-    if not is_float:
-        return None
-    return {1: "vector", 2: "sequence", 3: "image"}.get(rank)
 
 
 @dataclass
