@@ -395,3 +395,22 @@ def test_the_statistics_stay_exact_for_non_finite_tiny_and_huge_gradients(backen
         np.testing.assert_allclose(max_abs, np.abs(finite).max(), rtol=1e-6)
         np.testing.assert_allclose(mean, finite.mean(), rtol=1e-6, atol=1e-30)
         assert (nan, inf) == (np.isnan(wide).sum(), np.isinf(wide).sum())
+
+
+def test_a_fit_after_compile_trains_with_the_new_loss_after_monitored_and_plain_fits(backend):
+    # A monitored fit, then a plain one, then compile() with another loss: the next
+    # fit must descend the new loss. Truth: one full-batch SGD step on the mean
+    # absolute error of a linear model, written out in NumPy.
+    x, y = _data(16)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, kernel_initializer="ones")])
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    monitor = gm.GradientMonitor()  # kept alive, as a user's monitor is
+    model.fit(x, y, batch_size=16, shuffle=False, verbose=0, callbacks=[monitor])
+    model.fit(x, y, batch_size=16, shuffle=False, verbose=0)
+    model.compile(keras.optimizers.SGD(0.1), "mae")
+    kernel, bias = (keras.ops.convert_to_numpy(w).astype(np.float64) for w in model.weights)
+    sign = np.sign(x @ kernel + bias - y)
+    model.fit(x, y, batch_size=16, shuffle=False, verbose=0)
+    # float32 tolerance: Keras's compiled step against the same step in float64 NumPy.
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(model.weights[0]), kernel - 0.1 * x.T @ sign / 16, atol=1e-5)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(model.weights[1]), bias - 0.1 * sign.mean(0), atol=1e-5)
