@@ -10,6 +10,8 @@ the same model written out in NumPy.
 
 from __future__ import annotations
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -186,3 +188,26 @@ def test_a_jax_host_callback_is_named_as_the_cut(backend):
     assert [r.name for r in e.blocked] == ["host"] and e["host"].op == "pure_callback"
     assert {(d.layer, d.cut_layer) for d in e.disconnected} == {("before", "host")}
     assert any("could not compute the gradient" in note for note in e.notes)  # JAX refuses its JVP
+
+
+@pytest.mark.parametrize("diagnose", ["explain", "check_gradients"])
+def test_training_mode_leaves_the_random_stream_and_the_model_as_they_were(backend, diagnose):
+    # Dropout in training mode draws masks: on PyTorch from the global generator, which
+    # the user's own training reads too; it must be where it was after the diagnosis.
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(8, 4)).astype("float32"), rng.normal(size=(8, 2)).astype("float32")
+    model = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(3), keras.layers.Dropout(0.5), keras.layers.Dense(2)]
+    )
+    model.compile(loss="mse")
+    before = fingerprint(model)
+    if backend == "torch":
+        import torch
+
+        state = torch.get_rng_state()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # check_gradients warns that Dropout makes its differences meaningless
+        getattr(gm, diagnose)(model, x, y, training=True)
+    assert_unchanged(model, before)
+    if backend == "torch":
+        assert torch.equal(state, torch.get_rng_state())

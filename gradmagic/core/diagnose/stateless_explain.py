@@ -17,9 +17,10 @@ where it is made. The result is the same
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import warnings
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -336,6 +337,23 @@ def _nonfinite_origins(model: keras.Model, run: _Run, backend: Any, notes: list[
 # --- the public function -----------------------------------------------------------------------------------------
 
 
+def keeps_random_state(function: Callable) -> Callable:
+    """Make a public function leave the framework's global random state as it found it.
+
+    In training mode Keras on PyTorch draws Dropout masks from PyTorch's global
+    generator: the function must not advance the user's random stream (see the
+    backends' ``random_state_kept``).
+    """
+
+    @functools.wraps(function)
+    def kept(*args: Any, **kwargs: Any) -> Any:
+        with stateless_backend().random_state_kept():
+            return function(*args, **kwargs)
+
+    return kept
+
+
+@keeps_random_state
 @leaves_no_trace
 def explain(
     model: keras.Model,

@@ -41,7 +41,7 @@ from gradmagic.core.diagnose.gradcheck_settings import (
     validate,
 )
 from gradmagic.core.diagnose.progress import Progress
-from gradmagic.core.diagnose.stateless_explain import diagnosis_backend
+from gradmagic.core.diagnose.stateless_explain import diagnosis_backend, keeps_random_state
 from gradmagic.core.questions.entry import check_model, leaves_no_trace, prepare_loss_args, spec_and_inputs
 from gradmagic.core.questions.targets import check_loss_argument, check_loss_structure, model_name, resolve_loss
 from gradmagic.core.questions.trace_errors import short_error
@@ -169,6 +169,7 @@ def _evaluation_model(
         return own, "float32", [note]
 
 
+@keeps_random_state
 @leaves_no_trace
 def check_gradients(
     model: keras.Model,
