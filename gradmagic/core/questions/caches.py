@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import collections
 import weakref
-from collections.abc import Hashable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from typing import Any
 
 
@@ -74,6 +74,26 @@ class WeakCache:
         entries = self._owners.get(owner)
         if entries is not None:
             entries.pop(key, None)
+
+    def keyed(self, owner: Any, key: Any, build: Callable[[], Any]) -> Any:
+        """The value stored under a question's cache ``key``, built on first use.
+
+        ``key`` is a :class:`~gradmagic.core.questions.cache_keys.Key`: a stored
+        value is reused only while every object the key holds by identity is
+        still alive; ``key=None`` (a question that cannot be keyed safely) builds
+        a fresh value every time and stores nothing.
+        """
+        if key is None:
+            return build()
+        entry = self.lookup(owner, key.token)
+        if entry is None or not entry[1].alive():
+            entry = self.store(owner, (build(), key.stored()), key.token)
+        return entry[0]
+
+    def forget(self, owner: Any, key: Any) -> None:
+        """Drop the value stored under a question's cache ``key`` (``None``: nothing stored, nothing to drop)."""
+        if key is not None:
+            self.drop(owner, key.token)
 
     def clear(self, owner: Any = None) -> None:
         """Forget every entry of ``owner``, or of every owner when ``owner`` is ``None``."""

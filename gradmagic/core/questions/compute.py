@@ -42,18 +42,12 @@ def cached(model: keras.Model, key: Key | None, build: Callable[[], Any]) -> Any
     identity is still alive (see :mod:`gradmagic.core.questions.cache_keys`); ``key=None``
     (a question that cannot be keyed safely) builds a fresh function every time.
     """
-    if key is None:
-        return build()
-    entry = _cache.lookup(model, key.token)
-    if entry is None or not entry[1].alive():
-        entry = _cache.store(model, (build(), key.stored()), key.token)
-    return entry[0]
+    return _cache.keyed(model, key, build)
 
 
 def forget(model: keras.Model, key: Key | None) -> None:
     """Drop one cached function (e.g. after its first call failed)."""
-    if key is not None:
-        _cache.drop(model, key.token)
+    _cache.forget(model, key)
 
 
 def clear_cache(model: keras.Model | None = None) -> None:

@@ -77,18 +77,12 @@ class Question:
 
 def cached(model: keras.Model, key: Key | None, build: Callable[[], Question]) -> Question:
     """The question for ``key``, built on first use (``key=None``: built afresh every time)."""
-    if key is None:
-        return build()
-    entry = _cache.lookup(model, key.token)
-    if entry is None or not entry[1].alive():
-        entry = _cache.store(model, (build(), key.stored()), key.token)
-    return entry[0]
+    return _cache.keyed(model, key, build)
 
 
 def forget(model: keras.Model, key: Key | None) -> None:
     """Drop one cached question (e.g. after its first call failed)."""
-    if key is not None:
-        _cache.drop(model, key.token)
+    _cache.forget(model, key)
 
 
 def clear(model: keras.Model | None = None) -> None:
