@@ -34,6 +34,10 @@ _EVERY_BACKEND = {
     "input_kind": "gradmagic.core.questions.kinds",
     "is_stream": "gradmagic.core.batches",
     "rollback_on_failure": "gradmagic.core.questions.state",
+    "GradCAM": "gradmagic.core.questions.attribution.results",
+    "IntegratedGradients": "gradmagic.core.questions.attribution.results",
+    "Saliency": "gradmagic.core.questions.attribution.results",
+    "TokenGradients": "gradmagic.core.questions.attribution.results",
 }
 
 # The TensorFlow implementations.
@@ -51,11 +55,7 @@ _TENSORFLOW = {
     "MonitorSummary": "gradmagic.core.monitor.history",
     "gradcam": "gradmagic.core.questions.attribution.gradcam",
     "integrated_gradients": "gradmagic.core.questions.attribution.integrated",
-    "GradCAM": "gradmagic.core.questions.attribution.results",
-    "IntegratedGradients": "gradmagic.core.questions.attribution.results",
-    "Saliency": "gradmagic.core.questions.attribution.results",
     "saliency": "gradmagic.core.questions.attribution.saliency",
-    "TokenGradients": "gradmagic.core.questions.attribution.tokens",
     "token_gradients": "gradmagic.core.questions.attribution.tokens",
     "token_integrated_gradients": "gradmagic.core.questions.attribution.tokens",
     "clear_cache": "gradmagic.core.questions.compute",
@@ -83,6 +83,12 @@ _STATELESS: dict[str, str] = {
     "GradientMonitor": "gradmagic.core.monitor.callback",
     "MonitorHistory": "gradmagic.core.monitor.history",
     "MonitorSummary": "gradmagic.core.monitor.history",
+    # The attribution functions: one implementation, which runs its gradients on the backend's engine.
+    "gradcam": "gradmagic.core.questions.attribution.gradcam",
+    "integrated_gradients": "gradmagic.core.questions.attribution.integrated",
+    "saliency": "gradmagic.core.questions.attribution.saliency",
+    "token_gradients": "gradmagic.core.questions.attribution.tokens",
+    "token_integrated_gradients": "gradmagic.core.questions.attribution.tokens",
 }
 
 _BY_BACKEND = {"tensorflow": _TENSORFLOW, "jax": _STATELESS, "torch": _STATELESS}

@@ -13,15 +13,11 @@ from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from gradmagic.core.arguments import is_int
 from gradmagic.core.batches import first_batch
-from gradmagic.core.questions import compute
-from gradmagic.core.questions.attribution import compute as ac
 from gradmagic.core.questions.entry import check_model, spec_and_inputs
 from gradmagic.core.questions.inputs import ModelSpec, declared_units, nonfinite_warning, output_in_range
-from gradmagic.core.questions.model_keys import question_key
 from gradmagic.core.questions.targets import model_name
 from gradmagic.errors import GradmagicWarning, InputError
 
@@ -31,9 +27,16 @@ POINT_BUDGET = 1 << 20
 MAX_POINTS = 256
 
 
-def single_input(model: keras.Model, x: Any, float_only: bool = True) -> tuple[ModelSpec, np.ndarray, str | None]:
-    """x as one NumPy array with a batch axis (the first batch of a dataset), checked against the model."""
+def single_input(
+    model: keras.Model, x: Any, float_only: bool = True, engine: Any = None
+) -> tuple[ModelSpec, np.ndarray, str | None]:
+    """x as one NumPy array with a batch axis (the first batch of a dataset), checked against the model.
+
+    ``engine`` (see :mod:`.engine`) refuses tensors of another framework in x first.
+    """
     check_model(model)
+    if engine is not None:
+        engine.check_input(x)
     data = first_batch(x, takes_y=False)
     spec, x_in, _ = spec_and_inputs(model, data.x)
     leaves = keras.tree.flatten(x_in)
@@ -43,7 +46,7 @@ def single_input(model: keras.Model, x: Any, float_only: bool = True) -> tuple[M
             f"single input: attribution maps are computed for one input array. Fix: wrap the model so that the "
             f"other inputs are fixed, e.g. keras.Model(image_input, model([image_input, fixed]))."
         )
-    array = leaves[0].numpy() if isinstance(leaves[0], tf.Tensor) else np.asarray(leaves[0])
+    array = leaves[0] if isinstance(leaves[0], np.ndarray) else keras.ops.convert_to_numpy(leaves[0])
     if float_only and array.dtype.kind != "f":
         raise InputError(
             f"Received: x of dtype {array.dtype} for model '{model_name(model)}'. Expected float inputs: "
@@ -77,7 +80,7 @@ def check_output(model: keras.Model, spec: ModelSpec, output: Any, units: int | 
     return output_in_range(model, output, units, "per-sample output", "the predicted class. Fix: e.g. output=0.")
 
 
-def requested_units(model: keras.Model, spec: ModelSpec, output: int | None, x: np.ndarray) -> np.ndarray:
+def requested_units(model: keras.Model, spec: ModelSpec, output: int | None, x: np.ndarray, engine: Any) -> np.ndarray:
     """The unit per sample for the compiled functions: ``output``, or -1 for each sample's predicted class.
 
     A model that declares no outputs (subclassed) runs once on x first, so
@@ -86,9 +89,7 @@ def requested_units(model: keras.Model, spec: ModelSpec, output: int | None, x: 
     if output is None:
         return np.full(len(x), -1, np.int32)
     if declared_units(spec) is None:
-        key, fn = compiled(model, "attribution forward", lambda: ac.forward_function(model))
-        units = int(ac.run(model, key, fn, (x,), "the output", x.shape).shape[1])
-        output = check_output(model, spec, output, units)
+        output = check_output(model, spec, output, engine.units(model, x))
     return np.full(len(x), output, np.int32)
 
 
@@ -109,12 +110,6 @@ def points_per_call(batch_size: int | None, x: np.ndarray) -> int:
     return int(max(1, min(MAX_POINTS, POINT_BUDGET // max(1, math.prod(x.shape[1:])))))
 
 
-def compiled(model: keras.Model, kind: str, build: Any, *parts: Any) -> tuple[Any, ac.Compiled]:
-    """The cache key and the cached compiled function of one attribution question (built on first use)."""
-    key = question_key(model, kind, *parts)
-    return key, compute.cached(model, key, lambda: ac.Compiled(build()))
-
-
 def chunks(samples: int, points: int, batch_size: int) -> Iterator[tuple[slice, slice]]:
     """Split ``samples x points`` into calls of at most ``batch_size`` points (at least one each)."""
     per_sample = min(points, batch_size)
@@ -124,10 +119,10 @@ def chunks(samples: int, points: int, batch_size: int) -> Iterator[tuple[slice, 
             yield slice(s, s + together), slice(p, p + per_sample)
 
 
-def warn_disconnected(result: Any, what: str) -> None:
+def warn_disconnected(result: Any, what: str, framework: str = "TensorFlow") -> None:
     """Note and warn that the output has no gradient path from x, so the map is all zeros by construction."""
     message = (
-        f"{what}: the output has no gradient path from x (TensorFlow has no gradient for some op between "
+        f"{what}: the output has no gradient path from x ({framework} has no gradient for some op between "
         f"them, e.g. round, argmax, a cast to int, or float token ids into an Embedding), so the map is 0 "
         f"everywhere whatever the settings. Fix: explain a differentiable model, or ask at a layer after that "
         f"op (gradcam(model, x, layer))"

@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import keras
 import numpy as np
-import tensorflow as tf
 
 from gradmagic.core.arguments import check_seed
 from gradmagic.errors import InputError
@@ -51,7 +51,7 @@ def make_baseline(x: np.ndarray, baseline: Any, seed: Any = 0) -> tuple[np.ndarr
             f"None (zeros) or an array broadcastable to x's shape {x.shape}."
         )
     try:
-        array = np.asarray(baseline.numpy() if isinstance(baseline, tf.Tensor) else baseline)
+        array = baseline if isinstance(baseline, np.ndarray) else keras.ops.convert_to_numpy(baseline)
         numeric = array.dtype.kind in "biuf"
     except Exception:
         numeric = False
@@ -97,21 +97,20 @@ def blurred(x: np.ndarray, sigma: float) -> np.ndarray:
     Kernels wider than the image are cut to the image.
     """
     kernel = gaussian_kernel(sigma)
-    height, width, channels = x.shape[1], x.shape[2], x.shape[3]
-    image = tf.convert_to_tensor(x, tf.float32)
-    for axis, size in ((1, height), (2, width)):
+    image = np.asarray(x, np.float64)
+    for axis in (1, 2):
+        size = image.shape[axis]
         radius = min(len(kernel) // 2, size - 1)
-        taps = kernel[len(kernel) // 2 - radius : len(kernel) // 2 + radius + 1]
-        taps = taps / taps.sum()
         if radius == 0:
             continue
-        padding = [[0, 0], [0, 0], [0, 0], [0, 0]]
-        padding[axis] = [radius, radius]
-        padded = tf.pad(image, padding, mode="SYMMETRIC")
-        shape = (len(taps), 1) if axis == 1 else (1, len(taps))
-        filters = tf.tile(tf.constant(taps.reshape(*shape, 1, 1), tf.float32), [1, 1, channels, 1])
-        image = tf.nn.depthwise_conv2d(padded, filters, strides=[1, 1, 1, 1], padding="VALID")
-    return image.numpy().astype(x.dtype)
+        taps = kernel[len(kernel) // 2 - radius : len(kernel) // 2 + radius + 1]
+        taps = taps / taps.sum()
+        padding = [(0, 0)] * 4
+        padding[axis] = (radius, radius)
+        padded = np.pad(image, padding, mode="symmetric")  # the edge value repeated: a flat image stays flat
+        # The convolution as a sum of shifted copies, one per tap (the kernel is symmetric).
+        image = sum(tap * np.take(padded, range(i, i + size), axis=axis) for i, tap in enumerate(taps))
+    return image.astype(x.dtype)
 
 
 def uniform_noise(x: np.ndarray, seed: int) -> np.ndarray:

@@ -8,15 +8,13 @@ from typing import Any
 import keras
 import numpy as np
 
-from gradmagic.core.questions import compute
-from gradmagic.core.questions.attribution import compute as ac
 from gradmagic.core.questions.attribution.arguments import (
     check_output,
-    compiled,
     requested_units,
     single_input,
     what_is_explained,
 )
+from gradmagic.core.questions.attribution.engine import engine
 from gradmagic.core.questions.attribution.results import GradCAM
 from gradmagic.core.questions.entry import check_model, leaves_no_trace
 from gradmagic.core.questions.targets import model_name, resolve_layer
@@ -80,9 +78,10 @@ def gradcam(model: keras.Model, x: Any, layer: int | str | keras.Layer, output: 
         >>> g = gradmagic.gradcam(model, images, layer="conv2d_1")
         >>> g.array_at_input.shape == images.shape[:3]
     """
+    run = engine()
     check_model(model)
     resolve_layer(model, layer)  # its type and name, before anything runs
-    spec, x_arr, source = single_input(model, x, float_only=False)
+    spec, x_arr, source = single_input(model, x, float_only=False, engine=run)
     index, lay = resolve_layer(model, layer)  # again: building the model may have added an InputLayer
     if isinstance(lay, keras.layers.InputLayer):
         raise InputError(
@@ -92,31 +91,29 @@ def gradcam(model: keras.Model, x: Any, layer: int | str | keras.Layer, output: 
         )
     _check_spatial(model, index, lay, _declared_rank(lay))
     output = check_output(model, spec, output)
-    requested = requested_units(model, spec, output, x_arr)
+    requested = requested_units(model, spec, output, x_arr, run)
 
-    key, fn = compiled(model, "gradcam", lambda: ac.layer_function(model, lay), lambda b: b.same(lay))
-    values, units, outputs, grads, connected = ac.run(model, key, fn, (x_arr, requested), "Grad-CAM", x_arr.shape)
+    values, units, outputs, grads, connected = run.layer(model, lay, x_arr, requested)
     if not outputs:
-        compute.forget(model, key)
         raise InputError(
             f"Received: layer={index} '{lay.name}', which model '{model_name(model)}' did not call when it ran "
             f"on x, so it has no feature map. Fix: pick a layer the forward pass uses (see model.summary())."
         )
-    activations, gradients = outputs[0].numpy(), grads[0].numpy()
+    activations, gradients = outputs[0], grads[0]
     _check_spatial(model, index, lay, activations.ndim)
     spatial = tuple(range(1, activations.ndim - 1))
     weights = gradients.astype(np.float64).mean(axis=spatial)
     cam = np.maximum(np.einsum("b...c,bc->b...", activations.astype(np.float64), weights), 0.0)
 
     map_rank = activations.ndim - 2
-    what = what_is_explained(spec, output, units.numpy())
+    what = what_is_explained(spec, output, units)
     result = GradCAM(
         array=cam.astype(activations.dtype),
         weights=weights.astype(activations.dtype),
         activations=activations,
         gradients=gradients,
-        output=units.numpy(),
-        value_at_x=values.numpy(),
+        output=units,
+        value_at_x=values,
         layer_index=index,
         layer_name=lay.name,
         input_spatial_shape=tuple(x_arr.shape[1 : 1 + map_rank]) if x_arr.ndim > map_rank else (),
@@ -128,7 +125,7 @@ def gradcam(model: keras.Model, x: Any, layer: int | str | keras.Layer, output: 
         result.notes.append(f"x: {source}")
     if not bool(connected[0]):
         message = (
-            f"the output has no gradient path from layer '{lay.name}' (TensorFlow has no gradient for some op "
+            f"the output has no gradient path from layer '{lay.name}' ({run.framework} has no gradient for some op "
             f"between them, e.g. round, argmax or a cast to int), so every channel weight and the map are 0. "
             f"Fix: pick a layer after that op, or explain a differentiable model"
         )

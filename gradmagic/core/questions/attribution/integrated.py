@@ -1,7 +1,7 @@
 """Integrated gradients (Sundararajan et al., 2017), with the check that says whether the path was fine enough.
 
 The whole path runs in batched calls of one compiled, cached function (see
-:func:`gradmagic.core.questions.attribution.compute.path_function`).
+:mod:`gradmagic.core.questions.attribution.engine`).
 """
 
 from __future__ import annotations
@@ -14,12 +14,10 @@ import keras
 import numpy as np
 
 from gradmagic.core.arguments import check_seed, is_int
-from gradmagic.core.questions.attribution import compute as ac
 from gradmagic.core.questions.attribution.arguments import (
     check_batch_size,
     check_output,
     chunks,
-    compiled,
     points_per_call,
     requested_units,
     single_input,
@@ -27,6 +25,7 @@ from gradmagic.core.questions.attribution.arguments import (
     what_is_explained,
 )
 from gradmagic.core.questions.attribution.baselines import make_baseline
+from gradmagic.core.questions.attribution.engine import engine
 from gradmagic.core.questions.attribution.results import GAP_TOLERANCE, IntegratedGradients
 from gradmagic.core.questions.entry import leaves_no_trace
 from gradmagic.core.questions.inputs import nonfinite_warning
@@ -159,17 +158,15 @@ def integrated_gradients(
     batch_size = check_batch_size(batch_size)
     if not isinstance(keep_path_gradients, (bool, np.bool_)):
         raise InputError(f"Received: keep_path_gradients={keep_path_gradients!r}. Expected True or False.")
-    spec, x_arr, source = single_input(model, x)
+    run = engine()
+    spec, x_arr, source = single_input(model, x, engine=run)
     batch_size = points_per_call(batch_size, x_arr)
     output = check_output(model, spec, output)
     base, base_name = make_baseline(x_arr, baseline, seed)
     nonfinite_warning(baseline=base)
-    requested = requested_units(model, spec, output, x_arr)
+    requested = requested_units(model, spec, output, x_arr, run)
     alphas, weights = path_rule(method, steps)
 
-    key, fn = compiled(
-        model, "integrated gradients", lambda: ac.path_function(model, keep_path_gradients), bool(keep_path_gradients)
-    )
     attribution = np.zeros_like(x_arr)
     values = np.zeros((len(x_arr), steps), np.float64)
     units = np.zeros(len(x_arr), np.int32)
@@ -184,7 +181,7 @@ def integrated_gradients(
             weights[points].astype(x_arr.dtype),
             requested[samples],
         )
-        parts = [t.numpy() for t in ac.run(model, key, fn, args, "integrated gradients", x_arr.shape)]
+        parts = run.path(model, bool(keep_path_gradients), args, x_arr.shape)
         values[samples, points] = parts[0]
         attribution[samples] += parts[1]
         units[samples], at_x[samples], at_base[samples], connected = parts[2], parts[3], parts[4], bool(parts[5])
@@ -215,7 +212,7 @@ def integrated_gradients(
     if connected:
         _check_completeness(result, steps)
     else:  # the gap is then f(x) - f(baseline) itself, and no step count changes it
-        warn_disconnected(result, "Integrated gradients")
+        warn_disconnected(result, "Integrated gradients", run.framework)
     return result
 
 

@@ -330,3 +330,22 @@ class GradCAM(_PerSample):
     def _maps_html(self) -> str:
         maps = self.array_at_input if self.array.ndim == 3 and len(self.input_spatial_shape) == 2 else self.array
         return strip(maps if maps.ndim == 3 else None, signed=False, label=f"Grad-CAM at layer '{self.layer_name}'")
+
+
+@dataclass
+class TokenGradients:
+    """d(one output unit)/d(Embedding output) for a batch of token sequences.
+
+    Attributes:
+        embeddings: The Embedding layer's output, ``(batch, T, D)``.
+        array: The gradient of the output unit with respect to it, same shape.
+        values: The output unit, ``(batch,)``.
+        layer_name: The Embedding layer differentiated at.
+        output: The output unit (index into the flattened per-sample output).
+    """
+
+    embeddings: np.ndarray
+    array: np.ndarray
+    values: np.ndarray
+    layer_name: str
+    output: int

@@ -9,18 +9,17 @@ import keras
 import numpy as np
 
 from gradmagic.core.arguments import check_seed, is_int
-from gradmagic.core.questions.attribution import compute as ac
 from gradmagic.core.questions.attribution.arguments import (
     check_batch_size,
     check_output,
     chunks,
-    compiled,
     points_per_call,
     requested_units,
     single_input,
     warn_disconnected,
     what_is_explained,
 )
+from gradmagic.core.questions.attribution.engine import engine
 from gradmagic.core.questions.attribution.results import RELATIVE_ERROR_NOTE, Saliency
 from gradmagic.core.questions.entry import leaves_no_trace
 from gradmagic.core.questions.targets import model_name
@@ -90,12 +89,12 @@ def saliency(
         raise InputError(f"Received: samples={samples!r}. Expected an int >= 1, the noisy copies per sample.")
     seed = check_seed(seed)
     batch_size = check_batch_size(batch_size)
-    spec, x_arr, source = single_input(model, x)
+    run = engine()
+    spec, x_arr, source = single_input(model, x, engine=run)
     batch_size = points_per_call(batch_size, x_arr)
     output = check_output(model, spec, output)
-    requested = requested_units(model, spec, output, x_arr)
+    requested = requested_units(model, spec, output, x_arr, run)
 
-    key, fn = compiled(model, "saliency", lambda: ac.noise_function(model))
     units = np.zeros(len(x_arr), np.int32)
     at_x = np.zeros(len(x_arr), np.float64)
     draws = int(samples) if smooth > 0 else 1
@@ -114,10 +113,7 @@ def saliency(
         summed, squares = np.zeros(x_arr.shape, np.float64), np.zeros(x_arr.shape, np.float64)
         for rows, copies in chunks(len(x_arr), draws, batch_size):
             flat = noise[rows, copies].reshape(-1, *x_arr.shape[1:])
-            got = [
-                t.numpy()
-                for t in ac.run(model, key, fn, (x_arr[rows], flat, requested[rows]), "SmoothGrad", x_arr.shape)
-            ]
+            got = run.noise(model, (x_arr[rows], flat, requested[rows]), "SmoothGrad", x_arr.shape)
             values[rows, copies], units[rows], at_x[rows], connected = got[0], got[4], got[5], bool(got[6])
             summed[rows] += got[1]
             squares[rows] += got[2]
@@ -129,10 +125,7 @@ def saliency(
         none = np.zeros((0, *x_arr.shape[1:]), x_arr.dtype)
         for start in range(0, len(x_arr), batch_size):
             rows = slice(start, start + batch_size)
-            got = [
-                t.numpy()
-                for t in ac.run(model, key, fn, (x_arr[rows], none, requested[rows]), "the saliency map", x_arr.shape)
-            ]
+            got = run.noise(model, (x_arr[rows], none, requested[rows]), "the saliency map", x_arr.shape)
             plain[rows], units[rows], at_x[rows], connected = got[3], got[4], got[5], bool(got[6])
         array = plain
         error = np.zeros(len(x_arr))
@@ -158,7 +151,7 @@ def saliency(
     if connected:
         _check_samples(result)
     else:
-        warn_disconnected(result, kind)
+        warn_disconnected(result, kind, run.framework)
     return result
 
 

@@ -8,82 +8,21 @@ compiled and cached call.
 
 from __future__ import annotations
 
-import weakref
-from dataclasses import dataclass
 from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
 
-from gradmagic.core.backends.tensorflow import calls_replaced
-from gradmagic.core.questions import compute
+from gradmagic.core.questions.attribution.engine import engine
 from gradmagic.core.questions.attribution.integrated import path_rule
-from gradmagic.core.questions.attribution.results import IntegratedGradients
+from gradmagic.core.questions.attribution.results import IntegratedGradients, TokenGradients
 from gradmagic.core.questions.entry import leaves_no_trace, spec_and_inputs
 from gradmagic.core.questions.inputs import model_spec
 from gradmagic.core.questions.kinds import embedding_layer
-from gradmagic.core.questions.model_keys import question_key
-from gradmagic.core.questions.state import restore_in_graph, snapshot_in_graph, state_variables
 from gradmagic.core.questions.targets import model_name
-from gradmagic.errors import ComputeError, GradmagicError, InputError
+from gradmagic.errors import InputError
 
-
-@dataclass
-class TokenGradients:
-    """d(one output unit)/d(Embedding output) for a batch of token sequences.
-
-    Attributes:
-        embeddings: The Embedding layer's output, ``(batch, T, D)``.
-        array: The gradient of the output unit with respect to it, same shape.
-        values: The output unit, ``(batch,)``.
-        layer_name: The Embedding layer differentiated at.
-        output: The output unit (index into the flattened per-sample output).
-    """
-
-    embeddings: np.ndarray
-    array: np.ndarray
-    values: np.ndarray
-    layer_name: str
-    output: int
-
-
-def _function(model: keras.Model, layer: keras.Layer, output: int) -> Any:
-    model_ref, layer_ref = weakref.ref(model), weakref.ref(layer)
-
-    @tf.function(autograph=False)
-    def token_grads(x: Any, scale: Any) -> tuple:
-        model = model_ref()
-        guarded = state_variables(model)
-        saved = snapshot_in_graph(guarded)
-        calls: list[Any] = []
-        with tf.GradientTape() as tape:
-
-            def wrap(original: Any) -> Any:
-                # The Embedding's own call, its output scaled per sample (1: unchanged; a point on the path
-                # from zero embeddings otherwise); Layer.__call__ still computes the mask around it.
-                def scaled_call(*args: Any, **kwargs: Any) -> Any:
-                    out = original(*args, **kwargs)
-                    out = out * tf.reshape(tf.cast(scale, out.dtype), [-1] + [1] * (len(out.shape) - 1))
-                    tape.watch(out)
-                    calls.append(out)
-                    return out
-
-                return scaled_call
-
-            with calls_replaced([(layer_ref(), wrap)]):
-                y_pred = model(x, training=False)
-            flat = tf.concat([tf.reshape(t, (tf.shape(t)[0], -1)) for t in keras.tree.flatten(y_pred)], axis=1)
-            unit = flat[:, output]
-            # Samples are independent at training=False: the gradient of the sum is each sample's own.
-            total = tf.reduce_sum(unit)
-        if not calls:
-            raise InputError("The Embedding layer was not called when the model ran on x.")
-        grads = tape.gradient(total, calls[0])
-        restore_in_graph(guarded, saved)
-        return calls[0], grads if grads is not None else tf.zeros_like(calls[0]), unit
-
-    return token_grads
+__all__ = ["TokenGradients", "token_gradients", "token_integrated_gradients"]
 
 
 def _check_ids(model: keras.Model, layer: keras.layers.Embedding, ids: Any) -> None:
@@ -128,6 +67,8 @@ def token_gradients(model: keras.Model, x: Any, output: int = 0, scale: Any = No
         >>> t = gradmagic.token_gradients(model, ids, output=1)
         >>> (t.array * t.embeddings).sum(-1)  # gradient x input per position
     """
+    run = engine()
+    run.check_input(x)
     layer = embedding_layer(model)
     if layer is None:
         raise InputError(
@@ -158,21 +99,8 @@ def token_gradients(model: keras.Model, x: Any, output: int = 0, scale: Any = No
             f"Received: scale of shape {np.shape(scale)}. Expected one finite factor per sample ({batch},), or "
             f"None. Fix: e.g. scale=np.linspace(0, 1, {batch})."
         )
-    key = question_key(model, "tokens", lambda b: b.same(layer), int(output))
-    fn = compute.cached(model, key, lambda: _function(model, layer, int(output)))
-    try:
-        embedded, grads, values = fn(x_in, tf.constant(factors))
-    except GradmagicError:
-        compute.forget(model, key)
-        raise
-    except Exception as exc:
-        compute.forget(model, key)
-        raise ComputeError(
-            f"Computing d(output {output})/d(output of '{layer.name}') of model '{model_name(model)}' failed: "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}. Check that x holds token "
-            f"ids the model takes; the model was left unchanged."
-        ) from None
-    return TokenGradients(embedded.numpy(), grads.numpy(), values.numpy(), layer.name, int(output))
+    embedded, grads, values = run.tokens(model, layer, int(output), x_in, factors)
+    return TokenGradients(embedded, grads, values, layer.name, int(output))
 
 
 def token_integrated_gradients(model: keras.Model, x: Any, output: int = 0, steps: int = 32) -> IntegratedGradients:
