@@ -89,3 +89,30 @@ def hand_mse_gradients(model: keras.Model, x: np.ndarray, y: np.ndarray, weight:
     pred = model(torch.as_tensor(x), training=False)
     loss = torch.mean(torch.as_tensor(w) * torch.mean(torch.square(pred - torch.as_tensor(y)), dim=-1))
     return [g.detach().cpu().numpy() for g in torch.autograd.grad(loss, params)]
+
+
+def hand_unit_gradient(fn: Callable, at: np.ndarray, unit: int) -> np.ndarray:
+    """d sum_i fn(v)[i, unit] / dv at ``at`` (per row, as rows are independent), by the framework's own autodiff.
+
+    TensorFlow: ``tf.GradientTape``; JAX: ``jax.grad``; PyTorch: ``torch.autograd.grad``.
+    """
+    backend = keras.backend.backend()
+    at = np.asarray(at)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        v = tf.constant(at)
+        with tf.GradientTape() as tape:
+            tape.watch(v)
+            out = tf.reduce_sum(fn(v)[:, unit])
+        return tape.gradient(out, v).numpy()
+    if backend == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        return np.asarray(jax.grad(lambda v: jnp.sum(fn(v)[:, unit]))(jnp.asarray(at)))
+    import torch
+
+    v = torch.tensor(at, requires_grad=True)
+    (grad,) = torch.autograd.grad(torch.sum(fn(v)[:, unit]), [v])
+    return grad.numpy()

@@ -16,7 +16,7 @@ import pytest
 import gradmagic as gm
 from gradmagic.core.questions.attribution.integrated import path_rule
 
-from .backend_truths import fingerprint, no_grad_left
+from .backend_truths import fingerprint, hand_unit_gradient, no_grad_left
 
 
 def _mlp(seed: int = 0) -> tuple[keras.Model, list[np.ndarray]]:
@@ -154,29 +154,6 @@ def _token_model() -> keras.Model:
     )
 
 
-def _hand_unit_gradient(fn, at: np.ndarray, unit: int) -> np.ndarray:
-    """d sum_i fn(v)[i, unit] / dv at ``at``, by the framework's own autodiff written out here."""
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        v = tf.constant(at)
-        with tf.GradientTape() as tape:
-            tape.watch(v)
-            out = tf.reduce_sum(fn(v)[:, unit])
-        return tape.gradient(out, v).numpy()
-    if backend == "jax":
-        import jax
-        import jax.numpy as jnp
-
-        return np.asarray(jax.grad(lambda v: jnp.sum(fn(v)[:, unit]))(jnp.asarray(at)))
-    import torch
-
-    v = torch.tensor(at, requires_grad=True)
-    (grad,) = torch.autograd.grad(torch.sum(fn(v)[:, unit]), [v])
-    return grad.numpy()
-
-
 def test_token_gradients_match_the_frameworks_own_autodiff_after_the_embedding():
     model = _token_model()
     before = fingerprint(model)
@@ -187,7 +164,7 @@ def test_token_gradients_match_the_frameworks_own_autodiff_after_the_embedding()
     def rest(v):
         return model.get_layer("head")(model.get_layer("lstm")(v))
 
-    expected = _hand_unit_gradient(rest, vectors, 1)
+    expected = hand_unit_gradient(rest, vectors, 1)
     np.testing.assert_allclose(t.embeddings, vectors, rtol=1e-6)
     # Two differentiations of the same float32 LSTM, run in different programs: rounding only.
     np.testing.assert_allclose(t.array, expected, rtol=1e-4, atol=1e-7)
@@ -250,3 +227,14 @@ def test_repeated_calls_reuse_the_compiled_function(backend):
     gm.clear_cache(model)
     fresh = stateless_functions.cached(model, question_key(model, "integrated gradients", False), lambda: None)
     assert fresh is None  # clear_cache dropped it
+
+
+def test_gradcam_map_is_resized_bilinearly_with_half_pixel_centres():
+    model, _ = _conv_model()
+    g = gm.gradcam(model, np.random.default_rng(11).normal(size=(1, 5, 5, 2)).astype("float32"), "conv")
+    g.array = np.array([[[0.0, 1.0], [2.0, 4.0]]], "float32")  # a known 2x2 map
+    # Output place i reads the map at (i + 0.5) / 2 - 0.5, clamped: 0, 0.25, 0.75, 1 along each axis.
+    rows = np.array([[0.0, 1.0], [0.5, 1.75], [1.5, 3.25], [2.0, 4.0]])
+    expected = np.stack([rows[:, 0] * (1 - t) + rows[:, 1] * t for t in (0.0, 0.25, 0.75, 1.0)], axis=1)
+    np.testing.assert_allclose(g.upsampled((4, 4))[0], expected, rtol=1e-6)
+    np.testing.assert_allclose(g.upsampled((1, 1))[0], [[1.75]], rtol=1e-6)  # the centre of the 2x2 map

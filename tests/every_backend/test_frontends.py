@@ -2,7 +2,9 @@
 
 The truth is written out in NumPy: the forward pass of a small tanh network with
 fixed weights, its analytic input derivative, and the analytic dLoss/dW of its
-linear last layer under the mean squared error.
+linear last layer under the mean squared error; for the image, sequence and
+token views (integrated gradients along a path), the framework's own autodiff
+written out in ``backend_truths.hand_unit_gradient``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import pytest
 from IPython.core.interactiveshell import InteractiveShell
 
 import gradmagic as gm
+
+from .backend_truths import fingerprint, hand_unit_gradient, no_grad_left
 
 
 def _net(n_in: int, hidden: int, n_out: int, seed: int) -> tuple[keras.Model, list[np.ndarray]]:
@@ -106,3 +110,87 @@ def test_plane_view_slider_moves_update_the_gradient(shell):
         expected = (weights[0] * (1 - h**2)) @ weights[2][:, 0]
         assert panel.view.value == pytest.approx(float((h @ weights[2] + weights[3]).item()), rel=1e-5, abs=1e-6)
         np.testing.assert_allclose(panel.view.gradient, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_image_view_path_slider_shows_the_gradient_and_attribution_so_far(shell):
+    keras.utils.set_random_seed(8)
+    model = keras.Sequential(
+        [
+            keras.Input((6, 6, 3)),
+            keras.layers.Conv2D(4, 3, activation="tanh", name="conv"),
+            keras.layers.GlobalAveragePooling2D(),
+            keras.layers.Dense(3),
+        ],
+        name="cnn",
+    )
+    x = np.random.default_rng(2).uniform(size=(3, 6, 6, 3)).astype("float32")
+    before = fingerprint(model)
+    steps = 11
+    panel = gm.explore(model, x, steps=steps, gradcam_layer="conv", use_ipympl=False)
+    panel.unit_select.value = 2
+    panel.alpha_slider.value = 0.6  # as a user drags it
+    view = panel.view
+    alphas = np.linspace(0.0, 1.0, steps)  # the zeros baseline: the point at a is a * x
+    k = 6
+    assert view.index == k and panel.error.value == ""
+    points = (alphas[:, None, None, None] * x[0]).astype("float32")
+    grads = hand_unit_gradient(model, points, 2).astype(np.float64)
+    outputs = keras.ops.convert_to_numpy(model(points))[:, 2]
+    # float32 programs of different batch sizes agree to rounding, not bit for bit.
+    np.testing.assert_allclose(view.path.outputs, outputs, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(view.gradient, grads[k], rtol=1e-4, atol=1e-7)
+    # The attribution up to a: x times the trapezoid rule over the gradients from 0 to a.
+    integral = sum((grads[i] + grads[i + 1]) / 2 * (alphas[1] - alphas[0]) for i in range(k))
+    np.testing.assert_allclose(view.path.accumulated[k], x[0] * integral, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(panel.figure.grad_image.get_array(), grads[k].sum(-1), rtol=1e-4, atol=1e-7)
+    # Grad-CAM at x: a global-average-pooled conv's channel weights are the head's weights over 16 places.
+    activations = keras.ops.convert_to_numpy(model.get_layer("conv")(x[:1])).astype(np.float64)
+    head = model.layers[-1].get_weights()[0].astype(np.float64)
+    cam = np.maximum(activations @ (head[:, 2] / 16), 0)[0]
+    np.testing.assert_allclose(gm.gradcam(model, x[:1], "conv", output=2).array[0], cam, rtol=1e-4, atol=1e-6)
+    assert panel.view.path.gradcam.shape == (6, 6) and np.all(panel.view.path.gradcam >= 0)
+    assert fingerprint(model) == before and no_grad_left(model)
+
+
+def test_sequence_view_matches_the_frameworks_own_autodiff(shell):
+    keras.utils.set_random_seed(6)
+    model = keras.Sequential([keras.Input((6, 4)), keras.layers.LSTM(5), keras.layers.Dense(2)], name="lstm")
+    x = np.random.default_rng(1).normal(size=(3, 6, 4)).astype("float32")
+    before = fingerprint(model)
+    panel = gm.explore(model, x, labels=list("abcdef"), use_ipympl=False)
+    panel.sample_select.value = 2
+    panel.unit_select.value = 1
+    grad = hand_unit_gradient(model, x[2:3], 1)[0].astype(np.float64)
+    view = panel.view
+    assert panel.error.value == ""
+    np.testing.assert_allclose(view.norms, np.linalg.norm(grad, axis=1), rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(view.grad_x_input, (grad * x[2]).sum(axis=1), rtol=1e-5, atol=1e-8)
+    assert view.value == pytest.approx(float(keras.ops.convert_to_numpy(model(x[2:3]))[0, 1]), rel=1e-5)
+    assert [t.get_text() for t in panel.figure.ax_ig.get_xticklabels()] == list("abcdef")
+    assert fingerprint(model) == before and no_grad_left(model)
+
+
+def test_token_view_differentiates_at_the_embedding_output(shell):
+    keras.utils.set_random_seed(9)
+    model = keras.Sequential(
+        [
+            keras.Input((5,), dtype="int32"),
+            keras.layers.Embedding(12, 4, name="embed"),
+            keras.layers.LSTM(3),
+            keras.layers.Dense(2),
+        ]
+    )
+    ids = np.array([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]])
+    panel = gm.explore(model, ids, labels=[list("abcde"), list("vwxyz")], use_ipympl=False)
+    panel.sample_select.value = 1
+    vectors = keras.ops.convert_to_numpy(model.get_layer("embed")(ids[1:2]))
+
+    def rest(v):
+        return model.layers[2](model.layers[1](v))
+
+    grad = hand_unit_gradient(rest, vectors, 0)[0].astype(np.float64)
+    view = panel.view
+    assert view.tokens and panel.error.value == ""
+    np.testing.assert_allclose(view.norms, np.linalg.norm(grad, axis=1), rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(view.grad_x_input, (grad * vectors[0]).sum(axis=1), rtol=1e-5, atol=1e-9)
+    assert "the Embedding" in panel.readout.value

@@ -246,6 +246,22 @@ class Saliency(_PerSample):
         return strip(as_maps(self.array), signed=True, label="Gradient (summed over channels)")
 
 
+def _linear_resize(array: np.ndarray, axis: int, size: int) -> np.ndarray:
+    """``array`` resized along ``axis`` to ``size`` by linear interpolation between half-pixel centres.
+
+    Output place i reads the input at ``(i + 0.5) * n / size - 0.5`` (``n`` the
+    input size), clamped to the first and last input places.
+    """
+    n = array.shape[axis]
+    source = np.clip((np.arange(size) + 0.5) * (n / size) - 0.5, 0.0, n - 1)
+    low = np.floor(source).astype(int)
+    high = np.minimum(low + 1, n - 1)
+    shape = [1] * array.ndim
+    shape[axis] = size
+    frac = (source - low).reshape(shape)
+    return np.take(array, low, axis=axis) * (1 - frac) + np.take(array, high, axis=axis) * frac
+
+
 @dataclass(repr=False)
 class GradCAM(_PerSample):
     """Grad-CAM (Selvaraju et al., 2017) at one layer: where in its feature map the output unit looks.
@@ -279,20 +295,18 @@ class GradCAM(_PerSample):
     def upsampled(self, shape: tuple[int, ...]) -> np.ndarray:
         """The map resized to ``shape`` (height, width; or length for a 1-D map) with bilinear interpolation.
 
-        Resizing uses ``tf.image.resize(..., method="bilinear")`` (half-pixel
-        centres, no antialiasing), the usual way to lay the map over the image.
+        Bilinear with half-pixel centres and no antialiasing, as
+        ``tf.image.resize(..., method="bilinear")`` does: the usual way to lay the
+        map over the image. Computed in NumPy, one axis at a time.
 
         Raises:
             GradmagicError: ``shape`` is not one positive int per axis of the map.
         """
-        import tensorflow as tf
-
         spatial = self._check_shape(shape)
-        maps = self.array.astype(np.float32)
-        if maps.ndim == 2:  # 1-D maps: resize as images one pixel wide
-            resized = tf.image.resize(maps[:, :, None, None], (spatial[0], 1), method="bilinear")
-            return resized.numpy()[:, :, 0, 0]
-        return tf.image.resize(maps[..., None], spatial[:2], method="bilinear").numpy()[..., 0]
+        resized = self.array.astype(np.float64)
+        for axis, size in enumerate(spatial, start=1):
+            resized = _linear_resize(resized, axis, size)
+        return resized.astype(np.float32)
 
     def _check_shape(self, shape: Any) -> tuple[int, ...]:
         rank = self.array.ndim - 1
