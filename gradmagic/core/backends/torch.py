@@ -112,7 +112,10 @@ class TorchBackend:
                 value, aux = out if has_aux else (out, None)
                 wrt = [leaf for s in structures for leaf in _leaves(s)]
                 asked = [leaf for leaf in wrt if isinstance(leaf, torch.Tensor) and leaf.requires_grad]
-                found = iter(torch.autograd.grad(value, asked, allow_unused=True)) if asked else iter(())
+                # A value that does not require grad (every path from the leaves cut, e.g. by a detach) has no
+                # gradient to take: every leaf is disconnected.
+                connected = asked and value.requires_grad
+                found = iter(torch.autograd.grad(value, asked, allow_unused=True) if connected else [None] * len(asked))
             grads_flat = [next(found) if (isinstance(w, torch.Tensor) and w.requires_grad) else None for w in wrt]
             grads, start = [], 0
             for s in structures:

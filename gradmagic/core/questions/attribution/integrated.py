@@ -147,7 +147,8 @@ def integrated_gradients(
     Warns:
         GradmagicWarning: A sample's relative completeness gap is above 5%; the
             message names a step count to try. Or the output has no gradient
-            path from x (every attribution is 0, whatever ``steps``).
+            path from x (every attribution is 0, whatever ``steps``; on
+            TensorFlow and PyTorch: JAX passes back zeros there, with no sign of it).
 
     Example:
         >>> a = gradmagic.integrated_gradients(model, images, baseline="blur", steps=64)
@@ -237,6 +238,13 @@ def _check_completeness(result: IntegratedGradients, steps: int) -> None:
             f"the output barely changes from the baseline to x at sample {worst} (f(x) - f(baseline) = "
             f"{change:.3g}), so the attributions cannot be checked against it (completeness gap "
             f"{result.completeness_gap[worst]:.3g}). Fix: choose a baseline where the output differs from f(x)"
+        )
+    elif not np.any(result.array[worst]):
+        message = (
+            f"the attributions of sample {worst} are all 0 although f(x) - f(baseline) = {change:.4g}: no "
+            f"gradient reaches x anywhere on the path (an op between them passes back zero, e.g. stop_gradient, "
+            f"round or a cast to int), whatever the steps. Fix: explain a differentiable model, or ask at a layer "
+            f"after that op (gradcam(model, x, layer))"
         )
     else:
         suggestion = suggested_steps(steps, float(gaps[worst]))

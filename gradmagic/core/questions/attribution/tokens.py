@@ -26,7 +26,7 @@ __all__ = ["TokenGradients", "token_gradients", "token_integrated_gradients"]
 
 
 def _check_ids(model: keras.Model, layer: keras.layers.Embedding, ids: Any) -> None:
-    """Refuse ids the Embedding cannot look up, before TensorFlow fails on them (or, on a GPU, returns zeros)."""
+    """Refuse ids the Embedding cannot look up, before the framework fails on them (or, on a GPU, returns zeros)."""
     values = np.asarray(ids)
     if values.size == 0 or values.dtype.kind not in "biuf":
         return  # the model's own call reports these
