@@ -3,7 +3,8 @@
 A small image model with fixed weights is saved as ``.keras`` from this
 process's backend and loaded in a fresh interpreter per backend (Keras fixes
 its backend at import), where integrated gradients (blur baseline), SmoothGrad
-and Grad-CAM run on the same images. On JAX and PyTorch that interpreter
+and Grad-CAM run on the same images, token gradients and their integrated
+gradients on the same ids of a small text model. On JAX and PyTorch that interpreter
 blocks ``import tensorflow`` first, as if it were not installed. Every backend
 must agree with the one that saved the model.
 """
@@ -22,7 +23,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 BACKENDS = ("tensorflow", "jax", "torch")
 
-# argv: model path, data path (.npz with x), result path.
+# argv: image model path, data path (.npz with x), result path, token model path.
 _COMPUTE = """
 import sys
 import keras
@@ -36,9 +37,14 @@ x = np.load(sys.argv[2])["x"]
 ig = gm.integrated_gradients(model, x, output=1, baseline="blur", steps=12)
 smooth = gm.saliency(model, x, smooth=0.1, samples=4, seed=2)
 cam = gm.gradcam(model, x, "conv", output=0)
+text = keras.saving.load_model(sys.argv[4])
+ids = np.array([[1, 2, 3, 4], [5, 6, 0, 7]])
+tokens = gm.token_gradients(text, ids, output=1)
+token_ig = gm.token_integrated_gradients(text, ids, output=0, steps=8)
 loaded = sorted(m for m in sys.modules if m.split(".")[0] == "tensorflow" and sys.modules[m] is not None)
 np.savez(sys.argv[3], backend=keras.backend.backend(), tensorflow=str(loaded), ig=ig.array, baseline=ig.baseline,
-         smooth=smooth.array, units=smooth.output, cam=cam.array, cam_at_input=cam.array_at_input)
+         smooth=smooth.array, units=smooth.output, cam=cam.array, cam_at_input=cam.array_at_input,
+         tokens=tokens.array, token_ig=token_ig.array)
 """
 
 
@@ -58,10 +64,20 @@ def _model() -> keras.Model:
     return model
 
 
+def _token_model() -> keras.Model:
+    model = keras.Sequential(
+        [keras.Input((4,), dtype="int32"), keras.layers.Embedding(8, 3), keras.layers.GRU(3), keras.layers.Dense(2)],
+        name="small_text",
+    )
+    rng = np.random.default_rng(13)
+    model.set_weights([rng.normal(scale=0.5, size=w.shape).astype("float32") for w in model.get_weights()])
+    return model
+
+
 def _compute(backend: str, model_path: Path, data_path: Path, out: Path) -> dict[str, np.ndarray]:
     env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
-        [sys.executable, "-c", _COMPUTE, str(model_path), str(data_path), str(out)],
+        [sys.executable, "-c", _COMPUTE, str(model_path), str(data_path), str(out), str(_text_path(model_path))],
         capture_output=True,
         text=True,
         env=env,
@@ -75,11 +91,16 @@ def _compute(backend: str, model_path: Path, data_path: Path, out: Path) -> dict
         return {key: found[key] for key in found.files if key not in ("backend", "tensorflow")}
 
 
+def _text_path(model_path: Path) -> Path:
+    return model_path.parent / "small_text.keras"
+
+
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     folder = tmp_path_factory.mktemp("attribution_cross_backend")
     model_path, data_path = folder / "small_cnn.keras", folder / "data.npz"
     _model().save(model_path)
+    _token_model().save(_text_path(model_path))
     np.savez(data_path, x=np.random.default_rng(12).normal(size=(2, 7, 7, 2)).astype("float32"))
     here = keras.backend.backend()
     return model_path, data_path, _compute(here, model_path, data_path, folder / f"{here}.npz")
