@@ -169,3 +169,33 @@ def test_a_cut_gradient_path_gives_zero_maps_and_says_why(backend):
         with pytest.warns(GradmagicWarning, match=r"no gradient path from layer 'conv'"):
             assert not np.any(gm.gradcam(model, IMAGES, "conv", output=0).array)
     assert fingerprint(model) == before and no_grad_left(model)
+
+
+@pytest.mark.parametrize("function", ["integrated_gradients", "saliency", "gradcam", "token_gradients"])
+def test_a_tensor_of_another_framework_is_refused_by_name(backend, function):
+    if backend == "tensorflow":
+        pytest.skip("TensorFlow converts any array-like x to NumPy; the check is the stateless backends'")
+    if backend == "jax":
+        tensor, framework = pytest.importorskip("torch").ones((2, 6, 6, 1)), "PyTorch"
+    else:
+        tensor, framework = pytest.importorskip("jax.numpy").ones((2, 6, 6, 1)), "JAX"
+    model = _tokens() if function == "token_gradients" else _conv()
+    call = {
+        "integrated_gradients": lambda: gm.integrated_gradients(model, tensor),
+        "saliency": lambda: gm.saliency(model, tensor),
+        "gradcam": lambda: gm.gradcam(model, tensor, "conv"),
+        "token_gradients": lambda: gm.token_gradients(model, tensor),
+    }[function]
+    with pytest.raises(InputError, match=f"{framework} tensor") as info:
+        call()
+    assert repr(backend) in str(info.value) and no_grad_left(model)
+
+
+def test_the_backends_own_tensors_are_taken():
+    model = _conv()
+    images = keras.ops.convert_to_tensor(IMAGES)  # a tf.Tensor, a JAX array or a torch.Tensor
+    # The same compiled function on the same numbers.
+    np.testing.assert_array_equal(gm.saliency(model, images).array, gm.saliency(model, IMAGES).array)
+    np.testing.assert_array_equal(gm.gradcam(model, images, "conv").array, gm.gradcam(model, IMAGES, "conv").array)
+    ids = keras.ops.convert_to_tensor(IDS)
+    np.testing.assert_array_equal(gm.token_gradients(_tokens(), ids).array, gm.token_gradients(_tokens(), IDS).array)

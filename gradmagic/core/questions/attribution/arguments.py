@@ -119,7 +119,7 @@ def chunks(samples: int, points: int, batch_size: int) -> Iterator[tuple[slice, 
             yield slice(s, s + together), slice(p, p + per_sample)
 
 
-def warn_disconnected(result: Any, what: str, framework: str = "TensorFlow") -> None:
+def warn_disconnected(result: Any, what: str, framework: str) -> None:
     """Note and warn that the output has no gradient path from x, so the map is all zeros by construction."""
     message = (
         f"{what}: the output has no gradient path from x ({framework} has no gradient for some op between "

@@ -72,8 +72,8 @@ def gradcam(model: keras.Model, x: Any, layer: int | str | keras.Layer, output: 
         LayerError: An index out of range or an unknown name.
 
     Warns:
-        GradmagicWarning: The output has no gradient path from the layer (the map is 0;
-            on TensorFlow and PyTorch: JAX passes back zeros there, with no sign of it).
+        GradmagicWarning: The output has no gradient path from the layer (the map is 0).
+            TensorFlow and PyTorch only: JAX passes back zeros there, with no sign of a missing path.
 
     Example:
         >>> g = gradmagic.gradcam(model, images, layer="conv2d_1")

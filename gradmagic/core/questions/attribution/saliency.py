@@ -72,8 +72,8 @@ def saliency(
             ``batch_size``, a model with several inputs, or non-float x.
 
     Warns:
-        GradmagicWarning: The output has no gradient path from x (the map is 0;
-            on TensorFlow and PyTorch: JAX passes back zeros there, with no sign of it).
+        GradmagicWarning: The output has no gradient path from x (the map is 0).
+            TensorFlow and PyTorch only: JAX passes back zeros there, with no sign of a missing path.
 
     Example:
         >>> s = gradmagic.saliency(model, images, smooth=0.15, samples=32)
