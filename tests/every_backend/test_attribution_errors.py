@@ -199,3 +199,21 @@ def test_the_backends_own_tensors_are_taken():
     np.testing.assert_array_equal(gm.gradcam(model, images, "conv").array, gm.gradcam(model, IMAGES, "conv").array)
     ids = keras.ops.convert_to_tensor(IDS)
     np.testing.assert_array_equal(gm.token_gradients(_tokens(), ids).array, gm.token_gradients(_tokens(), IDS).array)
+
+
+class WithSpareLayer(SubclassedCNN):
+    def __init__(self) -> None:
+        super().__init__()
+        self.spare = keras.layers.Conv2D(2, 3)  # built but never called by call()
+        self.spare.build((None, 6, 6, 1))
+
+
+def test_gradcam_at_a_layer_the_forward_pass_never_calls_is_refused():
+    model = WithSpareLayer()
+    model(IMAGES)
+    index = model.layers.index(model.spare)
+    before = fingerprint(model)
+    with pytest.raises(InputError, match=rf"layer={index} .*did not call when it ran on x"):
+        gm.gradcam(model, IMAGES, index)
+    assert fingerprint(model) == before and no_grad_left(model)
+    assert gm.gradcam(model, IMAGES, 0).array.shape == (2, 4, 4)  # the layers it calls still work

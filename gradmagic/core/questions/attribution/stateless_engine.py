@@ -298,7 +298,8 @@ class StatelessEngine:
         question = self._question(model, key, lambda b, t: _noise_function(b, model, t))
         return self._call(model, key, question, args, what)
 
-    def _per_signature_call(self, model: keras.Model, key: Any, question: functions.Question, args: tuple) -> Any:
+    def _per_signature(self, model: keras.Model, key: Any, question: functions.Question, args: tuple, what: str) -> Any:
+        """Run a question compiled per input signature; None (and the cache entry dropped) if no call was recorded."""
         backend = stateless_backend()
         args = backend.tensors(args)
         signature = _signature(*args)
@@ -310,28 +311,33 @@ class StatelessEngine:
             compiled = question.per_signature[signature]
             return None if compiled is None else compiled(*values, *args)
 
-        return backend, call, args
+        parts = run_question(model, key, call, what, args[0], False)
+        if parts is None:
+            functions.forget(model, key)
+            return None
+        return _numpy(backend, parts)
 
     def layer(self, model: keras.Model, layer: keras.Layer, x: np.ndarray, units: np.ndarray) -> tuple:
         key = question_key(model, "gradcam", lambda b: b.same(layer))
         question = self._question(model, key, lambda b, t: _layer_function(b, model, layer, t))
-        backend, call, args = self._per_signature_call(model, key, question, (x, units))
-        parts = run_question(model, key, call, "Grad-CAM", args[0], False)
+        parts = self._per_signature(model, key, question, (x, units), "Grad-CAM")
         if parts is None:
-            functions.forget(model, key)
             return None, None, [], [], []
-        values, chosen, calls, grads, connected = _numpy(backend, parts)
+        values, chosen, calls, grads, connected = parts
         return values, chosen, calls, grads, [bool(c) for c in connected]
 
     def tokens(self, model: keras.Model, layer: keras.Layer, output: int, x: Any, scale: np.ndarray) -> tuple:
         key = question_key(model, "tokens", lambda b: b.same(layer), output)
         question = self._question(model, key, lambda b, t: _token_function(b, model, layer, output, t))
-        backend, call, args = self._per_signature_call(model, key, question, (x, scale))
-        parts = run_question(model, key, call, f"d(output {output})/d(output of '{layer.name}')", args[0], False)
+        what = f"d(output {output})/d(output of '{layer.name}')"
+        parts = self._per_signature(model, key, question, (x, scale), what)
         if parts is None:
-            functions.forget(model, key)
-            raise InputError(f"The Embedding layer '{layer.name}' was not called when the model ran on x.")
-        values, _, calls, grads, _ = _numpy(backend, parts)
+            raise InputError(
+                f"Received: model '{model.name}', whose Embedding '{layer.name}' was not called when it ran on x, so "
+                f"its output has no gradient. Expected a model that reads its token ids through that Embedding. "
+                f"Fix: explain the model that calls it (e.g. the inner model)."
+            )
+        values, _, calls, grads, _ = parts
         return calls[0], grads[0], values
 
 
