@@ -149,6 +149,15 @@ def test_image_view_path_slider_shows_the_gradient_and_attribution_so_far(shell)
     cam = np.maximum(activations @ (head[:, 2] / 16), 0)[0]
     np.testing.assert_allclose(gm.gradcam(model, x[:1], "conv", output=2).array[0], cam, rtol=1e-4, atol=1e-6)
     assert panel.view.path.gradcam.shape == (6, 6) and np.all(panel.view.path.gradcam >= 0)
+    # The magic opens the same view, on the same path.
+    shell.user_ns.update(cnn=model, images=x)
+    opened = shell.run_line_magic("gradients_explore", "cnn images")
+    assert type(opened) is type(panel)
+    np.testing.assert_allclose(
+        opened.view.path.outputs[-1],
+        float(keras.ops.convert_to_numpy(model(x[:1]))[0, opened.view.path.unit]),
+        rtol=1e-5,
+    )
     assert fingerprint(model) == before and no_grad_left(model)
 
 
