@@ -436,19 +436,35 @@ def exact_stats(grads: Sequence[Any]) -> Any:
     return jnp.stack(columns, axis=1)
 
 
+def _squares(flat: Sequence[Any]) -> Any:
+    """Each flat gradient's sum of squares, one dot product each.
+
+    As a dot product XLA's CPU backend squares and sums in one pass (a ``sum(g * g)``
+    first writes the squares out). The gradients pass an optimization barrier
+    first, so that XLA reads them as the step made them rather than fusing (and
+    recomputing) their producers into these reductions.
+    """
+    zero = jnp.float32(0.0)
+    return jnp.stack([jnp.vdot(f, f) if f.size else zero for f in flat])
+
+
+def _flat(grads: Sequence[Any]) -> list[Any]:
+    return [jnp.reshape(g, (-1,)).astype(jnp.float32) for g in jax.lax.optimization_barrier(list(grads))]
+
+
 def full_stats(grads: Sequence[Any], floors: np.ndarray) -> Any:
-    """Raw statistics ``[5, len(grads)]``: sum, norm and max |g| in reductions XLA can fuse into one pass.
+    """Raw statistics ``[5, len(grads)]``: sum, norm and max |g|, one reduction each.
 
     Valid when every result is finite and no sum of squares is below its floor
     (where float32 squares may have underflowed, see ``square_floors``) unless the
     gradient is exactly zero; otherwise :func:`exact_stats` is taken instead (a
     ``lax.cond``: the step pays for it only when it happens).
     """
-    flat = [jnp.reshape(g, (-1,)).astype(jnp.float32) for g in grads]
+    flat = _flat(grads)
     zero = jnp.float32(0.0)
     total = jnp.stack([jnp.sum(f) if f.size else zero for f in flat])
-    squares = jnp.stack([jnp.sum(f * f) if f.size else zero for f in flat])
-    peak = jnp.stack([jnp.maximum(jnp.max(f), -jnp.min(f)) if f.size else zero for f in flat])
+    squares = _squares(flat)
+    peak = jnp.stack([jnp.max(jnp.abs(f)) if f.size else zero for f in flat])
     n = len(flat)
     quick = jnp.stack([total, jnp.sqrt(squares), peak, jnp.zeros(n), jnp.zeros(n)])
     trusted = jnp.all(jnp.isfinite(quick)) & jnp.all((squares >= floors) | (peak == 0))
@@ -456,23 +472,21 @@ def full_stats(grads: Sequence[Any], floors: np.ndarray) -> Any:
 
 
 def norm_stats(grads: Sequence[Any], full: Any, floors: np.ndarray) -> Any:
-    """The norm of each gradient (one reduction each), and :func:`full_stats` when ``full`` or when one is suspect.
+    """The norm of each gradient (one dot product each), and every statistic when ``full`` or when one is suspect.
 
     A sum of squares that is not finite (a NaN or Inf, or an overflow) or below its
-    floor (squares may have underflowed; see ``square_floors``) takes the full
-    branch, which is exact there. Where only the norm is measured, the sum and the
-    counts are 0 and max |g| is -1, the mark ``finish_stats`` reads.
+    floor (squares may have underflowed; see ``square_floors``) takes the exact
+    branch, :func:`exact_stats`, as do the steps that measure everything (every
+    ``full_every``-th): one ``lax.cond``, whose branch the other steps skip. Where
+    only the norm is measured, the sum and the counts are 0 and max |g| is -1,
+    the mark ``finish_stats`` reads.
     """
-    sums = jnp.stack([jnp.sum(jnp.square(jnp.asarray(g, jnp.float32))) for g in grads])
-    n = len(grads)
+    flat = _flat(grads)
+    sums = _squares(flat)
+    n = len(flat)
     trusted = jnp.all((sums >= floors) & (sums <= _FLOAT32_MAX))
     quick = jnp.stack([jnp.zeros(n), jnp.sqrt(sums), jnp.full(n, -1.0), jnp.zeros(n), jnp.zeros(n)]).astype(jnp.float32)
-    return jax.lax.cond(
-        jnp.logical_or(full, jnp.logical_not(trusted)),
-        lambda g: full_stats(g, floors),
-        lambda _: quick,
-        list(grads),
-    )
+    return jax.lax.cond(jnp.logical_or(full, jnp.logical_not(trusted)), exact_stats, lambda _: quick, flat)
 
 
 class _StatelessApplyHook:
