@@ -69,7 +69,7 @@ class HostBuffer:
         self.floors = square_floors(self.sizes)
         self.capacity = int(capacity)
         self.mode = mode
-        self._to_host = to_host
+        self.to_host = to_host  # read by the bad-step keeper too
         self._rows: deque[Any] = deque(maxlen=self.capacity)
         self._count = 0
         self._schedule = (0, 1)
@@ -107,7 +107,7 @@ class HostBuffer:
         kept = self._count - count
         if not 0 < kept <= len(self._rows):
             return None
-        raw = self._to_host(self._rows[len(self._rows) - kept])
+        raw = self.to_host(self._rows[len(self._rows) - kept])
         return bool(np.any(raw_row(raw, "nan") + raw_row(raw, "inf") > 0))
 
     def recorded(self) -> int:
@@ -127,7 +127,7 @@ class HostBuffer:
         kept = min(count - start, len(self._rows))
         if kept <= 0:
             return count, np.zeros((0, len(self.paths), _WIDTH), np.float32)
-        raw = np.stack([self._to_host(r) for r in list(self._rows)[len(self._rows) - kept :]])
+        raw = np.stack([self.to_host(r) for r in list(self._rows)[len(self._rows) - kept :]])
         stats = finish_stats(raw, self.sizes)
         stats[:, self._missing, :] = 0.0
         rows = np.zeros((*stats.shape[:2], _WIDTH), np.float32)
@@ -239,7 +239,7 @@ class StatelessFunctions(GuardedFunctions):
 
     def __init__(self, model: keras.Model, plain: Any, buffer: HostBuffer, keep_bad_step: bool = False) -> None:
         self.buffer = buffer
-        self.capture = KeptSteps(buffer, buffer._to_host) if keep_bad_step else None
+        self.capture = KeptSteps(buffer, buffer.to_host) if keep_bad_step else None
         buffer.kept = self.capture
         buffer.skips = isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
         recording, hook = recorder().recording_train_function(model, plain, buffer)
