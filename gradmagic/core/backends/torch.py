@@ -705,7 +705,7 @@ def current_weights(model: Any) -> list[np.ndarray]:
 
 
 def host_array(value: Any) -> np.ndarray:
-    """A tensor (or a NumPy array, as the recorder keeps its statistics) as a NumPy array."""
-    if isinstance(value, np.ndarray):
-        return value
-    return value.detach().cpu().numpy()
+    """A tensor (or a NumPy array, as the recorder keeps its statistics; or a batch's other values) as NumPy."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
