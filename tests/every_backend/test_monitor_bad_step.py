@@ -266,3 +266,23 @@ def test_histograms_leave_out_non_finite_entries(backend):
         g = truth[paths.index(h.weight)].ravel()
         finite = g[np.isfinite(g)]
         assert h.counts.sum() == finite.size < g.size  # NaN and Inf entries are not binned
+
+
+def test_the_bad_batch_of_a_model_with_dict_inputs(backend):
+    a, b = keras.Input((2,), name="a"), keras.Input((1,), name="b")
+    divided = keras.layers.Lambda(lambda t: t[0] / t[1], name="divide")([a, b])
+    model = keras.Model({"a": a, "b": b}, keras.layers.Dense(1, name="out")(divided))
+    model.compile(keras.optimizers.SGD(0.01), "mse")
+    rng = np.random.default_rng(4)
+    x = {"a": rng.normal(size=(16, 2)).astype("float32"), "b": 1 + rng.random((16, 1)).astype("float32")}
+    x["b"][11] = 0.0  # a zero divisor in batch 2 (of 4 rows)
+    y = rng.normal(size=(16, 1)).astype("float32")
+    monitor = gm.GradientMonitor(on_anomaly="raise")
+    with pytest.raises(GradientAnomalyError) as raised:
+        model.fit(x, y, batch_size=4, shuffle=False, verbose=0, callbacks=[monitor])
+    assert (raised.value.anomaly.step, raised.value.anomaly.origin.layer) == (2, "divide")
+    bx, by, bw = monitor.bad_batch
+    assert sorted(bx) == ["a", "b"] and bw is None
+    for name in ("a", "b"):
+        np.testing.assert_array_equal(bx[name], x[name][8:12])
+    np.testing.assert_array_equal(by, y[8:12])
