@@ -84,30 +84,43 @@ def _output_text(page) -> str:
     return page.evaluate("() => Array.from(document.querySelectorAll('.jp-OutputArea-output')).map(o => o.innerText)")
 
 
+# Record each new canvas frame in the page itself until an output says "fit done": the page samples
+# every 25 ms with no round-trip to the test process, so a loaded machine cannot hide frames from it.
+RECORD_FRAMES_UNTIL_FIT_DONE = (
+    """
+selector => { const hash = """
+    + CANVAS_HASH.strip()
+    + """;
+  window.__gmFrames = []; window.__gmFitDone = false;
+  const timer = setInterval(() => {
+    const outputs = Array.from(document.querySelectorAll('.jp-OutputArea-output')).map(o => o.innerText);
+    if (outputs.some(t => t.includes('fit done'))) { window.__gmFitDone = true; clearInterval(timer); return; }
+    const frame = hash(selector); const seen = window.__gmFrames;
+    if (frame !== null && (!seen.length || seen[seen.length - 1] !== frame)) seen.push(frame);
+  }, 25); }
+"""
+)
+
+
 def test_training_panel_repaints_while_fit_runs_in_the_same_cell(tmp_path):
     cells = make_notebook.write(tmp_path, "training.ipynb", make_notebook.TRAINING_CELLS)
-    frames_during_fit: list[int] = []
     with jupyter_lab(tmp_path) as url, browser_page() as page:
         run_notebook(page, url, "training.ipynb", cells)
         page.wait_for_function("() => document.body.innerText.includes('fit started')", timeout=180_000)
-        deadline = time.monotonic() + 180
         # Sample the canvas while the cell that runs fit is still busy.
-        while not any("fit done" in text for text in _output_text(page)):
-            assert time.monotonic() < deadline, "fit did not finish"
-            frame = page.evaluate(CANVAS_HASH, CANVAS)
-            if frame is not None and (not frames_during_fit or frames_during_fit[-1] != frame):
-                frames_during_fit.append(frame)
-            time.sleep(0.05)
+        page.evaluate(RECORD_FRAMES_UNTIL_FIT_DONE, CANVAS)
+        page.wait_for_function("() => window.__gmFitDone", timeout=180_000, polling=200)
+        frames_during_fit = page.evaluate("() => window.__gmFrames")
         time.sleep(1.0)  # the final frame, drawn when fit ends
         final = page.evaluate(CANVAS_HASH, CANVAS)
         page.screenshot(path=tmp_path / "page.png")
         done = next(text for text in _output_text(page) if "fit done" in text)
 
     steps, redraws = map(int, re.search(r"fit done: (\d+) steps, (\d+) redraws", done).groups())
-    assert steps == 6 * 256
+    assert steps == 12 * 256
     # The canvas showed new curves while the kernel was busy in fit, not only afterwards (with
     # ipympl this needs the canvas sized without the front-end's handshake, which waits for fit).
-    assert len(frames_during_fit) >= 3, frames_during_fit
+    assert len(frames_during_fit) >= 3, (frames_during_fit, redraws)
     assert final != frames_during_fit[0] and redraws >= 2
     print(f"{len(frames_during_fit)} frames seen during fit, {redraws} redraws; screenshot in {tmp_path}")
 

@@ -46,9 +46,9 @@ TRAINING_CELLS = [
     "x, y = rng.normal(size=(8192, 784)).astype('float32'), rng.integers(0, 10, size=8192)\n"
     "monitor = gm.GradientMonitor()\n"
     "# A generous budget so that a short fit shows several frames.\n"
-    "panel = gm.training_panel(monitor, every=20, min_interval=0.5, max_fraction=0.25)",
+    "panel = gm.training_panel(monitor, every=20, min_interval=0.3, max_fraction=0.25)",
     "print('fit started', flush=True)\n"
-    "model.fit(x, y, batch_size=32, epochs=6, verbose=0, callbacks=[monitor])\n"
+    "model.fit(x, y, batch_size=32, epochs=12, verbose=0, callbacks=[monitor])\n"
     "print(f'fit done: {len(monitor.recorded)} steps, {panel.redraws} redraws', flush=True)",
 ]
 

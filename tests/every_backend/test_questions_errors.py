@@ -71,7 +71,7 @@ def test_no_loss_anywhere_is_refused_with_the_fix():
 
 
 def _foreign_tensor(backend: str):
-    """A tensor of a framework other than the backend's (JAX on PyTorch, PyTorch on JAX)."""
+    """A tensor of a framework other than the backend's (PyTorch on JAX, JAX on TensorFlow and PyTorch)."""
     if backend == "jax":
         torch = pytest.importorskip("torch")
         return torch.ones((4, 3)), "PyTorch"
@@ -79,16 +79,15 @@ def _foreign_tensor(backend: str):
     return jnp.ones((4, 3)), "JAX"
 
 
-@pytest.mark.parametrize("question", ["weights", "output", "input"])
+@pytest.mark.parametrize("question", ["weights", "output", "input", "targets"])
 def test_a_tensor_of_another_framework_is_refused_by_name(backend, question):
-    if backend == "tensorflow":
-        pytest.skip("TensorFlow converts any array-like x to NumPy; the check is the stateless backends'")
     model = _model()
     tensor, framework = _foreign_tensor(backend)
     calls = {
         "weights": lambda: gm.weight_gradients(model, tensor, Y),
         "output": lambda: gm.output_gradients(model, [tensor], Y, layer=0),
         "input": lambda: gm.input_gradients(model, {"x": tensor}),
+        "targets": lambda: gm.weight_gradients(model, X, tensor[:, :2]),
     }
     error = _refused(InputError, f"{framework} tensor", calls[question], model)
     assert repr(backend) in str(error) and "np.asarray" in str(error)

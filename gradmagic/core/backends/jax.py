@@ -436,19 +436,35 @@ def exact_stats(grads: Sequence[Any]) -> Any:
     return jnp.stack(columns, axis=1)
 
 
+def _squares(flat: Sequence[Any]) -> Any:
+    """Each flat gradient's sum of squares, one dot product each.
+
+    As a dot product XLA's CPU backend squares and sums in one pass (a ``sum(g * g)``
+    first writes the squares out). The gradients pass an optimization barrier
+    first, so that XLA reads them as the step made them rather than fusing (and
+    recomputing) their producers into these reductions.
+    """
+    zero = jnp.float32(0.0)
+    return jnp.stack([jnp.vdot(f, f) if f.size else zero for f in flat])
+
+
+def _flat(grads: Sequence[Any]) -> list[Any]:
+    return [jnp.reshape(g, (-1,)).astype(jnp.float32) for g in jax.lax.optimization_barrier(list(grads))]
+
+
 def full_stats(grads: Sequence[Any], floors: np.ndarray) -> Any:
-    """Raw statistics ``[5, len(grads)]``: sum, norm and max |g| in reductions XLA can fuse into one pass.
+    """Raw statistics ``[5, len(grads)]``: sum, norm and max |g|, one reduction each.
 
     Valid when every result is finite and no sum of squares is below its floor
     (where float32 squares may have underflowed, see ``square_floors``) unless the
     gradient is exactly zero; otherwise :func:`exact_stats` is taken instead (a
     ``lax.cond``: the step pays for it only when it happens).
     """
-    flat = [jnp.reshape(g, (-1,)).astype(jnp.float32) for g in grads]
+    flat = _flat(grads)
     zero = jnp.float32(0.0)
     total = jnp.stack([jnp.sum(f) if f.size else zero for f in flat])
-    squares = jnp.stack([jnp.sum(f * f) if f.size else zero for f in flat])
-    peak = jnp.stack([jnp.maximum(jnp.max(f), -jnp.min(f)) if f.size else zero for f in flat])
+    squares = _squares(flat)
+    peak = jnp.stack([jnp.max(jnp.abs(f)) if f.size else zero for f in flat])
     n = len(flat)
     quick = jnp.stack([total, jnp.sqrt(squares), peak, jnp.zeros(n), jnp.zeros(n)])
     trusted = jnp.all(jnp.isfinite(quick)) & jnp.all((squares >= floors) | (peak == 0))
@@ -456,23 +472,21 @@ def full_stats(grads: Sequence[Any], floors: np.ndarray) -> Any:
 
 
 def norm_stats(grads: Sequence[Any], full: Any, floors: np.ndarray) -> Any:
-    """The norm of each gradient (one reduction each), and :func:`full_stats` when ``full`` or when one is suspect.
+    """The norm of each gradient (one dot product each), and every statistic when ``full`` or when one is suspect.
 
     A sum of squares that is not finite (a NaN or Inf, or an overflow) or below its
-    floor (squares may have underflowed; see ``square_floors``) takes the full
-    branch, which is exact there. Where only the norm is measured, the sum and the
-    counts are 0 and max |g| is -1, the mark ``finish_stats`` reads.
+    floor (squares may have underflowed; see ``square_floors``) takes the exact
+    branch, :func:`exact_stats`, as do the steps that measure everything (every
+    ``full_every``-th): one ``lax.cond``, whose branch the other steps skip. Where
+    only the norm is measured, the sum and the counts are 0 and max |g| is -1,
+    the mark ``finish_stats`` reads.
     """
-    sums = jnp.stack([jnp.sum(jnp.square(jnp.asarray(g, jnp.float32))) for g in grads])
-    n = len(grads)
+    flat = _flat(grads)
+    sums = _squares(flat)
+    n = len(flat)
     trusted = jnp.all((sums >= floors) & (sums <= _FLOAT32_MAX))
     quick = jnp.stack([jnp.zeros(n), jnp.sqrt(sums), jnp.full(n, -1.0), jnp.zeros(n), jnp.zeros(n)]).astype(jnp.float32)
-    return jax.lax.cond(
-        jnp.logical_or(full, jnp.logical_not(trusted)),
-        lambda g: full_stats(g, floors),
-        lambda _: quick,
-        list(grads),
-    )
+    return jax.lax.cond(jnp.logical_or(full, jnp.logical_not(trusted)), exact_stats, lambda _: quick, flat)
 
 
 class _StatelessApplyHook:
@@ -546,20 +560,46 @@ def state_shardings(model: Any) -> Any:
     return spec() if spec is not None else None
 
 
+def histograms(grads: Sequence[Any], raw: Any, bins: int, inverse: Any) -> tuple[Any, Any]:
+    """Each gradient's histogram over ``[-max|g|, max|g|]`` of its finite entries: ``(counts [n, bins], max|g| [n])``.
+
+    The bins of TensorFlow's ``histogram_fixed_width`` over ``[-1, 1]``, of the
+    gradient divided by its largest |entry| (which cannot overflow); NaN and Inf
+    entries (counted in ``raw``) are not binned.
+    """
+    rows, reaches = [], []
+    for k, grad in enumerate(grads):
+        values = jnp.reshape(grad, (-1,)).astype(jnp.float32) * inverse
+        values = jnp.where(jnp.isfinite(values), values, 0.0)
+        reach = jnp.maximum(jnp.max(jnp.abs(values)), np.finfo(np.float32).tiny)
+        index = jnp.clip(jnp.floor((values / reach + 1.0) * (bins / 2)).astype(jnp.int32), 0, bins - 1)
+        counts = jnp.zeros(bins, jnp.float32).at[index].add(1.0)
+        # Non-finite entries were moved to 0: take them out of 0's bin again.
+        rows.append(counts.at[bins // 2].add(-(raw[3, k] + raw[4, k])))
+        reaches.append(reach)
+    return jnp.stack(rows), jnp.stack(reaches)
+
+
 def recording_train_function(model: Any, plain: Any, buffer: Any) -> tuple[Callable[..., Any], Any]:
     """A train function that runs Keras's step and appends each step's raw statistics to ``buffer``.
 
     Same arguments and results as the one Keras makes (``(state, iterator) ->
     (logs, state)``, with ``steps_per_execution`` steps per call), compiled the
     same way (``jax.jit`` with the state donated, unless ``run_eagerly`` or
-    ``jit_compile=False``).
+    ``jit_compile=False``). Where the buffer keeps bad steps (``buffer.kept``),
+    the trainable weights are not donated: each step's pre-step weights and batch
+    are then kept as they are (references, no copy) until the host has checked
+    the step.
 
     Args:
         model: The model being fit (compiled, with its train function made).
         plain: Keras's own train function (not used: the recording one is made anew).
         buffer: Has ``floors``, ``mode``, ``full_next()`` (measure every statistic at
-            the next step?) and ``append(raw, missing)`` (keep one step's raw statistics;
-            JAX differentiates every trainable variable, so none is missing).
+            the next step?), ``histogram_next()``, ``histograms`` (None, or
+            ``bins`` and ``append(count, counts, ranges)``), ``kept`` (None, or
+            ``keep(count, data, weights)``), ``recorded()`` and ``append(raw, missing)``
+            (keep one step's raw statistics; JAX differentiates every trainable
+            variable, so none is missing).
 
     Returns:
         ``(function, hook)``: the train function, and the hook the guard puts in
@@ -569,38 +609,59 @@ def recording_train_function(model: Any, plain: Any, buffer: Any) -> tuple[Calla
     hook = _StatelessApplyHook(model.optimizer)
     floors = np.asarray(buffer.floors, np.float32)
     mode = buffer.mode
+    bins = None if buffer.histograms is None else buffer.histograms.bins
+    kept = buffer.kept
 
-    def recording_step(state: Any, data: Any, full: Any) -> Any:
+    def recording_step(trainable: Any, others: Any, data: Any, full: Any, binned: Any) -> Any:
         hook.install()
         try:
-            logs, state = step(state, data)
+            logs, state = step((trainable, *others), data)
         finally:
             hook.remove()
         grads, hook.grads = hook.grads, None
         stats = full_stats(grads, floors) if mode == "full" else norm_stats(grads, full, floors)
+        inverse = jnp.float32(1.0)
         if hook.scale is not None:
             # Sum, norm and max |g| scale with the loss scale, the counts do not (max |g|'s
             # -1 mark stays negative).
             inverse = 1.0 / hook.scale.astype(jnp.float32)
             stats = stats * jnp.stack([inverse, inverse, inverse, 1.0, 1.0])[:, None]
-        return logs, state, stats
+        if bins is None:
+            return logs, state, stats, None
+        n = len(grads)
+        empty = (jnp.zeros((n, bins), jnp.float32), jnp.zeros(n, jnp.float32))
+        binned = jax.lax.cond(binned, lambda g: histograms(g, stats, bins, inverse), lambda _: empty, grads)
+        return logs, state, stats, binned
 
     if not model.run_eagerly and model.jit_compile:
         shardings = state_shardings(model)
-        out_shardings = None if shardings is None else (None, shardings, None)
-        recording_step = jax.jit(recording_step, donate_argnums=0, out_shardings=out_shardings)
+        out_shardings = None if shardings is None else (None, shardings, None, None)
+        # The trainable weights are donated unless the step's pre-step weights are kept.
+        donated = (1,) if kept is not None else (0, 1)
+        recording_step = jax.jit(recording_step, donate_argnums=donated, out_shardings=out_shardings)
 
-    # The flag as device arrays made once: a host bool would be copied to the device every step.
+    # The flags as device arrays made once: a host bool would be copied to the device every step.
     flags = {False: jnp.asarray(False), True: jnp.asarray(True)}
+
+    def one_step(state: Any, data: Any) -> Any:
+        count = buffer.recorded()
+        if kept is not None:
+            kept.keep(count, data, state[0])
+        binned = buffer.histogram_next()
+        logs, state, stats, histogram = recording_step(
+            state[0], state[1:], data, flags[bool(buffer.full_next())], flags[binned]
+        )
+        buffer.append(stats, None)
+        if binned:
+            buffer.histograms.append(count, *histogram)
+        return logs, state
 
     def train_function(state: Any, iterator: Any) -> Any:
         # Keras's own loop over steps_per_execution, one recorded row per step.
-        logs, state, stats = recording_step(state, next(iterator), flags[bool(buffer.full_next())])
-        buffer.append(stats, None)
+        logs, state = one_step(state, next(iterator))
         try:
             for _ in range(int(model.steps_per_execution) - 1):
-                logs, state, stats = recording_step(state, next(iterator), flags[bool(buffer.full_next())])
-                buffer.append(stats, None)
+                logs, state = one_step(state, next(iterator))
         except StopIteration:
             pass
         return logs, state
@@ -608,14 +669,19 @@ def recording_train_function(model: Any, plain: Any, buffer: Any) -> tuple[Calla
     return train_function, _NoHook()
 
 
-def current_weights(model: Any) -> list[np.ndarray]:
-    """``model.get_weights()`` in the middle of ``fit``.
+def sync_variables(model: Any) -> None:
+    """Put the trainer's latest state back into the model's variables in the middle of ``fit``.
 
     During ``fit`` the JAX trainer holds the weights as state and detaches them
-    from the variables; ``jax_state_sync()`` (public) puts the latest state back
-    first, as Keras documents for callbacks that need the variables.
+    from the variables; ``jax_state_sync()`` (public) reattaches them, as Keras
+    documents for callbacks that need the variables.
     """
     model.jax_state_sync()
+
+
+def current_weights(model: Any) -> list[np.ndarray]:
+    """``model.get_weights()`` in the middle of ``fit`` (after :func:`sync_variables`)."""
+    sync_variables(model)
     return model.get_weights()
 
 

@@ -84,7 +84,7 @@ def check_no_foreign(x: Any, expected: str, argument: str = "x") -> None:
 
     Args:
         x: The user's input: an array, or a list, tuple or dict of them.
-        expected: The Keras backend in use ('jax' or 'torch').
+        expected: The Keras backend in use ('tensorflow', 'jax' or 'torch').
         argument: The argument's name, for the message. Defaults to ``"x"``.
 
     Raises:
@@ -92,7 +92,22 @@ def check_no_foreign(x: Any, expected: str, argument: str = "x") -> None:
     """
     import keras
 
-    found = foreign_framework(keras.tree.flatten(x), expected)
+    _refuse(foreign_framework(keras.tree.flatten(x), expected), expected, argument)
+
+
+def check_leaf_not_foreign(leaf: Any, expected: str, argument: str = "x") -> None:
+    """``check_no_foreign`` for one array-like (no tree walk: the input conversion calls it per leaf).
+
+    Raises:
+        InputError: ``leaf`` is a tensor of a framework other than ``expected``.
+    """
+    if isinstance(leaf, (int, float, list, tuple)):
+        return  # plain Python data: no framework's tensor
+    _refuse(foreign_framework([leaf], expected), expected, argument)
+
+
+def _refuse(found: tuple[str, Any] | None, expected: str, argument: str) -> None:
+    """Raise the foreign-tensor error for ``found`` (nothing when None)."""
     if found is None:
         return
     backend, leaf = found

@@ -486,14 +486,20 @@ def float64_scope() -> Any:
 # ``optimizer.apply(gradients, trainable_weights)`` under ``torch.no_grad()``.
 # The monitor wraps that method (an instance attribute, in place only while the
 # recording train function runs): the wrapper measures the raw statistics
-# (``[5, weights]``, see :mod:`gradmagic.core.monitor.columns`) of the gradients,
-# keeps them as a tensor until the host reads them, and hands the very same
-# gradient tensors on. Measuring only reads the gradients, so training is unchanged.
+# (``[5, weights]``, see :mod:`gradmagic.core.monitor.columns`) of the gradients
+# into a host NumPy array (on the CPU, reading a tensor's values costs no copy)
+# and hands the very same gradient tensors on. Measuring only reads the
+# gradients, so training is unchanged. Where the bad step is kept, the model's
+# ``train_step`` is wrapped too (the same way), to see each step's batch.
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-def exact_stats(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+def _float32(grads: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return [g if g.dtype == torch.float32 else g.to(torch.float32) for g in grads]
+
+
+def exact_stats(grads: Sequence[torch.Tensor]) -> np.ndarray:
     """Raw statistics ``[5, len(grads)]`` (``RAW_ROWS``) of the finite entries, with NaN/Inf counts.
 
     The norm is taken of the gradient divided by its largest |entry| and scaled
@@ -502,8 +508,8 @@ def exact_stats(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     cannot trust.
     """
     columns = []
-    for grad in grads:
-        flat = grad.detach().reshape(-1).to(torch.float32)
+    for grad in _float32(grads):
+        flat = grad.detach().reshape(-1)
         if flat.numel() == 0:
             columns.append(torch.zeros(5))
             continue
@@ -514,11 +520,11 @@ def exact_stats(grads: Sequence[torch.Tensor]) -> torch.Tensor:
         peak = values.abs().max()
         unit = torch.where(peak > 0, peak, torch.ones(()))
         norm = unit * torch.sqrt(torch.sum(torch.square(values / unit)))
-        columns.append(torch.stack([values.sum(), norm, peak, nan, inf]))
-    return torch.stack(columns, dim=1).cpu()
+        columns.append(torch.stack([values.sum(), norm, peak, nan, inf]).cpu())
+    return torch.stack(columns, dim=1).numpy()
 
 
-def full_stats(grads: Sequence[torch.Tensor], floors: np.ndarray) -> torch.Tensor:
+def full_stats(grads: Sequence[torch.Tensor], floors: np.ndarray) -> np.ndarray:
     """Raw statistics ``[5, len(grads)]``: sum, norm and max |g| in few kernels, exact where suspect.
 
     One fused norm per gradient (``torch._foreach_norm``), one sum and one
@@ -526,56 +532,82 @@ def full_stats(grads: Sequence[torch.Tensor], floors: np.ndarray) -> torch.Tenso
     its floor (float32 squares may have underflowed) unless the gradient is zero;
     otherwise :func:`exact_stats` is taken instead.
     """
-    flat = [g.detach().reshape(-1).to(torch.float32) for g in grads]
+    flat = [g.reshape(-1) for g in _float32(grads)]
     if any(f.numel() == 0 for f in flat):
         return exact_stats(grads)
     norms = torch.stack(torch._foreach_norm(flat))
     total = torch.stack([f.sum() for f in flat])
     extremes = [torch.aminmax(f) for f in flat]
     peak = torch.stack([torch.maximum(e.max, -e.min) for e in extremes])
-    n = len(flat)
-    quick = torch.stack([total, norms, peak, torch.zeros(n), torch.zeros(n)]).cpu()
-    squares = quick[1].double() ** 2
-    trusted = bool(torch.isfinite(quick).all()) and bool(
-        torch.all((squares >= torch.from_numpy(floors)) | (quick[2] == 0))
-    )
+    quick = np.zeros((5, len(flat)), np.float32)
+    quick[:3] = torch.stack([total, norms, peak]).cpu().numpy()
+    squares = quick[1].astype(np.float64) ** 2
+    trusted = np.isfinite(quick).all() and np.all((squares >= floors) | (quick[2] == 0))
     return quick if trusted else exact_stats(grads)
 
 
-def norm_stats(grads: Sequence[torch.Tensor], full: bool, floors: np.ndarray) -> torch.Tensor:
+def norm_stats(grads: Sequence[torch.Tensor], full: bool, floors: np.ndarray) -> np.ndarray:
     """The norm of each gradient (one fused norm per gradient), and :func:`full_stats` when ``full`` or suspect.
 
     A non-finite sum of squares, or one below its floor (squares may have
     underflowed), takes the full branch. Where only the norm is measured, the sum
     and the counts are 0 and max |g| is -1, the mark ``finish_stats`` reads. The
-    check is one read of ``len(grads)`` floats (a synchronisation on an accelerator).
+    check is one read of ``len(grads)`` floats (a synchronisation on an
+    accelerator), made on the host: a handful of NumPy operations cost less than
+    the same number of torch kernel launches.
     """
-    if full:
-        return full_stats(grads, floors)
-    flat = [g.detach().to(torch.float32) for g in grads]
+    if full or not grads:
+        return full_stats(grads, floors) if grads else np.zeros((5, 0), np.float32)
     # torch._foreach_norm is the one-kernel-per-dtype norm torch.nn.utils.clip_grad_norm_ uses.
-    norms = torch.stack(torch._foreach_norm(flat)) if flat else torch.zeros(0)
-    sums = norms.double() ** 2
-    trusted = bool(torch.all((sums >= torch.from_numpy(floors)) & (sums <= _FLOAT32_MAX)))
-    if not trusted:
+    norms = torch.stack(torch._foreach_norm(_float32(grads))).cpu().numpy()
+    sums = norms.astype(np.float64) ** 2
+    if not np.all((sums >= floors) & (sums <= _FLOAT32_MAX)):
         return full_stats(grads, floors)
-    n = len(grads)
-    return torch.stack([torch.zeros(n), norms, torch.full((n,), -1.0), torch.zeros(n), torch.zeros(n)]).cpu()
+    raw = np.zeros((5, len(grads)), np.float32)
+    raw[1], raw[2] = norms, -1.0
+    return raw
+
+
+def histograms(grads: Sequence[torch.Tensor], raw: np.ndarray, bins: int, scale: float | None) -> tuple:
+    """Each gradient's histogram over ``[-max|g|, max|g|]`` of its finite entries: ``(counts [n, bins], max|g| [n])``.
+
+    The bins of TensorFlow's ``histogram_fixed_width`` over ``[-1, 1]``
+    (``torch.histc``), of the gradient divided by its largest |entry| (which
+    cannot overflow); NaN and Inf entries (counted in ``raw``) are not binned.
+    """
+    counts, reaches = np.zeros((len(grads), bins), np.float32), np.zeros(len(grads), np.float32)
+    for k, grad in enumerate(_float32(grads)):
+        values = grad.detach().reshape(-1)
+        if scale is not None:
+            values = values / scale
+        values = torch.where(torch.isfinite(values), values, torch.zeros((), dtype=values.dtype))
+        reach = torch.clamp(values.abs().max(), min=float(np.finfo(np.float32).tiny)) if values.numel() else None
+        if reach is None:
+            continue
+        counts[k] = torch.histc(values / reach, bins, -1.0, 1.0).cpu().numpy()
+        counts[k, bins // 2] -= raw[3, k] + raw[4, k]  # non-finite entries were moved to 0's bin
+        reaches[k] = float(reach)
+    return counts, reaches
 
 
 class ApplyHook:
-    """A recording ``optimizer.apply``, put in place and removed around each train-function call.
+    """A recording ``optimizer.apply`` (and ``train_step``, to keep a bad step), put in place around each call.
 
     Args:
-        optimizer: The model's optimizer.
+        model: The model being fit.
         buffer: Has ``columns`` (``variable.path`` -> column), ``floors``, ``mode``,
-            ``full_next()`` and ``append(raw, missing)``.
+            ``full_next()``, ``histogram_next()``, ``histograms``, ``kept``,
+            ``recorded()`` and ``append(raw, missing)``.
     """
 
-    def __init__(self, optimizer: Any, buffer: Any) -> None:
-        self.optimizer = optimizer
+    def __init__(self, model: Any, buffer: Any) -> None:
+        optimizer = model.optimizer
+        self.optimizer, self.model = optimizer, model
         self._had_own = "apply" in vars(optimizer)
-        original = optimizer.apply
+        self._had_step = "train_step" in vars(model)
+        original, step = optimizer.apply, model.train_step
+        kept = buffer.kept
+        self.data: Any = None
 
         def recording_apply(grads: Sequence[Any], trainable_variables: Sequence[Any] | None = None) -> Any:
             grads = list(grads)
@@ -591,38 +623,58 @@ class ApplyHook:
                     present.append(grad)
             missing = np.ones(n, bool)
             missing[columns] = False
-            full = buffer.full_next()
             scale = _loss_scale(optimizer)
+            raw = np.zeros((5, n), np.float32)
             with torch.no_grad():
-                if not present:
-                    raw = torch.zeros(5, n)
-                else:
+                if present:
                     floors = np.asarray(buffer.floors, np.float64)[columns]
+                    full = buffer.full_next()
                     measured = (
                         full_stats(present, floors) if buffer.mode == "full" else norm_stats(present, full, floors)
                     )
-                    raw = torch.zeros(5, n)
-                    raw[:, columns] = measured.cpu()
+                    raw[:, columns] = measured
                     if scale is not None:
                         # Sum, norm and max |g| scale with the loss scale, the counts do not.
                         raw[:3] /= scale
+                    if buffer.histogram_next():
+                        counts, reaches = np.zeros((n, buffer.histograms.bins), np.float32), np.zeros(n, np.float32)
+                        counts[columns], reaches[columns] = histograms(present, measured, buffer.histograms.bins, scale)
+                        buffer.histograms.append(buffer.recorded(), counts, reaches)
+                    if kept is not None and kept.wants() and raw[3:].any():
+                        # The first non-finite step: its batch, and the weights before the update (in place).
+                        weights = [v.value.detach().clone() for v in model.trainable_variables]
+                        kept.keep(buffer.recorded(), self.data, weights)
             buffer.append(raw, missing)
             return original(grads, trainable_variables)
 
+        def train_step(data: Any) -> Any:
+            self.data = data  # a reference, for the bad step
+            return step(data)
+
         self._original, self._recording = original, recording_apply
+        self._step, self._watching = step, (train_step if kept is not None else None)
 
     def install(self) -> None:
         # A plain instance attribute: Keras's tracking __setattr__ has nothing to track in a function.
         object.__setattr__(self.optimizer, "apply", self._recording)
+        if self._watching is not None:
+            object.__setattr__(self.model, "train_step", self._watching)
 
     def remove(self) -> None:
-        optimizer = self.optimizer
-        if optimizer.__dict__.get("apply") is not self._recording:
-            return
-        if self._had_own:
-            object.__setattr__(optimizer, "apply", self._original)
-        else:
-            object.__delattr__(optimizer, "apply")
+        _put_back(self.optimizer, "apply", self._recording, self._original, self._had_own)
+        if self._watching is not None:
+            _put_back(self.model, "train_step", self._watching, self._step, self._had_step)
+        self.data = None
+
+
+def _put_back(owner: Any, name: str, recording: Any, original: Any, had_own: bool) -> None:
+    """Undo ``object.__setattr__(owner, name, recording)`` (if still in place)."""
+    if owner.__dict__.get(name) is not recording:
+        return
+    if had_own:
+        object.__setattr__(owner, name, original)
+    else:
+        object.__delattr__(owner, name)
 
 
 def _loss_scale(optimizer: Any) -> float | None:
@@ -643,7 +695,11 @@ def recording_train_function(model: Any, plain: Any, buffer: Any) -> tuple[Calla
         ``(function, hook)``: Keras's train function (unchanged), and the
         :class:`ApplyHook` the guard installs around each of its calls.
     """
-    return plain, ApplyHook(model.optimizer, buffer)
+    return plain, ApplyHook(model, buffer)
+
+
+def sync_variables(model: Any) -> None:
+    """Nothing to do: PyTorch updates the variables in place during ``fit``."""
 
 
 def current_weights(model: Any) -> list[np.ndarray]:
@@ -652,5 +708,7 @@ def current_weights(model: Any) -> list[np.ndarray]:
 
 
 def host_array(value: Any) -> np.ndarray:
-    """A tensor as a NumPy array."""
-    return value.detach().cpu().numpy()
+    """A tensor (or a NumPy array, as the recorder keeps its statistics; or a batch's other values) as NumPy."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)

@@ -78,11 +78,18 @@ class GradientMonitor(keras.callbacks.Callback):
     The same on every Keras backend: on JAX the statistics are computed inside
     the jitted train step (from the gradients ``optimizer.stateless_apply``
     receives; under ``keras.distribution.DataParallel`` those of the whole batch),
-    on PyTorch in the wrapped ``optimizer.apply``. Gradient histograms
-    (``histogram_every``), ``bad_batch`` and the op that made a NaN/Inf first (in
-    the anomaly; ``gm.explain`` on the batch finds it on every backend) are
-    TensorFlow-only for now; TensorBoard files need TensorFlow installed (as
-    Keras's own TensorBoard callback does).
+    on PyTorch in the wrapped ``optimizer.apply``. TensorBoard files need
+    TensorFlow installed there (as Keras's own TensorBoard callback does).
+
+    With ``on_anomaly="stop"`` or ``"raise"`` the monitor keeps the batch of each
+    step until it has checked it (on TensorFlow a copy made only at the first
+    non-finite step, inside the train step; on JAX references to the batch and
+    pre-step weights of the steps not yet read, with those weights then not
+    donated to XLA; on PyTorch a copy of the weights at the first non-finite
+    step). When a step's gradient turns non-finite it runs the NaN/Inf-origin
+    pass of ``gm.explain`` on that batch at the weights from before the step, so
+    the anomaly names the op, its layer and the user's line that made NaN/Inf
+    first (forward pass first); ``bad_batch`` hands the batch over.
 
     Args:
         print_every: Print one line per layer (norm, max |g|) every this many batches.
@@ -152,7 +159,7 @@ class GradientMonitor(keras.callbacks.Callback):
         check_positive("vanish_threshold", vanish_threshold)
         check_count("window", window, allow_none=False)
         check_stream(stream)
-        _check_backend_options(log_dir, histogram_every)
+        _check_backend_options(log_dir)
         self.stats = stats
         self._full_every = full_every
         self.print_every = print_every
@@ -381,8 +388,11 @@ class GradientMonitor(keras.callbacks.Callback):
             from gradmagic.core.monitor.stateless import HostBuffer, StatelessFunctions, recorder
 
             sizes = [int(np.prod(s.shape)) for s in slots]
-            buffer = HostBuffer(paths, sizes, capacity, self.stats, recorder().host_array)
-            return StatelessFunctions(model, plain, buffer)
+            histograms = None if self.histogram_every is None else (self.histogram_every, self.histogram_bins)
+            buffer = HostBuffer(paths, sizes, capacity, self.stats, recorder().host_array, histograms)
+            # As on TensorFlow: kept where the monitor stops training anyway, on one device.
+            keep = self.on_anomaly != "warn" and keras.distribution.distribution() is None
+            return StatelessFunctions(model, plain, buffer, keep_bad_step=keep)
         from gradmagic.core.monitor.capture import StatsBuffer
         from gradmagic.core.monitor.functions import TrainFunctions
 
@@ -470,18 +480,6 @@ class GradientMonitor(keras.callbacks.Callback):
                 f"NaN/Inf {where} is first made by {origin.describe()}; {counts}. "
                 "gm.explain(model, x, y, sample_weight=w) with x, y, w = monitor.bad_batch shows it again"
                 + (" (after monitor.restore_last_good())." if self.on_anomaly == "stop" else ".")
-            )
-        elif keras.backend.backend() != "tensorflow":
-            message = (
-                f"NaN/Inf gradient first appears at layer {layer!r} (index {index}) {where}: {counts}; {why}. "
-                f"The monitor keeps no copy of the step's batch on the {keras.backend.backend()!r} backend yet "
-                "(on TensorFlow it names the op itself): gm.explain(model, x, y) on that batch names the op "
-                "that makes it"
-                + (
-                    " after monitor.restore_last_good() (the weights from before the step)."
-                    if self.on_anomaly == "stop"
-                    else "."
-                )
             )
         else:
             message = (
@@ -604,18 +602,11 @@ class GradientMonitor(keras.callbacks.Callback):
                 )
 
 
-def _check_backend_options(log_dir: Any, histogram_every: int | None) -> None:
+def _check_backend_options(log_dir: Any) -> None:
     """Refuse, before ``fit``, the options the Keras backend in use cannot serve."""
     backend = keras.backend.backend()
     if backend == "tensorflow":
         return
-    if histogram_every is not None:
-        raise MonitorArgumentError(
-            f"Received: histogram_every={histogram_every!r} with Keras on the {backend!r} backend. Expected "
-            "histogram_every=None there: gradient histograms are recorded on the TensorFlow backend only for "
-            "now. Fix: drop histogram_every (norms, max |g|, mean and NaN/Inf counts are recorded on every "
-            "backend), or run with KERAS_BACKEND=tensorflow."
-        )
     if log_dir is not None and importlib.util.find_spec("tensorflow") is None:
         # What Keras's own TensorBoard callback does on every backend: write with tf.summary.
         raise MonitorArgumentError(

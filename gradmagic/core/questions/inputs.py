@@ -17,7 +17,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from gradmagic.core.backends.tensors import host_array, is_tf_tensor
+from gradmagic.core.backends.tensors import check_leaf_not_foreign, host_array, is_tf_tensor
 from gradmagic.core.questions.naming import declared_input_names, output_names
 from gradmagic.core.questions.targets import model_name
 from gradmagic.errors import GradmagicWarning, InputError, LossError, did_you_mean, quote_list
@@ -132,7 +132,9 @@ def _leaf(value: Any, dtype: str | None, what: str = "x") -> Any:
             (unless the model declares such an input).
     """
     float_target = dtype is not None and "float" in dtype
-    value = host_array(value)  # a JAX array or torch.Tensor: NumPy from here on
+    # Another framework's tensor cannot be the backend's input: refused by name rather than silently copied.
+    check_leaf_not_foreign(value, keras.backend.backend(), what)
+    value = host_array(value)  # the backend's own JAX array or torch.Tensor: NumPy from here on
     if is_tf_tensor(value):
         tf = _tf()
         if value.dtype.is_complex or value.dtype == tf.string:
