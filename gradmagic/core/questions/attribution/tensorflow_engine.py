@@ -37,7 +37,7 @@ class TensorFlowEngine:
     framework = "TensorFlow"
 
     def check_input(self, x: Any) -> None:
-        """Nothing to refuse: gradmagic's input checks read NumPy and TensorFlow values alike."""
+        """Nothing more to check here: the input conversion refuses another framework's tensors in x."""
 
     def units(self, model: keras.Model, x: np.ndarray) -> int:
         key, fn = compiled(model, "attribution forward", lambda: ac.forward_function(model))
