@@ -125,6 +125,20 @@ class TorchBackend:
 
         return wrapped
 
+    def host_gradients(self, fn: Callable[..., Any]) -> Callable[..., tuple[float, list[np.ndarray | None]]]:
+        """``fn`` (a scalar of its arguments) as ``(*args) -> (value, [dValue/d leaf of args[0]])`` in NumPy.
+
+        A leaf of the first argument that the value does not depend on gets
+        ``None`` (``torch.autograd.grad`` with ``allow_unused``).
+        """
+        step = self.compile(self.value_and_grad(fn, argnums=0))
+
+        def run(*args: Any) -> tuple[float, list[np.ndarray | None]]:
+            value, grads = step(*args)
+            return float(value), [None if g is None else g.detach().cpu().numpy() for g in _leaves(grads)]
+
+        return run
+
     def batched_jacobian(
         self, fn: Callable[..., Any], argnums: int | Sequence[int] = 0, has_aux: bool = False
     ) -> Callable[..., Any]:
