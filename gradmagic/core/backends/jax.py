@@ -76,21 +76,21 @@ class JaxBackend:
             return value, None, [g if r else None for g, r in zip(grads, reached)]
 
         compiled = jax.jit(traced)
-        spans: dict[tuple, list] = {}  # per reached-marks and leaf shapes: where each gradient sits in the packed array
+        spans: dict[tuple, list] = {}  # per reached-marks: where each gradient sits in the packed array
 
         def run(*args: Any) -> tuple[float, list[np.ndarray | None]]:
             value, packed, marks = compiled(*args)
             if packed is None:
                 return float(value), [None if g is None else np.asarray(g) for g in marks]
-            shapes = tuple(leaf.shape for leaf in jax.tree.leaves(args[0]))
-            found = spans.get((tuple(marks), shapes))
+            # The first argument's leaves are the same variables on every call (a variable keeps its shape).
+            found = spans.get(tuple(marks))
             if found is None:
                 found, start = [], 1
-                for mark, shape in zip(marks, shapes):
-                    size = math.prod(shape)
-                    found.append(None if mark is None else (start, start + size, shape))
+                for mark, leaf in zip(marks, jax.tree.leaves(args[0])):
+                    size = math.prod(leaf.shape)
+                    found.append(None if mark is None else (start, start + size, tuple(leaf.shape)))
                     start += 0 if mark is None else size
-                spans[(tuple(marks), shapes)] = found
+                spans[tuple(marks)] = found
             host = np.asarray(packed)
             return float(host[0]), [None if s is None else host[s[0] : s[1]].reshape(s[2]) for s in found]
 

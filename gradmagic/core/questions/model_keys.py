@@ -111,6 +111,8 @@ class _Layout(NamedTuple):
     layers: tuple[int, ...]  # positions of layers a plain layer holds (an activation layer): their own settings
     shape: tuple  # the names and types the parts stand for
     atoms: Callable[[dict], tuple]  # the plain values and functions (the parts keyed without looking inside)
+    rest: Callable[[dict], tuple]  # every other public value (their types decide how the key reads them)
+    rest_types: tuple[type, ...]  # the types of those values when the layout was made
 
 
 def _settings(layer: keras.Layer, builder: KeyBuilder, is_model: bool, depth: int = 3) -> tuple:
@@ -184,9 +186,23 @@ def _new_layout(layer: keras.Layer, attrs: dict, names: tuple[str, ...], is_mode
         tuple(public[i] for i in others),
         tuple(public[i] for i in layers),
     )
-    atoms = _getter(tuple(public[i] for i in sorted({*simple, *valued, *functions})))
+    plain = {*simple, *valued, *functions}
+    rest = tuple(i for i in range(len(public)) if i not in plain)
     layout = _Layout(
-        names, public, read, kinds, _getter(simple), valued, _getter(functions), callables, others, layers, shape, atoms
+        names,
+        public,
+        read,
+        kinds,
+        _getter(simple),
+        valued,
+        _getter(functions),
+        callables,
+        others,
+        layers,
+        shape,
+        _getter(tuple(public[i] for i in sorted(plain))),
+        _getter(tuple(public[i] for i in rest)),
+        tuple(kinds[i] for i in rest),
     )
     _layouts.store(layer, layout)
     return layout
@@ -405,8 +421,9 @@ def unchanged(model: keras.Model, proof: StateProof) -> bool:
         if tuple(attrs) != layout.names:
             return False
         if token is None:
-            if tuple(map(type, layout.read(attrs))) != layout.types or not all(
-                map(operator.is_, layout.atoms(attrs), atoms)
+            # The same plain objects (so of the same types), and the others of the same types: the same layout.
+            if not all(map(operator.is_, layout.atoms(attrs), atoms)) or (
+                tuple(map(type, layout.rest(attrs))) != layout.rest_types
             ):
                 return False
         elif _settings(layer, KeyBuilder(), isinstance(layer, keras.Model)) != token:

@@ -46,7 +46,7 @@ def _array_spec(value: Any) -> Hashable:
 
 def _finite(value: Any) -> bool:
     """True unless a float array holds NaN or Inf: a sum is finite only if every entry is (else: look closer)."""
-    return value is None or value.dtype.kind != "f" or bool(np.isfinite(np.sum(value)))
+    return value is None or value.dtype.kind != "f" or bool(np.isfinite(value.sum()))
 
 
 def _loss_proof(loss: Any) -> tuple | None:
