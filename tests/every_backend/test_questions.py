@@ -197,3 +197,18 @@ def test_weights_the_loss_does_not_reach_give_none_on_every_backend():
         h = X @ k + b  # constant for the loss: the gradient stops before it
         expected = 2.0 * h.T @ (h @ w - Y) / Y.size  # d mean((h w - y)^2) / dw
         np.testing.assert_allclose(used, expected, rtol=1e-4, atol=1e-6)  # float32 model vs float64 NumPy
+
+
+def test_a_recurrent_layers_weights_are_all_reached_and_right():
+    # On JAX the LSTM runs as a loop (lax.scan): whether a weight is reached is read from the loop as a
+    # whole, never from one pass of its body. Truth: the framework's own autodiff written out by hand.
+    keras.utils.set_random_seed(5)
+    model = keras.Sequential([keras.Input((5, 2)), keras.layers.LSTM(3), keras.layers.Dense(2)])
+    model.compile(optimizer="sgd", loss="mse")
+    x = RNG.normal(size=(4, 5, 2)).astype("float32")
+    y = RNG.normal(size=(4, 2)).astype("float32")
+    result = gm.weight_gradients(model, x, y)
+    expected = hand_mse_gradients(model, x, y)
+    assert len(result.arrays()) == len(expected) == 5 and not result.disconnected
+    for got, want in zip(result.arrays(), expected):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)  # two float32 autodiffs

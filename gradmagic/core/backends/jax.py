@@ -184,6 +184,9 @@ _PACKED_SIZE = 1 << 15
 
 #: Equations through which no gradient reaches their inputs (JAX passes back a symbolic zero).
 _NO_GRADIENT = frozenset({"stop_gradient"})
+#: Call-like equations whose one nested jaxpr runs once on their inputs: walked inside. (A loop's body
+#: runs many times, its carry feeding itself: one walk of it would miss paths, so loops count as a whole.)
+_CALLS = frozenset({"jit", "pjit", "closed_call", "core_call", "checkpoint", "remat"})
 
 
 def _reached(jaxpr: Any, count: int) -> list[bool]:
@@ -192,8 +195,8 @@ def _reached(jaxpr: Any, count: int) -> list[bool]:
     A backward walk over the equations: an equation's inputs are needed when
     one of its float outputs is, except through ``stop_gradient``. Nested
     jaxprs of call-like equations (``jit``, ``checkpoint``...) are walked
-    inside; any other equation with nested jaxprs (loops, conditionals, custom
-    derivatives) passes the need to all of its inputs, so a weight is never
+    inside; any other equation (loops, conditionals, custom derivatives
+    included) passes the need to all of its inputs, so a weight is never
     called unreached when it may be reached.
     """
     needed = _needed_inputs(jaxpr, [True] + [False] * (len(jaxpr.outvars) - 1))
@@ -206,7 +209,7 @@ def _needed_inputs(jaxpr: Any, wanted: list[bool]) -> list[bool]:
         outs = [v in needed and _is_float(v) for v in eqn.outvars]
         if not any(outs) or eqn.primitive.name in _NO_GRADIENT:
             continue
-        inner = _nested(eqn.params, len(eqn.invars), len(eqn.outvars)) if eqn.primitive.name not in _CUSTOM else None
+        inner = _nested(eqn.params, len(eqn.invars), len(eqn.outvars)) if eqn.primitive.name in _CALLS else None
         flags = [True] * len(eqn.invars) if inner is None else _needed_inputs(_closed(inner)[0], outs)
         needed.update(v for v, f in zip(eqn.invars, flags) if f and not isinstance(v, Literal))
     return [v in needed for v in jaxpr.invars]
