@@ -189,10 +189,11 @@ class TorchBackend:
         return keras.ops.zeros(shape, dtype)
 
     def tensors(self, structure: Any) -> Any:
-        """NumPy arrays as tensors on Keras' device (``None`` stays ``None``)."""
+        """NumPy arrays as tensors on Keras' device (``None`` stays ``None``), the structure kept."""
         import keras
 
-        return keras.tree.map_structure(lambda a: None if a is None else keras.ops.convert_to_tensor(a), structure)
+        leaves = [None if a is None else keras.ops.convert_to_tensor(a) for a in _leaves(structure)]
+        return _pack(structure, leaves)
 
     def to_numpy(self, value: Any) -> np.ndarray | None:
         """A host NumPy copy of a tensor (``None`` stays ``None``)."""
