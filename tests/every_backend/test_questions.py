@@ -167,3 +167,48 @@ def test_functional_two_input_model():
     grad_b = gm.output_gradients(model, [xa, xb], Y, layer="b", loss="mse")
     np.testing.assert_allclose(grad_b.array, residual @ kernel[2:].T, rtol=1e-4, atol=1e-6)
     assert gm.output_gradients(model, [xa, xb], Y, layer=head, loss="mse").array.shape == (6, 2)
+
+
+class _HalfUsed(keras.layers.Layer):
+    """A layer with a weight its call never reads."""
+
+    def build(self, input_shape):
+        self.used = self.add_weight(shape=(input_shape[-1], 2), initializer="glorot_uniform", name="used")
+        self.spare = self.add_weight(shape=(2,), initializer="ones", name="spare")
+
+    def call(self, x):
+        return keras.ops.matmul(x, self.used)
+
+
+def test_weights_the_loss_does_not_reach_give_none_on_every_backend():
+    # TensorFlow's tape says None for a weight with no path to the loss; JAX (whose autodiff gives zeros)
+    # and PyTorch must say the same: here a Dense behind stop_gradient and a weight never read.
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential(
+        [keras.Input((3,)), keras.layers.Dense(4), keras.layers.Lambda(keras.ops.stop_gradient), _HalfUsed()]
+    )
+    model.compile(optimizer="sgd", loss="mse")
+    for _ in range(2):  # the first call and the repeated one
+        result = gm.weight_gradients(model, X, Y)
+        kernel, bias, used, spare = result.arrays()
+        assert kernel is None and bias is None and spare is None
+        assert len(result.disconnected) == 3
+        k, b, w = (np.asarray(v, "float64") for v in model.get_weights()[:3])
+        h = X @ k + b  # constant for the loss: the gradient stops before it
+        expected = 2.0 * h.T @ (h @ w - Y) / Y.size  # d mean((h w - y)^2) / dw
+        np.testing.assert_allclose(used, expected, rtol=1e-4, atol=1e-6)  # float32 model vs float64 NumPy
+
+
+def test_a_recurrent_layers_weights_are_all_reached_and_right():
+    # On JAX the LSTM runs as a loop (lax.scan): whether a weight is reached is read from the loop as a
+    # whole, never from one pass of its body. Truth: the framework's own autodiff written out by hand.
+    keras.utils.set_random_seed(5)
+    model = keras.Sequential([keras.Input((5, 2)), keras.layers.LSTM(3), keras.layers.Dense(2)])
+    model.compile(optimizer="sgd", loss="mse")
+    x = RNG.normal(size=(4, 5, 2)).astype("float32")
+    y = RNG.normal(size=(4, 2)).astype("float32")
+    result = gm.weight_gradients(model, x, y)
+    expected = hand_mse_gradients(model, x, y)
+    assert len(result.arrays()) == len(expected) == 5 and not result.disconnected
+    for got, want in zip(result.arrays(), expected):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)  # two float32 autodiffs

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import linecache
+import math
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -42,6 +43,58 @@ class JaxBackend:
         """``fn`` returning ``(value, gradients w.r.t. argnums)`` (``((value, aux), grads)`` with ``has_aux``)."""
         argnums = argnums if isinstance(argnums, int) else tuple(argnums)
         return jax.value_and_grad(fn, argnums=argnums, has_aux=has_aux)
+
+    def host_gradients(self, fn: Callable[..., Any]) -> Callable[..., tuple[float, list[np.ndarray | None]]]:
+        """``fn`` (a scalar) compiled as ``(*args) -> (value, [dValue/d leaf of args[0]])``, in NumPy.
+
+        A leaf of the first argument that ``fn``'s value does not depend on gets
+        ``None``, as TensorFlow's tape and PyTorch's autograd say (JAX itself
+        gives zeros): read from the jaxpr while tracing, by a backward walk from
+        the value that stops at ``stop_gradient`` and at integer and boolean
+        values (see :func:`_reached`). The model is traced once: the jaxpr found
+        is what gets differentiated.
+
+        Small results leave the device as one array: the value and every
+        gradient of one dtype, concatenated inside the compiled function, then
+        split into NumPy views on the host (copying each array out costs
+        microseconds of its own; for large gradients the concatenation would
+        cost more than it saves).
+        """
+        from jax.extend.core import jaxpr_as_fun
+
+        def traced(first: Any, *rest: Any) -> Any:
+            closed = jax.make_jaxpr(fn)(first, *rest)
+            leaves = jax.tree.leaves(first)
+            reached = _reached(closed.jaxpr, len(leaves))
+            others = jax.tree.leaves(rest)
+            replay = jaxpr_as_fun(closed)
+            value, grads = jax.value_and_grad(lambda ls: replay(*ls, *others)[0])(leaves)
+            kept = [g for g, r in zip(grads, reached) if r]
+            marks = [() if r else None for r in reached]
+            if all(g.dtype == value.dtype for g in kept) and sum(g.size for g in kept) <= _PACKED_SIZE:
+                return None, jnp.concatenate([jnp.reshape(value, (1,)), *(jnp.ravel(g) for g in kept)]), marks
+            return value, None, [g if r else None for g, r in zip(grads, reached)]
+
+        compiled = jax.jit(traced)
+        spans: dict[tuple, list] = {}  # per reached-marks: where each gradient sits in the packed array
+
+        def run(*args: Any) -> tuple[float, list[np.ndarray | None]]:
+            value, packed, marks = compiled(*args)
+            if packed is None:
+                return float(value), [None if g is None else np.asarray(g) for g in marks]
+            # The first argument's leaves are the same variables on every call (a variable keeps its shape).
+            found = spans.get(tuple(marks))
+            if found is None:
+                found, start = [], 1
+                for mark, leaf in zip(marks, jax.tree.leaves(args[0])):
+                    size = math.prod(leaf.shape)
+                    found.append(None if mark is None else (start, start + size, tuple(leaf.shape)))
+                    start += 0 if mark is None else size
+                spans[tuple(marks)] = found
+            host = np.asarray(packed)
+            return float(host[0]), [None if s is None else host[s[0] : s[1]].reshape(s[2]) for s in found]
+
+        return run
 
     def batched_jacobian(
         self, fn: Callable[..., Any], argnums: int | Sequence[int] = 0, has_aux: bool = False
@@ -125,6 +178,41 @@ class JaxBackend:
 
 
 BACKEND = JaxBackend()
+
+#: Gradients of at most this many entries in all leave the device as one array (see ``host_gradients``).
+_PACKED_SIZE = 1 << 15
+
+#: Equations through which no gradient reaches their inputs (JAX passes back a symbolic zero).
+_NO_GRADIENT = frozenset({"stop_gradient"})
+#: Call-like equations whose one nested jaxpr runs once on their inputs: walked inside. (A loop's body
+#: runs many times, its carry feeding itself: one walk of it would miss paths, so loops count as a whole.)
+_CALLS = frozenset({"jit", "pjit", "closed_call", "core_call", "checkpoint", "remat"})
+
+
+def _reached(jaxpr: Any, count: int) -> list[bool]:
+    """Whether the first output of ``jaxpr`` depends, through float values, on each of its first ``count`` inputs.
+
+    A backward walk over the equations: an equation's inputs are needed when
+    one of its float outputs is, except through ``stop_gradient``. Nested
+    jaxprs of call-like equations (``jit``, ``checkpoint``...) are walked
+    inside; any other equation (loops, conditionals, custom derivatives
+    included) passes the need to all of its inputs, so a weight is never
+    called unreached when it may be reached.
+    """
+    needed = _needed_inputs(jaxpr, [True] + [False] * (len(jaxpr.outvars) - 1))
+    return needed[:count]
+
+
+def _needed_inputs(jaxpr: Any, wanted: list[bool]) -> list[bool]:
+    needed = {v for v, w in zip(jaxpr.outvars, wanted) if w and not isinstance(v, Literal) and _is_float(v)}
+    for eqn in reversed(jaxpr.eqns):
+        outs = [v in needed and _is_float(v) for v in eqn.outvars]
+        if not any(outs) or eqn.primitive.name in _NO_GRADIENT:
+            continue
+        inner = _nested(eqn.params, len(eqn.invars), len(eqn.outvars)) if eqn.primitive.name in _CALLS else None
+        flags = [True] * len(eqn.invars) if inner is None else _needed_inputs(_closed(inner)[0], outs)
+        needed.update(v for v, f in zip(eqn.invars, flags) if f and not isinstance(v, Literal))
+    return [v in needed for v in jaxpr.invars]
 
 
 # --- diagnosis ---------------------------------------------------------------

@@ -15,6 +15,7 @@ import functools
 import operator
 import types
 import warnings
+import weakref
 from collections.abc import Callable, Hashable
 from typing import Any, NamedTuple
 
@@ -109,6 +110,9 @@ class _Layout(NamedTuple):
     others: tuple[int, ...]  # positions of other values (arrays, lists, a regularizer): keyed by contents
     layers: tuple[int, ...]  # positions of layers a plain layer holds (an activation layer): their own settings
     shape: tuple  # the names and types the parts stand for
+    atoms: Callable[[dict], tuple]  # the plain values and functions (the parts keyed without looking inside)
+    rest: Callable[[dict], tuple]  # every other public value (their types decide how the key reads them)
+    rest_types: tuple[type, ...]  # the types of those values when the layout was made
 
 
 def _settings(layer: keras.Layer, builder: KeyBuilder, is_model: bool, depth: int = 3) -> tuple:
@@ -182,8 +186,23 @@ def _new_layout(layer: keras.Layer, attrs: dict, names: tuple[str, ...], is_mode
         tuple(public[i] for i in others),
         tuple(public[i] for i in layers),
     )
+    plain = {*simple, *valued, *functions}
+    rest = tuple(i for i in range(len(public)) if i not in plain)
     layout = _Layout(
-        names, public, read, kinds, _getter(simple), valued, _getter(functions), callables, others, layers, shape
+        names,
+        public,
+        read,
+        kinds,
+        _getter(simple),
+        valued,
+        _getter(functions),
+        callables,
+        others,
+        layers,
+        shape,
+        _getter(tuple(public[i] for i in sorted(plain))),
+        _getter(tuple(public[i] for i in rest)),
+        tuple(kinds[i] for i in rest),
     )
     _layouts.store(layer, layout)
     return layout
@@ -336,3 +355,126 @@ def _loss_weights_token(model: keras.Model, builder: KeyBuilder) -> Hashable:
     except Exception as err:
         raise Uncacheable("a compile configuration Keras cannot serialize") from err
     return ("loss_weights", builder.value(config.get("loss_weights")))
+
+
+# --- Proofs: the same key, checked in microseconds ------------------------------------------------
+# A question asked again with the same model is the common case (a slider, a training loop). Building
+# its key walks every public setting of every layer; a StateProof taken right after a key was built
+# says, from identities alone, that building it again would give the same model part: the same
+# layers and trainable weights (by weak reference), the same compile objects, and per layer the same
+# attribute names holding the very same objects. A layer whose settings hold values the key reads
+# the contents of (a list, a user's function or callable, a regularizer, a layer it holds) has its
+# settings token computed again and compared instead. Identities compared by ``id`` belong to
+# objects that the question's stored Key holds weakly: callers check ``Key.alive()`` as well, so a
+# recycled ``id`` cannot match.
+
+#: Values compared by identity and held by a proof: immutable, so holding them keeps nothing else alive.
+_ATOMS = (type(None), bool, int, float, complex, str, bytes, np.generic)
+
+
+class StateProof:
+    """Evidence that the model part of a question's key is unchanged (see :func:`state_proof`)."""
+
+    __slots__ = ("compile", "layers", "settings", "top", "weights")
+
+    def __init__(self, top: tuple, layers: tuple, weights: tuple, compile: tuple, settings: tuple) -> None:
+        self.top, self.layers, self.weights, self.compile, self.settings = top, layers, weights, compile, settings
+
+
+def state_proof(model: keras.Model) -> StateProof | None:
+    """A proof of the model's state now, taken right after :func:`question_key` built a key for it.
+
+    ``None`` when the state cannot be proven cheaply (an unbuilt model, objects that take no weak reference).
+    """
+    try:
+        top = model.layers
+        layers = (model, *_all_layers(model, top))
+        return StateProof(
+            tuple(map(weakref.ref, top)),
+            tuple(map(weakref.ref, layers)),
+            tuple(map(weakref.ref, model.trainable_weights)),
+            _compile_proof(model),
+            tuple(_settings_proof(layer, isinstance(layer, keras.Model)) for layer in layers),
+        )
+    except (TypeError, ValueError, Uncacheable):
+        return None
+
+
+def unchanged(model: keras.Model, proof: StateProof) -> bool:
+    """True when :func:`question_key` would build the same model part as when ``proof`` was taken.
+
+    The caller also checks that the question's stored Key is ``alive()``.
+    """
+    top = model.layers
+    if len(top) != len(proof.top) or not all(map(_refers, proof.top, top)):
+        return False
+    layers = (model, *_all_layers(model, top))
+    if len(layers) != len(proof.layers) or not all(map(_refers, proof.layers, layers)):
+        return False
+    weights = model.trainable_weights
+    if len(weights) != len(proof.weights) or not all(map(_refers, proof.weights, weights)):
+        return False
+    if not _compile_unchanged(model, proof.compile):
+        return False
+    for (layout, atoms, token), layer in zip(proof.settings, layers):
+        attrs = instance_settings(layer)
+        if tuple(attrs) != layout.names:
+            return False
+        if token is None:
+            # The same plain objects (so of the same types), and the others of the same types: the same layout.
+            if not all(map(operator.is_, layout.atoms(attrs), atoms)) or (
+                tuple(map(type, layout.rest(attrs))) != layout.rest_types
+            ):
+                return False
+        elif _settings(layer, KeyBuilder(), isinstance(layer, keras.Model)) != token:
+            return False
+    return True
+
+
+def _refers(ref: weakref.ref, obj: Any) -> bool:
+    return ref() is obj
+
+
+def _settings_proof(layer: keras.Layer, is_model: bool) -> tuple:
+    """How :func:`unchanged` checks one layer: ``(layout, atoms, None)`` or ``(layout, None, token)``.
+
+    The first when every value the key reads of the layer is a plain value or
+    one of Keras's own functions (``layout.atoms``): they are compared by
+    identity, with the types of every public value (which decide what the key
+    reads). Otherwise the settings token, computed again and compared.
+    """
+    token = _settings(layer, KeyBuilder(), is_model)  # also makes the layout current
+    layout = _layouts.lookup(layer)
+    attrs = instance_settings(layer)
+    plain = not (layout.callables or layout.others or (layout.layers and not is_model)) and all(
+        is_library(f.__module__ or "") for f in layout.functions(layout.read(attrs))
+    )
+    return (layout, layout.atoms(attrs), None) if plain else (layout, None, token)
+
+
+def _compile_proof(model: keras.Model) -> tuple:
+    """``(loss, what it resolves to, its code, optimizer id, compiled-loss id)``, or a token to compute again."""
+    loss, compiled = getattr(model, "loss", None), compiled_loss(model)
+    optimizer = getattr(model, "optimizer", None)
+    resolved = keras.losses.get(loss) if isinstance(loss, str) else None
+    simple = compiled is not None and (
+        loss is None or (isinstance(resolved, types.FunctionType) and is_library(resolved.__module__ or ""))
+    )
+    if simple:
+        code = None if resolved is None else resolved.__code__
+        return ("ids", loss, resolved, code, id(optimizer), id(compiled))
+    return ("token", _compile_token(model, KeyBuilder()))
+
+
+def _compile_unchanged(model: keras.Model, proof: tuple) -> bool:
+    if proof[0] == "token":
+        try:
+            return _compile_token(model, KeyBuilder()) == proof[1]
+        except Uncacheable:
+            return False
+    _, loss, resolved, code, optimizer, compiled = proof
+    if getattr(model, "loss", None) is not loss or id(getattr(model, "optimizer", None)) != optimizer:
+        return False
+    if id(compiled_loss(model)) != compiled:
+        return False
+    return resolved is None or (keras.losses.get(loss) is resolved and resolved.__code__ is code)

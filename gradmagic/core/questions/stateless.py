@@ -40,6 +40,7 @@ from gradmagic.core.questions.entry import (
 from gradmagic.core.questions.inputs import nonfinite_warning
 from gradmagic.core.questions.model_keys import is_warm, mark_warm, question_key
 from gradmagic.core.questions.naming import input_labels
+from gradmagic.core.questions.repeats import remembered
 from gradmagic.core.questions.results import InputGradients, OutputGradients, WeightGradients, rows_for
 from gradmagic.core.questions.state import preserved_eagerly
 from gradmagic.core.questions.targets import (
@@ -150,9 +151,10 @@ def weight_gradients(
     """Compute dLoss/dW for the model's trainable weights at (x, y), on JAX or PyTorch.
 
     The arguments, result and errors are those of the TensorFlow
-    implementation (see ``gradmagic.weight_gradients``). A weight the loss does
-    not depend on gives zeros on JAX (its autodiff has no "disconnected") and
-    ``None`` on PyTorch.
+    implementation (see ``gradmagic.weight_gradients``); a weight the loss does
+    not reach gives ``None``, as there. The same question asked again with data
+    of the same shapes and an unchanged model skips the checks and the cache
+    key (see :mod:`gradmagic.core.questions.repeats`).
 
     Args:
         model: A Keras 3 model (Sequential, Functional or subclassed).
@@ -175,6 +177,10 @@ def weight_gradients(
     """
     backend = stateless_backend()
     check_model(model)
+    repeat = functions.last_call(model, "weights")
+    given = (x, y, sample_weight)
+    if repeat is not None and repeat.matches(model, layer, loss, (training, output), given):
+        return _weight_answer(model, backend, repeat.question, repeat.key, repeat.extra, given, training, output)
     training = check_flag("training", training)
     _check_input(backend, model, x=x, y=y, sample_weight=sample_weight)
     if output is None:
@@ -214,7 +220,38 @@ def weight_gradients(
         return question
 
     question = functions.cached(model, key, build)
-    args = backend.tensors((x_in, y_in, sw_in))
+    prepared = (x_in, y_in, sw_in)
+    # Taken before the call: it proves the state the key was built from.
+    repeat = remembered(
+        model,
+        question,
+        key,
+        functions.stored_key(model, key),
+        layer,
+        loss,
+        (training, output),
+        given,
+        prepared,
+        positions,
+    )
+    result = _weight_answer(model, backend, question, key, positions, prepared, training, output)
+    result.source = data.source
+    functions.remember_call(model, "weights", repeat if data.source is None else None)
+    return result
+
+
+def _weight_answer(
+    model: keras.Model,
+    backend: Any,
+    question: functions.Question,
+    key: Key | None,
+    positions: list[int],
+    data: tuple,
+    training: bool,
+    output: int | None,
+) -> WeightGradients:
+    """Run a weight question on prepared data and build its result (both ways of :func:`weight_gradients`)."""
+    args = backend.tensors(data)
 
     def call() -> Any:
         _warm_compiled_loss(model, key, question, args)
@@ -222,16 +259,12 @@ def weight_gradients(
         chosen, others = functions.split(trainable, positions)
         return question.fn(chosen, others, non_trainable, *args)
 
-    loss_value, grads = _run(model, key, call, "dLoss/dW", x_in, training)
-    loss_value = float(backend.to_numpy(loss_value))
+    loss_value, grads = _run(model, key, call, "dLoss/dW", data[0], training)
     if output is None:
         title = f"dLoss/dW of model '{model_name(model)}' (loss = {loss_value:.6g})"
     else:
         title = f"d(output unit {output})/dW of model '{model_name(model)}' (mean output = {loss_value:.6g})"
-    rows = rows_for(question.labels, [backend.to_numpy(g) for g in grads])
-    result = WeightGradients(loss_value, rows, title, layer_count=len(model.layers))
-    result.source = data.source
-    return result
+    return WeightGradients(loss_value, rows_for(question.labels, grads), title, layer_count=len(model.layers))
 
 
 @leaves_no_trace

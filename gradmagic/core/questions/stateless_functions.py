@@ -35,6 +35,8 @@ _MAX_FUNCTIONS_PER_MODEL = 32
 
 # model -> question token -> (Question, its stored Key): weak per model, LRU-bounded per model.
 _cache = WeakCache(size=_MAX_FUNCTIONS_PER_MODEL)
+# model -> kind of question -> the last call of that kind (a repeats.Repeat), to be answered again cheaply.
+_last = WeakCache(size=4)
 
 
 @dataclass
@@ -80,14 +82,35 @@ def cached(model: keras.Model, key: Key | None, build: Callable[[], Question]) -
     return _cache.keyed(model, key, build)
 
 
+def stored_key(model: keras.Model, key: Key | None) -> Key | None:
+    """The key as the cache keeps it for a question just looked up with ``key`` (weak; see ``Key.stored``)."""
+    entry = None if key is None else _cache.lookup(model, key.token)
+    return None if entry is None else entry[1]
+
+
+def last_call(model: keras.Model, kind: str) -> Any:
+    """The last call of ``kind`` on ``model`` that may be repeated cheaply (see :mod:`.repeats`), or ``None``."""
+    return _last.lookup(model, kind)
+
+
+def remember_call(model: keras.Model, kind: str, repeat: Any) -> None:
+    """Keep ``repeat`` as the last call of ``kind`` (``None``: forget the one kept)."""
+    if repeat is None:
+        _last.drop(model, kind)
+    else:
+        _last.store(model, repeat, kind)
+
+
 def forget(model: keras.Model, key: Key | None) -> None:
-    """Drop one cached question (e.g. after its first call failed)."""
+    """Drop one cached question (e.g. after its first call failed), and any call kept to repeat."""
     _cache.forget(model, key)
+    _last.clear(model)
 
 
 def clear(model: keras.Model | None = None) -> None:
     """Drop the cached questions of one model, or of every model."""
     _cache.clear(model)
+    _last.clear(model)
 
 
 @contextlib.contextmanager
@@ -115,7 +138,9 @@ def split(values: Sequence[Any], positions: Sequence[int]) -> tuple[list[Any], l
 def weight_function(
     backend: Any, model: keras.Model, positions: list[int], loss_fn: LossFn, training: bool, traces: list[int]
 ) -> Callable:
-    """Compile ``(chosen, others, non_trainable, x, y, sample_weight) -> (loss, [dLoss/dW of chosen])``.
+    """Compile ``(chosen, others, non_trainable, x, y, sample_weight) -> (loss, [dLoss/dW of chosen])`` in NumPy.
+
+    A weight the loss does not reach gets ``None`` (see the backends' ``host_gradients``).
 
     Args:
         backend: The backend object (JAX or PyTorch).
@@ -135,7 +160,7 @@ def weight_function(
                 y_pred = model(x, training=training)
             return loss_fn(model, x, y, y_pred, sample_weight, training)
 
-    return backend.compile(backend.value_and_grad(loss_of, argnums=0))
+    return backend.host_gradients(loss_of)
 
 
 def output_function(

@@ -1,0 +1,189 @@
+"""A question asked again is answered quickly, and never from a stale function: every change is seen.
+
+Each case asks the same question a few times (on JAX and PyTorch the later
+calls take the short way, see ``gradmagic.core.questions.repeats``), changes
+one thing between calls, and checks the next answer against the computation
+as it is *now*: the framework's own autodiff written out by hand, or NumPy.
+Those are other programs than gradmagic's compiled function, so results are
+compared with float32 tolerances (relative 1e-5 to 1e-4), never exactly.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import keras
+import numpy as np
+import pytest
+
+import gradmagic as gm
+from gradmagic.errors import GradmagicWarning
+
+from .backend_truths import hand_mse_gradients
+
+RNG = np.random.default_rng(5)
+X = RNG.normal(size=(6, 3)).astype("float32")
+Y = RNG.normal(size=(6, 2)).astype("float32")
+_SCALE = 1.0  # read as a global by _global_loss
+
+
+def _mlp(regularizer: keras.regularizers.Regularizer | None = None) -> keras.Model:
+    keras.utils.set_random_seed(2)
+    model = keras.Sequential(
+        [
+            keras.Input((3,)),
+            keras.layers.Dense(4, activation="tanh", kernel_regularizer=regularizer),
+            keras.layers.Dense(3, activation="tanh"),
+            keras.layers.Dense(2),
+        ]
+    )
+    model.compile(optimizer="sgd", loss="mse")
+    return model
+
+
+def _asked(model: keras.Model, times: int = 3, **kwargs: object) -> gm.WeightGradients:
+    result = None
+    for _ in range(times):
+        result = gm.weight_gradients(model, X, Y, **kwargs)
+    return result
+
+
+def _mse(model: keras.Model) -> float:
+    return float(np.mean((np.asarray(model.predict(X, verbose=0)) - Y) ** 2))
+
+
+def _assert_close(got: list, want: list, scale: float = 1.0) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, scale * np.asarray(w), rtol=1e-4, atol=1e-6)
+
+
+def _global_loss(y_true, y_pred):
+    return _SCALE * keras.ops.mean(keras.ops.square(y_pred - y_true), axis=-1)
+
+
+class Scaled(keras.losses.Loss):
+    """A user loss whose computation reads an attribute."""
+
+    def __init__(self, scale):
+        super().__init__(name="scaled")
+        self.scale = scale
+
+    def call(self, y_true, y_pred):
+        return self.scale * keras.ops.mean(keras.ops.square(y_pred - y_true), axis=-1)
+
+
+def test_a_repeated_question_follows_new_data_and_new_weight_values():
+    model = _mlp()
+    _asked(model)
+    x2, y2 = X[::-1].copy(), Y * 2.0
+    model.set_weights([w * 0.5 for w in model.get_weights()])
+    result = gm.weight_gradients(model, x2, y2)
+    _assert_close(result.arrays(), hand_mse_gradients(model, x2, y2))
+    pred = np.asarray(model.predict(x2, verbose=0))
+    assert result.loss == pytest.approx(float(np.mean((pred - y2) ** 2)), rel=1e-5)
+
+
+def test_a_module_global_read_by_the_loss_is_seen(monkeypatch):
+    model = _mlp()
+    first = _asked(model, loss=_global_loss)
+    monkeypatch.setattr(f"{__name__}._SCALE", 3.0)
+    second = gm.weight_gradients(model, X, Y, loss=_global_loss)
+    assert second.loss == pytest.approx(3.0 * first.loss, rel=1e-5)
+    _assert_close(second.arrays(), hand_mse_gradients(model, X, Y), scale=3.0)
+
+
+def test_a_closure_and_a_loss_objects_attribute_changed_in_place_are_seen():
+    model = _mlp()
+    scale = 1.0
+
+    def closure_loss(y_true, y_pred):
+        return scale * keras.ops.mean(keras.ops.square(y_pred - y_true), axis=-1)
+
+    _asked(model, loss=closure_loss)
+    scale = 2.0
+    _assert_close(gm.weight_gradients(model, X, Y, loss=closure_loss).arrays(), hand_mse_gradients(model, X, Y), 2.0)
+
+    scaled = Scaled(1.0)
+    first = _asked(model, loss=scaled)
+    scaled.scale = 4.0
+    second = gm.weight_gradients(model, X, Y, loss=scaled)
+    assert second.loss == pytest.approx(4.0 * first.loss, rel=1e-5)
+    _assert_close(second.arrays(), hand_mse_gradients(model, X, Y), 4.0)
+
+
+def test_layer_settings_changed_between_calls_are_seen():
+    model = _mlp()
+    _asked(model)
+    model.layers[0].activation = keras.activations.relu
+    _assert_close(gm.weight_gradients(model, X, Y).arrays(), hand_mse_gradients(model, X, Y))
+    model.layers[1].trainable = False
+    result = _asked(model, times=1)
+    assert len(result.arrays()) == 4
+    _assert_close(result.arrays(), hand_mse_gradients(model, X, Y))
+
+
+def test_a_regularizer_factor_changed_in_place_is_seen():
+    model = _mlp(keras.regularizers.L2(0.1))
+    kernel = np.asarray(model.layers[0].kernel.numpy(), "float64")
+    first = _asked(model)
+    assert first.loss == pytest.approx(_mse(model) + 0.1 * np.sum(kernel**2), rel=1e-5)
+    model.layers[0].kernel_regularizer.l2 = 0.5
+    second = gm.weight_gradients(model, X, Y)
+    assert second.loss == pytest.approx(_mse(model) + 0.5 * np.sum(kernel**2), rel=1e-5)
+
+
+def test_compile_and_layers_popped_and_added_are_seen():
+    model = _mlp()
+    _asked(model)
+    model.compile(optimizer="sgd", loss="mae")
+    mae = float(np.mean(np.abs(np.asarray(model.predict(X, verbose=0)) - Y)))
+    assert gm.weight_gradients(model, X, Y).loss == pytest.approx(mae, rel=1e-5)
+    model.compile(optimizer="sgd", loss="mse")
+    _asked(model)
+    model.pop()
+    model.add(keras.layers.Dense(2, name="new_head"))
+    result = gm.weight_gradients(model, X, Y)
+    assert "new_head" in result.paths[-1]
+    _assert_close(result.arrays(), hand_mse_gradients(model, X, Y))
+
+
+def test_one_layer_then_another_and_a_new_loss_object_each_call():
+    model = _mlp()
+    _asked(model, layer=0)
+    whole = hand_mse_gradients(model, X, Y)
+    _assert_close(gm.weight_gradients(model, X, Y, layer=1).arrays(), whole[2:4])
+    _assert_close(gm.weight_gradients(model, X, Y, layer=model.layers[2]).arrays(), whole[4:6])
+    for _ in range(3):  # a loss object made anew on every call is the same question
+        result = gm.weight_gradients(model, X, Y, loss=keras.losses.MeanSquaredError())
+    _assert_close(result.arrays(), whole)
+
+
+def test_non_finite_data_still_warns_and_other_data_types_still_convert():
+    model = _mlp()
+    _asked(model)
+    bad = X.copy()
+    bad[0, 0] = np.nan
+    with pytest.warns(GradmagicWarning, match="NaN"):
+        gm.weight_gradients(model, bad, Y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = gm.weight_gradients(model, X.astype("float64").tolist(), Y.astype("float64"))
+    _assert_close(result.arrays(), hand_mse_gradients(model, X, Y))
+
+
+def test_the_repeated_call_skips_the_cache_key(monkeypatch):
+    if keras.backend.backend() == "tensorflow":
+        pytest.skip("TensorFlow's questions build their key on every call")
+    from gradmagic.core.questions import stateless
+
+    model = _mlp()
+    gm.weight_gradients(model, X, Y)
+    built = []
+    original = stateless.question_key
+    monkeypatch.setattr(stateless, "question_key", lambda *a, **k: built.append(1) or original(*a, **k))
+    _assert_close(gm.weight_gradients(model, X * 2, Y).arrays(), hand_mse_gradients(model, X * 2, Y))
+    assert built == []
+    gm.clear_cache(model)
+    gm.weight_gradients(model, X, Y)
+    assert built == [1]
