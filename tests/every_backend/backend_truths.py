@@ -7,10 +7,32 @@ the framework of the Keras backend in use inside the function.
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import keras
 import numpy as np
+
+_ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_on_backend(backend: str, script: str, arguments: list[str], out: Path) -> dict[str, np.ndarray]:
+    """Run ``script`` in a new process on ``backend`` (fixed at Keras's import) and load the ``.npz`` it writes.
+
+    The script gets ``arguments`` in ``sys.argv[1:]`` and must save its arrays to ``out`` (the last argument),
+    with a ``backend`` entry naming the backend it ran on, which is checked and left out of the result.
+    """
+    env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": str(_ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", script, *arguments, str(out)], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert done.returncode == 0, f"KERAS_BACKEND={backend} failed:\n{done.stderr[-5000:]}"
+    with np.load(out) as found:
+        assert str(found["backend"]) == backend
+        return {key: found[key] for key in found.files if key != "backend"}
 
 
 def fingerprint(model: keras.Model) -> str:

@@ -11,16 +11,14 @@ must agree with the one that saved the model.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from .backend_truths import run_on_backend
+
 BACKENDS = ("tensorflow", "jax", "torch")
 
 # argv: image model path, data path (.npz with x), result path, token model path.
@@ -37,12 +35,12 @@ x = np.load(sys.argv[2])["x"]
 ig = gm.integrated_gradients(model, x, output=1, baseline="blur", steps=12)
 smooth = gm.saliency(model, x, smooth=0.1, samples=4, seed=2)
 cam = gm.gradcam(model, x, "conv", output=0)
-text = keras.saving.load_model(sys.argv[4])
+text = keras.saving.load_model(sys.argv[3])
 ids = np.array([[1, 2, 3, 4], [5, 6, 0, 7]])
 tokens = gm.token_gradients(text, ids, output=1)
 token_ig = gm.token_integrated_gradients(text, ids, output=0, steps=8)
 loaded = sorted(m for m in sys.modules if m.split(".")[0] == "tensorflow" and sys.modules[m] is not None)
-np.savez(sys.argv[3], backend=keras.backend.backend(), tensorflow=str(loaded), ig=ig.array, baseline=ig.baseline,
+np.savez(sys.argv[4], backend=keras.backend.backend(), tensorflow=str(loaded), ig=ig.array, baseline=ig.baseline,
          smooth=smooth.array, units=smooth.output, cam=cam.array, cam_at_input=cam.array_at_input,
          tokens=tokens.array, token_ig=token_ig.array)
 """
@@ -75,20 +73,10 @@ def _token_model() -> keras.Model:
 
 
 def _compute(backend: str, model_path: Path, data_path: Path, out: Path) -> dict[str, np.ndarray]:
-    env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(
-        [sys.executable, "-c", _COMPUTE, str(model_path), str(data_path), str(out), str(_text_path(model_path))],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert done.returncode == 0, f"KERAS_BACKEND={backend} failed:\n{done.stderr[-5000:]}"
-    with np.load(out) as found:
-        assert str(found["backend"]) == backend
-        if backend != "tensorflow":
-            assert str(found["tensorflow"]) == "[]"  # no TensorFlow module was loaded
-        return {key: found[key] for key in found.files if key not in ("backend", "tensorflow")}
+    found = run_on_backend(backend, _COMPUTE, [str(model_path), str(data_path), str(_text_path(model_path))], out)
+    if backend != "tensorflow":
+        assert str(found["tensorflow"]) == "[]"  # no TensorFlow module was loaded
+    return {key: value for key, value in found.items() if key != "tensorflow"}
 
 
 def _text_path(model_path: Path) -> Path:

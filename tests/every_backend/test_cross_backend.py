@@ -10,16 +10,14 @@ A framework that is not installed skips its case (fails under ``CI``).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from .backend_truths import run_on_backend
+
 BACKENDS = ("tensorflow", "jax", "torch")
 #: model.layers index of the hidden Dense layer after the concatenation ("mix").
 MIX = 6
@@ -36,12 +34,12 @@ model = keras.saving.load_model(sys.argv[1])
 data = np.load(sys.argv[2])
 x, y = [data["x0"], data["x1"]], data["y"]
 weights = gm.weight_gradients(model, x, y)
-output = gm.output_gradients(model, x, y, layer=int(sys.argv[4]))
+output = gm.output_gradients(model, x, y, layer=int(sys.argv[3]))
 inputs = gm.input_gradients(model, x)
 found = {"loss": np.float64(weights.loss), "output_loss": np.float64(output.loss), "output": output.array}
 found.update({f"weight_{i}": a for i, a in enumerate(weights.arrays())})
 found.update({f"input_{i}": a for i, a in enumerate(inputs.array)})
-np.savez(sys.argv[3], backend=keras.backend.backend(), **found)
+np.savez(sys.argv[4], backend=keras.backend.backend(), **found)
 """
 
 
@@ -73,18 +71,7 @@ def _data() -> dict[str, np.ndarray]:
 
 
 def _compute(backend: str, model_path: Path, data_path: Path, out: Path) -> dict[str, np.ndarray]:
-    env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(
-        [sys.executable, "-c", _COMPUTE, str(model_path), str(data_path), str(out), str(MIX)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert done.returncode == 0, f"KERAS_BACKEND={backend} failed:\n{done.stderr[-5000:]}"
-    with np.load(out) as found:
-        assert str(found["backend"]) == backend
-        return {key: found[key] for key in found.files if key != "backend"}
+    return run_on_backend(backend, _COMPUTE, [str(model_path), str(data_path), str(MIX)], out)
 
 
 @pytest.fixture(scope="module")
