@@ -184,7 +184,7 @@ class StatsBuffer:
         scale: Any = None,
         skips: bool = False,
         capture: BadStepCapture | None = None,
-    ) -> None:
+    ) -> tf.Tensor | None:
         """``"norm"`` mode: add the ops that record one step (called while tracing, before the update).
 
         Args:
@@ -193,6 +193,10 @@ class StatsBuffer:
             scale: Loss scale the gradients are multiplied by, or None.
             skips: Whether the optimizer skips a step with a non-finite gradient.
             capture: Where the first non-finite step's batch and weights are kept, or None.
+
+        Returns:
+            The half sums of squares, for the update to wait for (None when it should not:
+            eagerly, or under a distribution strategy).
         """
         placed = self._place(grads, variables, skips)
         present = [i for i, g in enumerate(placed) if g is not None]
@@ -234,6 +238,8 @@ class StatsBuffer:
         if self.histograms is not None:
             self.histograms.record(count, grads, present, scale)
         self.count.assign_add(1, read_value=False)
+        # Under a strategy the update all-reduces the gradients itself: it is not made to wait.
+        return None if tf.executing_eagerly() or self._replicas > 1 else halves
 
     def _place(
         self, grads: Sequence[Any], variables: Sequence[Any], skips: bool, squares: Sequence[Any] | None = None
@@ -380,8 +386,20 @@ class ApplyHook:
             bad_step = capture if not skips else None  # a skipped step is no anomaly
             if buffer.mode == "norm":
                 # Before the update: the bad-step copy needs the pre-step weights.
-                buffer.record_norms(readable(summed, before_update=True), variables, scale, skips, bad_step)
-                # The optimizer gets the very tensors it would have got without the monitor.
+                reads = readable(summed, before_update=True)
+                halves = buffer.record_norms(reads, variables, scale, skips, bad_step)
+                if halves is not None:
+                    # The update starts once the sums of squares are taken. Left to run beside
+                    # it, they waited behind the update's own passes over the same gradients and
+                    # then held the step open (measured: 1.07x a plain step, 1.02x with this).
+                    # The optimizer gets the same values, through identities; not for a gradient
+                    # read from a replayed copy, whose update the graph optimizer may rewrite
+                    # (and would not, behind a control dependency).
+                    with tf.control_dependencies([halves]):
+                        grads = [
+                            tf.identity(g) if isinstance(g, tf.Tensor) and r is g else g
+                            for g, r in zip(grads, reads, strict=True)
+                        ]
                 return original(grads, trainable_variables)
             if capture is not None or buffer.xla:
                 # Measured before the update: the bad-step copy needs the verdict before the
