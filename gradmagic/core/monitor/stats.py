@@ -89,7 +89,9 @@ def step_stats(
     return tf.cond(trusted, lambda: raw, lambda: masked(*grads))
 
 
-def half_squares(grads: Sequence[tf.Tensor | None], sizes: Sequence[int], xla: bool = False) -> tf.Tensor:
+def half_squares(
+    grads: Sequence[tf.Tensor | None], sizes: Sequence[int], xla: bool = False, parts: bool = False
+) -> tf.Tensor | list[tf.Tensor]:
     """Half the sum of squares of each gradient (what ``L2Loss`` gives), ``[len(grads)]`` float32.
 
     One reduction per gradient: the default mode's whole per-step measurement. A
@@ -99,6 +101,7 @@ def half_squares(grads: Sequence[tf.Tensor | None], sizes: Sequence[int], xla: b
         grads: Dense gradients (any float dtype; None gives 0, for a weight without one).
         sizes: Number of entries of each gradient (from its variable, known when its shape is not).
         xla: Whether the ops will be compiled by XLA. Defaults to False.
+        parts: Return the scalar of each gradient instead of their stack. Defaults to False.
     """
     reduce = _Reducer(xla)
     zero = tf.constant(0.0)
@@ -110,7 +113,7 @@ def half_squares(grads: Sequence[tf.Tensor | None], sizes: Sequence[int], xla: b
             halves.append(tf.nn.l2_loss(tf.cast(grad, tf.float32)))
         else:
             halves.append(reduce.sumsq(tf.cast(grad, tf.float32), size, half=True))
-    return tf.stack(halves)
+    return halves if parts else tf.stack(halves)
 
 
 def exact_halves(halves: tf.Tensor, sizes: Sequence[int]) -> tf.Tensor:
