@@ -9,12 +9,15 @@ machine cancel in the per-block ratios:
   one pass   the train step plus ONE ``reduce_sum`` over every gradient (a wrapper
              written here): the price of reading every gradient once more
   monitor    the train step with GradientMonitor's default recording (stats="norm": per
-             weight one sum of squares, from Adam's g**2, the non-finite check, one
-             buffer row write per step; every statistic every 100th step)
+             weight one sum of squares written as one buffer row, the range test and the
+             schedule test of one branch that is taken every 100th step only, where it
+             writes every statistic)
   full       GradientMonitor(stats="full"): per weight sum, norm and max |g| every step
 
 "paired" is the median over blocks of (block time / plain block time of the same
-round); "extra" turns it into microseconds per step. Tracing is excluded: each
+round); "extra" turns it into microseconds per step. "cpu paired" is the same ratio of
+this process's CPU time (all its threads), which other processes on a shared machine
+disturb less than the wall clock. Tracing is excluded: each
 train function is warmed up first.
 
 With ``--first N`` it times instead what a fresh model pays once, over N rounds: the
@@ -140,13 +143,15 @@ def main() -> None:
         steps[kind], done = train_step(kind, iterator)
         cleanups.append(done)
     times: dict[str, list[float]] = {k: [] for k in kinds}
+    cpu: dict[str, list[float]] = {k: [] for k in kinds}
     for block in range(args.blocks):
         for kind in kinds if block % 2 == 0 else kinds[::-1]:
             step = steps[kind]
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             for _ in range(args.steps):
                 step()
             times[kind].append((time.perf_counter() - start) / args.steps)
+            cpu[kind].append((time.process_time() - start_cpu) / args.steps)
     for done in cleanups:
         done()
     print(f"after:  {_load()}")
@@ -156,14 +161,18 @@ def main() -> None:
         f"MLP 784-256-256-10, batch {BATCH}, Adam; {args.blocks} interleaved blocks of {args.steps} train steps; "
         "per step: median (10th percentile); paired = median of per-block ratios to plain"
     )
-    header = f"{'run':<10} {'ms/step':>16} {'paired':>8} {'extra us/step':>14}"
+    header = f"{'run':<10} {'ms/step':>16} {'paired':>8} {'extra us/step':>14} {'cpu paired':>11}"
     print(header)
     print("-" * len(header))
     for kind in kinds:
         values = sorted(times[kind])
         paired = statistics.median(t / p for t, p in zip(times[kind], times["plain"], strict=True))
         median, low = statistics.median(values) * 1e3, values[len(values) // 10] * 1e3
-        print(f"{kind:<10} {median:7.3f} ({low:6.3f}) {paired:7.3f}x {(paired - 1) * plain * 1e6:14.0f}")
+        cpu_paired = statistics.median(t / p for t, p in zip(cpu[kind], cpu["plain"], strict=True))
+        print(
+            f"{kind:<10} {median:7.3f} ({low:6.3f}) {paired:7.3f}x {(paired - 1) * plain * 1e6:14.0f} "
+            f"{cpu_paired:10.3f}x"
+        )
 
 
 if __name__ == "__main__":

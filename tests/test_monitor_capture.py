@@ -230,3 +230,23 @@ def test_default_norms_of_tiny_gradients_equal_a_tape_in_float64():
         assert min(want) < 1e-20  # small enough that float32 squares underflow
         # Tolerance: the tape's graph and the train step's are different graphs.
         np.testing.assert_allclose(norms[k], want, rtol=1e-5)
+
+
+def test_default_mode_measures_everything_at_a_non_finite_step_and_keeps_its_schedule():
+    # A LossScaleOptimizer skips the step whose scaled gradients overflow, so training goes on
+    # with finite gradients after it: the non-finite step between two scheduled ones must get
+    # every statistic (its NaN/Inf counts), and the schedule (every 3rd batch) must not move.
+    model = mlp((3, 5, 2), activation="linear")  # no saturation: the huge inputs reach the loss
+    model.compile(optimizer=keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.01)), loss="mse")
+    x, y = sample_data(64)
+    x[8:16] *= 1e30  # batch 1: the squared error overflows float32, the gradients are Inf/NaN
+    monitor = GradientMonitor(read_every=3)
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0, callbacks=[monitor])
+    cols = monitor.to_dict()
+    n_w = len(model.trainable_variables)
+    per_step = {name: np.array(cols[name]).reshape(8, n_w) for name in ("full", "skipped", "nan", "inf", "norm")}
+    assert per_step["full"][:, 0].tolist() == [False, True, True, False, False, True, False, False]
+    assert per_step["skipped"][:, 0].tolist() == [False, True] + [False] * 6
+    assert (per_step["nan"][1] + per_step["inf"][1]).sum() > 0  # counted, not just flagged
+    assert (per_step["nan"] + per_step["inf"])[[0, *range(2, 8)]].sum() == 0
+    assert np.isfinite(per_step["norm"][[0, *range(2, 8)]]).all()

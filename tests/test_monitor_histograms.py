@@ -10,7 +10,6 @@ from conftest import mlp
 from monitor_helpers import WeightsBefore, sample_data, tape_gradients
 
 from gradmagic.core.monitor.callback import GradientMonitor
-from gradmagic.core.monitor.stats import step_stats
 
 
 @pytest.mark.parametrize("jit", [False, True])
@@ -45,7 +44,7 @@ def test_histogram_leaves_out_nonfinite_entries(xla):
 
     @tf.function(jit_compile=xla)
     def record():
-        buffer.record(tf.constant(0, tf.int64), [grad], [0], step_stats([grad]))
+        buffer.record(tf.constant(0, tf.int64), [grad], [0])
 
     record()
     steps, counts, ranges = buffer.read(0, 1)

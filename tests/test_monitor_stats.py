@@ -58,46 +58,29 @@ def test_step_stats_exact_where_squares_leave_float32(magnitude, jit):
     np.testing.assert_allclose(finish_stats(got, [g.size for g in grads]), want, rtol=2e-6)
 
 
-def test_norm_stats_measure_the_norm_only_unless_asked_or_not_finite():
-    from gradmagic.core.monitor.stats import norm_stats
+@pytest.mark.parametrize("jit", [False, True])
+def test_half_squares_equal_numpy_and_are_exact_only_when_finite_and_in_range(jit):
+    from gradmagic.core.monitor.stats import exact_halves, half_squares
 
     rng = np.random.default_rng(3)
-    grads = [rng.normal(size=(70, 1000)).astype("float32"), rng.normal(size=(3, 4)).astype("float32")]
-    sizes = [g.size for g in grads]
-    run = tf.function(lambda full, *g: norm_stats(g, None, full))
-    quick = finish_stats(run(tf.constant(False), *grads).numpy(), sizes)
-    # Norm only: the norm against NumPy; max |g| and mean are 0 (not measured), the counts exactly 0.
-    np.testing.assert_allclose(quick[:, 0], [np.linalg.norm(g.astype("float64")) for g in grads], rtol=2e-6)
-    np.testing.assert_array_equal(quick[:, 1:], 0.0)
-    full = finish_stats(run(tf.constant(True), *grads).numpy(), sizes)
-    np.testing.assert_allclose(full, [_numpy_stats(g) for g in grads], rtol=2e-6, atol=1e-6)
-    spoiled = [grads[0], grads[1].copy()]
-    spoiled[1][0, 0] = np.nan  # a NaN makes every statistic of the step measured, counts included
-    got = finish_stats(run(tf.constant(False), *spoiled).numpy(), sizes)
-    np.testing.assert_allclose(got, [_numpy_stats(g) for g in spoiled], rtol=2e-6, atol=1e-6, equal_nan=True)
+    # Row-reduced (large, composite), flat slices (prime > 65536), small, and a weight without a gradient.
+    grads = [rng.normal(size=s).astype("float32") for s in [(70, 1000), (131071,), (3, 4)]]
+    sizes = [g.size for g in grads] + [0]
 
+    def run(*g):
+        halves = half_squares([*g, None], sizes, xla=jit)
+        return halves, exact_halves(halves, sizes)
 
-@pytest.mark.parametrize("jit", [False, True])
-def test_norm_stats_keep_the_scale_of_tiny_gradients(jit):
-    # float32 squares of |g| < 1.1e-19 flush to 0: norms of 1e-20 would read as 0, and a
-    # gradient of mixed tiny and small entries would lose the tiny ones' share. The
-    # default mode must give the norm NumPy gives in float64, however small.
-    from gradmagic.core.monitor.stats import norm_stats
-
-    rng = np.random.default_rng(4)
-    mixed = (rng.normal(size=(300, 300)) * 1e-20).astype("float32")
-    mixed[0, :10] = 1e-16  # these squares are normal floats, the others are not
-    grads = [
-        (rng.normal(size=(70_000,)) * 1e-20).astype("float32"),
-        (rng.normal(size=(5, 3)) * 1e-30).astype("float32"),
-        mixed,
-        rng.normal(size=(4,)).astype("float32"),  # ordinary
-    ]
-    sizes = [g.size for g in grads]
-    run = tf.function(lambda full, *g: norm_stats(g, None, full, xla=jit), jit_compile=jit)
-    got = finish_stats(run(tf.constant(False), *grads).numpy(), sizes)
-    want = [np.linalg.norm(g.astype("float64")) for g in grads]
-    np.testing.assert_allclose(got[:, 0], want, rtol=2e-6)
-    # The float32 sums of squares really do underflow here (else this test could not fail).
-    with np.errstate(under="ignore"):
-        assert float(tf.reduce_sum(tf.square(grads[1]))) == 0.0
+    run = tf.function(run, jit_compile=jit)
+    halves, exact = run(*grads)
+    want = [np.sum(np.square(g.astype("float64"))) / 2 for g in grads] + [0.0]
+    np.testing.assert_allclose(halves.numpy(), want, rtol=2e-6)  # float32 sums against float64
+    assert bool(exact)
+    # Each case below must send the step to the exact (float64) statistics.
+    nan, inf, huge = (g.copy() for g in [grads[2]] * 3)
+    nan[0, 0], inf[1, 1], huge[2, 2] = np.nan, -np.inf, 1e20  # 1e20**2 leaves float32's range
+    tiny = (grads[0] * 1e-20).astype("float32")  # squares below float32's normal range flush to 0
+    for case in ([grads[0], grads[1], nan], [grads[0], grads[1], inf], [grads[0], grads[1], huge]):
+        assert not bool(run(*case)[1])
+    assert not bool(run(tiny, grads[1], grads[2])[1])
+    assert not bool(run(grads[0], np.zeros_like(grads[1]), grads[2])[1])  # zero cannot be told from underflow

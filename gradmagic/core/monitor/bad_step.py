@@ -5,8 +5,10 @@ step's gradient first holds NaN/Inf, that step's batch ``(x, y, sample_weight)``
 and the trainable weights from *before* its update, in monitor-owned variables.
 The copy runs in a ``tf.cond`` branch that is one call of a non-inlined function:
 a step with finite gradients pays for the test and one skipped node, nothing is
-copied. TensorFlow orders the branch (it reads the weights) before the
-optimizer's update of the same weights, so the copy is of the pre-step values.
+copied (with ``stats="norm"`` the test runs inside the branch that measures every
+statistic, which a step with finite gradients takes only when scheduled).
+TensorFlow orders the branch (it reads the weights) before the optimizer's update
+of the same weights, so the copy is of the pre-step values.
 
 The monitor then runs the NaN/Inf-origin pass of ``gm.explain`` on that batch at
 those weights, and hands the batch to the user as ``monitor.bad_batch``.

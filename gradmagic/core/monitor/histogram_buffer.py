@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from gradmagic.core.monitor.columns import raw_row
 from gradmagic.core.monitor.variables import replica_variable, write_row
 
 
@@ -33,17 +32,13 @@ class HistogramBuffer:
         self.counts = replica_variable(tf.zeros((*shape, self.bins)), "gradmagic_monitor_histograms", strategy)
         self.ranges = replica_variable(tf.zeros(shape), "gradmagic_monitor_ranges", strategy)
 
-    def record(
-        self, count: tf.Tensor, grads: Sequence[tf.Tensor], columns: Sequence[int], raw: tf.Tensor, scale: Any = None
-    ) -> None:
+    def record(self, count: tf.Tensor, grads: Sequence[tf.Tensor], columns: Sequence[int], scale: Any = None) -> None:
         """Add the ops that bin the gradients at every ``every``-th step (called while tracing).
 
         Args:
             count: The step counter before this step (the statistics buffer's).
             grads: Dense gradients as applied (loss-scaled under a ``LossScaleOptimizer``).
             columns: Buffer column of each gradient.
-            raw: The step's raw statistics of ``grads`` (``[5, len(grads)]``, see
-                :func:`~gradmagic.core.monitor.stats.step_stats`): its NaN/Inf counts.
             scale: The loss scale ``grads`` carry, or None.
         """
         n = self.counts.shape[1]
@@ -51,15 +46,16 @@ class HistogramBuffer:
         def write() -> tf.Tensor:
             inverse = 1.0 if scale is None else 1.0 / tf.cast(scale, tf.float32)
             rows, reaches = [], []
-            for k, grad in enumerate(grads):
+            for grad in grads:
                 values = tf.reshape(tf.cast(grad, tf.float32), [-1]) * inverse
                 # Non-finite entries are moved to 0, then taken out of 0's bin again.
-                values = tf.where(tf.math.is_finite(values), values, 0.0)
+                finite = tf.math.is_finite(values)
+                nonfinite = tf.cast(tf.size(values, tf.int64) - tf.math.count_nonzero(finite), tf.float32)
+                values = tf.where(finite, values, 0.0)
                 # The range from the values themselves (one more pass, every `every` steps
                 # only). Binning values / reach in [-1, 1] cannot overflow, however large |g|.
                 reach = tf.maximum(tf.reduce_max(tf.abs(values)), np.finfo(np.float32).tiny)
                 binned = tf.cast(self._histogram(values / reach), tf.float32)
-                nonfinite = raw_row(raw, "nan")[k] + raw_row(raw, "inf")[k]
                 rows.append(binned - tf.one_hot(self.bins // 2, self.bins) * nonfinite)
                 reaches.append(reach)
             reach = tf.stack(reaches)

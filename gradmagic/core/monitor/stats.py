@@ -25,6 +25,9 @@ possible and to add little to the first trace:
   a square left float32's range); they are computed, exactly in float64, in a
   ``tf.cond`` branch that calls a separate (not inlined) function, built and
   optimized only if a step ever takes it.
+* The default mode (``stats="norm"``) measures per step only :func:`half_squares`
+  (one reduction per weight); :func:`exact_halves` says when those are not to be
+  trusted, and the step then measures everything with :func:`step_stats`.
 * :func:`stats_function` caches the traced ``tf.function`` per gradient
   signature, so the Python tracing is paid once per process, not per ``fit``.
 """
@@ -86,118 +89,80 @@ def step_stats(
     return tf.cond(trusted, lambda: raw, lambda: masked(*grads))
 
 
-@tf.autograph.experimental.do_not_convert
-def norm_stats(
-    grads: Sequence[tf.Tensor], squares: Sequence[tf.Tensor | None] | None, full: tf.Tensor, xla: bool = False
-) -> tf.Tensor:
-    """The norm of each gradient, and all of :func:`step_stats` when ``full`` or when one is not finite.
+def half_squares(
+    grads: Sequence[tf.Tensor | None], sizes: Sequence[int], xla: bool = False, parts: bool = False
+) -> tf.Tensor | list[tf.Tensor]:
+    """Half the sum of squares of each gradient (what ``L2Loss`` gives), ``[len(grads)]`` float32.
 
-    One reduction per gradient (the sum of squares, or the sum of the optimizer's
-    ``g**2``): a NaN or Inf anywhere makes that sum non-finite, and then (or when
-    ``full`` is true, or when a sum is below its :func:`square_floors` entry, where
-    float32 squares may have underflowed) the step takes :func:`step_stats`' branch
-    instead, which is exact there (float64). A gradient that is exactly zero takes
-    that branch too (its sum cannot tell it from an underflow). Rows are
-    ``RAW_ROWS``; in a step that measured the norm only, the sum is 0, the
-    NaN/Inf counts are 0 (exactly: every square was finite) and max |g| is -1,
-    the mark :func:`finish_stats` reads.
+    One reduction per gradient: the default mode's whole per-step measurement. A
+    NaN or Inf anywhere makes that half sum non-finite (see :func:`exact_halves`).
 
     Args:
-        grads: Dense gradients (any float dtype).
-        squares: Optional float32 ``g**2`` per gradient (None where unknown).
-        full: Scalar bool tensor: measure every statistic at this step.
+        grads: Dense gradients (any float dtype; None gives 0, for a weight without one).
+        sizes: Number of entries of each gradient (from its variable, known when its shape is not).
         xla: Whether the ops will be compiled by XLA. Defaults to False.
-
-    Returns:
-        The raw statistics, one column per gradient.
+        parts: Return the scalar of each gradient instead of their stack. Defaults to False.
     """
-    grads = [tf.cast(g, tf.float32) for g in grads]
-    squares = list(squares) if squares is not None else [None] * len(grads)
-    sizes = [g.shape.num_elements() for g in grads]
-    if any(size is None for size in sizes):
-        return step_stats(grads, squares, xla)
     reduce = _Reducer(xla)
     zero = tf.constant(0.0)
-    halves = []  # half sums of squares (what L2Loss gives)
-    for grad, square, size in zip(grads, squares, sizes, strict=True):
-        if size == 0:
+    halves = []
+    for grad, size in zip(grads, sizes, strict=True):
+        if grad is None or size == 0:
             halves.append(zero)
-        elif square is not None:
-            halves.append(0.5 * reduce(tf.reduce_sum, square, size))
+        elif grad.shape.num_elements() is None:  # dynamic shape: no row view, one plain reduction
+            halves.append(tf.nn.l2_loss(tf.cast(grad, tf.float32)))
         else:
-            halves.append(reduce.sumsq(grad, size, half=True))
-    halves = tf.stack(halves)
-    n = len(grads)
-    # The factor 2 is applied once, to all; the constant rows are folded by TensorFlow.
-    quick = tf.stack([tf.zeros([n]), tf.sqrt(2.0 * halves), tf.fill([n], -1.0), tf.zeros([n]), tf.zeros([n])])
-    # Trusted: every half sum within [floor / 2, max / 2] (the sum within [floor, max]):
-    # clipping leaves it unchanged. NaN equals nothing, Inf is clipped; a sum below
-    # its floor may have lost squares.
+            halves.append(reduce.sumsq(tf.cast(grad, tf.float32), size, half=True))
+    return halves if parts else tf.stack(halves)
+
+
+def exact_halves(halves: tf.Tensor, sizes: Sequence[int]) -> tf.Tensor:
+    """Scalar bool: every half sum of squares is finite and exact to float32's precision.
+
+    Each must lie within ``[floor / 2, max / 2]`` (the sum within ``[floor, max]``,
+    :func:`square_floors`): then clipping leaves it unchanged. NaN equals nothing,
+    Inf is clipped, and a sum below its floor may have lost squares to underflow
+    (an exactly-zero gradient cannot be told from that: it fails too). Where this is
+    false, :func:`step_stats` is exact (float64 on the finite entries).
+
+    Args:
+        halves: Half sums of squares, as :func:`half_squares` gives.
+        sizes: Number of entries of each gradient (0 for a weight without one).
+    """
     low = tf.constant(square_floors(sizes) / 2, tf.float32)
     high = tf.constant(np.finfo(np.float32).max / 2, tf.float32)
     clipped = tf.raw_ops.ClipByValue(t=halves, clip_value_min=low, clip_value_max=high)
-    trusted = tf.reduce_all(tf.equal(clipped, halves))
-    measure = tf.logical_or(full, tf.logical_not(trusted))
-    if xla:  # XLA compiles both branches into one program; no executor to skip nodes
-        return tf.cond(measure, lambda: step_stats(grads, squares, xla), lambda: quick)
-    # The full statistics are one call of a function that is not inlined: in a step that
-    # does not take that branch the executor then skips one node, not the dozens of
-    # step_stats' ops (which it would otherwise visit, as dead, at every step). A lowered
-    # tf.cond measured cheaper here than an If node that is not lowered (which calls the
-    # branch taken as a function at every step).
-    given = [sq for sq in squares if sq is not None]
-    specs = [tf.TensorSpec(g.shape, g.dtype) for g in grads] + [tf.TensorSpec(sq.shape, sq.dtype) for sq in given]
-    squared = tuple(sq is not None for sq in squares)
-    full_stats = _full_function(tuple(specs), squared)
-    return tf.cond(measure, lambda: full_stats(*grads, *given), lambda: quick)
+    return tf.reduce_all(tf.equal(clipped, halves))
 
 
 def stats_function(
-    specs: Sequence[tf.TensorSpec], squared: Sequence[bool] | None = None, xla: bool = False, mode: str = "full"
+    specs: Sequence[tf.TensorSpec], squared: Sequence[bool] | None = None, xla: bool = False
 ) -> Callable[..., tf.Tensor]:
     """:func:`step_stats` as a ``tf.function``, made once per gradient signature and process.
 
     Calling it while a train step is traced adds one call op, which TensorFlow
     inlines: the step runs the same ops as with :func:`step_stats`, but their
     Python tracing is paid once per signature rather than on every trace of
-    every ``fit`` (Keras traces a new train function twice per ``fit``).
+    every ``fit``.
 
     Args:
         specs: Shape and dtype of each gradient.
         squared: For each gradient, whether its ``g**2`` is passed too (after all
             gradients, in order). Defaults to None (none is).
         xla: Whether the calling function is compiled by XLA. Defaults to False.
-        mode: ``"full"`` (:func:`step_stats`) or ``"norm"`` (:func:`norm_stats`, whose
-            ``full`` flag is then the last argument). Defaults to "full".
 
     Returns:
-        A function of the gradients, then the squares given (then ``full``),
-        returning the statistics.
+        A function of the gradients, then the squares given, returning the statistics.
     """
     specs = list(specs)
     squared = [bool(s) for s in squared] if squared is not None else [False] * len(specs)
     extra = [tf.TensorSpec(s.shape, tf.float32) for s, q in zip(specs, squared, strict=True) if q]
 
     def body(*tensors: tf.Tensor) -> tf.Tensor:
-        given = iter(tensors[len(specs) : len(specs) + len(extra)])
-        squares = [next(given) if q else None for q in squared]
-        if mode == "norm":
-            return norm_stats(tensors[: len(specs)], squares, tensors[-1], xla)
-        return step_stats(tensors[: len(specs)], squares, xla)
+        given = iter(tensors[len(specs) :])
+        return step_stats(tensors[: len(specs)], [next(given) if q else None for q in squared], xla)
 
-    flag = [tf.TensorSpec([], tf.bool)] if mode == "norm" else []
-    return _cached(_STATS, specs + extra + flag, body, False, (tuple(squared), xla, mode))
-
-
-def _full_function(specs: tuple[tf.TensorSpec, ...], squared: tuple[bool, ...]) -> Callable[..., tf.Tensor]:
-    """:func:`step_stats` of the gradients (then the squares given) as a function that is not inlined."""
-    n = len(squared)
-
-    def body(*tensors: tf.Tensor) -> tf.Tensor:
-        given = iter(tensors[n:])
-        return step_stats(list(tensors[:n]), [next(given) if q else None for q in squared])
-
-    return _cached(_FULL, specs, body, True, squared)
+    return _cached(_STATS, specs + extra, body, False, (tuple(squared), xla))
 
 
 def _masked_function(specs: tuple[tf.TensorSpec, ...]) -> Callable[..., tf.Tensor]:
@@ -207,11 +172,10 @@ def _masked_function(specs: tuple[tf.TensorSpec, ...]) -> Callable[..., tf.Tenso
 
 
 # The traced statistics functions, one cache per variant (policy: see _cached).
-# _STATS: stats_function's (inlined into the train step); _FULL and _MASKED: the
-# not-inlined branches of norm_stats and step_stats.
+# _STATS: stats_function's (inlined where it is called); _MASKED: the not-inlined
+# non-finite branch of step_stats.
 _STATS: dict[tuple, Callable[..., tf.Tensor]] = {}
 _MASKED: dict[tuple, Callable[..., tf.Tensor]] = {}
-_FULL: dict[tuple, Callable[..., tf.Tensor]] = {}
 
 
 def _cached(
@@ -219,7 +183,7 @@ def _cached(
 ) -> Callable[..., tf.Tensor]:
     """The ``tf.function`` of ``body`` for ``specs`` and ``flags`` from ``cache``, made on a miss.
 
-    Cache policy (``_STATS``, ``_FULL``, ``_MASKED``): one entry per gradient
+    Cache policy (``_STATS``, ``_MASKED``): one entry per gradient
     signature (shapes, dtypes) and variant flags, for the whole process. Keys hold
     no model, variable or tensor, so a cache keeps no model alive, and every model
     whose gradients have the same shapes reuses the traced function (Python tracing
