@@ -35,7 +35,7 @@ def finish_stats(raw: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
 
     Norm, max |g| and mean describe the finite entries; they are NaN for a
     gradient with none (all NaN/Inf, or empty). Where only the norm was measured
-    (:func:`norm_stats`' mark, max |g| < 0), max |g| and mean are 0.
+    (the default mode's mark on such a row, max |g| < 0), max |g| and mean are 0.
 
     Args:
         raw: Raw statistics of one or more steps, as :func:`step_stats` gives.
