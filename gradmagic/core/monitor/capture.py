@@ -35,8 +35,8 @@ import tensorflow as tf
 
 from gradmagic.core.backends import tensorflow as backend
 from gradmagic.core.monitor.bad_step import BadStepCapture
-from gradmagic.core.monitor.columns import BUFFER_COLUMNS, RAW_ROWS, column, column_index, raw_index, raw_row
-from gradmagic.core.monitor.finish import finish_stats
+from gradmagic.core.monitor.columns import BUFFER_COLUMNS, RAW_ROWS, raw_index, raw_row
+from gradmagic.core.monitor.finish import buffer_rows
 from gradmagic.core.monitor.histogram_buffer import HistogramBuffer
 from gradmagic.core.monitor.replay import readable
 from gradmagic.core.monitor.stats import exact_halves, half_squares, stats_function
@@ -306,19 +306,7 @@ class StatsBuffer:
         index = np.arange(max(start, count - self.capacity), count)
         slots = index % self.capacity
         raw = self.rows.numpy()[slots] if self.mode == "full" else self._norm_rows(index, slots)
-        stats = finish_stats(raw, self._sizes)
-        stats[:, self._missing, :] = 0.0  # no gradient, no statistics (flagged "missing")
-        rows = np.zeros((*stats.shape[:2], _WIDTH), np.float32)
-        rows[..., : stats.shape[-1]] = stats  # finish_stats gives the first columns, STAT_COLUMNS
-        if self._skips:
-            # What LossScaleOptimizer does: a step with a non-finite gradient is not applied.
-            bad = column(rows, "nan") + column(rows, "inf") > 0
-            rows[..., column_index("skipped")] = bad.any(axis=1, keepdims=True)
-        rows[..., column_index("missing")] = self._missing
-        # Where only the norm was measured, max |g| is marked -1 (see _norm_rows).
-        measured = raw_row(raw, "max_abs") >= 0
-        rows[..., column_index("full")] = measured.all(axis=1, keepdims=True)
-        return count, rows
+        return count, buffer_rows(raw, self._sizes, self._missing, self._skips)
 
     def _norm_rows(self, index: np.ndarray, slots: np.ndarray) -> np.ndarray:
         """``"norm"`` mode: raw rows of steps ``index``: the full row where one was written, else the norm.

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from gradmagic.core.monitor.columns import STAT_COLUMNS, raw_row
+from gradmagic.core.monitor.columns import BUFFER_COLUMNS, STAT_COLUMNS, column, column_index, raw_row
 
 
 def square_floors(sizes: Sequence[int]) -> np.ndarray:
@@ -56,3 +56,27 @@ def finish_stats(raw: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
         "inf": inf,
     }
     return np.stack([columns[name] for name in STAT_COLUMNS], axis=-1).astype(np.float32)
+
+
+def buffer_rows(raw: np.ndarray, sizes: Sequence[int], missing: np.ndarray, skips: bool) -> np.ndarray:
+    """Rows as the monitor's history keeps them, ``[steps, n, BUFFER_COLUMNS]``, from raw rows of every backend.
+
+    Args:
+        raw: Raw statistics of the steps read, ``[steps, RAW_ROWS, n]``.
+        sizes: Number of entries of each gradient.
+        missing: Per weight, True where the train step had no gradient for it.
+        skips: Whether the optimizer skips a step with a non-finite gradient.
+    """
+    stats = finish_stats(raw, sizes)
+    stats[:, missing, :] = 0.0  # no gradient, no statistics (flagged "missing")
+    rows = np.zeros((*stats.shape[:2], len(BUFFER_COLUMNS)), np.float32)
+    rows[..., : stats.shape[-1]] = stats  # finish_stats gives the first columns, STAT_COLUMNS
+    if skips:
+        # What LossScaleOptimizer does: a step with a non-finite gradient is not applied.
+        bad = column(rows, "nan") + column(rows, "inf") > 0
+        rows[..., column_index("skipped")] = bad.any(axis=1, keepdims=True)
+    rows[..., column_index("missing")] = missing
+    # Where only the norm was measured, max |g| is marked -1.
+    measured = raw_row(raw, "max_abs") >= 0
+    rows[..., column_index("full")] = measured.all(axis=1, keepdims=True)
+    return rows

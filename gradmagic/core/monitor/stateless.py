@@ -26,8 +26,8 @@ from typing import Any
 import keras
 import numpy as np
 
-from gradmagic.core.monitor.columns import BUFFER_COLUMNS, column, column_index, raw_row
-from gradmagic.core.monitor.finish import finish_stats, square_floors
+from gradmagic.core.monitor.columns import BUFFER_COLUMNS, raw_row
+from gradmagic.core.monitor.finish import buffer_rows, square_floors
 from gradmagic.core.monitor.guard import GuardedFunctions
 
 _WIDTH = len(BUFFER_COLUMNS)
@@ -128,17 +128,7 @@ class HostBuffer:
         if kept <= 0:
             return count, np.zeros((0, len(self.paths), _WIDTH), np.float32)
         raw = np.stack([self.to_host(r) for r in list(self._rows)[len(self._rows) - kept :]])
-        stats = finish_stats(raw, self.sizes)
-        stats[:, self._missing, :] = 0.0
-        rows = np.zeros((*stats.shape[:2], _WIDTH), np.float32)
-        rows[..., : stats.shape[-1]] = stats
-        if self.skips:
-            bad = column(rows, "nan") + column(rows, "inf") > 0
-            rows[..., column_index("skipped")] = bad.any(axis=1, keepdims=True)
-        rows[..., column_index("missing")] = self._missing
-        measured = raw_row(raw, "max_abs") >= 0
-        rows[..., column_index("full")] = measured.all(axis=1, keepdims=True)
-        return count, rows
+        return count, buffer_rows(raw, self.sizes, self._missing, self.skips)
 
 
 class HostHistograms:
