@@ -35,6 +35,16 @@ def run_on_backend(backend: str, script: str, arguments: list[str], out: Path) -
         return {key: found[key] for key in found.files if key != "backend"}
 
 
+def run_without_tensorflow(backend: str, script: str) -> str:
+    """Run ``script`` on ``backend`` in a new process and return its output, whose last line must be
+    the sorted TensorFlow modules it loaded: ``[]`` (the script blocks TensorFlow's import itself)."""
+    env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": str(_ROOT)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"  # no TensorFlow module was loaded
+    return done.stdout
+
+
 def fingerprint(model: keras.Model) -> str:
     """A hash of every variable of the model and of its optimizer, bit for bit."""
     variables = list(model.variables)

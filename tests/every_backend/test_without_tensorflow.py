@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import keras
 import pytest
+
+from .backend_truths import run_without_tensorflow
 
 _SCRIPT = textwrap.dedent(
     """
@@ -39,9 +37,5 @@ _SCRIPT = textwrap.dedent(
 def test_the_questions_import_and_run_with_tensorflow_blocked(backend):
     if backend == "tensorflow":
         pytest.skip("the TensorFlow backend needs TensorFlow")
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "KERAS_BACKEND": backend, "PYTHONPATH": str(root)}
-    done = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip().splitlines()[-1] == "[]"  # no TensorFlow module was loaded
+    run_without_tensorflow(backend, _SCRIPT)
     assert keras.backend.backend() == backend
