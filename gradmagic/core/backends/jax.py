@@ -189,30 +189,68 @@ _NO_GRADIENT = frozenset({"stop_gradient"})
 _CALLS = frozenset({"jit", "pjit", "closed_call", "core_call", "checkpoint", "remat"})
 
 
-def _reached(jaxpr: Any, count: int) -> list[bool]:
+def _reached(jaxpr: Any, count: int, stops: frozenset = _NO_GRADIENT) -> list[bool]:
     """Whether the first output of ``jaxpr`` depends, through float values, on each of its first ``count`` inputs.
 
     A backward walk over the equations: an equation's inputs are needed when
-    one of its float outputs is, except through ``stop_gradient``. Nested
+    one of its float outputs is, except through the primitives in ``stops``
+    (defaults to ``stop_gradient``). Nested
     jaxprs of call-like equations (``jit``, ``checkpoint``...) are walked
     inside; any other equation (loops, conditionals, custom derivatives
     included) passes the need to all of its inputs, so a weight is never
     called unreached when it may be reached.
     """
-    needed = _needed_inputs(jaxpr, [True] + [False] * (len(jaxpr.outvars) - 1))
+    needed = _needed_inputs(jaxpr, [True] + [False] * (len(jaxpr.outvars) - 1), stops)
     return needed[:count]
 
 
-def _needed_inputs(jaxpr: Any, wanted: list[bool]) -> list[bool]:
+def _needed_inputs(jaxpr: Any, wanted: list[bool], stops: frozenset) -> list[bool]:
     needed = {v for v, w in zip(jaxpr.outvars, wanted) if w and not isinstance(v, Literal) and _is_float(v)}
     for eqn in reversed(jaxpr.eqns):
         outs = [v in needed and _is_float(v) for v in eqn.outvars]
-        if not any(outs) or eqn.primitive.name in _NO_GRADIENT:
+        if not any(outs) or eqn.primitive.name in stops:
             continue
         inner = _nested(eqn.params, len(eqn.invars), len(eqn.outvars)) if eqn.primitive.name in _CALLS else None
-        flags = [True] * len(eqn.invars) if inner is None else _needed_inputs(_closed(inner)[0], outs)
+        flags = [True] * len(eqn.invars) if inner is None else _needed_inputs(_closed(inner)[0], outs, stops)
         needed.update(v for v, f in zip(eqn.invars, flags) if f and not isinstance(v, Literal))
     return [v in needed for v in jaxpr.invars]
+
+
+# --- attribution (core/questions/attribution) --------------------------------
+# The attribution functions differentiate one output unit with respect to x
+# (or a layer's output) and say so when no gradient path joins them, where
+# TensorFlow's tape gives None: through stop_gradient, integer or boolean
+# values (a cast to int, argmax), and round, floor and ceil, which TensorFlow
+# registers no gradient for. JAX passes back zeros there instead, which look
+# like a genuinely zero gradient (a dead ReLU, a zero weight): the same walk of
+# the jaxpr that finds unreached weights (``_reached``) tells the two apart.
+
+#: Primitives no attribution passes through: JAX's symbolic zero of ``stop_gradient``, and the
+#: piecewise-constant ops TensorFlow has no gradient for (``sign``, whose TensorFlow gradient is 0, flows).
+_ATTRIBUTION_STOPS = _NO_GRADIENT | frozenset({"round", "floor", "ceil"})
+
+
+def attribution_value_and_grad(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn(first, *rest) -> (value, aux)`` as ``((value, aux), d value / d first)``, ``None`` for unreached leaves.
+
+    Each float leaf of ``first`` that no gradient path joins to the value (see
+    :data:`_ATTRIBUTION_STOPS`) gets ``None`` instead of JAX's zeros, as on
+    TensorFlow; ``first`` itself is ``None`` when it is one such array. ``fn``
+    is traced once (``jax.make_jaxpr``), and the jaxpr walked is what gets
+    differentiated, as in ``JaxBackend.host_gradients``. The other arguments
+    may be arrays or Python values (sizes): they are closed over, not traced.
+    """
+    from jax.extend.core import jaxpr_as_fun
+
+    def run(first: Any, *rest: Any) -> tuple:
+        leaves, tree = jax.tree.flatten(first)
+        closed, shape = jax.make_jaxpr(lambda *ls: fn(jax.tree.unflatten(tree, ls), *rest), return_shape=True)(*leaves)
+        reached = _reached(closed.jaxpr, len(leaves), _ATTRIBUTION_STOPS)
+        replay, out_tree = jaxpr_as_fun(closed), jax.tree.structure(shape)
+        result, grads = jax.value_and_grad(lambda ls: jax.tree.unflatten(out_tree, replay(*ls)), has_aux=True)(leaves)
+        return result, jax.tree.unflatten(tree, [g if r else None for g, r in zip(grads, reached)])
+
+    return run
 
 
 # --- diagnosis ---------------------------------------------------------------

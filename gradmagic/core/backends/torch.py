@@ -250,6 +250,66 @@ class TorchBackend:
 BACKEND = TorchBackend()
 
 
+# --- attribution (core/questions/attribution) --------------------------------
+# The attribution functions differentiate one output unit with respect to x
+# (or a layer's output) and say so when no gradient path joins them, where
+# TensorFlow's tape gives None: through stop_gradient, integer or boolean
+# values (a cast to int, argmax), and round, floor and ceil, which TensorFlow
+# registers no gradient for. Autograd gives None for the first two itself; for
+# the last three its backward passes back zeros, which look like a genuinely
+# zero gradient (a dead ReLU, a zero weight): a walk of the autograd graph
+# from the value, stopping at their backward nodes, tells the two apart.
+
+#: Backward nodes no attribution passes through (``RoundBackward0``, ``RoundBackward1``...; ``sign``,
+#: whose TensorFlow gradient is 0, flows).
+_ATTRIBUTION_STOPS = ("RoundBackward", "FloorBackward", "CeilBackward")
+
+
+def _reached_leaves(value: Any, leaves: Sequence[Any]) -> list[bool]:
+    """Whether a backward walk from ``value.grad_fn`` reaches each leaf without passing :data:`_ATTRIBUTION_STOPS`."""
+    wanted = {id(t): i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.requires_grad}
+    reached = [False] * len(leaves)
+    todo, seen, left = [getattr(value, "grad_fn", None)], set(), len(wanted)
+    while todo and left:
+        fn = todo.pop()
+        if fn is None or fn in seen or type(fn).__name__.startswith(_ATTRIBUTION_STOPS):
+            continue
+        seen.add(fn)
+        variable = getattr(fn, "variable", None)  # AccumulateGrad: a leaf
+        if variable is not None:
+            index = wanted.get(id(variable))
+            if index is not None and not reached[index]:
+                reached[index], left = True, left - 1
+            continue
+        todo.extend(next_fn for next_fn, _ in fn.next_functions)
+    return reached
+
+
+def attribution_value_and_grad(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn(first, *rest) -> (value, aux)`` as ``((value, aux), d value / d first)``, ``None`` for unreached leaves.
+
+    ``TorchBackend.value_and_grad`` (``torch.autograd.grad`` on fresh leaves),
+    with ``None`` too for each leaf of ``first`` whose every path to the value
+    runs through round, floor or ceil (see :data:`_ATTRIBUTION_STOPS`), as on TensorFlow.
+    """
+    found: list[list[bool]] = []
+
+    def walked(first: Any, *rest: Any) -> tuple:
+        value, aux = fn(first, *rest)
+        found.append(_reached_leaves(value, _leaves(first)))  # ``first`` holds the fresh leaves here
+        return value, aux
+
+    step = BACKEND.value_and_grad(walked, argnums=0, has_aux=True)
+
+    def run(first: Any, *rest: Any) -> tuple:
+        found.clear()
+        result, grads = step(first, *rest)
+        reached = found.pop()
+        return result, _pack(grads, [g if r else None for g, r in zip(_leaves(grads), reached)])
+
+    return run
+
+
 # --- diagnosis ---------------------------------------------------------------
 # explain runs the target once eagerly while a TorchFunctionMode records every
 # torch function it calls (what it read, what it wrote, whether autograd

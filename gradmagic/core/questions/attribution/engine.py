@@ -19,7 +19,8 @@ An engine has:
 - ``noise(model, args, what, shape) -> list``: SmoothGrad's sums, ``args = (x, noise, units)``.
 - ``layer(model, layer, x, units) -> (values, units, [outputs], [gradients], [connected])``: Grad-CAM's
   ingredients; no outputs (and the cache entry dropped) when the layer is not called.
-- ``tokens(model, layer, output, x, scale) -> (embeddings, gradients, values)``: d(output unit)/d(Embedding output).
+- ``tokens(model, layer, output, x, scale) -> (embeddings, gradients, values, connected)``: d(output unit)/d(Embedding
+  output); zeros and ``connected`` False where the graph has no gradient path from the Embedding's output.
 """
 
 from __future__ import annotations

@@ -73,7 +73,7 @@ def gradcam(model: keras.Model, x: Any, layer: int | str | keras.Layer, output: 
 
     Warns:
         GradmagicWarning: The output has no gradient path from the layer (the map is 0).
-            TensorFlow and PyTorch only: JAX passes back zeros there, with no sign of a missing path.
+            The same on every backend: where JAX passes back zeros, the jaxpr tells a cut path from a zero gradient.
 
     Example:
         >>> g = gradmagic.gradcam(model, images, layer="conv2d_1")

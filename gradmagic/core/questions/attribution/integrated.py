@@ -147,8 +147,8 @@ def integrated_gradients(
     Warns:
         GradmagicWarning: A sample's relative completeness gap is above 5%; the
             message names a step count to try. Or the output has no gradient
-            path from x (every attribution is 0, whatever ``steps``;
-            on JAX, which passes back zeros there, a note that the attributions are all 0).
+            path from x (every attribution is 0, whatever ``steps``; the same
+            on every backend: where JAX passes back zeros, the jaxpr tells a cut path from a zero gradient).
 
     Example:
         >>> a = gradmagic.integrated_gradients(model, images, baseline="blur", steps=64)

@@ -356,6 +356,7 @@ class TokenGradients:
         values: The output unit, ``(batch,)``.
         layer_name: The Embedding layer differentiated at.
         output: The output unit (index into the flattened per-sample output).
+        notes: Anything the numbers need said beside them (e.g. no gradient path from the Embedding).
     """
 
     embeddings: np.ndarray
@@ -363,3 +364,4 @@ class TokenGradients:
     values: np.ndarray
     layer_name: str
     output: int
+    notes: list[str] = field(default_factory=list)

@@ -73,7 +73,7 @@ def saliency(
 
     Warns:
         GradmagicWarning: The output has no gradient path from x (the map is 0).
-            TensorFlow and PyTorch only: JAX passes back zeros there, with no sign of a missing path.
+            The same on every backend: where JAX passes back zeros, the jaxpr tells a cut path from a zero gradient.
 
     Example:
         >>> s = gradmagic.saliency(model, images, smooth=0.15, samples=32)

@@ -3,9 +3,11 @@
 See :mod:`gradmagic.core.questions.attribution.engine` for what an engine does;
 the functions mirror :mod:`gradmagic.core.questions.attribution.compute` (the
 TensorFlow ones), written in ``keras.ops`` and differentiated by the backend
-object's value-and-gradient (``jax.value_and_grad``; ``torch.autograd.grad`` on
-fresh leaves), compiled by its ``compile`` (``jax.jit``; PyTorch runs eagerly,
-see ``TorchBackend.compile``) and cached with the three gradient questions
+module's ``attribution_value_and_grad`` (``jax.value_and_grad``;
+``torch.autograd.grad`` on fresh leaves; ``None`` where no gradient path
+exists, as on TensorFlow, found from the jaxpr or the autograd graph),
+compiled by the backend object's ``compile`` (``jax.jit``; PyTorch runs
+eagerly, see ``TorchBackend.compile``) and cached with the three gradient questions
 (``gm.clear_cache`` drops them too). The model runs in ``model.stateless_call``
 with its variables' values passed in: the returned non-trainable values are
 dropped, so nothing is written back to the model, and on PyTorch the values are
@@ -20,6 +22,7 @@ shape is read once per input signature.
 
 from __future__ import annotations
 
+import importlib
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -35,6 +38,15 @@ from gradmagic.core.questions.layer_calls import layers_named
 from gradmagic.core.questions.model_keys import question_key
 from gradmagic.core.questions.stateless import _run as run_question
 from gradmagic.errors import InputError
+
+
+def _differentiated(backend: Any, fn: Callable) -> Callable:
+    """``fn(first, *rest) -> (value, aux)`` as ``((value, aux), gradients w.r.t. first)``, ``None`` without a path.
+
+    The backend module's ``attribution_value_and_grad``: autodiff that tells a
+    missing gradient path (``None``, as TensorFlow's tape says) from a zero gradient.
+    """
+    return importlib.import_module(f"gradmagic.core.backends.{backend.name}").attribution_value_and_grad(fn)
 
 
 def _flat_outputs(y_pred: Any) -> Any:
@@ -91,7 +103,7 @@ def _path_function(backend: Any, model: keras.Model, keep: bool, traces: list[in
         values = _rows(outputs[:count], ops.repeat(chosen, per_sample, axis=0))
         return ops.sum(values), (values, chosen, outputs[count:])
 
-    differentiated = backend.value_and_grad(unit_sum, argnums=0, has_aux=True)
+    differentiated = _differentiated(backend, unit_sum)
 
     def integrated(
         trainable: list, non_trainable: list, x: Any, baseline: Any, alphas: Any, weights: Any, units: Any
@@ -104,7 +116,7 @@ def _path_function(backend: Any, model: keras.Model, keep: bool, traces: list[in
         flat = ops.reshape(points, (batch * steps, *x.shape[1:]))
         ends = ops.concatenate([x, baseline], 0)
         (_, (values, chosen, at_ends)), grads = differentiated(flat, trainable, non_trainable, ends, units, steps)
-        connected = grads is not None  # PyTorch: None without a gradient path; JAX: zeros
+        connected = grads is not None  # None: no gradient path from the points to the unit
         grads = ops.zeros_like(points) if grads is None else ops.reshape(grads, points.shape)
         attribution = delta * ops.sum(ops.reshape(weights, lift) * grads, axis=1)
         parts = (
@@ -135,7 +147,7 @@ def _noise_function(backend: Any, model: keras.Model, traces: list[int]) -> Call
         values = _rows(outputs, ops.concatenate([ops.repeat(chosen, draws, axis=0), chosen], 0))
         return ops.sum(values), (values, chosen)
 
-    differentiated = backend.value_and_grad(unit_sum, argnums=0, has_aux=True)
+    differentiated = _differentiated(backend, unit_sum)
 
     def smoothed(trainable: list, non_trainable: list, x: Any, noise: Any, units: Any) -> tuple:
         traces[0] += 1
@@ -173,7 +185,7 @@ def _per_signature(backend: Any, run: Callable, traces: list[int]) -> Callable:
     units, calls))``; the compiled function returns ``(values, units, calls,
     gradients w.r.t. each call's output, connected per call)``.
     """
-    differentiated = backend.value_and_grad(run, argnums=0, has_aux=True)
+    differentiated = _differentiated(backend, run)
 
     def for_signature(trainable: list, non_trainable: list, *args: Any) -> Callable | None:
         shapes = backend.shapes(lambda *a: run(None, *a)[1][2], trainable, non_trainable, *args)
@@ -337,8 +349,8 @@ class StatelessEngine:
                 f"its output has no gradient. Expected a model that reads its token ids through that Embedding. "
                 f"Fix: explain the model that calls it (e.g. the inner model)."
             )
-        values, _, calls, grads, _ = parts
-        return calls[0], grads[0], values
+        values, _, calls, grads, connected = parts
+        return calls[0], grads[0], values, bool(connected[0])
 
 
 def _numpy(backend: Any, parts: Any) -> Any:

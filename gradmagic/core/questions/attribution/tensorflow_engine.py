@@ -62,7 +62,7 @@ class TensorFlowEngine:
         key = question_key(model, "tokens", lambda b: b.same(layer), output)
         fn = compute.cached(model, key, lambda: _token_function(model, layer, output))
         try:
-            embedded, grads, values = fn(x, tf.constant(scale))
+            embedded, grads, values, connected = fn(x, tf.constant(scale))
         except GradmagicError:
             compute.forget(model, key)
             raise
@@ -73,7 +73,7 @@ class TensorFlowEngine:
                 f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}. Check that x holds "
                 f"token ids the model takes; the model was left unchanged."
             ) from None
-        return embedded.numpy(), grads.numpy(), values.numpy()
+        return embedded.numpy(), grads.numpy(), values.numpy(), bool(connected)
 
 
 def _token_function(model: keras.Model, layer: keras.Layer, output: int) -> Any:
@@ -109,7 +109,8 @@ def _token_function(model: keras.Model, layer: keras.Layer, output: int) -> Any:
             raise InputError("The Embedding layer was not called when the model ran on x.")
         grads = tape.gradient(total, calls[0])
         restore_in_graph(guarded, saved)
-        return calls[0], grads if grads is not None else tf.zeros_like(calls[0]), unit
+        connected = tf.constant(grads is not None)  # known when traced: the graph has a path or not
+        return calls[0], grads if grads is not None else tf.zeros_like(calls[0]), unit, connected
 
     return token_grads
 

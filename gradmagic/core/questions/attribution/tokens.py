@@ -8,6 +8,7 @@ compiled and cached call.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import keras
@@ -20,7 +21,7 @@ from gradmagic.core.questions.entry import leaves_no_trace, spec_and_inputs
 from gradmagic.core.questions.inputs import model_spec
 from gradmagic.core.questions.kinds import embedding_layer
 from gradmagic.core.questions.targets import model_name
-from gradmagic.errors import InputError
+from gradmagic.errors import GradmagicWarning, InputError
 
 __all__ = ["TokenGradients", "token_gradients", "token_integrated_gradients"]
 
@@ -39,6 +40,17 @@ def _check_ids(model: keras.Model, layer: keras.layers.Embedding, ids: Any) -> N
             f"(the Embedding's input_dim is {layer.input_dim}). Fix: map unknown tokens to an id the model knows, "
             f"e.g. np.clip(ids, 0, {layer.input_dim - 1})."
         )
+
+
+def _warn_cut(notes: list[str], what: str, layer_name: str, framework: str) -> None:
+    """Note and warn that the output has no gradient path from the Embedding's output, so every gradient is 0."""
+    message = (
+        f"{what}: the output has no gradient path from the output of Embedding '{layer_name}' ({framework} has no "
+        f"gradient for some op between them, e.g. round, argmax or a cast to int), so every gradient is 0. "
+        f"Fix: explain a differentiable model, or ask at a layer after that op (gradcam(model, x, layer))"
+    )
+    notes.append(message)
+    warnings.warn(f"{message}.", GradmagicWarning, stacklevel=4)  # past this, the function and its guard
 
 
 @leaves_no_trace
@@ -63,10 +75,21 @@ def token_gradients(model: keras.Model, x: Any, output: int = 0, scale: Any = No
             its token ids (from 0 to ``input_dim - 1``), or ``output`` is out of range.
         GradmagicError: The model fails on x (the model is left unchanged).
 
+    Warns:
+        GradmagicWarning: The output has no gradient path from the Embedding's output (the gradients are 0).
+
     Example:
         >>> t = gradmagic.token_gradients(model, ids, output=1)
         >>> (t.array * t.embeddings).sum(-1)  # gradient x input per position
     """
+    result, connected, framework = _token_gradients(model, x, output, scale)
+    if not connected:
+        _warn_cut(result.notes, "Token gradients", result.layer_name, framework)
+    return result
+
+
+def _token_gradients(model: keras.Model, x: Any, output: int, scale: Any) -> tuple[TokenGradients, bool, str]:
+    """:func:`token_gradients` without its warning: the result, whether a gradient path exists, the framework."""
     run = engine()
     run.check_input(x)
     layer = embedding_layer(model)
@@ -99,10 +122,11 @@ def token_gradients(model: keras.Model, x: Any, output: int = 0, scale: Any = No
             f"Received: scale of shape {np.shape(scale)}. Expected one finite factor per sample ({batch},), or "
             f"None. Fix: e.g. scale=np.linspace(0, 1, {batch})."
         )
-    embedded, grads, values = run.tokens(model, layer, int(output), x_in, factors)
-    return TokenGradients(embedded, grads, values, layer.name, int(output))
+    embedded, grads, values, connected = run.tokens(model, layer, int(output), x_in, factors)
+    return TokenGradients(embedded, grads, values, layer.name, int(output)), connected, run.framework
 
 
+@leaves_no_trace
 def token_integrated_gradients(model: keras.Model, x: Any, output: int = 0, steps: int = 32) -> IntegratedGradients:
     """Integrated gradients in embedding space: the straight path from zero embeddings to the Embedding's output.
 
@@ -125,6 +149,9 @@ def token_integrated_gradients(model: keras.Model, x: Any, output: int = 0, step
     Raises:
         InputError: A bad ``steps`` or ``output``, or a model without an Embedding.
 
+    Warns:
+        GradmagicWarning: The output has no gradient path from the Embedding's output (the attributions are 0).
+
     Example:
         >>> a = gradmagic.token_integrated_gradients(model, ids, output=1)
         >>> a.array.sum(-1)  # per token
@@ -139,12 +166,12 @@ def token_integrated_gradients(model: keras.Model, x: Any, output: int = 0, step
         ids = ids[None]
     alphas, weights = path_rule("trapezoid", int(steps))
     n = len(ids)
-    path = token_gradients(model, np.repeat(ids, steps, axis=0), output, scale=np.tile(alphas, n))
+    path, connected, framework = _token_gradients(model, np.repeat(ids, steps, axis=0), output, np.tile(alphas, n))
     grads = path.array.reshape(n, steps, *path.array.shape[1:])
     values = path.values.reshape(n, steps).astype(np.float64)
     embeddings = path.embeddings.reshape(n, steps, *path.embeddings.shape[1:])[:, -1]  # a = 1: E itself
     integral = np.tensordot(weights, grads.astype(np.float64), axes=(0, 1))
-    return IntegratedGradients(
+    result = IntegratedGradients(
         array=(embeddings * integral).astype(embeddings.dtype),
         baseline=np.zeros_like(embeddings),
         baseline_name="zero embeddings",
@@ -162,3 +189,6 @@ def token_integrated_gradients(model: keras.Model, x: Any, output: int = 0, step
             f"'{path.layer_name}' (baseline: zero embeddings; {steps} steps, trapezoid)"
         ),
     )
+    if not connected:
+        _warn_cut(result.notes, "Integrated gradients", path.layer_name, framework)
+    return result
