@@ -9,8 +9,9 @@ use and reinstall only when ``pyproject.toml`` changes.
 
 ``test`` runs ``ruff``, then the whole suite on TensorFlow, then ``tests/every_backend``
 once more in a process per other Keras backend (``KERAS_BACKEND=jax``, then ``torch``:
-Keras fixes its backend at import). It fails if any pass fails or runs no test. Extra
-arguments after ``test`` replace the three passes by one pytest run with them, on the
+Keras fixes its backend at import), and on PyTorch once more with every question traced
+from its first call (``torch-traced``). It fails if any pass fails or runs no test. Extra
+arguments after ``test`` replace the four passes by one pytest run with them, on the
 backend ``KERAS_BACKEND`` names (TensorFlow when unset):
 ``python3 dev.py test -k magics``, ``KERAS_BACKEND=jax python3 dev.py test tests/every_backend``.
 """
@@ -38,6 +39,8 @@ TORCH = "2.13.0"
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 #: The Keras backends besides TensorFlow that ``tests/every_backend`` runs on, each in its own process.
 OTHER_BACKENDS = ("jax", "torch")
+#: tests/every_backend's setting for a PyTorch pass where every question runs as a traced graph.
+TRACED_FROM_FIRST = {"GRADMAGIC_TEST_TRACE_FROM_CALL": "1"}
 
 
 def _is_linux_x86_64() -> bool:
@@ -114,11 +117,14 @@ def _counts(report: Path) -> dict[str, int]:
     return {"passed": total - failed - skipped, "failed": failed, "skipped": skipped}
 
 
-def _pytest_pass(name: str, backend: str, paths: list[str], reports: Path) -> tuple[int, dict[str, int] | None]:
+def _pytest_pass(
+    name: str, backend: str, paths: list[str], reports: Path, extra_env: dict[str, str]
+) -> tuple[int, dict[str, int] | None]:
     """One pytest process with Keras on ``backend``: (exit code, counts or None if pytest wrote no report)."""
     report = reports / f"{name}.xml"
-    env = {**os.environ, "KERAS_BACKEND": backend}
-    print(f"\n=== {name}: KERAS_BACKEND={backend} pytest {' '.join(paths)}", flush=True)
+    env = {**os.environ, "KERAS_BACKEND": backend, **extra_env}
+    settings = " ".join(f"{k}={v}" for k, v in {"KERAS_BACKEND": backend, **extra_env}.items())
+    print(f"\n=== {name}: {settings} pytest {' '.join(paths)}", flush=True)
     code = subprocess.run(
         [str(PYTHON), "-m", "pytest", *paths, f"--junitxml={report}"], cwd=ROOT, env=env, check=False
     ).returncode
@@ -134,12 +140,14 @@ def test(args: list[str]) -> None:
     if args:
         _run(PYTHON, "-m", "pytest", *args)
         return
-    passes = [("tensorflow", "tensorflow", [])] + [(b, b, ["tests/every_backend"]) for b in OTHER_BACKENDS]
+    passes = [("tensorflow", "tensorflow", [], {})] + [(b, b, ["tests/every_backend"], {}) for b in OTHER_BACKENDS]
+    # PyTorch traces a question at its second call; most tests ask once, so run them traced from the first too.
+    passes.append(("torch-traced", "torch", ["tests/every_backend"], TRACED_FROM_FIRST))
     failures: list[str] = []
     totals = {"passed": 0, "failed": 0, "skipped": 0}
     with tempfile.TemporaryDirectory() as reports:
-        for name, backend, paths in passes:
-            code, counts = _pytest_pass(name, backend, paths, Path(reports))
+        for name, backend, paths, extra_env in passes:
+            code, counts = _pytest_pass(name, backend, paths, Path(reports), extra_env)
             # Exit 5 (no test collected) is a failure too: a pass that ran nothing tested nothing.
             if code != 0 or counts is None or counts["passed"] == 0:
                 failures.append(f"{name} (pytest exit {code})")

@@ -19,6 +19,13 @@ import numpy as np
 _ROOT = Path(__file__).resolve().parents[2]
 
 
+def torch_trace_from_call() -> int:
+    """On PyTorch, the call of a question's input signature that traces it (see ``TRACE_FROM_CALL``)."""
+    from gradmagic.core.backends import torch as torch_backend
+
+    return torch_backend.TRACE_FROM_CALL
+
+
 def run_on_backend(backend: str, script: str, arguments: list[str], out: Path) -> dict[str, np.ndarray]:
     """Run ``script`` in a new process on ``backend`` (fixed at Keras's import) and load the ``.npz`` it writes.
 

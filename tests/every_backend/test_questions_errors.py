@@ -99,7 +99,9 @@ def test_the_backends_own_tensors_are_taken(backend):
     got = gm.weight_gradients(model, x, Y).arrays()
     want = gm.weight_gradients(model, X, Y).arrays()
     for a, b in zip(got, want):
-        np.testing.assert_array_equal(a, b)  # the same compiled function on the same numbers
+        # The same question on the same numbers; on PyTorch the first call runs eagerly and the second its
+        # traced graph (the same operations): equal up to float32 round-off.
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_python_control_flow_on_a_tensor_names_the_layer_and_the_fix():

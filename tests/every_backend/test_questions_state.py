@@ -8,7 +8,7 @@ import pytest
 
 import gradmagic as gm
 
-from .backend_truths import clear_grads, fingerprint, no_grad_left
+from .backend_truths import clear_grads, fingerprint, no_grad_left, torch_trace_from_call
 
 RNG = np.random.default_rng(3)
 X = RNG.normal(size=(8, 4)).astype("float32")
@@ -79,11 +79,13 @@ def test_a_repeated_question_reuses_its_compiled_function():
     second = gm.weight_gradients(model, X, Y)
     again, entries_again = _traces_and_entries(model)
     assert entries == entries_again == 1
-    if keras.backend.backend() == "torch":
-        assert again == traces + 1  # eager PyTorch runs the body on every call: the question itself is reused
+    if keras.backend.backend() == "torch" and torch_trace_from_call() == 2:
+        assert traces == 1 and again == 2  # eager at the first call, traced at the second: the question is reused
     else:
         assert again == traces == 1  # traced once, then the compiled function re-runs
-    np.testing.assert_array_equal(first.arrays()[0], second.arrays()[0])  # the same function on the same data
+    # On PyTorch the first call may run eagerly and the second its traced graph: the same operations, so equal
+    # up to float32 round-off.
+    np.testing.assert_allclose(first.arrays()[0], second.arrays()[0], rtol=1e-6, atol=1e-7)
 
 
 def test_recompiling_with_another_loss_gives_a_fresh_function():

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.func
+from torch.fx.experimental.proxy_tensor import make_fx
 from torch.overrides import TorchFunctionMode
 
 from gradmagic.core.backends.flow import FLOWS, NONE, OWNER_GLUE, ZERO, FlowGraph, Node
@@ -74,26 +75,13 @@ class TorchBackend:
     name = "torch"
 
     def compile(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        """``fn`` as it runs fastest correctly: eager PyTorch.
+        """``fn`` traced once per input signature into a graph of PyTorch operations, which later calls run.
 
-        Measured with ``benchmarks/backends.py`` (PyTorch 2.13 CPU, 2 shared
-        cores), a hand-written value-and-gradient step, eager autograd against
-        ``torch.compile(dynamic=False)``, steady state: a 1-64-32-32-1 MLP at
-        batch 10, 3.1 ms eager / 1.9 ms compiled; the 784-512-512-10 MLP at
-        batch 32, 18 ms / 33 ms; a small CNN (two convolutions) at batch 32,
-        192 ms / 189 ms. Compiling cost 7 to 15 s per model and input
-        signature, and with dynamo's default automatic dynamic shapes Inductor
-        failed outright on the second model. gradmagic's own weight function
-        (the model and its compiled loss run in a ``keras.StatelessScope`` on
-        values passed in) compiles worse than that hand-written step: on the
-        1-64-32-32-1 MLP its first call took 36 s, dynamo hit its recompile
-        limit in the argument handling, and the steady state was 1.96 ms
-        against 2.38 ms eager. Compiling only after a signature has been seen
-        a number of times would not change that trade. A notebook tool asked a
-        question once per slider move cannot wait tens of seconds per new batch
-        size for a gain only on tiny models, so the function runs eagerly, as it is.
+        See :class:`TracedPerSignature`. Where ``fn`` cannot be traced (it reads
+        a tensor's value in Python, e.g. a seeded random layer or an ``if`` on a
+        tensor), that signature runs ``fn`` eagerly, as it is.
         """
-        return fn
+        return TracedPerSignature(fn)
 
     def value_and_grad(
         self, fn: Callable[..., Any], argnums: int | Sequence[int] = 0, has_aux: bool = False
@@ -245,6 +233,123 @@ class TorchBackend:
             InputError: ``x`` holds a tensor of another framework.
         """
         check_no_foreign(x, self.name, argument)
+
+
+# --- Compiled functions: one traced graph per input signature ---------------
+# Eager Keras on PyTorch spends most of a small model's gradient in Python: the
+# layers' ``__call__`` machinery, the compiled loss, the stateless scope
+# (cProfile of the 1-64-32-32-1 MLP: 58% layer calls, 15% loss, 6% autograd).
+# ``make_fx`` runs ``fn`` once on fake tensors (shapes and dtypes, no data) and
+# records the ATen operations it reaches, forward and backward alike, as an FX
+# graph; later calls of that signature run only those operations. It is what
+# ``jax.jit`` is to JAX: Python control flow is fixed at tracing, and reading a
+# tensor's value in Python (``.item()``, ``if t:``, ``int(seed)``) fails the
+# trace instead of fixing a value, so that signature stays eager. Measured with
+# ``benchmarks/backends.py``: see the README.
+# ``torch.compile`` was measured too (see the note in the README): 3-36 s to
+# compile per model and signature, a recompile limit shared by every model, and
+# with ``backend="eager"`` its guards cost more than the Python they save.
+
+#: Traced graphs kept per function (one per input signature), oldest dropped first.
+MAX_TRACED_SIGNATURES = 8
+#: The call of an input signature that traces it: 2 (the first repeat; the default), 1 (the first call),
+#: 0 (never: every call runs eagerly). Read when a function is compiled, so set it before asking.
+TRACE_FROM_CALL = 2
+
+
+class _Untraceable(Exception):
+    """An argument a graph cannot take as an input (e.g. a NumPy array or an object): run eagerly."""
+
+
+def _signature(node: Any) -> Any:
+    """What a traced graph is specific to: the structure, each tensor's shape, dtype and device, other values.
+
+    Raises:
+        _Untraceable: A leaf that is neither a tensor nor a plain Python value.
+    """
+    if isinstance(node, torch.Tensor):
+        return (node.shape, node.dtype, node.device, node.requires_grad)
+    if isinstance(node, (list, tuple)):
+        return (type(node), tuple(_signature(item) for item in node))
+    if isinstance(node, dict):
+        return (type(node), tuple((key, _signature(node[key])) for key in sorted(node)))
+    if node is None or type(node) in (bool, int, float, str):
+        return (type(node), node)
+    raise _Untraceable(type(node).__name__)
+
+
+class TracedPerSignature:
+    """``fn`` run eagerly on a signature's first call, then as a graph traced at its second call.
+
+    A question asked once (one notebook cell) costs one eager run: tracing a
+    large model costs many eager runs (MobileNetV2 at 96x96: 1.2 s against
+    0.1 s). A question asked again (a loop, a slider) is traced when it is
+    first repeated, and from then on runs about twice as fast as eager PyTorch
+    on large models and several times as fast on small ones (see
+    :data:`TRACE_FROM_CALL` to trace at the first call, or never). At most
+    :data:`MAX_TRACED_SIGNATURES` signatures are kept, the oldest dropped first.
+
+    Attributes:
+        graphs: Signature -> the traced ``GraphModule``; ``None`` where ``fn``
+            cannot be traced (or is never to be) and runs eagerly; otherwise the
+            number of eager calls so far.
+    """
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self.trace_from_call = TRACE_FROM_CALL
+        self.graphs: dict[Any, Any] = {}
+
+    def __call__(self, *args: Any) -> Any:
+        try:
+            signature = _signature(args)
+        except _Untraceable:
+            return self.fn(*args)
+        state = self.graphs.get(signature, 0)
+        if type(state) is int:  # called eagerly that many times: count this call, or trace now
+            if signature not in self.graphs and len(self.graphs) >= MAX_TRACED_SIGNATURES:
+                del self.graphs[next(iter(self.graphs))]
+            if self.trace_from_call <= 0:
+                state = None
+            elif state + 1 >= self.trace_from_call:
+                state = self._traced(args)
+            else:
+                state += 1
+            self.graphs[signature] = state
+            if type(state) is int:
+                return self.fn(*args)
+        if state is None:
+            return self.fn(*args)
+        with torch.no_grad():  # the graph holds its backward pass: record none for it (x may require grad)
+            return state(*args)
+
+    def _traced(self, args: tuple) -> Any:
+        """The graph of ``fn`` for these arguments' signature, or ``None`` if ``fn`` cannot be traced.
+
+        A failing trace is not an error of its own: the eager run that
+        follows raises the user's error, if there is one, as before.
+        """
+        try:
+            with torch.random.fork_rng():  # tracing draws no numbers, but keep the user's stream exactly
+                graph = make_fx(self.fn, tracing_mode="fake")(*args)
+        except Exception:
+            return None
+        return _without_detach(graph)
+
+
+def _without_detach(graph: Any) -> Any:
+    """``graph`` without its ``detach`` calls (an eighth of a small model's operations).
+
+    The traced graph holds its backward pass as plain operations and runs
+    without autograd, so a ``detach`` there only returns its input.
+    """
+    detach = torch.ops.aten.detach.default
+    for node in list(graph.graph.nodes):
+        if node.op == "call_function" and node.target is detach:
+            node.replace_all_uses_with(node.args[0])
+            graph.graph.erase_node(node)
+    graph.recompile()
+    return graph
 
 
 BACKEND = TorchBackend()
