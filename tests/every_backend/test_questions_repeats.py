@@ -187,3 +187,37 @@ def test_the_repeated_call_skips_the_cache_key(monkeypatch):
     gm.clear_cache(model)
     gm.weight_gradients(model, X, Y)
     assert built == [1]
+
+
+class Shifted(keras.layers.Layer):
+    """A dense map moved by every weight of a holder layer, which is never called (so never built or locked)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shifts = keras.layers.Layer(name="shifts")
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(shape=(input_shape[-1], 2), initializer="glorot_uniform")
+
+    def call(self, x):
+        out = keras.ops.matmul(x, self.kernel)
+        for shift in self.shifts.weights:
+            out = out + shift
+        return out
+
+
+def test_a_non_trainable_weight_added_after_the_first_question_is_seen():
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential([keras.Input((3,)), Shifted()])
+    model.compile(optimizer="sgd", loss="mse")
+    first = _asked(model)
+    # Keras locks a layer's weights once it is built; the holder was never built, so it takes one now.
+    model.layers[0].shifts.add_weight(shape=(2,), initializer="ones", trainable=False, name="shift")
+    pred = X.astype("float64") @ np.asarray(model.layers[0].kernel.numpy(), "float64") + 1.0
+    for _ in range(2):  # the full way, then the short way
+        result = gm.weight_gradients(model, X, Y)
+        assert result.loss == pytest.approx(float(np.mean((pred - Y) ** 2)), rel=1e-5)
+        # d mean((xK + 1 - y)^2) / dK = 2 x^T (xK + 1 - y) / (n * 2), in float64 NumPy.
+        want = 2.0 * X.astype("float64").T @ (pred - Y) / pred.size
+        np.testing.assert_allclose(result.arrays()[0], want, rtol=1e-4, atol=1e-6)
+    assert result.loss != pytest.approx(first.loss, rel=1e-3)
