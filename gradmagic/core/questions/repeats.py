@@ -26,6 +26,7 @@ before proving the model's state and drops the result if the proof fails
 
 from __future__ import annotations
 
+import math
 import types
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -49,7 +50,7 @@ def _array_spec(value: Any) -> Hashable:
 
 def _finite(value: Any) -> bool:
     """True unless a float array holds NaN or Inf: a sum is finite only if every entry is (else: look closer)."""
-    return value is None or value.dtype.kind != "f" or bool(np.isfinite(value.sum()))
+    return value is None or value.dtype.kind != "f" or math.isfinite(value.sum())
 
 
 def _loss_proof(loss: Any) -> tuple | None:
