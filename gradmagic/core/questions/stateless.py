@@ -305,7 +305,8 @@ def output_gradients(
     """Compute dLoss/d(output of one layer) at (x, y), on JAX or PyTorch.
 
     The arguments, result and errors are those of the TensorFlow
-    implementation (see ``gradmagic.output_gradients``).
+    implementation (see ``gradmagic.output_gradients``). Asked again like
+    :func:`weight_gradients`, it takes the same short way.
 
     Args:
         model: A Keras 3 model.
@@ -445,7 +446,8 @@ def input_gradients(
     """Compute d(model output)/d(input), the Jacobian of every sample, vectorised, on JAX or PyTorch.
 
     The arguments, result and errors are those of the TensorFlow
-    implementation (see ``gradmagic.input_gradients``).
+    implementation (see ``gradmagic.input_gradients``). Asked again like
+    :func:`weight_gradients` (a slider moving the points), it takes the same short way.
 
     Args:
         model: A Keras 3 model.
