@@ -13,7 +13,12 @@ as one concatenated array, as gradmagic does for small gradients; PyTorch: eager
 ``torch.autograd.grad`` and ``torch.compile`` of the same step; the fastest
 one counts; PyTorch also shows, for information, the same step traced by hand
 into an ATen graph with ``make_fx``, the technique gradmagic uses), and the input
-Jacobian at 1,000 points / one batched forward+backward (<= 3x). On PyTorch it
+Jacobian at 1,000 points / one batched forward+backward (<= 3x). On JAX a
+repeated question runs its proof that the model is unchanged while XLA
+computes (see ``gradmagic.core.questions.repeats``): the small net's ratio
+needs a second free core; with one (``taskset -c 0``, or another busy process)
+the proof's Python time adds to the call. It also times input and output gradients asked
+again at 5 points, the short way against the full way. On PyTorch it
 also prints eager autograd against ``torch.compile`` on the MLP and a small
 CNN: the measurement behind the PyTorch backend's ``compile`` choice. Every
 candidate returns NumPy, as gradmagic does. Compare ratios, not absolute times.
@@ -216,6 +221,45 @@ def jacobian_rows(model: keras.Model) -> tuple[list, dict]:
     ], times
 
 
+def repeat_rows(model: keras.Model) -> tuple[list, dict]:
+    """A slider's question asked again at 5 points: the short way against the full way with the function cached.
+
+    The full way is forced by forgetting the last call before each one (its
+    compiled function stays cached), as any changed argument would.
+    """
+    from gradmagic.core.questions import stateless_functions
+
+    x = np.linspace(0.0, 10.0, 5, dtype="float32")[:, None]
+    y = np.zeros((5, 1), "float32")
+    asks = {
+        "input": lambda: gm.input_gradients(model, x).array,
+        "output": lambda: gm.output_gradients(model, x, y, layer=2).array,
+    }
+
+    def full_way(kind: str):
+        def run():
+            stateless_functions.remember_call(model, kind, None)
+            return asks[kind]()
+
+        return run
+
+    candidates = {}
+    for kind in asks:
+        candidates[f"{kind} grads short way"] = asks[kind]
+        candidates[f"{kind} grads full way"] = full_way(kind)
+    times = compare(candidates, calls=20, rounds=9)
+    rows = [
+        (
+            "seed net, 5 points",
+            f"{kind} grads: full way / short way",
+            times[f"{kind} grads full way"] / times[f"{kind} grads short way"],
+            "info",
+        )
+        for kind in asks
+    ]
+    return rows, times
+
+
 def main() -> None:
     if BACKEND not in ("jax", "torch"):
         raise SystemExit(
@@ -248,6 +292,9 @@ def main() -> None:
     new_rows, times = jacobian_rows(seed)
     rows += new_rows
     all_times["seed net, 1,000 points"] = times
+    new_rows, times = repeat_rows(seed)
+    rows += new_rows
+    all_times["seed net, 5 points"] = times
 
     print(f"Keras {keras.__version__} on {BACKEND}; median time per call (ms)")
     for name, times in all_times.items():

@@ -187,3 +187,186 @@ def test_the_repeated_call_skips_the_cache_key(monkeypatch):
     gm.clear_cache(model)
     gm.weight_gradients(model, X, Y)
     assert built == [1]
+
+
+class Shifted(keras.layers.Layer):
+    """A dense map moved by every weight of a holder layer, which is never called (so never built or locked)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shifts = keras.layers.Layer(name="shifts")
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(shape=(input_shape[-1], 2), initializer="glorot_uniform")
+
+    def call(self, x):
+        out = keras.ops.matmul(x, self.kernel)
+        for shift in self.shifts.weights:
+            out = out + shift
+        return out
+
+
+def test_a_non_trainable_weight_added_after_the_first_question_is_seen():
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential([keras.Input((3,)), Shifted()])
+    model.compile(optimizer="sgd", loss="mse")
+    first = _asked(model)
+    # Keras locks a layer's weights once it is built; the holder was never built, so it takes one now.
+    model.layers[0].shifts.add_weight(shape=(2,), initializer="ones", trainable=False, name="shift")
+    pred = X.astype("float64") @ np.asarray(model.layers[0].kernel.numpy(), "float64") + 1.0
+    for _ in range(2):  # the full way, then the short way
+        result = gm.weight_gradients(model, X, Y)
+        assert result.loss == pytest.approx(float(np.mean((pred - Y) ** 2)), rel=1e-5)
+        # d mean((xK + 1 - y)^2) / dK = 2 x^T (xK + 1 - y) / (n * 2), in float64 NumPy.
+        want = 2.0 * X.astype("float64").T @ (pred - Y) / pred.size
+        np.testing.assert_allclose(result.arrays()[0], want, rtol=1e-4, atol=1e-6)
+    assert result.loss != pytest.approx(first.loss, rel=1e-3)
+
+
+# --- d(output)/d(input) and dLoss/d(layer output) asked again: the same checks, against NumPy in float64 ----------
+
+
+def _forward(model: keras.Model, x: np.ndarray) -> list[np.ndarray]:
+    """The outputs of the three Dense layers of an _mlp-shaped model, in float64 NumPy (activations read live)."""
+    outs, h = [], x.astype("float64")
+    for layer in model.layers:
+        kernel, bias = (np.asarray(w, "float64") for w in layer.get_weights())
+        z = h @ kernel + bias
+        h = np.tanh(z) if layer.activation is keras.activations.tanh else z
+        if layer.activation not in (keras.activations.tanh, keras.activations.linear):
+            raise AssertionError("the NumPy truth knows tanh and linear only")
+        outs.append(h)
+    return outs
+
+
+def _jacobians(model: keras.Model, x: np.ndarray) -> np.ndarray:
+    """Per-sample d(output)/d(input), shape (samples, outputs, inputs): the chain rule through each Dense layer."""
+    outs = _forward(model, x)
+    jac = np.broadcast_to(np.eye(x.shape[1]), (len(x), x.shape[1], x.shape[1]))
+    for layer, out in zip(model.layers, outs):
+        kernel = np.asarray(layer.get_weights()[0], "float64")
+        local = np.broadcast_to(kernel.T, (len(x), *kernel.T.shape))  # d z / d h, the same for every sample
+        if layer.activation is keras.activations.tanh:
+            local = local * (1.0 - out**2)[:, :, None]
+        jac = local @ jac
+    return jac
+
+
+def _input_asked(model: keras.Model, x: np.ndarray, times: int = 3, **kwargs: object) -> gm.InputGradients:
+    result = None
+    for _ in range(times):
+        result = gm.input_gradients(model, x, **kwargs)
+    return result
+
+
+def test_a_repeated_input_question_follows_new_points_weights_settings_and_layers():
+    model = _mlp()
+    # float32 Jacobians from the compiled function against the float64 chain rule: round-off only.
+    np.testing.assert_allclose(_input_asked(model, X).array, _jacobians(model, X), rtol=1e-4, atol=1e-6)
+    points = X * 3.0  # new points of the same shape: the short way
+    np.testing.assert_allclose(gm.input_gradients(model, points).array, _jacobians(model, points), rtol=1e-4, atol=1e-6)
+    model.set_weights([w * 0.5 for w in model.get_weights()])
+    result = gm.input_gradients(model, points)
+    np.testing.assert_allclose(result.array, _jacobians(model, points), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(result.values, _forward(model, points)[-1], rtol=1e-5, atol=1e-6)
+    _input_asked(model, X)
+    model.layers[1].activation = keras.activations.linear
+    np.testing.assert_allclose(gm.input_gradients(model, X).array, _jacobians(model, X), rtol=1e-4, atol=1e-6)
+    _input_asked(model, X, output=1)
+    jac = _jacobians(model, X)
+    np.testing.assert_allclose(gm.input_gradients(model, X, output=0).array, jac[:, 0], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(gm.input_gradients(model, X, output=-1).array, jac[:, 1], rtol=1e-4, atol=1e-6)
+    _input_asked(model, X)
+    model.pop()
+    model.add(keras.layers.Dense(3, name="wider_head"))
+    result = gm.input_gradients(model, X)
+    assert result.array.shape == (len(X), 3, 3)
+    np.testing.assert_allclose(result.array, _jacobians(model, X), rtol=1e-4, atol=1e-6)
+    smaller = X[:2]  # another batch size: another signature, the full way
+    np.testing.assert_allclose(
+        gm.input_gradients(model, smaller).array, _jacobians(model, smaller), rtol=1e-4, atol=1e-6
+    )
+
+
+def test_a_repeated_input_question_still_warns_on_non_finite_points():
+    model = _mlp()
+    _input_asked(model, X)
+    bad = X.copy()
+    bad[1, 2] = np.inf
+    with pytest.warns(GradmagicWarning, match="Inf"):
+        gm.input_gradients(model, bad)
+
+
+def _output_asked(model: keras.Model, layer: int, times: int = 3, **kwargs: object) -> gm.OutputGradients:
+    result = None
+    for _ in range(times):
+        result = gm.output_gradients(model, X, Y, layer=layer, **kwargs)
+    return result
+
+
+def _output_truth(model: keras.Model, x: np.ndarray, y: np.ndarray, layer: int, loss: str = "mse") -> np.ndarray:
+    """dLoss/d(output of ``layer``) in float64: the loss's derivative at the model output, carried back by hand."""
+    outs = _forward(model, x)
+    diff = outs[-1] - y
+    grad = 2.0 * diff / diff.size if loss == "mse" else np.sign(diff) / diff.size
+    for later in reversed(model.layers[layer + 1 :]):
+        index = model.layers.index(later)
+        if later.activation is keras.activations.tanh:
+            grad = grad * (1.0 - outs[index] ** 2)
+        grad = grad @ np.asarray(later.get_weights()[0], "float64").T
+    return grad
+
+
+def test_a_repeated_output_question_follows_new_data_weights_loss_and_layer():
+    model = _mlp()
+    np.testing.assert_allclose(_output_asked(model, 1).array, _output_truth(model, X, Y, 1), rtol=1e-4, atol=1e-7)
+    y2 = Y * -2.0
+    result = gm.output_gradients(model, X, y2, layer=1)
+    np.testing.assert_allclose(result.array, _output_truth(model, X, y2, 1), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(result.output, _forward(model, X)[1], rtol=1e-5, atol=1e-6)
+    model.set_weights([w * 1.5 for w in model.get_weights()])
+    np.testing.assert_allclose(
+        gm.output_gradients(model, X, Y, layer=1).array, _output_truth(model, X, Y, 1), rtol=1e-4, atol=1e-7
+    )
+    np.testing.assert_allclose(
+        gm.output_gradients(model, X, Y, layer=0).array, _output_truth(model, X, Y, 0), rtol=1e-4, atol=1e-7
+    )
+    _output_asked(model, 0)
+    model.layers[1].activation = keras.activations.linear
+    np.testing.assert_allclose(
+        gm.output_gradients(model, X, Y, layer=0).array, _output_truth(model, X, Y, 0), rtol=1e-4, atol=1e-7
+    )
+    _output_asked(model, 0)
+    model.compile(optimizer="sgd", loss="mae")
+    result = gm.output_gradients(model, X, Y, layer=0)
+    np.testing.assert_allclose(result.array, _output_truth(model, X, Y, 0, loss="mae"), rtol=1e-4, atol=1e-7)
+    assert result.loss == pytest.approx(float(np.mean(np.abs(_forward(model, X)[-1] - Y))), rel=1e-5)
+    _output_asked(model, 0, loss="mse")
+    np.testing.assert_allclose(
+        gm.output_gradients(model, X, Y, layer=0).array, _output_truth(model, X, Y, 0, loss="mae"), rtol=1e-4, atol=1e-7
+    )
+
+
+@pytest.mark.parametrize("kind", ["input", "output"])
+def test_a_repeated_input_or_output_question_skips_the_cache_key(monkeypatch, kind):
+    if keras.backend.backend() == "tensorflow":
+        pytest.skip("TensorFlow's questions build their key on every call")
+    from gradmagic.core.questions import stateless
+
+    model = _mlp()
+
+    def ask(x: np.ndarray) -> np.ndarray:
+        if kind == "input":
+            return gm.input_gradients(model, x).array
+        return gm.output_gradients(model, x, Y, layer=1).array
+
+    ask(X)
+    built = []
+    original = stateless.question_key
+    monkeypatch.setattr(stateless, "question_key", lambda *a, **k: built.append(1) or original(*a, **k))
+    want = _jacobians(model, X * 2) if kind == "input" else _output_truth(model, X * 2, Y, 1)
+    np.testing.assert_allclose(ask(X * 2), want, rtol=1e-4, atol=1e-7)
+    assert built == []
+    gm.clear_cache(model)
+    ask(X)
+    assert built == [1]

@@ -10,6 +10,7 @@ the callers here drop, so no variable is ever written back.
 from __future__ import annotations
 
 import contextlib
+import functools
 import linecache
 import math
 import os
@@ -32,6 +33,8 @@ class JaxBackend:
     """Compile, differentiate and convert with JAX."""
 
     name = "jax"
+    #: A compiled call returns once dispatched and computes while Python goes on; reading a result waits for it.
+    asynchronous = True
 
     def compile(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """``fn`` compiled with ``jax.jit`` (traced again only for a new input signature)."""
@@ -59,6 +62,9 @@ class JaxBackend:
         split into NumPy views on the host (copying each array out costs
         microseconds of its own; for large gradients the concatenation would
         cost more than it saves).
+
+        The result's ``launch(*args)`` dispatches the computation and returns
+        at once a function that waits for it and returns what ``run`` returns.
         """
         from jax.extend.core import jaxpr_as_fun
 
@@ -78,15 +84,14 @@ class JaxBackend:
         compiled = jax.jit(traced)
         spans: dict[tuple, list] = {}  # per reached-marks: where each gradient sits in the packed array
 
-        def run(*args: Any) -> tuple[float, list[np.ndarray | None]]:
-            value, packed, marks = compiled(*args)
+        def fetch(first: Any, value: Any, packed: Any, marks: list) -> tuple[float, list[np.ndarray | None]]:
             if packed is None:
                 return float(value), [None if g is None else np.asarray(g) for g in marks]
             # The first argument's leaves are the same variables on every call (a variable keeps its shape).
             found = spans.get(tuple(marks))
             if found is None:
                 found, start = [], 1
-                for mark, leaf in zip(marks, jax.tree.leaves(args[0])):
+                for mark, leaf in zip(marks, jax.tree.leaves(first)):
                     size = math.prod(leaf.shape)
                     found.append(None if mark is None else (start, start + size, tuple(leaf.shape)))
                     start += 0 if mark is None else size
@@ -94,6 +99,14 @@ class JaxBackend:
             host = np.asarray(packed)
             return float(host[0]), [None if s is None else host[s[0] : s[1]].reshape(s[2]) for s in found]
 
+        def launch(*args: Any) -> Callable[[], tuple[float, list[np.ndarray | None]]]:
+            # jax.jit returns once the computation is dispatched; fetching the result waits for it.
+            return functools.partial(fetch, args[0], *compiled(*args))
+
+        def run(*args: Any) -> tuple[float, list[np.ndarray | None]]:
+            return launch(*args)()
+
+        run.launch = launch
         return run
 
     def batched_jacobian(

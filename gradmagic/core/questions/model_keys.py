@@ -69,17 +69,20 @@ def _same(known: Key, new: Key) -> bool:
 
 
 def _model_token(model: keras.Model, builder: KeyBuilder) -> tuple:
-    """What makes a traced question stale: the compiled loss, the layers, which weights train.
+    """What makes a traced question stale: the compiled loss, the layers, the variables and which of them train.
 
     Freezing a layer changes more than its gradients (BatchNormalization then
     runs in inference mode even with ``training=True``), so every question
-    depends on it.
+    depends on it. A variable added later (to a layer not yet built, which
+    Keras still lets take weights) is not in a function traced before: the
+    non-trainable ones count as well as the trainable ones.
     """
     layers = model.layers
     return (
         _compile_token(model, builder),
         builder.same_all(layers),
-        builder.same_all(model.trainable_weights),
+        builder.same_all(model.trainable_variables),
+        builder.same_all(model.non_trainable_variables),
         _settings(model, builder, is_model=True),
         *(_settings(layer, builder, isinstance(layer, keras.Model)) for layer in _all_layers(model, layers)),
     )
@@ -361,8 +364,8 @@ def _loss_weights_token(model: keras.Model, builder: KeyBuilder) -> Hashable:
 # A question asked again with the same model is the common case (a slider, a training loop). Building
 # its key walks every public setting of every layer; a StateProof taken right after a key was built
 # says, from identities alone, that building it again would give the same model part: the same
-# layers and trainable weights (by weak reference), the same compile objects, and per layer the same
-# attribute names holding the very same objects. A layer whose settings hold values the key reads
+# layers and variables, trainable and not (by weak reference), the same compile objects, and per
+# layer the same attribute names holding the very same objects. A layer whose settings hold values the key reads
 # the contents of (a list, a user's function or callable, a regularizer, a layer it holds) has its
 # settings token computed again and compared instead. Identities compared by ``id`` belong to
 # objects that the question's stored Key holds weakly: callers check ``Key.alive()`` as well, so a
@@ -375,10 +378,13 @@ _ATOMS = (type(None), bool, int, float, complex, str, bytes, np.generic)
 class StateProof:
     """Evidence that the model part of a question's key is unchanged (see :func:`state_proof`)."""
 
-    __slots__ = ("compile", "layers", "settings", "top", "weights")
+    __slots__ = ("compile", "layers", "non_trainable", "settings", "top", "trainable")
 
-    def __init__(self, top: tuple, layers: tuple, weights: tuple, compile: tuple, settings: tuple) -> None:
-        self.top, self.layers, self.weights, self.compile, self.settings = top, layers, weights, compile, settings
+    def __init__(
+        self, top: tuple, layers: tuple, trainable: tuple, non_trainable: tuple, compile: tuple, settings: tuple
+    ) -> None:
+        self.top, self.layers, self.compile, self.settings = top, layers, compile, settings
+        self.trainable, self.non_trainable = trainable, non_trainable
 
 
 def state_proof(model: keras.Model) -> StateProof | None:
@@ -392,7 +398,8 @@ def state_proof(model: keras.Model) -> StateProof | None:
         return StateProof(
             tuple(map(weakref.ref, top)),
             tuple(map(weakref.ref, layers)),
-            tuple(map(weakref.ref, model.trainable_weights)),
+            tuple(map(weakref.ref, model.trainable_variables)),
+            tuple(map(weakref.ref, model.non_trainable_variables)),
             _compile_proof(model),
             tuple(_settings_proof(layer, isinstance(layer, keras.Model)) for layer in layers),
         )
@@ -411,9 +418,12 @@ def unchanged(model: keras.Model, proof: StateProof) -> bool:
     layers = (model, *_all_layers(model, top))
     if len(layers) != len(proof.layers) or not all(map(_refers, proof.layers, layers)):
         return False
-    weights = model.trainable_weights
-    if len(weights) != len(proof.weights) or not all(map(_refers, proof.weights, weights)):
-        return False
+    for proven, variables in (
+        (proof.trainable, model.trainable_variables),
+        (proof.non_trainable, model.non_trainable_variables),
+    ):
+        if len(variables) != len(proven) or not all(map(_refers, proven, variables)):
+            return False
     if not _compile_unchanged(model, proof.compile):
         return False
     for (layout, atoms, token), layer in zip(proof.settings, layers):

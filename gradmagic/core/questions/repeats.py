@@ -18,13 +18,17 @@ same prepared data as the full way would:
   and every object the question's stored key holds by identity still alive.
 
 Anything else takes the full way, which remembers the call again. Both ways
-share the compiled function and the code that builds the result.
+share the compiled function and the code that builds the result. Where the
+framework computes asynchronously (JAX), the short way starts the question
+before proving the model's state and drops the result if the proof fails
+(:func:`repeated`): the proof then costs no time of its own.
 """
 
 from __future__ import annotations
 
+import math
 import types
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import keras
@@ -46,7 +50,7 @@ def _array_spec(value: Any) -> Hashable:
 
 def _finite(value: Any) -> bool:
     """True unless a float array holds NaN or Inf: a sum is finite only if every entry is (else: look closer)."""
-    return value is None or value.dtype.kind != "f" or bool(np.isfinite(value.sum()))
+    return value is None or value.dtype.kind != "f" or math.isfinite(value.sum())
 
 
 def _loss_proof(loss: Any) -> tuple | None:
@@ -124,17 +128,62 @@ class Repeat:
         self._layer, self._loss, self._arguments, self._specs = _layer_proof(layer), loss, _typed(arguments), specs
         self.extra = extra
 
-    def matches(self, model: keras.Model, layer: Any, loss: Any, arguments: tuple, data: tuple) -> bool:
-        """True when the full way would compile the same question and pass ``data`` on as it is."""
+    def same_call(self, layer: Any, arguments: tuple, data: tuple) -> bool:
+        """True when the call's own arguments are those remembered (cheap: compared by type, value and shape)."""
         return (
             _typed(arguments) == self._arguments
             and _layer_proof(layer) == self._layer
             and tuple(map(_array_spec, data)) == self._specs
-            and all(map(_finite, data))
+        )
+
+    def same_state(self, model: keras.Model, loss: Any, data: tuple) -> bool:
+        """True when, the call being the same (:meth:`same_call`), the full way would compile the same question."""
+        return (
+            all(map(_finite, data))
             and _same_loss(self._loss, loss)
             and self.key.alive()
             and unchanged(model, self._proof)
         )
+
+
+def repeated(
+    repeat: Repeat | None,
+    model: keras.Model,
+    layer: Any,
+    loss: Any,
+    arguments: tuple,
+    data: tuple,
+    start: Callable[[Repeat], Any],
+    overlap: bool,
+) -> Any:
+    """``start(repeat)`` when the call provably repeats ``repeat``; ``None`` when it must take the full way.
+
+    ``start`` runs the remembered question on ``data`` and returns what the
+    caller needs to finish the answer (never ``None``). With ``overlap`` (a
+    framework that computes while Python goes on, see the backends'
+    ``asynchronous``), it is started as soon as the call's own arguments are
+    the same, and the model's state is proven while the framework computes:
+    the compiled functions only read the values passed in and write nothing,
+    so a result the proof then refuses is simply dropped. Otherwise the proof
+    comes first.
+
+    Args:
+        repeat: The last call of this kind (``None``: there is none).
+        model, layer, loss: The call's model and its ``layer=`` and ``loss=`` arguments (``None`` where none).
+        arguments: The call's other plain arguments, as given to :func:`remembered`.
+        data: The data as given (compared with the remembered shapes and dtypes).
+        start: Runs the remembered question (``repeat.question``) on ``data``.
+        overlap: Start before the proof.
+    """
+    if repeat is None or not repeat.same_call(layer, arguments, data):
+        return None
+    if not overlap:
+        return start(repeat) if repeat.same_state(model, loss, data) else None
+    try:
+        started = start(repeat)
+    except Exception:  # the full way asks again, and reports what fails there
+        started = None
+    return started if repeat.same_state(model, loss, data) else None
 
 
 def remembered(

@@ -12,7 +12,7 @@ no BatchNormalization statistic moved on PyTorch, also with ``training=True``.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import keras
@@ -40,7 +40,7 @@ from gradmagic.core.questions.entry import (
 from gradmagic.core.questions.inputs import nonfinite_warning
 from gradmagic.core.questions.model_keys import is_warm, mark_warm, question_key
 from gradmagic.core.questions.naming import input_labels
-from gradmagic.core.questions.repeats import remembered
+from gradmagic.core.questions.repeats import remembered, repeated
 from gradmagic.core.questions.results import InputGradients, OutputGradients, WeightGradients, rows_for
 from gradmagic.core.questions.state import preserved_eagerly
 from gradmagic.core.questions.targets import (
@@ -177,10 +177,19 @@ def weight_gradients(
     """
     backend = stateless_backend()
     check_model(model)
-    repeat = functions.last_call(model, "weights")
     given = (x, y, sample_weight)
-    if repeat is not None and repeat.matches(model, layer, loss, (training, output), given):
-        return _weight_answer(model, backend, repeat.question, repeat.key, repeat.extra, given, training, output)
+    answer = repeated(
+        functions.last_call(model, "weights"),
+        model,
+        layer,
+        loss,
+        (training, output),
+        given,
+        lambda r: _weight_launch(model, backend, r.question, r.key, r.extra, given, training, output),
+        _overlaps(backend),
+    )
+    if answer is not None:
+        return answer()
     training = check_flag("training", training)
     _check_input(backend, model, x=x, y=y, sample_weight=sample_weight)
     if output is None:
@@ -234,13 +243,21 @@ def weight_gradients(
         prepared,
         positions,
     )
-    result = _weight_answer(model, backend, question, key, positions, prepared, training, output)
+    result = _weight_launch(model, backend, question, key, positions, prepared, training, output)()
     result.source = data.source
     functions.remember_call(model, "weights", repeat if data.source is None else None)
     return result
 
 
-def _weight_answer(
+def _overlaps(backend: Any) -> bool:
+    """True when a repeated question may start before it is proven a repeat (see :func:`.repeats.repeated`).
+
+    JAX dispatches compiled calls asynchronously; PyTorch computes eagerly (no ``asynchronous``).
+    """
+    return getattr(backend, "asynchronous", False)
+
+
+def _weight_launch(
     model: keras.Model,
     backend: Any,
     question: functions.Question,
@@ -249,22 +266,30 @@ def _weight_answer(
     data: tuple,
     training: bool,
     output: int | None,
-) -> WeightGradients:
-    """Run a weight question on prepared data and build its result (both ways of :func:`weight_gradients`)."""
+) -> Callable[[], WeightGradients]:
+    """Start a weight question on prepared data; the function returned waits for it and builds the result.
+
+    Both ways of :func:`weight_gradients` use it.
+    """
     args = backend.tensors(data)
 
     def call() -> Any:
         _warm_compiled_loss(model, key, question, args)
         trainable, non_trainable = question.variable_values(backend)
         chosen, others = functions.split(trainable, positions)
-        return question.fn(chosen, others, non_trainable, *args)
+        return functions.launched(question.fn, chosen, others, non_trainable, *args)
 
-    loss_value, grads = _run(model, key, call, "dLoss/dW", data[0], training)
-    if output is None:
-        title = f"dLoss/dW of model '{model_name(model)}' (loss = {loss_value:.6g})"
-    else:
-        title = f"d(output unit {output})/dW of model '{model_name(model)}' (mean output = {loss_value:.6g})"
-    return WeightGradients(loss_value, rows_for(question.labels, grads), title, layer_count=len(model.layers))
+    fetch = _run(model, key, call, "dLoss/dW", data[0], training)
+
+    def answer() -> WeightGradients:
+        loss_value, grads = _run(model, key, fetch, "dLoss/dW", data[0], training)
+        if output is None:
+            title = f"dLoss/dW of model '{model_name(model)}' (loss = {loss_value:.6g})"
+        else:
+            title = f"d(output unit {output})/dW of model '{model_name(model)}' (mean output = {loss_value:.6g})"
+        return WeightGradients(loss_value, rows_for(question.labels, grads), title, layer_count=len(model.layers))
+
+    return answer
 
 
 @leaves_no_trace
@@ -280,7 +305,8 @@ def output_gradients(
     """Compute dLoss/d(output of one layer) at (x, y), on JAX or PyTorch.
 
     The arguments, result and errors are those of the TensorFlow
-    implementation (see ``gradmagic.output_gradients``).
+    implementation (see ``gradmagic.output_gradients``). Asked again like
+    :func:`weight_gradients`, it takes the same short way.
 
     Args:
         model: A Keras 3 model.
@@ -302,6 +328,19 @@ def output_gradients(
     """
     backend = stateless_backend()
     check_model(model)
+    given = (x, y, sample_weight)
+    answer = repeated(
+        functions.last_call(model, "output"),
+        model,
+        layer,
+        loss,
+        (training,),
+        given,
+        lambda r: _output_launch(model, backend, r.question, r.key, r.extra, given, training),
+        _overlaps(backend),
+    )
+    if answer is not None:
+        return answer()
     training = check_flag("training", training)
     _check_input(backend, model, x=x, y=y, sample_weight=sample_weight)
     check_loss_argument(model, loss)
@@ -324,48 +363,72 @@ def output_gradients(
         return question
 
     question = functions.cached(model, key, build)
-    args = backend.tensors((x_in, y_in, sw_in))
+    prepared = (x_in, y_in, sw_in)
+    signature = _signature(backend.tensors(prepared))
+    stored = functions.stored_key(model, key)
+    repeat = remembered(model, question, key, stored, layer, loss, (training,), given, prepared, signature)
+    result = _output_launch(model, backend, question, key, signature, prepared, training)()
+    result.source = data.source
+    functions.remember_call(model, "output", repeat if data.source is None else None)
+    return result
+
+
+def _output_launch(
+    model: keras.Model,
+    backend: Any,
+    question: functions.Question,
+    key: Key | None,
+    signature: Hashable,
+    data: tuple,
+    training: bool,
+) -> Callable[[], OutputGradients]:
+    """Start an output question on prepared data (of input ``signature``); the function returned builds the result.
+
+    Both ways of :func:`output_gradients` use it.
+    """
+    args = backend.tensors(data)
 
     def call() -> Any:
         _warm_compiled_loss(model, key, question, args)
         values = question.variable_values(backend)
-        signature = _signature(args)
         compiled = question.per_signature.get(signature)
         if compiled is None:
             compiled = question.per_signature[signature] = question.fn(*values, *args)
         return compiled(*values, *args)
 
-    loss_value, outputs, grads = _run(model, key, call, "dLoss/d(layer output)", x_in, training)
-    if not outputs:
-        functions.forget(model, key)
-        raise InputError(
-            f"Layer {question.layer_index} '{question.layer_name}' of model "
-            f"'{model_name(model)}' was not called when the model ran on x, so its output "
-            f"has no gradient. Pick a layer that the forward pass uses (see model.summary())."
+    loss_value, outputs, grads = _run(model, key, call, "dLoss/d(layer output)", data[0], training)
+
+    def answer() -> OutputGradients:
+        if not outputs:
+            functions.forget(model, key)
+            raise InputError(
+                f"Layer {question.layer_index} '{question.layer_name}' of model "
+                f"'{model_name(model)}' was not called when the model ran on x, so its output "
+                f"has no gradient. Pick a layer that the forward pass uses (see model.summary())."
+            )
+        first = [backend.to_numpy(g) for g in grads[0]]
+        values = [backend.to_numpy(v) for v in outputs[0]]
+        names = [f"output {i}" for i in range(len(first))] if len(first) > 1 else ["output"]
+        labels = [
+            {"index": question.layer_index, "layer": question.layer_name, "tensor": n, "shape": tuple(v.shape)}
+            for n, v in zip(names, values)
+        ]
+        value = float(backend.to_numpy(loss_value))
+        title = (
+            f"dLoss/d(output of layer {question.layer_index} '{question.layer_name}') of model "
+            f"'{model_name(model)}' (loss = {value:.6g})"
         )
-    first = [backend.to_numpy(g) for g in grads[0]]
-    values = [backend.to_numpy(v) for v in outputs[0]]
-    names = [f"output {i}" for i in range(len(first))] if len(first) > 1 else ["output"]
-    labels = [
-        {"index": question.layer_index, "layer": question.layer_name, "tensor": n, "shape": tuple(v.shape)}
-        for n, v in zip(names, values)
-    ]
-    loss_value = float(backend.to_numpy(loss_value))
-    title = (
-        f"dLoss/d(output of layer {question.layer_index} '{question.layer_name}') of model "
-        f"'{model_name(model)}' (loss = {loss_value:.6g})"
-    )
-    result = OutputGradients(
-        loss_value,
-        rows_for(labels, first),
-        values[0] if len(values) == 1 else values,
-        question.layer_index,
-        question.layer_name,
-        len(outputs),
-        title,
-    )
-    result.source = data.source
-    return result
+        return OutputGradients(
+            value,
+            rows_for(labels, first),
+            values[0] if len(values) == 1 else values,
+            question.layer_index,
+            question.layer_name,
+            len(outputs),
+            title,
+        )
+
+    return answer
 
 
 def _signature(args: Any) -> Hashable:
@@ -383,7 +446,8 @@ def input_gradients(
     """Compute d(model output)/d(input), the Jacobian of every sample, vectorised, on JAX or PyTorch.
 
     The arguments, result and errors are those of the TensorFlow
-    implementation (see ``gradmagic.input_gradients``).
+    implementation (see ``gradmagic.input_gradients``). Asked again like
+    :func:`weight_gradients` (a slider moving the points), it takes the same short way.
 
     Args:
         model: A Keras 3 model.
@@ -402,6 +466,19 @@ def input_gradients(
     """
     backend = stateless_backend()
     check_model(model)
+    answer = repeated(
+        functions.last_call(model, "input"),
+        model,
+        None,
+        None,
+        (output, training),
+        (x,),
+        lambda r: _input_launch(model, backend, r.question, r.key, r.extra, x, training),
+        _overlaps(backend),
+    )
+    if answer is not None:
+        return answer()
+    given = output
     training = check_flag("training", training)
     _check_input(backend, model, x=x)
     data = first_batch(x, takes_y=False)
@@ -430,17 +507,44 @@ def input_gradients(
         return question
 
     question = functions.cached(model, key, build)
-    x_args = backend.tensors(x_in)
+    stored = functions.stored_key(model, key)
+    extra = (spec, names, output)
+    repeat = remembered(model, question, key, stored, None, None, (given, training), (x,), (x_in,), extra)
+    gradients = _input_launch(model, backend, question, key, extra, x_in, training)()
+    gradients.source = data.source
+    functions.remember_call(model, "input", repeat if data.source is None else None)
+    return gradients
+
+
+def _input_launch(
+    model: keras.Model,
+    backend: Any,
+    question: functions.Question,
+    key: Key | None,
+    extra: tuple,
+    x: Any,
+    training: bool,
+) -> Callable[[], InputGradients]:
+    """Start an input question on prepared ``x``; the function returned builds the result.
+
+    Both ways of :func:`input_gradients` use it. ``extra`` is what the full
+    way read: the model's declared inputs, the inputs' names and the checked ``output``.
+    """
+    spec, names, output = extra
+    x_args = backend.tensors(x)
 
     def call() -> Any:
         values = question.variable_values(backend)
         return question.fn(*values, x_args)
 
-    outputs, result = _run(model, key, call, "d(output)/d(input)", x_in, training)
-    per_output = [[backend.to_numpy(j) for j in per_input] for per_input in result]
-    values = [backend.to_numpy(o) for o in outputs]
-    gradients = input_result(model, spec, x_in, names, per_output, output)
-    gradients.values = values[0] if len(values) == 1 else values
-    gradients.source = data.source
-    jacobian_notes(gradients, names, per_output)
-    return gradients
+    outputs, result = _run(model, key, call, "d(output)/d(input)", x, training)
+
+    def answer() -> InputGradients:
+        per_output = [[backend.to_numpy(j) for j in per_input] for per_input in result]
+        values = [backend.to_numpy(o) for o in outputs]
+        gradients = input_result(model, spec, x, names, per_output, output)
+        gradients.values = values[0] if len(values) == 1 else values
+        jacobian_notes(gradients, names, per_output)
+        return gradients
+
+    return answer

@@ -77,6 +77,20 @@ class Question:
         return backend.values(self._trainable), backend.values(self._non_trainable)
 
 
+def launched(fn: Callable, *args: Any) -> Callable[[], Any]:
+    """Start ``fn(*args)``; the function returned gives its result.
+
+    A function compiled by a backend's ``host_gradients`` may dispatch the
+    computation and return at once (its ``launch``: JAX computes while Python
+    goes on); any other is computed now.
+    """
+    launch = getattr(fn, "launch", None)
+    if launch is not None:
+        return launch(*args)
+    result = fn(*args)
+    return lambda: result
+
+
 def cached(model: keras.Model, key: Key | None, build: Callable[[], Question]) -> Question:
     """The question for ``key``, built on first use (``key=None``: built afresh every time)."""
     return _cache.keyed(model, key, build)
