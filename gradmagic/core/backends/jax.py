@@ -53,7 +53,8 @@ class JaxBackend:
         A leaf of the first argument that ``fn``'s value does not depend on gets
         ``None``, as TensorFlow's tape and PyTorch's autograd say (JAX itself
         gives zeros): read from the jaxpr while tracing, by a backward walk from
-        the value that stops at ``stop_gradient`` and at integer and boolean
+        the value that stops at ``stop_gradient``, at round, floor and ceil
+        (which TensorFlow has no gradient for) and at integer and boolean
         values (see :func:`_reached`). The model is traced once: the jaxpr found
         is what gets differentiated.
 
@@ -71,7 +72,7 @@ class JaxBackend:
         def traced(first: Any, *rest: Any) -> Any:
             closed = jax.make_jaxpr(fn)(first, *rest)
             leaves = jax.tree.leaves(first)
-            reached = _reached(closed.jaxpr, len(leaves))
+            reached = _reached(closed.jaxpr, len(leaves), _ATTRIBUTION_STOPS)  # round etc.: as on TensorFlow
             others = jax.tree.leaves(rest)
             replay = jaxpr_as_fun(closed)
             value, grads = jax.value_and_grad(lambda ls: replay(*ls, *others)[0])(leaves)

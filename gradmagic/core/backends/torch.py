@@ -126,12 +126,15 @@ class TorchBackend:
         """``fn`` (a scalar of its arguments) as ``(*args) -> (value, [dValue/d leaf of args[0]])`` in NumPy.
 
         A leaf of the first argument that the value does not depend on gets
-        ``None`` (``torch.autograd.grad`` with ``allow_unused``).
+        ``None`` (``torch.autograd.grad`` with ``allow_unused``), and so does
+        one it reaches only through round, floor or ceil, as on TensorFlow (see
+        :func:`attribution_value_and_grad`; autograd's zeros there would read
+        as a genuinely zero gradient).
         """
-        step = self.compile(self.value_and_grad(fn, argnums=0))
+        step = self.compile(attribution_value_and_grad(lambda first, *rest: (fn(first, *rest), None)))
 
         def run(*args: Any) -> tuple[float, list[np.ndarray | None]]:
-            value, grads = step(*args)
+            (value, _), grads = step(*args)
             return float(value), [None if g is None else g.detach().cpu().numpy() for g in _leaves(grads)]
 
         return run

@@ -37,6 +37,8 @@ _warmed = WeakCache()
 _layouts = WeakCache()
 # model class -> the attribute names its own methods may read (a class's code does not change).
 _read_by_class = WeakCache()
+# layer or model class -> the functions its own (not Keras's) class code defines.
+_functions_by_class = WeakCache()
 
 
 def known_spec(model: keras.Model) -> ModelSpec | None:
@@ -159,7 +161,38 @@ def _settings(layer: keras.Layer, builder: KeyBuilder, is_model: bool, depth: in
         tuple(_settings(values[i], builder, isinstance(values[i], keras.Model), depth - 1) for i in layout.layers)
         if layout.layers and depth > 0
         else (),
+        _class_code_token(type(layer), builder),
     )
+
+
+def _class_code_token(cls: type, builder: KeyBuilder) -> tuple:
+    """What the code of a user's layer or model class reads besides ``self``: globals, closures, defaults.
+
+    A custom layer's ``call`` that multiplies by a module-level ``FACTOR``
+    bakes its value into a trace, as a user loss does; rebinding ``FACTOR``
+    must give a new question. Keras's own classes read no user state: ``()``.
+    """
+    functions = _class_functions(cls)
+    return tuple(_callable_token(builder, f) for f in functions) if functions else ()
+
+
+def _class_functions(cls: type) -> tuple[types.FunctionType, ...]:
+    """The functions a class's own code defines (methods, static and class methods, property getters), not Keras's."""
+    known = _functions_by_class.lookup(cls)
+    if known is not None:
+        return known
+    found: list[types.FunctionType] = []
+    for klass in cls.__mro__:
+        if is_library(klass.__module__ or "") or klass.__module__ in ("builtins", "abc"):
+            continue
+        for attr in vars(klass).values():
+            if isinstance(attr, (staticmethod, classmethod)):
+                attr = attr.__func__
+            elif isinstance(attr, property):
+                attr = attr.fget
+            if isinstance(attr, types.FunctionType):
+                found.append(attr)
+    return _functions_by_class.store(cls, tuple(found))
 
 
 def _new_layout(layer: keras.Layer, attrs: dict, names: tuple[str, ...], is_model: bool) -> _Layout:
@@ -456,8 +489,10 @@ def _settings_proof(layer: keras.Layer, is_model: bool) -> tuple:
     token = _settings(layer, KeyBuilder(), is_model)  # also makes the layout current
     layout = _layouts.lookup(layer)
     attrs = instance_settings(layer)
-    plain = not (layout.callables or layout.others or (layout.layers and not is_model)) and all(
-        is_library(f.__module__ or "") for f in layout.functions(layout.read(attrs))
+    plain = (
+        not (layout.callables or layout.others or (layout.layers and not is_model))
+        and all(is_library(f.__module__ or "") for f in layout.functions(layout.read(attrs)))
+        and not _class_functions(type(layer))  # a user's class: what its code reads is computed again
     )
     return (layout, layout.atoms(attrs), None) if plain else (layout, None, token)
 
