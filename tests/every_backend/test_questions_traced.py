@@ -133,3 +133,63 @@ def test_an_input_that_requires_grad_is_answered_by_the_graph_and_left_alone(tra
         jac = gm.input_gradients(model, tensor).array  # d(x @ W)/dx = W^T for every sample
         np.testing.assert_allclose(jac.reshape(4, 3), np.tile(W.T, (4, 1)), rtol=1e-6)
     assert tensor.grad is None and model.layers[-1].kernel.value.grad is None
+
+
+def test_a_value_read_from_a_tensor_that_is_not_an_argument_keeps_the_question_eager(trace_from_call):
+    import torch
+
+    trace_from_call(2)
+
+    class OwnScale(keras.layers.Layer):
+        """Multiplies by a number read from its own tensor (not a Keras variable): the read is a value read."""
+
+        def __init__(self):
+            super().__init__()
+            self.factor = torch.tensor(2.0)
+
+        def call(self, inputs):
+            return inputs * self.factor.item()
+
+        def compute_output_shape(self, input_shape):
+            return input_shape
+
+    scale = OwnScale()
+    model = _linear(scale)
+    # A graph traced at the second call would keep the factor read then for the later calls.
+    for factor in (2.0, 3.0, 5.0, 7.0):
+        scale.factor.fill_(factor)
+        x, y = _data(6)
+        got = gm.weight_gradients(model, x, y).arrays()[0]
+        np.testing.assert_allclose(got, _analytic(x, y, factor), rtol=1e-5, atol=1e-6)
+
+
+def test_a_graph_traced_on_c_ordered_data_is_not_used_for_other_strides(trace_from_call):
+    trace_from_call(1)
+    dense = keras.layers.Dense(1, use_bias=False)
+    model = keras.Sequential([keras.Input((2, 3)), keras.layers.Flatten(), dense])
+    dense.kernel.assign(np.arange(6, dtype="float32").reshape(6, 1) / 6.0)
+    model.compile(optimizer="sgd", loss="mse")
+    w = dense.kernel.numpy().astype("float64")
+    y = RNG.normal(size=(4, 1)).astype("float32")
+    c_ordered = RNG.normal(size=(4, 2, 3)).astype("float32")
+    others = [np.asfortranarray(c_ordered), RNG.normal(size=(4, 3, 2)).astype("float32").transpose(0, 2, 1)]
+    for x in [c_ordered, c_ordered, *others, *others]:
+        flat = x.reshape(4, 6).astype("float64")
+        want = 2.0 / 4 * flat.T @ (flat @ w - y)  # dMSE/dW of y = flatten(x) @ W
+        np.testing.assert_allclose(gm.weight_gradients(model, x, y).arrays()[0], want, rtol=1e-5, atol=1e-6)
+    assert _body_runs(model) == 3  # one graph per layout, each run again (not an eager rescue per call)
+
+
+def test_an_error_inside_a_traced_graph_names_the_layer(trace_from_call):
+    from gradmagic.errors import GradmagicError
+
+    trace_from_call(1)
+    model = keras.Sequential(
+        [keras.Input((3,), dtype="int32"), keras.layers.Embedding(5, 2, name="ids"), keras.layers.Flatten()]
+    )
+    model.compile(optimizer="sgd", loss="mse")
+    ids, y = np.array([[0, 1, 2], [3, 4, 0]]), np.zeros((2, 6), "float32")
+    for _ in range(2):
+        gm.weight_gradients(model, ids, y)  # traced, and run
+    with pytest.raises(GradmagicError, match="Layer 0 'ids' \\(Embedding\\)"):
+        gm.weight_gradients(model, np.array([[0, 1, 2], [3, 4, 9]]), y)  # id 9 of 5: the graph fails

@@ -22,6 +22,7 @@ import torch
 import torch.func
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from gradmagic.core.backends.flow import FLOWS, NONE, OWNER_GLUE, ZERO, FlowGraph, Node
 from gradmagic.core.backends.tensors import check_no_foreign
@@ -246,10 +247,11 @@ class TorchBackend:
 # records the ATen operations it reaches, forward and backward alike, as an FX
 # graph; later calls of that signature run only those operations. It is what
 # ``jax.jit`` is to JAX: Python control flow is fixed at tracing, and reading a
-# tensor's value in Python (``.item()``, ``if t:``, ``int(seed)``) fails the
-# trace instead of fixing a value, so that signature stays eager. Measured with
+# tensor's value in Python (``.item()``, ``if t:``, ``int(seed)``), of an
+# argument or of any other tensor (see :class:`_NoValueReads`), fails the trace
+# instead of fixing a value, so that signature stays eager. Measured with
 # ``benchmarks/backends.py``: see the README.
-# ``torch.compile`` was measured too (see the note in the README): 3-36 s to
+# ``torch.compile`` was measured too (see ``TorchBackend.compile``'s history in the README): 3-36 s to
 # compile per model and signature, a recompile limit shared by every model, and
 # with ``backend="eager"`` its guards cost more than the Python they save.
 
@@ -271,7 +273,9 @@ def _signature(node: Any) -> Any:
         _Untraceable: A leaf that is neither a tensor nor a plain Python value.
     """
     if isinstance(node, torch.Tensor):
-        return (node.shape, node.dtype, node.device, node.requires_grad)
+        # The strides too: a graph traced on a C-ordered x keeps views that a transposed or Fortran-ordered x
+        # of the same shape cannot take.
+        return (node.shape, node.stride(), node.dtype, node.device, node.requires_grad)
     if isinstance(node, (list, tuple)):
         return (type(node), tuple(_signature(item) for item in node))
     if isinstance(node, dict):
@@ -323,8 +327,13 @@ class TracedPerSignature:
                 return self.fn(*args)
         if state is None:
             return self.fn(*args)
-        with torch.no_grad():  # the graph holds its backward pass: record none for it (x may require grad)
-            return state(*args)
+        try:
+            with torch.no_grad():  # the graph holds its backward pass: record none for it (x may require grad)
+                return state(*args)
+        except Exception:
+            # E.g. an Embedding id out of range: the graph's error names an operation, not the layer. The graph
+            # wrote nothing, so an eager run raises the error as the layer gives it (and the caller explains it).
+            return self.fn(*args)
 
     def _traced(self, args: tuple) -> Any:
         """The graph of ``fn`` for these arguments' signature, or ``None`` if ``fn`` cannot be traced.
@@ -332,12 +341,38 @@ class TracedPerSignature:
         A failing trace is not an error of its own: the eager run that
         follows raises the user's error, if there is one, as before.
         """
+        fn = self.fn
+
+        def refusing_value_reads(*args: Any) -> Any:
+            with _NoValueReads():  # innermost: sees the reads of tensors that are not arguments too
+                return fn(*args)
+
         try:
             with torch.random.fork_rng():  # tracing draws no numbers, but keep the user's stream exactly
-                graph = make_fx(self.fn, tracing_mode="fake")(*args)
+                graph = make_fx(refusing_value_reads, tracing_mode="fake")(*args)
         except Exception:
             return None
         return _without_detach(graph)
+
+
+class _ValueRead(Exception):
+    """Python read a tensor's value while tracing: the graph would keep that value."""
+
+
+class _NoValueReads(TorchDispatchMode):
+    """Fail any Python read of a tensor's value (``.item()``, ``float(t)``, ``if t:``) while tracing.
+
+    On the traced fake tensors such a read fails by itself; on a real tensor
+    the function does not take as an argument (a layer's own ``torch.tensor``,
+    a Keras variable the model does not track) it would succeed, and the
+    graph would keep the value read at tracing for every later call. Every
+    such read reaches the dispatcher as ``aten._local_scalar_dense``.
+    """
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is torch.ops.aten._local_scalar_dense.default:
+            raise _ValueRead("a tensor's value was read in Python")
+        return func(*args, **(kwargs or {}))
 
 
 def _without_detach(graph: Any) -> Any:
