@@ -155,6 +155,21 @@ def test_a_loss_holding_a_large_array_is_computed_fresh_not_cached():
     assert _questions(model) == []
 
 
+def test_a_loss_reading_arrays_of_more_than_a_megabyte_in_all_is_computed_fresh():
+    model = mlp()
+    halves = {"a": np.ones(150_000, "float32"), "b": np.ones(150_000, "float32")}  # 0.6 MB each, 1.2 MB in all
+
+    def loss(y_true, y_pred):
+        return halves["a"][0] * halves["b"][0] * _mse(y_true, y_pred)
+
+    with pytest.warns(GradmagicWarning, match=r"arrays of 1200000 bytes in all"):
+        _assert_matches(gm.weight_gradients(model, X, Y, loss=loss), _tape(model, _scaled(1.0)))
+    halves["b"][0] = 3.0
+    with pytest.warns(GradmagicWarning):
+        _assert_matches(gm.weight_gradients(model, X, Y, loss=loss), _tape(model, _scaled(3.0)))
+    assert _questions(model) == []
+
+
 def test_compile_with_a_new_loss_is_seen():
     model = mlp()
     _assert_matches(gm.weight_gradients(model, X, Y), _tape(model, _mse))

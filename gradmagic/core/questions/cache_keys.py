@@ -21,7 +21,7 @@ tensors cannot change. Keras's own loss classes are keyed by contents alone,
 so ``keras.losses.Huber()`` written inline on every call is one question.
 
 What a snapshot cannot cover makes the question uncacheable instead of
-risky (:class:`Uncacheable`): arrays above 1 MB, containers of more than 256
+risky (:class:`Uncacheable`): arrays above 1 MB (in all, per value keyed), containers of more than 256
 entries, objects without ``__dict__`` that are neither plain values nor
 identity-keyed kinds, and chains deeper than the limit. Such a question is
 traced on every call. The model's side (:mod:`gradmagic.core.questions.model_keys`)
@@ -122,6 +122,7 @@ class KeyBuilder:
 
     def __init__(self) -> None:
         self._held: list[Any] = []
+        self._array_bytes = 0  # of the arrays read by the value being keyed (see ``value``)
 
     def same(self, obj: Any) -> tuple:
         """Key ``obj`` by identity."""
@@ -139,6 +140,7 @@ class KeyBuilder:
         Raises:
             Uncacheable: The value holds something that cannot be snapshotted.
         """
+        self._array_bytes = 0
         return self._token(value, _MAX_DEPTH, set())
 
     def key(self, *parts: Hashable) -> Key:
@@ -155,8 +157,13 @@ class KeyBuilder:
         if isinstance(value, np.generic):
             return ("np", value.dtype.str, value.tobytes())
         if isinstance(value, np.ndarray):
-            if value.dtype == object or value.nbytes > _MAX_ARRAY_BYTES:
-                raise Uncacheable(f"an array of {value.nbytes} bytes, dtype {value.dtype}")
+            # The limit counts every array one value reads: a function naming a dict of 200 half-megabyte
+            # arrays would otherwise be hashed in full on every call.
+            self._array_bytes += value.nbytes
+            if value.dtype == object or self._array_bytes > _MAX_ARRAY_BYTES:
+                whole = value.nbytes == self._array_bytes
+                read = f"an array of {value.nbytes} bytes" if whole else f"arrays of {self._array_bytes} bytes in all"
+                raise Uncacheable(f"{read}, dtype {value.dtype}")
             return ("ndarray", value.dtype.str, value.shape, value.tobytes())
         if isinstance(value, _identity_kinds()):
             return self.same(value)
