@@ -251,7 +251,7 @@ class TorchBackend:
 # argument or of any other tensor (see :class:`_NoValueReads`), fails the trace
 # instead of fixing a value, so that signature stays eager. Measured with
 # ``benchmarks/backends.py``: see the README.
-# ``torch.compile`` was measured too (see ``TorchBackend.compile``'s history in the README): 3-36 s to
+# ``torch.compile`` was measured too (``benchmarks/backends.py`` times it): 2-36 s to
 # compile per model and signature, a recompile limit shared by every model, and
 # with ``backend="eager"`` its guards cost more than the Python they save.
 
