@@ -16,7 +16,7 @@ from gradmagic.core.arguments import is_int
 from gradmagic.core.backends.keras_internals import attribute_layers
 from gradmagic.core.questions.inputs import ModelSpec, declared_units, output_in_range
 from gradmagic.core.questions.naming import output_labels
-from gradmagic.core.questions.results import InputGradients, rows_for
+from gradmagic.core.questions.results import InputGradients, OutputGradients, rows_for
 from gradmagic.core.questions.targets import model_name
 from gradmagic.errors import InputError
 
@@ -85,6 +85,30 @@ def input_result(
     what = "all output units" if output is None else f"output unit {output}"
     title = f"d(output)/d(input) of model '{model_name(model)}', {what}, per sample"
     return InputGradients(rows_for(labels, arrays), array, output, title)
+
+
+def layer_not_called(model: keras.Model, index: int, name: str) -> InputError:
+    """The error for an output question about a layer the forward pass never called."""
+    return InputError(
+        f"Layer {index} '{name}' of model '{model_name(model)}' was not called when the model ran on x, so its "
+        f"output has no gradient. Pick a layer that the forward pass uses (see model.summary())."
+    )
+
+
+def output_result(
+    model: keras.Model, index: int, name: str, loss: float, outputs: list, grads: list, to_numpy: Any
+) -> OutputGradients:
+    """The :class:`OutputGradients` of layer ``index`` from each call's ``outputs`` and ``grads`` (first call shown).
+
+    ``to_numpy`` turns the backend's tensors into NumPy arrays.
+    """
+    first = [to_numpy(g) for g in grads[0]]
+    values = [to_numpy(v) for v in outputs[0]]
+    names = [f"output {i}" for i in range(len(first))] if len(first) > 1 else ["output"]
+    labels = [{"index": index, "layer": name, "tensor": n, "shape": tuple(v.shape)} for n, v in zip(names, values)]
+    title = f"dLoss/d(output of layer {index} '{name}') of model '{model_name(model)}' (loss = {loss:.6g})"
+    array = values[0] if len(values) == 1 else values
+    return OutputGradients(loss, rows_for(labels, first), array, index, name, len(outputs), title)
 
 
 def jacobian_notes(gradients: InputGradients, names: list[str], per_output: list[list]) -> None:

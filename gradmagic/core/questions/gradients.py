@@ -23,7 +23,7 @@ from gradmagic.core.questions.answers import check_output_index as _check_output
 from gradmagic.core.questions.answers import embedding_name as _embedding_name
 from gradmagic.core.questions.answers import input_position as _input_position
 from gradmagic.core.questions.answers import input_result as _input_result
-from gradmagic.core.questions.answers import jacobian_notes
+from gradmagic.core.questions.answers import jacobian_notes, layer_not_called, output_result
 from gradmagic.core.questions.cache_keys import Key
 from gradmagic.core.questions.entry import (
     check_model,
@@ -300,31 +300,8 @@ def output_gradients(
     loss_value, outputs, grads = _run(model, key, question, (x_in, y_in, sw_in), "dLoss/d(layer output)", x_in)
     if not outputs:
         compute.forget(model, key)
-        raise InputError(
-            f"Layer {question.layer_index} '{question.layer_name}' of model "
-            f"'{model_name(model)}' was not called when the model ran on x, so its output "
-            f"has no gradient. Pick a layer that the forward pass uses (see model.summary())."
-        )
-    first = [_numpy(g) for g in grads[0]]
-    values = [_numpy(v) for v in outputs[0]]
-    names = [f"output {i}" for i in range(len(first))] if len(first) > 1 else ["output"]
-    labels = [
-        {"index": question.layer_index, "layer": question.layer_name, "tensor": n, "shape": tuple(v.shape)}
-        for n, v in zip(names, values)
-    ]
-    title = (
-        f"dLoss/d(output of layer {question.layer_index} '{question.layer_name}') of model "
-        f"'{model_name(model)}' (loss = {float(loss_value):.6g})"
-    )
-    result = OutputGradients(
-        float(loss_value),
-        rows_for(labels, first),
-        values[0] if len(values) == 1 else values,
-        question.layer_index,
-        question.layer_name,
-        len(outputs),
-        title,
-    )
+        raise layer_not_called(model, question.layer_index, question.layer_name)
+    result = output_result(model, question.layer_index, question.layer_name, float(loss_value), outputs, grads, _numpy)
     result.source = data.source
     return result
 

@@ -27,6 +27,8 @@ from gradmagic.core.questions.answers import (
     input_position,
     input_result,
     jacobian_notes,
+    layer_not_called,
+    output_result,
 )
 from gradmagic.core.questions.cache_keys import Key
 from gradmagic.core.questions.entry import (
@@ -401,32 +403,9 @@ def _output_launch(
     def answer() -> OutputGradients:
         if not outputs:
             functions.forget(model, key)
-            raise InputError(
-                f"Layer {question.layer_index} '{question.layer_name}' of model "
-                f"'{model_name(model)}' was not called when the model ran on x, so its output "
-                f"has no gradient. Pick a layer that the forward pass uses (see model.summary())."
-            )
-        first = [backend.to_numpy(g) for g in grads[0]]
-        values = [backend.to_numpy(v) for v in outputs[0]]
-        names = [f"output {i}" for i in range(len(first))] if len(first) > 1 else ["output"]
-        labels = [
-            {"index": question.layer_index, "layer": question.layer_name, "tensor": n, "shape": tuple(v.shape)}
-            for n, v in zip(names, values)
-        ]
-        value = float(backend.to_numpy(loss_value))
-        title = (
-            f"dLoss/d(output of layer {question.layer_index} '{question.layer_name}') of model "
-            f"'{model_name(model)}' (loss = {value:.6g})"
-        )
-        return OutputGradients(
-            value,
-            rows_for(labels, first),
-            values[0] if len(values) == 1 else values,
-            question.layer_index,
-            question.layer_name,
-            len(outputs),
-            title,
-        )
+            raise layer_not_called(model, question.layer_index, question.layer_name)
+        loss = float(backend.to_numpy(loss_value))
+        return output_result(model, question.layer_index, question.layer_name, loss, outputs, grads, backend.to_numpy)
 
     return answer
 
